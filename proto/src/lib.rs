@@ -1,0 +1,12 @@
+//! Fleet's wire contract. `fleetctl` and the controller know an agent only
+//! through these types; the `.proto` files under `proto/fleet/v1` are the source.
+
+/// `fleet.v1`: the agent and controller services and their messages.
+pub mod v1 {
+    #![allow(missing_debug_implementations, clippy::all)]
+    tonic::include_proto!("fleet.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every Fleet proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/fleet_descriptor.bin"));
