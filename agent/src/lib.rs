@@ -1,1 +1,154 @@
+//! Fleet's node agent: zero-downtime restarts of one node.
+//!
+//! A supervisor with a stable PID owns the listening sockets and hands them to worker
+//! generations (systemd socket activation: fds 3.., `LISTEN_FDS`, `LISTEN_FDNAMES`);
+//! a new generation says `READY=1` (sd_notify) before the old one is told to drain.
+//! The same [`run`] becomes the supervisor or a worker depending on its environment,
+//! so a Rust app embeds the whole thing around its own axum `Router`:
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//!
+//! fn main() -> std::process::ExitCode {
+//!     fleet_agent::run(|| Router::new().route("/", get(|| async { "hello" })))
+//! }
+//! ```
+//!
+//! Modules, in the order a request to restart flows through them:
 
+/// Command-line flags, merged on top of the configuration file.
+pub mod cli;
+/// The configuration: one serde struct with defaults and validation.
+pub mod config;
+/// Log lines that name the process that wrote them.
+pub mod logging;
+/// The control endpoint: gRPC `AgentService`, `/debug/admin`, `/healthz`, `/metrics`.
+pub mod control;
+/// Executable validation: allowed directories, mode, sha256.
+pub mod exe;
+/// The supervisor: generations, restarts, drains, reaping, shutdown.
+pub mod supervisor;
+/// The lifecycle phases and the events that report them.
+pub mod phase;
+/// The node's listening sockets, bound once.
+pub mod listeners;
+/// Passing sockets across `exec` (the one module with `unsafe`).
+pub mod process;
+/// sd_notify, both ends.
+pub mod notify;
+/// The worker: adopt listeners, serve, say READY, drain.
+pub mod worker;
+/// Serving a `Router` on listeners, and draining without losing a request.
+pub mod serve;
+/// HTTPS with rustls.
+pub mod tls;
+/// Prometheus metrics.
+pub mod metrics;
+/// The demo app.
+pub mod demo;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+pub use config::Config;
+pub use phase::{Event, Phase};
+pub use supervisor::Supervisor;
+
+/// Runs the agent around `app`: parses the command line and configuration, then
+/// supervises (in the process you start) or serves `app` (in each worker generation).
+/// Exit codes: 0 after a graceful shutdown, 1 on a failure at run time, 2 for bad
+/// configuration.
+pub fn run<F>(app: F) -> ExitCode
+where
+    F: FnOnce() -> axum::Router,
+{
+    let worker = std::env::var_os("FLEET_ROLE").is_some_and(|r| r == "worker");
+    if worker {
+        // Not for the worker's own children.
+        process::remove_env_early("FLEET_ROLE");
+    }
+    logging::init(if worker { "worker" } else { "supervisor" });
+    let cli = cli::Cli::parse();
+    let config = match cli.config() {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        match toml::to_string_pretty(&config) {
+            Ok(text) => print!("{text}"),
+            Err(e) => {
+                tracing::error!("cannot print the configuration: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    if worker {
+        return worker::run(config, app());
+    }
+    supervise(config)
+}
+
+/// The supervisor's main: a current-thread runtime (see `supervisor::reaper`).
+fn supervise(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let (exe, args, kind) = match &config.exec {
+            Some(exec) => (
+                exec.path.clone(),
+                exec.args.iter().map(OsString::from).collect(),
+                supervisor::WorkerKind::Exec,
+            ),
+            None => match std::env::current_exe() {
+                Ok(exe) => (
+                    exe,
+                    std::env::args_os().skip(1).collect(),
+                    supervisor::WorkerKind::Library,
+                ),
+                Err(e) => {
+                    tracing::error!("cannot find this program's executable: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+        };
+        let supervisor = match Supervisor::new(config, exe, args, kind) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let control = match control::Control::bind(&supervisor).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Ok(addr) = control.local_addr() {
+            tracing::info!("control endpoint listening on {addr}");
+        }
+        tokio::spawn(control.serve());
+        match supervisor.run().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

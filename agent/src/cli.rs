@@ -1,0 +1,210 @@
+//! Command-line flags, merged on top of the config file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::config::{Config, ConfigError, DEFAULT_SERVER, ExecConfig, ServerConfig};
+
+/// fleet-agent: zero-downtime restarts for one node.
+///
+/// A supervisor with a stable PID owns the listening sockets and hands them to worker
+/// generations. Restart with SIGUSR1, GET/POST /debug/admin/restart, or gRPC
+/// AgentService.Restart; shut down gracefully with SIGTERM, SIGINT, SIGQUIT or SIGHUP.
+/// With no arguments it runs the demo app on 127.0.0.1:8199 (control on 127.0.0.1:7101).
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "fleet-agent", version, about, long_about)]
+pub struct Cli {
+    /// TOML configuration file (servers, ports, TLS, admin path, timeouts, token...).
+    /// Flags override it.
+    #[arg(short, long, value_name = "PATH", env = "FLEET_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Listen address of the default server (repeatable). Replaces the ports of the
+    /// server named "default" (or of the only server). Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Control endpoint address: gRPC AgentService, /debug/admin, /healthz, /metrics.
+    /// [default: 127.0.0.1:7101]
+    #[arg(long, value_name = "ADDR")]
+    pub control: Option<SocketAddr>,
+
+    /// This node's id in the fleet [default: the host name].
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// A label the controller selects nodes by (repeatable).
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub label: Vec<(String, String)>,
+
+    /// The fleet controller to register with, e.g. http://127.0.0.1:7100.
+    #[arg(long, value_name = "URL")]
+    pub controller: Option<String>,
+
+    /// File with the bearer token every control request must carry.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Allow control (and app-port admin) beyond loopback without a token. Dangerous:
+    /// anyone who can reach the port can restart the node into any allowed executable.
+    #[arg(long)]
+    pub insecure_control: bool,
+
+    /// Directory a restart may take a new executable from (repeatable)
+    /// [default: the directory of the starting executable].
+    #[arg(long, value_name = "DIR")]
+    pub allowed_exe_dir: Vec<PathBuf>,
+
+    /// How long a new generation may take to become ready [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ready_timeout: Option<Duration>,
+
+    /// How long an old generation may drain before it is killed [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+
+    /// A new generation dying this soon after READY is rolled back [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub probation: Option<Duration>,
+
+    /// While draining, idle keep-alive connections are closed after this long [default: 1s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_grace: Option<Duration>,
+
+    /// URL path of the admin page and routes [default: /debug/admin].
+    #[arg(long, value_name = "PATH")]
+    pub admin_path: Option<String>,
+
+    /// Do not serve the admin routes on the app ports (only on the control endpoint).
+    #[arg(long)]
+    pub no_app_admin: bool,
+
+    /// Supervise this program instead of the built-in app. It gets its listeners as
+    /// fds 3.. (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES), must send READY=1 to
+    /// NOTIFY_SOCKET, and must drain and exit on SIGTERM. Arguments follow `--`.
+    #[arg(long, value_name = "PATH")]
+    pub exec: Option<PathBuf>,
+
+    /// Arguments for the --exec program.
+    #[arg(last = true, value_name = "ARGS")]
+    pub exec_args: Vec<String>,
+
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label {s:?} must look like KEY=VALUE")),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 500ms, 30s or 2m"))
+}
+
+impl Cli {
+    /// The config file (or the defaults) with every given flag applied, validated.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        self.apply(&mut config);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&self, config: &mut Config) {
+        if !self.listen.is_empty() {
+            let only_one = config.servers.len() == 1;
+            match config
+                .servers
+                .iter_mut()
+                .find(|s| s.name == DEFAULT_SERVER || only_one)
+            {
+                Some(server) => server.listen = self.listen.clone(),
+                None => config.servers.push(ServerConfig {
+                    listen: self.listen.clone(),
+                    ..Default::default()
+                }),
+            }
+        }
+        if let Some(addr) = self.control {
+            config.control.listen = addr;
+        }
+        if let Some(id) = &self.node_id {
+            config.node_id = id.clone();
+        }
+        config.labels.extend(self.label.iter().cloned());
+        if let Some(url) = &self.controller {
+            config.controller = Some(url.clone());
+        }
+        if let Some(path) = &self.token_file {
+            config.control.token_file = Some(path.clone());
+        }
+        config.control.insecure |= self.insecure_control;
+        config
+            .restart
+            .allowed_exe_dirs
+            .extend(self.allowed_exe_dir.iter().cloned());
+        let r = &mut config.restart;
+        r.ready_timeout = self.ready_timeout.unwrap_or(r.ready_timeout);
+        r.drain_timeout = self.drain_timeout.unwrap_or(r.drain_timeout);
+        r.probation = self.probation.unwrap_or(r.probation);
+        r.idle_grace = self.idle_grace.unwrap_or(r.idle_grace);
+        if let Some(path) = &self.admin_path {
+            config.admin.path = path.clone();
+        }
+        if self.no_app_admin {
+            config.admin.on_app_ports = false;
+        }
+        if let Some(path) = &self.exec {
+            config.exec = Some(ExecConfig {
+                path: path.clone(),
+                args: self.exec_args.clone(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_defaults() {
+        let cli = Cli::parse_from([
+            "fleet-agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "2s",
+            "--label",
+            "zone=a",
+            "--exec",
+            "/bin/app",
+            "--",
+            "-v",
+        ]);
+        let config = cli.config().unwrap();
+        assert_eq!(config.servers[0].listen.len(), 2);
+        assert_eq!(config.restart.drain_timeout, Duration::from_secs(2));
+        assert_eq!(config.labels["zone"], "a");
+        assert_eq!(config.exec.unwrap().args, vec!["-v".to_string()]);
+    }
+
+    #[test]
+    fn bad_duration_says_how_to_write_one() {
+        let err = Cli::try_parse_from(["fleet-agent", "--ready-timeout", "soon"]).unwrap_err();
+        assert!(err.to_string().contains("500ms"), "{err}");
+    }
+}

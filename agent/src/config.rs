@@ -1,0 +1,426 @@
+//! The agent's configuration: one documented serde struct, loaded from TOML, with
+//! command-line flags merged on top (see [`crate::cli`]) and checked by [`Config::validate`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the agent needs to know. Every field has a default, so an empty file
+/// (or no file) runs the demo on `127.0.0.1:8199` with control on `127.0.0.1:7101`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The node's name in the fleet; defaults to the host name.
+    pub node_id: String,
+    /// Free-form labels the controller selects nodes by (`zone = "a"`).
+    pub labels: BTreeMap<String, String>,
+    /// The control endpoint: gRPC `AgentService`, `/debug/admin`, `/healthz`, `/metrics`.
+    pub control: ControlConfig,
+    /// Where `/debug/admin` is mounted and whether app ports serve it too.
+    pub admin: AdminConfig,
+    /// Timeouts and the executable policy of restarts.
+    pub restart: RestartConfig,
+    /// The HTTP(S) servers the workers serve, each with one or more ports.
+    pub servers: Vec<ServerConfig>,
+    /// The controller to register with and heartbeat to (`http://127.0.0.1:7100`).
+    pub controller: Option<String>,
+    /// Supervise this program instead of this binary's own app (socket activation + sd_notify).
+    pub exec: Option<ExecConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Address of the control endpoint.
+    pub listen: SocketAddr,
+    /// File holding the bearer token every control request must carry.
+    pub token_file: Option<PathBuf>,
+    /// Allow a non-loopback control endpoint (or app-port admin) without a token.
+    pub insecure: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// URL path of the admin page; its actions live below it (`/restart`, `/shutdown`).
+    pub path: String,
+    /// Also serve the admin routes on every app port (proxied to the supervisor).
+    pub on_app_ports: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestartConfig {
+    /// How long a new generation may take to send `READY=1`.
+    #[serde(with = "humantime_serde")]
+    pub ready_timeout: Duration,
+    /// How long an old generation may take to finish its requests before `SIGKILL`.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// A new generation that dies this soon after READY is rolled back to the previous exe.
+    #[serde(with = "humantime_serde")]
+    pub probation: Duration,
+    /// While draining, an HTTP/1 connection idle this long is closed (busy ones get `Connection: close`).
+    #[serde(with = "humantime_serde")]
+    pub idle_grace: Duration,
+    /// Directories a restart may take its executable from; empty means the directory
+    /// of the executable the agent started with.
+    pub allowed_exe_dirs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The server's name; it is the fd name (`LISTEN_FDNAMES`) of each of its ports.
+    pub name: String,
+    /// The addresses it listens on; port 0 picks a free port.
+    pub listen: Vec<SocketAddr>,
+    /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN) with this certificate.
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+pub const DEFAULT_APP_ADDR: &str = "127.0.0.1:8199";
+pub const DEFAULT_CONTROL_ADDR: &str = "127.0.0.1:7101";
+pub const DEFAULT_SERVER: &str = "default";
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_id: default_node_id(),
+            labels: BTreeMap::new(),
+            control: ControlConfig::default(),
+            admin: AdminConfig::default(),
+            restart: RestartConfig::default(),
+            servers: vec![ServerConfig::default()],
+            controller: None,
+            exec: None,
+        }
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_CONTROL_ADDR.parse().expect("valid default"),
+            token_file: None,
+            insecure: false,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            path: "/debug/admin".into(),
+            on_app_ports: true,
+        }
+    }
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        Self {
+            ready_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(60),
+            probation: Duration::from_secs(5),
+            idle_grace: Duration::from_secs(1),
+            allowed_exe_dirs: Vec::new(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            name: DEFAULT_SERVER.into(),
+            listen: vec![DEFAULT_APP_ADDR.parse().expect("valid default")],
+            tls: None,
+        }
+    }
+}
+
+fn default_node_id() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// A configuration that cannot be used, and what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file; relative paths inside it (TLS files, token file, allowed dirs)
+    /// are taken relative to the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source: Box::new(source),
+        })?;
+        if let Some(base) = path.parent() {
+            config.resolve_relative(base);
+        }
+        Ok(config)
+    }
+
+    fn resolve_relative(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(t) = self.control.token_file.as_mut() {
+            fix(t);
+        }
+        for dir in &mut self.restart.allowed_exe_dirs {
+            fix(dir);
+        }
+        for server in &mut self.servers {
+            if let Some(tls) = server.tls.as_mut() {
+                fix(&mut tls.cert);
+                fix(&mut tls.key);
+            }
+        }
+    }
+
+    /// Checks everything that can be checked without binding: names, paths, timeouts
+    /// and the rule that control is never exposed beyond loopback without a token.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.servers.is_empty() {
+            return bad("no servers configured: add a [[servers]] table or --listen ADDR".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for server in &self.servers {
+            if server.name.is_empty()
+                || !server
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return bad(format!(
+                    "server name {:?} is not valid: use letters, digits, '-', '_' or '.'",
+                    server.name
+                ));
+            }
+            if !names.insert(server.name.as_str()) {
+                return bad(format!(
+                    "server name {:?} is used twice: give each [[servers]] its own name",
+                    server.name
+                ));
+            }
+            if server.listen.is_empty() {
+                return bad(format!(
+                    "server {:?} has no listen address: add listen = [\"127.0.0.1:8199\"]",
+                    server.name
+                ));
+            }
+            if let Some(tls) = &server.tls {
+                for (what, p) in [("cert", &tls.cert), ("key", &tls.key)] {
+                    if !p.is_file() {
+                        return bad(format!(
+                            "server {:?}: TLS {what} file {} does not exist: give the path of a PEM file",
+                            server.name,
+                            p.display()
+                        ));
+                    }
+                }
+            }
+        }
+        if !self.admin.path.starts_with('/') || self.admin.path.len() < 2 {
+            return bad(format!(
+                "admin path {:?} must start with '/' and not be '/' alone, e.g. /debug/admin",
+                self.admin.path
+            ));
+        }
+        if self.admin.path.ends_with('/') {
+            return bad(format!(
+                "admin path {:?} must not end with '/'",
+                self.admin.path
+            ));
+        }
+        if self.restart.ready_timeout.is_zero() || self.restart.drain_timeout.is_zero() {
+            return bad("ready_timeout and drain_timeout must be greater than zero".into());
+        }
+        if let Some(path) = &self.control.token_file
+            && !path.is_file()
+        {
+            return bad(format!(
+                "token file {} does not exist: write a token into it or drop --token-file",
+                path.display()
+            ));
+        }
+        if self.control.token_file.is_none() && !self.control.insecure {
+            if !self.control.listen.ip().is_loopback() {
+                return bad(format!(
+                    "refusing to expose the control endpoint on {} without a token: set --token-file \
+                     (or control.token_file), listen on 127.0.0.1, or pass --insecure-control",
+                    self.control.listen
+                ));
+            }
+            if self.admin.on_app_ports
+                && let Some(addr) = self
+                    .servers
+                    .iter()
+                    .flat_map(|s| &s.listen)
+                    .find(|a| !a.ip().is_loopback())
+            {
+                return bad(format!(
+                    "refusing to serve {} on app port {addr} without a token: set --token-file, \
+                     pass --no-app-admin, or pass --insecure-control",
+                    self.admin.path
+                ));
+            }
+        }
+        if let Some(url) = &self.controller
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return bad(format!(
+                "controller URL {url:?} must start with http:// or https://"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the token file, if any.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.control.token_file else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?
+            .trim()
+            .to_string();
+        if token.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "token file {} is empty: write a token into it",
+                path.display()
+            )));
+        }
+        Ok(Some(token))
+    }
+
+    pub fn server(&self, name: &str) -> Option<&ServerConfig> {
+        self.servers.iter().find(|s| s.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_demo() {
+        let config: Config = toml::from_str("").unwrap();
+        assert_eq!(config.servers[0].listen[0].to_string(), DEFAULT_APP_ADDR);
+        assert_eq!(config.restart.drain_timeout, Duration::from_secs(60));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn durations_are_human_strings() {
+        let config: Config =
+            toml::from_str("[restart]\nready_timeout = \"1500ms\"\ndrain_timeout = \"2m\"")
+                .unwrap();
+        assert_eq!(config.restart.ready_timeout, Duration::from_millis(1500));
+        assert_eq!(config.restart.drain_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = toml::from_str::<Config>("[restart]\ndrain = \"1s\"").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn control_beyond_loopback_needs_a_token() {
+        let config = Config {
+            control: ControlConfig {
+                listen: "0.0.0.0:7101".parse().unwrap(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("without a token"), "{err}");
+        let insecure = Config {
+            control: ControlConfig {
+                insecure: true,
+                ..config.control.clone()
+            },
+            ..config
+        };
+        insecure.validate().unwrap();
+    }
+
+    #[test]
+    fn public_app_port_with_admin_needs_a_token() {
+        let config = Config {
+            servers: vec![ServerConfig {
+                listen: vec!["0.0.0.0:8080".parse().unwrap()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(config.validate().is_err());
+        let no_admin = Config {
+            admin: AdminConfig {
+                on_app_ports: false,
+                ..Default::default()
+            },
+            ..config
+        };
+        no_admin.validate().unwrap();
+    }
+
+    #[test]
+    fn duplicate_server_names_are_refused() {
+        let config = Config {
+            servers: vec![ServerConfig::default(), ServerConfig::default()],
+            ..Default::default()
+        };
+        assert!(config.validate().unwrap_err().to_string().contains("twice"));
+    }
+}

@@ -1,0 +1,54 @@
+//! Log lines that name the process: `<time> <LEVEL> supervisor[<pid>]: <message>`.
+//! Workers' lines reach the supervisor's stderr through a pipe, so one stream shows
+//! every generation, each line saying which process wrote it.
+
+use std::fmt;
+
+use tracing::{Event, Subscriber};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+struct Format {
+    role: &'static str,
+    pid: u32,
+}
+
+impl<S, N> FormatEvent<S, N> for Format
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        SystemTime.format_time(&mut writer)?;
+        write!(
+            writer,
+            " {:>5} {}[{}]: ",
+            event.metadata().level(),
+            self.role,
+            self.pid
+        )?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
+/// Installs the global subscriber; the level comes from `FLEET_LOG` (default `info`).
+pub fn init(role: &'static str) {
+    let filter = EnvFilter::try_from_env("FLEET_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .event_format(Format {
+            role,
+            pid: std::process::id(),
+        })
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

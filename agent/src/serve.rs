@@ -1,0 +1,421 @@
+//! Serving an axum `Router` over HTTP/1.1 and HTTP/2 (and HTTPS) on inherited
+//! listeners, and draining without losing a request.
+//!
+//! Why the drain is not simply hyper's `graceful_shutdown()`: on an HTTP/1 keep-alive
+//! connection that looks idle between two requests it closes at once, but under load
+//! the client's next request is usually already on the wire, and that request is lost
+//! (the client sees EOF or a reset on a connection it was told it could reuse). So:
+//! - when the drain starts, every HTTP/1 response from then on carries
+//!   `Connection: close`, so each busy connection closes itself after its next
+//!   response and the client reconnects (to the new generation);
+//! - a connection that is idle is closed only after it has stayed idle for
+//!   `idle_grace` (and never while request bytes sit unread in its socket);
+//! - HTTP/2 connections get GOAWAY at once (hyper's graceful shutdown), which lets
+//!   open streams finish and tells the client exactly which requests were taken.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, Version, header};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+/// How long a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a draining connection that is busy is looked at again.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// One inherited listening socket, ready to serve.
+pub struct Listener {
+    pub server: String,
+    pub addr: SocketAddr,
+    pub socket: tokio::net::TcpListener,
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("server", &self.server)
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// Resolves once `flag` is true (or its sender is gone).
+pub async fn until_true(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|d| *d).await;
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// While draining, an idle HTTP/1 connection is closed after this long.
+    pub idle_grace: Duration,
+}
+
+/// The running servers of one worker: accept loops plus every open connection.
+#[derive(Debug)]
+pub struct Server {
+    draining: watch::Sender<bool>,
+    /// Accept loops still running plus connections still open.
+    open: watch::Sender<usize>,
+}
+
+impl Server {
+    /// Starts an accept loop on every listener.
+    pub fn start(listeners: Vec<Listener>, app: Router, options: ServeOptions) -> Self {
+        let (draining, _) = watch::channel(false);
+        let (open, _) = watch::channel(0usize);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30));
+        builder.http2().timer(TokioTimer::new());
+        let shared = Arc::new(Shared {
+            app,
+            builder,
+            options,
+        });
+        for listener in listeners {
+            open.send_modify(|n| *n += 1);
+            tokio::spawn(accept_loop(
+                listener,
+                shared.clone(),
+                draining.subscribe(),
+                Guard(open.clone()),
+            ));
+        }
+        Self { draining, open }
+    }
+
+    /// Stops accepting and starts closing connections safely.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Accept loops plus open connections.
+    pub fn open(&self) -> usize {
+        *self.open.borrow()
+    }
+
+    /// Resolves once every accept loop has stopped and every connection is closed.
+    pub async fn drained(&self) {
+        let mut rx = self.open.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    app: Router,
+    builder: auto::Builder<TokioExecutor>,
+    options: ServeOptions,
+}
+
+/// Counts one accept loop or connection as open while it lives.
+#[derive(Debug)]
+struct Guard(watch::Sender<usize>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+async fn accept_loop(
+    listener: Listener,
+    shared: Arc<Shared>,
+    mut draining: watch::Receiver<bool>,
+    open: Guard,
+) {
+    loop {
+        let (stream, _peer) = tokio::select! {
+            biased;
+            _ = until_true(&mut draining) => break,
+            res = listener.socket.accept() => match res {
+                Ok(conn) => conn,
+                Err(e) if is_transient(&e) => continue,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::error!("accept on {} failed: {e}", listener.addr);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let fd = stream.as_raw_fd();
+        let guard = Guard(open.0.clone());
+        guard.0.send_modify(|n| *n += 1);
+        let shared = shared.clone();
+        let draining = draining.clone();
+        let tls = listener.tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => serve_connection(stream, fd, false, &shared, draining).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls)) => {
+                            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                            serve_connection(tls, fd, h2, &shared, draining).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
+            drop(guard);
+        });
+    }
+    // Dropping the listener closes only this process's copy of the socket: the
+    // supervisor keeps it open, so pending connections wait for the next generation.
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    )
+}
+
+async fn serve_connection<IO>(
+    io: IO,
+    fd: RawFd,
+    h2: bool,
+    shared: &Shared,
+    mut draining: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = Arc::new(ConnState::new(h2));
+    let service = ConnService {
+        app: shared.app.clone(),
+        state: state.clone(),
+        draining: draining.clone(),
+    };
+    let io = TokioIo::new(Tracked {
+        inner: io,
+        state: state.clone(),
+    });
+    let conn = shared
+        .builder
+        .serve_connection_with_upgrades(io, hyper::service::service_fn(move |req| service.call(req)));
+    tokio::pin!(conn);
+
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = until_true(&mut draining) => {}
+    }
+    loop {
+        let next_look = if state.h2.load(Ordering::Relaxed) {
+            None
+        } else {
+            state.idle_check(shared.options.idle_grace, fd)
+        };
+        match next_look {
+            Some(wait) => tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = tokio::time::sleep(wait) => {}
+            },
+            None => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+                return;
+            }
+        }
+    }
+}
+
+/// What the drain needs to know about one connection.
+#[derive(Debug)]
+struct ConnState {
+    epoch: Instant,
+    /// Nanoseconds after `epoch` of the last byte read or response finished.
+    last_activity: AtomicU64,
+    in_flight: AtomicUsize,
+    h2: AtomicBool,
+}
+
+impl ConnState {
+    fn new(h2: bool) -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_activity: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            h2: AtomicBool::new(h2),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_activity
+            .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// `None`: safe to close now. `Some(d)`: look again in `d`.
+    fn idle_check(&self, grace: Duration, fd: RawFd) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            // Its response will carry `Connection: close`; hyper closes after it.
+            return Some(DRAIN_POLL);
+        }
+        let last = Duration::from_nanos(self.last_activity.load(Ordering::Relaxed));
+        let idle = self.epoch.elapsed().saturating_sub(last);
+        if idle < grace {
+            return Some(grace - idle);
+        }
+        if bytes_pending(fd) {
+            // A request is arriving: let hyper read it and answer with `Connection: close`.
+            return Some(DRAIN_POLL);
+        }
+        None
+    }
+}
+
+/// Whether the peer has sent bytes we haven't read yet.
+fn bytes_pending(fd: RawFd) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    let mut byte = [0u8; 1];
+    matches!(
+        recv(fd, &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
+        Ok(n) if n > 0
+    )
+}
+
+/// The per-connection service: the app, plus bookkeeping for the drain.
+#[derive(Clone)]
+struct ConnService {
+    app: Router,
+    state: Arc<ConnState>,
+    draining: watch::Receiver<bool>,
+}
+
+impl ConnService {
+    fn call(
+        &self,
+        req: Request<Incoming>,
+    ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + use<> {
+        let http1 = req.version() < Version::HTTP_2;
+        if !http1 {
+            self.state.h2.store(true, Ordering::Relaxed);
+        }
+        self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(self.state.clone());
+        let app = self.app.clone();
+        let draining = self.draining.clone();
+        async move {
+            let response = app.oneshot(req.map(Body::new)).await;
+            let Ok(mut response) = response;
+            if http1 && *draining.borrow() {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(response.map(|body| Body::new(Guarded { body, _guard: guard })))
+        }
+    }
+}
+
+/// One request in flight until its response body is finished (or dropped).
+struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it ends.
+struct Guarded {
+    body: Body,
+    _guard: InFlight,
+}
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The connection's byte stream, noting when the peer last sent something.
+struct Tracked<IO> {
+    inner: IO,
+    state: Arc<ConnState>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.state.touch();
+        }
+        poll
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,228 @@
+//! The worker side: adopt the inherited listeners, serve the app on them, say
+//! `READY=1`, and drain on the supervisor's `SIGTERM`.
+//!
+//! Signals: `SIGTERM` (and INT/QUIT/HUP) from the supervisor means "drain"; sent by
+//! anyone else it means "shut the node down", so it is forwarded to the supervisor,
+//! which then drains every worker. `SIGUSR1` is always forwarded (restart). If the
+//! supervisor is gone (parent-death signal), the worker drains and exits.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
+use signal_hook::iterator::SignalsInfo;
+use signal_hook::iterator::exfiltrator::WithOrigin;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::notify;
+use crate::process;
+use crate::serve::{Listener, ServeOptions, Server};
+use crate::tls;
+
+/// What a signal asks of this worker.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Drain,
+    Forward(Signal),
+}
+
+/// Runs a worker generation to completion. `app` is the application's router.
+pub fn run(config: Config, app: Router) -> ExitCode {
+    let supervisor: i32 = match std::env::var("FLEET_SUPERVISOR_PID")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        Some(pid) => pid,
+        None => {
+            tracing::error!("FLEET_SUPERVISOR_PID is not set: workers are started by a fleet-agent supervisor");
+            return ExitCode::from(2);
+        }
+    };
+    if nix::unistd::getppid().as_raw() != supervisor {
+        tracing::error!("the supervisor (pid {supervisor}) is gone: exiting");
+        return ExitCode::FAILURE;
+    }
+    let inherited = match process::take_listen_fds() {
+        Ok(fds) => fds,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (signals_tx, signals_rx) = mpsc::unbounded_channel();
+    if let Err(e) = watch_signals(supervisor, signals_tx) {
+        tracing::error!("cannot install signal handlers: {e}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config, app, inherited, supervisor, signals_rx)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(
+    config: Config,
+    app: Router,
+    inherited: Vec<(String, std::net::TcpListener)>,
+    supervisor: i32,
+    mut signals: mpsc::UnboundedReceiver<Action>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut listeners = Vec::with_capacity(inherited.len());
+    for (name, socket) in inherited {
+        let server = config.server(&name).with_context(|| {
+            format!("the supervisor passed a listener for server '{name}', which this build's configuration does not have")
+        })?;
+        let tls = server.tls.as_ref().map(tls::acceptor).transpose()?;
+        let socket = tokio::net::TcpListener::from_std(socket)?;
+        listeners.push(Listener {
+            server: name,
+            addr: socket.local_addr()?,
+            socket,
+            tls,
+        });
+    }
+    let addrs: Vec<String> = listeners.iter().map(|l| l.addr.to_string()).collect();
+    let app = match (config.admin.on_app_ports, std::env::var_os("FLEET_CONTROL_SOCKET")) {
+        (true, Some(socket)) => app.merge(admin_proxy(&config.admin.path, socket.into())),
+        _ => app,
+    };
+    let server = Server::start(
+        listeners,
+        app,
+        ServeOptions {
+            idle_grace: config.restart.idle_grace,
+        },
+    );
+    notify::notify("READY=1").context("cannot send READY=1 to the supervisor")?;
+    tracing::debug!("serving on [{}]", addrs.join(", "));
+
+    while let Some(action) = signals.recv().await {
+        match action {
+            Action::Drain => break,
+            Action::Forward(sig) => {
+                tracing::info!("forwarding {} to the supervisor (pid {supervisor})", sig.as_str());
+                let _ = nix::sys::signal::kill(Pid::from_raw(supervisor), sig);
+            }
+        }
+    }
+    let open = server.open().saturating_sub(addrs.len());
+    server.drain();
+    let _ = notify::notify("STOPPING=1");
+    tracing::debug!("draining {open} connection(s)");
+    // The supervisor kills us at its drain deadline; this bound only matters if it is gone.
+    let bound = config.restart.drain_timeout + Duration::from_secs(5);
+    if tokio::time::timeout(bound, server.drained()).await.is_err() {
+        tracing::warn!(
+            "{} connection(s) still open after {}: closing them",
+            server.open(),
+            humantime::format_duration(bound)
+        );
+    }
+    Ok(())
+}
+
+/// Reads signals with their sender on a thread of its own and decides what each means.
+fn watch_signals(supervisor: i32, tx: mpsc::UnboundedSender<Action>) -> std::io::Result<()> {
+    let mut signals = SignalsInfo::<WithOrigin>::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for info in signals.forever() {
+                let parent_alive = nix::unistd::getppid().as_raw() == supervisor;
+                let from_supervisor = info.process.is_some_and(|p| p.pid == supervisor);
+                let Ok(sig) = Signal::try_from(info.signal) else {
+                    continue;
+                };
+                let action = match sig {
+                    Signal::SIGUSR1 if parent_alive => Action::Forward(sig),
+                    Signal::SIGUSR1 => continue,
+                    _ if from_supervisor || !parent_alive => Action::Drain,
+                    _ => Action::Forward(sig),
+                };
+                if tx.send(action).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// `/debug/admin` on the app ports: every request is passed, headers and all, to the
+/// supervisor's admin routes over its owner-only Unix socket, so the supervisor
+/// checks the token and does the work exactly as on the control port.
+fn admin_proxy(path: &str, socket: PathBuf) -> Router {
+    let socket = Arc::new(socket);
+    Router::new()
+        .route(path, any(forward))
+        .route(&format!("{path}/{{*rest}}"), any(forward))
+        .with_state(socket)
+}
+
+async fn forward(State(socket): State<Arc<PathBuf>>, request: Request) -> Response {
+    match forward_to(&socket, request).await {
+        Ok(response) => response,
+        Err(e) => (
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "cannot reach the supervisor's control socket {}: {e}\n",
+                socket.display()
+            ),
+        )
+            .into_response(),
+    }
+}
+
+async fn forward_to(socket: &std::path::Path, request: Request) -> anyhow::Result<Response> {
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let (mut parts, body) = request.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    parts.uri = path.parse()?;
+    parts.version = http::Version::HTTP_11;
+    for hop in [
+        http::header::CONNECTION,
+        http::header::TRANSFER_ENCODING,
+        http::header::UPGRADE,
+    ] {
+        parts.headers.remove(hop);
+    }
+    if !parts.headers.contains_key(http::header::HOST) {
+        parts
+            .headers
+            .insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
+    }
+    let response = sender
+        .send_request(Request::from_parts(parts, body))
+        .await?;
+    Ok(response.map(Body::new))
+}
