@@ -3,8 +3,11 @@
 //!
 //! Signals: `SIGTERM` (and INT/QUIT/HUP) from the supervisor means "drain"; sent by
 //! anyone else it means "shut the node down", so it is forwarded to the supervisor,
-//! which then drains every worker. `SIGUSR1` is always forwarded (restart). If the
-//! supervisor is gone (parent-death signal), the worker drains and exits.
+//! which then drains every worker — and this worker starts draining at once, because
+//! the supervisor's own `SIGTERM` may arrive while ours is still pending and merge
+//! with it (the kernel keeps one pending instance per signal). `SIGUSR1` is always
+//! forwarded (restart). If the supervisor is gone (parent-death signal), the worker
+//! drains and exits.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -156,14 +159,19 @@ fn watch_signals(supervisor: i32, tx: mpsc::UnboundedSender<Action>) -> std::io:
                 let Ok(sig) = Signal::try_from(info.signal) else {
                     continue;
                 };
-                let action = match sig {
-                    Signal::SIGUSR1 if parent_alive => Action::Forward(sig),
+                let actions: &[Action] = match sig {
+                    Signal::SIGUSR1 if parent_alive => &[Action::Forward(Signal::SIGUSR1)],
                     Signal::SIGUSR1 => continue,
-                    _ if from_supervisor || !parent_alive => Action::Drain,
-                    _ => Action::Forward(sig),
+                    _ if from_supervisor || !parent_alive => &[Action::Drain],
+                    Signal::SIGINT => &[Action::Forward(Signal::SIGINT), Action::Drain],
+                    Signal::SIGQUIT => &[Action::Forward(Signal::SIGQUIT), Action::Drain],
+                    Signal::SIGHUP => &[Action::Forward(Signal::SIGHUP), Action::Drain],
+                    _ => &[Action::Forward(Signal::SIGTERM), Action::Drain],
                 };
-                if tx.send(action).is_err() {
-                    return;
+                for action in actions {
+                    if tx.send(*action).is_err() {
+                        return;
+                    }
                 }
             }
         })?;
