@@ -72,3 +72,111 @@ pub async fn router(supervisor: Arc<Supervisor>) -> anyhow::Result<Router> {
             auth::require_token,
         )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ServerConfig};
+    use crate::supervisor::WorkerKind;
+    use axum::body::Body;
+    use http::{Request, StatusCode, header};
+    use tower::ServiceExt;
+
+    async fn guarded() -> (Router, Arc<Supervisor>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let config = Config {
+            servers: vec![ServerConfig {
+                listen: vec!["127.0.0.1:0".parse().unwrap()],
+                ..Default::default()
+            }],
+            control: crate::config::ControlConfig {
+                token_file: Some(token),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let supervisor =
+            Supervisor::new(config, "/bin/sh".into(), Vec::new(), WorkerKind::Exec).unwrap();
+        (router(supervisor.clone()).await.unwrap(), supervisor, dir)
+    }
+
+    async fn send(router: &Router, request: Request<Body>) -> http::Response<Body> {
+        router.clone().oneshot(request).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn actions_without_the_token_are_refused_and_change_nothing() {
+        let (router, supervisor, _dir) = guarded().await;
+        for path in ["/debug/admin/restart", "/debug/admin/shutdown", "/metrics", "/debug/admin/status"] {
+            let response = send(&router, Request::post(path).body(Body::empty()).unwrap()).await;
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{path}");
+        }
+        let wrong = Request::get("/debug/admin/restart")
+            .header(header::AUTHORIZATION, "Bearer nope")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(send(&router, wrong).await.status(), StatusCode::UNAUTHORIZED);
+        assert!(!supervisor.shutting_down());
+        assert_eq!(supervisor.status().restarts_failed + supervisor.status().restarts_succeeded, 0);
+    }
+
+    #[tokio::test]
+    async fn grpc_without_the_token_is_unauthenticated() {
+        let (router, _supervisor, _dir) = guarded().await;
+        let request = Request::post("/fleet.v1.AgentService/Shutdown")
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .body(Body::empty())
+            .unwrap();
+        let response = send(&router, request).await;
+        assert_eq!(response.headers()["grpc-status"], "16");
+    }
+
+    #[tokio::test]
+    async fn the_bearer_token_opens_the_routes() {
+        let (router, _supervisor, _dir) = guarded().await;
+        let request = Request::get("/debug/admin/status")
+            .header(header::AUTHORIZATION, "Bearer s3cret")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(send(&router, request).await.status(), StatusCode::OK);
+        let health = Request::get("/healthz").body(Body::empty()).unwrap();
+        // Open without a token; 503 because no worker serves in this test.
+        assert_eq!(send(&router, health).await.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn a_session_cookie_acts_only_by_post() {
+        let (router, supervisor, _dir) = guarded().await;
+        let login = Request::post("/debug/admin/login")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from("token=s3cret"))
+            .unwrap();
+        let response = send(&router, login).await;
+        let cookie = response.headers()[header::SET_COOKIE].to_str().unwrap().to_string();
+        assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+        let session = cookie.split(';').next().unwrap().to_string();
+
+        // A cross-site link is a GET: refused even with the cookie.
+        let link = Request::get("/debug/admin/shutdown")
+            .header(header::COOKIE, &session)
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(send(&router, link).await.status(), StatusCode::FORBIDDEN);
+        assert!(!supervisor.shutting_down());
+
+        let page = Request::get("/debug/admin")
+            .header(header::COOKIE, &session)
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(send(&router, page).await.status(), StatusCode::OK);
+
+        let post = Request::post("/debug/admin/shutdown")
+            .header(header::COOKIE, &session)
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(send(&router, post).await.status(), StatusCode::OK);
+        assert!(supervisor.shutting_down());
+    }
+}

@@ -558,6 +558,10 @@ impl Supervisor {
         for line in listeners::describe(&self.listeners, "started") {
             tracing::info!("{line}");
         }
+        // Under systemd (Type=notify) the node is up now.
+        if let Err(e) = crate::notify::notify("READY=1") {
+            tracing::warn!("cannot tell the service manager we are ready: {e}");
+        }
 
         let mut shutdown = self.shutdown.subscribe();
         loop {
