@@ -73,6 +73,7 @@ pub struct ServeOptions {
 #[derive(Debug)]
 pub struct Server {
     draining: watch::Sender<bool>,
+    draining_flag: Arc<AtomicBool>,
     /// Accept loops still running plus connections still open.
     open: watch::Sender<usize>,
 }
@@ -88,8 +89,10 @@ impl Server {
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30));
         builder.http2().timer(TokioTimer::new());
+        let draining_flag = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
             app,
+            draining: draining_flag.clone(),
             builder,
             options,
         });
@@ -102,11 +105,16 @@ impl Server {
                 Guard(open.clone()),
             ));
         }
-        Self { draining, open }
+        Self {
+            draining,
+            draining_flag,
+            open,
+        }
     }
 
     /// Stops accepting and starts closing connections safely.
     pub fn drain(&self) {
+        self.draining_flag.store(true, Ordering::Relaxed);
         self.draining.send_replace(true);
     }
 
@@ -125,6 +133,8 @@ impl Server {
 #[derive(Debug)]
 struct Shared {
     app: Router,
+    /// The same as the `draining` channel, cheap to read on every response.
+    draining: Arc<AtomicBool>,
     builder: auto::Builder<TokioExecutor>,
     options: ServeOptions,
 }
@@ -210,7 +220,7 @@ async fn serve_connection<IO>(
     let service = ConnService {
         app: shared.app.clone(),
         state: state.clone(),
-        draining: draining.clone(),
+        draining: shared.draining.clone(),
     };
     let io = TokioIo::new(Tracked {
         inner: io,
@@ -304,14 +314,14 @@ fn bytes_pending(fd: RawFd) -> bool {
 struct ConnService {
     app: Router,
     state: Arc<ConnState>,
-    draining: watch::Receiver<bool>,
+    draining: Arc<AtomicBool>,
 }
 
 impl ConnService {
     fn call(
         &self,
         req: Request<Incoming>,
-    ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + use<> {
+    ) -> impl Future<Output = Result<Response<Guarded>, Infallible>> + Send + use<> {
         let http1 = req.version() < Version::HTTP_2;
         if !http1 {
             self.state.h2.store(true, Ordering::Relaxed);
@@ -323,17 +333,18 @@ impl ConnService {
         async move {
             let response = app.oneshot(req.map(Body::new)).await;
             let Ok(mut response) = response;
-            if http1 && *draining.borrow() {
+            if http1 && draining.load(Ordering::Relaxed) {
                 response
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            Ok(response.map(|body| Body::new(Guarded { body, _guard: guard })))
+            Ok(response.map(|body| Guarded { body, _guard: guard }))
         }
     }
 }
 
 /// One request in flight until its response body is finished (or dropped).
+#[derive(Debug)]
 struct InFlight(Arc<ConnState>);
 
 impl Drop for InFlight {
@@ -344,7 +355,8 @@ impl Drop for InFlight {
 }
 
 /// A response body that keeps its request counted as in flight until it ends.
-struct Guarded {
+#[derive(Debug)]
+pub struct Guarded {
     body: Body,
     _guard: InFlight,
 }

@@ -1,1 +1,13 @@
+//! End-to-end tests for Fleet: they run the real `fleet-agent` binary on free
+//! loopback ports, drive it the way an operator would (signals, HTTP admin routes,
+//! gRPC), and check what a client of the node sees — under load, nothing may fail.
+//!
+//! Run with `cargo build --workspace --bins && cargo nextest run -p fleet-tests`.
 
+/// Spawn `fleet-agent`, wait on its log lines, talk to it, kill it on drop.
+pub mod harness;
+/// A strict closed-loop HTTP/1.1 load generator that counts every lost request.
+pub mod loadgen;
+
+pub use harness::{Agent, AgentOpts, HttpResponse};
+pub use loadgen::{Load, LoadReport, LoadSpec};
