@@ -156,9 +156,13 @@ impl Generation {
         }
     }
 
+    /// Resolves when the worker has sent READY=1, and never if it exits first
+    /// (its notify listener then drops the sender).
     pub async fn ready(&self) {
         let mut rx = self.ready.clone();
-        let _ = rx.wait_for(|r| *r).await;
+        if rx.wait_for(|r| *r).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Sends `sig` unless the process has already been reaped (its PID may be reused).

@@ -1,0 +1,1517 @@
+//! `restart-bench`: what a fleet-agent restart costs, measured against a peer in the
+//! same run.
+//!
+//! ```text
+//! cargo build --release --workspace --bins && target/release/restart-bench
+//! ```
+//!
+//! It starts `fleet-agent --listen 127.0.0.1:0 --control 127.0.0.1:0` (the demo app)
+//! and `hello-peer --listen 127.0.0.1:0` (a bare axum hello server), both found next
+//! to its own executable, and drives them with the closed-loop load generator of
+//! `fleet_tests::loadgen` (`GET /`, keep-alive and fresh-connection clients):
+//!
+//! 1. Throughput without restarts: demo app and peer alternately, `--rounds` times
+//!    each, best of each; the ratio demo/peer (target ≥ 0.97).
+//! 2. Restart under load: the same load against the demo app while the agent is
+//!    restarted through gRPC `AgentService.Restart` every `--restart-every`, one at a
+//!    time; `Watch` gives each old worker's exit. Failed requests (target: none),
+//!    latency inside restart windows against steady state (p99 ratio ≤ 1.5),
+//!    trigger→READY (median < 10 ms), trigger→old-worker-exit, supervisor and worker
+//!    RSS (supervisor < 5 MB).
+//! 3. One verdict line per target. Exit status: 0 every target passed, 1 some target
+//!    failed, 2 the bench could not run, 130 interrupted.
+//!
+//! Loopback only. Every loop is bounded in count and time; every process started is
+//! killed on exit, also on panic and Ctrl-C (a Drop guard).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{BufRead as _, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::{Parser, ValueEnum};
+use fleet_proto::v1::agent_service_client::AgentServiceClient;
+use fleet_proto::v1::{Event, Outcome, Phase, RestartRequest, StatusRequest, WatchRequest};
+use fleet_tests::loadgen::{Load, LoadReport, LoadSpec, RequestRecord};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// Targets (see the README's benchmark section).
+const TARGET_THROUGHPUT_RATIO: f64 = 0.97;
+const TARGET_P99_RATIO: f64 = 1.5;
+const TARGET_READY_MEDIAN: Duration = Duration::from_millis(10);
+const TARGET_SUPERVISOR_RSS_BYTES: u64 = 5_000_000;
+
+/// Warn when processes outside the bench used more than this share of the CPUs
+/// during a run.
+const FOREIGN_CPU_WARN: f64 = 0.05;
+
+/// A restart window lasts until this long after the new worker is READY (or until the
+/// old worker exited, if later): SIGTERM, the drain with its idle grace, the
+/// `Connection: close` responses and the clients reconnecting all fall inside it.
+const WINDOW_AFTER_READY: Duration = Duration::from_secs(1);
+
+/// Bounds on waiting for things that should be quick.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+const RESTART_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+const DRAINED_WAIT: Duration = Duration::from_secs(15);
+const REFUSED_RETRY: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "restart-bench",
+    about = "Throughput and restart-under-load benchmark of fleet-agent's demo app against a bare axum peer"
+)]
+struct Args {
+    /// Length of each load run (each throughput run and the restart phase).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Interval between restarts in the restart phase (a restart starts no earlier
+    /// than the previous one returned).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    restart_every: Duration,
+    /// Closed-loop clients that keep their connection alive.
+    #[arg(long, default_value_t = 8)]
+    keepalive: usize,
+    /// Closed-loop clients that open a fresh connection for every request.
+    #[arg(long, default_value_t = 8)]
+    fresh: usize,
+    /// Upper bound on requests per load run.
+    #[arg(long, default_value_t = 20_000_000)]
+    requests: u64,
+    /// Throughput runs per target (alternating demo, peer); the best of each counts.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10))]
+    rounds: u32,
+    /// Unmeasured warm-up load per target before the throughput runs.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// fleet-agent executable (default: next to this executable).
+    #[arg(long)]
+    agent_exe: Option<PathBuf>,
+    /// hello-peer executable (default: next to this executable).
+    #[arg(long)]
+    peer_exe: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.duration.is_zero() || args.restart_every.is_zero() {
+        eprintln!("restart-bench: --duration and --restart-every must be > 0");
+        return ExitCode::from(2);
+    }
+    if args.keepalive + args.fresh == 0 {
+        eprintln!("restart-bench: at least one client is needed (--keepalive / --fresh)");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("restart-bench: cannot start the tokio runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = runtime.block_on(async {
+        // Dropping `run` (Ctrl-C, SIGTERM) drops its process guards, which kill the
+        // agent and the peer.
+        tokio::select! {
+            res = run(args) => match res {
+                Ok(true) => 0,
+                Ok(false) => 1,
+                Err(e) => {
+                    eprintln!("restart-bench: error: {e:#}");
+                    2
+                }
+            },
+            () = interrupted() => {
+                eprintln!("restart-bench: interrupted; stopping the agent and the peer");
+                130
+            }
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    ExitCode::from(code)
+}
+
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// A started program and everything it spawned. Dropping it kills the process, its
+/// descendants and its process group with SIGKILL and reaps it.
+#[derive(Debug)]
+struct Proc {
+    name: &'static str,
+    child: Child,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+const TAIL_LINES: usize = 40;
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn tail(&self, n: usize) -> Vec<String> {
+        let tail = lock(&self.stderr_tail);
+        tail.iter()
+            .skip(tail.len().saturating_sub(n))
+            .cloned()
+            .collect()
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Graceful stop: SIGTERM, then wait up to `grace` for the exit (the Drop guard
+    /// kills whatever is left).
+    async fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        if let Some(status) = self.exited() {
+            return Some(status);
+        }
+        let _ = kill(pid_of(self.pid()), Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exited().is_some() {
+            // Its workers die with it (parent-death signal); the group kill below is
+            // a second line of defence in case one was left behind.
+            let _ = killpg(pid_of(self.pid()), Signal::SIGKILL);
+            return;
+        }
+        let pid = self.pid();
+        let all = descendants(pid);
+        let _ = kill(pid_of(pid), Signal::SIGKILL);
+        for d in all {
+            let _ = kill(pid_of(d), Signal::SIGKILL);
+        }
+        let _ = killpg(pid_of(pid), Signal::SIGKILL);
+        let _ = self.child.wait();
+        eprintln!("restart-bench: killed {} (pid {pid})", self.name);
+    }
+}
+
+fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Every descendant of `pid` (from /proc/PID/task/TID/children), bounded.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        if out.len() >= 4096 {
+            break;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
+                continue;
+            };
+            for c in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
+                if !out.contains(&c) {
+                    out.push(c);
+                    stack.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Removes ANSI escape sequences (in case the log is coloured).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Reads `reader` line by line until EOF (so the child never blocks on a full pipe),
+/// keeps the last lines, and hands every line to `on_line`.
+fn drain_lines(
+    reader: impl Read + Send + 'static,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(reader);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = strip_ansi(String::from_utf8_lossy(&buf).trim_end());
+                    on_line(&line);
+                    let mut t = lock(&tail);
+                    if t.len() == TAIL_LINES {
+                        t.pop_front();
+                    }
+                    t.push_back(line);
+                }
+            }
+        }
+    });
+}
+
+fn spawn(name: &'static str, exe: &Path, args: &[&str]) -> anyhow::Result<(Proc, Pipes)> {
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Own process group: Ctrl-C in the terminal reaches only the bench, which
+        // then stops everything in order, and the group can be killed as a whole.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    Ok((
+        Proc {
+            name,
+            child,
+            stderr_tail: Arc::new(Mutex::new(VecDeque::new())),
+        },
+        Pipes { stdout, stderr },
+    ))
+}
+
+/// The pipes of a freshly spawned child, before their drain threads start.
+struct Pipes {
+    stdout: Option<std::process::ChildStdout>,
+    stderr: Option<std::process::ChildStderr>,
+}
+
+/// Text after `marker` in `line`, if present.
+fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    line.find(marker).map(|i| &line[i + marker.len()..])
+}
+
+fn parse_addr(s: &str) -> Option<SocketAddr> {
+    s.trim()
+        .trim_start_matches('[')
+        .split([',', ']', ' '])
+        .next()
+        .and_then(|a| a.trim().parse().ok())
+}
+
+#[derive(Debug)]
+enum AgentLine {
+    Control(SocketAddr),
+    Http(SocketAddr),
+}
+
+struct Agent {
+    proc: Proc,
+    control: SocketAddr,
+    http: SocketAddr,
+}
+
+async fn start_agent(exe: &Path) -> anyhow::Result<Agent> {
+    let (mut proc, pipes) = spawn(
+        "fleet-agent",
+        exe,
+        &["--listen", "127.0.0.1:0", "--control", "127.0.0.1:0"],
+    )?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if let Some(stdout) = pipes.stdout {
+        drain_lines(stdout, Arc::new(Mutex::new(VecDeque::new())), |_| {});
+    }
+    if let Some(stderr) = pipes.stderr {
+        drain_lines(stderr, proc.stderr_tail.clone(), move |line| {
+            if let Some(rest) = after(line, "control endpoint listening on ") {
+                if let Some(a) = parse_addr(rest) {
+                    let _ = tx.send(AgentLine::Control(a));
+                }
+            } else if line.contains("http server 'default' started listening on ")
+                && let Some(a) = after(line, "started listening on ").and_then(parse_addr)
+            {
+                let _ = tx.send(AgentLine::Http(a));
+            }
+        });
+    }
+    let (mut control, mut http) = (None, None);
+    let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
+    while control.is_none() || http.is_none() {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(AgentLine::Control(a))) => control = Some(a),
+            Ok(Some(AgentLine::Http(a))) => http = Some(a),
+            Ok(None) | Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await; // let the tail fill
+                let status = proc.exited();
+                bail!(
+                    "fleet-agent did not report its addresses within {:?} ({}); \
+                     want `control endpoint listening on ADDR` and \
+                     `http server 'default' started listening on [ADDR]`; last stderr lines:\n  {}",
+                    STARTUP_TIMEOUT,
+                    status.map_or("still running".to_string(), |s| s.to_string()),
+                    proc.tail(15).join("\n  ")
+                );
+            }
+        }
+    }
+    let (Some(control), Some(http)) = (control, http) else {
+        unreachable!("loop exits only with both addresses");
+    };
+    Ok(Agent {
+        proc,
+        control,
+        http,
+    })
+}
+
+async fn start_peer(exe: &Path) -> anyhow::Result<(Proc, SocketAddr)> {
+    let (mut proc, pipes) = spawn("hello-peer", exe, &["--listen", "127.0.0.1:0"])?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if let Some(stdout) = pipes.stdout {
+        drain_lines(stdout, Arc::new(Mutex::new(VecDeque::new())), move |line| {
+            if let Some(a) = after(line, "listening on ").and_then(parse_addr) {
+                let _ = tx.send(a);
+            }
+        });
+    }
+    if let Some(stderr) = pipes.stderr {
+        drain_lines(stderr, proc.stderr_tail.clone(), |_| {});
+    }
+    match tokio::time::timeout(STARTUP_TIMEOUT, rx.recv()).await {
+        Ok(Some(addr)) => Ok((proc, addr)),
+        _ => {
+            let status = proc.exited();
+            bail!(
+                "hello-peer did not print `listening on ADDR` within {:?} ({}); stderr:\n  {}",
+                STARTUP_TIMEOUT,
+                status.map_or("still running".to_string(), |s| s.to_string()),
+                proc.tail(15).join("\n  ")
+            )
+        }
+    }
+}
+
+fn sibling_exe(name: &str) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot find this executable's path")?;
+    let dir = me
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent directory", me.display()))?;
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found; run `cargo build --release --workspace --bins` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+// ---------------------------------------------------------------------------
+// Load
+
+fn spec(args: &Args, target: SocketAddr, duration: Duration) -> LoadSpec {
+    LoadSpec {
+        target,
+        path: "/".to_string(),
+        keepalive_connections: args.keepalive,
+        fresh_connections: args.fresh,
+        max_requests: args.requests,
+        max_duration: duration,
+    }
+}
+
+/// Runs a load to its bound and returns the report (bounded: duration + 30 s).
+async fn run_load(
+    args: &Args,
+    target: SocketAddr,
+    duration: Duration,
+) -> anyhow::Result<LoadReport> {
+    let started = Instant::now();
+    let load = Load::start(spec(args, target, duration));
+    finish_load(load, started, duration, args.requests).await
+}
+
+/// Lets the load run until its time bound (or its request bound), then stops it and
+/// collects the report (`Load::finish` stops at once, so wait first). Bounded.
+async fn finish_load(
+    load: Load,
+    started: Instant,
+    duration: Duration,
+    max_requests: u64,
+) -> anyhow::Result<LoadReport> {
+    let end = started + duration;
+    // Ends at the time bound, or earlier once the request bound is reached.
+    while Instant::now() < end && load.snapshot_requests() < max_requests {
+        let step = end
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(100));
+        tokio::time::sleep(step).await;
+    }
+    tokio::time::timeout(Duration::from_secs(35), load.finish())
+        .await
+        .map_err(|_| anyhow!("the load generator did not stop within 35 s after its time bound"))
+}
+
+/// Successful requests per second.
+fn ok_rps(r: &LoadReport) -> f64 {
+    let secs = r.elapsed.as_secs_f64();
+    if secs > 0.0 { r.ok as f64 / secs } else { 0.0 }
+}
+
+// ---------------------------------------------------------------------------
+// Statistics
+
+#[derive(Debug, Clone, Copy, Default)]
+struct LatencyStats {
+    count: usize,
+    p50: Option<Duration>,
+    p99: Option<Duration>,
+    max: Option<Duration>,
+}
+
+/// Nearest-rank percentile (`p` in 0..=100) of a sorted slice (as `LoadReport::percentile`).
+fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Latency of the successful requests that `keep` selects.
+fn latency_stats(report: &LoadReport, keep: impl Fn(&RequestRecord) -> bool) -> LatencyStats {
+    let sel = |r: &RequestRecord| r.ok && keep(r);
+    LatencyStats {
+        count: report.records.iter().filter(|r| sel(r)).count(),
+        p50: report.percentile(50.0, sel),
+        p99: report.percentile(99.0, sel),
+        max: report.max(sel),
+    }
+}
+
+fn sorted(mut v: Vec<Duration>) -> Vec<Duration> {
+    v.sort_unstable();
+    v
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn fmt_ms(d: Option<Duration>) -> String {
+    d.map_or_else(|| "n/a".to_string(), |d| format!("{:.2} ms", ms(d)))
+}
+
+fn json_ms(d: Option<Duration>) -> Value {
+    d.map_or(Value::Null, |d| json!((ms(d) * 1000.0).round() / 1000.0))
+}
+
+fn stats_json(s: &LatencyStats) -> Value {
+    json!({"requests_ok": s.count, "p50_ms": json_ms(s.p50), "p99_ms": json_ms(s.p99), "max_ms": json_ms(s.max)})
+}
+
+/// Memory of a process from /proc/PID/status, in bytes.
+#[derive(Debug, Clone, Copy)]
+struct Mem {
+    /// VmRSS: resident set (what the target is about).
+    rss: u64,
+    /// VmHWM: peak resident set.
+    hwm: u64,
+    /// RssAnon: private memory (heap, stacks).
+    anon: u64,
+    /// RssFile: resident pages of mapped files (mostly the executable's own code,
+    /// shared with the workers, which run the same file).
+    file: u64,
+}
+
+fn rss(pid: u32) -> Option<Mem> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some(Mem {
+        rss: field("VmRSS:")?,
+        hwm: field("VmHWM:")?,
+        anon: field("RssAnon:").unwrap_or(0),
+        file: field("RssFile:").unwrap_or(0),
+    })
+}
+
+/// CPU time (in clock ticks) of the whole machine and of this bench's own process
+/// tree (itself, the agent, its workers, the peer).
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    /// user + nice + system of every CPU (interrupt time left out: it belongs to
+    /// no process).
+    busy: u64,
+    /// Every column of every CPU.
+    total: u64,
+    /// utime + stime + cutime + cstime of this process and every descendant
+    /// (cutime/cstime carry the time of reaped children, e.g. old workers).
+    own: u64,
+}
+
+fn cpu_sample() -> Option<CpuSample> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cols: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    if cols.len() < 4 {
+        return None;
+    }
+    // user nice system idle iowait irq softirq steal guest guest_nice; guest time
+    // is already in user/nice.
+    let total = cols.iter().take(8).sum();
+    let busy = cols[0] + cols[1] + cols[2];
+    let me = std::process::id();
+    let mut own = 0;
+    for pid in std::iter::once(me).chain(descendants(me)) {
+        let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = s.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After the command: state(3) ... utime(14) stime(15) cutime(16) cstime(17).
+        own += f
+            .get(11..15)
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(CpuSample { busy, total, own })
+}
+
+/// Share of all CPU time between two samples used by processes outside this bench.
+fn foreign_cpu(a: Option<CpuSample>, b: Option<CpuSample>) -> Option<f64> {
+    let (a, b) = (a?, b?);
+    let total = b.total.checked_sub(a.total)?;
+    if total == 0 {
+        return None;
+    }
+    let foreign = (b.busy.saturating_sub(a.busy)).saturating_sub(b.own.saturating_sub(a.own));
+    Some(foreign as f64 / total as f64)
+}
+
+fn fmt_pct(f: Option<f64>) -> String {
+    f.map_or_else(|| "?".to_string(), |f| format!("{:.0}%", f * 100.0))
+}
+
+/// The 1-minute load average (other work on the machine skews every figure).
+fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn fmt_split(m: Option<Mem>) -> String {
+    m.map_or_else(
+        || "n/a".to_string(),
+        |m| format!("anon {} kB + file {} kB", m.anon / 1024, m.file / 1024),
+    )
+}
+
+fn fmt_bytes(b: Option<u64>) -> String {
+    b.map_or_else(
+        || "n/a".to_string(),
+        |b| format!("{:.2} MB ({} kB)", b as f64 / 1e6, b / 1024),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Phases
+
+#[derive(Debug)]
+struct Run {
+    target: &'static str,
+    round: u32,
+    requests: u64,
+    ok: u64,
+    failed: u64,
+    rps: f64,
+    /// Share of all CPU time used by processes outside this bench during the run.
+    foreign_cpu: Option<f64>,
+}
+
+struct Throughput {
+    runs: Vec<Run>,
+    best_demo: f64,
+    best_peer: f64,
+    ratio: f64,
+}
+
+async fn throughput(args: &Args, demo: SocketAddr, peer: SocketAddr) -> anyhow::Result<Throughput> {
+    if !args.warmup.is_zero() {
+        for (name, addr) in [("demo", demo), ("peer", peer)] {
+            eprintln!(
+                "restart-bench: warm-up {name} ({:?}, not measured)",
+                args.warmup
+            );
+            run_load(args, addr, args.warmup).await?;
+        }
+    }
+    let mut runs = Vec::new();
+    for round in 1..=args.rounds {
+        for (name, addr) in [("demo", demo), ("peer", peer)] {
+            eprintln!(
+                "restart-bench: throughput round {round}/{} {name} ({:?})",
+                args.rounds, args.duration
+            );
+            let cpu_before = cpu_sample();
+            let r = run_load(args, addr, args.duration).await?;
+            let foreign_cpu = foreign_cpu(cpu_before, cpu_sample());
+            runs.push(Run {
+                target: name,
+                round,
+                requests: r.requests,
+                ok: r.ok,
+                failed: r.failed,
+                rps: ok_rps(&r),
+                foreign_cpu,
+            });
+        }
+    }
+    let best = |t: &str| {
+        runs.iter()
+            .filter(|r| r.target == t)
+            .map(|r| r.rps)
+            .fold(0.0_f64, f64::max)
+    };
+    let (best_demo, best_peer) = (best("demo"), best("peer"));
+    let ratio = if best_peer > 0.0 {
+        best_demo / best_peer
+    } else {
+        0.0
+    };
+    Ok(Throughput {
+        runs,
+        best_demo,
+        best_peer,
+        ratio,
+    })
+}
+
+#[derive(Debug, Default)]
+struct RestartRec {
+    trigger: Option<Instant>,
+    /// Client-side round trip of the Restart call.
+    rpc: Duration,
+    succeeded: bool,
+    reason: String,
+    ready_us: u64,
+    old_pid: u32,
+    new_pid: u32,
+    generation: u64,
+    /// When the bench received the old worker's DRAINED event.
+    old_exit: Option<Instant>,
+    /// SIGTERM → old worker exit, as measured by the agent.
+    drain_us: Option<u64>,
+}
+
+impl RestartRec {
+    fn trigger(&self) -> Instant {
+        self.trigger.unwrap_or_else(Instant::now)
+    }
+
+    /// The restart window: from the trigger until the later of (new worker READY +
+    /// 1 s) and (the old worker's exit as seen on Watch). A failed restart: from the
+    /// trigger until 1 s after the call returned.
+    fn window(&self) -> (Instant, Instant) {
+        let t = self.trigger();
+        let ready = if self.succeeded {
+            t + Duration::from_micros(self.ready_us)
+        } else {
+            t + self.rpc
+        };
+        let mut end = ready + WINDOW_AFTER_READY;
+        if let Some(exit) = self.old_exit {
+            end = end.max(exit);
+        }
+        (t, end)
+    }
+}
+
+struct RestartPhase {
+    report: LoadReport,
+    restarts: Vec<RestartRec>,
+    refused: u64,
+    refusal_examples: Vec<String>,
+    errors: Vec<String>,
+    other_events: BTreeMap<String, u64>,
+    steady: LatencyStats,
+    window: LatencyStats,
+    failed_in_window: u64,
+    failed_steady: u64,
+    window_time: Duration,
+    lead: Duration,
+    restart_span: Duration,
+    supervisor_rss: Option<Mem>,
+    worker_rss: Option<Mem>,
+    worker_pid: Option<u32>,
+    generation: u64,
+    foreign_cpu: Option<f64>,
+}
+
+async fn restart_phase(args: &Args, agent: &Agent) -> anyhow::Result<RestartPhase> {
+    let endpoint = format!("http://{}", agent.control);
+    let mut client = tokio::time::timeout(
+        STARTUP_TIMEOUT,
+        AgentServiceClient::connect(endpoint.clone()),
+    )
+    .await
+    .map_err(|_| anyhow!("connecting to {endpoint} timed out"))?
+    .with_context(|| format!("cannot connect to the control endpoint {endpoint}"))?;
+
+    // Subscribe before any restart; the first event (the snapshot) proves it is live.
+    let mut stream = tokio::time::timeout(STARTUP_TIMEOUT, client.watch(WatchRequest {}))
+        .await
+        .map_err(|_| anyhow!("Watch did not answer within {STARTUP_TIMEOUT:?}"))?
+        .context("Watch failed")?
+        .into_inner();
+    let first = tokio::time::timeout(STARTUP_TIMEOUT, stream.message())
+        .await
+        .map_err(|_| anyhow!("Watch sent no snapshot within {STARTUP_TIMEOUT:?}"))?
+        .context("Watch stream failed")?
+        .ok_or_else(|| anyhow!("Watch stream ended before its first event"))?;
+    if first.phase != Phase::Snapshot as i32 {
+        eprintln!(
+            "restart-bench: note: the first Watch event is {:?}, not a snapshot",
+            Phase::try_from(first.phase)
+        );
+    }
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<(Instant, Event)>();
+    let watcher = tokio::spawn(async move {
+        // Ends when the stream ends or the receiver is gone (aborted at the end).
+        while let Ok(Some(ev)) = stream.message().await {
+            if ev_tx.send((Instant::now(), ev)).is_err() {
+                break;
+            }
+        }
+    });
+
+    // Quiet lead-in and tail (no restart triggered) so that steady state has samples
+    // of its own; restarts happen in between.
+    let lead = args.duration / 5;
+    let tail = args.duration / 5;
+    let restart_span = args.duration.saturating_sub(lead + tail);
+    let max_restarts =
+        (restart_span.as_secs_f64() / args.restart_every.as_secs_f64()).ceil() as usize + 1;
+    let max_attempts = max_restarts * 20 + 100;
+
+    eprintln!(
+        "restart-bench: restart phase ({:?} of load, a restart every {:?} from {:?} to {:?})",
+        args.duration,
+        args.restart_every,
+        lead,
+        lead + restart_span
+    );
+    let cpu_before = cpu_sample();
+    let phase_start = Instant::now();
+    let load = Load::start(spec(args, agent.http, args.duration));
+    let stop_at = phase_start + lead + restart_span;
+    let mut next = phase_start + lead;
+    let mut restarts = Vec::new();
+    let mut refused = 0;
+    let mut refusal_examples = Vec::new();
+    let mut errors = Vec::new();
+    let mut attempts = 0;
+    while restarts.len() < max_restarts && attempts < max_attempts {
+        tokio::time::sleep_until(next.into()).await;
+        let trigger = Instant::now();
+        if trigger >= stop_at {
+            break;
+        }
+        attempts += 1;
+        let req = RestartRequest {
+            reason: format!("restart-bench #{}", restarts.len() + 1),
+            ..RestartRequest::default()
+        };
+        let res = tokio::time::timeout(RESTART_RPC_TIMEOUT, client.restart(req)).await;
+        let rpc = trigger.elapsed();
+        match res {
+            Err(_) => {
+                errors.push(format!(
+                    "Restart did not return within {RESTART_RPC_TIMEOUT:?}; no more restarts"
+                ));
+                break;
+            }
+            Ok(Err(status))
+                if matches!(
+                    status.code(),
+                    tonic::Code::Aborted
+                        | tonic::Code::FailedPrecondition
+                        | tonic::Code::Unavailable
+                ) =>
+            {
+                // Another restart still in progress (or busy): one at a time, retry soon.
+                refused += 1;
+                if refusal_examples.len() < 3 {
+                    refusal_examples.push(format!("{:?}: {}", status.code(), status.message()));
+                }
+                next = Instant::now() + REFUSED_RETRY;
+                continue;
+            }
+            Ok(Err(status)) => {
+                errors.push(format!(
+                    "Restart failed: {:?}: {}; no more restarts",
+                    status.code(),
+                    status.message()
+                ));
+                break;
+            }
+            Ok(Ok(resp)) => {
+                let resp = resp.into_inner();
+                let succeeded = resp.outcome == Outcome::Succeeded as i32;
+                if !succeeded && errors.len() < 5 {
+                    errors.push(format!(
+                        "restart #{} failed: {} (stderr tail: {})",
+                        restarts.len() + 1,
+                        resp.reason,
+                        resp.stderr_tail.join(" | ")
+                    ));
+                }
+                restarts.push(RestartRec {
+                    trigger: Some(trigger),
+                    rpc,
+                    succeeded,
+                    reason: resp.reason,
+                    ready_us: resp.timings.map_or(0, |t| t.ready_us),
+                    old_pid: resp.old_pid,
+                    new_pid: resp.new_pid,
+                    generation: resp.generation,
+                    ..RestartRec::default()
+                });
+            }
+        }
+        next = (trigger + args.restart_every).max(Instant::now());
+    }
+    let mut report = finish_load(load, phase_start, args.duration, args.requests).await?;
+    let foreign_cpu = foreign_cpu(cpu_before, cpu_sample());
+
+    // Collect the DRAINED events of every old worker (bounded wait for stragglers).
+    let mut drained: HashMap<u32, (Instant, u64)> = HashMap::new();
+    let mut other_events = BTreeMap::new();
+    let expected: Vec<u32> = restarts
+        .iter()
+        .filter(|r| r.succeeded && r.old_pid != 0)
+        .map(|r| r.old_pid)
+        .collect();
+    let deadline = tokio::time::Instant::now() + DRAINED_WAIT;
+    loop {
+        let ev = if expected.iter().all(|p| drained.contains_key(p)) {
+            match ev_rx.try_recv() {
+                Ok(ev) => ev,
+                Err(_) => break,
+            }
+        } else {
+            match tokio::time::timeout_at(deadline, ev_rx.recv()).await {
+                Ok(Some(ev)) => ev,
+                Ok(None) | Err(_) => break,
+            }
+        };
+        let (at, ev) = ev;
+        match Phase::try_from(ev.phase) {
+            Ok(Phase::Drained) => {
+                drained.insert(ev.pid, (at, ev.duration_us));
+            }
+            Ok(p @ (Phase::Failed | Phase::Reverting | Phase::WorkerExited | Phase::Refused)) => {
+                *other_events.entry(format!("{p:?}")).or_insert(0) += 1;
+            }
+            _ => {}
+        }
+    }
+    watcher.abort();
+    for r in &mut restarts {
+        if let Some((at, us)) = drained.get(&r.old_pid) {
+            r.old_exit = Some(*at);
+            r.drain_us = Some(*us);
+        }
+    }
+
+    // Classify requests by their start time.
+    let windows: Vec<(Instant, Instant)> = restarts.iter().map(RestartRec::window).collect();
+    let in_window = |r: &RequestRecord| windows.iter().any(|(a, b)| *a <= r.start && r.start < *b);
+    let window = latency_stats(&report, in_window);
+    let steady = latency_stats(&report, |r| !in_window(r));
+    let failed_in_window = report
+        .records
+        .iter()
+        .filter(|r| !r.ok && in_window(r))
+        .count() as u64;
+    let failed_steady = report
+        .records
+        .iter()
+        .filter(|r| !r.ok && !in_window(r))
+        .count() as u64;
+    let window_time = union_length(&windows);
+    report.records.clear();
+    report.records.shrink_to_fit();
+
+    // Memory at the end (the agent is still running).
+    let supervisor_rss = rss(agent.proc.pid());
+    let status = tokio::time::timeout(Duration::from_secs(5), client.status(StatusRequest {}))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(tonic::Response::into_inner);
+    let (worker_pid, generation) = status.as_ref().map_or((None, 0), |s| {
+        let w = s
+            .workers
+            .iter()
+            .filter(|w| w.state == "serving")
+            .max_by_key(|w| w.generation)
+            .or_else(|| s.workers.iter().max_by_key(|w| w.generation));
+        (w.map(|w| w.pid), s.generation)
+    });
+    let worker_rss = worker_pid.and_then(rss);
+
+    Ok(RestartPhase {
+        report,
+        restarts,
+        refused,
+        refusal_examples,
+        errors,
+        other_events,
+        steady,
+        window,
+        failed_in_window,
+        failed_steady,
+        window_time,
+        lead,
+        restart_span,
+        supervisor_rss,
+        worker_rss,
+        worker_pid,
+        generation,
+        foreign_cpu,
+    })
+}
+
+/// Total length covered by a set of intervals.
+fn union_length(windows: &[(Instant, Instant)]) -> Duration {
+    let mut w = windows.to_vec();
+    w.sort_by_key(|x| x.0);
+    let mut total = Duration::ZERO;
+    let mut cur: Option<(Instant, Instant)> = None;
+    for (a, b) in w {
+        cur = match cur {
+            Some((ca, cb)) if a <= cb => Some((ca, cb.max(b))),
+            Some((ca, cb)) => {
+                total += cb - ca;
+                Some((a, b))
+            }
+            None => Some((a, b)),
+        };
+    }
+    if let Some((a, b)) = cur {
+        total += b - a;
+    }
+    total
+}
+
+// ---------------------------------------------------------------------------
+// Report
+
+struct Verdict {
+    pass: bool,
+    what: String,
+    figure: String,
+}
+
+fn verdict(pass: bool, what: impl Into<String>, figure: impl Into<String>) -> Verdict {
+    Verdict {
+        pass,
+        what: what.into(),
+        figure: figure.into(),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let agent_exe = match &args.agent_exe {
+        Some(p) => p.clone(),
+        None => sibling_exe("fleet-agent")?,
+    };
+    let peer_exe = match &args.peer_exe {
+        Some(p) => p.clone(),
+        None => sibling_exe("hello-peer")?,
+    };
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZeroUsize::get);
+    let load_before = loadavg();
+
+    let mut agent = start_agent(&agent_exe).await?;
+    let (mut peer, peer_addr) = start_peer(&peer_exe).await?;
+    let supervisor_rss_start = rss(agent.proc.pid());
+    eprintln!(
+        "restart-bench: fleet-agent pid {} (demo app http://{}, control {}), hello-peer pid {} (http://{})",
+        agent.proc.pid(),
+        agent.http,
+        agent.control,
+        peer.pid(),
+        peer_addr
+    );
+
+    let tp = throughput(&args, agent.http, peer_addr).await?;
+    let _ = peer.terminate(Duration::from_secs(5)).await;
+    drop(peer);
+
+    let rp = restart_phase(&args, &agent).await?;
+    let agent_tail = agent.proc.tail(12);
+
+    let load_after = loadavg();
+    let shutdown = agent.proc.terminate(Duration::from_secs(15)).await;
+    drop(agent);
+
+    // ---- figures
+    let ready: Vec<Duration> = rp
+        .restarts
+        .iter()
+        .filter(|r| r.succeeded)
+        .map(|r| Duration::from_micros(r.ready_us))
+        .collect();
+    let ready = sorted(ready);
+    let rpc = sorted(rp.restarts.iter().map(|r| r.rpc).collect());
+    let exit = sorted(
+        rp.restarts
+            .iter()
+            .filter_map(|r| r.old_exit.map(|e| e.saturating_duration_since(r.trigger())))
+            .collect(),
+    );
+    let drain = sorted(
+        rp.restarts
+            .iter()
+            .filter_map(|r| r.drain_us.map(Duration::from_micros))
+            .collect(),
+    );
+    let succeeded = rp.restarts.iter().filter(|r| r.succeeded).count();
+    let failed_restarts = rp.restarts.len() - succeeded;
+    let no_exit = rp
+        .restarts
+        .iter()
+        .filter(|r| r.succeeded && r.old_exit.is_none())
+        .count();
+    let mut failure_kinds: BTreeMap<&str, (u64, Vec<String>)> = BTreeMap::new();
+    for f in &rp.report.failures {
+        let e = failure_kinds.entry(f.kind).or_default();
+        e.0 += 1;
+        if e.1.len() < 3 {
+            e.1.push(f.message.clone());
+        }
+    }
+    let p99_ratio = match (rp.window.p99, rp.steady.p99) {
+        (Some(w), Some(s)) if !s.is_zero() => Some(w.as_secs_f64() / s.as_secs_f64()),
+        _ => None,
+    };
+
+    let mut verdicts = vec![
+        verdict(
+            tp.ratio >= TARGET_THROUGHPUT_RATIO,
+            format!("throughput demo/peer >= {TARGET_THROUGHPUT_RATIO}"),
+            format!(
+                "{:.3} ({:.0} / {:.0} req/s)",
+                tp.ratio, tp.best_demo, tp.best_peer
+            ),
+        ),
+        verdict(
+            rp.report.failed == 0 && rp.report.requests > 0,
+            "no failed request while restarting",
+            format!(
+                "{} failed of {} requests",
+                rp.report.failed, rp.report.requests
+            ),
+        ),
+        verdict(
+            !rp.restarts.is_empty() && failed_restarts == 0 && rp.errors.is_empty(),
+            "every restart succeeded",
+            format!(
+                "{succeeded} succeeded, {failed_restarts} failed, {} refused-and-retried",
+                rp.refused
+            ),
+        ),
+        verdict(
+            p99_ratio.is_some_and(|r| r <= TARGET_P99_RATIO),
+            format!("p99 in restart windows / steady p99 <= {TARGET_P99_RATIO}"),
+            match p99_ratio {
+                Some(r) => format!(
+                    "{r:.2} ({} / {})",
+                    fmt_ms(rp.window.p99),
+                    fmt_ms(rp.steady.p99)
+                ),
+                None => "n/a (no samples)".to_string(),
+            },
+        ),
+        verdict(
+            percentile(&ready, 50.0).is_some_and(|m| m < TARGET_READY_MEDIAN),
+            format!(
+                "trigger->READY median < {} ms",
+                TARGET_READY_MEDIAN.as_millis()
+            ),
+            fmt_ms(percentile(&ready, 50.0)),
+        ),
+        verdict(
+            rp.supervisor_rss
+                .is_some_and(|m| m.rss < TARGET_SUPERVISOR_RSS_BYTES),
+            format!(
+                "supervisor RSS < {} MB",
+                TARGET_SUPERVISOR_RSS_BYTES / 1_000_000
+            ),
+            fmt_bytes(rp.supervisor_rss.map(|r| r.rss)),
+        ),
+    ];
+    if no_exit > 0 {
+        verdicts.push(verdict(
+            false,
+            "every old worker exited (DRAINED seen)",
+            format!("{no_exit} old workers without a DRAINED event within {DRAINED_WAIT:?} after the load"),
+        ));
+    }
+    let all_pass = verdicts.iter().all(|v| v.pass);
+    let busy_machine = tp
+        .runs
+        .iter()
+        .map(|r| r.foreign_cpu)
+        .chain([rp.foreign_cpu])
+        .any(|f| f.is_some_and(|f| f > FOREIGN_CPU_WARN));
+
+    let window_def = format!(
+        "restart window = from the Restart call until the later of (new worker READY + {} s) and \
+         (old worker exit, i.e. its DRAINED event on Watch); a request belongs to it by its start time",
+        WINDOW_AFTER_READY.as_secs()
+    );
+    let load_desc = format!(
+        "closed loop, GET /, {} keep-alive + {} fresh-connection clients, {:?} per run, max {} requests per run",
+        args.keepalive, args.fresh, args.duration, args.requests
+    );
+
+    match args.output {
+        OutputFormat::Json => {
+            let restart_json = json!({
+                "window_definition": window_def,
+                "lead_in_ms": rp.lead.as_millis() as u64,
+                "restart_span_ms": rp.restart_span.as_millis() as u64,
+                "window_time_ms": rp.window_time.as_millis() as u64,
+                "restarts": rp.restarts.len(),
+                "succeeded": succeeded,
+                "failed": failed_restarts,
+                "refused_and_retried": rp.refused,
+                "refusal_examples": rp.refusal_examples,
+                "errors": rp.errors,
+                "other_events": rp.other_events,
+                "requests": rp.report.requests,
+                "ok": rp.report.ok,
+                "failed_requests": rp.report.failed,
+                "failed_in_window": rp.failed_in_window,
+                "failed_steady": rp.failed_steady,
+                "polite_reconnects": rp.report.reconnects,
+                "unsent_retries": rp.report.unsent_retries,
+                "failures": failure_kinds.iter().map(|(k, (n, ex))| json!({"kind": k, "count": n, "examples": ex})).collect::<Vec<_>>(),
+                "rps": ok_rps(&rp.report).round(),
+                "foreign_cpu": rp.foreign_cpu,
+                "steady": stats_json(&rp.steady),
+                "window": stats_json(&rp.window),
+                "p99_ratio": p99_ratio,
+                "trigger_to_ready_ms": {"median": json_ms(percentile(&ready, 50.0)), "p90": json_ms(percentile(&ready, 90.0)), "max": json_ms(ready.last().copied())},
+                "restart_rpc_ms": {"median": json_ms(percentile(&rpc, 50.0)), "max": json_ms(rpc.last().copied())},
+                "trigger_to_old_exit_ms": {"median": json_ms(percentile(&exit, 50.0)), "max": json_ms(exit.last().copied())},
+                "drain_ms": {"median": json_ms(percentile(&drain, 50.0)), "max": json_ms(drain.last().copied())},
+                "per_restart": rp.restarts.iter().map(|r| json!({
+                    "generation": r.generation, "old_pid": r.old_pid, "new_pid": r.new_pid,
+                    "succeeded": r.succeeded, "reason": r.reason,
+                    "ready_ms": r.ready_us as f64 / 1000.0, "rpc_ms": ms(r.rpc),
+                    "old_exit_ms": json_ms(r.old_exit.map(|e| e.saturating_duration_since(r.trigger()))),
+                    "drain_ms": r.drain_us.map(|u| u as f64 / 1000.0),
+                })).collect::<Vec<_>>(),
+            });
+            let v = json!({
+                "settings": {
+                    "duration_ms": args.duration.as_millis() as u64,
+                    "restart_every_ms": args.restart_every.as_millis() as u64,
+                    "keepalive": args.keepalive,
+                    "fresh": args.fresh,
+                    "requests_bound": args.requests,
+                    "rounds": args.rounds,
+                    "warmup_ms": args.warmup.as_millis() as u64,
+                    "cpus": cpus,
+                    "loadavg_1m_before": load_before,
+                    "loadavg_1m_after": load_after,
+                },
+                "throughput": {
+                    "runs": tp.runs.iter().map(|r| json!({
+                        "target": r.target, "round": r.round, "requests": r.requests,
+                        "ok": r.ok, "failed": r.failed, "rps": r.rps.round(),
+                        "foreign_cpu": r.foreign_cpu,
+                    })).collect::<Vec<_>>(),
+                    "best_demo_rps": tp.best_demo.round(),
+                    "best_peer_rps": tp.best_peer.round(),
+                    "ratio": tp.ratio,
+                },
+                "restart": restart_json,
+                "memory": {
+                    "supervisor_rss_bytes_start": supervisor_rss_start.map(|r| r.rss),
+                    "supervisor_rss_bytes": rp.supervisor_rss.map(|r| r.rss),
+                    "supervisor_hwm_bytes": rp.supervisor_rss.map(|r| r.hwm),
+                    "supervisor_rss_anon_bytes": rp.supervisor_rss.map(|r| r.anon),
+                    "supervisor_rss_file_bytes": rp.supervisor_rss.map(|r| r.file),
+                    "worker_pid": rp.worker_pid,
+                    "worker_rss_bytes": rp.worker_rss.map(|r| r.rss),
+                    "worker_hwm_bytes": rp.worker_rss.map(|r| r.hwm),
+                    "worker_rss_anon_bytes": rp.worker_rss.map(|r| r.anon),
+                    "worker_rss_file_bytes": rp.worker_rss.map(|r| r.file),
+                    "generation": rp.generation,
+                },
+                "agent_shutdown": shutdown.map(|s| s.to_string()),
+                "verdicts": verdicts.iter().map(|v| json!({"pass": v.pass, "target": v.what, "figure": v.figure})).collect::<Vec<_>>(),
+                "pass": all_pass,
+                "busy_machine": busy_machine,
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        OutputFormat::Text => {
+            let mut o = String::new();
+            let mut line = |s: String| {
+                o.push_str(&s);
+                o.push('\n');
+            };
+            line(format!(
+                "restart-bench: fleet-agent demo app vs hello-peer (bare axum), loopback, {cpus} CPUs shared with the load generator"
+            ));
+            line(format!("load: {load_desc}"));
+            let la = |l: Option<f64>| l.map_or("?".to_string(), |l| format!("{l:.2}"));
+            line(format!(
+                "machine 1-min load average: {} before, {} after (other work on these CPUs skews every figure)",
+                la(load_before),
+                la(load_after)
+            ));
+            line(String::new());
+            line("== Throughput, no restarts ==".to_string());
+            line(format!(
+                "runs alternate demo, peer ({} rounds, after an unmeasured {:?} warm-up of each); the best run of each counts,",
+                args.rounds, args.warmup
+            ));
+            line("so that a noisy run on a small machine does not decide the ratio".to_string());
+            line(format!(
+                "  {:<6} {:<5} {:>10} {:>10} {:>7}  {}",
+                "round", "app", "requests", "req/s", "failed", "CPU used by other processes"
+            ));
+            for r in &tp.runs {
+                line(format!(
+                    "  {:<6} {:<5} {:>10} {:>10.0} {:>7}  {}",
+                    r.round,
+                    r.target,
+                    r.requests,
+                    r.rps,
+                    r.failed,
+                    fmt_pct(r.foreign_cpu)
+                ));
+            }
+            line(format!(
+                "best demo {:.0} req/s, best peer {:.0} req/s, ratio demo/peer {:.3}",
+                tp.best_demo, tp.best_peer, tp.ratio
+            ));
+            if busy_machine {
+                line(format!(
+                    "WARNING: other processes used more than {:.0}% of the CPUs during a run; its figures are skewed",
+                    FOREIGN_CPU_WARN * 100.0
+                ));
+            }
+            line(String::new());
+            line("== Restart under load ==".to_string());
+            line(format!(
+                "{:?} of load; no restart in the first {:?} and after {:?} (steady state); in between a gRPC Restart every {:?}, one at a time",
+                args.duration,
+                rp.lead,
+                rp.lead + rp.restart_span,
+                args.restart_every
+            ));
+            line(window_def.clone());
+            line(format!(
+                "restarts: {} ({succeeded} succeeded, {failed_restarts} failed), {} refused as busy and retried; generation now {}",
+                rp.restarts.len(),
+                rp.refused,
+                rp.generation
+            ));
+            for ex in &rp.refusal_examples {
+                line(format!("  refusal: {ex}"));
+            }
+            for e in &rp.errors {
+                line(format!("  error: {e}"));
+            }
+            if !rp.other_events.is_empty() {
+                line(format!("  other Watch events: {:?}", rp.other_events));
+            }
+            line(format!(
+                "requests: {} ({} ok, {} failed: {} in restart windows, {} in steady state), {:.0} req/s; restart windows cover {:.1} s of {:.1} s; CPU used by other processes {}",
+                rp.report.requests,
+                rp.report.ok,
+                rp.report.failed,
+                rp.failed_in_window,
+                rp.failed_steady,
+                ok_rps(&rp.report),
+                rp.window_time.as_secs_f64(),
+                rp.report.elapsed.as_secs_f64(),
+                fmt_pct(rp.foreign_cpu)
+            ));
+            line(format!(
+                "  keep-alive clients reconnected {} times after a polite close (Connection: close or closed before a write), {} requests re-sent unsent (not failures)",
+                rp.report.reconnects, rp.report.unsent_retries
+            ));
+            for (kind, (n, ex)) in &failure_kinds {
+                line(format!("  failure {kind}: {n}"));
+                for m in ex {
+                    line(format!("    e.g. {m}"));
+                }
+            }
+            line(format!(
+                "latency steady:   p50 {:>9}  p99 {:>9}  max {:>9}  ({} requests)",
+                fmt_ms(rp.steady.p50),
+                fmt_ms(rp.steady.p99),
+                fmt_ms(rp.steady.max),
+                rp.steady.count
+            ));
+            line(format!(
+                "latency windows:  p50 {:>9}  p99 {:>9}  max {:>9}  ({} requests)",
+                fmt_ms(rp.window.p50),
+                fmt_ms(rp.window.p99),
+                fmt_ms(rp.window.max),
+                rp.window.count
+            ));
+            line(format!(
+                "p99 windows / steady: {}",
+                p99_ratio.map_or("n/a".to_string(), |r| format!("{r:.2}"))
+            ));
+            line(format!(
+                "trigger->READY (agent's timings.ready_us): median {}  p90 {}  max {}",
+                fmt_ms(percentile(&ready, 50.0)),
+                fmt_ms(percentile(&ready, 90.0)),
+                fmt_ms(ready.last().copied())
+            ));
+            line(format!(
+                "Restart call round trip (bench):          median {}  max {}",
+                fmt_ms(percentile(&rpc, 50.0)),
+                fmt_ms(rpc.last().copied())
+            ));
+            line(format!(
+                "trigger->old worker exit (DRAINED seen):  median {}  max {}  ({} of {} seen)",
+                fmt_ms(percentile(&exit, 50.0)),
+                fmt_ms(exit.last().copied()),
+                exit.len(),
+                succeeded
+            ));
+            line(format!(
+                "SIGTERM->old worker exit (drain, agent):  median {}  max {}",
+                fmt_ms(percentile(&drain, 50.0)),
+                fmt_ms(drain.last().copied())
+            ));
+            line(format!(
+                "supervisor RSS: {} at the end [{}] (peak {}, {} at start)",
+                fmt_bytes(rp.supervisor_rss.map(|r| r.rss)),
+                fmt_split(rp.supervisor_rss),
+                fmt_bytes(rp.supervisor_rss.map(|r| r.hwm)),
+                fmt_bytes(supervisor_rss_start.map(|r| r.rss))
+            ));
+            line(format!(
+                "worker RSS: {} at the end [{}] (pid {}, peak {})",
+                fmt_bytes(rp.worker_rss.map(|r| r.rss)),
+                fmt_split(rp.worker_rss),
+                rp.worker_pid.map_or("?".to_string(), |p| p.to_string()),
+                fmt_bytes(rp.worker_rss.map(|r| r.hwm))
+            ));
+            line(format!(
+                "agent graceful shutdown: {}",
+                shutdown.map_or("did not exit within 15 s (killed)".to_string(), |s| s
+                    .to_string())
+            ));
+            if failed_restarts > 0 || !rp.errors.is_empty() || rp.report.failed > 0 {
+                line("last agent log lines:".to_string());
+                for l in &agent_tail {
+                    line(format!("  {l}"));
+                }
+            }
+            line(String::new());
+            line("== Verdicts ==".to_string());
+            for v in &verdicts {
+                line(format!(
+                    "{}  {}: {}",
+                    if v.pass { "PASS" } else { "FAIL" },
+                    v.what,
+                    v.figure
+                ));
+            }
+            print!("{o}");
+        }
+    }
+    Ok(all_pass)
+}

@@ -1,0 +1,194 @@
+//! A new generation that fails costs nothing: under load, not one request fails,
+//! the old generation keeps (or goes back to) serving, the caller learns why
+//! (exit status or "did not become ready", and the last lines of its stderr), and
+//! no process is left behind.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleet_proto::v1::{Outcome, Phase, RestartRequest};
+use fleet_tests::harness::{eventually, install_fixture, restart_path};
+use fleet_tests::{Agent, AgentOpts, Load, LoadSpec};
+
+/// A node that may run the fixture programs copied into `releases`.
+async fn node(releases: &Path, extra: &[&str]) -> Agent {
+    let mut opts = AgentOpts::default().arg("--allowed-exe-dir").arg(releases);
+    for arg in extra {
+        opts = opts.arg(*arg);
+    }
+    Agent::start(opts).await
+}
+
+fn load_on(agent: &Agent) -> Load {
+    Load::start(LoadSpec {
+        target: agent.app(),
+        path: "/".into(),
+        keepalive_connections: 4,
+        fresh_connections: 4,
+        max_requests: 1_000_000,
+        max_duration: Duration::from_secs(60),
+    })
+}
+
+/// The supervisor's only running child is `worker` (the failed generation is gone).
+async fn assert_only_child_is(agent: &Agent, worker: u32) {
+    eventually(
+        Duration::from_secs(5),
+        &format!("worker {worker} to be the supervisor's only child"),
+        async || match agent.running_children() {
+            children if children == vec![worker] => Ok(()),
+            children => Err(format!("children: {children:?}")),
+        },
+    )
+    .await;
+}
+
+fn stderr_tail_contains(tail: &[String], needle: &str) -> bool {
+    tail.iter().any(|line| line.contains(needle))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_that_exits_at_start_is_reported_with_its_status_and_stderr() {
+    let releases = tempfile::tempdir().unwrap();
+    let exit3 = install_fixture(releases.path(), "exit3.sh");
+    let agent = node(releases.path(), &[]).await;
+    let generation = agent.generation().await;
+    let worker = agent.worker_pid().await;
+    let load = load_on(&agent);
+    load.wait_progress(50, Duration::from_secs(20)).await;
+
+    let response = agent.admin(&restart_path(Some(&exit3), None)).await;
+    assert_eq!(response.status, 500, "{}", response.text());
+    let body = response.json();
+    assert_eq!(body["outcome"], "failed", "{body}");
+    let reason = body["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("exit") && reason.contains('3'),
+        "the reason gives the exit status 3: {reason:?}"
+    );
+    let tail: Vec<String> = serde_json::from_value(body["stderr_tail"].clone()).unwrap_or_default();
+    assert!(
+        stderr_tail_contains(&tail, "cannot open /etc/app/config.toml"),
+        "the caller gets the last stderr lines: {body}"
+    );
+
+    load.wait_progress(100, Duration::from_secs(20)).await;
+    assert_eq!(
+        agent.worker_pid().await,
+        worker,
+        "the old generation keeps serving"
+    );
+    assert_eq!(agent.generation().await, generation);
+    assert_only_child_is(&agent, worker).await;
+    let report = load.finish().await;
+    eprintln!("{}", report.summary());
+    report.assert_no_failures(150);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_that_never_becomes_ready_is_killed_and_reported() {
+    let releases = tempfile::tempdir().unwrap();
+    let never_ready = install_fixture(releases.path(), "never_ready.sh");
+    let agent = node(releases.path(), &["--ready-timeout", "1s"]).await;
+    let generation = agent.generation().await;
+    let worker = agent.worker_pid().await;
+    let load = load_on(&agent);
+    load.wait_progress(50, Duration::from_secs(20)).await;
+
+    let response = agent
+        .grpc()
+        .await
+        .restart(agent.request(RestartRequest {
+            exe: never_ready.display().to_string(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_or_else(|status| agent.fail(&format!("gRPC Restart: {status}")))
+        .into_inner();
+    assert_eq!(response.outcome(), Outcome::Failed, "{response:?}");
+    assert!(
+        response.reason.to_lowercase().contains("ready"),
+        "the reason says it did not become ready: {response:?}"
+    );
+    assert!(
+        stderr_tail_contains(&response.stderr_tail, "warming caches"),
+        "the caller gets the last stderr lines: {response:?}"
+    );
+
+    load.wait_progress(100, Duration::from_secs(20)).await;
+    assert_eq!(
+        agent.worker_pid().await,
+        worker,
+        "the old generation keeps serving"
+    );
+    assert_eq!(agent.generation().await, generation);
+    assert_only_child_is(&agent, worker).await;
+    let report = load.finish().await;
+    eprintln!("{}", report.summary());
+    report.assert_no_failures(150);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_that_dies_in_probation_is_reverted_to_the_previous_exe() {
+    let releases = tempfile::tempdir().unwrap();
+    let crashing = install_fixture(releases.path(), "ready_then_exit.py");
+    let agent = node(releases.path(), &["--probation", "5s"]).await;
+    let before = agent.status().await;
+    let previous_exe: PathBuf = before["exe"]["path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("status has no exe.path: {before}"))
+        .into();
+    let worker = agent.worker_pid().await;
+    let mut events = agent.watch().await;
+    let load = load_on(&agent);
+    load.wait_progress(50, Duration::from_secs(20)).await;
+
+    // It sends READY=1, so the restart itself succeeds and the old worker drains;
+    // then it exits within probation and the supervisor brings the previous exe back.
+    let response = agent.admin(&restart_path(Some(&crashing), None)).await;
+    eprintln!(
+        "restart into ready_then_exit.py: {} {}",
+        response.status,
+        response.text()
+    );
+    events
+        .until_phase(Phase::Reverting, Duration::from_secs(20))
+        .await;
+    // The READY after REVERTING is the reverted generation's.
+    let ready = events
+        .until_phase(Phase::Ready, Duration::from_secs(20))
+        .await;
+    let reasons: Vec<String> = events
+        .seen
+        .iter()
+        .map(|e| e.message.to_lowercase())
+        .collect();
+    assert!(
+        reasons.iter().any(|m| m.contains("exit")),
+        "an event says the new generation exited: {:#?}",
+        events.seen
+    );
+
+    let reverted = eventually(
+        Duration::from_secs(10),
+        "the reverted worker to serve",
+        async || match agent.worker_pid().await {
+            pid if pid == ready.pid => Ok(pid),
+            pid => Err(format!("served by {pid}, READY event said {}", ready.pid)),
+        },
+    )
+    .await;
+    assert_ne!(reverted, worker);
+    let after = agent.status().await;
+    assert_eq!(
+        after["exe"]["path"].as_str(),
+        previous_exe.to_str(),
+        "the status shows the previous exe again: {after}"
+    );
+    assert_only_child_is(&agent, reverted).await;
+
+    load.wait_progress(100, Duration::from_secs(20)).await;
+    let report = load.finish().await;
+    eprintln!("{}", report.summary());
+    report.assert_no_failures(150);
+}
