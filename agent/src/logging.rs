@@ -5,7 +5,9 @@
 use std::fmt;
 
 use tracing::{Event, Subscriber};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -40,15 +42,22 @@ where
     }
 }
 
-/// Installs the global subscriber; the level comes from `FLEET_LOG` (default `info`).
+/// Installs the global subscriber. `FLEET_LOG` sets the level, optionally per module
+/// (`debug`, `info,fleet_agent=debug`); the default is `info`. (`Targets` rather than
+/// `EnvFilter`: no regex engine in a supervisor that should stay small.)
 pub fn init(role: &'static str) {
-    let filter = EnvFilter::try_from_env("FLEET_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let filter: Targets = std::env::var("FLEET_LOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    let format = tracing_subscriber::fmt::layer()
         .event_format(Format {
             role,
             pid: std::process::id(),
         })
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    let _ = tracing_subscriber::registry()
+        .with(format)
+        .with(filter)
         .try_init();
 }

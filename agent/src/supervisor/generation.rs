@@ -226,6 +226,8 @@ async fn listen_notify(
     let mut buf = vec![0u8; 4096];
     loop {
         tokio::select! {
+            // A READY=1 sent just before exiting still counts: read before looking at the exit.
+            biased;
             res = socket.recv(&mut buf) => {
                 let Ok(n) = res else { return };
                 for notice in notify::parse(&buf[..n]) {
