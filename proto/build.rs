@@ -2,7 +2,10 @@
 //! needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/fleet/v1/agent.proto"];
+    let files = [
+        "proto/fleet/v1/agent.proto",
+        "proto/fleet/v1/controller.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }
