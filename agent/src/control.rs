@@ -17,6 +17,7 @@ use axum::Router;
 use crate::supervisor::Supervisor;
 
 pub use admin::router as admin_router;
+pub use grpc::status_response as status_message;
 
 /// The bound control endpoint, not yet serving.
 #[derive(Debug)]
@@ -109,7 +110,12 @@ mod tests {
     #[tokio::test]
     async fn actions_without_the_token_are_refused_and_change_nothing() {
         let (router, supervisor, _dir) = guarded().await;
-        for path in ["/debug/admin/restart", "/debug/admin/shutdown", "/metrics", "/debug/admin/status"] {
+        for path in [
+            "/debug/admin/restart",
+            "/debug/admin/shutdown",
+            "/metrics",
+            "/debug/admin/status",
+        ] {
             let response = send(&router, Request::post(path).body(Body::empty()).unwrap()).await;
             assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{path}");
         }
@@ -117,9 +123,15 @@ mod tests {
             .header(header::AUTHORIZATION, "Bearer nope")
             .body(Body::empty())
             .unwrap();
-        assert_eq!(send(&router, wrong).await.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            send(&router, wrong).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
         assert!(!supervisor.shutting_down());
-        assert_eq!(supervisor.status().restarts_failed + supervisor.status().restarts_succeeded, 0);
+        assert_eq!(
+            supervisor.status().restarts_failed + supervisor.status().restarts_succeeded,
+            0
+        );
     }
 
     #[tokio::test]
@@ -143,7 +155,10 @@ mod tests {
         assert_eq!(send(&router, request).await.status(), StatusCode::OK);
         let health = Request::get("/healthz").body(Body::empty()).unwrap();
         // Open without a token; 503 because no worker serves in this test.
-        assert_eq!(send(&router, health).await.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            send(&router, health).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 
     #[tokio::test]
@@ -154,8 +169,14 @@ mod tests {
             .body(Body::from("token=s3cret"))
             .unwrap();
         let response = send(&router, login).await;
-        let cookie = response.headers()[header::SET_COOKIE].to_str().unwrap().to_string();
-        assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+        let cookie = response.headers()[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
         let session = cookie.split(';').next().unwrap().to_string();
 
         // A cross-site link is a GET: refused even with the cookie.

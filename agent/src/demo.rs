@@ -47,10 +47,14 @@ struct SleepParams {
     secs: Option<f64>,
 }
 
-async fn sleep(params: Result<Query<SleepParams>, axum::extract::rejection::QueryRejection>) -> Response {
+async fn sleep(
+    params: Result<Query<SleepParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     let secs = match params {
         Ok(Query(p)) => p.secs.unwrap_or(10.0),
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}: use /sleep?secs=N\n")).into_response(),
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("{e}: use /sleep?secs=N\n")).into_response();
+        }
     };
     if !(0.0..=MAX_SLEEP_SECS).contains(&secs) {
         return (
@@ -88,7 +92,10 @@ mod tests {
 
     #[tokio::test]
     async fn pid_is_this_process() {
-        assert_eq!(get("/pid").await, (StatusCode::OK, format!("{}\n", std::process::id())));
+        assert_eq!(
+            get("/pid").await,
+            (StatusCode::OK, format!("{}\n", std::process::id()))
+        );
     }
 
     #[tokio::test]
@@ -96,7 +103,10 @@ mod tests {
         let (status, body) = get("/sleep?secs=0.01").await;
         assert_eq!(status, StatusCode::OK);
         let pid = std::process::id().to_string();
-        assert_eq!(body.lines().collect::<Vec<_>>(), vec![pid.as_str(), pid.as_str()]);
+        assert_eq!(
+            body.lines().collect::<Vec<_>>(),
+            vec![pid.as_str(), pid.as_str()]
+        );
     }
 
     #[tokio::test]

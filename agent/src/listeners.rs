@@ -22,7 +22,9 @@ impl BoundListener {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} for server '{server}': {source} (is another process using the port?)")]
+#[error(
+    "cannot listen on {addr} for server '{server}': {source} (is another process using the port?)"
+)]
 pub struct BindError {
     pub server: String,
     pub addr: SocketAddr,

@@ -244,7 +244,10 @@ pub fn take_listen_fds() -> Result<Vec<(String, std::net::TcpListener)>, ListenF
         let listening = nix::sys::socket::getsockopt(&owned, nix::sys::socket::sockopt::AcceptConn)
             .map_err(|e| ListenFdsError::NotListening(fd, e.to_string()))?;
         if !listening {
-            return Err(ListenFdsError::NotListening(fd, "not in listen state".into()));
+            return Err(ListenFdsError::NotListening(
+                fd,
+                "not in listen state".into(),
+            ));
         }
         nix::fcntl::fcntl(
             &owned,

@@ -226,9 +226,10 @@ async fn serve_connection<IO>(
         inner: io,
         state: state.clone(),
     });
-    let conn = shared
-        .builder
-        .serve_connection_with_upgrades(io, hyper::service::service_fn(move |req| service.call(req)));
+    let conn = shared.builder.serve_connection_with_upgrades(
+        io,
+        hyper::service::service_fn(move |req| service.call(req)),
+    );
     tokio::pin!(conn);
 
     tokio::select! {
@@ -338,7 +339,10 @@ impl ConnService {
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            Ok(response.map(|body| Guarded { body, _guard: guard }))
+            Ok(response.map(|body| Guarded {
+                body,
+                _guard: guard,
+            }))
         }
     }
 }

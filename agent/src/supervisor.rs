@@ -300,12 +300,7 @@ impl Supervisor {
                     exe: g.exe.clone(),
                     state: g.state().as_str(),
                     started_at_unix_ms: unix_ms(g.started_at),
-                    ready_at_unix_ms: g
-                        .ready_at
-                        .lock()
-                        .expect("lock")
-                        .map(unix_ms)
-                        .unwrap_or(0),
+                    ready_at_unix_ms: g.ready_at.lock().expect("lock").map(unix_ms).unwrap_or(0),
                 })
                 .collect(),
             listeners: self
@@ -336,7 +331,10 @@ impl Supervisor {
             n
         };
         let mut env = vec![
-            ("FLEET_SUPERVISOR_PID".to_string(), std::process::id().to_string()),
+            (
+                "FLEET_SUPERVISOR_PID".to_string(),
+                std::process::id().to_string(),
+            ),
             (
                 "FLEET_CONTROL_SOCKET".to_string(),
                 self.control_socket_path().to_string_lossy().into_owned(),
@@ -405,7 +403,10 @@ impl Supervisor {
         }
         self.metrics.worker_exit();
         let tail = generation.stderr_tail().await;
-        let last = tail.last().map(String::as_str).unwrap_or("(no stderr output)");
+        let last = tail
+            .last()
+            .map(String::as_str)
+            .unwrap_or("(no stderr output)");
         tracing::warn!(
             "worker gen {} (pid {}) {status} while serving; last stderr line: {last}",
             generation.number,
@@ -464,7 +465,8 @@ impl Supervisor {
             let delay = if streak <= 1 {
                 Duration::ZERO
             } else {
-                Duration::from_millis(100 * (1u64 << (streak - 2).min(7))).min(Duration::from_secs(10))
+                Duration::from_millis(100 * (1u64 << (streak - 2).min(7)))
+                    .min(Duration::from_secs(10))
             };
             tokio::time::sleep(delay).await;
             let guard = self.restart_lock.lock().await;
@@ -481,7 +483,11 @@ impl Supervisor {
                 Ok(report) if report.outcome == Outcome::Succeeded => return,
                 Ok(_) => {}
                 Err(RestartError::Refused(e)) => {
-                    tracing::warn!("cannot start {}: {e}; trying {} instead", exe.display(), dead.exe.path.display());
+                    tracing::warn!(
+                        "cannot start {}: {e}; trying {} instead",
+                        exe.display(),
+                        dead.exe.path.display()
+                    );
                     exe = dead.exe.path.clone();
                 }
                 Err(_) => return,
@@ -496,7 +502,10 @@ impl Supervisor {
             Phase::Draining,
             old.number,
             old.pid,
-            format!("SIGTERM, drain timeout {}", humantime::format_duration(timeout)),
+            format!(
+                "SIGTERM, drain timeout {}",
+                humantime::format_duration(timeout)
+            ),
         ));
         old.signal(Signal::SIGTERM);
         let this = self.clone();
@@ -557,6 +566,9 @@ impl Supervisor {
         }
         for line in listeners::describe(&self.listeners, "started") {
             tracing::info!("{line}");
+        }
+        if let Some(url) = self.config.controller.clone() {
+            tokio::spawn(crate::heartbeat::run(self.clone(), url));
         }
         // Under systemd (Type=notify) the node is up now.
         if let Err(e) = crate::notify::notify("READY=1") {

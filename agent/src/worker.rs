@@ -49,7 +49,9 @@ pub fn run(config: Config, app: Router) -> ExitCode {
     {
         Some(pid) => pid,
         None => {
-            tracing::error!("FLEET_SUPERVISOR_PID is not set: workers are started by a fleet-agent supervisor");
+            tracing::error!(
+                "FLEET_SUPERVISOR_PID is not set: workers are started by a fleet-agent supervisor"
+            );
             return ExitCode::from(2);
         }
     };
@@ -108,7 +110,10 @@ async fn serve(
         });
     }
     let addrs: Vec<String> = listeners.iter().map(|l| l.addr.to_string()).collect();
-    let app = match (config.admin.on_app_ports, std::env::var_os("FLEET_CONTROL_SOCKET")) {
+    let app = match (
+        config.admin.on_app_ports,
+        std::env::var_os("FLEET_CONTROL_SOCKET"),
+    ) {
         (true, Some(socket)) => app.merge(admin_proxy(&config.admin.path, socket.into())),
         _ => app,
     };
@@ -126,7 +131,10 @@ async fn serve(
         match action {
             Action::Drain => break,
             Action::Forward(sig) => {
-                tracing::info!("forwarding {} to the supervisor (pid {supervisor})", sig.as_str());
+                tracing::info!(
+                    "forwarding {} to the supervisor (pid {supervisor})",
+                    sig.as_str()
+                );
                 let _ = nix::sys::signal::kill(Pid::from_raw(supervisor), sig);
             }
         }
@@ -225,9 +233,10 @@ async fn forward_to(socket: &std::path::Path, request: Request) -> anyhow::Resul
         parts.headers.remove(hop);
     }
     if !parts.headers.contains_key(http::header::HOST) {
-        parts
-            .headers
-            .insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
+        parts.headers.insert(
+            http::header::HOST,
+            http::HeaderValue::from_static("localhost"),
+        );
     }
     let response = sender
         .send_request(Request::from_parts(parts, body))

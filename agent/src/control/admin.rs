@@ -43,7 +43,10 @@ impl RestartParams {
         let form = request
             .headers()
             .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/x-www-form-urlencoded"));
+            .is_some_and(|v| {
+                v.as_bytes()
+                    .starts_with(b"application/x-www-form-urlencoded")
+            });
         let mut params = Query::<RestartParams>::try_from_uri(request.uri())
             .map(|Query(p)| p)
             .map_err(|e| bad_request(format!("{e}: use ?newExeFilePath=PATH&sha256=HEX")))?;

@@ -66,8 +66,7 @@ pub async fn require_token(
     if bearer(request.headers()).is_some_and(|given| same(given, token)) {
         return next.run(request).await;
     }
-    let session = cookie(request.headers(), COOKIE)
-        .is_some_and(|v| same(v, &session_value(token)));
+    let session = cookie(request.headers(), COOKIE).is_some_and(|v| same(v, &session_value(token)));
     let action = ["restart", "reload", "shutdown"]
         .iter()
         .any(|a| path == format!("{admin}/{a}"));

@@ -70,9 +70,9 @@ impl AgentService for AgentGrpc {
         };
         match self.supervisor.restart(request).await {
             Ok(report) => Ok(Response::new(restart_response(report))),
-            Err(RestartError::InProgress(what)) => Err(Status::aborted(
-                RestartError::InProgress(what).to_string(),
-            )),
+            Err(RestartError::InProgress(what)) => {
+                Err(Status::aborted(RestartError::InProgress(what).to_string()))
+            }
             Err(e @ RestartError::ShuttingDown) => Err(Status::unavailable(e.to_string())),
             Err(RestartError::Refused(e)) => Err(exe_status(&e)),
         }
@@ -82,7 +82,8 @@ impl AgentService for AgentGrpc {
         &self,
         request: Request<pb::ShutdownRequest>,
     ) -> Result<Response<pb::ShutdownResponse>, Status> {
-        let reason = non_empty(request.into_inner().reason).unwrap_or_else(|| "gRPC Shutdown".into());
+        let reason =
+            non_empty(request.into_inner().reason).unwrap_or_else(|| "gRPC Shutdown".into());
         self.supervisor.request_shutdown(reason);
         Ok(Response::new(pb::ShutdownResponse {}))
     }
@@ -102,7 +103,10 @@ impl AgentService for AgentGrpc {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let events = tokio_stream::wrappers::BroadcastStream::new(self.supervisor.subscribe());
         let status = self.supervisor.status();
-        let current = status.workers.iter().find(|w| w.generation == status.generation);
+        let current = status
+            .workers
+            .iter()
+            .find(|w| w.generation == status.generation);
         let snapshot = pb::Event {
             phase: pb::Phase::Snapshot as i32,
             generation: status.generation,
@@ -165,7 +169,7 @@ fn restart_response(r: RestartReport) -> pb::RestartResponse {
     }
 }
 
-fn status_response(s: StatusReport) -> pb::StatusResponse {
+pub fn status_response(s: StatusReport) -> pb::StatusResponse {
     pb::StatusResponse {
         node_id: s.node_id,
         labels: s.labels.into_iter().collect(),

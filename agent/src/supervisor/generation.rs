@@ -175,11 +175,8 @@ impl Generation {
     /// The last lines it wrote to stderr, once its pipe is closed (or after a short wait).
     pub async fn stderr_tail(&self) -> Vec<String> {
         let mut done = self.stderr_done.clone();
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_millis(500),
-            done.wait_for(|d| *d),
-        )
-        .await;
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), done.wait_for(|d| *d))
+            .await;
         self.stderr_tail
             .lock()
             .expect("tail lock")

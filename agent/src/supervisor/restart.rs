@@ -174,7 +174,10 @@ impl Supervisor {
             } else {
                 format!(": {}", request.reason)
             };
-            tracing::info!("server reloading ({trigger}{reason}) into {}", exe_path.display());
+            tracing::info!(
+                "server reloading ({trigger}{reason}) into {}",
+                exe_path.display()
+            );
         }
         self.emit(Event::new(Phase::Validating, 0, 0, trigger).exe(&exe_path));
         let info = match self.policy.validate(&exe_path, request.sha256.as_deref()) {
@@ -200,8 +203,13 @@ impl Supervisor {
         };
         let spawn_us = spawn_started.elapsed().as_micros() as u64;
         self.emit(
-            Event::new(Phase::WaitingReady, generation.number, generation.pid, trigger)
-                .exe(&info.path),
+            Event::new(
+                Phase::WaitingReady,
+                generation.number,
+                generation.pid,
+                trigger,
+            )
+            .exe(&info.path),
         );
 
         let ready_timeout = request

@@ -1,0 +1,71 @@
+//! Registration with a fleet controller: the supervisor sends its status as a
+//! heartbeat at the interval the controller asks for (the first at once). A controller
+//! that is down is retried quietly; the node keeps serving either way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::controller_service_client::ControllerServiceClient;
+use tonic::transport::Endpoint;
+
+use crate::supervisor::Supervisor;
+
+/// Until the controller says otherwise.
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+
+pub async fn run(supervisor: Arc<Supervisor>, url: String) {
+    let endpoint = match Endpoint::from_shared(url.clone()) {
+        Ok(e) => e
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10)),
+        Err(e) => {
+            tracing::error!("controller URL {url:?} is not valid: {e}");
+            return;
+        }
+    };
+    let auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = supervisor
+        .token()
+        .and_then(|t| format!("Bearer {t}").parse().ok());
+    let mut client = ControllerServiceClient::new(endpoint.connect_lazy());
+    let mut interval = DEFAULT_INTERVAL;
+    let mut failing = false;
+    loop {
+        let status = crate::control::status_message(supervisor.status());
+        let mut request = tonic::Request::new(pb::HeartbeatRequest {
+            status: Some(status),
+            in_flight: 0,
+        });
+        if let Some(value) = &auth {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        match client.heartbeat(request).await {
+            Ok(response) => {
+                if failing {
+                    tracing::info!("controller {url} reachable again");
+                    failing = false;
+                }
+                let asked = response.into_inner().interval_ms;
+                if asked > 0 {
+                    interval = Duration::from_millis(asked);
+                }
+            }
+            Err(status) => {
+                if !failing {
+                    tracing::warn!(
+                        "heartbeat to the controller {url} failed: {}; retrying every {}",
+                        status.message(),
+                        humantime::format_duration(interval)
+                    );
+                    failing = true;
+                }
+            }
+        }
+        if supervisor.shutting_down() {
+            return;
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

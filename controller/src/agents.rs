@@ -1,0 +1,94 @@
+//! Clients for the agents' `AgentService`, one lazily connected channel per control
+//! address, carrying the fleet token.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::agent_service_client::AgentServiceClient;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+
+/// Adds `authorization: Bearer TOKEN` to every call.
+#[derive(Debug, Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Self {
+        Self(token.and_then(|t| format!("Bearer {t}").parse().ok()))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Client =
+    AgentServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+#[derive(Debug)]
+pub struct Agents {
+    token: Bearer,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Agents {
+    pub fn new(token: Option<&str>) -> Self {
+        Self {
+            token: Bearer::new(token),
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A client for the agent at `control_addr` (`127.0.0.1:7101`).
+    pub fn client(&self, control_addr: &str) -> Result<Client, tonic::Status> {
+        let mut channels = self.channels.lock().expect("channels lock");
+        let channel = match channels.get(control_addr) {
+            Some(c) => c.clone(),
+            None => {
+                let endpoint = Endpoint::from_shared(format!("http://{control_addr}"))
+                    .map_err(|e| {
+                        tonic::Status::invalid_argument(format!(
+                            "bad control address {control_addr:?}: {e}"
+                        ))
+                    })?
+                    .connect_timeout(Duration::from_secs(3))
+                    .tcp_nodelay(true);
+                let channel = endpoint.connect_lazy();
+                channels.insert(control_addr.to_string(), channel.clone());
+                channel
+            }
+        };
+        Ok(AgentServiceClient::with_interceptor(
+            channel,
+            self.token.clone(),
+        ))
+    }
+
+    pub async fn status(
+        &self,
+        control_addr: &str,
+        timeout: Duration,
+    ) -> Result<pb::StatusResponse, tonic::Status> {
+        let mut client = self.client(control_addr)?;
+        match tokio::time::timeout(timeout, client.status(pb::StatusRequest {})).await {
+            Ok(r) => r.map(|r| r.into_inner()),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "no answer from {control_addr} within {}",
+                humantime::format_duration(timeout)
+            ))),
+        }
+    }
+}

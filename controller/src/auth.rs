@@ -1,0 +1,51 @@
+//! The token check in front of every controller route (gRPC and HTTP) but `/healthz`
+//! and gRPC health.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone)]
+pub struct Token(pub Option<Arc<String>>);
+
+fn same(a: &str, b: &str) -> bool {
+    Sha256::digest(a) == Sha256::digest(b)
+}
+
+pub async fn require_token(State(token): State<Token>, request: Request, next: Next) -> Response {
+    let Some(token) = token.0 else {
+        return next.run(request).await;
+    };
+    let path = request.uri().path();
+    if path == "/healthz" || path.starts_with("/grpc.health.v1.Health/") {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if given.is_some_and(|g| same(g, &token)) {
+        return next.run(request).await;
+    }
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let msg = "missing or wrong token: send `authorization: Bearer <token>` (fleetctl --token / FLEET_TOKEN)";
+    if grpc {
+        return tonic::Status::unauthenticated(msg).into_http();
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        format!("{msg}\n"),
+    )
+        .into_response()
+}

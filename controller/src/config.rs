@@ -1,0 +1,66 @@
+//! The controller's flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// fleet-controller: inventory of fleet agents and health-gated rolling restarts.
+///
+/// Agents started with `fleet-agent --controller http://ADDR` register and heartbeat;
+/// `fleetctl` drives rollouts through the same port (gRPC ControllerService), and the
+/// HTTP API (/api/nodes, /api/rollouts, /api/events) serves the dashboard. State is kept
+/// in an embedded SQLite file; rollouts in progress resume after a restart.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "fleet-controller", version, about, long_about)]
+pub struct Cli {
+    /// API address (gRPC + HTTP).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7100")]
+    pub listen: SocketAddr,
+
+    /// SQLite database file (created if missing).
+    #[arg(long, value_name = "PATH", default_value = "fleet.db")]
+    pub db: PathBuf,
+
+    /// File with the bearer token every API call must carry (agents and fleetctl).
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Token for calling the agents' control endpoints [default: the --token-file token].
+    #[arg(long, value_name = "PATH")]
+    pub agent_token_file: Option<PathBuf>,
+
+    /// A node that misses heartbeats this long is `unreachable`.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat_ttl: Duration,
+
+    /// A static node: an agent control address polled by the controller instead of
+    /// heartbeating (repeatable).
+    #[arg(long = "node", value_name = "ADDR")]
+    pub nodes: Vec<String>,
+
+    /// Allow listening beyond loopback without a token.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 500ms, 10s or 1m"))
+}
+
+pub fn read_token(path: &Option<PathBuf>) -> anyhow::Result<Option<String>> {
+    let Some(path) = path else { return Ok(None) };
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", path.display()))?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        anyhow::bail!(
+            "token file {} is empty: write a token into it",
+            path.display()
+        );
+    }
+    Ok(Some(token))
+}

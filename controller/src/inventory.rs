@@ -1,0 +1,293 @@
+//! The inventory of agents: what each node last said about itself in a heartbeat (or,
+//! for static nodes, what its `Status` returned), and which nodes have gone quiet.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use fleet_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::store::Store;
+use crate::{Change, now_ms};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExeRecord {
+    pub path: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerRecord {
+    pub server: String,
+    pub addr: String,
+    pub tls: bool,
+}
+
+/// One node as the controller knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node_id: String,
+    pub labels: BTreeMap<String, String>,
+    /// The agent's own state, or `unreachable`.
+    pub state: String,
+    pub control_addr: String,
+    pub admin_url: String,
+    pub exe: ExeRecord,
+    pub generation: u64,
+    pub supervisor_pid: u32,
+    pub worker_pid: u32,
+    pub in_flight: u64,
+    pub last_heartbeat_unix_ms: u64,
+    pub started_at_unix_ms: u64,
+    pub reason: String,
+    pub static_node: bool,
+    pub listeners: Vec<ListenerRecord>,
+}
+
+impl NodeRecord {
+    pub fn from_status(status: &pb::StatusResponse, in_flight: u64, static_node: bool) -> Self {
+        let exe = status.exe.clone().unwrap_or_default();
+        let worker = status
+            .workers
+            .iter()
+            .find(|w| w.generation == status.generation);
+        Self {
+            node_id: status.node_id.clone(),
+            labels: status.labels.clone().into_iter().collect(),
+            state: status.state.clone(),
+            control_addr: status.control_addr.clone(),
+            admin_url: status.admin_url.clone(),
+            exe: ExeRecord {
+                path: exe.path,
+                sha256: exe.sha256,
+                size: exe.size,
+            },
+            generation: status.generation,
+            supervisor_pid: status.supervisor_pid,
+            worker_pid: worker.map(|w| w.pid).unwrap_or(0),
+            in_flight,
+            last_heartbeat_unix_ms: now_ms(),
+            started_at_unix_ms: status.started_at_unix_ms,
+            reason: String::new(),
+            static_node,
+            listeners: status
+                .listeners
+                .iter()
+                .map(|l| ListenerRecord {
+                    server: l.server.clone(),
+                    addr: l.addr.clone(),
+                    tls: l.tls,
+                })
+                .collect(),
+        }
+    }
+
+    /// Same node facts apart from the heartbeat time and load (not worth a write).
+    fn same_facts(&self, other: &NodeRecord) -> bool {
+        let strip = |n: &NodeRecord| NodeRecord {
+            last_heartbeat_unix_ms: 0,
+            in_flight: 0,
+            ..n.clone()
+        };
+        strip(self) == strip(other)
+    }
+}
+
+/// `zone=a,role=web`: every pair must match.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Selector(Vec<(String, String)>);
+
+impl Selector {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut pairs = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    pairs.push((k.trim().to_string(), v.trim().to_string()))
+                }
+                _ => {
+                    return Err(format!(
+                        "selector part {part:?} must look like key=value (e.g. zone=a,role=web)"
+                    ));
+                }
+            }
+        }
+        Ok(Self(pairs))
+    }
+
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.0.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+#[derive(Debug)]
+pub struct Inventory {
+    nodes: RwLock<HashMap<String, NodeRecord>>,
+    ttl: Duration,
+    store: Arc<dyn Store>,
+    changes: tokio::sync::broadcast::Sender<Change>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HeartbeatError(pub String);
+
+impl Inventory {
+    pub fn new(
+        store: Arc<dyn Store>,
+        ttl: Duration,
+        changes: tokio::sync::broadcast::Sender<Change>,
+    ) -> Result<Self, crate::store::StoreError> {
+        let mut nodes = HashMap::new();
+        for mut node in store.load_nodes()? {
+            // Known from before the restart, not heard from since.
+            node.last_heartbeat_unix_ms = node.last_heartbeat_unix_ms.min(now_ms());
+            nodes.insert(node.node_id.clone(), node);
+        }
+        Ok(Self {
+            nodes: RwLock::new(nodes),
+            ttl,
+            store,
+            changes,
+        })
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Records a heartbeat (or a static node's status).
+    pub fn report(
+        &self,
+        status: &pb::StatusResponse,
+        in_flight: u64,
+        static_node: bool,
+    ) -> Result<(), HeartbeatError> {
+        if status.node_id.trim().is_empty() {
+            return Err(HeartbeatError(
+                "heartbeat without a node id: start the agent with --node-id".into(),
+            ));
+        }
+        if status.control_addr.is_empty() {
+            return Err(HeartbeatError(format!(
+                "node {} sent no control address",
+                status.node_id
+            )));
+        }
+        let record = NodeRecord::from_status(status, in_flight, static_node);
+        let changed = {
+            let mut nodes = self.nodes.write().expect("inventory lock");
+            let changed = nodes
+                .get(&record.node_id)
+                .is_none_or(|old| !old.same_facts(&record) || self.is_stale(old));
+            nodes.insert(record.node_id.clone(), record.clone());
+            changed
+        };
+        if changed {
+            // Queued now; committed by the writer thread.
+            drop(self.store.put_node(&record));
+            let _ = self.changes.send(Change::Node(record.node_id));
+        }
+        Ok(())
+    }
+
+    /// A static node that could not be reached.
+    pub fn unreachable(&self, node_id: &str, reason: String) {
+        let mut nodes = self.nodes.write().expect("inventory lock");
+        if let Some(node) = nodes.get_mut(node_id)
+            && node.reason != reason
+        {
+            node.state = "unreachable".into();
+            node.reason = reason;
+            let _ = self.changes.send(Change::Node(node_id.to_string()));
+        }
+    }
+
+    fn is_stale(&self, node: &NodeRecord) -> bool {
+        now_ms().saturating_sub(node.last_heartbeat_unix_ms) > self.ttl.as_millis() as u64
+    }
+
+    /// The node as seen now: `unreachable` (with since when) if it missed its heartbeats.
+    fn effective(&self, node: &NodeRecord) -> NodeRecord {
+        let mut node = node.clone();
+        if self.is_stale(&node) {
+            let ago = Duration::from_millis(now_ms().saturating_sub(node.last_heartbeat_unix_ms));
+            node.state = "unreachable".into();
+            if node.reason.is_empty() {
+                node.reason = format!(
+                    "no heartbeat for {} (ttl {})",
+                    humantime::format_duration(Duration::from_secs(ago.as_secs())),
+                    humantime::format_duration(self.ttl)
+                );
+            }
+        }
+        node
+    }
+
+    pub fn get(&self, node_id: &str) -> Option<NodeRecord> {
+        let nodes = self.nodes.read().expect("inventory lock");
+        nodes.get(node_id).map(|n| self.effective(n))
+    }
+
+    /// Matching nodes, sorted by id.
+    pub fn list(&self, selector: &Selector) -> Vec<NodeRecord> {
+        let nodes = self.nodes.read().expect("inventory lock");
+        let mut out: Vec<NodeRecord> = nodes
+            .values()
+            .filter(|n| selector.matches(&n.labels))
+            .map(|n| self.effective(n))
+            .collect();
+        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        out
+    }
+
+    /// Announces nodes that just went quiet, so live views update.
+    pub async fn watch_staleness(self: Arc<Self>) {
+        let mut stale: std::collections::HashSet<String> = Default::default();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let now_stale: std::collections::HashSet<String> = {
+                let nodes = self.nodes.read().expect("inventory lock");
+                nodes
+                    .values()
+                    .filter(|n| self.is_stale(n))
+                    .map(|n| n.node_id.clone())
+                    .collect()
+            };
+            for id in now_stale.difference(&stale) {
+                tracing::warn!(
+                    "node {id} is unreachable: no heartbeat for {}",
+                    humantime::format_duration(self.ttl)
+                );
+                let _ = self.changes.send(Change::Node(id.clone()));
+            }
+            stale = now_stale;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors() {
+        let labels: BTreeMap<String, String> = [
+            ("zone".to_string(), "a".to_string()),
+            ("role".to_string(), "web".to_string()),
+        ]
+        .into();
+        assert!(Selector::parse("").unwrap().matches(&labels));
+        assert!(Selector::parse("zone=a").unwrap().matches(&labels));
+        assert!(
+            Selector::parse("zone=a, role=web")
+                .unwrap()
+                .matches(&labels)
+        );
+        assert!(!Selector::parse("zone=b").unwrap().matches(&labels));
+        assert!(Selector::parse("zone").unwrap_err().contains("key=value"));
+    }
+}

@@ -1,0 +1,123 @@
+//! Fleet's controller: the inventory of agents and health-gated rolling restarts
+//! across them.
+//!
+//! Agents heartbeat their status in; `fleetctl` starts a rollout; the engine moves the
+//! selected nodes batch by batch, each node through `restarting → soaking → healthy`,
+//! stopping at the failure budget (and rolling back if asked), persisting every
+//! transition so a restarted controller resumes where it stopped.
+//!
+//! Modules, in the order data flows through them:
+
+/// Clients for the agents.
+pub mod agents;
+/// gRPC `ControllerService`.
+pub mod api;
+/// The token check.
+pub mod auth;
+/// Command-line flags.
+pub mod config;
+/// The controller's shared state and operations.
+pub mod fleet;
+/// HTTP JSON and Server-Sent Events for the dashboard.
+pub mod http;
+/// Nodes and their heartbeats.
+pub mod inventory;
+/// Rollout specs, plans, states, and the engine.
+pub mod rollout;
+/// Persistence (SQLite).
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use fleet::Fleet;
+
+/// What changed, for live views (Watch streams, Server-Sent Events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Node(String),
+    Rollout(String),
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// Every route behind the token check.
+pub fn router(fleet: Arc<Fleet>, token: Option<String>) -> axum::Router {
+    let grpc = tonic::service::Routes::new(
+        fleet_proto::v1::controller_service_server::ControllerServiceServer::new(api::Api {
+            fleet: fleet.clone(),
+        })
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(256 * 1024 * 1024),
+    )
+    .into_axum_router();
+    http::router(fleet)
+        .merge(grpc)
+        .layer(axum::middleware::from_fn_with_state(
+            auth::Token(token.map(Arc::new)),
+            auth::require_token,
+        ))
+}
+
+/// Runs the controller until the process is stopped.
+pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let token = config::read_token(&cli.token_file)?;
+    let agent_token = match &cli.agent_token_file {
+        Some(_) => config::read_token(&cli.agent_token_file)?,
+        None => token.clone(),
+    };
+    if token.is_none() && !cli.insecure && !cli.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to listen on {} without a token: set --token-file, listen on 127.0.0.1, or pass --insecure",
+            cli.listen
+        );
+    }
+    let store = store::SqliteStore::open(&cli.db)
+        .with_context(|| format!("cannot open the database {}", cli.db.display()))?;
+    let fleet = Fleet::new(Arc::new(store), cli.heartbeat_ttl, agent_token.as_deref())?;
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (use --listen ADDR)", cli.listen))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    tokio::spawn(fleet.inventory.clone().watch_staleness());
+    for node in &cli.nodes {
+        tokio::spawn(poll_static_node(fleet.clone(), node.clone()));
+    }
+    fleet.resume_unfinished();
+    tracing::info!("controller listening on {addr}");
+    axum::serve(listener, router(fleet, token)).await?;
+    Ok(())
+}
+
+/// A static node has no heartbeat: the controller asks for its status instead.
+async fn poll_static_node(fleet: Arc<Fleet>, addr: String) {
+    let interval = (fleet.inventory.ttl() / 3).max(Duration::from_millis(100));
+    let mut known: Option<String> = None;
+    loop {
+        match fleet.agents.status(&addr, Duration::from_secs(5)).await {
+            Ok(status) => {
+                known = Some(status.node_id.clone());
+                if let Err(e) = fleet.inventory.report(&status, 0, true) {
+                    tracing::warn!("static node {addr}: {e}");
+                }
+            }
+            Err(e) => {
+                if let Some(id) = &known {
+                    fleet
+                        .inventory
+                        .unreachable(id, format!("status call failed: {}", e.message()));
+                } else {
+                    tracing::warn!("static node {addr} does not answer: {}", e.message());
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

@@ -1,0 +1,352 @@
+//! A rollout: its spec (checked), its plan (batches of nodes) and the per-node state
+//! machine `pending → preflight → restarting → soaking → healthy | failed |
+//! rolled-back | skipped`. The engine that drives it is in `rollout/engine.rs`.
+
+pub mod engine;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::inventory::Selector;
+
+/// A checked rollout spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spec {
+    pub exe: String,
+    pub sha256: String,
+    pub selector: String,
+    pub batches: String,
+    pub max_parallel: u32,
+    pub max_unavailable: String,
+    pub canary: u32,
+    pub pause_after_canary: bool,
+    pub min_healthy_ms: u64,
+    pub ready_timeout_ms: u64,
+    pub drain_timeout_ms: u64,
+    pub health_path: String,
+    pub max_failures: String,
+    pub auto_rollback: bool,
+    pub reason: String,
+    pub actor: String,
+}
+
+/// A count or a percentage of the targets (`"2"`, `"10%"`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Amount {
+    Count(u32),
+    Percent(f64),
+}
+
+impl Amount {
+    pub fn parse(s: &str, what: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            match p.trim().parse::<f64>() {
+                Ok(v) if (0.0..=100.0).contains(&v) => Ok(Amount::Percent(v)),
+                _ => Err(format!(
+                    "{what} {s:?} is not a percentage between 0% and 100%"
+                )),
+            }
+        } else {
+            s.parse::<u32>().map(Amount::Count).map_err(|_| {
+                format!("{what} {s:?} is not a count or a percentage (write 2 or 10%)")
+            })
+        }
+    }
+
+    /// Resolved against `total` targets, rounding percentages up (at least 1 if > 0%).
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            Amount::Count(n) => n as usize,
+            Amount::Percent(p) => ((p / 100.0) * total as f64).ceil() as usize,
+        }
+    }
+}
+
+/// A spec that cannot run, with what to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SpecError(pub String);
+
+impl Spec {
+    pub fn check(&self) -> Result<(), SpecError> {
+        let bad = |m: String| Err(SpecError(m));
+        if !self.exe.starts_with('/') {
+            return bad(format!(
+                "exe {:?} must be an absolute path on the nodes, e.g. /opt/app/app-v2",
+                self.exe
+            ));
+        }
+        let hex64 = self.sha256.len() == 64 && self.sha256.chars().all(|c| c.is_ascii_hexdigit());
+        if !self.sha256.is_empty() && !hex64 {
+            return bad(format!(
+                "sha256 {:?} is not 64 hex digits: give the output of sha256sum",
+                self.sha256
+            ));
+        }
+        Selector::parse(&self.selector).map_err(SpecError)?;
+        if !self.batches.is_empty() && self.max_parallel > 0 {
+            return bad("give either batches or max_parallel, not both".into());
+        }
+        parse_batches(&self.batches).map_err(SpecError)?;
+        if !self.max_unavailable.is_empty() {
+            Amount::parse(&self.max_unavailable, "max_unavailable").map_err(SpecError)?;
+        }
+        if !self.max_failures.is_empty() {
+            Amount::parse(&self.max_failures, "max_failures").map_err(SpecError)?;
+        }
+        if !self.health_path.is_empty() && !self.health_path.starts_with('/') {
+            return bad(format!(
+                "health path {:?} must start with '/', e.g. /healthz",
+                self.health_path
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn min_healthy(&self) -> Duration {
+        Duration::from_millis(self.min_healthy_ms)
+    }
+}
+
+fn parse_batches(s: &str) -> Result<Vec<Amount>, String> {
+    if s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|part| Amount::parse(part, "batch size"))
+        .collect()
+}
+
+/// Cumulative batch boundaries for `total` targets: `"1,10%,100%"` over 50 nodes gives
+/// batches of 1, 4 and 45. A canary batch comes first; the last batch always ends at
+/// `total`.
+pub fn plan(spec: &Spec, total: usize) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    let mut done = 0usize;
+    if spec.canary > 0 {
+        let n = (spec.canary as usize).min(total);
+        sizes.push(n);
+        done = n;
+    }
+    let steps = parse_batches(&spec.batches).unwrap_or_default();
+    if !steps.is_empty() {
+        for step in steps {
+            let upto = step.of(total).min(total);
+            if upto > done {
+                sizes.push(upto - done);
+                done = upto;
+            }
+        }
+    } else {
+        let per = (spec.max_parallel.max(1)) as usize;
+        while done < total {
+            let n = per.min(total - done);
+            sizes.push(n);
+            done += n;
+        }
+    }
+    if done < total {
+        sizes.push(total - done);
+    }
+    sizes.retain(|n| *n > 0);
+    sizes
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RolloutState {
+    Planned,
+    Running,
+    Paused,
+    Succeeded,
+    Failed,
+    RolledBack,
+    Aborted,
+}
+
+impl RolloutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Planned => "planned",
+            RolloutState::Running => "running",
+            RolloutState::Paused => "paused",
+            RolloutState::Succeeded => "succeeded",
+            RolloutState::Failed => "failed",
+            RolloutState::RolledBack => "rolled-back",
+            RolloutState::Aborted => "aborted",
+        }
+    }
+
+    pub fn finished(self) -> bool {
+        matches!(
+            self,
+            RolloutState::Succeeded
+                | RolloutState::Failed
+                | RolloutState::RolledBack
+                | RolloutState::Aborted
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeState {
+    Pending,
+    Preflight,
+    Restarting,
+    Soaking,
+    Healthy,
+    Failed,
+    RolledBack,
+    Skipped,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Pending => "pending",
+            NodeState::Preflight => "preflight",
+            NodeState::Restarting => "restarting",
+            NodeState::Soaking => "soaking",
+            NodeState::Healthy => "healthy",
+            NodeState::Failed => "failed",
+            NodeState::RolledBack => "rolled-back",
+            NodeState::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    pub unix_ms: u64,
+    pub state: NodeState,
+    pub message: String,
+    pub pid: u32,
+}
+
+/// One node's progress in one rollout; persisted on every transition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutNode {
+    pub node_id: String,
+    pub batch: u32,
+    pub state: NodeState,
+    pub reason: String,
+    pub target_exe: String,
+    pub target_sha256: String,
+    pub previous_exe: String,
+    pub previous_sha256: String,
+    /// The node's generation before its restart: after a controller crash, a higher
+    /// generation running the target exe proves the restart already happened.
+    pub previous_generation: u64,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    pub new_generation: u64,
+    pub timeline: Vec<TimelineEntry>,
+}
+
+impl RolloutNode {
+    pub fn set(&mut self, state: NodeState, message: impl Into<String>, pid: u32) {
+        let message = message.into();
+        self.state = state;
+        if matches!(
+            state,
+            NodeState::Failed | NodeState::Skipped | NodeState::RolledBack
+        ) {
+            self.reason = message.clone();
+        }
+        self.timeline.push(TimelineEntry {
+            unix_ms: crate::now_ms(),
+            state,
+            message,
+            pid,
+        });
+    }
+}
+
+/// A rollout's header (the nodes are stored row by row).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: String,
+    pub seq: u64,
+    pub spec: Spec,
+    pub state: RolloutState,
+    pub reason: String,
+    pub created_unix_ms: u64,
+    pub finished_unix_ms: u64,
+    pub batch_sizes: Vec<u32>,
+    pub current_batch: u32,
+    pub undo_of: String,
+    /// Set when the operator asked to pause, resume or abort, for the engine to act on
+    /// at the next step.
+    pub requested: Option<RolloutState>,
+}
+
+/// A rollout with its nodes, as the API returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutView {
+    #[serde(flatten)]
+    pub rollout: Rollout,
+    pub nodes: Vec<RolloutNode>,
+}
+
+impl RolloutView {
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut counts = BTreeMap::new();
+        for node in &self.nodes {
+            *counts.entry(node.state.as_str()).or_default() += 1;
+        }
+        counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(batches: &str, canary: u32, max_parallel: u32) -> Spec {
+        Spec {
+            exe: "/opt/app/v2".into(),
+            sha256: String::new(),
+            selector: String::new(),
+            batches: batches.into(),
+            max_parallel,
+            max_unavailable: String::new(),
+            canary,
+            pause_after_canary: false,
+            min_healthy_ms: 0,
+            ready_timeout_ms: 0,
+            drain_timeout_ms: 0,
+            health_path: String::new(),
+            max_failures: String::new(),
+            auto_rollback: false,
+            reason: String::new(),
+            actor: String::new(),
+        }
+    }
+
+    #[test]
+    fn cumulative_batches() {
+        assert_eq!(plan(&spec("1,10%,100%", 0, 0), 50), vec![1, 4, 45]);
+        assert_eq!(plan(&spec("1,10%,100%", 0, 0), 5), vec![1, 4]);
+        assert_eq!(plan(&spec("50%", 0, 0), 5), vec![3, 2]);
+        assert_eq!(plan(&spec("", 0, 2), 5), vec![2, 2, 1]);
+        assert_eq!(plan(&spec("", 0, 0), 3), vec![1, 1, 1]);
+        assert_eq!(plan(&spec("100%", 2, 0), 5), vec![2, 3]);
+        assert!(plan(&spec("", 0, 0), 0).is_empty());
+    }
+
+    #[test]
+    fn bad_specs_say_what_to_fix() {
+        let mut s = spec("1,ten", 0, 0);
+        assert!(s.check().unwrap_err().0.contains("10%"));
+        s.batches = "1".into();
+        s.max_parallel = 2;
+        assert!(s.check().unwrap_err().0.contains("not both"));
+        s.max_parallel = 0;
+        s.exe = "app".into();
+        assert!(s.check().unwrap_err().0.contains("absolute"));
+    }
+}

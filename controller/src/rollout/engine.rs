@@ -1,0 +1,644 @@
+//! Driving a rollout: batch after batch, each node through
+//! `restarting → soaking → healthy | failed`, every transition persisted before the
+//! next step; the failure budget stops it, auto-rollback returns the nodes it moved,
+//! an operator can pause, resume or abort it at batch boundaries.
+//!
+//! Restarting a node twice is what must never happen after a controller crash: a node
+//! found in `restarting` is first asked for its status, and if it already runs the
+//! target exe at a newer generation than recorded, its restart is taken as done.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleet_proto::v1 as pb;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+
+use super::{Amount, NodeState, RolloutNode, RolloutState};
+use crate::fleet::{Fleet, RolloutHandle};
+use crate::inventory::NodeRecord;
+use crate::{Change, now_ms};
+
+/// How many agents are asked at once during preflight.
+const PREFLIGHT_CONCURRENCY: usize = 512;
+/// How long a status or preflight call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a soaking node is looked at.
+const SOAK_POLL: Duration = Duration::from_millis(250);
+
+/// Asks every target's agent to validate its exe; returns the refusals.
+pub async fn preflight(
+    fleet: &Fleet,
+    targets: &[(NodeRecord, String, String)],
+) -> Vec<(String, String)> {
+    let mut refusals = Vec::new();
+    let mut pending = targets.iter();
+    let mut running = FuturesUnordered::new();
+    loop {
+        while running.len() < PREFLIGHT_CONCURRENCY {
+            let Some((node, exe, sha)) = pending.next() else {
+                break;
+            };
+            running.push(async move {
+                if node.state == "unreachable" {
+                    return Some((
+                        node.node_id.clone(),
+                        format!("unreachable: {}", node.reason),
+                    ));
+                }
+                let request = pb::PreflightRequest {
+                    exe: exe.clone(),
+                    sha256: sha.clone(),
+                };
+                let call = async {
+                    let mut client = fleet.agents.client(&node.control_addr)?;
+                    client.preflight(request).await
+                };
+                match tokio::time::timeout(CALL_TIMEOUT, call).await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(status)) => Some((node.node_id.clone(), describe(&status))),
+                    Err(_) => Some((
+                        node.node_id.clone(),
+                        "no answer to preflight within 10s".into(),
+                    )),
+                }
+            });
+        }
+        match running.next().await {
+            Some(Some(refusal)) => refusals.push(refusal),
+            Some(None) => {}
+            None => break,
+        }
+    }
+    refusals.sort();
+    refusals
+}
+
+fn describe(status: &tonic::Status) -> String {
+    match status.code() {
+        tonic::Code::Unavailable => format!("unreachable: {}", status.message()),
+        _ => status.message().to_string(),
+    }
+}
+
+pub async fn run(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>) {
+    let id = handle.view.lock().expect("view lock").rollout.id.clone();
+    let started = Instant::now();
+    let outcome = drive(&fleet, &handle).await;
+    let (state, reason) = outcome;
+    let header = {
+        let mut view = handle.view.lock().expect("view lock");
+        view.rollout.state = state;
+        if !reason.is_empty() {
+            view.rollout.reason = reason;
+        }
+        view.rollout.finished_unix_ms = now_ms();
+        view.rollout.requested = None;
+        view.rollout.clone()
+    };
+    if let Err(e) = fleet.store.put_rollout(&header).await {
+        tracing::error!("rollout {id}: cannot record its end: {e}");
+    }
+    let _ = fleet.changes.send(Change::Rollout(id.clone()));
+    tracing::info!(
+        "rollout {id} {} after {:.1}s: {}",
+        state.as_str(),
+        started.elapsed().as_secs_f64(),
+        header.reason
+    );
+}
+
+/// Runs the batches; returns the final state and why.
+async fn drive(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> (RolloutState, String) {
+    let (spec, sizes, total) = {
+        let view = handle.view.lock().expect("view lock");
+        (
+            view.rollout.spec.clone(),
+            view.rollout.batch_sizes.clone(),
+            view.nodes.len(),
+        )
+    };
+    let budget = Amount::parse(&spec.max_failures, "max_failures")
+        .map(|a| a.of(total))
+        .unwrap_or(0);
+    let concurrency = match Amount::parse(&spec.max_unavailable, "max_unavailable") {
+        Ok(a) if !spec.max_unavailable.is_empty() => a.of(total).max(1),
+        _ => usize::MAX,
+    };
+    loop {
+        // Operator requests are honoured between batches.
+        if let Some(end) = honour_requests(fleet, handle).await {
+            return end;
+        }
+        let (batch, ids) = {
+            let view = handle.view.lock().expect("view lock");
+            let b = view.rollout.current_batch;
+            let ids: Vec<String> = view
+                .nodes
+                .iter()
+                .filter(|n| {
+                    n.batch == b
+                        && matches!(
+                            n.state,
+                            NodeState::Pending
+                                | NodeState::Preflight
+                                | NodeState::Restarting
+                                | NodeState::Soaking
+                        )
+                })
+                .map(|n| n.node_id.clone())
+                .collect();
+            (b, ids)
+        };
+        if batch as usize >= sizes.len() {
+            break;
+        }
+        tracing::info!(
+            "rollout {}: batch {} of {}: {} node(s)",
+            spec_id(handle),
+            batch + 1,
+            sizes.len(),
+            ids.len()
+        );
+        let mut pending = ids.into_iter();
+        let mut running = FuturesUnordered::new();
+        loop {
+            while running.len() < concurrency {
+                let Some(node_id) = pending.next() else { break };
+                running.push(move_node(fleet.clone(), handle.clone(), node_id));
+            }
+            if running.next().await.is_none() {
+                break;
+            }
+        }
+        let failures = count(handle, |n| n.state == NodeState::Failed);
+        if failures > budget {
+            let reason = format!(
+                "{failures} node(s) failed, more than the failure budget of {budget}: stopped after batch {}",
+                batch + 1
+            );
+            skip_rest(
+                fleet,
+                handle,
+                "not started: the rollout stopped at its failure budget",
+            )
+            .await;
+            if spec.auto_rollback {
+                roll_back(fleet, handle).await;
+                return (RolloutState::RolledBack, format!("{reason}; rolled back"));
+            }
+            return (RolloutState::Failed, reason);
+        }
+        let header = {
+            let mut view = handle.view.lock().expect("view lock");
+            view.rollout.current_batch = batch + 1;
+            if batch == 0
+                && spec.canary > 0
+                && spec.pause_after_canary
+                && (batch as usize + 1) < sizes.len()
+            {
+                view.rollout.state = RolloutState::Paused;
+                view.rollout.reason = format!(
+                    "paused after the canary batch: check it, then `fleetctl rollout resume {}`",
+                    view.rollout.id
+                );
+            }
+            view.rollout.clone()
+        };
+        if let Err(e) = fleet.store.put_rollout(&header).await {
+            return (
+                RolloutState::Failed,
+                format!("cannot persist progress: {e}"),
+            );
+        }
+        let _ = fleet.changes.send(Change::Rollout(header.id.clone()));
+    }
+    let failures = count(handle, |n| n.state == NodeState::Failed);
+    if failures > 0 {
+        (
+            RolloutState::Failed,
+            format!("{failures} node(s) failed, within the failure budget of {budget}"),
+        )
+    } else {
+        (RolloutState::Succeeded, format!("{total} node(s) healthy"))
+    }
+}
+
+fn spec_id(handle: &RolloutHandle) -> String {
+    handle.view.lock().expect("view lock").rollout.id.clone()
+}
+
+fn count(handle: &RolloutHandle, f: impl Fn(&RolloutNode) -> bool) -> usize {
+    handle
+        .view
+        .lock()
+        .expect("view lock")
+        .nodes
+        .iter()
+        .filter(|n| f(n))
+        .count()
+}
+
+/// Waits while paused; returns the end state if the rollout was aborted.
+async fn honour_requests(fleet: &Fleet, handle: &RolloutHandle) -> Option<(RolloutState, String)> {
+    loop {
+        let (state, requested, id) = {
+            let mut view = handle.view.lock().expect("view lock");
+            let requested = view.rollout.requested.take();
+            if requested == Some(RolloutState::Paused) {
+                view.rollout.state = RolloutState::Paused;
+                view.rollout.reason = format!(
+                    "paused: `fleetctl rollout resume {}` continues it",
+                    view.rollout.id
+                );
+            }
+            (view.rollout.state, requested, view.rollout.id.clone())
+        };
+        if requested == Some(RolloutState::Aborted) {
+            let reason = handle
+                .view
+                .lock()
+                .expect("view lock")
+                .rollout
+                .reason
+                .clone();
+            skip_rest(fleet, handle, &format!("not started: {reason}")).await;
+            return Some((RolloutState::Aborted, reason));
+        }
+        if requested == Some(RolloutState::Paused) {
+            let header = handle.view.lock().expect("view lock").rollout.clone();
+            let _ = fleet.store.put_rollout(&header).await;
+            let _ = fleet.changes.send(Change::Rollout(id.clone()));
+        }
+        if state != RolloutState::Paused {
+            return None;
+        }
+        handle.wake.notified().await;
+    }
+}
+
+/// Marks every node not yet started as skipped.
+async fn skip_rest(fleet: &Fleet, handle: &RolloutHandle, why: &str) {
+    let (id, changed) = {
+        let mut view = handle.view.lock().expect("view lock");
+        let mut changed = Vec::new();
+        for node in view
+            .nodes
+            .iter_mut()
+            .filter(|n| matches!(n.state, NodeState::Pending | NodeState::Preflight))
+        {
+            node.set(NodeState::Skipped, why, 0);
+            changed.push(node.clone());
+        }
+        (view.rollout.id.clone(), changed)
+    };
+    let _ = fleet.store.put_rollout_nodes(&id, &changed).await;
+    let _ = fleet.changes.send(Change::Rollout(id));
+}
+
+/// Applies a change to one node, persists it, and tells the watchers.
+async fn update(
+    fleet: &Fleet,
+    handle: &RolloutHandle,
+    node_id: &str,
+    f: impl FnOnce(&mut RolloutNode),
+) -> RolloutNode {
+    let (id, node) = {
+        let mut view = handle.view.lock().expect("view lock");
+        let id = view.rollout.id.clone();
+        let node = view
+            .nodes
+            .iter_mut()
+            .find(|n| n.node_id == node_id)
+            .expect("node of this rollout");
+        f(node);
+        (id, node.clone())
+    };
+    if let Err(e) = fleet
+        .store
+        .put_rollout_nodes(&id, std::slice::from_ref(&node))
+        .await
+    {
+        tracing::error!("rollout {id}: cannot persist node {node_id}: {e}");
+    }
+    let _ = fleet.changes.send(Change::Rollout(id));
+    node
+}
+
+/// Moves one node to its target exe; its end state is recorded in the rollout.
+async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: String) {
+    let node = handle
+        .view
+        .lock()
+        .expect("view lock")
+        .nodes
+        .iter()
+        .find(|n| n.node_id == node_id)
+        .cloned()
+        .expect("node of this rollout");
+    let spec = handle.view.lock().expect("view lock").rollout.spec.clone();
+    let Some(record) = fleet.inventory.get(&node_id) else {
+        update(&fleet, &handle, &node_id, |n| {
+            n.set(
+                NodeState::Failed,
+                "node no longer known to the controller",
+                0,
+            )
+        })
+        .await;
+        return;
+    };
+
+    // After a controller crash: was this node's restart already done?
+    let mut already = None;
+    if matches!(node.state, NodeState::Restarting | NodeState::Soaking) {
+        match fleet
+            .agents
+            .status(&record.control_addr, CALL_TIMEOUT)
+            .await
+        {
+            Ok(status) => {
+                let exe = status.exe.clone().unwrap_or_default();
+                if status.generation > node.previous_generation && exe.path == node.target_exe {
+                    let pid = status
+                        .workers
+                        .iter()
+                        .find(|w| w.generation == status.generation)
+                        .map(|w| w.pid)
+                        .unwrap_or(0);
+                    already = Some((status.generation, pid));
+                }
+            }
+            Err(status) => {
+                update(&fleet, &handle, &node_id, |n| {
+                    n.set(
+                        NodeState::Failed,
+                        format!("unreachable: {}", describe(&status)),
+                        0,
+                    )
+                })
+                .await;
+                return;
+            }
+        }
+    }
+
+    let (generation, new_pid) = match already {
+        Some(done) => {
+            update(&fleet, &handle, &node_id, |n| {
+                n.new_generation = done.0;
+                n.new_pid = done.1;
+                n.set(
+                    NodeState::Soaking,
+                    "restart found done after a controller restart",
+                    done.1,
+                );
+            })
+            .await;
+            done
+        }
+        None => {
+            let old_pid = record.worker_pid;
+            update(&fleet, &handle, &node_id, |n| {
+                n.previous_generation = record.generation;
+                n.old_pid = old_pid;
+                if n.previous_exe.is_empty() {
+                    n.previous_exe = record.exe.path.clone();
+                    n.previous_sha256 = record.exe.sha256.clone();
+                }
+                n.set(
+                    NodeState::Restarting,
+                    format!("restarting into {}", n.target_exe),
+                    old_pid,
+                );
+            })
+            .await;
+            let request = pb::RestartRequest {
+                exe: node.target_exe.clone(),
+                sha256: node.target_sha256.clone(),
+                reason: format!("rollout {}: {}", spec_id(&handle), spec.reason),
+                ready_timeout_ms: spec.ready_timeout_ms,
+                drain_timeout_ms: spec.drain_timeout_ms,
+            };
+            let result = match fleet.agents.client(&record.control_addr) {
+                Ok(mut client) => client.restart(request).await.map(|r| r.into_inner()),
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(status) => {
+                    update(&fleet, &handle, &node_id, |n| {
+                        n.set(
+                            NodeState::Failed,
+                            format!("restart refused or unreachable: {}", describe(&status)),
+                            old_pid,
+                        )
+                    })
+                    .await;
+                    return;
+                }
+                Ok(r) if r.outcome() != pb::Outcome::Succeeded => {
+                    let mut reason = format!("new generation failed: {}", r.reason);
+                    if let Some(last) = r.stderr_tail.last() {
+                        reason.push_str(&format!("; last stderr line: {last}"));
+                    }
+                    update(&fleet, &handle, &node_id, |n| {
+                        n.set(NodeState::Failed, reason, r.new_pid)
+                    })
+                    .await;
+                    return;
+                }
+                Ok(r) => {
+                    let ready_ms = r.timings.map(|t| t.ready_us / 1000).unwrap_or(0);
+                    update(&fleet, &handle, &node_id, |n| {
+                        n.new_generation = r.generation;
+                        n.new_pid = r.new_pid;
+                        n.set(
+                            NodeState::Soaking,
+                            format!(
+                                "gen {} pid {} ready in {ready_ms} ms",
+                                r.generation, r.new_pid
+                            ),
+                            r.new_pid,
+                        );
+                    })
+                    .await;
+                    (r.generation, r.new_pid)
+                }
+            }
+        }
+    };
+
+    // Soak: the new generation must stay the serving one for min_healthy.
+    let soak_until = Instant::now() + spec.min_healthy();
+    loop {
+        match fleet
+            .agents
+            .status(&record.control_addr, CALL_TIMEOUT)
+            .await
+        {
+            Ok(status) if status.generation == generation => {}
+            Ok(status) => {
+                let exe = status.exe.map(|e| e.path).unwrap_or_default();
+                update(&fleet, &handle, &node_id, |n| {
+                    n.set(
+                        NodeState::Failed,
+                        format!(
+                            "gen {generation} did not stay: the node now serves gen {} ({exe}), state {}",
+                            status.generation, status.state
+                        ),
+                        new_pid,
+                    )
+                })
+                .await;
+                return;
+            }
+            Err(status) => {
+                update(&fleet, &handle, &node_id, |n| {
+                    n.set(
+                        NodeState::Failed,
+                        format!("unreachable while soaking: {}", describe(&status)),
+                        new_pid,
+                    )
+                })
+                .await;
+                return;
+            }
+        }
+        if Instant::now() >= soak_until {
+            break;
+        }
+        tokio::time::sleep(SOAK_POLL.min(soak_until.saturating_duration_since(Instant::now())))
+            .await;
+    }
+    if !spec.health_path.is_empty()
+        && let Err(reason) = health_check(&record, &spec.health_path).await
+    {
+        update(&fleet, &handle, &node_id, |n| {
+            n.set(NodeState::Failed, reason, new_pid)
+        })
+        .await;
+        return;
+    }
+    update(&fleet, &handle, &node_id, |n| {
+        n.set(NodeState::Healthy, "healthy", new_pid)
+    })
+    .await;
+}
+
+/// GET `path` on the node's first plain-HTTP app port; 2xx within 5 s is healthy.
+async fn health_check(node: &NodeRecord, path: &str) -> Result<(), String> {
+    let Some(listener) = node.listeners.iter().find(|l| !l.tls) else {
+        return Err(format!(
+            "health check {path}: the node has no plain-HTTP port to check"
+        ));
+    };
+    let addr = listener.addr.clone();
+    let check = async {
+        let stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let request = http::Request::get(path)
+            .header(http::header::HOST, addr.as_str())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(response.status())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), check).await {
+        Ok(Ok(status)) if status.is_success() => Ok(()),
+        Ok(Ok(status)) => Err(format!("health check GET {addr}{path} answered {status}")),
+        Ok(Err(e)) => Err(format!("health check GET {addr}{path} failed: {e}")),
+        Err(_) => Err(format!(
+            "health check GET {addr}{path}: no answer within 5s"
+        )),
+    }
+}
+
+/// Moves every node this rollout restarted back to its previous executable.
+async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) {
+    let nodes: Vec<RolloutNode> = handle
+        .view
+        .lock()
+        .expect("view lock")
+        .nodes
+        .iter()
+        .filter(|n| {
+            n.new_generation > 0
+                && matches!(
+                    n.state,
+                    NodeState::Healthy | NodeState::Soaking | NodeState::Failed
+                )
+        })
+        .cloned()
+        .collect();
+    let mut running = FuturesUnordered::new();
+    for node in nodes {
+        let fleet = fleet.clone();
+        let handle = handle.clone();
+        running.push(async move {
+            let Some(record) = fleet.inventory.get(&node.node_id) else {
+                return;
+            };
+            let request = pb::RestartRequest {
+                exe: node.previous_exe.clone(),
+                sha256: String::new(),
+                reason: format!("rollback of rollout {}", spec_id(&handle)),
+                ..Default::default()
+            };
+            let result = match fleet.agents.client(&record.control_addr) {
+                Ok(mut client) => client.restart(request).await.map(|r| r.into_inner()),
+                Err(e) => Err(e),
+            };
+            let was = node.reason.clone();
+            match result {
+                Ok(r) if r.outcome() == pb::Outcome::Succeeded => {
+                    update(&fleet, &handle, &node.node_id, |n| {
+                        let why = if was.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (was: {was})")
+                        };
+                        n.set(
+                            NodeState::RolledBack,
+                            format!(
+                                "rolled back to {} (gen {} pid {}){why}",
+                                node.previous_exe, r.generation, r.new_pid
+                            ),
+                            r.new_pid,
+                        )
+                    })
+                    .await;
+                }
+                Ok(r) => {
+                    update(&fleet, &handle, &node.node_id, |n| {
+                        n.set(
+                            NodeState::Failed,
+                            format!("rollback failed: {}", r.reason),
+                            0,
+                        )
+                    })
+                    .await;
+                }
+                Err(status) => {
+                    update(&fleet, &handle, &node.node_id, |n| {
+                        n.set(
+                            NodeState::Failed,
+                            format!("rollback failed: {}", describe(&status)),
+                            0,
+                        )
+                    })
+                    .await;
+                }
+            }
+        });
+    }
+    while running.next().await.is_some() {}
+}

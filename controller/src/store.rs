@@ -1,0 +1,35 @@
+//! Persistence: one trait, an embedded SQLite implementation (one file, no server).
+//!
+//! Every rollout transition is written before the engine acts on it. Writes go to one
+//! thread that commits whatever has queued up in one transaction (group commit), so
+//! 10,000 nodes changing state at once cost a few transactions, not 10,000.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use crate::inventory::NodeRecord;
+use crate::rollout::{Rollout, RolloutNode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {message}")]
+    Db { path: String, message: String },
+    #[error("the store has stopped")]
+    Stopped,
+}
+
+/// What the controller keeps across restarts.
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    fn load_rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
+    fn load_rollout_nodes(&self, rollout_id: &str) -> Result<Vec<RolloutNode>, StoreError>;
+    /// Durable when the returned future resolves.
+    fn put_node(&self, node: &NodeRecord) -> WriteAck;
+    fn put_rollout(&self, rollout: &Rollout) -> WriteAck;
+    fn put_rollout_nodes(&self, rollout_id: &str, nodes: &[RolloutNode]) -> WriteAck;
+}
+
+/// Resolves once the write is committed.
+pub type WriteAck =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
