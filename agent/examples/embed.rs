@@ -9,7 +9,10 @@ use axum::routing::get;
 
 fn app() -> Router {
     Router::new()
-        .route("/", get(|| async { "hello from an embedded fleet-agent app\n" }))
+        .route(
+            "/",
+            get(|| async { "hello from an embedded fleet-agent app\n" }),
+        )
         .route(
             "/pid",
             get(|| async { format!("{}\n", std::process::id()) }),

@@ -20,34 +20,34 @@
 pub mod cli;
 /// The configuration: one serde struct with defaults and validation.
 pub mod config;
-/// The control endpoint: gRPC `AgentService`, `/debug/admin`, `/healthz`, `/metrics`.
-pub mod control;
-/// The demo app.
-pub mod demo;
-/// Executable validation: allowed directories, mode, sha256.
-pub mod exe;
-/// Heartbeats to a fleet controller.
-pub mod heartbeat;
-/// The node's listening sockets, bound once.
-pub mod listeners;
 /// Log lines that name the process that wrote them.
 pub mod logging;
-/// Prometheus metrics.
-pub mod metrics;
-/// sd_notify, both ends.
-pub mod notify;
-/// The lifecycle phases and the events that report them.
-pub mod phase;
-/// Passing sockets across `exec` (the one module with `unsafe`).
-pub mod process;
-/// Serving a `Router` on listeners, and draining without losing a request.
-pub mod serve;
+/// The control endpoint: gRPC `AgentService`, `/debug/admin`, `/healthz`, `/metrics`.
+pub mod control;
+/// Executable validation: allowed directories, mode, sha256.
+pub mod exe;
 /// The supervisor: generations, restarts, drains, reaping, shutdown.
 pub mod supervisor;
-/// HTTPS with rustls.
-pub mod tls;
+/// The lifecycle phases and the events that report them.
+pub mod phase;
+/// The node's listening sockets, bound once.
+pub mod listeners;
+/// Passing sockets across `exec` (the one module with `unsafe`).
+pub mod process;
+/// sd_notify, both ends.
+pub mod notify;
 /// The worker: adopt listeners, serve, say READY, drain.
 pub mod worker;
+/// Serving a `Router` on listeners, and draining without losing a request.
+pub mod serve;
+/// HTTPS with rustls.
+pub mod tls;
+/// Prometheus metrics.
+pub mod metrics;
+/// Heartbeats to a fleet controller.
+pub mod heartbeat;
+/// The demo app.
+pub mod demo;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

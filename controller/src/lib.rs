@@ -8,22 +8,22 @@
 //!
 //! Modules, in the order data flows through them:
 
-/// Clients for the agents.
-pub mod agents;
-/// gRPC `ControllerService`.
-pub mod api;
-/// The token check.
-pub mod auth;
 /// Command-line flags.
 pub mod config;
-/// The controller's shared state and operations.
-pub mod fleet;
+/// The token check.
+pub mod auth;
+/// gRPC `ControllerService`.
+pub mod api;
 /// HTTP JSON and Server-Sent Events for the dashboard.
 pub mod http;
+/// The controller's shared state and operations.
+pub mod fleet;
 /// Nodes and their heartbeats.
 pub mod inventory;
 /// Rollout specs, plans, states, and the engine.
 pub mod rollout;
+/// Clients for the agents.
+pub mod agents;
 /// Persistence (SQLite).
 pub mod store;
 
