@@ -1,0 +1,495 @@
+//! Command-line arguments, and every check fleetctl makes before it calls the controller.
+//!
+//! Values are checked by clap value parsers (`parse`), so a mistake is reported with the flag it
+//! came from and ends with exit code 2 before any connection is made.
+
+mod parse;
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fleet_proto::v1::RolloutSpec;
+
+use self::parse::{
+    parse_batches, parse_canary, parse_controller_url, parse_duration, parse_exe,
+    parse_health_path, parse_max_failures, parse_max_parallel, parse_max_unavailable,
+    parse_selector, parse_sha256, parse_token,
+};
+use crate::exit::EXIT_CODES_HELP;
+
+/// fleetctl: zero-downtime restarts across a fleet.
+///
+/// Lists the nodes the Fleet controller knows, restarts one, and rolls a new executable
+/// across many in health-gated batches, watching the progress. It talks gRPC to
+/// fleet-controller: set --controller or FLEET_CONTROLLER, and FLEET_TOKEN when the
+/// controller requires a token.
+#[derive(Debug, Parser)]
+#[command(
+    name = "fleetctl",
+    version,
+    after_help = "Exit codes: 0 success, 1 failed, 2 bad input or preflight refused, 3 rolled back (see --help).",
+    after_long_help = EXIT_CODES_HELP
+)]
+pub struct Cli {
+    /// URL of the controller's gRPC API; "host:port" means http://host:port.
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        env = "FLEET_CONTROLLER",
+        default_value = "http://127.0.0.1:7100",
+        value_parser = parse_controller_url
+    )]
+    pub controller: String,
+
+    /// Bearer token for a controller that requires one. Prefer the FLEET_TOKEN variable:
+    /// a command-line argument is visible to other users of the machine.
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        env = "FLEET_TOKEN",
+        hide_env_values = true,
+        value_parser = parse_token
+    )]
+    pub token: Option<String>,
+
+    /// Output format: aligned tables for people, or JSON (the proto's field names).
+    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the nodes: state, labels, executable, generation, PIDs and admin URL.
+    Nodes(NodesArgs),
+    /// Show everything the controller knows about one node.
+    Node(NodeArgs),
+    /// Restart one node now, outside any rollout, into its current or a new executable.
+    ///
+    /// Returns when the node's new worker is ready (exit 0) or has failed (exit 1, with
+    /// the reason and the last lines it wrote to stderr); the old worker keeps serving
+    /// if the new one fails.
+    Restart(RestartArgs),
+    /// Shut one node down gracefully: its agent drains every worker and exits.
+    Shutdown(ShutdownArgs),
+    /// Roll a new executable across the fleet in health-gated batches; or manage rollouts.
+    ///
+    /// `fleetctl rollout --exe PATH [OPTIONS]` preflights every selected node (nothing is
+    /// touched if one refuses), then restarts the nodes batch by batch, each node gated
+    /// on its health, and watches: one line per batch and per node phase change, and a
+    /// summary. With --detach it returns once the rollout has started; with --dry-run
+    /// it prints the plan and changes nothing.
+    ///
+    /// `fleetctl rollout status|history|pause|resume|abort|undo` manage rollouts.
+    Rollout(Box<RolloutArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    /// Only nodes with these labels, "KEY=VALUE[,KEY=VALUE...]" (repeatable; all must match).
+    #[arg(short = 'l', long = "selector", value_name = "SELECTOR", value_parser = parse_selector)]
+    pub selector: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// The node's id (see `fleetctl nodes`).
+    pub node: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    /// The node's id (see `fleetctl nodes`).
+    pub node: String,
+
+    /// New executable: an absolute path on the node, inside one of its agent's allowed
+    /// directories [default: the node's current executable].
+    #[arg(long, value_name = "PATH", value_parser = parse_exe)]
+    pub exe: Option<String>,
+
+    /// Expected sha256 of the executable (64 hex digits); the node refuses a mismatch.
+    #[arg(long, value_name = "HEX", value_parser = parse_sha256)]
+    pub sha256: Option<String>,
+
+    /// Why: recorded in the node's logs and events.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShutdownArgs {
+    /// The node's id (see `fleetctl nodes`).
+    pub node: String,
+
+    /// Why: recorded in the node's logs.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_long_help = EXIT_CODES_HELP
+)]
+pub struct RolloutArgs {
+    #[command(subcommand)]
+    pub action: Option<RolloutAction>,
+
+    #[command(flatten)]
+    pub start: StartArgs,
+}
+
+/// How to start a rollout: the fields of the proto's RolloutSpec.
+#[derive(Debug, Default, Args)]
+pub struct StartArgs {
+    /// The new executable: an absolute path on the nodes, inside their agents' allowed
+    /// directories. Every node checks it before any node is restarted.
+    #[arg(long, value_name = "PATH", required = true, value_parser = parse_exe)]
+    pub exe: Option<String>,
+
+    /// Expected sha256 of the executable (64 hex digits); a node whose copy differs
+    /// refuses the rollout in preflight.
+    #[arg(long, value_name = "HEX", value_parser = parse_sha256)]
+    pub sha256: Option<String>,
+
+    /// Only nodes with these labels, "KEY=VALUE[,KEY=VALUE...]" (repeatable; all must
+    /// match) [default: every node].
+    #[arg(short = 'l', long = "selector", value_name = "SELECTOR", value_parser = parse_selector)]
+    pub selector: Vec<String>,
+
+    /// Cumulative batch sizes, as node counts or percentages of the targets: "1,10%,100%"
+    /// restarts one node, then up to 10% of them, then the rest
+    /// [default: one node at a time].
+    #[arg(long, value_name = "LIST", value_parser = parse_batches, conflicts_with = "max_parallel")]
+    pub batches: Option<String>,
+
+    /// Batches of N nodes each (instead of --batches).
+    #[arg(long, value_name = "N", value_parser = parse_max_parallel)]
+    pub max_parallel: Option<u32>,
+
+    /// How many targets may be down at once, a count or a percentage ("1", "25%").
+    #[arg(long, value_name = "N|N%", value_parser = parse_max_unavailable)]
+    pub max_unavailable: Option<String>,
+
+    /// Restart this many nodes first, as a batch of their own.
+    #[arg(long, value_name = "N", value_parser = parse_canary)]
+    pub canary: Option<u32>,
+
+    /// Pause after the canary batch until `fleetctl rollout resume ID`.
+    #[arg(long, requires = "canary")]
+    pub pause_after_canary: bool,
+
+    /// How long a restarted node must stay healthy before it counts as done ("30s")
+    /// [default: the controller's].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub min_healthy: Option<Duration>,
+
+    /// How long a node's new worker may take to become ready [default: the agent's].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ready_timeout: Option<Duration>,
+
+    /// How long a node's old worker may drain before it is killed [default: the agent's].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+
+    /// HTTP path checked on each node's first app port after its restart, e.g. /healthz
+    /// [default: no HTTP check].
+    #[arg(long, value_name = "PATH", value_parser = parse_health_path)]
+    pub health_path: Option<String>,
+
+    /// Failure budget: how many nodes may fail before the rollout stops, a count or a
+    /// percentage of the targets ("0", "2", "10%") [default: the controller's].
+    #[arg(long, value_name = "N|N%", value_parser = parse_max_failures)]
+    pub max_failures: Option<String>,
+
+    /// When the rollout fails, return the nodes it restarted to their previous executable
+    /// (exit code 3).
+    #[arg(long)]
+    pub auto_rollback: bool,
+
+    /// Why: kept with the rollout in its history.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+
+    /// Who: kept with the rollout in its history [default: $USER].
+    #[arg(long, value_name = "NAME")]
+    pub actor: Option<String>,
+
+    /// Print the plan (the batches and the nodes in each) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Return once the rollout has started instead of watching it
+    /// (follow it later with `fleetctl rollout status ID --watch`).
+    #[arg(long)]
+    pub detach: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutAction {
+    /// Show a rollout: its spec, state, and each node's phase, PIDs and reason.
+    ///
+    /// With --watch, follows it like `fleetctl rollout` does and exits with the code of
+    /// its final state.
+    Status(StatusArgs),
+    /// List rollouts, newest first.
+    History(HistoryArgs),
+    /// Pause a running rollout: no further node is restarted until `resume`.
+    Pause(ActionArgs),
+    /// Resume a paused rollout.
+    Resume(ActionArgs),
+    /// Stop a rollout: nodes not yet restarted stay as they are.
+    Abort(ActionArgs),
+    /// Start a new rollout that moves the nodes a rollout changed back to their previous
+    /// executables, and watch it.
+    Undo(UndoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// A rollout id ("r3") or "latest".
+    #[arg(default_value = "latest", value_name = "ID")]
+    pub id: String,
+
+    /// Follow the rollout until it ends; exit with the code of its final state.
+    #[arg(short, long)]
+    pub watch: bool,
+
+    /// Also print each node's timeline (phase, time, PID, message).
+    #[arg(long)]
+    pub timeline: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// At most this many rollouts [default: all the controller keeps].
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ActionArgs {
+    /// The rollout id ("r3") or "latest".
+    #[arg(value_name = "ID")]
+    pub id: String,
+
+    /// Why: kept in the rollout's history.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+
+    /// Who: kept in the rollout's history [default: $USER].
+    #[arg(long, value_name = "NAME")]
+    pub actor: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UndoArgs {
+    #[command(flatten)]
+    pub action: ActionArgs,
+
+    /// Return once the undo rollout has started instead of watching it.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+impl StartArgs {
+    /// The spec to send: flags as given, empty or zero where the controller's default applies.
+    pub fn spec(&self) -> RolloutSpec {
+        RolloutSpec {
+            exe: self.exe.clone().unwrap_or_default(),
+            sha256: self.sha256.clone().unwrap_or_default(),
+            selector: self.selector.join(","),
+            batches: self.batches.clone().unwrap_or_default(),
+            max_parallel: self.max_parallel.unwrap_or(0),
+            max_unavailable: self.max_unavailable.clone().unwrap_or_default(),
+            canary: self.canary.unwrap_or(0),
+            pause_after_canary: self.pause_after_canary,
+            min_healthy_ms: millis(self.min_healthy),
+            ready_timeout_ms: millis(self.ready_timeout),
+            drain_timeout_ms: millis(self.drain_timeout),
+            health_path: self.health_path.clone().unwrap_or_default(),
+            max_failures: self.max_failures.clone().unwrap_or_default(),
+            auto_rollback: self.auto_rollback,
+            reason: self.reason.clone().unwrap_or_default(),
+            actor: actor(self.actor.as_deref()),
+            dry_run: self.dry_run,
+        }
+    }
+}
+
+fn millis(d: Option<Duration>) -> u64 {
+    d.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The given actor, or the login name of whoever runs fleetctl.
+pub fn actor(given: Option<&str>) -> String {
+    given
+        .map(str::to_string)
+        .or_else(|| std::env::var("USER").ok())
+        .or_else(|| std::env::var("LOGNAME").ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("fleetctl").chain(args.iter().copied()))
+    }
+
+    fn start(args: &[&str]) -> StartArgs {
+        match parse(args).unwrap().command {
+            Command::Rollout(rollout) if rollout.action.is_none() => rollout.start,
+            other => panic!("not a rollout start: {other:?}"),
+        }
+    }
+
+    fn error(args: &[&str]) -> String {
+        let err = parse(args).unwrap_err();
+        assert_eq!(err.exit_code(), 2, "{err}");
+        err.to_string()
+    }
+
+    #[test]
+    fn rollout_flags_make_the_spec() {
+        let spec = start(&[
+            "rollout",
+            "--exe",
+            "/opt/app-v2",
+            "--sha256",
+            &"AB".repeat(32),
+            "-l",
+            "zone=a, role=web",
+            "-l",
+            "tier=1",
+            "--batches",
+            "1,10%,100%",
+            "--max-unavailable",
+            "25%",
+            "--canary",
+            "1",
+            "--pause-after-canary",
+            "--min-healthy",
+            "30s",
+            "--ready-timeout",
+            "1m",
+            "--health-path",
+            "/healthz",
+            "--max-failures",
+            "0",
+            "--auto-rollback",
+            "--actor",
+            "alice",
+            "--dry-run",
+        ])
+        .spec();
+        assert_eq!(spec.exe, "/opt/app-v2");
+        assert_eq!(spec.sha256, "ab".repeat(32));
+        assert_eq!(spec.selector, "zone=a,role=web,tier=1");
+        assert_eq!(spec.batches, "1,10%,100%");
+        assert_eq!(spec.max_unavailable, "25%");
+        assert_eq!((spec.canary, spec.pause_after_canary), (1, true));
+        assert_eq!(spec.min_healthy_ms, 30_000);
+        assert_eq!(spec.ready_timeout_ms, 60_000);
+        assert_eq!(spec.drain_timeout_ms, 0);
+        assert_eq!(spec.max_failures, "0");
+        assert!(spec.auto_rollback && spec.dry_run);
+        assert_eq!(spec.actor, "alice");
+    }
+
+    #[test]
+    fn rollout_subcommands_need_no_exe() {
+        let cli = parse(&["rollout", "status", "-o", "json"]).unwrap();
+        assert_eq!(cli.output, Format::Json);
+        match cli.command {
+            Command::Rollout(rollout) => match rollout.action {
+                Some(RolloutAction::Status(s)) => assert_eq!(s.id, "latest"),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["rollout", "abort", "r3", "--reason", "bad build"]).is_ok());
+        assert!(parse(&["-o", "json", "rollout", "history", "--limit", "5"]).is_ok());
+    }
+
+    #[test]
+    fn rollout_without_exe_says_so() {
+        let err = error(&["rollout"]);
+        assert!(err.contains("--exe"), "{err}");
+    }
+
+    #[test]
+    fn batches_and_max_parallel_are_exclusive() {
+        let err = error(&[
+            "rollout",
+            "--exe",
+            "/a",
+            "--batches",
+            "1,100%",
+            "--max-parallel",
+            "2",
+        ]);
+        assert!(err.contains("cannot be used with"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_flag() {
+        let err = error(&["rollout", "--exe", "/a", "--min-healthy", "soon"]);
+        assert!(err.contains("--min-healthy"), "{err}");
+        assert!(err.contains("30s"), "{err}");
+    }
+
+    #[test]
+    fn pause_after_canary_needs_a_canary() {
+        let err = error(&["rollout", "--exe", "/a", "--pause-after-canary"]);
+        assert!(err.contains("--canary"), "{err}");
+        let err = error(&["rollout", "--exe", "/a", "--canary", "0"]);
+        assert!(err.contains("a canary needs nodes"), "{err}");
+    }
+
+    #[test]
+    fn help_lists_the_exit_codes() {
+        let err = parse(&["--help"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::DisplayHelp);
+        assert!(err.to_string().contains("3  the rollout failed"), "{err}");
+        let err = parse(&["rollout", "--help"]).unwrap_err();
+        assert!(err.to_string().contains("Exit codes"), "{err}");
+    }
+
+    #[test]
+    fn every_option_is_documented() {
+        use clap::CommandFactory;
+        fn check(cmd: &clap::Command, path: &str) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(arg.get_help().is_some(), "{path} {id} has no help");
+            }
+            for sub in cmd.get_subcommands() {
+                assert!(
+                    sub.get_about().is_some(),
+                    "{path} {} has no about",
+                    sub.get_name()
+                );
+                check(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        Cli::command().debug_assert();
+        check(&Cli::command(), "fleetctl");
+    }
+}

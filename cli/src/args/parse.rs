@@ -1,0 +1,321 @@
+//! The value parsers behind the flags: each checks one value and says how to write it
+//! when it is wrong (clap adds which flag it came from, and exits with code 2).
+
+use std::path::Path;
+use std::time::Duration;
+
+pub fn parse_controller_url(s: &str) -> Result<String, String> {
+    const HOW: &str = "write the controller as http://HOST:PORT, e.g. http://127.0.0.1:7100";
+    let s = s.trim();
+    let (scheme, rest) = s.split_once("://").unwrap_or(("http", s));
+    match scheme {
+        "http" => {}
+        "https" => {
+            return Err(
+                "this fleetctl speaks plain http:// to the controller (no TLS): use http://HOST:PORT, \
+                 or reach a remote controller through an SSH tunnel"
+                    .into(),
+            );
+        }
+        _ => return Err(format!("unknown scheme {scheme:?}: {HOW}")),
+    }
+    let host_port = rest.trim_end_matches('/');
+    if host_port.is_empty()
+        || host_port.contains(['/', '?', '#'])
+        || host_port.contains(char::is_whitespace)
+    {
+        return Err(format!("{s:?} is not HOST:PORT: {HOW}"));
+    }
+    if let Some((_, port)) = host_port.rsplit_once(':')
+        && !port.contains(']')
+        && port.parse::<u16>().is_err()
+    {
+        return Err(format!("{port:?} is not a port number: {HOW}"));
+    }
+    let url = format!("http://{host_port}");
+    url.parse::<tonic::transport::Uri>()
+        .map_err(|e| format!("{s:?}: {e}; {HOW}"))?;
+    Ok(url)
+}
+
+pub fn parse_token(s: &str) -> Result<String, String> {
+    let token = s.trim();
+    if token.is_empty() {
+        return Err("the token is empty".into());
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("a token is printable ASCII without spaces".into());
+    }
+    Ok(token.to_string())
+}
+
+pub fn parse_exe(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("give the path of the executable on the nodes".into());
+    }
+    if !Path::new(s).is_absolute() {
+        return Err(format!(
+            "{s:?} is relative: give the absolute path of the executable on the nodes, \
+             e.g. /opt/app/app-v2 (the agents resolve it, not this machine)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+pub fn parse_sha256(s: &str) -> Result<String, String> {
+    let hex = s.trim();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "a sha256 is 64 hex digits (as `sha256sum FILE` prints), got {} characters",
+            hex.len()
+        ));
+    }
+    Ok(hex.to_ascii_lowercase())
+}
+
+/// One `-l` value: "key=value[,key=value...]", returned with the spaces around terms removed.
+pub fn parse_selector(s: &str) -> Result<String, String> {
+    let mut terms = Vec::new();
+    for term in s.split(',').map(str::trim) {
+        match term.split_once('=') {
+            Some((key, value))
+                if !key.trim().is_empty() && !value.contains('=') && !key.contains('!') =>
+            {
+                terms.push(format!("{}={}", key.trim(), value.trim()));
+            }
+            _ => {
+                return Err(format!(
+                    "selector term {term:?} is not KEY=VALUE: write e.g. zone=a or zone=a,role=web"
+                ));
+            }
+        }
+    }
+    Ok(terms.join(","))
+}
+
+/// A batch entry of --batches: a node count or a percentage of the targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Size {
+    Count(u32),
+    Percent(u32),
+}
+
+/// "N" or "N%" (N a whole number, a percentage at most 100).
+fn parse_size(s: &str) -> Result<Size, String> {
+    let s = s.trim();
+    let (digits, percent) = match s.strip_suffix('%') {
+        Some(d) => (d.trim(), true),
+        None => (s, false),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "{s:?} is neither a node count nor a percentage (write e.g. 2 or 10%)"
+        ));
+    }
+    let n: u32 = digits.parse().map_err(|_| format!("{s:?} is too large"))?;
+    if percent {
+        if n > 100 {
+            return Err(format!("{s} is more than every node (at most 100%)"));
+        }
+        Ok(Size::Percent(n))
+    } else {
+        Ok(Size::Count(n))
+    }
+}
+
+pub fn parse_batches(s: &str) -> Result<String, String> {
+    const EXAMPLE: &str = "e.g. 1,10%,100%";
+    let mut entries: Vec<Size> = Vec::new();
+    for part in s.split(',') {
+        if part.trim().is_empty() {
+            return Err(format!(
+                "empty entry in {s:?}: list batch sizes separated by commas, {EXAMPLE}"
+            ));
+        }
+        let size = parse_size(part).map_err(|e| format!("{e}; {EXAMPLE}"))?;
+        if matches!(size, Size::Count(0) | Size::Percent(0)) {
+            return Err(format!(
+                "a batch of {} restarts no node: sizes start at 1 (or 1%), {EXAMPLE}",
+                part.trim()
+            ));
+        }
+        let before = entries.iter().rev().find(|e| {
+            matches!(
+                (e, size),
+                (Size::Count(_), Size::Count(_)) | (Size::Percent(_), Size::Percent(_))
+            )
+        });
+        if entries.last() == Some(&Size::Percent(100)) {
+            return Err(format!(
+                "nothing can follow 100% in {s:?}: 100% already covers every node"
+            ));
+        }
+        if let Some(before) = before {
+            let (Size::Count(a) | Size::Percent(a)) = *before;
+            let (Size::Count(b) | Size::Percent(b)) = size;
+            if b <= a {
+                return Err(format!(
+                    "sizes are cumulative (the nodes done so far), so each must be larger \
+                     than the one before: {} after {} in {s:?}; {EXAMPLE}",
+                    part.trim(),
+                    show(*before)
+                ));
+            }
+        }
+        entries.push(size);
+    }
+    Ok(entries
+        .iter()
+        .map(|e| show(*e))
+        .collect::<Vec<_>>()
+        .join(","))
+}
+
+fn show(size: Size) -> String {
+    match size {
+        Size::Count(n) => n.to_string(),
+        Size::Percent(n) => format!("{n}%"),
+    }
+}
+
+pub fn parse_max_failures(s: &str) -> Result<String, String> {
+    parse_size(s).map(show)
+}
+
+pub fn parse_max_unavailable(s: &str) -> Result<String, String> {
+    match parse_size(s)? {
+        Size::Count(0) | Size::Percent(0) => Err(
+            "with no node allowed down, no node can be restarted: give at least 1 (or 1%)".into(),
+        ),
+        size => Ok(show(size)),
+    }
+}
+
+pub fn parse_max_parallel(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("batches of 0 nodes restart nothing: give at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a number of nodes, e.g. 2")),
+    }
+}
+
+pub fn parse_canary(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err(
+            "a canary needs nodes: give how many go first, e.g. --canary 1 (or leave it out)"
+                .into(),
+        ),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a number of nodes, e.g. --canary 1")),
+    }
+}
+
+pub fn parse_health_path(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || s.contains(char::is_whitespace) {
+        return Err(format!(
+            "{s:?} is not a URL path: write it with a leading slash, e.g. /healthz"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 500ms, 30s or 2m"))?;
+    if d.is_zero() {
+        return Err("must be more than 0 (leave the option out for the default), e.g. 30s".into());
+    }
+    Ok(d)
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_syntax() {
+        assert_eq!(parse_batches("1,10%,100%").unwrap(), "1,10%,100%");
+        assert_eq!(parse_batches(" 2 , 5 ,50% ").unwrap(), "2,5,50%");
+        for (bad, says) in [
+            ("1,,100%", "empty entry"),
+            ("1,x", "neither a node count nor a percentage"),
+            ("1,150%", "at most 100%"),
+            ("0,100%", "sizes start at 1"),
+            ("50%,10%", "cumulative"),
+            ("5,3", "cumulative"),
+            ("100%,5", "nothing can follow 100%"),
+            ("1.5", "neither"),
+        ] {
+            let err = parse_batches(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn budgets_are_counts_or_percentages() {
+        assert_eq!(parse_max_failures("0").unwrap(), "0");
+        assert_eq!(parse_max_failures("10%").unwrap(), "10%");
+        assert!(parse_max_failures("-1").is_err());
+        assert!(
+            parse_max_failures("ten")
+                .unwrap_err()
+                .contains("e.g. 2 or 10%")
+        );
+        assert!(
+            parse_max_unavailable("0")
+                .unwrap_err()
+                .contains("at least 1")
+        );
+        assert_eq!(parse_max_unavailable("25%").unwrap(), "25%");
+    }
+
+    #[test]
+    fn selectors_are_key_value_terms() {
+        assert_eq!(parse_selector("zone=a").unwrap(), "zone=a");
+        assert_eq!(
+            parse_selector("zone = a ,role=web").unwrap(),
+            "zone=a,role=web"
+        );
+        for bad in ["zone", "=a", "zone=a,", "zone!=a", "a=b=c", ""] {
+            let err = parse_selector(bad).unwrap_err();
+            assert!(err.contains("KEY=VALUE"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn paths_hashes_and_durations() {
+        assert!(parse_exe("app-v2").unwrap_err().contains("absolute"));
+        assert!(parse_sha256("abc").unwrap_err().contains("64 hex digits"));
+        assert!(
+            parse_health_path("healthz")
+                .unwrap_err()
+                .contains("/healthz")
+        );
+        assert!(parse_duration("soon").unwrap_err().contains("30s"));
+        assert!(parse_duration("0s").unwrap_err().contains("more than 0"));
+    }
+
+    #[test]
+    fn controller_urls() {
+        assert_eq!(
+            parse_controller_url("127.0.0.1:7100").unwrap(),
+            "http://127.0.0.1:7100"
+        );
+        assert_eq!(
+            parse_controller_url("http://ctl:7100/").unwrap(),
+            "http://ctl:7100"
+        );
+        assert!(
+            parse_controller_url("https://ctl")
+                .unwrap_err()
+                .contains("http://")
+        );
+        assert!(parse_controller_url("ftp://ctl").is_err());
+        assert!(parse_controller_url("http://").is_err());
+        assert!(parse_controller_url("http://ctl:7100/api").is_err());
+        assert!(parse_controller_url("ctl:port").is_err());
+        assert_eq!(
+            parse_controller_url("[::1]:7100").unwrap(),
+            "http://[::1]:7100"
+        );
+    }
+}

@@ -1,0 +1,345 @@
+//! The connection to the controller: a tonic `ControllerServiceClient` that adds the
+//! bearer token to every call, and the mapping of gRPC errors to messages and exit codes.
+
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::Result;
+use fleet_proto::v1::controller_service_client::ControllerServiceClient;
+use fleet_proto::v1::{
+    GetNodeRequest, GetRolloutRequest, ListNodesRequest, ListRolloutsRequest, Node,
+    RestartNodeRequest, RestartResponse, Rollout, RolloutActionRequest, RolloutSpec,
+    ShutdownNodeRequest,
+};
+use tonic::codec::Streaming;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::exit::{Exit, Failure, bad_input};
+
+/// How long to wait for the TCP connection to the controller.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Adds `authorization: Bearer TOKEN` to every call, when there is a token.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the token itself.
+        let shown = if self.0.is_some() { "Some(..)" } else { "None" };
+        f.debug_tuple("Bearer")
+            .field(&format_args!("{shown}"))
+            .finish()
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A connected controller client.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    url: String,
+    api: ControllerServiceClient<InterceptedService<Channel, Bearer>>,
+}
+
+impl Controller {
+    /// Connects to the controller at `url` (already checked by the argument parser).
+    pub async fn connect(url: &str, token: Option<&str>) -> Result<Controller> {
+        let bearer = match token {
+            Some(token) => Some(
+                format!("Bearer {token}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| bad_input("the token is not valid in a gRPC header"))?,
+            ),
+            None => None,
+        };
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| bad_input(format!("controller URL {url}: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| unreachable_error(url, &chain(&e)))?;
+        Ok(Controller {
+            url: url.to_string(),
+            api: ControllerServiceClient::with_interceptor(channel, Bearer(bearer)),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The failure a gRPC error from this controller ends fleetctl with.
+    pub fn error(&self, status: &Status) -> anyhow::Error {
+        status_failure(&self.url, status).into()
+    }
+
+    pub async fn list_nodes(&mut self, selector: String) -> Result<Vec<Node>> {
+        let response = self.api.list_nodes(ListNodesRequest { selector }).await;
+        Ok(response.map_err(|s| self.error(&s))?.into_inner().nodes)
+    }
+
+    pub async fn get_node(&mut self, node_id: String) -> Result<Node> {
+        let response = self.api.get_node(GetNodeRequest { node_id }).await;
+        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+    }
+
+    pub async fn restart_node(&mut self, request: RestartNodeRequest) -> Result<RestartResponse> {
+        let response = self.api.restart_node(request).await;
+        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+    }
+
+    pub async fn shutdown_node(&mut self, request: ShutdownNodeRequest) -> Result<()> {
+        let response = self.api.shutdown_node(request).await;
+        response.map_err(|s| self.error(&s))?;
+        Ok(())
+    }
+
+    /// Starts a rollout (or plans it, with `dry_run`). A preflight refusal lists each
+    /// refusing node on a line of its own.
+    pub async fn start_rollout(&mut self, spec: RolloutSpec) -> Result<Rollout> {
+        let response = self.api.start_rollout(spec).await;
+        let response = response.map_err(|s| match s.code() {
+            Code::FailedPrecondition => Failure::new(Exit::BadInput, refusal(s.message())).into(),
+            _ => self.error(&s),
+        })?;
+        Ok(response.into_inner())
+    }
+
+    pub async fn get_rollout(&mut self, id: String) -> Result<Rollout> {
+        let response = self.api.get_rollout(GetRolloutRequest { id }).await;
+        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+    }
+
+    pub async fn list_rollouts(&mut self, limit: u32) -> Result<Vec<Rollout>> {
+        let response = self.api.list_rollouts(ListRolloutsRequest { limit }).await;
+        Ok(response.map_err(|s| self.error(&s))?.into_inner().rollouts)
+    }
+
+    /// The raw stream, so the watcher can tell a lost connection from a refusal.
+    pub async fn watch_rollout(&mut self, id: String) -> Result<Streaming<Rollout>, Status> {
+        Ok(self
+            .api
+            .watch_rollout(GetRolloutRequest { id })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn rollout_action(
+        &mut self,
+        action: Action,
+        request: RolloutActionRequest,
+    ) -> Result<Rollout> {
+        let response = match action {
+            Action::Pause => self.api.pause_rollout(request).await,
+            Action::Resume => self.api.resume_rollout(request).await,
+            Action::Abort => self.api.abort_rollout(request).await,
+            Action::Undo => self.api.undo_rollout(request).await,
+        };
+        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+    }
+}
+
+/// A refused rollout: the controller's headline, then one indented line per refusing
+/// node ("node ID: reason").
+fn refusal(message: &str) -> String {
+    let mut lines = message.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut text = match lines.clone().next() {
+        Some(first) if !first.starts_with("node ") => {
+            lines.next();
+            first.to_string()
+        }
+        _ => "the rollout was refused, no node was touched:".to_string(),
+    };
+    for line in lines {
+        text.push_str("\n  ");
+        text.push_str(line);
+    }
+    text
+}
+
+/// The rollout actions that take a `RolloutActionRequest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Pause,
+    Resume,
+    Abort,
+    Undo,
+}
+
+/// Whether a status says the connection to the controller failed (as opposed to an
+/// answer from the controller). A status the controller sends is parsed from headers and
+/// has no source; tonic attaches the transport error as the source of the statuses it
+/// makes up on this side.
+pub fn is_unreachable(status: &Status) -> bool {
+    use std::error::Error;
+    status.source().is_some()
+        || (status.code() == Code::Unknown && status.message().starts_with("Service was not ready"))
+        || (status.code() == Code::Internal && status.message().starts_with("Unexpected EOF"))
+}
+
+fn unreachable_error(url: &str, detail: &str) -> anyhow::Error {
+    Failure::new(
+        Exit::Failed,
+        format!(
+            "cannot reach the controller at {url}: {detail} (set --controller or FLEET_CONTROLLER)"
+        ),
+    )
+    .into()
+}
+
+/// The message and exit code for a gRPC error.
+pub fn status_failure(url: &str, status: &Status) -> Failure {
+    let message = status.message().trim();
+    let message = if message.is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        message.to_string()
+    };
+    if is_unreachable(status) {
+        let detail = chain(status);
+        return Failure::new(
+            Exit::Failed,
+            format!(
+                "cannot reach the controller at {url}: {detail} (set --controller or FLEET_CONTROLLER)"
+            ),
+        );
+    }
+    match status.code() {
+        Code::Unauthenticated => {
+            let hint = if message.contains("FLEET_TOKEN") {
+                ""
+            } else {
+                " (set FLEET_TOKEN or --token)"
+            };
+            Failure::new(
+                Exit::BadInput,
+                format!("the controller at {url} refused the call: {message}{hint}"),
+            )
+        }
+        Code::PermissionDenied => Failure::new(
+            Exit::BadInput,
+            format!("the controller at {url} refused the call: {message}"),
+        ),
+        Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound => {
+            Failure::new(Exit::BadInput, message)
+        }
+        Code::Unimplemented => Failure::new(
+            Exit::Failed,
+            format!(
+                "{url} does not serve this call ({message}): is it a fleet-controller of the same version?"
+            ),
+        ),
+        _ => Failure::new(Exit::Failed, message),
+    }
+}
+
+/// An error and its sources, "a: b: c", without repeating a source already in the text.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text = format!("{text}: {next}");
+        }
+        source = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URL: &str = "http://127.0.0.1:7100";
+
+    #[test]
+    fn refusals_are_bad_input_with_the_controllers_message() {
+        for code in [
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::NotFound,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+        ] {
+            let failure = status_failure(URL, &Status::new(code, "node n3: exe missing"));
+            assert_eq!(failure.exit, Exit::BadInput, "{code:?}");
+            assert!(
+                failure.message.contains("node n3: exe missing"),
+                "{failure}"
+            );
+        }
+        let failure = status_failure(URL, &Status::unauthenticated("missing token"));
+        assert!(failure.message.contains("FLEET_TOKEN"), "{failure}");
+    }
+
+    #[test]
+    fn a_lost_connection_names_the_controller_and_how_to_set_it() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        // What tonic makes of a failed connection.
+        let status = Status::from_error(Box::new(tonic::ConnectError(Box::new(io))));
+        assert_eq!(status.code(), Code::Unavailable);
+        let failure = status_failure(URL, &status);
+        assert_eq!(failure.exit, Exit::Failed);
+        assert!(
+            failure
+                .message
+                .starts_with("cannot reach the controller at http://127.0.0.1:7100: "),
+            "{failure}"
+        );
+        assert!(
+            failure
+                .message
+                .ends_with("(set --controller or FLEET_CONTROLLER)")
+        );
+    }
+
+    #[test]
+    fn other_errors_from_the_controller_are_failures() {
+        let failure = status_failure(URL, &Status::unavailable("agent n2 unreachable"));
+        assert_eq!(failure.exit, Exit::Failed);
+        assert_eq!(failure.message, "agent n2 unreachable");
+        let failure = status_failure(URL, &Status::internal("database is locked"));
+        assert_eq!(failure.exit, Exit::Failed);
+    }
+
+    #[test]
+    fn a_refusal_lists_each_node_on_its_own_line() {
+        assert_eq!(
+            refusal("preflight refused on 1 of 2 node(s):\nnode n2: no such file\n"),
+            "preflight refused on 1 of 2 node(s):\n  node n2: no such file"
+        );
+        assert_eq!(
+            refusal("node n2: no such file"),
+            "the rollout was refused, no node was touched:\n  node n2: no such file"
+        );
+    }
+
+    #[test]
+    fn the_token_goes_in_the_authorization_header() {
+        let mut bearer = Bearer(Some("Bearer s3cret".parse().unwrap()));
+        let request = bearer.call(Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
+        assert!(!format!("{bearer:?}").contains("s3cret"));
+        let request = Bearer(None).call(Request::new(())).unwrap();
+        assert!(request.metadata().get("authorization").is_none());
+    }
+}

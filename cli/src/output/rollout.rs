@@ -1,0 +1,400 @@
+//! Rollouts as text: the dry-run plan, `rollout status` and `rollout history`.
+
+use std::collections::BTreeMap;
+
+use fleet_proto::v1::{Rollout, RolloutNode, RolloutSpec};
+
+use super::{Table, duration, nodes_count, or_dash, pids, time};
+
+/// The nodes of a rollout grouped by batch, in batch order.
+#[derive(Debug)]
+pub struct Batch<'a> {
+    /// The batch number on the wire.
+    pub value: u32,
+    /// 1, 2, ... as shown to people.
+    pub number: usize,
+    pub nodes: Vec<&'a RolloutNode>,
+}
+
+pub fn batches(r: &Rollout) -> Vec<Batch<'_>> {
+    let mut groups: BTreeMap<u32, Vec<&RolloutNode>> = BTreeMap::new();
+    for node in &r.nodes {
+        groups.entry(node.batch).or_default().push(node);
+    }
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, (value, nodes))| Batch {
+            value,
+            number: i + 1,
+            nodes,
+        })
+        .collect()
+}
+
+/// The spec options that differ from the defaults: "canary 1, max-failures 0, auto-rollback".
+pub fn options(spec: &RolloutSpec) -> String {
+    let mut parts = Vec::new();
+    if spec.canary > 0 {
+        parts.push(format!("canary {}", spec.canary));
+    }
+    if spec.pause_after_canary {
+        parts.push("pause after canary".to_string());
+    }
+    if !spec.batches.is_empty() {
+        parts.push(format!("batches {}", spec.batches));
+    }
+    if spec.max_parallel > 0 {
+        parts.push(format!("max-parallel {}", spec.max_parallel));
+    }
+    let texts = [
+        ("max-unavailable", &spec.max_unavailable),
+        ("max-failures", &spec.max_failures),
+        ("health-path", &spec.health_path),
+    ];
+    for (name, value) in texts {
+        if !value.is_empty() {
+            parts.push(format!("{name} {value}"));
+        }
+    }
+    let durations = [
+        ("min-healthy", spec.min_healthy_ms),
+        ("ready-timeout", spec.ready_timeout_ms),
+        ("drain-timeout", spec.drain_timeout_ms),
+    ];
+    for (name, ms) in durations {
+        if ms > 0 {
+            parts.push(format!("{name} {}", duration(ms)));
+        }
+    }
+    if spec.auto_rollback {
+        parts.push("auto-rollback".to_string());
+    }
+    if parts.is_empty() {
+        "defaults".to_string()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// What a rollout moves the nodes to: its exe, or, for an undo, the previous executables.
+pub fn target(r: &Rollout) -> String {
+    let exe = r.spec.as_ref().map_or("", |s| s.exe.as_str());
+    if r.undo_of.is_empty() {
+        return or_dash(exe);
+    }
+    // The controller may name an undo's target "(previous executables of r1)".
+    if exe.is_empty() || exe.starts_with('(') {
+        format!("previous executables (undo of {})", r.undo_of)
+    } else {
+        format!("{exe} (undo of {})", r.undo_of)
+    }
+}
+
+/// `fleetctl rollout --dry-run`: the batches and the nodes in each.
+pub fn plan(r: &Rollout) -> String {
+    let spec = r.spec.clone().unwrap_or_default();
+    let (skipped, planned): (Vec<_>, Vec<_>) = r.nodes.iter().partition(|n| n.state == "skipped");
+    let planned_rollout = Rollout {
+        nodes: planned.into_iter().cloned().collect(),
+        ..Default::default()
+    };
+    let batches = batches(&planned_rollout);
+    let mut text = format!(
+        "Dry run, nothing was changed: {} to {} in {} {}\n",
+        target(r),
+        nodes_count(planned_rollout.nodes.len()),
+        batches.len(),
+        if batches.len() == 1 {
+            "batch"
+        } else {
+            "batches"
+        },
+    );
+    let mut table = Table::default();
+    for batch in &batches {
+        let mut name = format!("  batch {}/{}", batch.number, batches.len());
+        if batch.number == 1 && spec.canary > 0 {
+            name.push_str(if spec.pause_after_canary {
+                " (canary, then pause)"
+            } else {
+                " (canary)"
+            });
+        }
+        let ids: Vec<&str> = batch.nodes.iter().map(|n| n.node_id.as_str()).collect();
+        table.row([name, nodes_count(ids.len()), ids.join(", ")]);
+    }
+    text.push_str(&table.render());
+    for n in skipped {
+        text.push_str(&format!(
+            "  skipped: {} ({})\n",
+            n.node_id,
+            or_dash(&n.reason)
+        ));
+    }
+    text.push_str(&format!("Options: {}\n", options(&spec)));
+    text
+}
+
+/// How many nodes are in each state: "3 healthy, 1 failed, 1 pending", in the order
+/// of the node lifecycle.
+pub fn state_counts(r: &Rollout) -> String {
+    const ORDER: [&str; 8] = [
+        "healthy",
+        "failed",
+        "rolled-back",
+        "skipped",
+        "restarting",
+        "soaking",
+        "preflight",
+        "pending",
+    ];
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in &r.nodes {
+        *counts.entry(n.state.as_str()).or_default() += 1;
+    }
+    let mut parts: Vec<String> = ORDER
+        .iter()
+        .filter_map(|s| counts.remove(s).map(|c| format!("{c} {s}")))
+        .collect();
+    parts.extend(counts.iter().map(|(s, c)| format!("{c} {}", or_dash(s))));
+    if parts.is_empty() {
+        "no nodes".to_string()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// `fleetctl rollout status`: the rollout, then one row per node, and with `timeline`
+/// every node's timeline.
+pub fn rollout_details(r: &Rollout, timeline: bool) -> String {
+    let spec = r.spec.clone().unwrap_or_default();
+    let batches = batches(r);
+    let mut table = Table::default();
+    table.row(["Rollout:", &r.id]);
+    let state = if r.reason.is_empty() {
+        r.state.clone()
+    } else {
+        format!("{}: {}", r.state, r.reason)
+    };
+    table.row(["State:", &state]);
+    table.row(["Exe:", &target(r)]);
+    if !spec.sha256.is_empty() {
+        table.row(["Sha256:", &spec.sha256]);
+    }
+    let selector = if spec.selector.is_empty() {
+        "every node"
+    } else {
+        spec.selector.as_str()
+    };
+    table.row(["Selector:", selector]);
+    let sizes: Vec<String> = batches.iter().map(|b| b.nodes.len().to_string()).collect();
+    let reached = batches
+        .iter()
+        .filter(|b| b.nodes.iter().any(|n| started(&n.state)))
+        .map(|b| b.number)
+        .max();
+    let mut plan = format!("{} ({})", batches.len(), sizes.join(", "));
+    if let Some(reached) = reached {
+        plan.push_str(&format!(", reached {reached}/{}", batches.len()));
+    }
+    table.row(["Batches:", &plan]);
+    table.row(["Options:", &options(&spec)]);
+    table.row(["Actor:", &or_dash(&spec.actor)]);
+    table.row(["Reason:", &or_dash(&spec.reason)]);
+    table.row(["Created:", &time(r.created_unix_ms)]);
+    let finished = match r.finished_unix_ms {
+        0 => "-".to_string(),
+        ms => format!(
+            "{} (after {})",
+            time(ms),
+            duration(ms.saturating_sub(r.created_unix_ms))
+        ),
+    };
+    table.row(["Finished:", &finished]);
+    table.row(["Nodes:", &state_counts(r)]);
+    let mut text = table.render();
+    text.push('\n');
+
+    let spec_exe = spec.exe.as_str();
+    let with_target = r
+        .nodes
+        .iter()
+        .any(|n| !n.target_exe.is_empty() && n.target_exe != spec_exe);
+    let mut header = vec!["NODE", "BATCH", "STATE", "PIDS"];
+    if with_target {
+        header.push("TO");
+    }
+    header.push("REASON");
+    let mut nodes = Table::new(&header);
+    for batch in &batches {
+        for n in &batch.nodes {
+            let mut row = vec![
+                n.node_id.clone(),
+                batch.number.to_string(),
+                or_dash(&n.state),
+                or_dash(&pids(n.old_pid, n.new_pid).replace("pid ", "")),
+            ];
+            if with_target {
+                row.push(or_dash(&n.target_exe));
+            }
+            row.push(n.reason.clone());
+            nodes.row(row);
+        }
+    }
+    text.push_str(&nodes.render());
+
+    if timeline {
+        for batch in &batches {
+            for n in &batch.nodes {
+                text.push_str(&format!("\n{}:\n", n.node_id));
+                let mut entries = Table::default();
+                for t in &n.timeline {
+                    let at = t.unix_ms.saturating_sub(r.created_unix_ms);
+                    entries.row([
+                        format!("  +{}", duration(at)),
+                        time(t.unix_ms),
+                        or_dash(&t.state),
+                        if t.pid == 0 {
+                            String::new()
+                        } else {
+                            format!("pid {}", t.pid)
+                        },
+                        t.message.clone(),
+                    ]);
+                }
+                if n.timeline.is_empty() {
+                    entries.row(["  (no entries)"]);
+                }
+                text.push_str(&entries.render());
+            }
+        }
+    }
+    text
+}
+
+/// Whether a node in this rollout state has been touched (its batch has started).
+pub fn started(state: &str) -> bool {
+    !matches!(state, "pending" | "preflight" | "skipped" | "")
+}
+
+/// `fleetctl rollout history`.
+pub fn history_table(rollouts: &[Rollout]) -> String {
+    let mut table = Table::new(&[
+        "ID", "STATE", "CREATED", "TOOK", "ACTOR", "HEALTHY", "EXE", "REASON",
+    ]);
+    for r in rollouts {
+        let spec = r.spec.clone().unwrap_or_default();
+        let healthy = r.nodes.iter().filter(|n| n.state == "healthy").count();
+        let took = match r.finished_unix_ms {
+            0 => "-".to_string(),
+            ms => duration(ms.saturating_sub(r.created_unix_ms)),
+        };
+        table.row([
+            r.id.clone(),
+            or_dash(&r.state),
+            time(r.created_unix_ms),
+            took,
+            or_dash(&spec.actor),
+            format!("{healthy}/{}", r.nodes.len()),
+            target(r),
+            spec.reason,
+        ]);
+    }
+    table.render()
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rollout(states: &[(&str, u32, &str)]) -> Rollout {
+        Rollout {
+            id: "r3".into(),
+            state: "running".into(),
+            spec: Some(RolloutSpec {
+                exe: "/opt/app-v2".into(),
+                canary: 1,
+                pause_after_canary: true,
+                max_failures: "1".into(),
+                actor: "alice".into(),
+                ..Default::default()
+            }),
+            created_unix_ms: 1_000,
+            nodes: states
+                .iter()
+                .map(|(id, batch, state)| RolloutNode {
+                    node_id: id.to_string(),
+                    batch: *batch,
+                    state: state.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_plan_lists_each_batch_and_its_nodes() {
+        let mut r = rollout(&[
+            ("n1", 0, "pending"),
+            ("n2", 1, "pending"),
+            ("n3", 2, "pending"),
+            ("n4", 2, "pending"),
+            ("n5", 2, "pending"),
+        ]);
+        r.state = "planned".into();
+        let text = plan(&r);
+        assert_eq!(
+            text,
+            "Dry run, nothing was changed: /opt/app-v2 to 5 nodes in 3 batches\n\
+             \x20 batch 1/3 (canary, then pause)  1 node   n1\n\
+             \x20 batch 2/3                       1 node   n2\n\
+             \x20 batch 3/3                       3 nodes  n3, n4, n5\n\
+             Options: canary 1, pause after canary, max-failures 1\n"
+        );
+    }
+
+    #[test]
+    fn status_shows_every_node_with_its_batch_and_reason() {
+        let mut r = rollout(&[
+            ("n1", 0, "healthy"),
+            ("n2", 1, "failed"),
+            ("n3", 2, "pending"),
+        ]);
+        r.nodes[1].reason = "exited with status 1 before READY".into();
+        r.nodes[1].old_pid = 10;
+        r.nodes[1].new_pid = 11;
+        r.nodes[1].timeline.push(fleet_proto::v1::TimelineEntry {
+            unix_ms: 3_500,
+            state: "restarting".into(),
+            message: "new worker started".into(),
+            pid: 11,
+        });
+        let text = rollout_details(&r, true);
+        assert!(
+            text.contains("Batches:   3 (1, 1, 1), reached 2/3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Nodes:     1 healthy, 1 failed, 1 pending"),
+            "{text}"
+        );
+        assert!(
+            text.contains("n2    2      failed   10 -> 11  exited with status 1 before READY"),
+            "{text}"
+        );
+        assert!(text.contains("+2.5s"), "{text}");
+        assert!(text.contains("pid 11  new worker started"), "{text}");
+    }
+
+    #[test]
+    fn history_has_one_row_per_rollout() {
+        let mut undo = rollout(&[("n1", 0, "healthy")]);
+        undo.id = "r4".into();
+        undo.undo_of = "r3".into();
+        undo.spec.as_mut().unwrap().exe = "(previous executables of r3)".into();
+        let text = history_table(&[rollout(&[("n1", 0, "healthy")]), undo]);
+        assert_eq!(text.lines().count(), 3);
+        assert!(text.contains("previous executables (undo of r3)"), "{text}");
+    }
+}

@@ -1,0 +1,618 @@
+//! The real `fleetctl` binary against a scripted in-process `ControllerService`: what it
+//! prints and how it exits for each kind of answer. The fake knows nothing of agents; it
+//! answers each call from a script chosen by the rollout's exe path.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::{Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_proto::v1::controller_service_server::{ControllerService, ControllerServiceServer};
+use fleet_proto::v1::{
+    ExeInfo, GetNodeRequest, GetRolloutRequest, HeartbeatRequest, HeartbeatResponse,
+    ListNodesRequest, ListNodesResponse, ListRolloutsRequest, ListRolloutsResponse, Node,
+    RestartNodeRequest, RestartResponse, Rollout, RolloutActionRequest, RolloutNode, RolloutSpec,
+    ShutdownNodeRequest, ShutdownResponse,
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tonic::codegen::tokio_stream::{self, Stream, StreamExt, wrappers::TcpListenerStream};
+use tonic::{Request, Response, Status};
+
+const TOKEN: &str = "s3cret";
+
+#[derive(Debug, Default)]
+struct Fake {
+    /// The first WatchRollout sends two snapshots and then nothing, as a controller
+    /// that is about to crash would.
+    hang_first_watch: bool,
+    watches: AtomicUsize,
+}
+
+fn authorized<T>(request: &Request<T>) -> Result<(), Status> {
+    match request.metadata().get("authorization") {
+        Some(v) if v == format!("Bearer {TOKEN}").as_str() => Ok(()),
+        _ => Err(Status::unauthenticated("missing or wrong bearer token")),
+    }
+}
+
+fn node(id: &str, zone: &str) -> Node {
+    let mut node = Node {
+        node_id: id.into(),
+        state: "serving".into(),
+        admin_url: format!("http://127.0.0.1:7101/debug/admin?{id}"),
+        exe: Some(ExeInfo {
+            path: "/opt/app/app-v1".into(),
+            ..Default::default()
+        }),
+        generation: 1,
+        worker_pid: 100,
+        ..Default::default()
+    };
+    node.labels.insert("zone".into(), zone.into());
+    node
+}
+
+/// r1: /opt/ok, 3 nodes in batches [n1] [n2, n3], pausing after the canary, succeeds.
+/// r2: /opt/crash, fails on n1 and rolls back.
+fn snapshots(exe: &str) -> Vec<Rollout> {
+    let base = |id: &str, state: &str, nodes: &[(&str, u32, &str)]| Rollout {
+        id: id.into(),
+        state: state.into(),
+        spec: Some(RolloutSpec {
+            exe: exe.into(),
+            actor: "alice".into(),
+            ..Default::default()
+        }),
+        created_unix_ms: 1_000,
+        nodes: nodes
+            .iter()
+            .map(|(n, b, s)| RolloutNode {
+                node_id: n.to_string(),
+                batch: *b,
+                state: s.to_string(),
+                old_pid: 100,
+                new_pid: if *s == "healthy" { 200 } else { 0 },
+                reason: if *s == "failed" {
+                    "exited with status 1 before READY".into()
+                } else {
+                    String::new()
+                },
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    if exe == "/opt/crash" {
+        let mut last = base(
+            "r2",
+            "rolled-back",
+            &[("n1", 0, "failed"), ("n2", 1, "pending")],
+        );
+        last.reason = "failure budget (0) spent".into();
+        last.finished_unix_ms = 3_000;
+        return vec![
+            base(
+                "r2",
+                "running",
+                &[("n1", 0, "pending"), ("n2", 1, "pending")],
+            ),
+            base(
+                "r2",
+                "running",
+                &[("n1", 0, "restarting"), ("n2", 1, "pending")],
+            ),
+            last,
+        ];
+    }
+    let mut last = base(
+        "r1",
+        "succeeded",
+        &[
+            ("n1", 0, "healthy"),
+            ("n2", 1, "healthy"),
+            ("n3", 1, "healthy"),
+        ],
+    );
+    last.finished_unix_ms = 42_000;
+    vec![
+        base(
+            "r1",
+            "running",
+            &[
+                ("n1", 0, "pending"),
+                ("n2", 1, "pending"),
+                ("n3", 1, "pending"),
+            ],
+        ),
+        base(
+            "r1",
+            "running",
+            &[
+                ("n1", 0, "restarting"),
+                ("n2", 1, "pending"),
+                ("n3", 1, "pending"),
+            ],
+        ),
+        base(
+            "r1",
+            "paused",
+            &[
+                ("n1", 0, "healthy"),
+                ("n2", 1, "pending"),
+                ("n3", 1, "pending"),
+            ],
+        ),
+        base(
+            "r1",
+            "running",
+            &[
+                ("n1", 0, "healthy"),
+                ("n2", 1, "restarting"),
+                ("n3", 1, "restarting"),
+            ],
+        ),
+        last,
+    ]
+}
+
+fn exe_of(id: &str) -> Result<&'static str, Status> {
+    match id {
+        "r1" | "latest" => Ok("/opt/ok"),
+        "r2" => Ok("/opt/crash"),
+        _ => Err(Status::not_found(format!("no rollout {id:?}"))),
+    }
+}
+
+#[tonic::async_trait]
+impl ControllerService for Fake {
+    async fn heartbeat(
+        &self,
+        _: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        authorized(&request)?;
+        let nodes = vec![node("n1", "a"), node("n2", "b")]
+            .into_iter()
+            .filter(|n| {
+                let selector = &request.get_ref().selector;
+                selector.is_empty() || selector == &format!("zone={}", n.labels["zone"])
+            })
+            .collect();
+        Ok(Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        authorized(&request)?;
+        match request.get_ref().node_id.as_str() {
+            "n1" => Ok(Response::new(node("n1", "a"))),
+            other => Err(Status::not_found(format!("no node {other:?}"))),
+        }
+    }
+
+    async fn restart_node(
+        &self,
+        _: Request<RestartNodeRequest>,
+    ) -> Result<Response<RestartResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn shutdown_node(
+        &self,
+        _: Request<ShutdownNodeRequest>,
+    ) -> Result<Response<ShutdownResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn start_rollout(
+        &self,
+        request: Request<RolloutSpec>,
+    ) -> Result<Response<Rollout>, Status> {
+        authorized(&request)?;
+        let spec = request.into_inner();
+        if spec.exe == "/opt/refused" {
+            return Err(Status::failed_precondition(
+                "node n2: /opt/refused does not exist\nnode n3: /opt/refused does not exist",
+            ));
+        }
+        let mut rollout = snapshots(&spec.exe).remove(0);
+        if spec.dry_run {
+            rollout.id.clear();
+            rollout.state = "planned".into();
+            rollout.spec = Some(spec);
+        }
+        Ok(Response::new(rollout))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<GetRolloutRequest>,
+    ) -> Result<Response<Rollout>, Status> {
+        authorized(&request)?;
+        let exe = exe_of(&request.get_ref().id)?;
+        Ok(Response::new(snapshots(exe).pop().unwrap()))
+    }
+
+    async fn list_rollouts(
+        &self,
+        request: Request<ListRolloutsRequest>,
+    ) -> Result<Response<ListRolloutsResponse>, Status> {
+        authorized(&request)?;
+        let rollouts = vec![
+            snapshots("/opt/crash").pop().unwrap(),
+            snapshots("/opt/ok").pop().unwrap(),
+        ];
+        Ok(Response::new(ListRolloutsResponse { rollouts }))
+    }
+
+    type WatchRolloutStream = Pin<Box<dyn Stream<Item = Result<Rollout, Status>> + Send>>;
+
+    async fn watch_rollout(
+        &self,
+        request: Request<GetRolloutRequest>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        authorized(&request)?;
+        let exe = exe_of(&request.get_ref().id)?;
+        let mut items = snapshots(exe);
+        if self.hang_first_watch {
+            if self.watches.fetch_add(1, Ordering::SeqCst) == 0 {
+                items.truncate(2);
+                let hang =
+                    tokio_stream::iter(items.into_iter().map(Ok)).chain(tokio_stream::pending());
+                return Ok(Response::new(Box::pin(hang)));
+            }
+            // Later watches start from where the rollout stands.
+            items.remove(0);
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            items.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn pause_rollout(
+        &self,
+        request: Request<RolloutActionRequest>,
+    ) -> Result<Response<Rollout>, Status> {
+        authorized(&request)?;
+        let mut rollout = snapshots(exe_of(&request.get_ref().id)?).remove(2);
+        rollout.reason = format!("paused by {}", request.get_ref().actor);
+        Ok(Response::new(rollout))
+    }
+
+    async fn resume_rollout(
+        &self,
+        _: Request<RolloutActionRequest>,
+    ) -> Result<Response<Rollout>, Status> {
+        Err(Status::failed_precondition("rollout r1 is not paused"))
+    }
+
+    async fn abort_rollout(
+        &self,
+        _: Request<RolloutActionRequest>,
+    ) -> Result<Response<Rollout>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn undo_rollout(
+        &self,
+        _: Request<RolloutActionRequest>,
+    ) -> Result<Response<Rollout>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+}
+
+async fn serve() -> SocketAddr {
+    serve_fake(Fake::default()).await
+}
+
+async fn serve_fake(fake: Fake) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ControllerServiceServer::new(fake))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+/// A TCP proxy in front of the fake whose connections can be cut, as a controller
+/// crash would cut them, while it keeps accepting new ones.
+struct Proxy {
+    addr: SocketAddr,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(backend: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let tracked = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let relay = tokio::spawn(async move {
+                    let mut outbound = TcpStream::connect(backend).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+                tracked.lock().unwrap().push(relay);
+            }
+        });
+        Proxy { addr, connections }
+    }
+
+    fn cut(&self) {
+        for relay in self.connections.lock().unwrap().drain(..) {
+            relay.abort();
+        }
+    }
+}
+
+/// Runs fleetctl against `addr` with the token in FLEET_TOKEN (unless `token` is None).
+async fn fleetctl(addr: SocketAddr, token: Option<&str>, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"));
+    command
+        .args(args)
+        .env("FLEET_CONTROLLER", format!("http://{addr}"))
+        .env_remove("FLEET_TOKEN")
+        .env("USER", "alice");
+    if let Some(token) = token {
+        command.env("FLEET_TOKEN", token);
+    }
+    command.output().await.unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn nodes_as_a_table_and_as_json_and_only_with_the_token() {
+    let addr = serve().await;
+    let out = fleetctl(addr, Some(TOKEN), &["nodes"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("NODE  STATE    LABELS  EXE"), "{text}");
+    assert!(
+        text.contains("n2    serving  zone=b  /opt/app/app-v1  1    100"),
+        "{text}"
+    );
+
+    let out = fleetctl(addr, Some(TOKEN), &["nodes", "-l", "zone=a", "-o", "json"]).await;
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(nodes.as_array().unwrap().len(), 1);
+    assert_eq!(nodes[0]["labels"]["zone"], "a");
+    assert_eq!(nodes[0]["exe"]["path"], "/opt/app/app-v1");
+
+    let out = fleetctl(addr, None, &["nodes"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("missing or wrong bearer token (set FLEET_TOKEN"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_node_or_rollout_is_bad_input() {
+    let addr = serve().await;
+    let out = fleetctl(addr, Some(TOKEN), &["node", "n9"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(stderr(&out), "error: no node \"n9\"\n");
+    let out = fleetctl(addr, Some(TOKEN), &["node", "n1"]).await;
+    assert!(stdout(&out).contains("Admin:"), "{}", stdout(&out));
+    let out = fleetctl(addr, Some(TOKEN), &["rollout", "status", "r7"]).await;
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn a_rollout_is_watched_batch_by_batch_to_success() {
+    let addr = serve().await;
+    let out = fleetctl(
+        addr,
+        Some(TOKEN),
+        &["rollout", "--exe", "/opt/ok", "--canary", "1"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[..4],
+        [
+            "rollout r1 running: /opt/ok to 3 nodes in 2 batches (1, 2), by alice",
+            "batch 1/2 started: n1",
+            "  n1  restarting   pid 100",
+            "  n1  healthy      pid 100 -> 200",
+        ],
+        "{text}"
+    );
+    assert!(lines[4].starts_with("rollout r1 paused; resume it with `fleetctl rollout resume r1`"));
+    assert_eq!(lines[5], "rollout r1 resumed");
+    assert_eq!(lines[6], "batch 2/2 started: n2, n3");
+    assert_eq!(
+        lines.last().unwrap(),
+        &"rollout r1 succeeded after 41s (3 healthy)"
+    );
+}
+
+#[tokio::test]
+async fn a_rolled_back_rollout_exits_3_with_each_nodes_reason() {
+    let addr = serve().await;
+    let out = fleetctl(
+        addr,
+        Some(TOKEN),
+        &["rollout", "--exe", "/opt/crash", "--auto-rollback"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("  n1  failed       pid 100: exited with status 1 before READY"),
+        "{text}"
+    );
+    assert!(text.contains(
+        "rollout r2 rolled-back after 2.0s: failure budget (0) spent (1 failed, 1 pending)"
+    ));
+
+    // The same with JSON: progress on stderr, the final rollout on stdout.
+    let out = fleetctl(
+        addr,
+        Some(TOKEN),
+        &["rollout", "status", "r2", "--watch", "-o", "json"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3));
+    let rollout: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rollout["state"], "rolled-back");
+    assert!(stderr(&out).contains("batch 1/2 started: n1"));
+}
+
+#[tokio::test]
+async fn a_refused_preflight_lists_each_node_and_exits_2() {
+    let addr = serve().await;
+    let out = fleetctl(addr, Some(TOKEN), &["rollout", "--exe", "/opt/refused"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        stderr(&out),
+        "error: the rollout was refused, no node was touched:\n  \
+         node n2: /opt/refused does not exist\n  node n3: /opt/refused does not exist\n"
+    );
+}
+
+#[tokio::test]
+async fn dry_run_prints_the_plan_and_detach_returns_at_once() {
+    let addr = serve().await;
+    let out = fleetctl(
+        addr,
+        Some(TOKEN),
+        &["rollout", "--exe", "/opt/ok", "--dry-run"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("Dry run, nothing was changed: /opt/ok to 3 nodes in 2 batches"));
+    assert!(text.contains("batch 2/2  2 nodes  n2, n3"), "{text}");
+
+    let out = fleetctl(
+        addr,
+        Some(TOKEN),
+        &["rollout", "--exe", "/opt/ok", "--detach"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains("follow it with: fleetctl rollout status r1 --watch"));
+}
+
+#[tokio::test]
+async fn status_history_and_actions() {
+    let addr = serve().await;
+    let out = fleetctl(addr, Some(TOKEN), &["rollout", "status"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout(&out).contains("State:     succeeded"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = fleetctl(addr, Some(TOKEN), &["rollout", "history"]).await;
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(
+        text.lines().nth(1).unwrap().starts_with("r2  rolled-back"),
+        "{text}"
+    );
+
+    let out = fleetctl(addr, Some(TOKEN), &["rollout", "pause", "r1"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).starts_with("rollout r1 is paused: paused by alice"));
+
+    let out = fleetctl(addr, Some(TOKEN), &["rollout", "resume", "r1"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(stderr(&out), "error: rollout r1 is not paused\n");
+}
+
+#[tokio::test]
+async fn an_unreachable_controller_is_exit_1_and_says_how_to_set_it() {
+    // A port that was free a moment ago.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let out = fleetctl(addr, None, &["nodes"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!(
+            "error: cannot reach the controller at http://{addr}: "
+        )),
+        "{err}"
+    );
+    assert!(
+        err.ends_with("(set --controller or FLEET_CONTROLLER)\n"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_watch_survives_a_lost_connection_to_the_controller() {
+    let backend = serve_fake(Fake {
+        hang_first_watch: true,
+        ..Default::default()
+    })
+    .await;
+    let proxy = Proxy::start(backend).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .args(["rollout", "status", "r1", "--watch"])
+        .env("FLEET_CONTROLLER", format!("http://{}", proxy.addr))
+        .env("FLEET_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        let restarting = line.contains("n1  restarting");
+        seen.push(line);
+        if restarting {
+            break;
+        }
+    }
+    proxy.cut();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        seen.push(line);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("fleetctl reconnects within 30s")
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{seen:?}\n{err}");
+    assert!(err.contains("lost the controller at http://"), "{err}");
+    assert!(err.contains("reconnected to the controller"), "{err}");
+    // Each change is printed once, across the two streams.
+    assert_eq!(
+        seen.iter().filter(|l| l.contains("n1  restarting")).count(),
+        1,
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.last().unwrap(),
+        "rollout r1 succeeded after 41s (3 healthy)"
+    );
+}
