@@ -9,6 +9,7 @@ use fleet_proto::v1 as pb;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
 use tonic::transport::Endpoint;
 
+use crate::phase::Phase;
 use crate::supervisor::Supervisor;
 
 /// Until the controller says otherwise.
@@ -30,6 +31,7 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String) {
     let mut client = ControllerServiceClient::new(endpoint.connect_lazy());
     let mut interval = DEFAULT_INTERVAL;
     let mut failing = false;
+    let mut events = supervisor.subscribe();
     loop {
         let status = crate::control::status_message(supervisor.status());
         let mut request = tonic::Request::new(pb::HeartbeatRequest {
@@ -66,6 +68,24 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String) {
         if supervisor.shutting_down() {
             return;
         }
-        tokio::time::sleep(interval).await;
+        // Next beat at the interval, or at once when the node changes (a restart
+        // ended, a worker died), so the controller's view is fresh.
+        let sleep = tokio::time::sleep(interval);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                event = events.recv() => match event {
+                    Ok(e) if matches!(e.phase, Phase::Ready | Phase::Failed | Phase::Reverting
+                        | Phase::WorkerExited | Phase::ShuttingDown) => break,
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        (&mut sleep).await;
+                        break;
+                    }
+                },
+            }
+        }
     }
 }

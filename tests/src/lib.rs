@@ -6,6 +6,10 @@
 
 /// Spawn `fleet-agent`, wait on its log lines, talk to it, kill it on drop.
 pub mod harness;
+/// Spawn `fleet-controller` with agents that register with it; run `fleetctl`.
+pub mod fleet;
+/// Hollow agents: many simulated agents in one process (a test tool for scale).
+pub mod hollow;
 /// A strict closed-loop HTTP/1.1 load generator that counts every lost request.
 pub mod loadgen;
 

@@ -58,6 +58,10 @@ const FOREIGN_CPU_WARN: f64 = 0.05;
 /// `Connection: close` responses and the clients reconnecting all fall inside it.
 const WINDOW_AFTER_READY: Duration = Duration::from_secs(1);
 
+/// Latency figures of the restart phase leave out requests started in its first
+/// RAMP_UP (all clients connecting at once); failures are counted from the start.
+const RAMP_UP: Duration = Duration::from_millis(500);
+
 /// Bounds on waiting for things that should be quick.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const RESTART_RPC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -93,7 +97,7 @@ struct Args {
     #[arg(long, default_value_t = 20_000_000)]
     requests: u64,
     /// Throughput runs per target (alternating demo, peer); the best of each counts.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
     rounds: u32,
     /// Unmeasured warm-up load per target before the throughput runs.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
@@ -583,6 +587,8 @@ struct Mem {
     /// RssFile: resident pages of mapped files (mostly the executable's own code,
     /// shared with the workers, which run the same file).
     file: u64,
+    /// Pss from /proc/PID/smaps_rollup: shared pages divided among their users.
+    pss: Option<u64>,
 }
 
 fn rss(pid: u32) -> Option<Mem> {
@@ -599,6 +605,14 @@ fn rss(pid: u32) -> Option<Mem> {
         hwm: field("VmHWM:")?,
         anon: field("RssAnon:").unwrap_or(0),
         file: field("RssFile:").unwrap_or(0),
+        pss: std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("Pss:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kb| kb * 1024),
     })
 }
 
@@ -681,7 +695,15 @@ fn loadavg() -> Option<f64> {
 fn fmt_split(m: Option<Mem>) -> String {
     m.map_or_else(
         || "n/a".to_string(),
-        |m| format!("anon {} kB + file {} kB", m.anon / 1024, m.file / 1024),
+        |m| {
+            format!(
+                "anon {} kB + file {} kB; PSS {}",
+                m.anon / 1024,
+                m.file / 1024,
+                m.pss
+                    .map_or("?".to_string(), |p| format!("{} kB", p / 1024))
+            )
+        },
     )
 }
 
@@ -813,6 +835,8 @@ struct RestartPhase {
     errors: Vec<String>,
     other_events: BTreeMap<String, u64>,
     steady: LatencyStats,
+    steady_before: LatencyStats,
+    steady_after: LatencyStats,
     window: LatencyStats,
     failed_in_window: u64,
     failed_steady: u64,
@@ -1005,8 +1029,14 @@ async fn restart_phase(args: &Args, agent: &Agent) -> anyhow::Result<RestartPhas
     // Classify requests by their start time.
     let windows: Vec<(Instant, Instant)> = restarts.iter().map(RestartRec::window).collect();
     let in_window = |r: &RequestRecord| windows.iter().any(|(a, b)| *a <= r.start && r.start < *b);
-    let window = latency_stats(&report, in_window);
-    let steady = latency_stats(&report, |r| !in_window(r));
+    // Latency leaves out the load's own ramp-up (every client connecting at once).
+    let ramped = phase_start + RAMP_UP;
+    let window = latency_stats(&report, |r| r.start >= ramped && in_window(r));
+    let steady = latency_stats(&report, |r| r.start >= ramped && !in_window(r));
+    // Steady state before the first restart and after the last window, apart.
+    let first_trigger = restarts.first().map_or(stop_at, RestartRec::trigger);
+    let steady_before = latency_stats(&report, |r| r.start >= ramped && r.start < first_trigger);
+    let steady_after = latency_stats(&report, |r| r.start >= first_trigger && !in_window(r));
     let failed_in_window = report
         .records
         .iter()
@@ -1047,6 +1077,8 @@ async fn restart_phase(args: &Args, agent: &Agent) -> anyhow::Result<RestartPhas
         errors,
         other_events,
         steady,
+        steady_before,
+        steady_after,
         window,
         failed_in_window,
         failed_steady,
@@ -1261,6 +1293,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             let restart_json = json!({
                 "window_definition": window_def,
                 "lead_in_ms": rp.lead.as_millis() as u64,
+                "ramp_up_excluded_ms": RAMP_UP.as_millis() as u64,
                 "restart_span_ms": rp.restart_span.as_millis() as u64,
                 "window_time_ms": rp.window_time.as_millis() as u64,
                 "restarts": rp.restarts.len(),
@@ -1325,11 +1358,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     "supervisor_hwm_bytes": rp.supervisor_rss.map(|r| r.hwm),
                     "supervisor_rss_anon_bytes": rp.supervisor_rss.map(|r| r.anon),
                     "supervisor_rss_file_bytes": rp.supervisor_rss.map(|r| r.file),
+                    "supervisor_pss_bytes": rp.supervisor_rss.and_then(|r| r.pss),
                     "worker_pid": rp.worker_pid,
                     "worker_rss_bytes": rp.worker_rss.map(|r| r.rss),
                     "worker_hwm_bytes": rp.worker_rss.map(|r| r.hwm),
                     "worker_rss_anon_bytes": rp.worker_rss.map(|r| r.anon),
                     "worker_rss_file_bytes": rp.worker_rss.map(|r| r.file),
+                    "worker_pss_bytes": rp.worker_rss.and_then(|r| r.pss),
                     "generation": rp.generation,
                 },
                 "agent_shutdown": shutdown.map(|s| s.to_string()),
@@ -1377,9 +1412,24 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     fmt_pct(r.foreign_cpu)
                 ));
             }
+            let spread = |t: &str| {
+                let v: Vec<f64> = tp
+                    .runs
+                    .iter()
+                    .filter(|r| r.target == t)
+                    .map(|r| r.rps)
+                    .collect();
+                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = v.iter().copied().fold(0.0_f64, f64::max);
+                format!("{lo:.0}..{hi:.0}")
+            };
             line(format!(
-                "best demo {:.0} req/s, best peer {:.0} req/s, ratio demo/peer {:.3}",
-                tp.best_demo, tp.best_peer, tp.ratio
+                "best demo {:.0} req/s, best peer {:.0} req/s, ratio demo/peer {:.3} (runs: demo {}, peer {} req/s)",
+                tp.best_demo,
+                tp.best_peer,
+                tp.ratio,
+                spread("demo"),
+                spread("peer")
             ));
             if busy_machine {
                 line(format!(
@@ -1395,6 +1445,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 rp.lead,
                 rp.lead + rp.restart_span,
                 args.restart_every
+            ));
+            line(format!(
+                "latency figures leave out requests started in the first {:?} (load ramp-up); failures count from the start",
+                RAMP_UP
             ));
             line(window_def.clone());
             line(format!(
@@ -1440,6 +1494,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 fmt_ms(rp.steady.p99),
                 fmt_ms(rp.steady.max),
                 rp.steady.count
+            ));
+            line(format!(
+                "  of which before the first restart: p99 {} ({} requests), after the last window: p99 {} ({} requests)",
+                fmt_ms(rp.steady_before.p99),
+                rp.steady_before.count,
+                fmt_ms(rp.steady_after.p99),
+                rp.steady_after.count
             ));
             line(format!(
                 "latency windows:  p50 {:>9}  p99 {:>9}  max {:>9}  ({} requests)",
