@@ -1,0 +1,217 @@
+//! `hollow-agents`: **a test tool** — N simulated Fleet agents in one process, for
+//! exercising a controller at fleet scale without N real nodes.
+//!
+//! ```text
+//! cargo build --release -p fleet-tests --bin hollow-agents
+//! target/release/hollow-agents --count 10000 --controller http://127.0.0.1:7100
+//! ```
+//!
+//! Each hollow agent serves the real `fleet.v1.AgentService` on its own
+//! `127.0.0.1:0` port and registers and heartbeats like `fleet-agent --controller`,
+//! but nothing runs behind it: restarts sleep `--restart-latency` (± jitter) and fail
+//! with probability `--failure-rate`; PIDs, exe digests and sizes are made up (see
+//! `fleet_tests::hollow`). Node ids are `hollow-00000`, `hollow-00001`, ...; labels
+//! `sim=hollow`, `shard=<index % 10>` and any `--label`.
+//!
+//! Prints `hollow agents ready: N` on stdout once every agent serves and (with
+//! `--controller`) the controller accepted its first heartbeat; with `--print-addrs`
+//! first one `NODE_ID ADDR` line per agent. Runs until SIGINT / SIGTERM, then prints
+//! a summary on stderr. Exit status: 0 after a signal, 2 when it could not start.
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use fleet_tests::hollow::{HollowConfig, HollowFleet, nofile_needed, raise_nofile};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hollow-agents",
+    about = "TEST TOOL: many simulated Fleet agents (real AgentService, simulated restarts) in one process",
+    long_about = "TEST TOOL: many simulated Fleet agents in one process. Each serves the real \
+                  fleet.v1.AgentService on its own loopback port and heartbeats to the \
+                  controller like fleet-agent --controller, but no process runs behind it: \
+                  restarts only sleep, PIDs and digests are fake. For scale tests and \
+                  benchmarks of the controller; never point it at a production controller."
+)]
+struct Args {
+    /// Number of simulated agents.
+    #[arg(long, default_value_t = 100)]
+    count: usize,
+    /// Controller to register with and heartbeat to (omit: serve only, no heartbeats).
+    #[arg(long, env = "FLEET_CONTROLLER")]
+    controller: Option<String>,
+    /// Token sent to the controller (`authorization: Bearer TOKEN`).
+    #[arg(long, env = "FLEET_TOKEN")]
+    token: Option<String>,
+    /// Token every AgentService call must carry (default: none required).
+    #[arg(long)]
+    agent_token: Option<String>,
+    /// Simulated restart time (call to new worker ready).
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    restart_latency: Duration,
+    /// Each restart takes restart-latency ± up to this much (uniform).
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    restart_jitter: Duration,
+    /// Probability (0..1) that a restart fails (OUTCOME_FAILED with a reason).
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// The first heartbeats are spread uniformly over this window.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    heartbeat_jitter: Duration,
+    /// Node ids whose Preflight refuses (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    refuse_preflight_for: Vec<String>,
+    /// Extra label on every agent, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Node id prefix (ids are PREFIX00000, PREFIX00001, ...).
+    #[arg(long, default_value = "hollow-")]
+    id_prefix: String,
+    /// Index of the first agent (to run several processes side by side).
+    #[arg(long, default_value_t = 0)]
+    first_index: usize,
+    /// The executable every agent starts with.
+    #[arg(long, default_value = "/opt/app-v1")]
+    exe: String,
+    /// HTTP/2 connections to the controller shared by all agents' heartbeats.
+    #[arg(long, default_value_t = 8)]
+    channels: usize,
+    /// Print one `NODE_ID ADDR` line per agent on stdout before the ready line.
+    #[arg(long)]
+    print_addrs: bool,
+    /// Seed of the simulated latencies and failures.
+    #[arg(long, default_value_t = 0x5eed_f1ee7)]
+    seed: u64,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().into(), v.trim().into())),
+        _ => Err(format!("label {s:?} must be KEY=VALUE")),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hollow-agents: cannot start the tokio runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = runtime.block_on(async {
+        match run(args).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("hollow-agents: error: {e:#}");
+                2
+            }
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    ExitCode::from(code)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if args.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&args.failure_rate) {
+        bail!("--failure-rate must be between 0 and 1");
+    }
+    let needed = nofile_needed(args.count);
+    let limit = raise_nofile(needed)?;
+    if limit < needed {
+        eprintln!(
+            "hollow-agents: warning: open-file limit {limit} < {needed} needed for {} agents \
+             (a listener each plus the controller's connections); raise it (ulimit -Hn) or run fewer",
+            args.count
+        );
+    }
+    let cfg = HollowConfig {
+        count: args.count,
+        first_index: args.first_index,
+        id_prefix: args.id_prefix,
+        controller: args.controller.clone(),
+        token: args.token,
+        agent_token: args.agent_token,
+        restart_latency: args.restart_latency,
+        restart_jitter: args.restart_jitter,
+        failure_rate: args.failure_rate,
+        heartbeat_jitter: args.heartbeat_jitter,
+        refuse_preflight_for: args
+            .refuse_preflight_for
+            .into_iter()
+            .collect::<HashSet<_>>(),
+        initial_exe: args.exe,
+        labels: args.labels,
+        channels: args.channels.max(1),
+        seed: args.seed,
+        ..HollowConfig::default()
+    };
+    let started = Instant::now();
+    let fleet = HollowFleet::start(cfg)
+        .await
+        .context("cannot start the hollow agents")?;
+    if args.print_addrs {
+        let mut out = std::io::stdout().lock();
+        for (id, addr) in fleet.addrs() {
+            writeln!(out, "{id} {addr}")?;
+        }
+    }
+    let wait = fleet.wait_registered(None, Duration::from_secs(5), |s| {
+        eprintln!(
+            "hollow-agents: {}/{} registered with {}; last heartbeat error: {}",
+            s.registered,
+            s.agents,
+            args.controller.as_deref().unwrap_or("-"),
+            s.last_heartbeat_error.as_deref().unwrap_or("none")
+        );
+    });
+    tokio::select! {
+        res = wait => res?,
+        () = interrupted() => {
+            eprintln!("hollow-agents: interrupted before all agents registered");
+            fleet.shutdown().await;
+            return Ok(());
+        }
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "hollow agents ready: {}", fleet.len())?;
+        out.flush()?;
+    }
+    eprintln!(
+        "hollow-agents: {} agents ready in {:.2?}",
+        fleet.len(),
+        started.elapsed()
+    );
+    interrupted().await;
+    let s = fleet.stats();
+    eprintln!(
+        "hollow-agents: stopping; heartbeats ok {} failed {}, restarts succeeded {} failed {}",
+        s.heartbeats_ok, s.heartbeats_failed, s.restarts_succeeded, s.restarts_failed
+    );
+    fleet.shutdown().await;
+    Ok(())
+}
+
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

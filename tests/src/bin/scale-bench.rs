@@ -1,0 +1,1033 @@
+//! `scale-bench`: the controller at fleet scale — 10,000 hollow agents register,
+//! heartbeat and take a rollout in 10% batches.
+//!
+//! ```text
+//! cargo build --release --workspace --bins && target/release/scale-bench
+//! ```
+//!
+//! It starts `fleet-controller --listen 127.0.0.1:0 --db TMP/fleet.db --heartbeat-ttl
+//! 30s` (found next to its own executable) and, in its own process, `--agents` hollow
+//! agents (`fleet_tests::hollow`: a test tool — each serves the real AgentService on
+//! its own loopback port and heartbeats like a real agent; restarts only sleep
+//! `--restart-latency` ± `--restart-jitter`). Then:
+//!
+//! 1. Registration: time from starting the agents until `ListNodes` shows every one
+//!    of them `serving` (the first heartbeats are spread over 1 s).
+//! 2. Heartbeat load: heartbeats the controller accepted per second over `--window`
+//!    at the interval it asks for (ttl / 3), and its CPU over that window.
+//! 3. Rollout: `StartRollout` (exe /opt/app-v2, batches 10%,20%,...,100%, no failure
+//!    budget limit), followed with `GetRollout` polls (or `--watch`) to its end. Wall
+//!    time, from the `StartRollout` call (preflight of every target included) to the
+//!    controller's finish time; the simulated critical path, the sum over batches of
+//!    the longest restart each hollow agent actually took in that batch (plus the
+//!    configured soak per batch); controller overhead per node = (wall − critical
+//!    path) / nodes (target < 1 ms).
+//! 4. Controller process (from /proc/PID): CPU seconds and peak RSS, VmHWM (target
+//!    < 300 MB).
+//!
+//! The hollow agents run in this process, so the controller's figures come from
+//! /proc/<controller pid> alone; this process's CPU and other load on the machine are
+//! printed beside them (the agents and the controller share the CPUs).
+//! Exit status: 0 every target met, 1 a target missed or the rollout did not
+//! succeed, 2 the bench could not run, 130 interrupted. Loopback only; every wait is
+//! bounded; the controller is killed on exit.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{BufRead as _, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, ValueEnum};
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::controller_service_client::ControllerServiceClient;
+use fleet_tests::hollow::{
+    HollowConfig, HollowFleet, RestartRecord, fake_sha256, nofile_needed, raise_nofile,
+};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+/// Targets (issue 3, "Scale").
+const TARGET_OVERHEAD_PER_NODE: Duration = Duration::from_millis(1);
+const TARGET_PEAK_RSS_BYTES: u64 = 300_000_000;
+
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(180);
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_MESSAGE: usize = 512 << 20;
+const NEW_EXE: &str = "/opt/app-v2";
+const TAIL_LINES: usize = 40;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "scale-bench",
+    about = "Controller scale benchmark: hollow agents register, heartbeat and take a rollout in 10% batches"
+)]
+struct Args {
+    /// Number of hollow agents.
+    #[arg(long, default_value_t = 10_000)]
+    agents: usize,
+    /// Simulated restart time of each hollow agent.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    restart_latency: Duration,
+    /// Each simulated restart takes restart-latency ± up to this much.
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    restart_jitter: Duration,
+    /// Probability (0..1) that a simulated restart fails.
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// Cumulative batch sizes of the rollout.
+    #[arg(long, default_value = "10%,20%,30%,40%,50%,60%,70%,80%,90%,100%")]
+    batches: String,
+    /// The rollout's max_unavailable (empty: the controller's default, a whole batch).
+    #[arg(long, default_value = "")]
+    max_unavailable: String,
+    /// The rollout's min-healthy soak per node (counted as simulated time, not overhead).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    min_healthy: Duration,
+    /// The controller's --heartbeat-ttl (it asks agents to heartbeat every ttl / 3).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    heartbeat_ttl: Duration,
+    /// Length of the heartbeat measurement window.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    window: Duration,
+    /// Give up on the rollout after this long.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Follow the rollout with WatchRollout instead of polling GetRollout.
+    #[arg(long)]
+    watch: bool,
+    /// Interval of the GetRollout polls.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    poll: Duration,
+    /// fleet-controller executable (default: next to this executable).
+    #[arg(long)]
+    controller_exe: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.agents == 0 || args.window.is_zero() || args.poll.is_zero() {
+        eprintln!("scale-bench: --agents, --window and --poll must be > 0");
+        return ExitCode::from(2);
+    }
+    if !(0.0..=1.0).contains(&args.failure_rate) {
+        eprintln!("scale-bench: --failure-rate must be between 0 and 1");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("scale-bench: cannot start the tokio runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = runtime.block_on(async {
+        // Dropping `run` (Ctrl-C, SIGTERM) drops the controller's guard, which kills it.
+        tokio::select! {
+            res = run(args) => match res {
+                Ok(true) => 0,
+                Ok(false) => 1,
+                Err(e) => {
+                    eprintln!("scale-bench: error: {e:#}");
+                    2
+                }
+            },
+            () = interrupted() => {
+                eprintln!("scale-bench: interrupted; stopping the controller and the agents");
+                130
+            }
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(3));
+    ExitCode::from(code)
+}
+
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Progress goes to stderr; stdout carries only the report.
+fn say(line: impl AsRef<str>) {
+    eprintln!("scale-bench: {}", line.as_ref());
+}
+
+// ---------------------------------------------------------------------------
+// The controller process
+
+/// The started controller. Dropping it kills it (and its process group) and reaps it.
+#[derive(Debug)]
+struct Controller {
+    child: Child,
+    addr: SocketAddr,
+    tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Controller {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn tail(&self, n: usize) -> Vec<String> {
+        let t = lock(&self.tail);
+        t.iter().skip(t.len().saturating_sub(n)).cloned().collect()
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    async fn terminate(&mut self, grace: Duration) {
+        if self.exited().is_some() {
+            return;
+        }
+        let _ = kill(pid_of(self.pid()), Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && self.exited().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        let pid = pid_of(self.pid());
+        let _ = kill(pid, Signal::SIGKILL);
+        let _ = killpg(pid, Signal::SIGKILL);
+        let _ = self.child.wait();
+        eprintln!("scale-bench: killed fleet-controller (pid {pid})");
+    }
+}
+
+fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads `reader` line by line until EOF (so the child never blocks on a full pipe),
+/// keeps the last lines, and hands every line to `on_line`.
+fn drain_lines(
+    reader: impl Read + Send + 'static,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(reader);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = strip_ansi(String::from_utf8_lossy(&buf).trim_end());
+                    on_line(&line);
+                    let mut t = lock(&tail);
+                    if t.len() == TAIL_LINES {
+                        t.pop_front();
+                    }
+                    t.push_back(line);
+                }
+            }
+        }
+    });
+}
+
+/// Removes ANSI escape sequences (in case the log is coloured).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn parse_listening(line: &str) -> Option<SocketAddr> {
+    const MARKER: &str = "controller listening on ";
+    let rest = &line[line.find(MARKER)? + MARKER.len()..];
+    rest.split_whitespace()
+        .next()?
+        .trim_matches(|c| c == '[' || c == ']' || c == ',')
+        .parse()
+        .ok()
+}
+
+async fn start_controller(exe: &Path, db: &Path, ttl: Duration) -> anyhow::Result<Controller> {
+    let ttl = format!("{}ms", ttl.as_millis());
+    let mut child = Command::new(exe)
+        .args(["--listen", "127.0.0.1:0", "--db"])
+        .arg(db)
+        .args(["--heartbeat-ttl", &ttl])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Own process group: Ctrl-C reaches only the bench, which stops it in order.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if let Some(stdout) = child.stdout.take() {
+        let tx = tx.clone();
+        drain_lines(stdout, tail.clone(), move |line| {
+            if let Some(a) = parse_listening(line) {
+                let _ = tx.send(a);
+            }
+        });
+    }
+    if let Some(stderr) = child.stderr.take() {
+        drain_lines(stderr, tail.clone(), move |line| {
+            if let Some(a) = parse_listening(line) {
+                let _ = tx.send(a);
+            }
+        });
+    }
+    let mut controller = Controller {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        tail,
+    };
+    match tokio::time::timeout(STARTUP_TIMEOUT, rx.recv()).await {
+        Ok(Some(addr)) => {
+            controller.addr = addr;
+            Ok(controller)
+        }
+        _ => {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let status = controller.exited();
+            bail!(
+                "fleet-controller did not log `controller listening on ADDR` within {STARTUP_TIMEOUT:?} ({}); last output:\n  {}",
+                status.map_or("still running".to_string(), |s| s.to_string()),
+                controller.tail(15).join("\n  ")
+            )
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// /proc
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = s.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state(3) ... utime(14) stime(15).
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn clk_tck() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64)
+}
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_ticks(pid).map(|t| t as f64 / clk_tck())
+}
+
+/// A `/proc/PID/status` field in bytes (`VmRSS:`, `VmHWM:`).
+fn status_bytes(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+/// Busy and total ticks of the whole machine (/proc/stat).
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cols: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    if cols.len() < 4 {
+        return None;
+    }
+    Some((cols[0] + cols[1] + cols[2], cols.iter().take(8).sum()))
+}
+
+/// CPU figures of the controller, this process and the rest of the machine between
+/// two points.
+#[derive(Debug, Clone, Copy)]
+struct CpuMark {
+    at: Instant,
+    controller: Option<f64>,
+    bench: Option<f64>,
+    machine: Option<(u64, u64)>,
+}
+
+impl CpuMark {
+    fn now(controller_pid: u32) -> Self {
+        Self {
+            at: Instant::now(),
+            controller: cpu_seconds(controller_pid),
+            bench: cpu_seconds(std::process::id()),
+            machine: machine_ticks(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CpuSpan {
+    seconds: f64,
+    controller_s: Option<f64>,
+    bench_s: Option<f64>,
+    /// Share of all CPUs busy with processes other than the controller and the bench.
+    foreign: Option<f64>,
+}
+
+impl CpuSpan {
+    fn between(a: &CpuMark, b: &CpuMark) -> Self {
+        let seconds = b.at.duration_since(a.at).as_secs_f64();
+        let controller_s = a.controller.zip(b.controller).map(|(a, b)| b - a);
+        let bench_s = a.bench.zip(b.bench).map(|(a, b)| b - a);
+        let foreign = a.machine.zip(b.machine).and_then(|((ab, at), (bb, bt))| {
+            let total = bt.checked_sub(at)? as f64 / clk_tck();
+            let busy = bb.checked_sub(ab)? as f64 / clk_tck();
+            (total > 0.0).then(|| {
+                ((busy - controller_s.unwrap_or(0.0) - bench_s.unwrap_or(0.0)) / total).max(0.0)
+            })
+        });
+        Self {
+            seconds,
+            controller_s,
+            bench_s,
+            foreign,
+        }
+    }
+
+    /// Controller CPU in % of one core.
+    fn controller_pct(&self) -> Option<f64> {
+        self.controller_s.map(|c| c / self.seconds * 100.0)
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn opt3(x: Option<f64>) -> Value {
+    x.map_or(Value::Null, |x| json!(round3(x)))
+}
+
+fn fmt_opt(x: Option<f64>, unit: &str) -> String {
+    x.map_or_else(|| "n/a".into(), |x| format!("{x:.1}{unit}"))
+}
+
+fn mb(b: Option<u64>) -> String {
+    b.map_or_else(|| "n/a".into(), |b| format!("{:.1} MB", b as f64 / 1e6))
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+// ---------------------------------------------------------------------------
+// The run
+
+fn client(addr: SocketAddr) -> anyhow::Result<ControllerServiceClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    Ok(ControllerServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
+}
+
+fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.set_timeout(timeout);
+    r
+}
+
+#[derive(Debug, Default)]
+struct BatchFigures {
+    batch: u32,
+    nodes: usize,
+    restarts: usize,
+    /// Longest simulated restart in the batch.
+    max_restart: Duration,
+    /// First restart call arrived → last restart answered, relative to the start.
+    first_start: Option<Duration>,
+    last_end: Option<Duration>,
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let controller_exe = match &args.controller_exe {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("cannot find this executable")?
+            .with_file_name("fleet-controller"),
+    };
+    if !controller_exe.exists() {
+        bail!(
+            "{} does not exist: build it first (cargo build --release --workspace --bins) or give --controller-exe",
+            controller_exe.display()
+        );
+    }
+    // The controller inherits the limit: it opens a connection to every agent.
+    let needed = nofile_needed(args.agents) + 1024;
+    let nofile = raise_nofile(needed)?;
+    if nofile < needed {
+        say(format!(
+            "warning: open-file limit {nofile} < {needed} needed for {} agents; raise `ulimit -Hn` or use fewer --agents",
+            args.agents
+        ));
+    }
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let db = dir.path().join("fleet.db");
+    let mut controller = start_controller(&controller_exe, &db, args.heartbeat_ttl).await?;
+    let cpid = controller.pid();
+    say(format!(
+        "fleet-controller pid {cpid} listening on {}",
+        controller.addr
+    ));
+    let mut api = client(controller.addr)?;
+    let idle_rss = status_bytes(cpid, "VmRSS:");
+    let mark_start = CpuMark::now(cpid);
+
+    // 1. Registration.
+    let reg_start = Instant::now();
+    let fleet = HollowFleet::start(HollowConfig {
+        count: args.agents,
+        controller: Some(format!("http://{}", controller.addr)),
+        restart_latency: args.restart_latency,
+        restart_jitter: args.restart_jitter,
+        failure_rate: args.failure_rate,
+        ..HollowConfig::default()
+    })
+    .await?;
+    let bound = reg_start.elapsed();
+    say(format!(
+        "{} hollow agents serving (ports bound in {bound:.2?}); waiting for ListNodes to show them",
+        fleet.len()
+    ));
+    let mut hollow_registered: Option<Duration> = None;
+    let registration = loop {
+        if reg_start.elapsed() > REGISTRATION_TIMEOUT {
+            let s = fleet.stats();
+            bail!(
+                "not all {} agents registered within {REGISTRATION_TIMEOUT:?}: {} heartbeats accepted, {} failed (last error: {}); controller log:\n  {}",
+                args.agents,
+                s.registered,
+                s.heartbeats_failed,
+                s.last_heartbeat_error.as_deref().unwrap_or("none"),
+                controller.tail(10).join("\n  ")
+            );
+        }
+        if let Some(status) = controller.exited() {
+            bail!(
+                "fleet-controller exited ({status}) during registration; last output:\n  {}",
+                controller.tail(15).join("\n  ")
+            );
+        }
+        if hollow_registered.is_none() && fleet.stats().registered >= args.agents {
+            hollow_registered = Some(reg_start.elapsed());
+        }
+        let nodes = api
+            .list_nodes(with_timeout(
+                pb::ListNodesRequest {
+                    selector: "sim=hollow".into(),
+                },
+                CALL_TIMEOUT,
+            ))
+            .await
+            .context("ListNodes")?
+            .into_inner()
+            .nodes;
+        let serving = nodes.iter().filter(|n| n.state == "serving").count();
+        if serving >= args.agents {
+            break reg_start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mark_registered = CpuMark::now(cpid);
+    let reg_cpu = CpuSpan::between(&mark_start, &mark_registered);
+    say(format!(
+        "registration: all {} nodes serving in ListNodes after {:.2}s (controller CPU {})",
+        args.agents,
+        registration.as_secs_f64(),
+        fmt_opt(reg_cpu.controller_s, " s")
+    ));
+
+    // 2. Heartbeat load.
+    let hb_before = fleet.stats();
+    let mark_hb0 = CpuMark::now(cpid);
+    tokio::time::sleep(args.window).await;
+    let hb_after = fleet.stats();
+    let mark_hb1 = CpuMark::now(cpid);
+    let hb_cpu = CpuSpan::between(&mark_hb0, &mark_hb1);
+    let hb_ok = hb_after.heartbeats_ok - hb_before.heartbeats_ok;
+    let hb_failed = hb_after.heartbeats_failed - hb_before.heartbeats_failed;
+    let hb_rate = hb_ok as f64 / hb_cpu.seconds;
+    say(format!(
+        "heartbeats: {hb_rate:.0}/s accepted over {:.1}s ({hb_failed} failed; interval {} ms), controller CPU {} of one core",
+        hb_cpu.seconds,
+        hb_after.interval_ms,
+        fmt_opt(hb_cpu.controller_pct(), "%")
+    ));
+
+    // 3. Rollout.
+    let spec = pb::RolloutSpec {
+        exe: NEW_EXE.into(),
+        sha256: fake_sha256(NEW_EXE),
+        selector: "sim=hollow".into(),
+        batches: args.batches.clone(),
+        max_unavailable: args.max_unavailable.clone(),
+        min_healthy_ms: u64::try_from(args.min_healthy.as_millis()).unwrap_or(u64::MAX),
+        max_failures: "100%".into(),
+        reason: "scale-bench".into(),
+        actor: "scale-bench".into(),
+        ..Default::default()
+    };
+    let mark_r0 = CpuMark::now(cpid);
+    let t0 = Instant::now();
+    let t0_unix_ms = unix_ms_now();
+    let started = api
+        .start_rollout(with_timeout(spec, args.timeout))
+        .await
+        .context("StartRollout")?
+        .into_inner();
+    let start_call = t0.elapsed();
+    let id = started.id.clone();
+    say(format!(
+        "rollout {id} started ({} batches {:?}) after {:.2}s (StartRollout: plan + preflight of {} targets)",
+        started.batch_sizes.len(),
+        started.batch_sizes,
+        start_call.as_secs_f64(),
+        started.nodes.len()
+    ));
+    let deadline = t0 + args.timeout;
+    let finished = follow(&args, &mut api, &mut controller, &id, deadline).await?;
+    let observed = t0.elapsed();
+    let mark_r1 = CpuMark::now(cpid);
+    let rollout_cpu = CpuSpan::between(&mark_r0, &mark_r1);
+    let wall = if finished.finished_unix_ms >= t0_unix_ms {
+        Duration::from_millis(finished.finished_unix_ms - t0_unix_ms)
+    } else {
+        observed
+    };
+
+    // Critical path from what the hollow agents recorded.
+    let restarts: Vec<RestartRecord> = fleet
+        .restarts()
+        .into_iter()
+        .filter(|r| r.started >= t0)
+        .collect();
+    let batch_of: HashMap<&str, u32> = finished
+        .nodes
+        .iter()
+        .map(|n| (n.node_id.as_str(), n.batch))
+        .collect();
+    let mut batches: BTreeMap<u32, BatchFigures> = BTreeMap::new();
+    for n in &finished.nodes {
+        let b = batches.entry(n.batch).or_default();
+        b.batch = n.batch;
+        b.nodes += 1;
+    }
+    let mut per_node: HashMap<&str, usize> = HashMap::new();
+    for r in &restarts {
+        *per_node.entry(r.node_id.as_str()).or_default() += 1;
+        let Some(&batch) = batch_of.get(r.node_id.as_str()) else {
+            continue;
+        };
+        let b = batches.entry(batch).or_default();
+        b.restarts += 1;
+        b.max_restart = b.max_restart.max(r.duration);
+        let start = r.started.duration_since(t0);
+        let end = start + r.duration;
+        b.first_start = Some(b.first_start.map_or(start, |s| s.min(start)));
+        b.last_end = Some(b.last_end.map_or(end, |e| e.max(end)));
+    }
+    let twice = per_node.values().filter(|&&c| c > 1).count();
+    let critical: Duration = batches.values().map(|b| b.max_restart).sum();
+    let soak = args.min_healthy * u32::try_from(batches.len()).unwrap_or(u32::MAX);
+    let simulated = critical + soak;
+    let nodes_total = finished.nodes.len().max(1);
+    let overhead = wall.saturating_sub(simulated);
+    let overhead_per_node = overhead / u32::try_from(nodes_total).unwrap_or(u32::MAX);
+    let mut node_states: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in &finished.nodes {
+        *node_states.entry(n.state.as_str()).or_default() += 1;
+    }
+    let first_failure = finished
+        .nodes
+        .iter()
+        .find(|n| n.state == "failed")
+        .map(|n| format!("{}: {}", n.node_id, n.reason));
+
+    // 4. Controller process.
+    let peak_rss = status_bytes(cpid, "VmHWM:");
+    let end_rss = status_bytes(cpid, "VmRSS:");
+    let total_cpu = CpuSpan::between(&mark_start, &mark_r1);
+
+    let overhead_ok = overhead_per_node < TARGET_OVERHEAD_PER_NODE;
+    let rss_ok = peak_rss.is_some_and(|r| r < TARGET_PEAK_RSS_BYTES);
+    let succeeded = finished.state == "succeeded";
+    let pass = overhead_ok && rss_ok && succeeded && twice == 0;
+
+    let batch_rows: Vec<Value> = batches
+        .values()
+        .map(|b| {
+            json!({
+                "batch": b.batch,
+                "nodes": b.nodes,
+                "restarts": b.restarts,
+                "max_restart_ms": round3(b.max_restart.as_secs_f64() * 1e3),
+                "first_restart_at_s": opt3(b.first_start.map(|d| d.as_secs_f64())),
+                "last_restart_done_at_s": opt3(b.last_end.map(|d| d.as_secs_f64())),
+            })
+        })
+        .collect();
+    let report = json!({
+        "agents": args.agents,
+        "restart_latency_ms": round3(args.restart_latency.as_secs_f64() * 1e3),
+        "restart_jitter_ms": round3(args.restart_jitter.as_secs_f64() * 1e3),
+        "failure_rate": args.failure_rate,
+        "heartbeat_ttl_s": args.heartbeat_ttl.as_secs_f64(),
+        "registration": {
+            "ports_bound_s": round3(bound.as_secs_f64()),
+            "all_first_heartbeats_accepted_s": opt3(hollow_registered.map(|d| d.as_secs_f64())),
+            "all_serving_in_list_nodes_s": round3(registration.as_secs_f64()),
+            "controller_cpu_s": opt3(reg_cpu.controller_s),
+        },
+        "heartbeats": {
+            "window_s": round3(hb_cpu.seconds),
+            "interval_ms": hb_after.interval_ms,
+            "accepted": hb_ok,
+            "failed": hb_failed,
+            "per_second": round3(hb_rate),
+            "controller_cpu_percent_of_one_core": opt3(hb_cpu.controller_pct()),
+        },
+        "rollout": {
+            "id": id,
+            "state": finished.state,
+            "reason": finished.reason,
+            "batches": batch_rows,
+            "batch_sizes": finished.batch_sizes,
+            "node_states": node_states,
+            "first_failure": first_failure,
+            "restarts": restarts.len(),
+            "nodes_restarted_more_than_once": twice,
+            "start_rollout_call_s": round3(start_call.as_secs_f64()),
+            "wall_s": round3(wall.as_secs_f64()),
+            "critical_path_restart_s": round3(critical.as_secs_f64()),
+            "soak_s": round3(soak.as_secs_f64()),
+            "controller_overhead_s": round3(overhead.as_secs_f64()),
+            "controller_overhead_per_node_ms": round3(overhead_per_node.as_secs_f64() * 1e3),
+            "followed_with": if args.watch { "WatchRollout" } else { "GetRollout polls" },
+            "controller_cpu_s": opt3(rollout_cpu.controller_s),
+            "bench_cpu_s": opt3(rollout_cpu.bench_s),
+            "other_load_share_of_all_cpus": opt3(rollout_cpu.foreign),
+        },
+        "controller": {
+            "pid": cpid,
+            "idle_rss_bytes": idle_rss,
+            "rss_bytes_end": end_rss,
+            "peak_rss_bytes": peak_rss,
+            "cpu_s_total": opt3(total_cpu.controller_s),
+            "cpu_s_rollout": opt3(rollout_cpu.controller_s),
+        },
+        "bench_process_cpu_s_total": opt3(total_cpu.bench_s),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "targets": {
+            "controller_overhead_per_node_ms_below": TARGET_OVERHEAD_PER_NODE.as_secs_f64() * 1e3,
+            "peak_rss_bytes_below": TARGET_PEAK_RSS_BYTES,
+            "overhead_met": overhead_ok,
+            "peak_rss_met": rss_ok,
+            "rollout_succeeded": succeeded,
+        },
+        "pass": pass,
+    });
+
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Text => {
+            let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
+            println!(
+                "scale-bench: {} hollow agents, restart latency {:?} ± {:?}, failure rate {}, {} CPUs",
+                args.agents,
+                args.restart_latency,
+                args.restart_jitter,
+                args.failure_rate,
+                report["cpus"]
+            );
+            println!(
+                "registration        {:.2} s until ListNodes showed all {} serving (all first heartbeats accepted after {})",
+                registration.as_secs_f64(),
+                args.agents,
+                fmt_opt(hollow_registered.map(|d| d.as_secs_f64()), " s")
+            );
+            println!(
+                "heartbeat load      {hb_rate:.0} heartbeats/s accepted over {:.1} s ({hb_failed} failed, interval {} ms), controller CPU {} of one core",
+                hb_cpu.seconds,
+                hb_after.interval_ms,
+                fmt_opt(hb_cpu.controller_pct(), "%")
+            );
+            println!(
+                "rollout {id}         {} in {:.2} s wall ({} batches; StartRollout with preflight {:.2} s); nodes: {}",
+                finished.state,
+                wall.as_secs_f64(),
+                batches.len(),
+                start_call.as_secs_f64(),
+                node_states
+                    .iter()
+                    .map(|(s, n)| format!("{n} {s}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            if let Some(f) = &first_failure {
+                println!("  first failure     {f}");
+            }
+            for b in batches.values() {
+                println!(
+                    "  batch {:>2}  {:>5} nodes  restarts {:>5}  longest restart {:>7.1} ms  restarts from {} s to {} s",
+                    b.batch,
+                    b.nodes,
+                    b.restarts,
+                    b.max_restart.as_secs_f64() * 1e3,
+                    fmt_opt(b.first_start.map(|d| d.as_secs_f64()), ""),
+                    fmt_opt(b.last_end.map(|d| d.as_secs_f64()), "")
+                );
+            }
+            println!(
+                "simulated time      {:.3} s (sum of each batch's longest restart{})",
+                simulated.as_secs_f64(),
+                if soak.is_zero() {
+                    String::new()
+                } else {
+                    format!(" + soak {:.1} s", soak.as_secs_f64())
+                }
+            );
+            println!(
+                "controller overhead {:.2} s = {:.3} ms per node (target < {} ms)  {}",
+                overhead.as_secs_f64(),
+                overhead_per_node.as_secs_f64() * 1e3,
+                TARGET_OVERHEAD_PER_NODE.as_millis(),
+                verdict(overhead_ok)
+            );
+            println!(
+                "controller CPU      {} total, {} during the rollout, {} during registration",
+                fmt_opt(total_cpu.controller_s, " s"),
+                fmt_opt(rollout_cpu.controller_s, " s"),
+                fmt_opt(reg_cpu.controller_s, " s")
+            );
+            println!(
+                "controller memory   peak RSS (VmHWM) {} (target < {} MB)  {}; idle {}, at the end {}",
+                mb(peak_rss),
+                TARGET_PEAK_RSS_BYTES / 1_000_000,
+                verdict(rss_ok),
+                mb(idle_rss),
+                mb(end_rss)
+            );
+            println!(
+                "context             bench process (hollow agents) CPU {} during the rollout; other load {} of all CPUs; followed with {}",
+                fmt_opt(rollout_cpu.bench_s, " s"),
+                fmt_opt(rollout_cpu.foreign.map(|f| f * 100.0), "%"),
+                if args.watch {
+                    "WatchRollout"
+                } else {
+                    "GetRollout polls"
+                }
+            );
+            if twice > 0 {
+                println!("FAIL: {twice} nodes were restarted more than once");
+            }
+            println!(
+                "verdict             {}",
+                if pass {
+                    "PASS"
+                } else if succeeded {
+                    "FAIL (a target was missed)"
+                } else {
+                    "FAIL (the rollout did not succeed)"
+                }
+            );
+        }
+    }
+
+    fleet.shutdown().await;
+    controller.terminate(Duration::from_secs(5)).await;
+    Ok(pass)
+}
+
+fn is_final(state: &str) -> bool {
+    matches!(state, "succeeded" | "failed" | "rolled-back" | "aborted")
+}
+
+fn progress_line(r: &pb::Rollout) -> String {
+    let mut states: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in &r.nodes {
+        *states.entry(n.state.as_str()).or_default() += 1;
+    }
+    format!(
+        "rollout {} {} batch {}/{}: {}",
+        r.id,
+        r.state,
+        (r.current_batch as usize + 1).min(r.batch_sizes.len()),
+        r.batch_sizes.len(),
+        states
+            .iter()
+            .map(|(s, n)| format!("{n} {s}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Follows the rollout until it ends; fails at `deadline`.
+async fn follow(
+    args: &Args,
+    api: &mut ControllerServiceClient<Channel>,
+    controller: &mut Controller,
+    id: &str,
+    deadline: Instant,
+) -> anyhow::Result<pb::Rollout> {
+    let timeout_error = |last: Option<&pb::Rollout>| {
+        anyhow::anyhow!(
+            "the rollout did not finish within --timeout {:?}; last seen: {}",
+            args.timeout,
+            last.map_or_else(|| "nothing".to_string(), progress_line)
+        )
+    };
+    let mut last: Option<pb::Rollout> = None;
+    let mut last_report = Instant::now();
+    if args.watch {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let mut stream = api
+            .watch_rollout(with_timeout(
+                pb::GetRolloutRequest { id: id.into() },
+                remaining,
+            ))
+            .await
+            .context("WatchRollout")?
+            .into_inner();
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(remaining, stream.message()).await {
+                Err(_) => return Err(timeout_error(last.as_ref())),
+                Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
+                    return Err(timeout_error(last.as_ref()));
+                }
+                Ok(Err(status)) => return Err(status).context("WatchRollout stream"),
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(r))) => {
+                    let done = is_final(&r.state);
+                    last = Some(r);
+                    if done {
+                        break;
+                    }
+                }
+            }
+            if last_report.elapsed() >= Duration::from_secs(5) {
+                last_report = Instant::now();
+                if let Some(r) = &last {
+                    say(progress_line(r));
+                }
+            }
+        }
+        // The last streamed message may predate finished_unix_ms being set.
+        if last.as_ref().is_none_or(|r| !is_final(&r.state)) {
+            bail!(
+                "WatchRollout ended before the rollout did; last seen: {}",
+                last.as_ref()
+                    .map_or_else(|| "nothing".to_string(), progress_line)
+            );
+        }
+    } else {
+        loop {
+            if Instant::now() >= deadline {
+                return Err(timeout_error(last.as_ref()));
+            }
+            if let Some(status) = controller.exited() {
+                bail!(
+                    "fleet-controller exited ({status}) during the rollout; last output:\n  {}",
+                    controller.tail(15).join("\n  ")
+                );
+            }
+            let r = api
+                .get_rollout(with_timeout(
+                    pb::GetRolloutRequest { id: id.into() },
+                    CALL_TIMEOUT,
+                ))
+                .await
+                .context("GetRollout")?
+                .into_inner();
+            let done = is_final(&r.state);
+            if last_report.elapsed() >= Duration::from_secs(5) || done {
+                last_report = Instant::now();
+                say(progress_line(&r));
+            }
+            last = Some(r);
+            if done {
+                break;
+            }
+            tokio::time::sleep(args.poll).await;
+        }
+    }
+    let r = last.context("no rollout seen")?;
+    if r.finished_unix_ms == 0 {
+        // Fetch the final record for its finish time.
+        return Ok(api
+            .get_rollout(with_timeout(
+                pb::GetRolloutRequest { id: id.into() },
+                CALL_TIMEOUT,
+            ))
+            .await
+            .context("GetRollout")?
+            .into_inner());
+    }
+    Ok(r)
+}

@@ -1,0 +1,676 @@
+//! Run the real `fleet-controller` with real agents, and drive it with `fleetctl`
+//! the way an operator would.
+//!
+//! [`Controller::start`] spawns the controller on a loopback port with a per-test
+//! SQLite file in a temp dir, echoes its log to the test's stderr, and returns once it
+//! logged the address it listens on. [`Controller::start_nodes`] starts agents that
+//! heartbeat to it and returns once `ListNodes` shows every one of them serving;
+//! [`Controller::fleetctl`] runs the CLI with `FLEET_CONTROLLER` (and `FLEET_TOKEN`)
+//! set. Waits poll the controller with a deadline, never a bare sleep. Dropping the
+//! [`Controller`] kills it with SIGKILL; agents are killed by their own drop.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::controller_service_client::ControllerServiceClient;
+use tempfile::TempDir;
+use tokio::sync::watch;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::harness::{copy_agent_binary, eventually};
+use crate::{Agent, AgentOpts};
+
+/// How long [`Controller::start`] waits for `controller listening on ADDR`, and
+/// [`Controller::start_nodes`] for every node to be serving.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one `fleetctl` run may take (a watched rollout included).
+pub const FLEETCTL_TIMEOUT: Duration = Duration::from_secs(120);
+/// The states a rollout ends in.
+pub const FINISHED: [&str; 4] = ["succeeded", "failed", "rolled-back", "aborted"];
+
+/// A binary of this workspace, built next to the running test executable
+/// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let binary = profile_dir.join(name);
+    assert!(
+        binary.is_file(),
+        "{} does not exist: run `cargo build --workspace --bins` first",
+        binary.display()
+    );
+    binary
+}
+
+/// A loopback port that was free a moment ago: bind port 0, read it, release it. For
+/// a controller that must come back on the same address after a crash.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// The id [`Controller::start_nodes`] gives node `i` (0-based): `node-1`, `node-2`, ...
+pub fn node_id(i: usize) -> String {
+    format!("node-{}", i + 1)
+}
+
+/// How to run the controller. `..Default::default()` gives a free port and a 2 s
+/// heartbeat TTL (agents heartbeat every ttl/3).
+#[derive(Debug, Clone)]
+pub struct ControllerOpts {
+    /// `--listen`; `127.0.0.1:0` picks a free port.
+    pub listen: String,
+    /// `--heartbeat-ttl`.
+    pub heartbeat_ttl: String,
+    /// A token, written to `<tempdir>/token` and passed as `--token-file`; agents from
+    /// [`Controller::agent_opts`], [`Controller::grpc`] and [`Controller::fleetctl`]
+    /// then carry it.
+    pub token: Option<String>,
+    /// More arguments.
+    pub args: Vec<OsString>,
+}
+
+impl Default for ControllerOpts {
+    fn default() -> Self {
+        ControllerOpts {
+            listen: "127.0.0.1:0".into(),
+            heartbeat_ttl: "2s".into(),
+            token: None,
+            args: Vec::new(),
+        }
+    }
+}
+
+/// Adds `authorization: Bearer TOKEN` to every call, when there is a token.
+#[derive(Debug, Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A gRPC client of the controller, with or without the token.
+pub type ControllerClient = ControllerServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// What one `fleetctl` run did.
+#[derive(Debug, Clone)]
+pub struct Ctl {
+    /// The command line, for messages.
+    pub args: String,
+    /// The exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ctl {
+    /// Panic with the whole output unless fleetctl exited with `code`.
+    pub fn expect_code(&self, code: i32) -> &Ctl {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "fleetctl {} exited with {:?}, expected {code}\n--- stdout:\n{}--- stderr:\n{}",
+            self.args,
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Stdout parsed as JSON; panics with the output if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "fleetctl {}: stdout is not JSON ({e}):\n{}",
+                self.args, self.stdout
+            )
+        })
+    }
+
+    /// Stdout and stderr, for `contains` checks that do not care which.
+    pub fn output(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Every line the controller printed (over all its runs), and a counter that
+/// changes with each new one.
+#[derive(Debug)]
+struct Log {
+    lines: Mutex<Vec<String>>,
+    count: watch::Sender<usize>,
+}
+
+/// A running `fleet-controller`, killed with SIGKILL on drop. Its database outlives
+/// [`Controller::kill`], so [`Controller::restart`] comes back with the same state.
+#[derive(Debug)]
+pub struct Controller {
+    child: Mutex<Child>,
+    dir: TempDir,
+    addr: SocketAddr,
+    log: Arc<Log>,
+    opts: ControllerOpts,
+}
+
+impl Controller {
+    /// Spawn the controller and wait until it listens; panics with its log if it
+    /// exits or takes longer than [`START_TIMEOUT`].
+    pub async fn start(opts: ControllerOpts) -> Controller {
+        let dir = tempfile::Builder::new()
+            .prefix("fleet-controller-test")
+            .tempdir()
+            .expect("create a temp dir");
+        if let Some(token) = &opts.token {
+            std::fs::write(dir.path().join("token"), format!("{token}\n"))
+                .expect("write the token");
+        }
+        let (count, _) = watch::channel(0);
+        let log = Arc::new(Log {
+            lines: Mutex::new(Vec::new()),
+            count,
+        });
+        let child = spawn(dir.path(), &opts, &opts.listen, &log);
+        let mut controller = Controller {
+            child: Mutex::new(child),
+            dir,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+            opts,
+        };
+        controller.wait_listening(0).await;
+        controller
+    }
+
+    /// After `mark` (a log length), wait for `controller listening on ADDR` and
+    /// take ADDR as the controller's address.
+    async fn wait_listening(&mut self, mark: usize) {
+        let line = self
+            .wait_for_log_from(mark, "controller listening on ", START_TIMEOUT)
+            .await;
+        let rest = &line[line.find("controller listening on ").expect("found") + 24..];
+        let token = rest.split_whitespace().next().unwrap_or_default();
+        let token =
+            token.trim_matches(|c: char| !(c.is_ascii_alphanumeric() || ".:[]".contains(c)));
+        self.addr = token
+            .parse()
+            .unwrap_or_else(|_| self.fail(&format!("cannot parse the address in {line:?}")));
+    }
+
+    /// Kill the controller with SIGKILL (no chance to write anything more) and reap it.
+    pub fn kill(&self) {
+        let mut child = self.child.lock().unwrap();
+        eprintln!("[harness] SIGKILL fleet-controller {}", child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Start the controller again on the same address and database (after
+    /// [`Controller::kill`]); returns once it listens.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let mark = self.log.lines.lock().unwrap().len();
+        let child = spawn(
+            self.dir.path(),
+            &self.opts,
+            &self.addr.to_string(),
+            &self.log,
+        );
+        *self.child.lock().unwrap() = child;
+        let before = self.addr;
+        self.wait_listening(mark).await;
+        assert_eq!(
+            self.addr, before,
+            "the controller came back on another address"
+        );
+    }
+
+    /// The API address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, what agents and fleetctl are given.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The controller's token, if it has one.
+    pub fn token(&self) -> Option<&str> {
+        self.opts.token.as_deref()
+    }
+
+    // ----- log -----
+
+    /// Every line logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lines.lock().unwrap().clone()
+    }
+
+    /// Wait for a line containing `needle` among the lines from index `mark` on;
+    /// panics with the log after `timeout`, or once the controller exited without it.
+    pub async fn wait_for_log_from(&self, mark: usize, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut changed = self.log.count.subscribe();
+        loop {
+            let found = self
+                .log
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(mark)
+                .find(|l| l.contains(needle))
+                .cloned();
+            if let Some(line) = found {
+                return line;
+            }
+            if Instant::now() >= deadline {
+                self.fail(&format!(
+                    "no log line containing {needle:?} within {timeout:?}"
+                ));
+            }
+            let exited = self.child.lock().unwrap().try_wait().ok().flatten();
+            if let Some(status) = exited {
+                // Give the reader threads a moment to deliver the last lines.
+                if tokio::time::timeout(Duration::from_millis(200), changed.changed())
+                    .await
+                    .is_err()
+                {
+                    self.fail(&format!(
+                        "the controller exited ({status}) without logging {needle:?}"
+                    ));
+                }
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ =
+                tokio::time::timeout(left.min(Duration::from_millis(100)), changed.changed()).await;
+        }
+    }
+
+    /// Panic with `message` and the controller's whole log.
+    pub fn fail(&self, message: &str) -> ! {
+        let log = self.log_lines().join("\n    ");
+        panic!("{message}\n  controller log:\n    {log}");
+    }
+
+    // ----- gRPC -----
+
+    /// A client carrying the controller's token (if any).
+    pub fn grpc(&self) -> ControllerClient {
+        self.grpc_with_token(self.token())
+    }
+
+    /// A client carrying `token`, or none.
+    pub fn grpc_with_token(&self, token: Option<&str>) -> ControllerClient {
+        let bearer = token.map(|t| format!("Bearer {t}").parse().expect("an ASCII token"));
+        // A lazily connected channel: it connects on the first call (and again after
+        // a restart of the controller).
+        let channel = Endpoint::from_shared(self.url())
+            .expect("a valid URL")
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        ControllerServiceClient::with_interceptor(channel, Bearer(bearer))
+    }
+
+    /// `ListNodes` with every node.
+    pub async fn nodes(&self) -> Vec<pb::Node> {
+        self.grpc()
+            .list_nodes(pb::ListNodesRequest::default())
+            .await
+            .unwrap_or_else(|s| self.fail(&format!("ListNodes: {s}")))
+            .into_inner()
+            .nodes
+    }
+
+    /// `GetRollout`.
+    pub async fn rollout(&self, id: &str) -> pb::Rollout {
+        self.grpc()
+            .get_rollout(pb::GetRolloutRequest { id: id.into() })
+            .await
+            .unwrap_or_else(|s| self.fail(&format!("GetRollout {id}: {s}")))
+            .into_inner()
+    }
+
+    /// `ListRollouts`, newest first.
+    pub async fn rollouts(&self) -> Vec<pb::Rollout> {
+        self.grpc()
+            .list_rollouts(pb::ListRolloutsRequest::default())
+            .await
+            .unwrap_or_else(|s| self.fail(&format!("ListRollouts: {s}")))
+            .into_inner()
+            .rollouts
+    }
+
+    /// Poll `GetRollout` until `ready` holds; panics after `timeout` with the rollout
+    /// as last seen.
+    pub async fn wait_rollout(
+        &self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        ready: impl Fn(&pb::Rollout) -> bool,
+    ) -> pb::Rollout {
+        let mut client = self.grpc();
+        eventually(timeout, &format!("rollout {id}: {what}"), async || {
+            let rollout = client
+                .get_rollout(pb::GetRolloutRequest { id: id.into() })
+                .await
+                .map_err(|s| format!("GetRollout: {s}"))?
+                .into_inner();
+            if ready(&rollout) {
+                Ok(rollout)
+            } else {
+                Err(describe(&rollout))
+            }
+        })
+        .await
+    }
+
+    /// Wait until the rollout ended (succeeded, failed, rolled-back or aborted).
+    pub async fn wait_rollout_end(&self, id: &str, timeout: Duration) -> pb::Rollout {
+        self.wait_rollout(id, "ended", timeout, |r| {
+            FINISHED.contains(&r.state.as_str())
+        })
+        .await
+    }
+
+    /// Poll `ListNodes` until every id in `ids` is listed with state `state`.
+    pub async fn wait_nodes(
+        &self,
+        ids: &[String],
+        state: &str,
+        timeout: Duration,
+    ) -> Vec<pb::Node> {
+        let mut client = self.grpc();
+        eventually(timeout, &format!("nodes {ids:?} {state}"), async || {
+            let nodes = client
+                .list_nodes(pb::ListNodesRequest::default())
+                .await
+                .map_err(|s| format!("ListNodes: {s}"))?
+                .into_inner()
+                .nodes;
+            let missing: Vec<String> = ids
+                .iter()
+                .filter(|id| !nodes.iter().any(|n| &n.node_id == *id && n.state == state))
+                .map(|id| {
+                    let seen = nodes.iter().find(|n| &n.node_id == id);
+                    format!("{id}: {:?}", seen.map(|n| (&n.state, &n.reason)))
+                })
+                .collect();
+            if missing.is_empty() {
+                Ok(nodes)
+            } else {
+                Err(missing.join("; "))
+            }
+        })
+        .await
+    }
+
+    // ----- agents -----
+
+    /// Options for an agent that registers with this controller as `node_id` (and
+    /// carries its token).
+    pub fn agent_opts(&self, node_id: &str) -> AgentOpts {
+        AgentOpts {
+            token: self.opts.token.clone(),
+            ..AgentOpts::default()
+        }
+        .arg("--controller")
+        .arg(self.url())
+        .arg("--node-id")
+        .arg(node_id)
+    }
+
+    /// Start `n` agents as `node-1` .. `node-n` (options from [`Controller::agent_opts`],
+    /// then `configure(i, opts)`), all at once, and wait until the controller lists
+    /// every one serving.
+    pub async fn start_nodes(
+        &self,
+        n: usize,
+        configure: impl Fn(usize, AgentOpts) -> AgentOpts,
+    ) -> Vec<Agent> {
+        let mut starting = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let opts = configure(i, self.agent_opts(&node_id(i)));
+            starting.spawn(async move { (i, Agent::start(opts).await) });
+        }
+        let mut agents: Vec<(usize, Agent)> = starting.join_all().await;
+        agents.sort_by_key(|(i, _)| *i);
+        let ids: Vec<String> = (0..n).map(node_id).collect();
+        self.wait_nodes(&ids, "serving", START_TIMEOUT).await;
+        agents.into_iter().map(|(_, a)| a).collect()
+    }
+
+    // ----- fleetctl -----
+
+    /// Run `fleetctl ARGS` against this controller with its token (if any).
+    pub async fn fleetctl<I, S>(&self, args: I) -> Ctl
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.fleetctl_with_token(self.token(), args).await
+    }
+
+    /// Run `fleetctl ARGS` with `FLEET_TOKEN` set to `token`, or unset.
+    pub async fn fleetctl_with_token<I, S>(&self, token: Option<&str>, args: I) -> Ctl
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let shown = args
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut command = tokio::process::Command::new(binary("fleetctl"));
+        command
+            .args(&args)
+            .env("FLEET_CONTROLLER", self.url())
+            .env_remove("FLEET_TOKEN")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(token) = token {
+            command.env("FLEET_TOKEN", token);
+        }
+        eprintln!("[harness] fleetctl {shown}");
+        let output = match tokio::time::timeout(FLEETCTL_TIMEOUT, command.output()).await {
+            Ok(Ok(output)) => output,
+            Ok(Err(e)) => panic!("run fleetctl {shown}: {e}"),
+            Err(_) => self.fail(&format!(
+                "fleetctl {shown} did not end within {FLEETCTL_TIMEOUT:?}"
+            )),
+        };
+        let ctl = Ctl {
+            args: shown,
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        eprintln!(
+            "[fleetctl {}] exit {:?}\n--- stdout:\n{}--- stderr:\n{}",
+            ctl.args, ctl.code, ctl.stdout, ctl.stderr
+        );
+        ctl
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if let Ok(mut child) = self.child.lock() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Spawn `fleet-controller` with its database in `dir`, echoing its output into `log`.
+fn spawn(dir: &Path, opts: &ControllerOpts, listen: &str, log: &Arc<Log>) -> Child {
+    let program = binary("fleet-controller");
+    let mut command = Command::new(&program);
+    command
+        .arg("--listen")
+        .arg(listen)
+        .arg("--db")
+        .arg(dir.join("fleet.db"))
+        .arg("--heartbeat-ttl")
+        .arg(&opts.heartbeat_ttl);
+    if opts.token.is_some() {
+        command.arg("--token-file").arg(dir.join("token"));
+    }
+    command
+        .args(&opts.args)
+        .env("NO_COLOR", "1")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    eprintln!("[harness] running {command:?}");
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+    let pid = child.id();
+    read_lines(
+        child.stderr.take().expect("piped"),
+        log.clone(),
+        format!("[controller {pid}]"),
+    );
+    read_lines(
+        child.stdout.take().expect("piped"),
+        log.clone(),
+        format!("[controller {pid} stdout]"),
+    );
+    child
+}
+
+/// Echo every line of `stream` to the test's stderr (prefixed) and keep it.
+fn read_lines(stream: impl Read + Send + 'static, log: Arc<Log>, prefix: String) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = strip_ansi(String::from_utf8_lossy(&line).trim_end());
+            eprintln!("{prefix} {line}");
+            let mut lines = log.lines.lock().unwrap();
+            lines.push(line);
+            log.count.send_replace(lines.len());
+        }
+    });
+}
+
+/// Remove ANSI colour sequences (`ESC [ ... letter`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ----- reading rollouts -----
+
+/// "r1 running () batch 1 [node-1 b0 healthy (healthy), node-2 b1 pending ()]": the
+/// rollout in one line, for failure messages.
+pub fn describe(r: &pb::Rollout) -> String {
+    let nodes: Vec<String> = r
+        .nodes
+        .iter()
+        .map(|n| format!("{} b{} {} ({})", n.node_id, n.batch, n.state, n.reason))
+        .collect();
+    format!(
+        "{} {} ({}) batch {} [{}]",
+        r.id,
+        r.state,
+        r.reason,
+        r.current_batch,
+        nodes.join(", ")
+    )
+}
+
+/// The rollout's node `id`; panics with the rollout if there is none.
+pub fn rollout_node<'a>(r: &'a pb::Rollout, id: &str) -> &'a pb::RolloutNode {
+    r.nodes
+        .iter()
+        .find(|n| n.node_id == id)
+        .unwrap_or_else(|| panic!("rollout has no node {id}: {}", describe(r)))
+}
+
+/// When the node first entered `state`, from its timeline.
+pub fn entered(node: &pb::RolloutNode, state: &str) -> Option<u64> {
+    node.timeline
+        .iter()
+        .find(|t| t.state == state)
+        .map(|t| t.unix_ms)
+}
+
+/// The agent's own `Status` (gRPC, with its token).
+pub async fn agent_status(agent: &Agent) -> pb::StatusResponse {
+    agent
+        .grpc()
+        .await
+        .status(agent.request(pb::StatusRequest {}))
+        .await
+        .unwrap_or_else(|s| agent.fail(&format!("gRPC Status: {s}")))
+        .into_inner()
+}
+
+/// The path of the executable the agent's serving generation runs.
+pub fn exe_path(status: &pb::StatusResponse) -> String {
+    status
+        .exe
+        .as_ref()
+        .map(|e| e.path.clone())
+        .unwrap_or_default()
+}
+
+/// The pid of the worker of the agent's serving generation.
+pub fn worker_pid(status: &pb::StatusResponse) -> u32 {
+    status
+        .workers
+        .iter()
+        .find(|w| w.generation == status.generation)
+        .map(|w| w.pid)
+        .unwrap_or_else(|| panic!("no worker of the serving generation in {status:?}"))
+}
+
+/// A release: a copy of the agent binary as `dir/name`, by its canonical path (the
+/// path the agents report once they run it).
+pub fn agent_release(dir: &Path, name: &str) -> PathBuf {
+    std::fs::canonicalize(copy_agent_binary(dir, name)).expect("canonicalize the release")
+}
