@@ -142,8 +142,9 @@ impl Inventory {
     ) -> Result<Self, crate::store::StoreError> {
         let mut nodes = HashMap::new();
         for mut node in store.load_nodes()? {
-            // Known from before the restart, not heard from since.
-            node.last_heartbeat_unix_ms = node.last_heartbeat_unix_ms.min(now_ms());
+            // Known from before the controller restarted: one ttl of grace for its
+            // next heartbeat before it counts as unreachable.
+            node.last_heartbeat_unix_ms = now_ms();
             nodes.insert(node.node_id.clone(), node);
         }
         Ok(Self {

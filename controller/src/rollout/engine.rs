@@ -352,11 +352,23 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
     // After a controller crash: was this node's restart already done?
     let mut already = None;
     if matches!(node.state, NodeState::Restarting | NodeState::Soaking) {
-        match fleet
+        // The restart may still be under way on the agent: wait for it to end first.
+        let mut status = fleet
             .agents
             .status(&record.control_addr, CALL_TIMEOUT)
-            .await
+            .await;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while let Ok(s) = &status
+            && !s.in_progress.is_empty()
+            && Instant::now() < deadline
         {
+            tokio::time::sleep(SOAK_POLL).await;
+            status = fleet
+                .agents
+                .status(&record.control_addr, CALL_TIMEOUT)
+                .await;
+        }
+        match status {
             Ok(status) => {
                 let exe = status.exe.clone().unwrap_or_default();
                 if status.generation > node.previous_generation && exe.path == node.target_exe {

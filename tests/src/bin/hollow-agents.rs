@@ -17,6 +17,12 @@
 //! `--controller`) the controller accepted its first heartbeat; with `--print-addrs`
 //! first one `NODE_ID ADDR` line per agent. Runs until SIGINT / SIGTERM, then prints
 //! a summary on stderr. Exit status: 0 after a signal, 2 when it could not start.
+//!
+//! With `--stdin-commands` (how `scale-bench` drives it) it also reads commands, one
+//! per line, from stdin and answers on stdout: `stats` prints one `stats at_ms=...`
+//! line of fleet counters; `restarts` prints a `restart NODE_ID START_UNIX_US
+//! DURATION_US ok|failed GENERATION EXE` line per restart so far, then `restarts end
+//! COUNT`. End of stdin stops it, so the agents die with the program driving them.
 
 use std::collections::HashSet;
 use std::io::Write as _;
@@ -26,6 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use fleet_tests::hollow::{HollowConfig, HollowFleet, nofile_needed, raise_nofile};
+use tokio::io::AsyncBufReadExt as _;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -83,6 +90,9 @@ struct Args {
     /// Print one `NODE_ID ADDR` line per agent on stdout before the ready line.
     #[arg(long)]
     print_addrs: bool,
+    /// Read `stats` / `restarts` commands from stdin, answer on stdout; stop at EOF.
+    #[arg(long)]
+    stdin_commands: bool,
     /// Seed of the simulated latencies and failures.
     #[arg(long, default_value_t = 0x5eed_f1ee7)]
     seed: u64,
@@ -167,41 +177,94 @@ async fn run(args: Args) -> anyhow::Result<()> {
             writeln!(out, "{id} {addr}")?;
         }
     }
-    let wait = fleet.wait_registered(None, Duration::from_secs(5), |s| {
-        eprintln!(
-            "hollow-agents: {}/{} registered with {}; last heartbeat error: {}",
-            s.registered,
-            s.agents,
-            args.controller.as_deref().unwrap_or("-"),
-            s.last_heartbeat_error.as_deref().unwrap_or("none")
-        );
-    });
-    tokio::select! {
-        res = wait => res?,
-        () = interrupted() => {
-            eprintln!("hollow-agents: interrupted before all agents registered");
-            fleet.shutdown().await;
-            return Ok(());
+    let stop_reason = {
+        let commands = async {
+            if args.stdin_commands {
+                commands(&fleet).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(commands);
+        let wait = fleet.wait_registered(None, Duration::from_secs(5), |s| {
+            eprintln!(
+                "hollow-agents: {}/{} registered with {}; last heartbeat error: {}",
+                s.registered,
+                s.agents,
+                args.controller.as_deref().unwrap_or("-"),
+                s.last_heartbeat_error.as_deref().unwrap_or("none")
+            );
+        });
+        let early = tokio::select! {
+            res = wait => {
+                res?;
+                None
+            }
+            () = interrupted() => Some("interrupted before all agents registered"),
+            () = &mut commands => Some("stdin closed before all agents registered"),
+        };
+        match early {
+            Some(why) => why,
+            None => {
+                {
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "hollow agents ready: {}", fleet.len())?;
+                    out.flush()?;
+                }
+                eprintln!(
+                    "hollow-agents: {} agents ready in {:.2?}",
+                    fleet.len(),
+                    started.elapsed()
+                );
+                tokio::select! {
+                    () = interrupted() => "signal",
+                    () = &mut commands => "stdin closed",
+                }
+            }
         }
-    }
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "hollow agents ready: {}", fleet.len())?;
-        out.flush()?;
-    }
-    eprintln!(
-        "hollow-agents: {} agents ready in {:.2?}",
-        fleet.len(),
-        started.elapsed()
-    );
-    interrupted().await;
+    };
     let s = fleet.stats();
     eprintln!(
-        "hollow-agents: stopping; heartbeats ok {} failed {}, restarts succeeded {} failed {}",
+        "hollow-agents: stopping ({stop_reason}); heartbeats ok {} failed {}, restarts succeeded {} failed {}",
         s.heartbeats_ok, s.heartbeats_failed, s.restarts_succeeded, s.restarts_failed
     );
     fleet.shutdown().await;
     Ok(())
+}
+
+/// Answers `stats` and `restarts` commands from stdin until it closes.
+async fn commands(fleet: &HollowFleet) {
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let answer = match line.trim() {
+            "stats" => fleet.stats().to_line(unix_ms()),
+            "restarts" => {
+                let records = fleet.restarts();
+                let mut out = String::with_capacity(records.len() * 80 + 32);
+                for r in &records {
+                    out.push_str(&r.to_line());
+                    out.push('\n');
+                }
+                out.push_str(&format!("restarts end {}", records.len()));
+                out
+            }
+            "" => continue,
+            other => {
+                eprintln!("hollow-agents: unknown command {other:?} (want stats or restarts)");
+                continue;
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{answer}").and_then(|()| out.flush()).is_err() {
+            return;
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 async fn interrupted() {

@@ -6,10 +6,15 @@
 //! ```
 //!
 //! It starts `fleet-controller --listen 127.0.0.1:0 --db TMP/fleet.db --heartbeat-ttl
-//! 30s` (found next to its own executable) and, in its own process, `--agents` hollow
-//! agents (`fleet_tests::hollow`: a test tool — each serves the real AgentService on
-//! its own loopback port and heartbeats like a real agent; restarts only sleep
-//! `--restart-latency` ± `--restart-jitter`). Then:
+//! 30s` and `--agents` hollow agents (`fleet_tests::hollow`, a test tool: each serves
+//! the real AgentService on its own loopback port and heartbeats like a real agent;
+//! restarts only sleep `--restart-latency` ± `--restart-jitter`) in `hollow-agents
+//! --stdin-commands` child processes, both programs found next to its own
+//! executable. Child processes, not this one, because each agent holds two file
+//! descriptors (its listener and the controller's connection to it) and the hard
+//! limit on open files (often 20,000 in containers) can only be raised with
+//! CAP_SYS_RESOURCE: `--agents-per-process` (default: what the limit allows) splits
+//! them. Then:
 //!
 //! 1. Registration: time from starting the agents until `ListNodes` shows every one
 //!    of them `serving` (the first heartbeats are spread over 1 s).
@@ -25,9 +30,9 @@
 //! 4. Controller process (from /proc/PID): CPU seconds and peak RSS, VmHWM (target
 //!    < 300 MB).
 //!
-//! The hollow agents run in this process, so the controller's figures come from
-//! /proc/<controller pid> alone; this process's CPU and other load on the machine are
-//! printed beside them (the agents and the controller share the CPUs).
+//! The controller's figures come from /proc/<controller pid> alone; the CPU of the
+//! hollow agents (and this process) and other load on the machine are printed beside
+//! them (the agents and the controller share the CPUs).
 //! Exit status: 0 every target met, 1 a target missed or the rollout did not
 //! succeed, 2 the bench could not run, 130 interrupted. Loopback only; every wait is
 //! bounded; the controller is killed on exit.
@@ -45,9 +50,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
-use fleet_tests::hollow::{
-    HollowConfig, HollowFleet, RestartRecord, fake_sha256, nofile_needed, raise_nofile,
-};
+use fleet_tests::hollow::{HollowStats, RestartLine, fake_sha256, nofile_needed, raise_nofile};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -59,6 +62,8 @@ const TARGET_OVERHEAD_PER_NODE: Duration = Duration::from_millis(1);
 const TARGET_PEAK_RSS_BYTES: u64 = 300_000_000;
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on a `stats` / `restarts` answer from a hollow-agents process.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
 const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(180);
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_MESSAGE: usize = 512 << 20;
@@ -113,9 +118,16 @@ struct Args {
     /// Interval of the GetRollout polls.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     poll: Duration,
+    /// Hollow agents per hollow-agents process (0: as many as the open-file limit
+    /// allows, two descriptors per agent).
+    #[arg(long, default_value_t = 0)]
+    agents_per_process: usize,
     /// fleet-controller executable (default: next to this executable).
     #[arg(long)]
     controller_exe: Option<PathBuf>,
+    /// hollow-agents executable (default: next to this executable).
+    #[arg(long)]
+    hollow_exe: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
@@ -408,11 +420,16 @@ struct CpuMark {
 }
 
 impl CpuMark {
-    fn now(controller_pid: u32) -> Self {
+    /// `others`: the hollow-agents processes, counted with this one as "bench".
+    fn now(controller_pid: u32, others: &[u32]) -> Self {
+        let bench = std::iter::once(std::process::id())
+            .chain(others.iter().copied())
+            .map(cpu_seconds)
+            .sum::<Option<f64>>();
         Self {
             at: Instant::now(),
             controller: cpu_seconds(controller_pid),
-            bench: cpu_seconds(std::process::id()),
+            bench,
             machine: machine_ticks(),
         }
     }
@@ -423,7 +440,8 @@ struct CpuSpan {
     seconds: f64,
     controller_s: Option<f64>,
     bench_s: Option<f64>,
-    /// Share of all CPUs busy with processes other than the controller and the bench.
+    /// Share of all CPUs busy with processes other than the controller, the hollow
+    /// agents and this one.
     foreign: Option<f64>,
 }
 
