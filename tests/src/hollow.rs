@@ -1486,7 +1486,10 @@ mod tests {
             line,
             "restart hollow-00042 1700000000000000 51234 ok 2 /opt/app v2"
         );
-        assert_eq!(RestartLine::parse(&line).unwrap(), RestartLine::from(&record));
+        assert_eq!(
+            RestartLine::parse(&line).unwrap(),
+            RestartLine::from(&record)
+        );
         assert!(RestartLine::parse("restart x 1 2 maybe 3 /a").is_none());
     }
 

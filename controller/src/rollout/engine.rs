@@ -432,10 +432,7 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
                 ready_timeout_ms: spec.ready_timeout_ms,
                 drain_timeout_ms: spec.drain_timeout_ms,
             };
-            let result = match fleet.agents.client(&record.control_addr) {
-                Ok(mut client) => client.restart(request).await.map(|r| r.into_inner()),
-                Err(e) => Err(e),
-            };
+            let result = restart(&fleet, &record.control_addr, request).await;
             match result {
                 Err(status) => {
                     update(&fleet, &handle, &node_id, |n| {
@@ -605,10 +602,7 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) {
                 reason: format!("rollback of rollout {}", spec_id(&handle)),
                 ..Default::default()
             };
-            let result = match fleet.agents.client(&record.control_addr) {
-                Ok(mut client) => client.restart(request).await.map(|r| r.into_inner()),
-                Err(e) => Err(e),
-            };
+            let result = restart(&fleet, &record.control_addr, request).await;
             let was = node.reason.clone();
             match result {
                 Ok(r) if r.outcome() == pb::Outcome::Succeeded => {
@@ -653,4 +647,25 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) {
         });
     }
     while running.next().await.is_some() {}
+}
+
+/// Calls an agent's Restart, bounded: its ready timeout (30 s unless given) plus a minute.
+async fn restart(
+    fleet: &Fleet,
+    control_addr: &str,
+    request: pb::RestartRequest,
+) -> Result<pb::RestartResponse, tonic::Status> {
+    let ready = match request.ready_timeout_ms {
+        0 => Duration::from_secs(30),
+        ms => Duration::from_millis(ms),
+    };
+    let limit = ready + Duration::from_secs(60);
+    let mut client = fleet.agents.client(control_addr)?;
+    match tokio::time::timeout(limit, client.restart(request)).await {
+        Ok(result) => result.map(|r| r.into_inner()),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer to Restart from {control_addr} within {}",
+            humantime::format_duration(limit)
+        ))),
+    }
 }

@@ -255,7 +255,10 @@ async fn commands(fleet: &HollowFleet) {
             }
         };
         let mut out = std::io::stdout().lock();
-        if writeln!(out, "{answer}").and_then(|()| out.flush()).is_err() {
+        if writeln!(out, "{answer}")
+            .and_then(|()| out.flush())
+            .is_err()
+        {
             return;
         }
     }

@@ -361,6 +361,222 @@ async fn start_controller(exe: &Path, db: &Path, ttl: Duration) -> anyhow::Resul
 }
 
 // ---------------------------------------------------------------------------
+// The hollow-agents processes
+
+/// One `hollow-agents --stdin-commands` child. Dropping it kills it and reaps it;
+/// closing its stdin ([`Hollow::stop`]) stops it gracefully.
+#[derive(Debug)]
+struct Hollow {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: mpsc::UnboundedReceiver<String>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    count: usize,
+    ready: bool,
+}
+
+fn spawn_hollow(
+    exe: &Path,
+    args: &Args,
+    controller: SocketAddr,
+    first_index: usize,
+    count: usize,
+    k: usize,
+) -> anyhow::Result<Hollow> {
+    let mut child = Command::new(exe)
+        .arg("--stdin-commands")
+        .args(["--controller", &format!("http://{controller}")])
+        .args(["--count", &count.to_string()])
+        .args(["--first-index", &first_index.to_string()])
+        .args([
+            "--restart-latency",
+            &format!("{}us", args.restart_latency.as_micros()),
+        ])
+        .args([
+            "--restart-jitter",
+            &format!("{}us", args.restart_jitter.as_micros()),
+        ])
+        .args(["--failure-rate", &args.failure_rate.to_string()])
+        .args(["--seed", &(0x5eed_0000 + k as u64).to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let (tx, lines) = mpsc::unbounded_channel();
+    if let Some(stdout) = child.stdout.take() {
+        // Its answers are not kept in the tail (thousands of restart lines).
+        drain_lines(stdout, Arc::new(Mutex::new(VecDeque::new())), move |line| {
+            let _ = tx.send(line.to_string());
+        });
+    }
+    if let Some(stderr) = child.stderr.take() {
+        drain_lines(stderr, tail.clone(), |_| {});
+    }
+    Ok(Hollow {
+        stdin: child.stdin.take(),
+        child,
+        lines,
+        tail,
+        count,
+        ready: false,
+    })
+}
+
+impl Hollow {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn died(&mut self) -> anyhow::Error {
+        let status = self.child.try_wait().ok().flatten();
+        let tail = lock(&self.tail).iter().cloned().collect::<Vec<_>>();
+        anyhow::anyhow!(
+            "hollow-agents (pid {}) {}; last stderr lines:\n  {}",
+            self.pid(),
+            status.map_or("stopped answering".to_string(), |s| format!("exited ({s})")),
+            tail.join("\n  ")
+        )
+    }
+
+    /// Takes in the `hollow agents ready: N` line if it came.
+    fn check_ready(&mut self) -> anyhow::Result<()> {
+        while let Ok(line) = self.lines.try_recv() {
+            if let Some(n) = line.strip_prefix("hollow agents ready: ") {
+                if n.trim() != self.count.to_string() {
+                    bail!(
+                        "hollow-agents said {line:?}, expected {} agents",
+                        self.count
+                    );
+                }
+                self.ready = true;
+            }
+        }
+        if !self.ready && self.child.try_wait().ok().flatten().is_some() {
+            return Err(self.died());
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, command: &str) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let Some(stdin) = self.stdin.as_mut() else {
+            bail!("hollow-agents stdin is closed");
+        };
+        if stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .is_err()
+        {
+            return Err(self.died());
+        }
+        Ok(())
+    }
+
+    /// The next stdout line that `keep` accepts (others, e.g. the ready line, are
+    /// taken in on the way).
+    async fn next_line<T>(&mut self, mut keep: impl FnMut(&str) -> Option<T>) -> anyhow::Result<T> {
+        let deadline = tokio::time::Instant::now() + REPORT_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) => {
+                    if line.starts_with("hollow agents ready: ") {
+                        self.ready = true;
+                    }
+                    if let Some(v) = keep(&line) {
+                        return Ok(v);
+                    }
+                }
+                Ok(None) | Err(_) => return Err(self.died()),
+            }
+        }
+    }
+
+    async fn stats(&mut self) -> anyhow::Result<HollowStats> {
+        self.send("stats")?;
+        self.next_line(|l| HollowStats::parse_line(l).map(|(_, s)| s))
+            .await
+    }
+
+    async fn restarts(&mut self) -> anyhow::Result<Vec<RestartLine>> {
+        self.send("restarts")?;
+        let mut out = Vec::new();
+        let end = self
+            .next_line(|l| {
+                if let Some(r) = RestartLine::parse(l) {
+                    out.push(r);
+                }
+                l.strip_prefix("restarts end ")
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+            })
+            .await?;
+        if end != out.len() {
+            bail!(
+                "hollow-agents reported {end} restarts but sent {}",
+                out.len()
+            );
+        }
+        Ok(out)
+    }
+
+    /// Closes its stdin: it stops its agents and exits.
+    fn stop(&mut self) {
+        self.stdin = None;
+    }
+
+    async fn wait_exit(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Hollow {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let pid = pid_of(self.pid());
+        let _ = kill(pid, Signal::SIGKILL);
+        let _ = killpg(pid, Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// The counters of every hollow-agents process, summed (`interval_ms`: the largest).
+async fn stats_of(hollows: &mut [Hollow]) -> anyhow::Result<HollowStats> {
+    let mut sum = HollowStats::default();
+    for h in hollows {
+        let s = h.stats().await?;
+        sum.agents += s.agents;
+        sum.registered += s.registered;
+        sum.heartbeats_ok += s.heartbeats_ok;
+        sum.heartbeats_failed += s.heartbeats_failed;
+        sum.restarts_succeeded += s.restarts_succeeded;
+        sum.restarts_failed += s.restarts_failed;
+        sum.interval_ms = sum.interval_ms.max(s.interval_ms);
+        if s.last_heartbeat_error.is_some() {
+            sum.last_heartbeat_error = s.last_heartbeat_error;
+        }
+    }
+    Ok(sum)
+}
+
+async fn restarts_of(hollows: &mut [Hollow]) -> anyhow::Result<Vec<RestartLine>> {
+    let mut all = Vec::new();
+    for h in hollows {
+        all.extend(h.restarts().await?);
+    }
+    Ok(all)
+}
+
+// ---------------------------------------------------------------------------
 // /proc
 
 /// utime + stime of a process, in clock ticks.
@@ -530,18 +746,40 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .context("cannot find this executable")?
             .with_file_name("fleet-controller"),
     };
-    if !controller_exe.exists() {
-        bail!(
-            "{} does not exist: build it first (cargo build --release --workspace --bins) or give --controller-exe",
-            controller_exe.display()
-        );
+    let hollow_exe = match &args.hollow_exe {
+        Some(p) => p.clone(),
+        None => controller_exe.with_file_name("hollow-agents"),
+    };
+    for (exe, flag) in [
+        (&controller_exe, "--controller-exe"),
+        (&hollow_exe, "--hollow-exe"),
+    ] {
+        if !exe.exists() {
+            bail!(
+                "{} does not exist: build it first (cargo build --release --workspace --bins) or give {flag}",
+                exe.display()
+            );
+        }
     }
-    // The controller inherits the limit: it opens a connection to every agent.
-    let needed = nofile_needed(args.agents) + 1024;
-    let nofile = raise_nofile(needed)?;
-    if nofile < needed {
+    // Inherited by the controller (a connection to every agent) and the hollow agents.
+    let nofile = raise_nofile(nofile_needed(args.agents) + 1024)?;
+    let per_process = if args.agents_per_process > 0 {
+        args.agents_per_process
+    } else {
+        usize::try_from(nofile.saturating_sub(512) / 2)
+            .unwrap_or(usize::MAX)
+            .max(1)
+    };
+    if nofile < nofile_needed(per_process.min(args.agents)) {
         say(format!(
-            "warning: open-file limit {nofile} < {needed} needed for {} agents; raise `ulimit -Hn` or use fewer --agents",
+            "warning: open-file limit {nofile} < {} needed for {} agents per process; lower --agents-per-process",
+            nofile_needed(per_process),
+            per_process
+        ));
+    }
+    if nofile < nofile_needed(args.agents / 2) + 1024 {
+        say(format!(
+            "warning: open-file limit {nofile} may be too low for the controller's connections to {} agents",
             args.agents
         ));
     }
@@ -555,34 +793,49 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     ));
     let mut api = client(controller.addr)?;
     let idle_rss = status_bytes(cpid, "VmRSS:");
-    let mark_start = CpuMark::now(cpid);
 
     // 1. Registration.
+    let processes = args.agents.div_ceil(per_process);
+    let mark_start = CpuMark::now(cpid, &[]);
     let reg_start = Instant::now();
-    let fleet = HollowFleet::start(HollowConfig {
-        count: args.agents,
-        controller: Some(format!("http://{}", controller.addr)),
-        restart_latency: args.restart_latency,
-        restart_jitter: args.restart_jitter,
-        failure_rate: args.failure_rate,
-        ..HollowConfig::default()
-    })
-    .await?;
-    let bound = reg_start.elapsed();
+    let mut hollows = Vec::with_capacity(processes);
+    let mut first = 0;
+    for k in 0..processes {
+        // Even shares: 10,000 over 2 processes is 5,000 + 5,000.
+        let count = (args.agents - first) / (processes - k);
+        hollows.push(spawn_hollow(
+            &hollow_exe,
+            &args,
+            controller.addr,
+            first,
+            count,
+            k,
+        )?);
+        first += count;
+    }
+    let hollow_pids: Vec<u32> = hollows.iter().map(Hollow::pid).collect();
     say(format!(
-        "{} hollow agents serving (ports bound in {bound:.2?}); waiting for ListNodes to show them",
-        fleet.len()
+        "{} hollow agents starting in {} hollow-agents process(es) (pids {hollow_pids:?}); waiting for ListNodes to show them",
+        args.agents,
+        hollows.len()
     ));
     let mut hollow_registered: Option<Duration> = None;
     let registration = loop {
         if reg_start.elapsed() > REGISTRATION_TIMEOUT {
-            let s = fleet.stats();
+            let stats = stats_of(&mut hollows).await.map_or_else(
+                |e| format!("no stats: {e:#}"),
+                |s| {
+                    format!(
+                        "{} first heartbeats accepted, {} failed (last error: {})",
+                        s.registered,
+                        s.heartbeats_failed,
+                        s.last_heartbeat_error.as_deref().unwrap_or("none")
+                    )
+                },
+            );
             bail!(
-                "not all {} agents registered within {REGISTRATION_TIMEOUT:?}: {} heartbeats accepted, {} failed (last error: {}); controller log:\n  {}",
+                "not all {} agents registered within {REGISTRATION_TIMEOUT:?}: {stats}; controller log:\n  {}",
                 args.agents,
-                s.registered,
-                s.heartbeats_failed,
-                s.last_heartbeat_error.as_deref().unwrap_or("none"),
                 controller.tail(10).join("\n  ")
             );
         }
@@ -592,7 +845,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 controller.tail(15).join("\n  ")
             );
         }
-        if hollow_registered.is_none() && fleet.stats().registered >= args.agents {
+        for h in &mut hollows {
+            h.check_ready()?;
+        }
+        if hollow_registered.is_none() && hollows.iter().all(|h| h.ready) {
             hollow_registered = Some(reg_start.elapsed());
         }
         let nodes = api
@@ -612,7 +868,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let mark_registered = CpuMark::now(cpid);
+    let mark_registered = CpuMark::now(cpid, &hollow_pids);
     let reg_cpu = CpuSpan::between(&mark_start, &mark_registered);
     say(format!(
         "registration: all {} nodes serving in ListNodes after {:.2}s (controller CPU {})",
@@ -622,11 +878,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     ));
 
     // 2. Heartbeat load.
-    let hb_before = fleet.stats();
-    let mark_hb0 = CpuMark::now(cpid);
+    let hb_before = stats_of(&mut hollows).await?;
+    let mark_hb0 = CpuMark::now(cpid, &hollow_pids);
     tokio::time::sleep(args.window).await;
-    let hb_after = fleet.stats();
-    let mark_hb1 = CpuMark::now(cpid);
+    let hb_after = stats_of(&mut hollows).await?;
+    let mark_hb1 = CpuMark::now(cpid, &hollow_pids);
     let hb_cpu = CpuSpan::between(&mark_hb0, &mark_hb1);
     let hb_ok = hb_after.heartbeats_ok - hb_before.heartbeats_ok;
     let hb_failed = hb_after.heartbeats_failed - hb_before.heartbeats_failed;
@@ -651,9 +907,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         actor: "scale-bench".into(),
         ..Default::default()
     };
-    let mark_r0 = CpuMark::now(cpid);
+    let mark_r0 = CpuMark::now(cpid, &hollow_pids);
     let t0 = Instant::now();
     let t0_unix_ms = unix_ms_now();
+    let t0_unix_us = t0_unix_ms * 1000;
     let started = api
         .start_rollout(with_timeout(spec, args.timeout))
         .await
@@ -671,7 +928,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let deadline = t0 + args.timeout;
     let finished = follow(&args, &mut api, &mut controller, &id, deadline).await?;
     let observed = t0.elapsed();
-    let mark_r1 = CpuMark::now(cpid);
+    let mark_r1 = CpuMark::now(cpid, &hollow_pids);
     let rollout_cpu = CpuSpan::between(&mark_r0, &mark_r1);
     let wall = if finished.finished_unix_ms >= t0_unix_ms {
         Duration::from_millis(finished.finished_unix_ms - t0_unix_ms)
@@ -680,10 +937,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     };
 
     // Critical path from what the hollow agents recorded.
-    let restarts: Vec<RestartRecord> = fleet
-        .restarts()
+    let restarts: Vec<RestartLine> = restarts_of(&mut hollows)
+        .await?
         .into_iter()
-        .filter(|r| r.started >= t0)
+        .filter(|r| r.started_unix_us >= t0_unix_us)
         .collect();
     let batch_of: HashMap<&str, u32> = finished
         .nodes
@@ -705,7 +962,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         let b = batches.entry(batch).or_default();
         b.restarts += 1;
         b.max_restart = b.max_restart.max(r.duration);
-        let start = r.started.duration_since(t0);
+        let start = Duration::from_micros(r.started_unix_us - t0_unix_us);
         let end = start + r.duration;
         b.first_start = Some(b.first_start.map_or(start, |s| s.min(start)));
         b.last_end = Some(b.last_end.map_or(end, |e| e.max(end)));
@@ -756,8 +1013,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         "restart_jitter_ms": round3(args.restart_jitter.as_secs_f64() * 1e3),
         "failure_rate": args.failure_rate,
         "heartbeat_ttl_s": args.heartbeat_ttl.as_secs_f64(),
+        "hollow_processes": hollows.len(),
         "registration": {
-            "ports_bound_s": round3(bound.as_secs_f64()),
             "all_first_heartbeats_accepted_s": opt3(hollow_registered.map(|d| d.as_secs_f64())),
             "all_serving_in_list_nodes_s": round3(registration.as_secs_f64()),
             "controller_cpu_s": opt3(reg_cpu.controller_s),
@@ -917,7 +1174,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
 
-    fleet.shutdown().await;
+    for h in &mut hollows {
+        h.stop();
+    }
+    for h in &mut hollows {
+        h.wait_exit(Duration::from_secs(5)).await;
+    }
     controller.terminate(Duration::from_secs(5)).await;
     Ok(pass)
 }
