@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use fleet_tests::hollow::{HollowConfig, HollowFleet, nofile_needed, raise_nofile};
-use tokio::io::AsyncBufReadExt as _;
+use std::io::BufRead as _;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -234,8 +234,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Answers `stats` and `restarts` commands from stdin until it closes.
 async fn commands(fleet: &HollowFleet) {
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    // One thread reads stdin (tokio's stdin is not enabled in this workspace).
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(line) = lines.recv().await {
         let answer = match line.trim() {
             "stats" => fleet.stats().to_line(unix_ms()),
             "restarts" => {

@@ -868,6 +868,18 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // Each process says it is ready once the controller accepted all its agents'
+    // first heartbeats, which may be told a little after ListNodes shows them.
+    while hollow_registered.is_none() && reg_start.elapsed() < REGISTRATION_TIMEOUT {
+        for h in &mut hollows {
+            h.check_ready()?;
+        }
+        if hollows.iter().all(|h| h.ready) {
+            hollow_registered = Some(reg_start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rss_registered = status_bytes(cpid, "VmRSS:");
     let mark_registered = CpuMark::now(cpid, &hollow_pids);
     let reg_cpu = CpuSpan::between(&mark_start, &mark_registered);
     say(format!(
@@ -883,6 +895,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     tokio::time::sleep(args.window).await;
     let hb_after = stats_of(&mut hollows).await?;
     let mark_hb1 = CpuMark::now(cpid, &hollow_pids);
+    let rss_heartbeats = status_bytes(cpid, "VmRSS:");
     let hb_cpu = CpuSpan::between(&mark_hb0, &mark_hb1);
     let hb_ok = hb_after.heartbeats_ok - hb_before.heartbeats_ok;
     let hb_failed = hb_after.heartbeats_failed - hb_before.heartbeats_failed;
@@ -917,6 +930,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .context("StartRollout")?
         .into_inner();
     let start_call = t0.elapsed();
+    let rss_started = status_bytes(cpid, "VmRSS:");
     let id = started.id.clone();
     say(format!(
         "rollout {id} started ({} batches {:?}) after {:.2}s (StartRollout: plan + preflight of {} targets)",
@@ -1051,6 +1065,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         "controller": {
             "pid": cpid,
             "idle_rss_bytes": idle_rss,
+            "rss_bytes_after_registration": rss_registered,
+            "rss_bytes_after_heartbeat_window": rss_heartbeats,
+            "rss_bytes_after_start_rollout": rss_started,
             "rss_bytes_end": end_rss,
             "peak_rss_bytes": peak_rss,
             "cpu_s_total": opt3(total_cpu.controller_s),
@@ -1141,11 +1158,17 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 fmt_opt(reg_cpu.controller_s, " s")
             );
             println!(
-                "controller memory   peak RSS (VmHWM) {} (target < {} MB)  {}; idle {}, at the end {}",
+                "controller memory   peak RSS (VmHWM) {} (target < {} MB)  {}",
                 mb(peak_rss),
                 TARGET_PEAK_RSS_BYTES / 1_000_000,
                 verdict(rss_ok),
+            );
+            println!(
+                "  RSS               idle {}, all registered {}, after the heartbeat window {}, after StartRollout (preflight) {}, at the end {}",
                 mb(idle_rss),
+                mb(rss_registered),
+                mb(rss_heartbeats),
+                mb(rss_started),
                 mb(end_rss)
             );
             println!(
