@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::agent_service_client::AgentServiceClient;
@@ -41,8 +41,14 @@ pub type Client =
 #[derive(Debug)]
 pub struct Agents {
     token: Bearer,
-    channels: Mutex<HashMap<String, Channel>>,
+    /// Open channels by control address, with when each was last used. Capped: a
+    /// connection costs tens of KB, and a fleet of 10,000 nodes needs only the ones
+    /// in the current batch.
+    channels: Mutex<HashMap<String, (Channel, Instant)>>,
 }
+
+/// Most channels kept open at once; the least recently used is closed first.
+const MAX_CHANNELS: usize = 2048;
 
 impl Agents {
     pub fn new(token: Option<&str>) -> Self {
@@ -55,9 +61,22 @@ impl Agents {
     /// A client for the agent at `control_addr` (`127.0.0.1:7101`).
     pub fn client(&self, control_addr: &str) -> Result<Client, tonic::Status> {
         let mut channels = self.channels.lock().expect("channels lock");
-        let channel = match channels.get(control_addr) {
-            Some(c) => c.clone(),
+        let now = Instant::now();
+        let channel = match channels.get_mut(control_addr) {
+            Some((c, used)) => {
+                *used = now;
+                c.clone()
+            }
             None => {
+                if channels.len() >= MAX_CHANNELS {
+                    let oldest = channels
+                        .iter()
+                        .min_by_key(|(_, (_, used))| *used)
+                        .map(|(addr, _)| addr.clone());
+                    if let Some(addr) = oldest {
+                        channels.remove(&addr);
+                    }
+                }
                 let endpoint = Endpoint::from_shared(format!("http://{control_addr}"))
                     .map_err(|e| {
                         tonic::Status::invalid_argument(format!(
@@ -67,7 +86,7 @@ impl Agents {
                     .connect_timeout(Duration::from_secs(3))
                     .tcp_nodelay(true);
                 let channel = endpoint.connect_lazy();
-                channels.insert(control_addr.to_string(), channel.clone());
+                channels.insert(control_addr.to_string(), (channel.clone(), now));
                 channel
             }
         };

@@ -22,6 +22,29 @@ pub struct RolloutHandle {
     pub view: Mutex<RolloutView>,
     /// Wakes the engine when an operator pauses, resumes or aborts.
     pub wake: Notify,
+    /// Node id → position in `view.nodes` (fixed once the rollout is planned).
+    index: HashMap<String, usize>,
+}
+
+impl RolloutHandle {
+    pub fn new(view: RolloutView) -> Self {
+        let index = view
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.node_id.clone(), i))
+            .collect();
+        Self {
+            view: Mutex::new(view),
+            wake: Notify::new(),
+            index,
+        }
+    }
+
+    /// Where a node of this rollout sits in `view.nodes`.
+    pub fn position(&self, node_id: &str) -> usize {
+        self.index[node_id]
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,13 +95,7 @@ impl Fleet {
                 nodes,
             };
             view.nodes.sort_by_key(|n| (n.batch, n.node_id.clone()));
-            rollouts.insert(
-                view.rollout.id.clone(),
-                Arc::new(RolloutHandle {
-                    view: Mutex::new(view),
-                    wake: Notify::new(),
-                }),
-            );
+            rollouts.insert(view.rollout.id.clone(), Arc::new(RolloutHandle::new(view)));
         }
         Ok(Arc::new(Self {
             inventory,
@@ -311,10 +328,7 @@ impl Fleet {
             view.rollout.spec.exe,
             view.rollout.spec.reason
         );
-        let handle = Arc::new(RolloutHandle {
-            view: Mutex::new(view.clone()),
-            wake: Notify::new(),
-        });
+        let handle = Arc::new(RolloutHandle::new(view.clone()));
         self.rollouts
             .lock()
             .expect("rollouts lock")

@@ -306,11 +306,7 @@ async fn update(
     let (id, node) = {
         let mut view = handle.view.lock().expect("view lock");
         let id = view.rollout.id.clone();
-        let node = view
-            .nodes
-            .iter_mut()
-            .find(|n| n.node_id == node_id)
-            .expect("node of this rollout");
+        let node = &mut view.nodes[handle.position(node_id)];
         f(node);
         (id, node.clone())
     };
@@ -327,15 +323,7 @@ async fn update(
 
 /// Moves one node to its target exe; its end state is recorded in the rollout.
 async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: String) {
-    let node = handle
-        .view
-        .lock()
-        .expect("view lock")
-        .nodes
-        .iter()
-        .find(|n| n.node_id == node_id)
-        .cloned()
-        .expect("node of this rollout");
+    let node = handle.view.lock().expect("view lock").nodes[handle.position(&node_id)].clone();
     let spec = handle.view.lock().expect("view lock").rollout.spec.clone();
     let Some(record) = fleet.inventory.get(&node_id) else {
         update(&fleet, &handle, &node_id, |n| {
