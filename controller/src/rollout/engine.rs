@@ -465,9 +465,10 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
         }
     };
 
-    // Soak: the new generation must stay the serving one for min_healthy.
+    // Soak: the new generation must stay the serving one for min_healthy. Without a
+    // soak the Restart answer (READY) is the last word, and no status call is made.
     let soak_until = Instant::now() + spec.min_healthy();
-    loop {
+    while !spec.min_healthy().is_zero() {
         match fleet
             .agents
             .status(&record.control_addr, CALL_TIMEOUT)
