@@ -4,6 +4,8 @@
 //!
 //! Run with `cargo build --workspace --bins && cargo nextest run -p fleet-tests`.
 
+/// What every benchmark program shares (runtime, interruption, exit codes).
+pub mod bench;
 /// Spawn `fleet-agent`, wait on its log lines, talk to it, kill it on drop.
 pub mod harness;
 /// Spawn `fleet-controller` with agents that register with it; run `fleetctl`.

@@ -123,48 +123,7 @@ fn main() -> ExitCode {
         eprintln!("restart-bench: at least one client is needed (--keepalive / --fresh)");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("restart-bench: cannot start the tokio runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let code = runtime.block_on(async {
-        // Dropping `run` (Ctrl-C, SIGTERM) drops its process guards, which kill the
-        // agent and the peer.
-        tokio::select! {
-            res = run(args) => match res {
-                Ok(true) => 0,
-                Ok(false) => 1,
-                Err(e) => {
-                    eprintln!("restart-bench: error: {e:#}");
-                    2
-                }
-            },
-            () = interrupted() => {
-                eprintln!("restart-bench: interrupted; stopping the agent and the peer");
-                130
-            }
-        }
-    });
-    runtime.shutdown_timeout(Duration::from_secs(2));
-    ExitCode::from(code)
-}
-
-async fn interrupted() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    fleet_tests::bench::main("restart-bench", run(args))
 }
 
 // ---------------------------------------------------------------------------

@@ -143,47 +143,7 @@ fn main() -> ExitCode {
         eprintln!("scale-bench: --failure-rate must be between 0 and 1");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("scale-bench: cannot start the tokio runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let code = runtime.block_on(async {
-        // Dropping `run` (Ctrl-C, SIGTERM) drops the controller's guard, which kills it.
-        tokio::select! {
-            res = run(args) => match res {
-                Ok(true) => 0,
-                Ok(false) => 1,
-                Err(e) => {
-                    eprintln!("scale-bench: error: {e:#}");
-                    2
-                }
-            },
-            () = interrupted() => {
-                eprintln!("scale-bench: interrupted; stopping the controller and the agents");
-                130
-            }
-        }
-    });
-    runtime.shutdown_timeout(Duration::from_secs(3));
-    ExitCode::from(code)
-}
-
-async fn interrupted() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    fleet_tests::bench::main("scale-bench", run(args))
 }
 
 /// Progress goes to stderr; stdout carries only the report.
