@@ -2,9 +2,14 @@
 //! (and so kills) whatever the benchmark started, and the exit codes
 //! (0 every target met, 1 a target missed, 2 could not run, 130 interrupted).
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::io::{BufRead, BufReader, Read};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use nix::unistd::Pid;
 
 /// Runs `bench` to completion; `Ok(true)` means every target was met.
 pub fn main<F>(name: &str, bench: F) -> ExitCode
@@ -52,4 +57,64 @@ async fn interrupted() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// How many lines of a child's output are kept for error messages.
+pub const TAIL_LINES: usize = 40;
+
+pub fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Removes ANSI escape sequences (in case the log is coloured).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Reads `reader` line by line until EOF (so the child never blocks on a full pipe),
+/// keeps the last lines, and hands every line to `on_line`.
+pub fn drain_lines(
+    reader: impl Read + Send + 'static,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(reader);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = strip_ansi(String::from_utf8_lossy(&buf).trim_end());
+                    on_line(&line);
+                    let mut t = lock(&tail);
+                    if t.len() == TAIL_LINES {
+                        t.pop_front();
+                    }
+                    t.push_back(line);
+                }
+            }
+        }
+    });
 }

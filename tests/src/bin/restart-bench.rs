@@ -24,8 +24,8 @@
 //! Loopback only. Every loop is bounded in count and time; every process started is
 //! killed on exit, also on panic and Ctrl-C (a Drop guard).
 
+use fleet_tests::bench::{drain_lines, lock, pid_of};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::{BufRead as _, BufReader, Read};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -39,7 +39,6 @@ use fleet_proto::v1::agent_service_client::AgentServiceClient;
 use fleet_proto::v1::{Event, Outcome, Phase, RestartRequest, StatusRequest, WatchRequest};
 use fleet_tests::loadgen::{Load, LoadReport, LoadSpec, RequestRecord};
 use nix::sys::signal::{Signal, kill, killpg};
-use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -138,8 +137,6 @@ struct Proc {
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
 }
 
-const TAIL_LINES: usize = 40;
-
 impl Proc {
     fn pid(&self) -> u32 {
         self.child.id()
@@ -195,14 +192,6 @@ impl Drop for Proc {
     }
 }
 
-fn pid_of(pid: u32) -> Pid {
-    Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Every descendant of `pid` (from /proc/PID/task/TID/children), bounded.
 fn descendants(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
@@ -230,55 +219,6 @@ fn descendants(pid: u32) -> Vec<u32> {
         }
     }
     out
-}
-
-/// Removes ANSI escape sequences (in case the log is coloured).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-            continue;
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// Reads `reader` line by line until EOF (so the child never blocks on a full pipe),
-/// keeps the last lines, and hands every line to `on_line`.
-fn drain_lines(
-    reader: impl Read + Send + 'static,
-    tail: Arc<Mutex<VecDeque<String>>>,
-    mut on_line: impl FnMut(&str) + Send + 'static,
-) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(reader);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = strip_ansi(String::from_utf8_lossy(&buf).trim_end());
-                    on_line(&line);
-                    let mut t = lock(&tail);
-                    if t.len() == TAIL_LINES {
-                        t.pop_front();
-                    }
-                    t.push_back(line);
-                }
-            }
-        }
-    });
 }
 
 fn spawn(name: &'static str, exe: &Path, args: &[&str]) -> anyhow::Result<(Proc, Pipes)> {

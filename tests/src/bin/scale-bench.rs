@@ -37,8 +37,8 @@
 //! succeed, 2 the bench could not run, 130 interrupted. Loopback only; every wait is
 //! bounded; the controller is killed on exit.
 
+use fleet_tests::bench::{drain_lines, lock, pid_of};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::{BufRead as _, BufReader, Read};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -52,7 +52,6 @@ use fleet_proto::v1 as pb;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
 use fleet_tests::hollow::{HollowStats, RestartLine, fake_sha256, nofile_needed, raise_nofile};
 use nix::sys::signal::{Signal, kill, killpg};
-use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -68,7 +67,6 @@ const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(180);
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_MESSAGE: usize = 512 << 20;
 const NEW_EXE: &str = "/opt/app-v2";
-const TAIL_LINES: usize = 40;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum OutputFormat {
@@ -199,63 +197,6 @@ impl Drop for Controller {
         let _ = self.child.wait();
         eprintln!("scale-bench: killed fleet-controller (pid {pid})");
     }
-}
-
-fn pid_of(pid: u32) -> Pid {
-    Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Reads `reader` line by line until EOF (so the child never blocks on a full pipe),
-/// keeps the last lines, and hands every line to `on_line`.
-fn drain_lines(
-    reader: impl Read + Send + 'static,
-    tail: Arc<Mutex<VecDeque<String>>>,
-    mut on_line: impl FnMut(&str) + Send + 'static,
-) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(reader);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = strip_ansi(String::from_utf8_lossy(&buf).trim_end());
-                    on_line(&line);
-                    let mut t = lock(&tail);
-                    if t.len() == TAIL_LINES {
-                        t.pop_front();
-                    }
-                    t.push_back(line);
-                }
-            }
-        }
-    });
-}
-
-/// Removes ANSI escape sequences (in case the log is coloured).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-            continue;
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn parse_listening(line: &str) -> Option<SocketAddr> {
