@@ -98,18 +98,7 @@ pub async fn http_send(
             .send_request(request)
             .await
             .map_err(|e| format!("sending the request: {e}"))?;
-        let (parts, body) = response.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| format!("reading the body (status {}): {e}", parts.status))?
-            .to_bytes();
-        Ok(HttpResponse {
-            status: parts.status,
-            version: parts.version,
-            headers: parts.headers,
-            body,
-        })
+        read_whole(response).await
     })
     .await
     .unwrap_or_else(|_| Err(format!("no response within {TIMEOUT:?}")))
@@ -202,18 +191,7 @@ pub async fn https_h2_get(
             .send_request(request)
             .await
             .map_err(|e| format!("sending the request: {e}"))?;
-        let (parts, body) = response.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| format!("reading the body (status {}): {e}", parts.status))?
-            .to_bytes();
-        Ok(HttpResponse {
-            status: parts.status,
-            version: parts.version,
-            headers: parts.headers,
-            body,
-        })
+        read_whole(response).await
     })
     .await
     .unwrap_or_else(|_| Err(format!("no response within {TIMEOUT:?}")))
@@ -330,4 +308,22 @@ impl InFlight {
             Err(_) => panic!("the in-flight request did not end within {timeout:?}"),
         }
     }
+}
+
+/// The whole response: status, version, headers and every byte of the body.
+async fn read_whole(
+    response: hyper::Response<hyper::body::Incoming>,
+) -> Result<HttpResponse, String> {
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| format!("reading the body (status {}): {e}", parts.status))?
+        .to_bytes();
+    Ok(HttpResponse {
+        status: parts.status,
+        version: parts.version,
+        headers: parts.headers,
+        body,
+    })
 }
