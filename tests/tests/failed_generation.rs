@@ -72,17 +72,7 @@ async fn a_generation_that_exits_at_start_is_reported_with_its_status_and_stderr
         "the caller gets the last stderr lines: {body}"
     );
 
-    load.wait_progress(100, Duration::from_secs(20)).await;
-    assert_eq!(
-        agent.worker_pid().await,
-        worker,
-        "the old generation keeps serving"
-    );
-    assert_eq!(agent.generation().await, generation);
-    assert_only_child_is(&agent, worker).await;
-    let report = load.finish().await;
-    eprintln!("{}", report.summary());
-    report.assert_no_failures(150);
+    old_generation_kept_serving(&agent, load, worker, generation).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,17 +105,7 @@ async fn a_generation_that_never_becomes_ready_is_killed_and_reported() {
         "the caller gets the last stderr lines: {response:?}"
     );
 
-    load.wait_progress(100, Duration::from_secs(20)).await;
-    assert_eq!(
-        agent.worker_pid().await,
-        worker,
-        "the old generation keeps serving"
-    );
-    assert_eq!(agent.generation().await, generation);
-    assert_only_child_is(&agent, worker).await;
-    let report = load.finish().await;
-    eprintln!("{}", report.summary());
-    report.assert_no_failures(150);
+    old_generation_kept_serving(&agent, load, worker, generation).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,6 +168,22 @@ async fn a_generation_that_dies_in_probation_is_reverted_to_the_previous_exe() {
     assert_only_child_is(&agent, reverted).await;
 
     load.wait_progress(100, Duration::from_secs(20)).await;
+    let report = load.finish().await;
+    eprintln!("{}", report.summary());
+    report.assert_no_failures(150);
+}
+
+/// After a failed restart: the old worker still serves (same pid and generation, the
+/// only child left), and the load saw no failure.
+async fn old_generation_kept_serving(agent: &Agent, load: Load, worker: u32, generation: u64) {
+    load.wait_progress(100, Duration::from_secs(20)).await;
+    assert_eq!(
+        agent.worker_pid().await,
+        worker,
+        "the old generation keeps serving"
+    );
+    assert_eq!(agent.generation().await, generation);
+    assert_only_child_is(agent, worker).await;
     let report = load.finish().await;
     eprintln!("{}", report.summary());
     report.assert_no_failures(150);
