@@ -310,7 +310,7 @@ mod tests {
             }),
             generation: 2,
             worker_pid: 4321,
-            admin_url: format!("http://127.0.0.1:7101/debug/admin#{id}"),
+            admin_url: format!("http://{id}.invalid/debug/admin"),
             ..Default::default()
         };
         node.labels.insert("zone".into(), "a".into());

@@ -43,7 +43,7 @@ fn node(id: &str, zone: &str) -> Node {
     let mut node = Node {
         node_id: id.into(),
         state: "serving".into(),
-        admin_url: format!("http://127.0.0.1:7101/debug/admin?{id}"),
+        admin_url: format!("http://{id}.invalid/debug/admin"),
         exe: Some(ExeInfo {
             path: "/opt/app/app-v1".into(),
             ..Default::default()
