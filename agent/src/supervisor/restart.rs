@@ -167,7 +167,9 @@ impl Supervisor {
             exe_path.display(),
             humantime::format_rfc3339_seconds(std::time::SystemTime::now())
         ));
-        if request.trigger != Trigger::Start {
+        // Generation 1 is the node starting, not a restart: not counted, not logged as one.
+        let is_restart = request.trigger != Trigger::Start;
+        if is_restart {
             self.lock().node = NodeState::Restarting;
             let reason = if request.reason.is_empty() {
                 String::new()
@@ -250,14 +252,14 @@ impl Supervisor {
             if request.trigger != Trigger::Recover {
                 st.crash_streak = 0;
             }
-            if request.trigger != Trigger::Start {
+            if is_restart {
                 st.succeeded += 1;
             }
             self.metrics
                 .set_generation(generation.number, st.workers.len());
         }
         self.metrics.handoff(ready);
-        if request.trigger != Trigger::Start {
+        if is_restart {
             self.metrics.restart("succeeded");
         }
         self.emit(
@@ -272,7 +274,7 @@ impl Supervisor {
                 .unwrap_or(self.config.restart.drain_timeout);
             self.drain(old, drain_timeout);
         }
-        if request.trigger != Trigger::Start {
+        if is_restart {
             tracing::info!(
                 "restart succeeded ({trigger}): pid {old_pid} -> gen {} pid {} ({}), ready in {:.1} ms",
                 generation.number,
