@@ -1,23 +1,32 @@
-//! The token check in front of every controller route (gRPC and HTTP) but `/healthz`
-//! and gRPC health.
+//! The token check in front of every controller API route (gRPC and HTTP) but
+//! `/healthz` and gRPC health. A browser logged in to the dashboard may also read the
+//! HTTP API (`GET`) with its session cookie instead.
 
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
-#[derive(Debug, Clone)]
-pub struct Token(pub Option<Arc<String>>);
+use crate::dashboard::session::Sessions;
 
-fn same(a: &str, b: &str) -> bool {
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub token: Option<Arc<String>>,
+    pub sessions: Arc<Sessions>,
+}
+
+/// Whether two secrets are equal, compared through their digests so the time taken
+/// does not tell where they differ.
+pub fn same(a: &str, b: &str) -> bool {
     Sha256::digest(a) == Sha256::digest(b)
 }
 
 pub async fn require_token(State(token): State<Token>, request: Request, next: Next) -> Response {
-    let Some(token) = token.0 else {
+    let Token { token, sessions } = token;
+    let Some(token) = token else {
         return next.run(request).await;
     };
     let path = request.uri().path();
@@ -31,6 +40,9 @@ pub async fn require_token(State(token): State<Token>, request: Request, next: N
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     if given.is_some_and(|g| same(g, &token)) {
+        return next.run(request).await;
+    }
+    if request.method() == Method::GET && sessions.authenticated(request.headers()) {
         return next.run(request).await;
     }
     let grpc = request

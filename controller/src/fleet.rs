@@ -157,6 +157,22 @@ impl Fleet {
         all
     }
 
+    /// The rollout running or paused now, if any.
+    pub fn active_rollout(&self) -> Option<RolloutView> {
+        self.rollouts
+            .lock()
+            .expect("rollouts lock")
+            .values()
+            .find_map(|h| {
+                let v = h.view.lock().expect("view lock");
+                matches!(
+                    v.rollout.state,
+                    RolloutState::Running | RolloutState::Paused
+                )
+                .then(|| v.clone())
+            })
+    }
+
     fn active(&self) -> Option<String> {
         self.rollouts
             .lock()

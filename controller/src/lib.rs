@@ -16,6 +16,8 @@ pub mod auth;
 pub mod api;
 /// HTTP JSON and Server-Sent Events for the dashboard.
 pub mod http;
+/// The web dashboard (server-rendered pages, live through Server-Sent Events).
+pub mod dashboard;
 /// The controller's shared state and operations.
 pub mod fleet;
 /// Nodes and their heartbeats.
@@ -47,8 +49,10 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Every route behind the token check.
+/// Every route: the API behind the token check, the dashboard behind its sessions.
 pub fn router(fleet: Arc<Fleet>, token: Option<String>) -> axum::Router {
+    let token = token.map(Arc::new);
+    let sessions = Arc::new(dashboard::session::Sessions::new(token.clone()));
     let grpc = tonic::service::Routes::new(
         fleet_proto::v1::controller_service_server::ControllerServiceServer::new(api::Api {
             fleet: fleet.clone(),
@@ -57,12 +61,16 @@ pub fn router(fleet: Arc<Fleet>, token: Option<String>) -> axum::Router {
         .max_encoding_message_size(256 * 1024 * 1024),
     )
     .into_axum_router();
-    http::router(fleet)
+    http::router(fleet.clone())
         .merge(grpc)
         .layer(axum::middleware::from_fn_with_state(
-            auth::Token(token.map(Arc::new)),
+            auth::Token {
+                token,
+                sessions: sessions.clone(),
+            },
             auth::require_token,
         ))
+        .merge(dashboard::router(fleet, sessions))
 }
 
 /// Runs the controller until the process is stopped.
@@ -92,7 +100,9 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
     }
     fleet.resume_unfinished();
     tracing::info!("controller listening on {addr}");
-    axum::serve(listener, router(fleet, token)).await?;
+    // The peer's address tells the dashboard whether a browser is on loopback.
+    let app = router(fleet, token).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).await?;
     Ok(())
 }
 

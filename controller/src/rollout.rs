@@ -217,6 +217,14 @@ impl NodeState {
             NodeState::Skipped => "skipped",
         }
     }
+
+    /// Done with this rollout, one way or another.
+    pub fn finished(self) -> bool {
+        matches!(
+            self,
+            NodeState::Healthy | NodeState::Failed | NodeState::RolledBack | NodeState::Skipped
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

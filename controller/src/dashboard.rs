@@ -1,0 +1,163 @@
+//! The web dashboard: the fleet and its rollouts as they change, and the actions an
+//! operator takes on them, without a terminal.
+//!
+//! Pages are rendered on the server (maud, escaped); `dashboard.js` (a few dozen lines,
+//! shipped inside the binary like the stylesheet) listens to `/api/events` and swaps
+//! each page's live region for a fresh fragment of the same URL when something it shows
+//! changes, and again after a lost event stream reconnects, so that it catches up with
+//! what it missed. No front-end build, no external fonts or scripts: it works offline.
+//!
+//! Modules, in the order a request goes through them:
+
+/// Sessions, login, CSRF tokens and the loopback rule.
+pub mod session;
+/// The page shell and formatting shared by every page.
+pub mod view;
+/// The nodes page.
+pub mod nodes;
+/// The rollouts list and one rollout's page.
+pub mod rollouts;
+/// The new-rollout form (preview, then start).
+pub mod new_rollout;
+/// Restart / shut down a node; pause / resume / abort / undo a rollout.
+pub mod actions;
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Form, Router};
+use maud::html;
+use serde::Deserialize;
+
+use crate::Fleet;
+use session::{Session, Sessions, safe_next};
+use view::{Flash, Section};
+
+/// What every dashboard handler needs.
+#[derive(Debug)]
+pub struct Dashboard {
+    pub fleet: Arc<Fleet>,
+    pub sessions: Arc<Sessions>,
+}
+
+const CSS: &str = include_str!("dashboard/assets/dashboard.css");
+const JS: &str = include_str!("dashboard/assets/dashboard.js");
+
+/// Every dashboard route, behind [`session::guard`].
+pub fn router(fleet: Arc<Fleet>, sessions: Arc<Sessions>) -> Router {
+    let dashboard = Arc::new(Dashboard {
+        fleet,
+        sessions: sessions.clone(),
+    });
+    Router::new()
+        .merge(nodes::router())
+        .merge(rollouts::router())
+        .merge(new_rollout::router())
+        .merge(actions::router())
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+        .route("/assets/dashboard.css", get(|| asset(CSS, "text/css")))
+        .route("/assets/dashboard.js", get(|| asset(JS, "text/javascript")))
+        .with_state(dashboard)
+        .layer(axum::middleware::from_fn_with_state(
+            sessions,
+            session::guard,
+        ))
+}
+
+async fn asset(body: &'static str, kind: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, format!("{kind}; charset=utf-8")),
+            (header::CACHE_CONTROL, "max-age=300".to_string()),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LoginQuery {
+    #[serde(default)]
+    next: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LoginForm {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    next: String,
+}
+
+fn login_form(next: &str, error: Option<&str>) -> Response {
+    let flash = error.map(|e| Flash::Error(e.to_string()));
+    let body = html! {
+        h1 { "Log in" }
+        p { "This controller needs the fleet token (the contents of its " code { "--token-file" } ")." }
+        form #login method="post" action="/login" {
+            input type="hidden" name="next" value=(safe_next(next));
+            p.field {
+                label for="token" { "Token" }
+                input #token name="token" type="password" autocomplete="current-password" required autofocus;
+            }
+            p.buttons { button #login-submit type="submit" { "Log in" } }
+        }
+    };
+    let status = if error.is_some() {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::OK
+    };
+    view::with_status(
+        status,
+        view::page("Log in", Section::Login, None, true, flash.as_ref(), body),
+    )
+}
+
+async fn login_page(State(d): State<Arc<Dashboard>>, Query(q): Query<LoginQuery>) -> Response {
+    if !d.sessions.token_required() {
+        return Redirect::to(safe_next(&q.next)).into_response();
+    }
+    login_form(&q.next, None)
+}
+
+async fn login(
+    State(d): State<Arc<Dashboard>>,
+    headers: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    if !d.sessions.token_required() {
+        return Redirect::to(safe_next(&f.next)).into_response();
+    }
+    if !session::same_origin(&headers) {
+        return login_form(&f.next, Some("this login comes from another site"));
+    }
+    if !d.sessions.is_token(&f.token) {
+        tracing::warn!("dashboard: a login with a wrong token");
+        // Slows guessing down; one browser at a time is all a person needs.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        return login_form(
+            &f.next,
+            Some("wrong token: give the contents of the controller's --token-file"),
+        );
+    }
+    let s = d.sessions.create(true);
+    (
+        [(header::SET_COOKIE, session::set_cookie(&s))],
+        Redirect::to(safe_next(&f.next)),
+    )
+        .into_response()
+}
+
+async fn logout(State(d): State<Arc<Dashboard>>, Extension(s): Extension<Session>) -> Response {
+    d.sessions.remove(&s.id);
+    (
+        [(header::SET_COOKIE, session::clear_cookie())],
+        Redirect::to("/login"),
+    )
+        .into_response()
+}

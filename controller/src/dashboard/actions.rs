@@ -1,0 +1,427 @@
+//! What an operator can do to a node or a rollout from the dashboard. Each action is
+//! two steps: a `GET` page that says exactly what will happen and asks for
+//! confirmation, and the `POST` (with the session's CSRF token, checked by the guard)
+//! that does it and shows the outcome.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::{Extension, Form, Router, routing::get};
+use fleet_proto::v1 as pb;
+use maud::{Markup, html};
+use serde::Deserialize;
+
+use super::Dashboard;
+use super::session::{Session, percent_encode};
+use super::view::{self, Flash, Section};
+use crate::fleet::RolloutError;
+use crate::inventory::NodeRecord;
+use crate::rollout::RolloutState;
+
+/// How long a restart asked from the dashboard may take (the agent answers once the
+/// new generation is ready or has failed).
+const RESTART_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn router() -> Router<Arc<Dashboard>> {
+    Router::new()
+        .route("/nodes/{id}/restart", get(confirm_restart).post(do_restart))
+        .route(
+            "/nodes/{id}/shutdown",
+            get(confirm_shutdown).post(do_shutdown),
+        )
+        .route(
+            "/rollouts/{id}/{action}",
+            get(confirm_rollout_action).post(do_rollout_action),
+        )
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RestartForm {
+    #[serde(default)]
+    exe: String,
+    #[serde(default)]
+    sha256: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// A page of this module: the shell with the session and the flash.
+fn shell(d: &Dashboard, s: &Session, title: &str, flash: Option<&Flash>, body: Markup) -> Markup {
+    view::page(
+        title,
+        Section::Nodes,
+        Some(s),
+        d.sessions.token_required(),
+        flash,
+        body,
+    )
+}
+
+fn unknown_node(d: &Dashboard, s: &Session, id: &str) -> Response {
+    let flash = Flash::Error(format!(
+        "no node {id:?}: it may have been removed; see the nodes page"
+    ));
+    view::with_status(
+        StatusCode::NOT_FOUND,
+        shell(
+            d,
+            s,
+            "Unknown node",
+            Some(&flash),
+            html! { p { a href="/" { "Back to the nodes" } } },
+        ),
+    )
+}
+
+fn node_facts(n: &NodeRecord) -> Markup {
+    html! {
+        dl.spec {
+            dt { "State" } dd { (view::state(&n.state)) }
+            dt { "Executable" } dd { span.path { (n.exe.path) } " " (view::short_sha(&n.exe.sha256)) }
+            dt { "Generation" } dd { (n.generation) }
+            dt { "Worker PID" } dd { (n.worker_pid) }
+            dt { "In flight" } dd { (n.in_flight) }
+        }
+    }
+}
+
+fn restart_form(n: &NodeRecord, s: &Session, form: &RestartForm) -> Markup {
+    let action = format!("/nodes/{}/restart", percent_encode(&n.node_id));
+    html! {
+        form.confirm method="post" action=(action) {
+            input type="hidden" name="csrf" value=(s.csrf);
+            p {
+                label for="exe" { "New executable (empty: restart the same one)" }
+                input #exe name="exe" type="text" value=(form.exe) placeholder="/opt/app/app-v2" autocomplete="off";
+            }
+            p {
+                label for="sha256" { "Expected sha256 (optional)" }
+                input #sha256 name="sha256" type="text" value=(form.sha256) pattern="[0-9a-fA-F]{64}" autocomplete="off";
+            }
+            p {
+                label for="reason" { "Reason" }
+                input #reason name="reason" type="text" value=(form.reason);
+            }
+            p.buttons {
+                button #confirm type="submit" { "Restart " (n.node_id) }
+                " " a href="/" { "Cancel" }
+            }
+        }
+    }
+}
+
+async fn confirm_restart(
+    State(d): State<Arc<Dashboard>>,
+    Extension(s): Extension<Session>,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(n) = d.fleet.inventory.get(&id) else {
+        return unknown_node(&d, &s, &id);
+    };
+    let body = html! {
+        h1 { "Restart " (n.node_id) "?" }
+        p { "The agent starts a new worker generation on the same sockets, waits until it is ready, then lets the current one finish its requests. If the new generation fails, the current one keeps serving." }
+        (node_facts(&n))
+        (restart_form(&n, &s, &RestartForm::default()))
+    };
+    shell(&d, &s, &format!("Restart {id}"), None, body).into_response()
+}
+
+/// The HTTP status for an agent's gRPC refusal.
+fn http_status(code: tonic::Code) -> StatusCode {
+    match code {
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+        tonic::Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
+        tonic::Code::Aborted => StatusCode::CONFLICT,
+        tonic::Code::Unauthenticated => StatusCode::BAD_GATEWAY,
+        tonic::Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+async fn do_restart(
+    State(d): State<Arc<Dashboard>>,
+    Extension(s): Extension<Session>,
+    Path(id): Path<String>,
+    Form(form): Form<RestartForm>,
+) -> Response {
+    let Some(n) = d.fleet.inventory.get(&id) else {
+        return unknown_node(&d, &s, &id);
+    };
+    let call = async {
+        let mut client = d.fleet.agents.client(&n.control_addr)?;
+        client
+            .restart(pb::RestartRequest {
+                exe: form.exe.trim().to_string(),
+                sha256: form.sha256.trim().to_ascii_lowercase(),
+                reason: if form.reason.trim().is_empty() {
+                    "dashboard".into()
+                } else {
+                    form.reason.trim().to_string()
+                },
+                ..Default::default()
+            })
+            .await
+    };
+    let answer = tokio::time::timeout(RESTART_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {}s",
+                RESTART_TIMEOUT.as_secs()
+            )))
+        });
+    let r = match answer {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            // Refused before anything was spawned: the form again, as filled in.
+            let flash = Flash::Error(format!("{id} refused the restart: {}", status.message()));
+            let body = html! {
+                h1 { "Restart " (n.node_id) "?" }
+                (node_facts(&n))
+                (restart_form(&n, &s, &form))
+            };
+            return view::with_status(
+                http_status(status.code()),
+                shell(&d, &s, &format!("Restart {id}"), Some(&flash), body),
+            );
+        }
+    };
+    let ok = r.outcome == pb::Outcome::Succeeded as i32;
+    let exe = r.exe.clone().unwrap_or_default();
+    let timings = r.timings.unwrap_or_default();
+    let flash = if ok {
+        Flash::Done(format!(
+            "{id} restarted: generation {}, worker PID {} → {}, ready in {}.",
+            r.generation,
+            r.old_pid,
+            r.new_pid,
+            view::millis(timings.ready_us / 1000)
+        ))
+    } else {
+        Flash::Error(format!(
+            "{id}: the new generation failed and the old one kept serving: {}",
+            r.reason
+        ))
+    };
+    let body = html! {
+        h1 #outcome data-outcome=(if ok { "succeeded" } else { "failed" }) {
+            "Restart of " (id) ": " @if ok { "succeeded" } @else { "failed" }
+        }
+        dl.spec {
+            dt { "Generation" } dd #new-generation { (r.generation) }
+            dt { "Worker PID" } dd { (r.old_pid) " → " span #new-pid { (r.new_pid) } }
+            dt { "Executable" } dd { span.path { (exe.path) } " " (view::short_sha(&exe.sha256)) }
+            dt { "Timings" } dd {
+                "validate " (timings.validate_us) " µs, spawn " (timings.spawn_us) " µs, ready " (timings.ready_us) " µs"
+            }
+        }
+        @if !r.stderr_tail.is_empty() {
+            h2 { "Last lines of its stderr" }
+            pre.stderr { @for l in &r.stderr_tail { (l) "\n" } }
+        }
+        p { a.button href="/" { "Back to the nodes" } }
+    };
+    shell(&d, &s, &format!("Restart {id}"), Some(&flash), body).into_response()
+}
+
+async fn confirm_shutdown(
+    State(d): State<Arc<Dashboard>>,
+    Extension(s): Extension<Session>,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(n) = d.fleet.inventory.get(&id) else {
+        return unknown_node(&d, &s, &id);
+    };
+    let action = format!("/nodes/{}/shutdown", percent_encode(&n.node_id));
+    let body = html! {
+        h1 { "Shut down " (n.node_id) "?" }
+        p { "In-flight requests complete, then the agent and its workers exit and the node's ports close. Nothing restarts it but its service manager." }
+        (node_facts(&n))
+        form.confirm method="post" action=(action) {
+            input type="hidden" name="csrf" value=(s.csrf);
+            p { label for="reason" { "Reason" } input #reason name="reason" type="text"; }
+            p.buttons {
+                button.danger #confirm type="submit" { "Shut down " (n.node_id) }
+                " " a href="/" { "Cancel" }
+            }
+        }
+    };
+    shell(&d, &s, &format!("Shut down {id}"), None, body).into_response()
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ReasonForm {
+    #[serde(default)]
+    reason: String,
+}
+
+async fn do_shutdown(
+    State(d): State<Arc<Dashboard>>,
+    Extension(s): Extension<Session>,
+    Path(id): Path<String>,
+    Form(form): Form<ReasonForm>,
+) -> Response {
+    let Some(n) = d.fleet.inventory.get(&id) else {
+        return unknown_node(&d, &s, &id);
+    };
+    let call = async {
+        let mut client = d.fleet.agents.client(&n.control_addr)?;
+        client
+            .shutdown(pb::ShutdownRequest {
+                reason: if form.reason.trim().is_empty() {
+                    "dashboard".into()
+                } else {
+                    form.reason.trim().to_string()
+                },
+            })
+            .await
+    };
+    let (status, flash) = match tokio::time::timeout(Duration::from_secs(30), call).await {
+        Ok(Ok(_)) => (
+            StatusCode::OK,
+            Flash::Done(format!(
+                "{id} is shutting down: its requests complete, then it exits."
+            )),
+        ),
+        Ok(Err(e)) => (
+            http_status(e.code()),
+            Flash::Error(format!("{id} refused the shutdown: {}", e.message())),
+        ),
+        Err(_) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            Flash::Error(format!("{id} did not answer within 30s")),
+        ),
+    };
+    let body = html! { p { a.button href="/" { "Back to the nodes" } } };
+    view::with_status(
+        status,
+        shell(&d, &s, &format!("Shut down {id}"), Some(&flash), body),
+    )
+}
+
+/// Pause, resume, abort and undo: what each says it will do.
+fn explain(action: &str) -> Option<(&'static str, &'static str)> {
+    Some(match action {
+        "pause" => (
+            "Pause",
+            "No further node is restarted until you resume it; the batch under way finishes.",
+        ),
+        "resume" => ("Resume", "The rollout continues with its next batch."),
+        "abort" => (
+            "Abort",
+            "The rollout stops at the batch boundary; nodes not yet restarted stay as they are.",
+        ),
+        "undo" => (
+            "Undo",
+            "A new rollout moves every node this one restarted back to its previous executable.",
+        ),
+        _ => return None,
+    })
+}
+
+/// The HTTP status a page about a refused rollout request carries.
+pub fn rollout_error_status(e: &RolloutError) -> StatusCode {
+    match e {
+        RolloutError::InvalidSpec(_) => StatusCode::BAD_REQUEST,
+        RolloutError::Refused(_) => StatusCode::PRECONDITION_FAILED,
+        RolloutError::NotFound(_) => StatusCode::NOT_FOUND,
+        RolloutError::WrongState(_) => StatusCode::CONFLICT,
+        RolloutError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+pub fn rollout_error_page(d: &Dashboard, s: &Session, id: &str, e: &RolloutError) -> Response {
+    let flash = Flash::Error(e.to_string());
+    view::with_status(
+        rollout_error_status(e),
+        view::page(
+            "Rollout",
+            Section::Rollouts,
+            Some(s),
+            d.sessions.token_required(),
+            Some(&flash),
+            html! { p { a.button href={ "/rollouts/" (percent_encode(id)) } { "Back to the rollout" } } },
+        ),
+    )
+}
+
+async fn confirm_rollout_action(
+    State(d): State<Arc<Dashboard>>,
+    Extension(s): Extension<Session>,
+    Path((id, action)): Path<(String, String)>,
+) -> Response {
+    let Some((verb, what)) = explain(&action) else {
+        let e = RolloutError::InvalidSpec(format!(
+            "{action:?} is not an action on a rollout: pause, resume, abort or undo"
+        ));
+        return rollout_error_page(&d, &s, &id, &e);
+    };
+    let view = match d.fleet.rollout(&id) {
+        Ok(v) => v,
+        Err(e) => return rollout_error_page(&d, &s, &id, &e),
+    };
+    let r = &view.rollout;
+    let body = html! {
+        h1 { (verb) " rollout " (r.id) "?" }
+        p { (what) }
+        p { "It is " (view::state(r.state.as_str())) ", rolling " span.path { (r.spec.exe) } " to " (view.nodes.len()) " node(s)." }
+        form.confirm method="post" action={ "/rollouts/" (percent_encode(&r.id)) "/" (action) } {
+            input type="hidden" name="csrf" value=(s.csrf);
+            p.buttons {
+                button #confirm type="submit" class=[(action == "abort").then_some("danger")] { (verb) " " (r.id) }
+                " " a href={ "/rollouts/" (percent_encode(&r.id)) } { "Cancel" }
+            }
+        }
+    };
+    view::page(
+        &format!("{verb} {id}"),
+        Section::Rollouts,
+        Some(&s),
+        d.sessions.token_required(),
+        None,
+        body,
+    )
+    .into_response()
+}
+
+async fn do_rollout_action(
+    State(d): State<Arc<Dashboard>>,
+    Extension(s): Extension<Session>,
+    Path((id, action)): Path<(String, String)>,
+) -> Response {
+    let actor = "dashboard";
+    let result = match action.as_str() {
+        "pause" => d.fleet.request(&id, RolloutState::Paused, actor).await,
+        "resume" => d.fleet.request(&id, RolloutState::Running, actor).await,
+        "abort" => d.fleet.request(&id, RolloutState::Aborted, actor).await,
+        "undo" => d.fleet.undo(&id, actor).await,
+        other => Err(RolloutError::InvalidSpec(format!(
+            "{other:?} is not an action on a rollout: pause, resume, abort or undo"
+        ))),
+    };
+    match result {
+        Ok(v) if action == "undo" => Redirect::to(&format!(
+            "/rollouts/{}?done=undo",
+            percent_encode(&v.rollout.id)
+        ))
+        .into_response(),
+        Ok(v) => {
+            let done = match action.as_str() {
+                "pause" => "paused",
+                "resume" => "resumed",
+                _ => "aborted",
+            };
+            Redirect::to(&format!(
+                "/rollouts/{}?done={done}",
+                percent_encode(&v.rollout.id)
+            ))
+            .into_response()
+        }
+        Err(e) => rollout_error_page(&d, &s, &id, &e),
+    }
+}

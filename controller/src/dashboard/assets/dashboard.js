@@ -1,0 +1,101 @@
+// Fleet dashboard: keeps a page's live region current.
+//
+// The server renders every page; a page with a live region (#live) says where a fresh
+// copy of it comes from (data-src) and which events change it (data-events, and
+// data-rollout to only follow one rollout). On such an event the region is fetched
+// again (changes arriving together cause one fetch), and after the event stream was
+// lost and reconnects, it is fetched once more so that nothing missed stays stale.
+// Times shown as "5s ago" or an uptime tick every second.
+(function () {
+  "use strict";
+
+  function ago(ms) {
+    var s = Math.max(0, Math.floor(ms / 1000));
+    if (s < 60) return s + "s";
+    if (s < 3600) return Math.floor(s / 60) + "m " + (s % 60) + "s";
+    if (s < 86400) return Math.floor(s / 3600) + "h " + Math.floor((s % 3600) / 60) + "m";
+    return Math.floor(s / 86400) + "d " + Math.floor((s % 86400) / 3600) + "h";
+  }
+
+  function tick() {
+    var now = Date.now();
+    document.querySelectorAll("[data-since]").forEach(function (el) {
+      el.textContent = ago(now - Number(el.dataset.since)) + " ago";
+    });
+    document.querySelectorAll("[data-uptime]").forEach(function (el) {
+      el.textContent = ago(now - Number(el.dataset.uptime));
+    });
+  }
+  setInterval(tick, 1000);
+
+  var status = document.getElementById("live-status");
+  function setStatus(state, text) {
+    if (!status) return;
+    status.dataset.state = state;
+    status.textContent = text;
+  }
+
+  var live = document.getElementById("live");
+  if (!live) {
+    setStatus("idle", "");
+    return;
+  }
+  var events = (live.dataset.events || "").split(",").filter(Boolean);
+  var only = live.dataset.rollout || "";
+  var busy = false, again = false, timer = null, refreshes = 0;
+
+  function schedule() {
+    if (timer) return;
+    timer = setTimeout(function () { timer = null; refresh(); }, 100);
+  }
+
+  function refresh() {
+    if (busy) { again = true; return; }
+    busy = true;
+    fetch(live.dataset.src, { credentials: "same-origin", headers: { Accept: "text/html" } })
+      .then(function (r) {
+        if (r.redirected && r.url.indexOf("/login") >= 0) {
+          location.href = r.url;
+          return null;
+        }
+        return r.text();
+      })
+      .then(function (html) {
+        if (html === null) return;
+        live.innerHTML = html;
+        refreshes += 1;
+        live.dataset.refreshes = String(refreshes);
+        tick();
+      })
+      .catch(function () { again = true; })
+      .finally(function () {
+        busy = false;
+        if (again) { again = false; schedule(); }
+      });
+  }
+
+  var lost = false, source = null;
+  function connect() {
+    source = new EventSource("/api/events");
+    source.onopen = function () {
+      setStatus("live", "live");
+      if (lost) { lost = false; refresh(); }
+    };
+    source.onerror = function () {
+      lost = true;
+      setStatus("reconnecting", "reconnecting…");
+      // The browser retries by itself unless the server answered with an error.
+      if (source.readyState === EventSource.CLOSED) {
+        setTimeout(connect, 2000);
+      }
+    };
+    events.forEach(function (name) {
+      source.addEventListener(name, function (e) {
+        if (name === "rollout" && only && e.data !== only) return;
+        schedule();
+      });
+    });
+    source.addEventListener("resync", schedule);
+  }
+  connect();
+})();

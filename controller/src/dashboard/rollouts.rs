@@ -1,0 +1,287 @@
+//! Rollouts: the list (newest first) and one rollout's page — its spec, a progress
+//! bar, its plan as batches and every node's phase with timings and, on failure, the
+//! reason. Both pages are live.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router, routing::get};
+use maud::{Markup, html};
+use serde::Deserialize;
+
+use super::Dashboard;
+use super::session::{Session, percent_encode};
+use super::view::{self, Flash, Live, Section};
+use crate::fleet::RolloutError;
+use crate::now_ms;
+use crate::rollout::{NodeState, RolloutNode, RolloutState, RolloutView};
+
+pub fn router() -> Router<Arc<Dashboard>> {
+    Router::new()
+        .route("/rollouts", get(list))
+        .route("/rollouts/{id}", get(detail))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct PageQuery {
+    #[serde(default)]
+    fragment: Option<String>,
+    /// What the action that led here did (a fixed word, see [`done_message`]).
+    #[serde(default)]
+    done: String,
+}
+
+/// The message for `?done=WORD` after an action; unknown words show nothing.
+fn done_message(done: &str, id: &str) -> Option<Flash> {
+    let m = match done {
+        "started" => format!("Rollout {id} started."),
+        "paused" => format!("Rollout {id} will pause at the next batch boundary."),
+        "resumed" => format!("Rollout {id} resumed."),
+        "aborted" => format!("Rollout {id} is aborting: nodes not yet restarted stay as they are."),
+        "undo" => {
+            format!("Rollout {id} started: it moves the nodes back to their previous executables.")
+        }
+        _ => return None,
+    };
+    Some(Flash::Done(m))
+}
+
+fn finished_count(v: &RolloutView) -> usize {
+    v.nodes.iter().filter(|n| n.state.finished()).count()
+}
+
+async fn list(
+    State(d): State<Arc<Dashboard>>,
+    Extension(session): Extension<Session>,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    let rollouts = d.fleet.rollouts(0);
+    let now = now_ms();
+    let content = html! {
+        div.scroll {
+            table #rollouts {
+                thead { tr {
+                    th scope="col" { "Id" } th scope="col" { "Executable" } th scope="col" { "State" }
+                    th scope="col" { "Progress" } th scope="col" { "Started" } th scope="col" { "Actor" }
+                    th scope="col" { "Reason" }
+                } }
+                tbody {
+                    @for r in &rollouts {
+                        tr #{ "rollout-" (r.rollout.id) } data-state=(r.rollout.state.as_str()) {
+                            th scope="row" { a href={ "/rollouts/" (r.rollout.id) } { (r.rollout.id) } }
+                            td.exe { span.path { (r.rollout.spec.exe) } }
+                            td { (view::state(r.rollout.state.as_str())) }
+                            td { (view::progress(finished_count(r), r.nodes.len(), &format!("progress-{}", r.rollout.id))) }
+                            td { (view::since(r.rollout.created_unix_ms, now)) }
+                            td { (r.rollout.spec.actor) }
+                            td { (r.rollout.spec.reason) }
+                        }
+                    }
+                    @if rollouts.is_empty() {
+                        tr { td colspan="7" { "No rollout yet. " a href="/rollouts/new" { "Start one." } } }
+                    }
+                }
+            }
+        }
+    };
+    if q.fragment.is_some() {
+        return content.into_response();
+    }
+    let live = Live {
+        src: "/rollouts?fragment=1".into(),
+        events: "rollout",
+        rollout: None,
+    };
+    let body = html! {
+        h1 { "Rollouts" }
+        p { a.button href="/rollouts/new" { "New rollout" } }
+        (view::live(&live, content))
+    };
+    view::page(
+        "Rollouts",
+        Section::Rollouts,
+        Some(&session),
+        d.sessions.token_required(),
+        None,
+        body,
+    )
+    .into_response()
+}
+
+async fn detail(
+    State(d): State<Arc<Dashboard>>,
+    Extension(session): Extension<Session>,
+    Path(id): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    let view = match d.fleet.rollout(&id) {
+        Ok(v) => v,
+        Err(e) => {
+            let status = match e {
+                RolloutError::NotFound(_) => StatusCode::NOT_FOUND,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            let flash = Flash::Error(e.to_string());
+            return view::with_status(
+                status,
+                view::page(
+                    "Rollout",
+                    Section::Rollouts,
+                    Some(&session),
+                    d.sessions.token_required(),
+                    Some(&flash),
+                    html! { p { a href="/rollouts" { "All rollouts" } } },
+                ),
+            );
+        }
+    };
+    let content = rollout(&view);
+    if q.fragment.is_some() {
+        return content.into_response();
+    }
+    let id = view.rollout.id.clone();
+    let live = Live {
+        src: format!("/rollouts/{}?fragment=1", percent_encode(&id)),
+        events: "rollout",
+        rollout: Some(id.clone()),
+    };
+    let flash = done_message(&q.done, &id);
+    let body = html! {
+        h1 { "Rollout " (id) }
+        (view::live(&live, content))
+    };
+    view::page(
+        &format!("Rollout {id}"),
+        Section::Rollouts,
+        Some(&session),
+        d.sessions.token_required(),
+        flash.as_ref(),
+        body,
+    )
+    .into_response()
+}
+
+/// The live part of a rollout's page.
+fn rollout(v: &RolloutView) -> Markup {
+    let r = &v.rollout;
+    let s = &r.spec;
+    let now = now_ms();
+    let done = finished_count(v);
+    let state = r.state;
+    let batches = r.batch_sizes.len();
+    let ended = if r.finished_unix_ms > 0 {
+        r.finished_unix_ms
+    } else {
+        now
+    };
+    html! {
+        section.summary aria-label="Summary" {
+            p.rollout-state #rollout-state data-state=(state.as_str()) {
+                (view::state(state.as_str()))
+                @if !r.reason.is_empty() { " — " span.reason { (r.reason) } }
+            }
+            (view::progress(done, v.nodes.len(), "rollout-progress"))
+            (actions(v))
+            dl.spec {
+                dt { "Executable" } dd { span.path { (s.exe) } " " (view::short_sha(&s.sha256)) }
+                dt { "Selector" } dd { @if s.selector.is_empty() { "every node" } @else { code { (s.selector) } } }
+                dt { "Batches" } dd {
+                    (r.batch_sizes.iter().map(u32::to_string).collect::<Vec<_>>().join(" + "))
+                    @if !s.batches.is_empty() { " (" code { (s.batches) } ")" }
+                    @if s.max_parallel > 0 { " (max parallel " (s.max_parallel) ")" }
+                    @if s.canary > 0 { ", canary " (s.canary) @if s.pause_after_canary { ", pause after canary" } }
+                }
+                dt { "Soak" } dd { (view::millis(s.min_healthy_ms)) @if !s.health_path.is_empty() { ", health check " code { (s.health_path) } } }
+                dt { "Failure budget" } dd {
+                    @if s.max_failures.is_empty() { "default" } @else { (s.max_failures) }
+                    @if s.auto_rollback { ", auto-rollback" }
+                }
+                dt { "Started" } dd { (view::since(r.created_unix_ms, now)) " by " (s.actor) }
+                dt { "Duration" } dd { (view::millis(ended.saturating_sub(r.created_unix_ms))) @if r.finished_unix_ms == 0 { " so far" } }
+                @if !s.reason.is_empty() { dt { "Reason" } dd { (s.reason) } }
+                @if !r.undo_of.is_empty() { dt { "Undoes" } dd { a href={ "/rollouts/" (r.undo_of) } { (r.undo_of) } } }
+            }
+        }
+        @for (b, size) in r.batch_sizes.iter().enumerate() {
+            @let nodes: Vec<&RolloutNode> = v.nodes.iter().filter(|n| n.batch as usize == b).collect();
+            @let batch_done = nodes.iter().filter(|n| n.state.finished()).count();
+            section.batch #{ "batch-" (b + 1) } aria-label={ "Batch " (b + 1) } {
+                h2 {
+                    "Batch " (b + 1) " of " (batches)
+                    @if s.canary > 0 && b == 0 { " (canary)" }
+                    " · " (size) " node" @if *size != 1 { "s" }
+                    " · " (batch_done) " done"
+                    @if state == RolloutState::Running && r.current_batch as usize == b { " · " span.current { "in progress" } }
+                }
+                div.scroll {
+                    table.phases {
+                        thead { tr {
+                            th scope="col" { "Node" } th scope="col" { "Phase" } th scope="col" { "Worker PID" }
+                            th scope="col" { "Restart" } th scope="col" { "Soak" } th scope="col" { "Reason / timeline" }
+                        } }
+                        tbody { @for n in &nodes { (node_row(n)) } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Milliseconds between the first entry in `from` and the first later one in `to`.
+fn phase_ms(n: &RolloutNode, from: NodeState, to: &[NodeState]) -> Option<u64> {
+    let start = n.timeline.iter().position(|t| t.state == from)?;
+    let end = n.timeline[start..].iter().find(|t| to.contains(&t.state))?;
+    Some(end.unix_ms.saturating_sub(n.timeline[start].unix_ms))
+}
+
+fn node_row(n: &RolloutNode) -> Markup {
+    use NodeState::*;
+    let restart = phase_ms(n, Restarting, &[Soaking, Healthy, Failed, RolledBack]);
+    let soak = phase_ms(n, Soaking, &[Healthy, Failed, RolledBack]);
+    let fmt = |ms: Option<u64>| ms.map(view::millis).unwrap_or_else(|| "—".into());
+    html! {
+        tr #{ "rn-" (n.node_id) } data-node=(n.node_id) data-phase=(n.state.as_str()) {
+            th scope="row" { (n.node_id) }
+            td { (view::state(n.state.as_str())) }
+            td.num { (n.old_pid) @if n.new_pid != 0 && n.new_pid != n.old_pid { " → " (n.new_pid) } }
+            td { (fmt(restart)) }
+            td { (fmt(soak)) }
+            td {
+                @if !n.reason.is_empty() { pre.reason { (n.reason) } }
+                details {
+                    summary { (n.timeline.len()) " step" @if n.timeline.len() != 1 { "s" } }
+                    ol.timeline {
+                        @for t in &n.timeline {
+                            li { time datetime=(view::rfc3339(t.unix_ms)) { (view::rfc3339(t.unix_ms)) } " "
+                                (view::state(t.state.as_str())) " " (t.message)
+                                @if t.pid != 0 { " (pid " (t.pid) ")" } }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The buttons for what can be done to the rollout in its state; each leads to a
+/// confirmation page.
+fn actions(v: &RolloutView) -> Markup {
+    let id = percent_encode(&v.rollout.id);
+    let state = v.rollout.state;
+    let undoable = state.finished()
+        && v.nodes
+            .iter()
+            .any(|n| n.state == NodeState::Healthy && !n.previous_exe.is_empty());
+    html! {
+        p.actions {
+            @if state == RolloutState::Running { a.button href={ "/rollouts/" (id) "/pause" } { "Pause" } " " }
+            @if state == RolloutState::Paused { a.button href={ "/rollouts/" (id) "/resume" } { "Resume" } " " }
+            @if matches!(state, RolloutState::Running | RolloutState::Paused) {
+                a.button.danger href={ "/rollouts/" (id) "/abort" } { "Abort" } " "
+            }
+            @if undoable { a.button href={ "/rollouts/" (id) "/undo" } { "Undo" } }
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! Who may use the dashboard: sessions in a cookie, CSRF tokens for every change, and
+//! the loopback rule.
+//!
+//! With a token (`--token-file`) a browser logs in once with that token and gets a
+//! session cookie (`HttpOnly`, `SameSite=Strict`); without a token the dashboard is
+//! served to loopback peers only, and each browser still gets a session, so a change
+//! always needs the session's CSRF token. Every change is a `POST` carrying that token
+//! (a form field `csrf`, or the header `x-csrf-token`) and, when the browser sends an
+//! `Origin`, coming from this very host: a plain cross-site link or form can change
+//! nothing.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+
+/// The session cookie's name.
+pub const COOKIE: &str = "fleet_session";
+/// How long a session lasts after its last use.
+const IDLE: Duration = Duration::from_secs(12 * 3600);
+/// Most sessions kept; the least recently used goes first (anonymous sessions are
+/// created for every new loopback browser, so the map must be bounded).
+const MAX_SESSIONS: usize = 4096;
+/// Largest form body a change may send.
+const MAX_FORM: usize = 64 * 1024;
+
+/// One browser's session, as the handlers see it.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub id: String,
+    /// Must come back with every change.
+    pub csrf: String,
+    /// Logged in with the token (always false without a token).
+    pub authenticated: bool,
+    /// Created by this request: the response sets the cookie.
+    fresh: bool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    csrf: String,
+    authenticated: bool,
+    last_used: Instant,
+}
+
+/// The sessions of every browser, and the token that logs one in.
+#[derive(Debug)]
+pub struct Sessions {
+    token: Option<Arc<String>>,
+    map: Mutex<HashMap<String, Entry>>,
+}
+
+/// 32 random bytes, hex.
+fn random_hex() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the system's random source");
+    hex::encode(bytes)
+}
+
+impl Sessions {
+    pub fn new(token: Option<Arc<String>>) -> Self {
+        Self {
+            token,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether logging in is needed.
+    pub fn token_required(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Whether `given` is the fleet token (compared without leaking where it differs).
+    pub fn is_token(&self, given: &str) -> bool {
+        self.token
+            .as_deref()
+            .is_some_and(|t| crate::auth::same(given.trim(), t))
+    }
+
+    /// A new session; `authenticated` after a successful login.
+    pub fn create(&self, authenticated: bool) -> Session {
+        let session = Session {
+            id: random_hex(),
+            csrf: random_hex(),
+            authenticated,
+            fresh: true,
+        };
+        let mut map = self.map.lock().expect("sessions lock");
+        let now = Instant::now();
+        map.retain(|_, e| now.duration_since(e.last_used) < IDLE);
+        if map.len() >= MAX_SESSIONS
+            && let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(id, _)| id.clone())
+        {
+            map.remove(&oldest);
+        }
+        map.insert(
+            session.id.clone(),
+            Entry {
+                csrf: session.csrf.clone(),
+                authenticated,
+                last_used: now,
+            },
+        );
+        session
+    }
+
+    /// The session named by the request's cookie, if it is known and not expired.
+    pub fn from_headers(&self, headers: &HeaderMap) -> Option<Session> {
+        let id = cookie(headers, COOKIE)?;
+        let mut map = self.map.lock().expect("sessions lock");
+        let entry = map.get_mut(id)?;
+        let now = Instant::now();
+        if now.duration_since(entry.last_used) >= IDLE {
+            map.remove(id);
+            return None;
+        }
+        entry.last_used = now;
+        Some(Session {
+            id: id.to_string(),
+            csrf: entry.csrf.clone(),
+            authenticated: entry.authenticated,
+            fresh: false,
+        })
+    }
+
+    /// A logged-in session from the cookie (for the JSON API and the event stream).
+    pub fn authenticated(&self, headers: &HeaderMap) -> bool {
+        self.from_headers(headers).is_some_and(|s| s.authenticated)
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.map.lock().expect("sessions lock").remove(id);
+    }
+}
+
+/// The value of cookie `name` in the request.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+}
+
+/// `Set-Cookie` for a session.
+pub fn set_cookie(session: &Session) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        session.id,
+        IDLE.as_secs()
+    ))
+    .expect("hex is a valid header value")
+}
+
+/// `Set-Cookie` that deletes the session cookie.
+pub fn clear_cookie() -> HeaderValue {
+    HeaderValue::from_static("fleet_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+}
+
+/// Whether a browser's `Origin`, when it sends one, is this host (a form posted from
+/// another site carries that site's origin).
+pub fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|o| !host.is_empty() && o == host)
+}
+
+/// The peer's address, where the server recorded it.
+pub fn peer(request: &Request) -> Option<SocketAddr> {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{message}\n"),
+    )
+        .into_response()
+}
+
+/// Where a login may send the browser back to: a path on this host only.
+pub fn safe_next(next: &str) -> &str {
+    if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') {
+        next
+    } else {
+        "/"
+    }
+}
+
+/// In front of every dashboard page and action: loopback rule, session (a login with
+/// a token, an anonymous one without), then, for a change, same origin and the CSRF
+/// token. The handlers find the [`Session`] in the request's extensions.
+pub async fn guard(
+    State(sessions): State<Arc<Sessions>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path().to_string();
+    if !sessions.token_required() && !peer(&request).is_some_and(|p| p.ip().is_loopback()) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "without a token the dashboard is served on loopback only: start the controller with --token-file and log in",
+        );
+    }
+    if path.starts_with("/assets/") || path == "/login" {
+        return next.run(request).await;
+    }
+    let session = match sessions.from_headers(request.headers()) {
+        Some(s) if s.authenticated || !sessions.token_required() => s,
+        _ if sessions.token_required() => {
+            if request.method() == Method::GET || request.method() == Method::HEAD {
+                let wanted = request
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/");
+                let to = format!("/login?next={}", percent_encode(wanted));
+                return Redirect::to(&to).into_response();
+            }
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "log in first: open /login and enter the fleet token",
+            );
+        }
+        _ => sessions.create(false),
+    };
+    let mut request = request;
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        if !same_origin(request.headers()) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "this change comes from another site: use the dashboard's own forms",
+            );
+        }
+        let (parts, body) = request.into_parts();
+        let bytes = match axum::body::to_bytes(body, MAX_FORM).await {
+            Ok(b) => b,
+            Err(_) => {
+                return refuse(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "form too large (64 KiB at most)",
+                );
+            }
+        };
+        let header_token = parts
+            .headers
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let form_token = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes)
+            .ok()
+            .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "csrf").map(|(_, v)| v));
+        let given = header_token.or(form_token).unwrap_or_default();
+        if session.fresh || !crate::auth::same(&given, &session.csrf) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "missing or stale CSRF token: reload the page and submit its form again",
+            );
+        }
+        request = Request::from_parts(parts, Body::from(bytes));
+    }
+    let fresh = session.fresh.then(|| set_cookie(&session));
+    request.extensions_mut().insert(session);
+    let mut response = next.run(request).await;
+    if let Some(cookie) = fresh {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Percent-encodes everything but unreserved characters and `/`.
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_are_found_among_others() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            "a=1; fleet_session=abc ; b=2".parse().unwrap(),
+        );
+        assert_eq!(cookie(&h, COOKIE), Some("abc"));
+        assert_eq!(cookie(&h, "c"), None);
+    }
+
+    #[test]
+    fn sessions_expire_and_are_bounded() {
+        let s = Sessions::new(Some(Arc::new("t".into())));
+        let a = s.create(true);
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            format!("{COOKIE}={}", a.id).parse().unwrap(),
+        );
+        assert!(s.authenticated(&h));
+        s.remove(&a.id);
+        assert!(!s.authenticated(&h));
+        for _ in 0..MAX_SESSIONS + 10 {
+            s.create(false);
+        }
+        assert!(s.map.lock().unwrap().len() <= MAX_SESSIONS);
+    }
+
+    #[test]
+    fn origin_must_be_this_host() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "127.0.0.1:7100".parse().unwrap());
+        assert!(same_origin(&h));
+        h.insert(header::ORIGIN, "http://127.0.0.1:7100".parse().unwrap());
+        assert!(same_origin(&h));
+        h.insert(header::ORIGIN, "http://evil.example".parse().unwrap());
+        assert!(!same_origin(&h));
+        h.insert(header::ORIGIN, "null".parse().unwrap());
+        assert!(!same_origin(&h));
+    }
+
+    #[test]
+    fn next_stays_on_this_host() {
+        assert_eq!(safe_next("/rollouts/r1"), "/rollouts/r1");
+        assert_eq!(safe_next("//evil.example/"), "/");
+        assert_eq!(safe_next("http://evil.example/"), "/");
+    }
+}
