@@ -2,6 +2,17 @@
 //! (and so kills) whatever the benchmark started, and the exit codes
 //! (0 every target met, 1 a target missed, 2 could not run, 130 interrupted).
 
+/// Programs a benchmark starts, killed with what they spawned on drop.
+pub mod child;
+/// Figures about the machine and how busy it was.
+pub mod machine;
+/// The workspace's servers: the demo app under fleet-agent, hello-peer.
+pub mod servers;
+/// Load runs and throughput rounds.
+pub mod load;
+/// Latency and failures inside and outside restart windows; formatting.
+pub mod stats;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read};

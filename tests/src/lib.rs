@@ -10,6 +10,8 @@ pub mod bench;
 pub mod harness;
 /// Spawn `fleet-controller` with agents that register with it; run `fleetctl`.
 pub mod fleet;
+/// What a process holds, from /proc: open fds, threads, memory.
+pub mod footprint;
 /// Hollow agents: many simulated agents in one process (a test tool for scale).
 pub mod hollow;
 /// A strict closed-loop HTTP/1.1 load generator that counts every lost request.

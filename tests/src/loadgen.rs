@@ -80,6 +80,8 @@ pub struct RequestRecord {
     pub latency: Duration,
     /// 2xx status and the whole body read.
     pub ok: bool,
+    /// How it failed (a [`Failure::kind`]); `None` when it succeeded.
+    pub failure: Option<&'static str>,
 }
 
 /// A failed request: what kind of failure and the error as text.
@@ -360,7 +362,7 @@ async fn keepalive_client(shared: Arc<Shared>, id: usize) -> ClientReport {
                 }
                 Err(message) => {
                     shared.record_failure("connect", format!("keep-alive client {id}: {message}"));
-                    report.records.push(done(start, false, &shared));
+                    report.records.push(done(start, Some("connect"), &shared));
                     ticket = false;
                     // Bounded by max_requests/max_duration either way; don't spin hot.
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -378,7 +380,7 @@ async fn keepalive_client(shared: Arc<Shared>, id: usize) -> ClientReport {
                     *served + 1
                 );
                 shared.record_failure("timeout", message);
-                report.records.push(done(start, false, &shared));
+                report.records.push(done(start, Some("timeout"), &shared));
                 conn = None;
                 ticket = false;
             }
@@ -393,7 +395,7 @@ async fn keepalive_client(shared: Arc<Shared>, id: usize) -> ClientReport {
                     *served + 1
                 );
                 shared.record_failure(kind, message);
-                report.records.push(done(start, false, &shared));
+                report.records.push(done(start, Some(kind), &shared));
                 if kind != "status" {
                     conn = None;
                 } else {
@@ -403,7 +405,7 @@ async fn keepalive_client(shared: Arc<Shared>, id: usize) -> ClientReport {
             }
             Ok(Outcome::Ok { close }) => {
                 *served += 1;
-                report.records.push(done(start, true, &shared));
+                report.records.push(done(start, None, &shared));
                 if close {
                     conn = None;
                     report.reconnects += 1;
@@ -433,14 +435,14 @@ async fn fresh_client(shared: Arc<Shared>, id: usize) -> ClientReport {
                 )),
             }
         };
-        let ok = match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
-            Ok(Ok(())) => true,
+        let failure = match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
+            Ok(Ok(())) => None,
             Ok(Err((kind, message))) => {
                 shared.record_failure(kind, format!("fresh-connection client {id}: {message}"));
                 if kind == "connect" {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                false
+                Some(kind)
             }
             Err(_) => {
                 shared.record_failure(
@@ -449,20 +451,21 @@ async fn fresh_client(shared: Arc<Shared>, id: usize) -> ClientReport {
                         "fresh-connection client {id}: no complete response within {REQUEST_TIMEOUT:?}"
                     ),
                 );
-                false
+                Some("timeout")
             }
         };
-        report.records.push(done(start, ok, &shared));
+        report.records.push(done(start, failure, &shared));
     }
     report
 }
 
-fn done(start: Instant, ok: bool, shared: &Shared) -> RequestRecord {
+fn done(start: Instant, failure: Option<&'static str>, shared: &Shared) -> RequestRecord {
     shared.completed.fetch_add(1, Ordering::Relaxed);
     RequestRecord {
         start,
         latency: start.elapsed(),
-        ok,
+        ok: failure.is_none(),
+        failure,
     }
 }
 
@@ -735,6 +738,7 @@ mod tests {
                     start,
                     latency: Duration::from_millis(ms),
                     ok: ms % 2 == 0,
+                    failure: (ms % 2 != 0).then_some("status"),
                 })
                 .collect(),
             ..Default::default()

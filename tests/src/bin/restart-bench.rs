@@ -24,22 +24,28 @@
 //! Loopback only. Every loop is bounded in count and time; every process started is
 //! killed on exit, also on panic and Ctrl-C (a Drop guard).
 
-use fleet_tests::bench::{drain_lines, lock, pid_of};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, anyhow};
 use clap::{Parser, ValueEnum};
-use fleet_proto::v1::agent_service_client::AgentServiceClient;
 use fleet_proto::v1::{Event, Outcome, Phase, RestartRequest, StatusRequest, WatchRequest};
-use fleet_tests::loadgen::{Load, LoadReport, LoadSpec, RequestRecord};
-use nix::sys::signal::{Signal, kill, killpg};
-use serde_json::{Value, json};
+use fleet_tests::bench::child::sibling_exe;
+use fleet_tests::bench::load::{self, FOREIGN_CPU_WARN, LoadShape, Run, finish_load};
+use fleet_tests::bench::machine::{cpu_sample, foreign_cpu, loadavg};
+use fleet_tests::bench::servers::{
+    FleetAgent, STARTUP_TIMEOUT, serving_worker, start_agent, start_hello_peer,
+};
+use fleet_tests::bench::stats::{
+    LatencyStats, Windows, fmt_bytes, fmt_ms, fmt_pct, fmt_split, json_ms, latency_stats, ms,
+    ok_rps, percentile, sorted, stats_json, verdict,
+};
+use fleet_tests::footprint::{Mem, mem};
+use fleet_tests::loadgen::{Load, LoadReport, RequestRecord};
+use serde_json::json;
 use tokio::sync::mpsc;
 
 /// Targets (see the README's benchmark section).
@@ -47,10 +53,6 @@ const TARGET_THROUGHPUT_RATIO: f64 = 0.97;
 const TARGET_P99_RATIO: f64 = 1.5;
 const TARGET_READY_MEDIAN: Duration = Duration::from_millis(10);
 const TARGET_SUPERVISOR_RSS_BYTES: u64 = 5_000_000;
-
-/// Warn when processes outside the bench used more than this share of the CPUs
-/// during a run.
-const FOREIGN_CPU_WARN: f64 = 0.05;
 
 /// A restart window lasts until this long after the new worker is READY (or until the
 /// old worker exited, if later): SIGTERM, the drain with its idle grace, the
@@ -62,7 +64,6 @@ const WINDOW_AFTER_READY: Duration = Duration::from_secs(1);
 const RAMP_UP: Duration = Duration::from_millis(500);
 
 /// Bounds on waiting for things that should be quick.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const RESTART_RPC_TIMEOUT: Duration = Duration::from_secs(30);
 const DRAINED_WAIT: Duration = Duration::from_secs(15);
 const REFUSED_RETRY: Duration = Duration::from_millis(10);
@@ -126,519 +127,7 @@ fn main() -> ExitCode {
 }
 
 // ---------------------------------------------------------------------------
-// Processes
-
-/// A started program and everything it spawned. Dropping it kills the process, its
-/// descendants and its process group with SIGKILL and reaps it.
-#[derive(Debug)]
-struct Proc {
-    name: &'static str,
-    child: Child,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn tail(&self, n: usize) -> Vec<String> {
-        let tail = lock(&self.stderr_tail);
-        tail.iter()
-            .skip(tail.len().saturating_sub(n))
-            .cloned()
-            .collect()
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// Graceful stop: SIGTERM, then wait up to `grace` for the exit (the Drop guard
-    /// kills whatever is left).
-    async fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
-        if let Some(status) = self.exited() {
-            return Some(status);
-        }
-        let _ = kill(pid_of(self.pid()), Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Some(status) = self.exited() {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.exited().is_some() {
-            // Its workers die with it (parent-death signal); the group kill below is
-            // a second line of defence in case one was left behind.
-            let _ = killpg(pid_of(self.pid()), Signal::SIGKILL);
-            return;
-        }
-        let pid = self.pid();
-        let all = descendants(pid);
-        let _ = kill(pid_of(pid), Signal::SIGKILL);
-        for d in all {
-            let _ = kill(pid_of(d), Signal::SIGKILL);
-        }
-        let _ = killpg(pid_of(pid), Signal::SIGKILL);
-        let _ = self.child.wait();
-        eprintln!("restart-bench: killed {} (pid {pid})", self.name);
-    }
-}
-
-/// Every descendant of `pid` (from /proc/PID/task/TID/children), bounded.
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut stack = vec![pid];
-    while let Some(p) = stack.pop() {
-        if out.len() >= 4096 {
-            break;
-        }
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
-                continue;
-            };
-            for c in children
-                .split_whitespace()
-                .filter_map(|c| c.parse::<u32>().ok())
-            {
-                if !out.contains(&c) {
-                    out.push(c);
-                    stack.push(c);
-                }
-            }
-        }
-    }
-    out
-}
-
-fn spawn(name: &'static str, exe: &Path, args: &[&str]) -> anyhow::Result<(Proc, Pipes)> {
-    let mut child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Own process group: Ctrl-C in the terminal reaches only the bench, which
-        // then stops everything in order, and the group can be killed as a whole.
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("cannot start {}", exe.display()))?;
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    Ok((
-        Proc {
-            name,
-            child,
-            stderr_tail: Arc::new(Mutex::new(VecDeque::new())),
-        },
-        Pipes { stdout, stderr },
-    ))
-}
-
-/// The pipes of a freshly spawned child, before their drain threads start.
-struct Pipes {
-    stdout: Option<std::process::ChildStdout>,
-    stderr: Option<std::process::ChildStderr>,
-}
-
-/// Text after `marker` in `line`, if present.
-fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
-    line.find(marker).map(|i| &line[i + marker.len()..])
-}
-
-fn parse_addr(s: &str) -> Option<SocketAddr> {
-    s.trim()
-        .trim_start_matches('[')
-        .split([',', ']', ' '])
-        .next()
-        .and_then(|a| a.trim().parse().ok())
-}
-
-#[derive(Debug)]
-enum AgentLine {
-    Control(SocketAddr),
-    Http(SocketAddr),
-}
-
-struct Agent {
-    proc: Proc,
-    control: SocketAddr,
-    http: SocketAddr,
-}
-
-async fn start_agent(exe: &Path) -> anyhow::Result<Agent> {
-    let (mut proc, pipes) = spawn(
-        "fleet-agent",
-        exe,
-        &["--listen", "127.0.0.1:0", "--control", "127.0.0.1:0"],
-    )?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    if let Some(stdout) = pipes.stdout {
-        drain_lines(stdout, Arc::new(Mutex::new(VecDeque::new())), |_| {});
-    }
-    if let Some(stderr) = pipes.stderr {
-        drain_lines(stderr, proc.stderr_tail.clone(), move |line| {
-            if let Some(rest) = after(line, "control endpoint listening on ") {
-                if let Some(a) = parse_addr(rest) {
-                    let _ = tx.send(AgentLine::Control(a));
-                }
-            } else if line.contains("http server 'default' started listening on ")
-                && let Some(a) = after(line, "started listening on ").and_then(parse_addr)
-            {
-                let _ = tx.send(AgentLine::Http(a));
-            }
-        });
-    }
-    let (mut control, mut http) = (None, None);
-    let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
-    while control.is_none() || http.is_none() {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(AgentLine::Control(a))) => control = Some(a),
-            Ok(Some(AgentLine::Http(a))) => http = Some(a),
-            Ok(None) | Err(_) => {
-                tokio::time::sleep(Duration::from_millis(50)).await; // let the tail fill
-                let status = proc.exited();
-                bail!(
-                    "fleet-agent did not report its addresses within {:?} ({}); \
-                     want `control endpoint listening on ADDR` and \
-                     `http server 'default' started listening on [ADDR]`; last stderr lines:\n  {}",
-                    STARTUP_TIMEOUT,
-                    status.map_or("still running".to_string(), |s| s.to_string()),
-                    proc.tail(15).join("\n  ")
-                );
-            }
-        }
-    }
-    let (Some(control), Some(http)) = (control, http) else {
-        unreachable!("loop exits only with both addresses");
-    };
-    Ok(Agent {
-        proc,
-        control,
-        http,
-    })
-}
-
-async fn start_peer(exe: &Path) -> anyhow::Result<(Proc, SocketAddr)> {
-    let (mut proc, pipes) = spawn("hello-peer", exe, &["--listen", "127.0.0.1:0"])?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    if let Some(stdout) = pipes.stdout {
-        drain_lines(stdout, Arc::new(Mutex::new(VecDeque::new())), move |line| {
-            if let Some(a) = after(line, "listening on ").and_then(parse_addr) {
-                let _ = tx.send(a);
-            }
-        });
-    }
-    if let Some(stderr) = pipes.stderr {
-        drain_lines(stderr, proc.stderr_tail.clone(), |_| {});
-    }
-    match tokio::time::timeout(STARTUP_TIMEOUT, rx.recv()).await {
-        Ok(Some(addr)) => Ok((proc, addr)),
-        _ => {
-            let status = proc.exited();
-            bail!(
-                "hello-peer did not print `listening on ADDR` within {:?} ({}); stderr:\n  {}",
-                STARTUP_TIMEOUT,
-                status.map_or("still running".to_string(), |s| s.to_string()),
-                proc.tail(15).join("\n  ")
-            )
-        }
-    }
-}
-
-fn sibling_exe(name: &str) -> anyhow::Result<PathBuf> {
-    let me = std::env::current_exe().context("cannot find this executable's path")?;
-    let dir = me
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent directory", me.display()))?;
-    let path = dir.join(name);
-    if !path.is_file() {
-        bail!(
-            "{} not found; run `cargo build --release --workspace --bins` first",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-// ---------------------------------------------------------------------------
-// Load
-
-fn spec(args: &Args, target: SocketAddr, duration: Duration) -> LoadSpec {
-    LoadSpec {
-        target,
-        path: "/".to_string(),
-        keepalive_connections: args.keepalive,
-        fresh_connections: args.fresh,
-        max_requests: args.requests,
-        max_duration: duration,
-    }
-}
-
-/// Runs a load to its bound and returns the report (bounded: duration + 30 s).
-async fn run_load(
-    args: &Args,
-    target: SocketAddr,
-    duration: Duration,
-) -> anyhow::Result<LoadReport> {
-    let started = Instant::now();
-    let load = Load::start(spec(args, target, duration));
-    finish_load(load, started, duration, args.requests).await
-}
-
-/// Lets the load run until its time bound (or its request bound), then stops it and
-/// collects the report (`Load::finish` stops at once, so wait first). Bounded.
-async fn finish_load(
-    load: Load,
-    started: Instant,
-    duration: Duration,
-    max_requests: u64,
-) -> anyhow::Result<LoadReport> {
-    let end = started + duration;
-    // Ends at the time bound, or earlier once the request bound is reached.
-    while Instant::now() < end && load.snapshot_requests() < max_requests {
-        let step = end
-            .saturating_duration_since(Instant::now())
-            .min(Duration::from_millis(100));
-        tokio::time::sleep(step).await;
-    }
-    tokio::time::timeout(Duration::from_secs(35), load.finish())
-        .await
-        .map_err(|_| anyhow!("the load generator did not stop within 35 s after its time bound"))
-}
-
-/// Successful requests per second.
-fn ok_rps(r: &LoadReport) -> f64 {
-    let secs = r.elapsed.as_secs_f64();
-    if secs > 0.0 { r.ok as f64 / secs } else { 0.0 }
-}
-
-// ---------------------------------------------------------------------------
-// Statistics
-
-#[derive(Debug, Clone, Copy, Default)]
-struct LatencyStats {
-    count: usize,
-    p50: Option<Duration>,
-    p99: Option<Duration>,
-    max: Option<Duration>,
-}
-
-/// Nearest-rank percentile (`p` in 0..=100) of a sorted slice (as `LoadReport::percentile`).
-fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
-/// Latency of the successful requests that `keep` selects.
-fn latency_stats(report: &LoadReport, keep: impl Fn(&RequestRecord) -> bool) -> LatencyStats {
-    let sel = |r: &RequestRecord| r.ok && keep(r);
-    LatencyStats {
-        count: report.records.iter().filter(|r| sel(r)).count(),
-        p50: report.percentile(50.0, sel),
-        p99: report.percentile(99.0, sel),
-        max: report.max(sel),
-    }
-}
-
-fn sorted(mut v: Vec<Duration>) -> Vec<Duration> {
-    v.sort_unstable();
-    v
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn fmt_ms(d: Option<Duration>) -> String {
-    d.map_or_else(|| "n/a".to_string(), |d| format!("{:.2} ms", ms(d)))
-}
-
-fn json_ms(d: Option<Duration>) -> Value {
-    d.map_or(Value::Null, |d| json!((ms(d) * 1000.0).round() / 1000.0))
-}
-
-fn stats_json(s: &LatencyStats) -> Value {
-    json!({"requests_ok": s.count, "p50_ms": json_ms(s.p50), "p99_ms": json_ms(s.p99), "max_ms": json_ms(s.max)})
-}
-
-/// Memory of a process from /proc/PID/status, in bytes.
-#[derive(Debug, Clone, Copy)]
-struct Mem {
-    /// VmRSS: resident set (what the target is about).
-    rss: u64,
-    /// VmHWM: peak resident set.
-    hwm: u64,
-    /// RssAnon: private memory (heap, stacks).
-    anon: u64,
-    /// RssFile: resident pages of mapped files (mostly the executable's own code,
-    /// shared with the workers, which run the same file).
-    file: u64,
-    /// Pss from /proc/PID/smaps_rollup: shared pages divided among their users.
-    pss: Option<u64>,
-}
-
-fn rss(pid: u32) -> Option<Mem> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-    };
-    Some(Mem {
-        rss: field("VmRSS:")?,
-        hwm: field("VmHWM:")?,
-        anon: field("RssAnon:").unwrap_or(0),
-        file: field("RssFile:").unwrap_or(0),
-        pss: std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("Pss:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .map(|kb| kb * 1024),
-    })
-}
-
-/// CPU time (in clock ticks) of the whole machine and of this bench's own process
-/// tree (itself, the agent, its workers, the peer).
-#[derive(Debug, Clone, Copy)]
-struct CpuSample {
-    /// user + nice + system of every CPU (interrupt time left out: it belongs to
-    /// no process).
-    busy: u64,
-    /// Time the hypervisor gave this machine's CPUs to someone else.
-    steal: u64,
-    /// Every column of every CPU.
-    total: u64,
-    /// utime + stime + cutime + cstime of this process and every descendant
-    /// (cutime/cstime carry the time of reaped children, e.g. old workers).
-    own: u64,
-}
-
-fn cpu_sample() -> Option<CpuSample> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let cols: Vec<u64> = stat
-        .lines()
-        .next()?
-        .strip_prefix("cpu ")?
-        .split_whitespace()
-        .filter_map(|c| c.parse().ok())
-        .collect();
-    if cols.len() < 4 {
-        return None;
-    }
-    // user nice system idle iowait irq softirq steal guest guest_nice; guest time
-    // is already in user/nice.
-    let total = cols.iter().take(8).sum();
-    let busy = cols[0] + cols[1] + cols[2];
-    let steal = cols.get(7).copied().unwrap_or(0);
-    let me = std::process::id();
-    let mut own = 0;
-    for pid in std::iter::once(me).chain(descendants(me)) {
-        let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = s.rsplit_once(')') else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // After the command: state(3) ... utime(14) stime(15) cutime(16) cstime(17).
-        own += f
-            .get(11..15)
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.parse::<u64>().ok())
-            .sum::<u64>();
-    }
-    Some(CpuSample {
-        busy,
-        steal,
-        total,
-        own,
-    })
-}
-
-/// Share of all CPU time between two samples used by processes outside this bench
-/// (or stolen by the hypervisor).
-fn foreign_cpu(a: Option<CpuSample>, b: Option<CpuSample>) -> Option<f64> {
-    let (a, b) = (a?, b?);
-    let total = b.total.checked_sub(a.total)?;
-    if total == 0 {
-        return None;
-    }
-    let foreign = (b.busy.saturating_sub(a.busy)).saturating_sub(b.own.saturating_sub(a.own))
-        + b.steal.saturating_sub(a.steal);
-    Some(foreign as f64 / total as f64)
-}
-
-fn fmt_pct(f: Option<f64>) -> String {
-    f.map_or_else(|| "?".to_string(), |f| format!("{:.0}%", f * 100.0))
-}
-
-/// The 1-minute load average (other work on the machine skews every figure).
-fn loadavg() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn fmt_split(m: Option<Mem>) -> String {
-    m.map_or_else(
-        || "n/a".to_string(),
-        |m| {
-            format!(
-                "anon {} kB + file {} kB; PSS {}",
-                m.anon / 1024,
-                m.file / 1024,
-                m.pss
-                    .map_or("?".to_string(), |p| format!("{} kB", p / 1024))
-            )
-        },
-    )
-}
-
-fn fmt_bytes(b: Option<u64>) -> String {
-    b.map_or_else(
-        || "n/a".to_string(),
-        |b| format!("{:.2} MB ({} kB)", b as f64 / 1e6, b / 1024),
-    )
-}
-
-// ---------------------------------------------------------------------------
-// Phases
-
-#[derive(Debug)]
-struct Run {
-    target: &'static str,
-    round: u32,
-    requests: u64,
-    ok: u64,
-    failed: u64,
-    rps: f64,
-    /// Share of all CPU time used by processes outside this bench during the run.
-    foreign_cpu: Option<f64>,
-    /// Other processes took more than FOREIGN_CPU_WARN: left out of the best-of.
-    skewed: bool,
-}
+// Throughput
 
 struct Throughput {
     runs: Vec<Run>,
@@ -649,77 +138,16 @@ struct Throughput {
 }
 
 async fn throughput(args: &Args, demo: SocketAddr, peer: SocketAddr) -> anyhow::Result<Throughput> {
-    if !args.warmup.is_zero() {
-        for (name, addr) in [("demo", demo), ("peer", peer)] {
-            eprintln!(
-                "restart-bench: warm-up {name} ({:?}, not measured)",
-                args.warmup
-            );
-            run_load(args, addr, args.warmup).await?;
-        }
-    }
-    let mut runs = Vec::new();
-    // A run during which other processes took more than FOREIGN_CPU_WARN of the CPUs
-    // is marked skewed and repeated, at most `rounds` extra runs in all.
-    let mut repeats_left = args.rounds;
-    for round in 1..=args.rounds {
-        for (name, addr) in [("demo", demo), ("peer", peer)] {
-            loop {
-                eprintln!(
-                    "restart-bench: throughput round {round}/{} {name} ({:?})",
-                    args.rounds, args.duration
-                );
-                let cpu_before = cpu_sample();
-                let r = run_load(args, addr, args.duration).await?;
-                let foreign_cpu = foreign_cpu(cpu_before, cpu_sample());
-                let skewed = foreign_cpu.is_some_and(|f| f > FOREIGN_CPU_WARN);
-                runs.push(Run {
-                    target: name,
-                    round,
-                    requests: r.requests,
-                    ok: r.ok,
-                    failed: r.failed,
-                    rps: ok_rps(&r),
-                    foreign_cpu,
-                    skewed,
-                });
-                if skewed && repeats_left > 0 {
-                    repeats_left -= 1;
-                    eprintln!(
-                        "restart-bench: other processes took {} of the CPUs during that run; repeating it",
-                        fmt_pct(foreign_cpu)
-                    );
-                    continue;
-                }
-                break;
-            }
-        }
-    }
-    // Best of the runs that were not skewed (of all runs if every one was).
-    let best = |t: &str| {
-        let clean = runs.iter().any(|r| r.target == t && !r.skewed);
-        runs.iter()
-            .filter(|r| r.target == t && (!clean || !r.skewed))
-            .map(|r| r.rps)
-            .fold(0.0_f64, f64::max)
-    };
-    let (best_demo, best_peer) = (best("demo"), best("peer"));
-    // Median of the same runs: a second view, less moved by one lucky run.
-    let median = |t: &str| {
-        let clean = runs.iter().any(|r| r.target == t && !r.skewed);
-        let mut v: Vec<f64> = runs
-            .iter()
-            .filter(|r| r.target == t && (!clean || !r.skewed))
-            .map(|r| r.rps)
-            .collect();
-        v.sort_by(f64::total_cmp);
-        match v.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
-    };
-    let (median_demo, median_peer) = (median("demo"), median("peer"));
+    let tp = load::throughput(
+        &shape(args),
+        &[("demo", demo), ("peer", peer)],
+        args.rounds,
+        args.duration,
+        args.warmup,
+    )
+    .await?;
+    let (best_demo, best_peer) = (tp.best("demo"), tp.best("peer"));
+    let (median_demo, median_peer) = (tp.median("demo"), tp.median("peer"));
     let median_ratio = if median_peer > 0.0 {
         median_demo / median_peer
     } else {
@@ -731,12 +159,20 @@ async fn throughput(args: &Args, demo: SocketAddr, peer: SocketAddr) -> anyhow::
         0.0
     };
     Ok(Throughput {
-        runs,
+        runs: tp.runs,
         median_ratio,
         best_demo,
         best_peer,
         ratio,
     })
+}
+
+fn shape(args: &Args) -> LoadShape {
+    LoadShape {
+        keepalive: args.keepalive,
+        fresh: args.fresh,
+        requests: args.requests,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -802,15 +238,8 @@ struct RestartPhase {
     foreign_cpu: Option<f64>,
 }
 
-async fn restart_phase(args: &Args, agent: &Agent) -> anyhow::Result<RestartPhase> {
-    let endpoint = format!("http://{}", agent.control);
-    let mut client = tokio::time::timeout(
-        STARTUP_TIMEOUT,
-        AgentServiceClient::connect(endpoint.clone()),
-    )
-    .await
-    .map_err(|_| anyhow!("connecting to {endpoint} timed out"))?
-    .with_context(|| format!("cannot connect to the control endpoint {endpoint}"))?;
+async fn restart_phase(args: &Args, agent: &FleetAgent) -> anyhow::Result<RestartPhase> {
+    let mut client = agent.grpc().await?;
 
     // Subscribe before any restart; the first event (the snapshot) proves it is live.
     let mut stream = tokio::time::timeout(STARTUP_TIMEOUT, client.watch(WatchRequest {}))
@@ -857,7 +286,7 @@ async fn restart_phase(args: &Args, agent: &Agent) -> anyhow::Result<RestartPhas
     );
     let cpu_before = cpu_sample();
     let phase_start = Instant::now();
-    let load = Load::start(spec(args, agent.http, args.duration));
+    let load = Load::start(shape(args).spec(agent.http, args.duration));
     let stop_at = phase_start + lead + restart_span;
     let mut next = phase_start + lead;
     let mut restarts = Vec::new();
@@ -979,8 +408,8 @@ async fn restart_phase(args: &Args, agent: &Agent) -> anyhow::Result<RestartPhas
     }
 
     // Classify requests by their start time.
-    let windows: Vec<(Instant, Instant)> = restarts.iter().map(RestartRec::window).collect();
-    let in_window = |r: &RequestRecord| windows.iter().any(|(a, b)| *a <= r.start && r.start < *b);
+    let windows = Windows(restarts.iter().map(RestartRec::window).collect());
+    let in_window = |r: &RequestRecord| windows.contains(r.start);
     // Latency leaves out the load's own ramp-up (every client connecting at once).
     let ramped = phase_start + RAMP_UP;
     let window = latency_stats(&report, |r| r.start >= ramped && in_window(r));
@@ -999,27 +428,21 @@ async fn restart_phase(args: &Args, agent: &Agent) -> anyhow::Result<RestartPhas
         .iter()
         .filter(|r| !r.ok && !in_window(r))
         .count() as u64;
-    let window_time = union_length(&windows);
+    let window_time = windows.total();
     report.records.clear();
     report.records.shrink_to_fit();
 
     // Memory at the end (the agent is still running).
-    let supervisor_rss = rss(agent.proc.pid());
+    let supervisor_rss = mem(agent.proc.pid());
     let status = tokio::time::timeout(Duration::from_secs(5), client.status(StatusRequest {}))
         .await
         .ok()
         .and_then(Result::ok)
         .map(tonic::Response::into_inner);
     let (worker_pid, generation) = status.as_ref().map_or((None, 0), |s| {
-        let w = s
-            .workers
-            .iter()
-            .filter(|w| w.state == "serving")
-            .max_by_key(|w| w.generation)
-            .or_else(|| s.workers.iter().max_by_key(|w| w.generation));
-        (w.map(|w| w.pid), s.generation)
+        (serving_worker(s).map(|(pid, _)| pid), s.generation)
     });
-    let worker_rss = worker_pid.and_then(rss);
+    let worker_rss = worker_pid.and_then(mem);
 
     Ok(RestartPhase {
         report,
@@ -1045,44 +468,8 @@ async fn restart_phase(args: &Args, agent: &Agent) -> anyhow::Result<RestartPhas
     })
 }
 
-/// Total length covered by a set of intervals.
-fn union_length(windows: &[(Instant, Instant)]) -> Duration {
-    let mut w = windows.to_vec();
-    w.sort_by_key(|x| x.0);
-    let mut total = Duration::ZERO;
-    let mut cur: Option<(Instant, Instant)> = None;
-    for (a, b) in w {
-        cur = match cur {
-            Some((ca, cb)) if a <= cb => Some((ca, cb.max(b))),
-            Some((ca, cb)) => {
-                total += cb - ca;
-                Some((a, b))
-            }
-            None => Some((a, b)),
-        };
-    }
-    if let Some((a, b)) = cur {
-        total += b - a;
-    }
-    total
-}
-
 // ---------------------------------------------------------------------------
 // Report
-
-struct Verdict {
-    pass: bool,
-    what: String,
-    figure: String,
-}
-
-fn verdict(pass: bool, what: impl Into<String>, figure: impl Into<String>) -> Verdict {
-    Verdict {
-        pass,
-        what: what.into(),
-        figure: figure.into(),
-    }
-}
 
 async fn run(args: Args) -> anyhow::Result<bool> {
     let agent_exe = match &args.agent_exe {
@@ -1096,9 +483,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZeroUsize::get);
     let load_before = loadavg();
 
-    let mut agent = start_agent(&agent_exe).await?;
-    let (mut peer, peer_addr) = start_peer(&peer_exe).await?;
-    let supervisor_rss_start = rss(agent.proc.pid());
+    let mut agent = start_agent(&agent_exe, "127.0.0.1:0", &[]).await?;
+    let (mut peer, peer_addr) = start_hello_peer(&peer_exe, "127.0.0.1:0").await?;
+    let supervisor_rss_start = mem(agent.proc.pid());
     eprintln!(
         "restart-bench: fleet-agent pid {} (demo app http://{}, control {}), hello-peer pid {} (http://{})",
         agent.proc.pid(),
