@@ -8,8 +8,12 @@ pub mod child;
 pub mod machine;
 /// The workspace's servers: the demo app under fleet-agent, hello-peer.
 pub mod servers;
+/// nginx and HAProxy as peers, and following their reloads.
+pub mod peers;
 /// Load runs and throughput rounds.
 pub mod load;
+/// A server under load while it reloads on a schedule (fleet, nginx, HAProxy).
+pub mod reload;
 /// Latency and failures inside and outside restart windows; formatting.
 pub mod stats;
 
