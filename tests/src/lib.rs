@@ -4,6 +4,8 @@
 //!
 //! Run with `cargo build --workspace --bins && cargo nextest run -p fleet-tests`.
 
+/// A headless Chromium driven through WebDriver (the dashboard tests).
+pub mod browser;
 /// What every benchmark program shares (runtime, interruption, exit codes).
 pub mod bench;
 /// Spawn `fleet-agent`, wait on its log lines, talk to it, kill it on drop.

@@ -163,7 +163,7 @@ fn table(d: &Dashboard, nodes: &[NodeRecord], label: &str, col: &str, desc: bool
             @for (state, n) in &counts { " · " (view::state(state)) " " (n) }
         }
         div.scroll {
-            table #nodes {
+            table.cards #nodes {
                 caption.visually-hidden { "Nodes, sorted by " (col) }
                 thead { tr {
                     @for (c, name) in COLUMNS {
@@ -188,21 +188,21 @@ fn row(n: &NodeRecord, now: u64) -> Markup {
     html! {
         tr #{ "node-" (n.node_id) } data-node=(n.node_id) data-state=(n.state) {
             th scope="row" { (n.node_id) }
-            td { (view::state(&n.state))
+            td data-label="State" { (view::state(&n.state))
                 @if !n.reason.is_empty() { br; small.reason { (n.reason) } } }
-            td.exe { span.path { (n.exe.path) } " " (view::short_sha(&n.exe.sha256)) }
-            td.num data-col="generation" { (n.generation) }
-            td.num data-col="supervisor_pid" { (n.supervisor_pid) }
-            td.num data-col="worker_pid" { (n.worker_pid) }
-            td { (view::uptime(n.started_at_unix_ms, now)) }
-            td.num { (n.in_flight) }
-            td { (view::since(n.last_heartbeat_unix_ms, now)) }
-            td.labels {
+            td.exe data-label="Executable" { span.path { (n.exe.path) } " " (view::short_sha(&n.exe.sha256)) }
+            td.num data-col="generation" data-label="Generation" { (n.generation) }
+            td.num data-col="supervisor_pid" data-label="Supervisor PID" { (n.supervisor_pid) }
+            td.num data-col="worker_pid" data-label="Worker PID" { (n.worker_pid) }
+            td data-label="Up" { (view::uptime(n.started_at_unix_ms, now)) }
+            td.num data-label="In flight" { (n.in_flight) }
+            td data-label="Last heartbeat" { (view::since(n.last_heartbeat_unix_ms, now)) }
+            td.labels data-label="Labels" {
                 @for (k, v) in &n.labels {
                     a.label href={ "/nodes?label=" (percent_encode(&format!("{k}={v}"))) } { (k) "=" (v) } " "
                 }
             }
-            td { @if n.admin_url.is_empty() { "—" } @else {
+            td data-label="Admin" { @if n.admin_url.is_empty() { "—" } @else {
                 a.admin href=(n.admin_url) target="_blank" rel="noopener noreferrer" { "admin" }
             } }
             td.actions {

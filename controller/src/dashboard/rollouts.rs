@@ -61,7 +61,7 @@ async fn list(
     let now = now_ms();
     let content = html! {
         div.scroll {
-            table #rollouts {
+            table.cards #rollouts {
                 thead { tr {
                     th scope="col" { "Id" } th scope="col" { "Executable" } th scope="col" { "State" }
                     th scope="col" { "Progress" } th scope="col" { "Started" } th scope="col" { "Actor" }
@@ -71,12 +71,12 @@ async fn list(
                     @for r in &rollouts {
                         tr #{ "rollout-" (r.rollout.id) } data-state=(r.rollout.state.as_str()) {
                             th scope="row" { a href={ "/rollouts/" (r.rollout.id) } { (r.rollout.id) } }
-                            td.exe { span.path { (r.rollout.spec.exe) } }
-                            td { (view::state(r.rollout.state.as_str())) }
-                            td { (view::progress(finished_count(r), r.nodes.len(), &format!("progress-{}", r.rollout.id))) }
-                            td { (view::since(r.rollout.created_unix_ms, now)) }
-                            td { (r.rollout.spec.actor) }
-                            td { (r.rollout.spec.reason) }
+                            td.exe data-label="Executable" { span.path { (r.rollout.spec.exe) } }
+                            td data-label="State" { (view::state(r.rollout.state.as_str())) }
+                            td data-label="Progress" { (view::progress(finished_count(r), r.nodes.len(), &format!("progress-{}", r.rollout.id))) }
+                            td data-label="Started" { (view::since(r.rollout.created_unix_ms, now)) }
+                            td data-label="Actor" { (r.rollout.spec.actor) }
+                            td data-label="Reason" { (r.rollout.spec.reason) }
                         }
                     }
                     @if rollouts.is_empty() {
@@ -180,7 +180,7 @@ fn rollout(v: &RolloutView) -> Markup {
         section.summary aria-label="Summary" {
             p.rollout-state #rollout-state data-state=(state.as_str()) {
                 (view::state(state.as_str()))
-                @if !r.reason.is_empty() { " — " span.reason { (r.reason) } }
+                @if !r.reason.is_empty() { " — " span.note { (r.reason) } }
             }
             (view::progress(done, v.nodes.len(), "rollout-progress"))
             (actions(v))
@@ -216,7 +216,7 @@ fn rollout(v: &RolloutView) -> Markup {
                     @if state == RolloutState::Running && r.current_batch as usize == b { " · " span.current { "in progress" } }
                 }
                 div.scroll {
-                    table.phases {
+                    table.phases.cards {
                         thead { tr {
                             th scope="col" { "Node" } th scope="col" { "Phase" } th scope="col" { "Worker PID" }
                             th scope="col" { "Restart" } th scope="col" { "Soak" } th scope="col" { "Reason / timeline" }
@@ -244,11 +244,11 @@ fn node_row(n: &RolloutNode) -> Markup {
     html! {
         tr #{ "rn-" (n.node_id) } data-node=(n.node_id) data-phase=(n.state.as_str()) {
             th scope="row" { (n.node_id) }
-            td { (view::state(n.state.as_str())) }
-            td.num { (n.old_pid) @if n.new_pid != 0 && n.new_pid != n.old_pid { " → " (n.new_pid) } }
-            td { (fmt(restart)) }
-            td { (fmt(soak)) }
-            td {
+            td data-label="Phase" { (view::state(n.state.as_str())) }
+            td.num data-label="Worker PID" { (n.old_pid) @if n.new_pid != 0 && n.new_pid != n.old_pid { " → " (n.new_pid) } }
+            td data-label="Restart" { (fmt(restart)) }
+            td data-label="Soak" { (fmt(soak)) }
+            td data-label="Reason / timeline" {
                 @if !n.reason.is_empty() { pre.reason { (n.reason) } }
                 details {
                     summary { (n.timeline.len()) " step" @if n.timeline.len() != 1 { "s" } }

@@ -3,8 +3,9 @@
 // The server renders every page; a page with a live region (#live) says where a fresh
 // copy of it comes from (data-src) and which events change it (data-events, and
 // data-rollout to only follow one rollout). On such an event the region is fetched
-// again (changes arriving together cause one fetch), and after the event stream was
-// lost and reconnects, it is fetched once more so that nothing missed stays stale.
+// again (changes arriving together cause one fetch), and each time the event stream
+// opens (the first time, and after it was lost) once more, so nothing missed stays
+// stale.
 // Times shown as "5s ago" or an uptime tick every second.
 (function () {
   "use strict";
@@ -74,15 +75,16 @@
       });
   }
 
-  var lost = false, source = null;
+  // Catch up whenever the stream (re)opens: changes made between this page's render
+  // and the first open, or while the stream was lost, were never heard of.
+  var source = null;
   function connect() {
     source = new EventSource("/api/events");
     source.onopen = function () {
       setStatus("live", "live");
-      if (lost) { lost = false; refresh(); }
+      refresh();
     };
     source.onerror = function () {
-      lost = true;
       setStatus("reconnecting", "reconnecting…");
       // The browser retries by itself unless the server answered with an error.
       if (source.readyState === EventSource.CLOSED) {

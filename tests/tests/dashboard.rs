@@ -1,0 +1,471 @@
+//! The dashboard in a real browser: a controller with three agents, opened in
+//! headless Chromium (Debian's `chromium` + `chromium-driver`, driven through
+//! WebDriver). An operator sees the nodes, starts a rollout from the form and watches
+//! it to the end without reloading, restarts one node from its row, and a dashboard
+//! with a token lets nobody act before logging in, nor post without the CSRF token.
+//! Screenshots land in `target/test-artifacts/`.
+
+use std::time::Duration;
+
+use fleet_tests::browser::Browser;
+use fleet_tests::fleet::{Controller, ControllerOpts, agent_release, agent_status, worker_pid};
+use fleet_tests::harness::http_send;
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const NODES: usize = 3;
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Three agents labelled `zone=a|b|c`, every one allowed to run releases from
+/// `releases`.
+async fn fleet(
+    opts: ControllerOpts,
+    releases: &std::path::Path,
+) -> (Controller, Vec<fleet_tests::Agent>) {
+    let controller = Controller::start(opts).await;
+    let agents = controller
+        .start_nodes(NODES, |i, opts| {
+            opts.arg("--allowed-exe-dir")
+                .arg(releases)
+                .arg("--label")
+                .arg(format!("zone={}", ["a", "b", "c"][i % 3]))
+        })
+        .await;
+    (controller, agents)
+}
+
+/// The text of a cell of a node's row on the nodes page.
+async fn cell(browser: &Browser, node: &str, col: &str) -> String {
+    browser
+        .text_of(&format!("tr#node-{node} td[data-col={col}]"))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_lists_the_nodes_and_restarts_one_from_its_row() {
+    let releases = tempfile::tempdir().unwrap();
+    let (controller, agents) = fleet(ControllerOpts::default(), releases.path()).await;
+    let browser = Browser::start(1280, 900).await;
+
+    // 1. Three nodes, each with its state in words (and a colour class) and a link
+    //    to its own admin page.
+    browser.goto(&format!("{}/", controller.url())).await;
+    browser.wait_for("table#nodes", WAIT).await;
+    let rows = browser
+        .attrs_of("table#nodes tbody tr[data-node]", "data-node")
+        .await;
+    assert_eq!(rows.len(), NODES, "rows on the nodes page: {rows:?}");
+    for (i, agent) in agents.iter().enumerate() {
+        let id = format!("node-{}", i + 1);
+        let row = format!("tr#node-{id}");
+        let state = browser
+            .text_of(&format!("{row} span.state.state-serving"))
+            .await;
+        assert_eq!(state, "serving", "{id}'s state");
+        let href = browser
+            .attrs_of(&format!("{row} a.admin"), "href")
+            .await
+            .pop()
+            .flatten()
+            .unwrap_or_else(|| panic!("{id} has no admin link"));
+        assert!(
+            href.starts_with(&format!("http://{}", agent.control()))
+                && href.contains("/debug/admin"),
+            "{id}'s admin link {href:?} is not its agent's admin page ({})",
+            agent.control()
+        );
+        let status = agent_status(agent).await;
+        assert_eq!(
+            cell(&browser, &id, "worker_pid").await,
+            worker_pid(&status).to_string()
+        );
+        assert!(
+            browser
+                .text_of(&row)
+                .await
+                .contains(&format!("zone={}", ["a", "b", "c"][i]))
+        );
+    }
+    // Filter by label: only the node in zone b.
+    browser
+        .goto(&format!("{}/nodes?label=zone%3Db", controller.url()))
+        .await;
+    let rows = browser
+        .attrs_of("table#nodes tbody tr[data-node]", "data-node")
+        .await;
+    assert_eq!(rows, [Some("node-2".to_string())], "rows for zone=b");
+
+    browser.goto(&format!("{}/", controller.url())).await;
+    browser.wait_for("table#nodes", WAIT).await;
+    browser.screenshot("dashboard-nodes.png").await;
+    browser.set_window_size(390, 844).await;
+    browser.screenshot("dashboard-nodes-phone.png").await;
+    browser.set_window_size(1280, 900).await;
+
+    // 3. Restart node-2 from its row: the confirmation page, then the outcome, then
+    //    the row shows the new generation and worker PID.
+    let generation = cell(&browser, "node-2", "generation").await;
+    let pid = cell(&browser, "node-2", "worker_pid").await;
+    browser
+        .click_on("tr#node-node-2 td.actions a[href$='/restart']", WAIT)
+        .await;
+    let confirm = browser.wait_for("button#confirm", WAIT).await;
+    assert!(browser.url().await.ends_with("/nodes/node-2/restart"));
+    browser.click(&confirm).await;
+    let outcome = browser.wait_for("h1#outcome", WAIT).await;
+    assert_eq!(
+        browser.attr(&outcome, "data-outcome").await.as_deref(),
+        Some("succeeded"),
+        "{}",
+        browser.text_of("main").await
+    );
+    let new_generation = browser.text_of("#new-generation").await;
+    let new_pid = browser.text_of("#new-pid").await;
+    assert_ne!(new_generation, generation, "the generation did not change");
+    assert_ne!(new_pid, pid, "the worker PID did not change");
+    let status = agent_status(&agents[1]).await;
+    assert_eq!(
+        new_pid,
+        worker_pid(&status).to_string(),
+        "the agent's own worker PID"
+    );
+
+    // The nodes page shows it once the agent's heartbeat reports it (live, without
+    // reloading: the page is opened before and only watched).
+    browser.goto(&format!("{}/", controller.url())).await;
+    browser
+        .wait_until(
+            "node-2's row shows the new worker PID",
+            &format!(
+                "var c = document.querySelector('tr#node-node-2 td[data-col=worker_pid]');\
+                 return c && c.textContent.trim() === '{new_pid}';"
+            ),
+            WAIT,
+        )
+        .await;
+    assert_eq!(cell(&browser, "node-2", "generation").await, new_generation);
+    // Untouched nodes kept their workers.
+    for i in [0, 2] {
+        let status = agent_status(&agents[i]).await;
+        assert_eq!(status.generation, 1, "node-{} was restarted too", i + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_rollout_from_the_form_shows_every_phase_live_up_to_100_percent() {
+    let releases = tempfile::tempdir().unwrap();
+    let v2 = agent_release(releases.path(), "fleet-agent-v2");
+    let (controller, agents) = fleet(ControllerOpts::default(), releases.path()).await;
+    let browser = Browser::start(1280, 900).await;
+
+    browser
+        .goto(&format!("{}/rollouts/new", controller.url()))
+        .await;
+    browser.wait_for("form#rollout-form", WAIT).await;
+    for (field, value) in [
+        ("exe", v2.display().to_string()),
+        ("batches", "1,100%".to_string()),
+        ("min_healthy", "2s".to_string()),
+        ("reason", "ship v2 from the dashboard".to_string()),
+    ] {
+        let input = browser.wait_for(&format!("#{field}"), WAIT).await;
+        browser.type_into(&input, &value).await;
+    }
+    let preview = browser
+        .find("button#preview")
+        .await
+        .expect("a preview button");
+    browser.click(&preview).await;
+    // The plan: node-1 alone, then the other two; nothing has started yet.
+    let plan = browser.wait_for("ol#plan", WAIT).await;
+    let plan = browser.text(&plan).await;
+    assert!(plan.contains("node-1"), "plan: {plan}");
+    assert!(
+        controller.rollouts().await.is_empty(),
+        "a preview started a rollout"
+    );
+    let start = browser.find("button#start").await.expect("a start button");
+    browser.click(&start).await;
+    browser.wait_for("#rollout-state", WAIT).await;
+    assert!(
+        browser.url().await.contains("/rollouts/"),
+        "not on the rollout's page: {}",
+        browser.url().await
+    );
+
+    // From here on the page is only watched: a marker set on this document would be
+    // gone after a reload or navigation. Every 20 ms the phases shown are recorded.
+    browser
+        .execute(
+            "window.__marker = 'still here';\
+             window.__phases = {};\
+             window.__pct = [];\
+             setInterval(function () {\
+               document.querySelectorAll('tr[data-phase]').forEach(function (tr) {\
+                 var seen = window.__phases[tr.dataset.node] || (window.__phases[tr.dataset.node] = []);\
+                 if (seen[seen.length - 1] !== tr.dataset.phase) seen.push(tr.dataset.phase);\
+               });\
+               var p = document.querySelector('.pct[data-pct]');\
+               if (p && window.__pct[window.__pct.length - 1] !== p.dataset.pct) window.__pct.push(p.dataset.pct);\
+             }, 20);",
+            json!([]),
+        )
+        .await;
+    browser
+        .wait_until(
+            "the rollout's page shows it succeeded at 100%",
+            "var s = document.getElementById('rollout-state');\
+             var p = document.querySelector('.pct[data-pct]');\
+             var bar = document.getElementById('rollout-progress');\
+             return s && s.dataset.state === 'succeeded' && p && p.dataset.pct === '100'\
+               && bar && bar.value === bar.max;",
+            Duration::from_secs(90),
+        )
+        .await;
+    let seen = browser
+        .execute(
+            "return {marker: window.__marker, phases: window.__phases, pct: window.__pct,\
+             refreshes: Number(document.getElementById('live').dataset.refreshes || 0)};",
+            json!([]),
+        )
+        .await;
+    eprintln!("seen in the page: {seen}");
+    assert_eq!(seen["marker"], "still here", "the page was reloaded");
+    assert!(seen["refreshes"].as_u64().unwrap_or(0) >= 2, "{seen}");
+    for i in 1..=NODES {
+        let node = format!("node-{i}");
+        let phases: Vec<&str> = seen["phases"][&node]
+            .as_array()
+            .unwrap_or_else(|| panic!("no phases recorded for {node}: {seen}"))
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(phases.last(), Some(&"healthy"), "{node}: {phases:?}");
+        assert!(
+            phases.contains(&"soaking"),
+            "{node} was never seen soaking: {phases:?}"
+        );
+        // In the order a rollout moves through them.
+        let order = ["pending", "preflight", "restarting", "soaking", "healthy"];
+        let ranks: Vec<usize> = phases
+            .iter()
+            .map(|p| order.iter().position(|o| o == p).unwrap_or(usize::MAX))
+            .collect();
+        assert!(ranks.windows(2).all(|w| w[0] < w[1]), "{node}: {phases:?}");
+    }
+    // The bar went up in steps, not straight from nothing to 100.
+    let pct: Vec<&str> = seen["pct"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        pct.len() >= 3 && pct.last() == Some(&"100"),
+        "progress seen: {pct:?}"
+    );
+
+    for agent in &agents {
+        let status = agent_status(agent).await;
+        assert_eq!(
+            fleet_tests::fleet::exe_path(&status),
+            v2.display().to_string()
+        );
+    }
+    browser.screenshot("dashboard-rollout-finished.png").await;
+    browser.set_window_size(390, 844).await;
+    browser
+        .screenshot("dashboard-rollout-finished-phone.png")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_with_a_token_needs_a_login_and_a_csrf_token_to_act() {
+    let releases = tempfile::tempdir().unwrap();
+    let token = "dashboard-test-token-8f3a";
+    let opts = ControllerOpts {
+        token: Some(token.into()),
+        ..Default::default()
+    };
+    let (controller, agents) = fleet(opts, releases.path()).await;
+    let browser = Browser::start(1280, 900).await;
+    let before = agent_status(&agents[0]).await.generation;
+
+    // Sent to the login page, which says where it came from.
+    browser.goto(&format!("{}/nodes", controller.url())).await;
+    browser.wait_for("form#login", WAIT).await;
+    assert!(
+        browser.url().await.contains("/login?next="),
+        "{}",
+        browser.url().await
+    );
+    assert!(browser.find("table#nodes").await.is_none());
+
+    // Acting without a session is refused (a client with no cookie at all).
+    let refused = http_send(
+        controller.addr(),
+        Method::POST,
+        "/nodes/node-1/restart",
+        &[
+            ("content-type", "application/x-www-form-urlencoded".into()),
+            ("origin", controller.url()),
+        ],
+        "exe=&reason=x",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        refused.status,
+        StatusCode::UNAUTHORIZED,
+        "{}",
+        refused.text()
+    );
+
+    // A wrong token is refused and says what to give.
+    let field = browser.find("#token").await.unwrap();
+    browser.type_into(&field, "not-the-token").await;
+    browser
+        .click(&browser.find("#login-submit").await.unwrap())
+        .await;
+    browser.wait_for("form#login", WAIT).await;
+    assert!(
+        browser.text_of("main").await.contains("wrong token"),
+        "{}",
+        browser.text_of("main").await
+    );
+    assert!(browser.find("table#nodes").await.is_none());
+
+    // The right one opens the page asked for; the cookie cannot be read by scripts
+    // and is not sent on cross-site requests.
+    let field = browser.find("#token").await.unwrap();
+    browser.type_into(&field, token).await;
+    browser
+        .click(&browser.find("#login-submit").await.unwrap())
+        .await;
+    browser.wait_for("table#nodes", WAIT).await;
+    assert!(
+        browser.url().await.ends_with("/nodes"),
+        "{}",
+        browser.url().await
+    );
+    let script_cookies = browser.execute("return document.cookie;", json!([])).await;
+    assert_eq!(
+        script_cookies, "",
+        "the session cookie is readable by scripts"
+    );
+    let cookies = browser.cookies().await;
+    let session = cookies
+        .iter()
+        .find(|c| c["name"] == "fleet_session")
+        .unwrap_or_else(|| panic!("no fleet_session cookie in {cookies:?}"));
+    assert_eq!(session["httpOnly"], true, "{session}");
+    assert_eq!(session["sameSite"], "Strict", "{session}");
+
+    // A POST from the logged-in page without the CSRF token: refused, nothing done.
+    let post = |body: &str| {
+        format!(
+            "var done = arguments[arguments.length - 1];\
+             fetch('/nodes/node-1/restart', {{method: 'POST', credentials: 'same-origin',\
+               headers: {{'content-type': 'application/x-www-form-urlencoded'}}, body: {body}}})\
+             .then(function (r) {{ done(r.status); }}, function (e) {{ done(String(e)); }});"
+        )
+    };
+    let status = browser
+        .execute_async(&post("'exe=&reason=no-csrf'"), json!([]))
+        .await;
+    assert_eq!(status, 403, "a POST without the CSRF token");
+    let status = browser
+        .execute_async(
+            &post("'exe=&reason=forged&csrf=0123456789abcdef'"),
+            json!([]),
+        )
+        .await;
+    assert_eq!(status, 403, "a POST with a made-up CSRF token");
+    assert_eq!(
+        agent_status(&agents[0]).await.generation,
+        before,
+        "a refused POST restarted node-1"
+    );
+
+    // The form on the confirmation page carries it: the restart happens.
+    browser
+        .goto(&format!("{}/nodes/node-1/restart", controller.url()))
+        .await;
+    browser
+        .click(&browser.wait_for("button#confirm", WAIT).await)
+        .await;
+    let outcome = browser.wait_for("h1#outcome", WAIT).await;
+    assert_eq!(
+        browser.attr(&outcome, "data-outcome").await.as_deref(),
+        Some("succeeded")
+    );
+    assert!(agent_status(&agents[0]).await.generation > before);
+
+    // Logging out ends the session: back to the login page.
+    browser
+        .click(
+            &browser
+                .find("form.logout button")
+                .await
+                .expect("a logout button"),
+        )
+        .await;
+    browser.wait_for("form#login", WAIT).await;
+    browser.goto(&format!("{}/nodes", controller.url())).await;
+    browser.wait_for("form#login", WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_catches_up_after_losing_its_event_stream() {
+    let releases = tempfile::tempdir().unwrap();
+    let (mut controller, agents) = fleet(ControllerOpts::default(), releases.path()).await;
+    let browser = Browser::start(1280, 900).await;
+    browser.goto(&format!("{}/", controller.url())).await;
+    browser
+        .wait_until(
+            "the page is live",
+            "var s = document.getElementById('live-status'); return s && s.dataset.state === 'live';",
+            WAIT,
+        )
+        .await;
+    browser
+        .execute("window.__marker = 'still here';", json!([]))
+        .await;
+
+    // The controller goes away and comes back; meanwhile node-3 restarts, which the
+    // page cannot hear about.
+    controller.kill();
+    browser
+        .wait_until(
+            "the page notices the lost stream",
+            "return document.getElementById('live-status').dataset.state === 'reconnecting';",
+            WAIT,
+        )
+        .await;
+    let old = worker_pid(&agent_status(&agents[2]).await);
+    let new = {
+        let mut grpc = agents[2].grpc().await;
+        let reply = grpc
+            .restart(agents[2].request(fleet_proto::v1::RestartRequest::default()))
+            .await
+            .expect("restart node-3")
+            .into_inner();
+        reply.new_pid
+    };
+    assert_ne!(new, old);
+    controller.restart().await;
+
+    browser
+        .wait_until(
+            "node-3's row shows its new worker after the reconnect",
+            &format!(
+                "var c = document.querySelector('tr#node-node-3 td[data-col=worker_pid]');\
+                 return document.getElementById('live-status').dataset.state === 'live'\
+                   && c && c.textContent.trim() === '{new}';"
+            ),
+            Duration::from_secs(60),
+        )
+        .await;
+    let marker = browser.execute("return window.__marker;", json!([])).await;
+    assert_eq!(marker, "still here", "the page was reloaded");
+}
