@@ -26,6 +26,13 @@ use std::time::Duration;
 
 use nix::unistd::Pid;
 
+/// `-o text|json`, the output flag of every benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
 /// Runs `bench` to completion; `Ok(true)` means every target was met.
 pub fn main<F>(name: &str, bench: F) -> ExitCode
 where

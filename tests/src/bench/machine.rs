@@ -64,7 +64,16 @@ pub struct CpuSample {
     own: u64,
 }
 
-pub fn cpu_sample() -> Option<CpuSample> {
+/// Ticks of the whole machine from the first line of /proc/stat.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineTicks {
+    /// user + nice + system.
+    pub busy: u64,
+    pub steal: u64,
+    pub total: u64,
+}
+
+pub fn machine_ticks() -> Option<MachineTicks> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let cols: Vec<u64> = stat
         .lines()
@@ -78,9 +87,15 @@ pub fn cpu_sample() -> Option<CpuSample> {
     }
     // user nice system idle iowait irq softirq steal guest guest_nice; guest time
     // is already in user/nice.
-    let total = cols.iter().take(8).sum();
-    let busy = cols[0] + cols[1] + cols[2];
-    let steal = cols.get(7).copied().unwrap_or(0);
+    Some(MachineTicks {
+        busy: cols[0] + cols[1] + cols[2],
+        steal: cols.get(7).copied().unwrap_or(0),
+        total: cols.iter().take(8).sum(),
+    })
+}
+
+pub fn cpu_sample() -> Option<CpuSample> {
+    let MachineTicks { busy, steal, total } = machine_ticks()?;
     let me = std::process::id();
     let mut own = 0;
     for pid in std::iter::once(me).chain(descendants(me)) {

@@ -32,8 +32,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use fleet_proto::v1::StatusRequest;
+use fleet_tests::bench::OutputFormat;
 use fleet_tests::bench::child::sibling_exe;
 use fleet_tests::bench::load::{self, LoadShape, Throughput};
 use fleet_tests::bench::machine::{Machine, loadavg};
@@ -50,12 +51,6 @@ use fleet_tests::bench::stats::{
 };
 use fleet_tests::footprint::{Mem, mem};
 use serde_json::{Value, json};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum OutputFormat {
-    Text,
-    Json,
-}
 
 #[derive(Debug, Parser)]
 #[command(

@@ -31,10 +31,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use fleet_proto::v1::{Event, Outcome, Phase, RestartRequest, StatusRequest, WatchRequest};
+use fleet_tests::bench::OutputFormat;
 use fleet_tests::bench::child::sibling_exe;
-use fleet_tests::bench::load::{self, FOREIGN_CPU_WARN, LoadShape, Run, finish_load};
+use fleet_tests::bench::load::{self, FOREIGN_CPU_WARN, LoadShape, finish_load};
 use fleet_tests::bench::machine::{cpu_sample, foreign_cpu, loadavg};
 use fleet_tests::bench::servers::{
     FleetAgent, STARTUP_TIMEOUT, serving_worker, start_agent, start_hello_peer,
@@ -67,12 +68,6 @@ const RAMP_UP: Duration = Duration::from_millis(500);
 const RESTART_RPC_TIMEOUT: Duration = Duration::from_secs(30);
 const DRAINED_WAIT: Duration = Duration::from_secs(15);
 const REFUSED_RETRY: Duration = Duration::from_millis(10);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum OutputFormat {
-    Text,
-    Json,
-}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -130,7 +125,7 @@ fn main() -> ExitCode {
 // Throughput
 
 struct Throughput {
-    runs: Vec<Run>,
+    tp: load::Throughput,
     median_ratio: f64,
     best_demo: f64,
     best_peer: f64,
@@ -159,7 +154,7 @@ async fn throughput(args: &Args, demo: SocketAddr, peer: SocketAddr) -> anyhow::
         0.0
     };
     Ok(Throughput {
-        runs: tp.runs,
+        tp,
         median_ratio,
         best_demo,
         best_peer,
@@ -611,7 +606,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     let all_pass = verdicts.iter().all(|v| v.pass);
     // Every run of a target skewed, or the restart phase skewed.
-    let all_skewed = |t: &str| tp.runs.iter().filter(|r| r.target == t).all(|r| r.skewed);
+    let all_skewed = |t: &str| tp.tp.all_skewed(t);
     let busy_machine = all_skewed("demo")
         || all_skewed("peer")
         || rp.foreign_cpu.is_some_and(|f| f > FOREIGN_CPU_WARN);
@@ -680,7 +675,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     "loadavg_1m_after": load_after,
                 },
                 "throughput": {
-                    "runs": tp.runs.iter().map(|r| json!({
+                    "runs": tp.tp.runs.iter().map(|r| json!({
                         "target": r.target, "round": r.round, "requests": r.requests,
                         "ok": r.ok, "failed": r.failed, "rps": r.rps.round(),
                         "foreign_cpu": r.foreign_cpu, "skewed": r.skewed,
@@ -745,7 +740,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 "  {:<6} {:<5} {:>10} {:>10} {:>7}  {}",
                 "round", "app", "requests", "req/s", "failed", "CPU used by other processes"
             ));
-            for r in &tp.runs {
+            for r in &tp.tp.runs {
                 line(format!(
                     "  {:<6} {:<5} {:>10} {:>10.0} {:>7}  {}",
                     r.round,
@@ -760,24 +755,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     }
                 ));
             }
-            let spread = |t: &str| {
-                let v: Vec<f64> = tp
-                    .runs
-                    .iter()
-                    .filter(|r| r.target == t)
-                    .map(|r| r.rps)
-                    .collect();
-                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-                let hi = v.iter().copied().fold(0.0_f64, f64::max);
-                format!("{lo:.0}..{hi:.0}")
-            };
             line(format!(
                 "best demo {:.0} req/s, best peer {:.0} req/s, ratio demo/peer {:.3} (runs: demo {}, peer {} req/s)",
                 tp.best_demo,
                 tp.best_peer,
                 tp.ratio,
-                spread("demo"),
-                spread("peer")
+                tp.tp.spread("demo"),
+                tp.tp.spread("peer")
             ));
             line(format!(
                 "(ratio of the medians of the same runs: {:.3}; the verdict uses the best runs)",
