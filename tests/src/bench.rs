@@ -8,6 +8,8 @@ pub mod child;
 pub mod machine;
 /// The workspace's servers: the demo app under fleet-agent, hello-peer.
 pub mod servers;
+/// fleet-controller, started for a benchmark.
+pub mod controller;
 /// nginx and HAProxy as peers, and following their reloads.
 pub mod peers;
 /// Load runs and throughput rounds.

@@ -50,6 +50,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
+use fleet_tests::bench::controller::{Controller, start_controller};
 use fleet_tests::hollow::{HollowStats, RestartLine, fake_sha256, nofile_needed, raise_nofile};
 use nix::sys::signal::{Signal, kill, killpg};
 use serde_json::{Value, json};
@@ -60,7 +61,6 @@ use tonic::transport::Channel;
 const TARGET_OVERHEAD_PER_NODE: Duration = Duration::from_millis(1);
 const TARGET_PEAK_RSS_BYTES: u64 = 300_000_000;
 
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on a `stats` / `restarts` answer from a hollow-agents process.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
 const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(180);
@@ -147,118 +147,6 @@ fn main() -> ExitCode {
 /// Progress goes to stderr; stdout carries only the report.
 fn say(line: impl AsRef<str>) {
     eprintln!("scale-bench: {}", line.as_ref());
-}
-
-// ---------------------------------------------------------------------------
-// The controller process
-
-/// The started controller. Dropping it kills it (and its process group) and reaps it.
-#[derive(Debug)]
-struct Controller {
-    child: Child,
-    addr: SocketAddr,
-    tail: Arc<Mutex<VecDeque<String>>>,
-}
-
-impl Controller {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn tail(&self, n: usize) -> Vec<String> {
-        let t = lock(&self.tail);
-        t.iter().skip(t.len().saturating_sub(n)).cloned().collect()
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    async fn terminate(&mut self, grace: Duration) {
-        if self.exited().is_some() {
-            return;
-        }
-        let _ = kill(pid_of(self.pid()), Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline && self.exited().is_none() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        if self.exited().is_some() {
-            return;
-        }
-        let pid = pid_of(self.pid());
-        let _ = kill(pid, Signal::SIGKILL);
-        let _ = killpg(pid, Signal::SIGKILL);
-        let _ = self.child.wait();
-        eprintln!("scale-bench: killed fleet-controller (pid {pid})");
-    }
-}
-
-fn parse_listening(line: &str) -> Option<SocketAddr> {
-    const MARKER: &str = "controller listening on ";
-    let rest = &line[line.find(MARKER)? + MARKER.len()..];
-    rest.split_whitespace()
-        .next()?
-        .trim_matches(|c| c == '[' || c == ']' || c == ',')
-        .parse()
-        .ok()
-}
-
-async fn start_controller(exe: &Path, db: &Path, ttl: Duration) -> anyhow::Result<Controller> {
-    let ttl = format!("{}ms", ttl.as_millis());
-    let mut child = Command::new(exe)
-        .args(["--listen", "127.0.0.1:0", "--db"])
-        .arg(db)
-        .args(["--heartbeat-ttl", &ttl])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Own process group: Ctrl-C reaches only the bench, which stops it in order.
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("cannot start {}", exe.display()))?;
-    let tail = Arc::new(Mutex::new(VecDeque::new()));
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    if let Some(stdout) = child.stdout.take() {
-        let tx = tx.clone();
-        drain_lines(stdout, tail.clone(), move |line| {
-            if let Some(a) = parse_listening(line) {
-                let _ = tx.send(a);
-            }
-        });
-    }
-    if let Some(stderr) = child.stderr.take() {
-        drain_lines(stderr, tail.clone(), move |line| {
-            if let Some(a) = parse_listening(line) {
-                let _ = tx.send(a);
-            }
-        });
-    }
-    let mut controller = Controller {
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        tail,
-    };
-    match tokio::time::timeout(STARTUP_TIMEOUT, rx.recv()).await {
-        Ok(Some(addr)) => {
-            controller.addr = addr;
-            Ok(controller)
-        }
-        _ => {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let status = controller.exited();
-            bail!(
-                "fleet-controller did not log `controller listening on ADDR` within {STARTUP_TIMEOUT:?} ({}); last output:\n  {}",
-                status.map_or("still running".to_string(), |s| s.to_string()),
-                controller.tail(15).join("\n  ")
-            )
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
