@@ -155,7 +155,11 @@ struct Peers {
 }
 
 fn find_peers(args: &Args) -> Peers {
-    let find = |given: &Option<PathBuf>, name| given.clone().or_else(|| find_program(name));
+    // A path given on the command line is used as it is (missing if it is no file).
+    let find = |given: &Option<PathBuf>, name| match given {
+        Some(p) => Some(p.clone()).filter(|p| p.is_file()),
+        None => find_program(name),
+    };
     let (mut nginx, mut haproxy) = (find(&args.nginx, "nginx"), find(&args.haproxy, "haproxy"));
     let mut notes = Vec::new();
     let missing: Vec<&str> = [("nginx", &nginx), ("haproxy", &haproxy)]
@@ -184,10 +188,17 @@ fn find_peers(args: &Args) -> Peers {
             notes.push("--install-peers needs root; not installing".into());
         }
     }
-    for (name, path) in [("nginx", &nginx), ("haproxy", &haproxy)] {
+    for (name, path, given) in [
+        ("nginx", &nginx, &args.nginx),
+        ("haproxy", &haproxy, &args.haproxy),
+    ] {
         if path.is_none() {
+            let looked = match given {
+                Some(p) => format!("--{name} {} is not a file", p.display()),
+                None => "not on PATH, not in /usr/sbin".into(),
+            };
             notes.push(format!(
-                "{name} is MISSING (not on PATH, not in /usr/sbin): its targets are left out; \
+                "{name} is MISSING ({looked}): its targets are left out; \
                  install it with `{INSTALL_HINT}` (or run peer-bench as root with --install-peers)"
             ));
         }
