@@ -65,11 +65,13 @@ pub fn artifacts_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             let exe = std::env::current_exe().expect("current_exe");
-            // target/<profile>/deps/<test> → target/test-artifacts
-            exe.ancestors()
-                .nth(3)
-                .expect("test executable lives in target/<profile>/deps")
-                .join("test-artifacts")
+            // Tests run from target/<profile>/deps/, benchmarks from target/<profile>/.
+            let target = exe
+                .ancestors()
+                .find(|d| d.file_name().is_some_and(|n| n == "target"))
+                .or_else(|| exe.ancestors().nth(3))
+                .expect("the executable lives under a cargo target directory");
+            target.join("test-artifacts")
         });
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|e| panic!("create the artifacts dir {}: {e}", dir.display()));

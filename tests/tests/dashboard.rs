@@ -327,12 +327,17 @@ async fn dashboard_with_a_token_needs_a_login_and_a_csrf_token_to_act() {
     browser
         .click(&browser.find("#login-submit").await.unwrap())
         .await;
-    browser.wait_for("form#login", WAIT).await;
-    assert!(
-        browser.text_of("main").await.contains("wrong token"),
-        "{}",
-        browser.text_of("main").await
-    );
+    // The page being left has the same form: wait for the answer's message (it comes
+    // after the 300 ms a wrong token costs).
+    browser
+        .wait_until(
+            "the login page says the token was wrong",
+            "var m = document.querySelector('main');\
+             return m && m.textContent.indexOf('wrong token') >= 0;",
+            WAIT,
+        )
+        .await;
+    assert!(browser.find("form#login").await.is_some());
     assert!(browser.find("table#nodes").await.is_none());
 
     // The right one opens the page asked for; the cookie cannot be read by scripts

@@ -163,7 +163,7 @@ fn table(d: &Dashboard, nodes: &[NodeRecord], label: &str, col: &str, desc: bool
             @for (state, n) in &counts { " · " (view::state(state)) " " (n) }
         }
         div.scroll {
-            table.cards #nodes {
+            table.cards.long #nodes {
                 caption.visually-hidden { "Nodes, sorted by " (col) }
                 thead { tr {
                     @for (c, name) in COLUMNS {

@@ -216,7 +216,7 @@ fn rollout(v: &RolloutView) -> Markup {
                     @if state == RolloutState::Running && r.current_batch as usize == b { " · " span.current { "in progress" } }
                 }
                 div.scroll {
-                    table.phases.cards {
+                    table.phases.cards.long {
                         thead { tr {
                             th scope="col" { "Node" } th scope="col" { "Phase" } th scope="col" { "Worker PID" }
                             th scope="col" { "Restart" } th scope="col" { "Soak" } th scope="col" { "Reason / timeline" }
