@@ -34,9 +34,11 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String) {
     let mut events = supervisor.subscribe();
     loop {
         let status = crate::control::status_message(supervisor.status());
+        // Old and new generations both count while a restart drains.
+        let in_flight = status.workers.iter().map(|w| w.in_flight).sum();
         let mut request = tonic::Request::new(pb::HeartbeatRequest {
             status: Some(status),
-            in_flight: 0,
+            in_flight,
         });
         if let Some(value) = &auth {
             request

@@ -24,6 +24,7 @@ pub struct Metrics {
     worker_exits: Counter,
     generation: Gauge,
     workers: Gauge,
+    in_flight: Gauge,
 }
 
 impl Default for Metrics {
@@ -40,6 +41,7 @@ impl Default for Metrics {
         let worker_exits = Counter::default();
         let generation = Gauge::default();
         let workers = Gauge::default();
+        let in_flight = Gauge::default();
         let mut registry = Registry::with_prefix("fleet_agent");
         registry.register(
             "restarts",
@@ -71,6 +73,11 @@ impl Default for Metrics {
             "Worker processes alive (serving, starting and draining)",
             workers.clone(),
         );
+        registry.register(
+            "requests_in_flight",
+            "Requests the workers are serving, as they last reported them (every 250 ms at most; 0 from programs that do not report)",
+            in_flight.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             restarts,
@@ -79,6 +86,7 @@ impl Default for Metrics {
             worker_exits,
             generation,
             workers,
+            in_flight,
         }
     }
 }
@@ -103,6 +111,10 @@ impl Metrics {
     pub fn set_generation(&self, generation: u64, workers: usize) {
         self.generation.set(generation as i64);
         self.workers.set(workers as i64);
+    }
+
+    pub fn set_in_flight(&self, n: u64) {
+        self.in_flight.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The OpenMetrics text exposition.

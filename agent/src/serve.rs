@@ -40,6 +40,15 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a draining connection that is busy is looked at again.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 
+/// Requests this process is serving, over every server and connection: what a
+/// worker reports to its supervisor (`X_FLEET_IN_FLIGHT`).
+static REQUESTS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Requests this process is serving now (a response counts until its body ends).
+pub fn requests_in_flight() -> usize {
+    REQUESTS_IN_FLIGHT.load(Ordering::Relaxed)
+}
+
 /// One inherited listening socket, ready to serve.
 pub struct Listener {
     pub server: String,
@@ -328,6 +337,7 @@ impl ConnService {
             self.state.h2.store(true, Ordering::Relaxed);
         }
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        REQUESTS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
         let guard = InFlight(self.state.clone());
         let app = self.app.clone();
         let draining = self.draining.clone();
@@ -355,6 +365,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        REQUESTS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

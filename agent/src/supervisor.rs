@@ -129,6 +129,8 @@ pub struct WorkerReport {
     pub state: &'static str,
     pub started_at_unix_ms: u64,
     pub ready_at_unix_ms: u64,
+    /// Requests in flight, as the worker last reported them.
+    pub in_flight: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -301,6 +303,7 @@ impl Supervisor {
                     state: g.state().as_str(),
                     started_at_unix_ms: unix_ms(g.started_at),
                     ready_at_unix_ms: g.ready_at.lock().expect("lock").map(unix_ms).unwrap_or(0),
+                    in_flight: g.in_flight(),
                 })
                 .collect(),
             listeners: self

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::notify;
 use crate::process;
-use crate::serve::{Listener, ServeOptions, Server};
+use crate::serve::{Listener, ServeOptions, Server, requests_in_flight};
 use crate::tls;
 
 /// What a signal asks of this worker.
@@ -126,6 +126,7 @@ async fn serve(
     );
     notify::notify("READY=1").context("cannot send READY=1 to the supervisor")?;
     tracing::debug!("serving on [{}]", addrs.join(", "));
+    let reporter = tokio::spawn(report_in_flight());
 
     while let Some(action) = signals.recv().await {
         match action {
@@ -139,6 +140,7 @@ async fn serve(
             }
         }
     }
+    reporter.abort();
     let open = server.open().saturating_sub(addrs.len());
     server.drain();
     let _ = notify::notify("STOPPING=1");
@@ -153,6 +155,31 @@ async fn serve(
         );
     }
     Ok(())
+}
+
+/// How often the worker looks whether its requests in flight changed.
+const IN_FLIGHT_REPORT: Duration = Duration::from_millis(250);
+
+/// Tells the supervisor how many requests this worker is serving, when the number
+/// changed (a datagram of ~20 bytes at most every 250 ms), for its status, the
+/// controller's inventory and the dashboard.
+async fn report_in_flight() {
+    let mut reported = 0;
+    let mut tick = tokio::time::interval(IN_FLIGHT_REPORT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let now = requests_in_flight();
+        if now == reported {
+            continue;
+        }
+        match notify::notify_nowait(&format!("{}={now}", notify::IN_FLIGHT)) {
+            Ok(true) => reported = now,
+            Ok(false) => return, // not supervised
+            // Tried again at the next tick.
+            Err(e) => tracing::debug!("cannot report requests in flight to the supervisor: {e}"),
+        }
+    }
 }
 
 /// Reads signals with their sender on a thread of its own and decides what each means.

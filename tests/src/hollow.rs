@@ -662,6 +662,8 @@ impl Agent {
                 },
                 started_at_unix_ms: s.worker_started_ms,
                 ready_at_unix_ms: s.worker_ready_ms,
+                // No process serves behind a hollow agent.
+                in_flight: 0,
             }],
             listeners: Vec::new(),
             control_addr: self.addr.to_string(),

@@ -187,6 +187,7 @@ pub fn status_response(s: StatusReport) -> pb::StatusResponse {
                 state: w.state.to_string(),
                 started_at_unix_ms: w.started_at_unix_ms,
                 ready_at_unix_ms: w.ready_at_unix_ms,
+                in_flight: w.in_flight,
             })
             .collect(),
         listeners: s

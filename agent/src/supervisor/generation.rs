@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -48,6 +49,8 @@ pub struct Generation {
     pub started_at: SystemTime,
     pub state: Mutex<WorkerState>,
     pub ready_at: Mutex<Option<SystemTime>>,
+    /// Requests in flight, as the worker last reported them.
+    in_flight: Arc<AtomicU64>,
     exit: watch::Receiver<Option<ExitStatus>>,
     ready: watch::Receiver<bool>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
@@ -109,7 +112,14 @@ impl Generation {
                 Err(e) => tracing::warn!("cannot read the stderr of pid {pid}: {e}"),
             }
         }
-        tokio::spawn(listen_notify(notify_socket, pid, ready_tx, exit.clone()));
+        let in_flight = Arc::new(AtomicU64::new(0));
+        tokio::spawn(listen_notify(
+            notify_socket,
+            pid,
+            ready_tx,
+            in_flight.clone(),
+            exit.clone(),
+        ));
 
         Ok(Arc::new(Self {
             number: launch.number,
@@ -119,6 +129,7 @@ impl Generation {
             started_at: SystemTime::now(),
             state: Mutex::new(WorkerState::Starting),
             ready_at: Mutex::new(None),
+            in_flight,
             exit,
             ready,
             stderr_tail,
@@ -136,6 +147,11 @@ impl Generation {
         if state == WorkerState::Serving {
             *self.ready_at.lock().expect("state lock") = Some(SystemTime::now());
         }
+    }
+
+    /// Requests in flight, as the worker last reported them (0 if it never did).
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     pub fn exit_status(&self) -> Option<ExitStatus> {
@@ -218,6 +234,7 @@ async fn listen_notify(
     socket: UnixDatagram,
     pid: u32,
     ready: watch::Sender<bool>,
+    in_flight: Arc<AtomicU64>,
     mut exit: watch::Receiver<Option<ExitStatus>>,
 ) {
     let mut buf = vec![0u8; 4096];
@@ -231,6 +248,7 @@ async fn listen_notify(
                     match notice {
                         Notice::Ready => { let _ = ready.send(true); }
                         Notice::Status(s) => tracing::debug!("pid {pid} status: {s}"),
+                        Notice::InFlight(n) => in_flight.store(n, Ordering::Relaxed),
                         Notice::Stopping | Notice::Other(_) => {}
                     }
                 }

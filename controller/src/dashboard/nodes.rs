@@ -18,6 +18,11 @@ use super::view::{self, Flash, Live, Section};
 use crate::inventory::{NodeRecord, Selector};
 use crate::now_ms;
 
+/// How often the nodes page refreshes without an event: requests in flight change
+/// with every heartbeat, and heartbeats are not events (they would be hundreds a
+/// second in a large fleet).
+const NODES_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub fn router() -> Router<Arc<Dashboard>> {
     Router::new()
         .route("/", get(page))
@@ -112,6 +117,7 @@ async fn page(
         ),
         events: "node,rollout",
         rollout: None,
+        every: Some(NODES_REFRESH),
     };
     let body = html! {
         h1 { "Nodes" }

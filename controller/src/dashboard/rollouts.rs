@@ -93,6 +93,7 @@ async fn list(
         src: "/rollouts?fragment=1".into(),
         events: "rollout",
         rollout: None,
+        every: None,
     };
     let body = html! {
         h1 { "Rollouts" }
@@ -146,6 +147,7 @@ async fn detail(
         src: format!("/rollouts/{}?fragment=1", percent_encode(&id)),
         events: "rollout",
         rollout: Some(id.clone()),
+        every: None,
     };
     let flash = done_message(&q.done, &id);
     let body = html! {

@@ -36,6 +36,9 @@ pub struct Live {
     pub events: &'static str,
     /// Only `rollout` events about this rollout refresh it.
     pub rollout: Option<String>,
+    /// Also refresh this often, for what changes without an event (requests in
+    /// flight arrive with every heartbeat, which is not an event).
+    pub every: Option<Duration>,
 }
 
 /// A whole page: header with navigation, the flash, then `body`; the live region
@@ -93,7 +96,8 @@ pub fn page(
 /// it listens to arrives, and after a lost event stream reconnects.
 pub fn live(live: &Live, content: Markup) -> Markup {
     html! {
-        div #live data-src=(live.src) data-events=(live.events) data-rollout=[live.rollout.as_deref()] {
+        div #live data-src=(live.src) data-events=(live.events) data-rollout=[live.rollout.as_deref()]
+            data-every=[live.every.map(|d| d.as_millis())] {
             (content)
         }
     }

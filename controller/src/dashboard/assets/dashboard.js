@@ -106,4 +106,8 @@
     source.addEventListener("resync", schedule);
   }
   connect();
+  // Pages that show what changes without an event (requests in flight) also
+  // refresh on a timer.
+  var every = Number(live.dataset.every || 0);
+  if (every > 0) setInterval(schedule, every);
 })();
