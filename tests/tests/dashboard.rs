@@ -1,7 +1,8 @@
 //! The dashboard in a real browser: a controller with three agents, opened in
 //! headless Chromium (Debian's `chromium` + `chromium-driver`, driven through
 //! WebDriver). An operator sees the nodes, starts a rollout from the form and watches
-//! it to the end without reloading, restarts one node from its row, and a dashboard
+//! it to the end without reloading, restarts one node from its row, pauses, resumes,
+//! undoes and aborts rollouts and shuts a node down (each confirmed), and a dashboard
 //! with a token lets nobody act before logging in, nor post without the CSRF token.
 //! Screenshots land in `target/test-artifacts/`.
 
@@ -39,6 +40,82 @@ async fn cell(browser: &Browser, node: &str, col: &str) -> String {
     browser
         .text_of(&format!("tr#node-{node} td[data-col={col}]"))
         .await
+}
+
+/// Fill the new-rollout form with `fields` (input id, value; a value of `on` ticks a
+/// checkbox) and preview it; returns the plan's text.
+async fn preview_rollout(
+    browser: &Browser,
+    controller: &Controller,
+    fields: &[(&str, &str)],
+) -> String {
+    browser
+        .goto(&format!("{}/rollouts/new", controller.url()))
+        .await;
+    browser.wait_for("form#rollout-form", WAIT).await;
+    for (field, value) in fields {
+        let input = browser.wait_for(&format!("#{field}"), WAIT).await;
+        if *value == "on" {
+            browser.click(&input).await;
+        } else {
+            browser.type_into(&input, value).await;
+        }
+    }
+    browser.click_on("button#preview", WAIT).await;
+    let plan = browser.wait_for("ol#plan", WAIT).await;
+    browser.text(&plan).await
+}
+
+/// Start the previewed rollout; returns its id once its page is shown.
+async fn start_previewed_rollout(browser: &Browser) -> String {
+    browser.click_on("button#start", WAIT).await;
+    browser.wait_for("#rollout-state", WAIT).await;
+    rollout_on_page(browser).await
+}
+
+/// The id of the rollout whose page is shown.
+async fn rollout_on_page(browser: &Browser) -> String {
+    let url = browser.url().await;
+    let id = url
+        .split("/rollouts/")
+        .nth(1)
+        .map(|rest| {
+            rest.split(['?', '#'])
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .filter(|id| !id.is_empty());
+    id.unwrap_or_else(|| panic!("not on a rollout's page: {url}"))
+}
+
+/// Wait (without reloading) until the rollout's page shows it in `state`.
+async fn wait_rollout_state(browser: &Browser, state: &str, timeout: Duration) {
+    browser
+        .wait_until(
+            &format!("the rollout's page shows it {state}"),
+            &format!(
+                "var s = document.getElementById('rollout-state');\
+                 return s && s.dataset.state === '{state}';"
+            ),
+            timeout,
+        )
+        .await;
+}
+
+/// Press an action's button on the current page, confirm it, and wait for the
+/// confirmation page to be left.
+async fn act_and_confirm(browser: &Browser, button: &str) {
+    browser.click_on(button, WAIT).await;
+    let confirm = browser.wait_for("button#confirm", WAIT).await;
+    browser.click(&confirm).await;
+    browser
+        .wait_until(
+            "the confirmation page is left",
+            "return !document.getElementById('confirm');",
+            WAIT,
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,40 +235,24 @@ async fn dashboard_rollout_from_the_form_shows_every_phase_live_up_to_100_percen
     let (controller, agents) = fleet(ControllerOpts::default(), releases.path()).await;
     let browser = Browser::start(1280, 900).await;
 
-    browser
-        .goto(&format!("{}/rollouts/new", controller.url()))
-        .await;
-    browser.wait_for("form#rollout-form", WAIT).await;
-    for (field, value) in [
-        ("exe", v2.display().to_string()),
-        ("batches", "1,100%".to_string()),
-        ("min_healthy", "2s".to_string()),
-        ("reason", "ship v2 from the dashboard".to_string()),
-    ] {
-        let input = browser.wait_for(&format!("#{field}"), WAIT).await;
-        browser.type_into(&input, &value).await;
-    }
-    let preview = browser
-        .find("button#preview")
-        .await
-        .expect("a preview button");
-    browser.click(&preview).await;
+    let plan = preview_rollout(
+        &browser,
+        &controller,
+        &[
+            ("exe", &v2.display().to_string()),
+            ("batches", "1,100%"),
+            ("min_healthy", "2s"),
+            ("reason", "ship v2 from the dashboard"),
+        ],
+    )
+    .await;
     // The plan: node-1 alone, then the other two; nothing has started yet.
-    let plan = browser.wait_for("ol#plan", WAIT).await;
-    let plan = browser.text(&plan).await;
     assert!(plan.contains("node-1"), "plan: {plan}");
     assert!(
         controller.rollouts().await.is_empty(),
         "a preview started a rollout"
     );
-    let start = browser.find("button#start").await.expect("a start button");
-    browser.click(&start).await;
-    browser.wait_for("#rollout-state", WAIT).await;
-    assert!(
-        browser.url().await.contains("/rollouts/"),
-        "not on the rollout's page: {}",
-        browser.url().await
-    );
+    start_previewed_rollout(&browser).await;
 
     // From here on the page is only watched: a marker set on this document would be
     // gone after a reload or navigation. Every 20 ms the phases shown are recorded.
@@ -473,4 +534,99 @@ async fn dashboard_catches_up_after_losing_its_event_stream() {
         .await;
     let marker = browser.execute("return window.__marker;", json!([])).await;
     assert_eq!(marker, "still here", "the page was reloaded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_pauses_resumes_undoes_and_aborts_rollouts_and_shuts_a_node_down() {
+    let releases = tempfile::tempdir().unwrap();
+    let v2 = agent_release(releases.path(), "fleet-agent-v2");
+    let (controller, agents) = fleet(ControllerOpts::default(), releases.path()).await;
+    let v1 = fleet_tests::fleet::exe_path(&agent_status(&agents[0]).await);
+    let browser = Browser::start(1280, 900).await;
+    let canary_form = [
+        ("exe", v2.to_str().unwrap()),
+        ("batches", "100%"),
+        ("canary", "1"),
+        ("pause_after_canary", "on"),
+        ("min_healthy", "500ms"),
+    ];
+
+    // A canary that pauses: the page says so, and Resume (confirmed) finishes it.
+    let plan = preview_rollout(&browser, &controller, &canary_form).await;
+    assert!(plan.contains("canary"), "plan: {plan}");
+    let first = start_previewed_rollout(&browser).await;
+    wait_rollout_state(&browser, "paused", WAIT).await;
+    assert_eq!(controller.rollout(&first).await.state, "paused");
+    act_and_confirm(&browser, "a.button[href$='/resume']").await;
+    assert!(
+        browser.text_of("main").await.contains("resumed"),
+        "{}",
+        browser.text_of("main").await
+    );
+    wait_rollout_state(&browser, "succeeded", Duration::from_secs(60)).await;
+    for agent in &agents {
+        assert_eq!(
+            fleet_tests::fleet::exe_path(&agent_status(agent).await),
+            v2.display().to_string()
+        );
+    }
+
+    // Undo (confirmed) starts a rollout back to the previous executable.
+    act_and_confirm(&browser, "a.button[href$='/undo']").await;
+    let undo = rollout_on_page(&browser).await;
+    assert_ne!(undo, first, "undo did not open a new rollout");
+    wait_rollout_state(&browser, "succeeded", Duration::from_secs(60)).await;
+    for agent in &agents {
+        assert_eq!(fleet_tests::fleet::exe_path(&agent_status(agent).await), v1);
+    }
+
+    // Abort (confirmed) at the canary's pause: the other nodes are left alone.
+    let mut before = Vec::new();
+    for agent in &agents {
+        before.push(agent_status(agent).await.generation);
+    }
+    preview_rollout(&browser, &controller, &canary_form).await;
+    let aborted = start_previewed_rollout(&browser).await;
+    wait_rollout_state(&browser, "paused", WAIT).await;
+    act_and_confirm(&browser, "a.button.danger[href$='/abort']").await;
+    wait_rollout_state(&browser, "aborted", WAIT).await;
+    let r = controller.rollout(&aborted).await;
+    assert_eq!(r.state, "aborted", "{}", fleet_tests::fleet::describe(&r));
+    let mut after = Vec::new();
+    for agent in &agents {
+        after.push(agent_status(agent).await.generation);
+    }
+    let restarted = after.iter().zip(&before).filter(|(a, b)| a != b).count();
+    assert_eq!(
+        restarted, 1,
+        "only the canary was restarted before the abort"
+    );
+
+    // Shut down node-3 from its row (confirmed): it drains and exits, and the nodes
+    // page stops showing it as serving.
+    browser.goto(&format!("{}/", controller.url())).await;
+    act_and_confirm(
+        &browser,
+        "tr#node-node-3 td.actions a.danger[href$='/shutdown']",
+    )
+    .await;
+    assert!(
+        browser.text_of("main").await.contains("shutting down"),
+        "{}",
+        browser.text_of("main").await
+    );
+    let status = agents[2].wait_exit(WAIT).await;
+    assert!(status.success(), "node-3 exited with {status:?}");
+    browser.goto(&format!("{}/", controller.url())).await;
+    browser
+        .wait_until(
+            "node-3 is no longer serving on the nodes page",
+            "var r = document.getElementById('node-node-3');\
+             return r && r.dataset.state !== 'serving';",
+            WAIT,
+        )
+        .await;
+    browser
+        .screenshot("dashboard-nodes-after-shutdown.png")
+        .await;
 }
