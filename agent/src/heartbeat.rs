@@ -14,6 +14,8 @@ use crate::supervisor::Supervisor;
 
 /// Until the controller says otherwise.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the first beat may wait for the executable's digest.
+const DIGEST_WAIT: Duration = Duration::from_secs(5);
 
 pub async fn run(supervisor: Arc<Supervisor>, url: String) {
     let endpoint = match Endpoint::from_shared(url.clone()) {
@@ -29,6 +31,12 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String) {
         .token()
         .and_then(|t| format!("Bearer {t}").parse().ok());
     let mut client = ControllerServiceClient::new(endpoint.connect_lazy());
+    // The first beat carries the executable's digest, which is computed while the
+    // first worker starts (tens of ms).
+    let deadline = tokio::time::Instant::now() + DIGEST_WAIT;
+    while supervisor.status().exe.sha256.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut interval = DEFAULT_INTERVAL;
     let mut failing = false;
     let mut events = supervisor.subscribe();

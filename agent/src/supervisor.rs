@@ -159,7 +159,8 @@ impl Supervisor {
             allowed.push(dir.to_path_buf());
         }
         let policy = ExePolicy::new(&allowed);
-        let exe_info = policy.validate(&exe, None)?;
+        // Its digest is computed meanwhile: the first worker doesn't wait for it.
+        let exe_info = policy.validate_later(&exe)?;
         let listeners = listeners::bind_all(&config)?;
         // Private (0700) directory for the notify sockets and the control socket.
         let runtime_dir = tempfile::Builder::new()
@@ -274,7 +275,11 @@ impl Supervisor {
     }
 
     pub fn status(&self) -> StatusReport {
-        let st = self.lock();
+        let mut st = self.lock();
+        let mut exe = st.exe.clone();
+        if st.exe.sha256.is_empty() && self.policy.complete(&mut exe) {
+            st.exe = exe;
+        }
         let control_addr = self
             .control_addr
             .lock()
@@ -299,7 +304,11 @@ impl Supervisor {
                 .map(|g| WorkerReport {
                     generation: g.number,
                     pid: g.pid,
-                    exe: g.exe.clone(),
+                    exe: {
+                        let mut exe = g.exe.clone();
+                        self.policy.complete(&mut exe);
+                        exe
+                    },
                     state: g.state().as_str(),
                     started_at_unix_ms: unix_ms(g.started_at),
                     ready_at_unix_ms: g.ready_at.lock().expect("lock").map(unix_ms).unwrap_or(0),

@@ -182,7 +182,13 @@ impl Supervisor {
             );
         }
         self.emit(Event::new(Phase::Validating, 0, 0, trigger).exe(&exe_path));
-        let info = match self.policy.validate(&exe_path, request.sha256.as_deref()) {
+        // Starting the node, the digest is not waited for (it is the agent's own
+        // executable, tens of MB): status reports it once the hash is done.
+        let validated = match (is_restart, request.sha256.as_deref()) {
+            (false, None) => self.policy.validate_later(&exe_path),
+            (_, sha256) => self.policy.validate(&exe_path, sha256),
+        };
+        let info = match validated {
             Ok(info) => info,
             Err(e) => {
                 tracing::warn!("restart refused: {e}");

@@ -282,7 +282,16 @@ impl Driver {
             Driver::Haproxy(haproxy, tracker) => {
                 let i = tracker.begin(trigger);
                 match haproxy.reload() {
-                    Ok(()) => wait_up(tracker, i).await,
+                    Ok(()) => {
+                        wait_up(tracker, i).await;
+                        // The next reload waits until the master can take it (its
+                        // new worker counts as up before that).
+                        if !haproxy.wait_accepts_reload(STEP_TIMEOUT).await {
+                            eprintln!(
+                                "peer-bench: the HAProxy master does not catch SIGUSR2 {STEP_TIMEOUT:?} after a reload"
+                            );
+                        }
+                    }
                     Err(e) => tracker.failed(i, format!("{e:#}")),
                 }
             }

@@ -266,10 +266,12 @@ impl SettingResult {
         self.runs.iter().filter(|r| r.target != Target::Fleet)
     }
 
-    /// The peer with the lowest p99 inside reload windows.
+    /// The peer with the lowest p99 inside reload windows, among those whose every
+    /// reload went through (a peer that skipped reloads spent less time reloading,
+    /// and its windows are not comparable).
     fn best_peer(&self) -> Option<&ReloadRun> {
         self.peers()
-            .filter(|r| r.split.window.p99.is_some())
+            .filter(|r| r.split.window.p99.is_some() && r.errors().is_empty())
             .min_by_key(|r| r.split.window.p99)
     }
 }
