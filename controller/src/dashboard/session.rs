@@ -312,6 +312,47 @@ pub fn percent_encode(text: &str) -> String {
 mod tests {
     use super::*;
 
+    /// What the guard answers a GET of `/` from `peer`.
+    async fn get_from(sessions: Sessions, peer: &str) -> (StatusCode, String) {
+        use tower::ServiceExt as _;
+        let app = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "page" }))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(sessions),
+                guard,
+            ));
+        let mut request = Request::new(Body::empty());
+        let peer: SocketAddr = peer.parse().unwrap();
+        request.extensions_mut().insert(ConnectInfo(peer));
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let location = response
+            .headers()
+            .get(header::LOCATION)
+            .map(|l| l.to_str().unwrap().to_string());
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&body).into_owned();
+        (status, location.unwrap_or(text))
+    }
+
+    #[tokio::test]
+    async fn without_a_token_only_loopback_peers_are_served() {
+        let (status, _) = get_from(Sessions::new(None), "127.0.0.1:40000").await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _) = get_from(Sessions::new(None), "[::1]:40000").await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, body) = get_from(Sessions::new(None), "10.1.2.3:40000").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(body.contains("--token-file"), "{body}");
+        // With a token, a remote browser is sent to log in instead.
+        let token = Some(Arc::new("t".to_string()));
+        let (status, location) = get_from(Sessions::new(token), "10.1.2.3:40000").await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+        assert!(location.starts_with("/login?next="), "{location}");
+    }
+
     #[test]
     fn cookies_are_found_among_others() {
         let mut h = HeaderMap::new();
