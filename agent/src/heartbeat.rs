@@ -10,7 +10,7 @@ use fleet_proto::v1::controller_service_client::ControllerServiceClient;
 use tonic::transport::Endpoint;
 
 use crate::phase::Phase;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{NodeState, Supervisor};
 
 /// Until the controller says otherwise.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
@@ -42,6 +42,7 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String) {
     let mut events = supervisor.subscribe();
     loop {
         let status = crate::control::status_message(supervisor.status());
+        let stopped = status.state == NodeState::Stopped.as_str();
         // Old and new generations both count while a restart drains.
         let in_flight = status.workers.iter().map(|w| w.in_flight).sum();
         let mut request = tonic::Request::new(pb::HeartbeatRequest {
@@ -75,7 +76,9 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String) {
                 }
             }
         }
-        if supervisor.shutting_down() {
+        // The last beat says the node stopped on purpose, so the controller shows it
+        // as stopped rather than unreachable. While it drains it keeps beating.
+        if stopped {
             return;
         }
         // Next beat at the interval, or at once when the node changes (a restart
@@ -87,7 +90,7 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String) {
                 _ = &mut sleep => break,
                 event = events.recv() => match event {
                     Ok(e) if matches!(e.phase, Phase::Ready | Phase::Failed | Phase::Reverting
-                        | Phase::WorkerExited | Phase::ShuttingDown) => break,
+                        | Phase::WorkerExited | Phase::ShuttingDown | Phase::Stopped) => break,
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {

@@ -32,6 +32,9 @@ use crate::listeners::{self, BoundListener};
 use crate::metrics::Metrics;
 use crate::phase::{Event, Phase, unix_ms};
 
+/// How long a node that stopped waits for its last heartbeat to reach the controller.
+const LAST_BEAT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The node as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -42,6 +45,8 @@ pub enum NodeState {
     /// No worker is serving (it died and is being replaced); connections wait in the backlog.
     Degraded,
     ShuttingDown,
+    /// Every worker has exited after a graceful shutdown; the process exits next.
+    Stopped,
 }
 
 impl NodeState {
@@ -52,6 +57,7 @@ impl NodeState {
             NodeState::Restarting => "restarting",
             NodeState::Degraded => "degraded",
             NodeState::ShuttingDown => "shutting-down",
+            NodeState::Stopped => "stopped",
         }
     }
 }
@@ -579,9 +585,11 @@ impl Supervisor {
         for line in listeners::describe(&self.listeners, "started") {
             tracing::info!("{line}");
         }
-        if let Some(url) = self.config.controller.clone() {
-            tokio::spawn(crate::heartbeat::run(self.clone(), url));
-        }
+        let heartbeat = self
+            .config
+            .controller
+            .clone()
+            .map(|url| tokio::spawn(crate::heartbeat::run(self.clone(), url)));
         // Under systemd (Type=notify) the node is up now.
         if let Err(e) = crate::notify::notify("READY=1") {
             tracing::warn!("cannot tell the service manager we are ready: {e}");
@@ -608,6 +616,16 @@ impl Supervisor {
         }
         let reason = self.shutdown.borrow().clone().unwrap_or_default();
         self.shut_down(&reason).await;
+        if let Some(heartbeat) = heartbeat {
+            // Its last beat says "stopped"; a controller that is down does not hold
+            // the exit up for long.
+            if tokio::time::timeout(LAST_BEAT_WAIT, heartbeat)
+                .await
+                .is_err()
+            {
+                tracing::warn!("could not tell the controller that this node stopped");
+            }
+        }
         Ok(())
     }
 
@@ -651,6 +669,7 @@ impl Supervisor {
                 worker.exited().await;
             }
         }
+        self.lock().node = NodeState::Stopped;
         self.emit(Event::new(Phase::Stopped, 0, 0, reason.to_string()));
         tracing::info!("all servers shutdown");
     }

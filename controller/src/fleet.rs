@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, broadcast};
 
 use crate::agents::Agents;
-use crate::inventory::{Inventory, NodeRecord, Selector};
+use crate::inventory::{Inventory, NodeRecord, STOPPED, Selector};
 use crate::rollout::{
     self, NodeState, Rollout, RolloutNode, RolloutState, RolloutView, Spec, TimelineEntry,
 };
@@ -192,12 +192,22 @@ impl Fleet {
     ) -> Result<RolloutView, RolloutError> {
         spec.check().map_err(|e| RolloutError::InvalidSpec(e.0))?;
         let selector = Selector::parse(&spec.selector).map_err(RolloutError::InvalidSpec)?;
-        let targets = self.inventory.list(&selector);
+        let matched = self.inventory.list(&selector);
+        let matched_count = matched.len();
+        // Nodes shut down on purpose are not restarted (nor counted as failures).
+        let targets: Vec<NodeRecord> = matched.into_iter().filter(|n| n.state != STOPPED).collect();
         if targets.is_empty() {
-            return Err(RolloutError::Refused(format!(
-                "the selector {:?} matches no node: check `fleetctl nodes`",
-                spec.selector
-            )));
+            return Err(RolloutError::Refused(if matched_count == 0 {
+                format!(
+                    "the selector {:?} matches no node: check `fleetctl nodes`",
+                    spec.selector
+                )
+            } else {
+                format!(
+                    "every node the selector {:?} matches ({matched_count}) is stopped: start their agents again",
+                    spec.selector
+                )
+            }));
         }
         let nodes: Vec<(NodeRecord, String, String)> = targets
             .into_iter()

@@ -25,12 +25,16 @@ pub struct ListenerRecord {
     pub tls: bool,
 }
 
+/// The state of a node whose agent shut down on purpose (its last heartbeat said so):
+/// shown as such, not as unreachable, and left out of new rollouts.
+pub const STOPPED: &str = "stopped";
+
 /// One node as the controller knows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {
     pub node_id: String,
     pub labels: BTreeMap<String, String>,
-    /// The agent's own state, or `unreachable`.
+    /// The agent's own state (`stopped` after a shutdown), or `unreachable`.
     pub state: String,
     pub control_addr: String,
     pub admin_url: String,
@@ -206,8 +210,10 @@ impl Inventory {
         }
     }
 
+    /// It missed its heartbeats. A node that said it stopped is not expected to beat.
     fn is_stale(&self, node: &NodeRecord) -> bool {
-        now_ms().saturating_sub(node.last_heartbeat_unix_ms) > self.ttl.as_millis() as u64
+        node.state != STOPPED
+            && now_ms().saturating_sub(node.last_heartbeat_unix_ms) > self.ttl.as_millis() as u64
     }
 
     /// The node as seen now: `unreachable` (with since when) if it missed its heartbeats.

@@ -603,7 +603,7 @@ async fn dashboard_pauses_resumes_undoes_and_aborts_rollouts_and_shuts_a_node_do
     );
 
     // Shut down node-3 from its row (confirmed): it drains and exits, and the nodes
-    // page stops showing it as serving.
+    // page shows it stopped.
     browser.goto(&format!("{}/", controller.url())).await;
     act_and_confirm(
         &browser,
@@ -620,9 +620,9 @@ async fn dashboard_pauses_resumes_undoes_and_aborts_rollouts_and_shuts_a_node_do
     browser.goto(&format!("{}/", controller.url())).await;
     browser
         .wait_until(
-            "node-3 is no longer serving on the nodes page",
+            "node-3 is stopped on the nodes page",
             "var r = document.getElementById('node-node-3');\
-             return r && r.dataset.state !== 'serving';",
+             return r && r.dataset.state === 'stopped';",
             WAIT,
         )
         .await;

@@ -16,7 +16,7 @@ use futures_util::stream::FuturesUnordered;
 
 use super::{Amount, NodeState, RolloutNode, RolloutState};
 use crate::fleet::{Fleet, RolloutHandle};
-use crate::inventory::NodeRecord;
+use crate::inventory::{NodeRecord, STOPPED};
 use crate::{Change, now_ms};
 
 /// How many agents are asked at once during preflight.
@@ -44,6 +44,12 @@ pub async fn preflight(
                     return Some((
                         node.node_id.clone(),
                         format!("unreachable: {}", node.reason),
+                    ));
+                }
+                if node.state == STOPPED {
+                    return Some((
+                        node.node_id.clone(),
+                        "stopped: its agent was shut down; start it again first".into(),
                     ));
                 }
                 let request = pb::PreflightRequest {
