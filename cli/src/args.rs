@@ -82,6 +82,11 @@ pub enum Command {
     Restart(RestartArgs),
     /// Shut one node down gracefully: its agent drains every worker and exits.
     Shutdown(ShutdownArgs),
+    /// Remove a stopped or unreachable node from the controller's inventory.
+    ///
+    /// A node that is still heartbeating is refused (exit 2): it would register again
+    /// at its next heartbeat; shut it down first.
+    Forget(NodeArgs),
     /// Roll a new executable across the fleet in health-gated batches; or manage rollouts.
     ///
     /// `fleetctl rollout --exe PATH [OPTIONS]` preflights every selected node (nothing is

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::Result;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
 use fleet_proto::v1::{
-    GetNodeRequest, GetRolloutRequest, ListNodesRequest, ListRolloutsRequest, Node,
-    RestartNodeRequest, RestartResponse, Rollout, RolloutActionRequest, RolloutSpec,
+    ForgetNodeRequest, GetNodeRequest, GetRolloutRequest, ListNodesRequest, ListRolloutsRequest,
+    Node, RestartNodeRequest, RestartResponse, Rollout, RolloutActionRequest, RolloutSpec,
     ShutdownNodeRequest,
 };
 use tonic::codec::Streaming;
@@ -100,6 +100,11 @@ impl Controller {
 
     pub async fn restart_node(&mut self, request: RestartNodeRequest) -> Result<RestartResponse> {
         let response = self.api.restart_node(request).await;
+        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+    }
+
+    pub async fn forget_node(&mut self, node_id: String) -> Result<Node> {
+        let response = self.api.forget_node(ForgetNodeRequest { node_id }).await;
         Ok(response.map_err(|s| self.error(&s))?.into_inner())
     }
 

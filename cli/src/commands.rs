@@ -30,6 +30,7 @@ pub async fn run(cli: Cli) -> Result<Exit> {
         Command::Node(args) => node(controller, args, format).await,
         Command::Restart(args) => restart(controller, args, format).await,
         Command::Shutdown(args) => shutdown(controller, args, format).await,
+        Command::Forget(args) => forget(controller, args, format).await,
         Command::Rollout(rollout) => match *rollout {
             RolloutArgs {
                 action: None,
@@ -124,6 +125,23 @@ async fn shutdown(mut controller: Controller, args: ShutdownArgs, format: Format
         })))?,
         Format::Table => emit(&format!(
             "node {node_id} is shutting down: its agent drains every worker and exits"
+        ))?,
+    }
+    Ok(Exit::Success)
+}
+
+/// `fleetctl forget NODE`
+async fn forget(mut controller: Controller, args: NodeArgs, format: Format) -> Result<Exit> {
+    let node = controller.forget_node(args.node).await?;
+    match format {
+        Format::Json => emit(&json::to_string(&serde_json::json!({
+            "node_id": node.node_id,
+            "forgotten": true,
+            "state": node.state,
+        })))?,
+        Format::Table => emit(&format!(
+            "forgot node {} (it was {}); it is listed again if its agent heartbeats",
+            node.node_id, node.state
         ))?,
     }
     Ok(Exit::Success)

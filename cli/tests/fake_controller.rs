@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use fleet_proto::v1::controller_service_server::{ControllerService, ControllerServiceServer};
 use fleet_proto::v1::{
-    ExeInfo, GetNodeRequest, GetRolloutRequest, HeartbeatRequest, HeartbeatResponse,
-    ListNodesRequest, ListNodesResponse, ListRolloutsRequest, ListRolloutsResponse, Node,
-    RestartNodeRequest, RestartResponse, Rollout, RolloutActionRequest, RolloutNode, RolloutSpec,
-    ShutdownNodeRequest, ShutdownResponse,
+    ExeInfo, ForgetNodeRequest, GetNodeRequest, GetRolloutRequest, HeartbeatRequest,
+    HeartbeatResponse, ListNodesRequest, ListNodesResponse, ListRolloutsRequest,
+    ListRolloutsResponse, Node, RestartNodeRequest, RestartResponse, Rollout, RolloutActionRequest,
+    RolloutNode, RolloutSpec, ShutdownNodeRequest, ShutdownResponse,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -210,6 +210,10 @@ impl ControllerService for Fake {
         &self,
         _: Request<ShutdownNodeRequest>,
     ) -> Result<Response<ShutdownResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn forget_node(&self, _: Request<ForgetNodeRequest>) -> Result<Response<Node>, Status> {
         Err(Status::unimplemented("not in this fake"))
     }
 

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::Change;
 use crate::fleet::{Fleet, RolloutError};
-use crate::inventory::{NodeRecord, Selector};
+use crate::inventory::{ForgetError, NodeRecord, Selector};
 use crate::rollout::{RolloutNode, RolloutState, RolloutView, Spec};
 
 #[derive(Debug)]
@@ -101,6 +101,22 @@ impl ControllerService for Api {
         client
             .shutdown(pb::ShutdownRequest { reason: r.reason })
             .await
+    }
+
+    async fn forget_node(
+        &self,
+        request: Request<pb::ForgetNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let id = request.into_inner().node_id;
+        match self.fleet.inventory.forget(&id).await {
+            Ok(node) => {
+                tracing::info!("forgot node {id} (it was {})", node.state);
+                Ok(Response::new(node_message(&node)))
+            }
+            Err(e @ ForgetError::NotFound(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ ForgetError::Live(_)) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ ForgetError::Store(_)) => Err(Status::internal(e.to_string())),
+        }
     }
 
     async fn start_rollout(

@@ -25,6 +25,17 @@ pub struct ListenerRecord {
     pub tls: bool,
 }
 
+/// Why a node was not forgotten.
+#[derive(Debug, thiserror::Error)]
+pub enum ForgetError {
+    #[error("no node {0:?}: see `fleetctl nodes`")]
+    NotFound(String),
+    #[error("{0}")]
+    Live(String),
+    #[error("the node was not removed from the store: {0}")]
+    Store(crate::store::StoreError),
+}
+
 /// The state of a node whose agent shut down on purpose (its last heartbeat said so):
 /// shown as such, not as unreachable, and left out of new rollouts.
 pub const STOPPED: &str = "stopped";
@@ -196,6 +207,37 @@ impl Inventory {
             let _ = self.changes.send(Change::Node(record.node_id));
         }
         Ok(())
+    }
+
+    /// Removes a node that is stopped or unreachable, from memory and (durably) from
+    /// the store; returns it as it was.
+    pub async fn forget(&self, node_id: &str) -> Result<NodeRecord, ForgetError> {
+        let node = {
+            let mut nodes = self.nodes.write().expect("inventory lock");
+            let Some(node) = nodes.get(node_id) else {
+                return Err(ForgetError::NotFound(node_id.to_string()));
+            };
+            let node = self.effective(node);
+            if node.static_node {
+                return Err(ForgetError::Live(format!(
+                    "node {node_id} is a static node: remove its --node flag from the controller instead"
+                )));
+            }
+            if node.state != STOPPED && node.state != "unreachable" {
+                return Err(ForgetError::Live(format!(
+                    "node {node_id} is {} and heartbeating: it would register again at its next heartbeat; shut it down first (fleetctl shutdown {node_id})",
+                    node.state
+                )));
+            }
+            nodes.remove(node_id);
+            node
+        };
+        self.store
+            .delete_node(node_id)
+            .await
+            .map_err(ForgetError::Store)?;
+        let _ = self.changes.send(Change::Node(node_id.to_string()));
+        Ok(node)
     }
 
     /// A static node that could not be reached.

@@ -26,6 +26,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn load_rollout_nodes(&self, rollout_id: &str) -> Result<Vec<RolloutNode>, StoreError>;
     /// Durable when the returned future resolves.
     fn put_node(&self, node: &NodeRecord) -> WriteAck;
+    fn delete_node(&self, node_id: &str) -> WriteAck;
     fn put_rollout(&self, rollout: &Rollout) -> WriteAck;
     fn put_rollout_nodes(&self, rollout_id: &str, nodes: &[RolloutNode]) -> WriteAck;
 }

@@ -1101,6 +1101,9 @@ mod tests {
         ) -> Unimplemented<pb::ShutdownResponse> {
             unimplemented()
         }
+        async fn forget_node(&self, _: Request<pb::ForgetNodeRequest>) -> Unimplemented<pb::Node> {
+            unimplemented()
+        }
         async fn start_rollout(&self, _: Request<pb::RolloutSpec>) -> Unimplemented<pb::Rollout> {
             unimplemented()
         }

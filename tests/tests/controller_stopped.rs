@@ -1,6 +1,7 @@
 //! A node shut down on purpose says so in its last heartbeat: the controller shows it
 //! as `stopped` — not `unreachable` once its heartbeats are overdue — and a rollout
 //! over the fleet leaves it out instead of being refused in preflight because of it.
+//! `fleetctl forget` then removes it for good (a live node is refused).
 
 use std::ffi::OsStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,7 +23,7 @@ fn now_ms() -> u64 {
 async fn a_stopped_node_stays_stopped_and_rollouts_leave_it_out() {
     let releases = tempfile::tempdir().unwrap();
     let v2 = agent_release(releases.path(), "fleet-agent-v2");
-    let controller = Controller::start(ControllerOpts::default()).await;
+    let mut controller = Controller::start(ControllerOpts::default()).await;
     let agents = controller
         .start_nodes(2, |_, opts| {
             opts.arg("--allowed-exe-dir").arg(releases.path())
@@ -80,5 +81,34 @@ async fn a_stopped_node_stays_stopped_and_rollouts_leave_it_out() {
     assert_eq!(
         exe_path(&agent_status(&agents[0]).await),
         v2.display().to_string()
+    );
+
+    // Forget: refused for a live node and an unknown one; the stopped one goes, for
+    // good (also after the controller restarts).
+    let live = controller.fleetctl(["forget", "node-1"]).await;
+    live.expect_code(2);
+    assert!(live.output().contains("heartbeating"), "{}", live.output());
+    let unknown = controller.fleetctl(["forget", "node-9"]).await;
+    unknown.expect_code(2);
+    assert!(unknown.output().contains("no node"), "{}", unknown.output());
+    let forgot = controller.fleetctl(["forget", "node-2"]).await;
+    forgot.expect_code(0);
+    assert!(
+        forgot.output().contains("forgot node node-2"),
+        "{}",
+        forgot.output()
+    );
+    let listed = |nodes: Vec<fleet_proto::v1::Node>| -> Vec<String> {
+        nodes.into_iter().map(|n| n.node_id).collect()
+    };
+    assert_eq!(listed(controller.nodes().await), ["node-1"]);
+    controller.restart().await;
+    controller
+        .wait_nodes(&["node-1".to_string()], "serving", WAIT)
+        .await;
+    assert_eq!(
+        listed(controller.nodes().await),
+        ["node-1"],
+        "after a restart"
     );
 }

@@ -2,8 +2,9 @@
 //! headless Chromium (Debian's `chromium` + `chromium-driver`, driven through
 //! WebDriver). An operator sees the nodes, starts a rollout from the form and watches
 //! it to the end without reloading, restarts one node from its row, pauses, resumes,
-//! undoes and aborts rollouts and shuts a node down (each confirmed), and a dashboard
-//! with a token lets nobody act before logging in, nor post without the CSRF token.
+//! undoes and aborts rollouts, shuts a node down and forgets it (each confirmed), and
+//! a dashboard with a token lets nobody act before logging in, nor post without the
+//! CSRF token.
 //! Screenshots land in `target/test-artifacts/`.
 
 use std::time::Duration;
@@ -629,4 +630,29 @@ async fn dashboard_pauses_resumes_undoes_and_aborts_rollouts_and_shuts_a_node_do
     browser
         .screenshot("dashboard-nodes-after-shutdown.png")
         .await;
+
+    // A stopped node can only be forgotten (confirmed): its row goes.
+    assert!(
+        browser
+            .find("tr#node-node-3 td.actions a[href$='/restart']")
+            .await
+            .is_none(),
+        "a stopped node offers a restart"
+    );
+    act_and_confirm(&browser, "tr#node-node-3 td.actions a[href$='/forget']").await;
+    assert!(
+        browser.text_of("main").await.contains("Forgot node-3"),
+        "{}",
+        browser.text_of("main").await
+    );
+    browser.goto(&format!("{}/", controller.url())).await;
+    browser.wait_for("table#nodes", WAIT).await;
+    let rows = browser
+        .attrs_of("table#nodes tbody tr[data-node]", "data-node")
+        .await;
+    assert_eq!(
+        rows,
+        [Some("node-1".to_string()), Some("node-2".to_string())],
+        "rows after forgetting node-3"
+    );
 }

@@ -32,6 +32,7 @@ pub fn router() -> Router<Arc<Dashboard>> {
             "/nodes/{id}/shutdown",
             get(confirm_shutdown).post(do_shutdown),
         )
+        .route("/nodes/{id}/forget", get(confirm_forget).post(do_forget))
         .route(
             "/rollouts/{id}/{action}",
             get(confirm_rollout_action).post(do_rollout_action),
@@ -301,6 +302,57 @@ async fn do_shutdown(
     view::with_status(
         status,
         shell(&d, &s, &format!("Shut down {id}"), Some(&flash), body),
+    )
+}
+
+async fn confirm_forget(
+    State(d): State<Arc<Dashboard>>,
+    Extension(s): Extension<Session>,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(n) = d.fleet.inventory.get(&id) else {
+        return unknown_node(&d, &s, &id);
+    };
+    let action = format!("/nodes/{}/forget", percent_encode(&n.node_id));
+    let body = html! {
+        h1 { "Forget " (n.node_id) "?" }
+        p { "The controller removes it from its inventory; rollouts no longer count it. Nothing happens on the node. If its agent heartbeats again, it is listed again." }
+        (node_facts(&n))
+        form.confirm method="post" action=(action) {
+            input type="hidden" name="csrf" value=(s.csrf);
+            p.buttons {
+                button.danger #confirm type="submit" { "Forget " (n.node_id) }
+                " " a href="/" { "Cancel" }
+            }
+        }
+    };
+    shell(&d, &s, &format!("Forget {id}"), None, body).into_response()
+}
+
+async fn do_forget(
+    State(d): State<Arc<Dashboard>>,
+    Extension(s): Extension<Session>,
+    Path(id): Path<String>,
+) -> Response {
+    use crate::inventory::ForgetError;
+    let (status, flash) = match d.fleet.inventory.forget(&id).await {
+        Ok(n) => (
+            StatusCode::OK,
+            Flash::Done(format!("Forgot {id} (it was {}).", n.state)),
+        ),
+        Err(e) => (
+            match e {
+                ForgetError::NotFound(_) => StatusCode::NOT_FOUND,
+                ForgetError::Live(_) => StatusCode::CONFLICT,
+                ForgetError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            Flash::Error(e.to_string()),
+        ),
+    };
+    let body = html! { p { a.button href="/" { "Back to the nodes" } } };
+    view::with_status(
+        status,
+        shell(&d, &s, &format!("Forget {id}"), Some(&flash), body),
     )
 }
 

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::Dashboard;
 use super::session::{Session, percent_encode};
 use super::view::{self, Flash, Live, Section};
-use crate::inventory::{NodeRecord, Selector};
+use crate::inventory::{NodeRecord, STOPPED, Selector};
 use crate::now_ms;
 
 /// How often the nodes page refreshes without an event: requests in flight change
@@ -212,9 +212,18 @@ fn row(n: &NodeRecord, now: u64) -> Markup {
                 a.admin href=(n.admin_url) target="_blank" rel="noopener noreferrer" { "admin" }
             } }
             td.actions {
-                a.button href={ "/nodes/" (percent_encode(&n.node_id)) "/restart" } { "Restart" }
-                " "
-                a.button.danger href={ "/nodes/" (percent_encode(&n.node_id)) "/shutdown" } { "Shut down" }
+                @let id = percent_encode(&n.node_id);
+                // A stopped node has nothing to restart or shut down; one that stopped
+                // heartbeating may still answer its control port.
+                @if n.state != STOPPED {
+                    a.button href={ "/nodes/" (id) "/restart" } { "Restart" }
+                    " "
+                    a.button.danger href={ "/nodes/" (id) "/shutdown" } { "Shut down" }
+                }
+                @if (n.state == STOPPED || n.state == "unreachable") && !n.static_node {
+                    " "
+                    a.button.danger href={ "/nodes/" (id) "/forget" } { "Forget" }
+                }
             }
         }
     }

@@ -13,6 +13,7 @@ use crate::rollout::{Rollout, RolloutNode};
 
 enum Write {
     Node(String, String),
+    DeleteNode(String),
     Rollout(String, u64, String),
     RolloutNode(String, String, String),
 }
@@ -134,6 +135,7 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
     {
         let mut node =
             tx.prepare_cached("INSERT OR REPLACE INTO nodes (id, json) VALUES (?1, ?2)")?;
+        let mut forget = tx.prepare_cached("DELETE FROM nodes WHERE id = ?1")?;
         let mut rollout = tx.prepare_cached(
             "INSERT OR REPLACE INTO rollouts (id, seq, json) VALUES (?1, ?2, ?3)",
         )?;
@@ -143,6 +145,7 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
         for write in batch.iter().flat_map(|j| &j.writes) {
             match write {
                 Write::Node(id, json) => node.execute(params![id, json])?,
+                Write::DeleteNode(id) => forget.execute(params![id])?,
                 Write::Rollout(id, seq, json) => rollout.execute(params![id, *seq as i64, json])?,
                 Write::RolloutNode(r, n, json) => rollout_node.execute(params![r, n, json])?,
             };
@@ -173,6 +176,10 @@ impl Store for SqliteStore {
 
     fn put_node(&self, node: &NodeRecord) -> WriteAck {
         self.submit(vec![Write::Node(node.node_id.clone(), to_json(node))])
+    }
+
+    fn delete_node(&self, node_id: &str) -> WriteAck {
+        self.submit(vec![Write::DeleteNode(node_id.to_string())])
     }
 
     fn put_rollout(&self, rollout: &Rollout) -> WriteAck {
