@@ -235,24 +235,61 @@ async fn confirm_shutdown(
     Extension(s): Extension<Session>,
     Path(id): Path<String>,
 ) -> Response {
-    let Some(n) = d.fleet.inventory.get(&id) else {
-        return unknown_node(&d, &s, &id);
+    confirm_danger(
+        &d,
+        &s,
+        &id,
+        DangerAction {
+            verb: "Shut down",
+            route: "shutdown",
+            what: "In-flight requests complete, then the agent and its workers exit and the node's ports close. Nothing restarts it but its service manager.",
+            with_reason: true,
+        },
+    )
+}
+
+/// A node action that cannot be taken back, as its confirmation page presents it.
+struct DangerAction {
+    verb: &'static str,
+    /// The last segment of `/nodes/{id}/...`.
+    route: &'static str,
+    what: &'static str,
+    with_reason: bool,
+}
+
+fn confirm_danger(d: &Dashboard, s: &Session, id: &str, a: DangerAction) -> Response {
+    let Some(n) = d.fleet.inventory.get(id) else {
+        return unknown_node(d, s, id);
     };
-    let action = format!("/nodes/{}/shutdown", percent_encode(&n.node_id));
+    let action = format!("/nodes/{}/{}", percent_encode(&n.node_id), a.route);
     let body = html! {
-        h1 { "Shut down " (n.node_id) "?" }
-        p { "In-flight requests complete, then the agent and its workers exit and the node's ports close. Nothing restarts it but its service manager." }
+        h1 { (a.verb) " " (n.node_id) "?" }
+        p { (a.what) }
         (node_facts(&n))
         form.confirm method="post" action=(action) {
             input type="hidden" name="csrf" value=(s.csrf);
-            p { label for="reason" { "Reason" } input #reason name="reason" type="text"; }
+            @if a.with_reason {
+                p { label for="reason" { "Reason" } input #reason name="reason" type="text"; }
+            }
             p.buttons {
-                button.danger #confirm type="submit" { "Shut down " (n.node_id) }
+                button.danger #confirm type="submit" { (a.verb) " " (n.node_id) }
                 " " a href="/" { "Cancel" }
             }
         }
     };
-    shell(&d, &s, &format!("Shut down {id}"), None, body).into_response()
+    shell(d, s, &format!("{} {id}", a.verb), None, body).into_response()
+}
+
+/// The outcome of a node action: what happened, and the way back.
+fn node_outcome(
+    d: &Dashboard,
+    s: &Session,
+    title: &str,
+    status: StatusCode,
+    flash: Flash,
+) -> Response {
+    let body = html! { p { a.button href="/" { "Back to the nodes" } } };
+    view::with_status(status, shell(d, s, title, Some(&flash), body))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -298,11 +335,7 @@ async fn do_shutdown(
             Flash::Error(format!("{id} did not answer within 30s")),
         ),
     };
-    let body = html! { p { a.button href="/" { "Back to the nodes" } } };
-    view::with_status(
-        status,
-        shell(&d, &s, &format!("Shut down {id}"), Some(&flash), body),
-    )
+    node_outcome(&d, &s, &format!("Shut down {id}"), status, flash)
 }
 
 async fn confirm_forget(
@@ -310,23 +343,17 @@ async fn confirm_forget(
     Extension(s): Extension<Session>,
     Path(id): Path<String>,
 ) -> Response {
-    let Some(n) = d.fleet.inventory.get(&id) else {
-        return unknown_node(&d, &s, &id);
-    };
-    let action = format!("/nodes/{}/forget", percent_encode(&n.node_id));
-    let body = html! {
-        h1 { "Forget " (n.node_id) "?" }
-        p { "The controller removes it from its inventory; rollouts no longer count it. Nothing happens on the node. If its agent heartbeats again, it is listed again." }
-        (node_facts(&n))
-        form.confirm method="post" action=(action) {
-            input type="hidden" name="csrf" value=(s.csrf);
-            p.buttons {
-                button.danger #confirm type="submit" { "Forget " (n.node_id) }
-                " " a href="/" { "Cancel" }
-            }
-        }
-    };
-    shell(&d, &s, &format!("Forget {id}"), None, body).into_response()
+    confirm_danger(
+        &d,
+        &s,
+        &id,
+        DangerAction {
+            verb: "Forget",
+            route: "forget",
+            what: "The controller removes it from its inventory; rollouts no longer count it. Nothing happens on the node. If its agent heartbeats again, it is listed again.",
+            with_reason: false,
+        },
+    )
 }
 
 async fn do_forget(
@@ -349,11 +376,7 @@ async fn do_forget(
             Flash::Error(e.to_string()),
         ),
     };
-    let body = html! { p { a.button href="/" { "Back to the nodes" } } };
-    view::with_status(
-        status,
-        shell(&d, &s, &format!("Forget {id}"), Some(&flash), body),
-    )
+    node_outcome(&d, &s, &format!("Forget {id}"), status, flash)
 }
 
 /// Pause, resume, abort and undo: what each says it will do.
