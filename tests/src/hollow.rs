@@ -82,7 +82,8 @@ pub struct HollowConfig {
     /// Index of the first agent: node ids are `{id_prefix}{index:05}`.
     pub first_index: usize,
     pub id_prefix: String,
-    /// Controller URL (`http://127.0.0.1:7100`); `None`: no heartbeats.
+    /// Controller URL (`http://HOST:PORT`, as `fleet-agent --controller` takes it);
+    /// `None`: no heartbeats.
     pub controller: Option<String>,
     /// Sent to the controller as `authorization: Bearer TOKEN`.
     pub token: Option<String>,

@@ -61,7 +61,8 @@ pub struct LoadSpec {
 impl Default for LoadSpec {
     fn default() -> Self {
         LoadSpec {
-            target: SocketAddr::from(([127, 0, 0, 1], 8199)),
+            // No default server: every test names the port it bound (0 is refused).
+            target: SocketAddr::from(([127, 0, 0, 1], 0)),
             path: "/".to_string(),
             keepalive_connections: 8,
             fresh_connections: 8,

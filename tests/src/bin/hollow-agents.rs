@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo build --release -p fleet-tests --bin hollow-agents
-//! target/release/hollow-agents --count 10000 --controller http://127.0.0.1:7100
+//! target/release/hollow-agents --count 10000 --controller "$FLEET_CONTROLLER"
 //! ```
 //!
 //! Each hollow agent serves the real `fleet.v1.AgentService` on its own
