@@ -136,14 +136,14 @@ impl ExePolicy {
     pub fn validate_later(&self, path: &Path) -> Result<ExeInfo, ExeError> {
         let (canonical, meta) = self.check(path)?;
         let key = FileKey::of(&meta);
-        let (known, hashing) = {
+        let (known, start_hashing) = {
             let mut cache = lock(&self.digests);
             let known = cache.digests.get(&key).cloned();
             // One thread per file, however often it is asked for meanwhile.
-            let hashing = known.is_none() && !cache.hashing.insert(key.clone());
-            (known, hashing)
+            let start = known.is_none() && cache.hashing.insert(key.clone());
+            (known, start)
         };
-        if known.is_none() && !hashing {
+        if start_hashing {
             let digests = self.digests.clone();
             let file = canonical.clone();
             std::thread::Builder::new()

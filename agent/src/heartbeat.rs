@@ -41,10 +41,10 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String) {
     let mut failing = false;
     let mut events = supervisor.subscribe();
     loop {
-        let status = crate::control::status_message(supervisor.status());
-        let stopped = status.state == NodeState::Stopped.as_str();
-        // Old and new generations both count while a restart drains.
-        let in_flight = status.workers.iter().map(|w| w.in_flight).sum();
+        let report = supervisor.status();
+        let stopped = report.state == NodeState::Stopped;
+        let in_flight = report.in_flight();
+        let status = crate::control::status_message(report);
         let mut request = tonic::Request::new(pb::HeartbeatRequest {
             status: Some(status),
             in_flight,

@@ -127,6 +127,14 @@ pub struct StatusReport {
     pub in_progress: String,
 }
 
+impl StatusReport {
+    /// Requests in flight over every worker: old and new generations both count while
+    /// a restart drains.
+    pub fn in_flight(&self) -> u64 {
+        self.workers.iter().map(|w| w.in_flight).sum()
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkerReport {
     pub generation: u64,
@@ -310,10 +318,16 @@ impl Supervisor {
                 .map(|g| WorkerReport {
                     generation: g.number,
                     pid: g.pid,
-                    exe: {
-                        let mut exe = g.exe.clone();
-                        self.policy.complete(&mut exe);
-                        exe
+                    // A worker started before its digest was known: the node's is known
+                    // by now (no file I/O), unless the node has moved to another exe.
+                    exe: match &g.exe {
+                        e if !e.sha256.is_empty() => e.clone(),
+                        e if e.path == st.exe.path => st.exe.clone(),
+                        e => {
+                            let mut exe = e.clone();
+                            self.policy.complete(&mut exe);
+                            exe
+                        }
                     },
                     state: g.state().as_str(),
                     started_at_unix_ms: unix_ms(g.started_at),

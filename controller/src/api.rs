@@ -41,7 +41,7 @@ impl ControllerService for Api {
             .ok_or_else(|| Status::invalid_argument("heartbeat without a status"))?;
         self.fleet
             .inventory
-            .report(&status, r.in_flight, false)
+            .report(&status, false)
             .map_err(|e| Status::invalid_argument(e.0))?;
         Ok(Response::new(pb::HeartbeatResponse {
             interval_ms: (self.fleet.inventory.ttl().as_millis() / 3).max(100) as u64,

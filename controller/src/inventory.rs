@@ -62,7 +62,13 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
-    pub fn from_status(status: &pb::StatusResponse, in_flight: u64, static_node: bool) -> Self {
+    /// Whether [`Inventory::forget`] takes it: it no longer heartbeats (stopped or
+    /// unreachable) and the controller does not poll it (not a static node).
+    pub fn forgettable(&self) -> bool {
+        !self.static_node && (self.state == STOPPED || self.state == "unreachable")
+    }
+
+    pub fn from_status(status: &pb::StatusResponse, static_node: bool) -> Self {
         let exe = status.exe.clone().unwrap_or_default();
         let worker = status
             .workers
@@ -82,7 +88,8 @@ impl NodeRecord {
             generation: status.generation,
             supervisor_pid: status.supervisor_pid,
             worker_pid: worker.map(|w| w.pid).unwrap_or(0),
-            in_flight,
+            // Old and new generations both count while a restart drains.
+            in_flight: status.workers.iter().map(|w| w.in_flight).sum(),
             last_heartbeat_unix_ms: now_ms(),
             started_at_unix_ms: status.started_at_unix_ms,
             reason: String::new(),
@@ -178,7 +185,6 @@ impl Inventory {
     pub fn report(
         &self,
         status: &pb::StatusResponse,
-        in_flight: u64,
         static_node: bool,
     ) -> Result<(), HeartbeatError> {
         if status.node_id.trim().is_empty() {
@@ -192,7 +198,7 @@ impl Inventory {
                 status.node_id
             )));
         }
-        let record = NodeRecord::from_status(status, in_flight, static_node);
+        let record = NodeRecord::from_status(status, static_node);
         let changed = {
             let mut nodes = self.nodes.write().expect("inventory lock");
             let changed = nodes
@@ -218,16 +224,17 @@ impl Inventory {
                 return Err(ForgetError::NotFound(node_id.to_string()));
             };
             let node = self.effective(node);
-            if node.static_node {
-                return Err(ForgetError::Live(format!(
-                    "node {node_id} is a static node: remove its --node flag from the controller instead"
-                )));
-            }
-            if node.state != STOPPED && node.state != "unreachable" {
-                return Err(ForgetError::Live(format!(
-                    "node {node_id} is {} and heartbeating: it would register again at its next heartbeat; shut it down first (fleetctl shutdown {node_id})",
-                    node.state
-                )));
+            if !node.forgettable() {
+                return Err(ForgetError::Live(if node.static_node {
+                    format!(
+                        "node {node_id} is a static node: remove its --node flag from the controller instead"
+                    )
+                } else {
+                    format!(
+                        "node {node_id} is {} and heartbeating: it would register again at its next heartbeat; shut it down first (fleetctl shutdown {node_id})",
+                        node.state
+                    )
+                }));
             }
             nodes.remove(node_id);
             node

@@ -114,8 +114,7 @@ async fn poll_static_node(fleet: Arc<Fleet>, addr: String) {
         match fleet.agents.status(&addr, Duration::from_secs(5)).await {
             Ok(status) => {
                 known = Some(status.node_id.clone());
-                let in_flight = status.workers.iter().map(|w| w.in_flight).sum();
-                if let Err(e) = fleet.inventory.report(&status, in_flight, true) {
+                if let Err(e) = fleet.inventory.report(&status, true) {
                     tracing::warn!("static node {addr}: {e}");
                 }
             }

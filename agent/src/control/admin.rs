@@ -124,13 +124,9 @@ async fn healthz(State(supervisor): State<Arc<Supervisor>>) -> Response {
 }
 
 async fn metrics(State(supervisor): State<Arc<Supervisor>>) -> Response {
-    let in_flight = supervisor
-        .status()
-        .workers
-        .iter()
-        .map(|w| w.in_flight)
-        .sum();
-    supervisor.metrics().set_in_flight(in_flight);
+    supervisor
+        .metrics()
+        .set_in_flight(supervisor.status().in_flight());
     (
         [(
             header::CONTENT_TYPE,

@@ -220,7 +220,7 @@ fn row(n: &NodeRecord, now: u64) -> Markup {
                     " "
                     a.button.danger href={ "/nodes/" (id) "/shutdown" } { "Shut down" }
                 }
-                @if (n.state == STOPPED || n.state == "unreachable") && !n.static_node {
+                @if n.forgettable() {
                     " "
                     a.button.danger href={ "/nodes/" (id) "/forget" } { "Forget" }
                 }
