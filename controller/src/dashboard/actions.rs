@@ -235,18 +235,22 @@ async fn confirm_shutdown(
     Extension(s): Extension<Session>,
     Path(id): Path<String>,
 ) -> Response {
-    confirm_danger(
-        &d,
-        &s,
-        &id,
-        DangerAction {
-            verb: "Shut down",
-            route: "shutdown",
-            what: "In-flight requests complete, then the agent and its workers exit and the node's ports close. Nothing restarts it but its service manager.",
-            with_reason: true,
-        },
-    )
+    confirm_danger(&d, &s, &id, &SHUT_DOWN)
 }
+
+const SHUT_DOWN: DangerAction = DangerAction {
+    verb: "Shut down",
+    route: "shutdown",
+    what: "In-flight requests complete, then the agent and its workers exit and the node's ports close. Nothing restarts it but its service manager.",
+    with_reason: true,
+};
+
+const FORGET: DangerAction = DangerAction {
+    verb: "Forget",
+    route: "forget",
+    what: "The controller removes it from its inventory; rollouts no longer count it. Nothing happens on the node. If its agent heartbeats again, it is listed again.",
+    with_reason: false,
+};
 
 /// A node action that cannot be taken back, as its confirmation page presents it.
 struct DangerAction {
@@ -257,7 +261,7 @@ struct DangerAction {
     with_reason: bool,
 }
 
-fn confirm_danger(d: &Dashboard, s: &Session, id: &str, a: DangerAction) -> Response {
+fn confirm_danger(d: &Dashboard, s: &Session, id: &str, a: &DangerAction) -> Response {
     let Some(n) = d.fleet.inventory.get(id) else {
         return unknown_node(d, s, id);
     };
@@ -335,7 +339,7 @@ async fn do_shutdown(
             Flash::Error(format!("{id} did not answer within 30s")),
         ),
     };
-    node_outcome(&d, &s, &format!("Shut down {id}"), status, flash)
+    node_outcome(&d, &s, &format!("{} {id}", SHUT_DOWN.verb), status, flash)
 }
 
 async fn confirm_forget(
@@ -343,17 +347,7 @@ async fn confirm_forget(
     Extension(s): Extension<Session>,
     Path(id): Path<String>,
 ) -> Response {
-    confirm_danger(
-        &d,
-        &s,
-        &id,
-        DangerAction {
-            verb: "Forget",
-            route: "forget",
-            what: "The controller removes it from its inventory; rollouts no longer count it. Nothing happens on the node. If its agent heartbeats again, it is listed again.",
-            with_reason: false,
-        },
-    )
+    confirm_danger(&d, &s, &id, &FORGET)
 }
 
 async fn do_forget(
@@ -376,7 +370,7 @@ async fn do_forget(
             Flash::Error(e.to_string()),
         ),
     };
-    node_outcome(&d, &s, &format!("Forget {id}"), status, flash)
+    node_outcome(&d, &s, &format!("{} {id}", FORGET.verb), status, flash)
 }
 
 /// Pause, resume, abort and undo: what each says it will do.
