@@ -2,9 +2,11 @@
 //! `fleet.v1.AgentService` (plus gRPC health and reflection) and the HTTP admin routes,
 //! `/healthz` and `/metrics`, all behind the token check. The same HTTP routes are
 //! served on an owner-only Unix socket, the private channel workers use to mount
-//! `/debug/admin` on the app ports.
+//! `/debug/admin` on the app ports; a second one carries the app's own requests
+//! ([`crate::Node`]).
 
 mod admin;
+mod app;
 mod auth;
 mod grpc;
 
@@ -16,7 +18,6 @@ use axum::Router;
 
 use crate::supervisor::Supervisor;
 
-pub use admin::router as admin_router;
 pub use grpc::status_response as status_message;
 
 /// The bound control endpoint, not yet serving.
@@ -24,7 +25,9 @@ pub use grpc::status_response as status_message;
 pub struct Control {
     tcp: tokio::net::TcpListener,
     unix: tokio::net::UnixListener,
+    app: tokio::net::UnixListener,
     router: Router,
+    app_router: Router,
 }
 
 impl Control {
@@ -40,10 +43,16 @@ impl Control {
         let unix = tokio::net::UnixListener::bind(&path)
             .with_context(|| format!("cannot bind the control socket {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let app_path = supervisor.app_socket_path();
+        let app = tokio::net::UnixListener::bind(&app_path)
+            .with_context(|| format!("cannot bind the app socket {}", app_path.display()))?;
+        std::fs::set_permissions(&app_path, std::fs::Permissions::from_mode(0o600))?;
         Ok(Self {
             tcp,
             unix,
+            app,
             router: router(supervisor.clone()).await?,
+            app_router: app::router(supervisor.clone()),
         })
     }
 
@@ -54,9 +63,10 @@ impl Control {
     /// Serves until the process exits.
     pub async fn serve(self) {
         let unix = axum::serve(self.unix, self.router.clone());
+        let app = axum::serve(self.app, self.app_router);
         let tcp = axum::serve(self.tcp, self.router);
-        let (a, b) = tokio::join!(tcp, unix);
-        if let Err(e) = a.and(b) {
+        let (a, b, c) = tokio::join!(tcp, unix, app);
+        if let Err(e) = a.and(b).and(c) {
             tracing::error!("control endpoint stopped: {e}");
         }
     }

@@ -10,11 +10,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// A validated executable.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExeInfo {
     pub path: PathBuf,
     pub sha256: String,
@@ -100,10 +100,6 @@ impl ExePolicy {
             allowed,
             digests: Arc::default(),
         }
-    }
-
-    pub fn allowed_dirs(&self) -> &[PathBuf] {
-        &self.allowed
     }
 
     /// Everything a restart checks before spawning; returns the canonical path,

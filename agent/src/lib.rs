@@ -14,39 +14,45 @@
 //! }
 //! ```
 //!
-//! Modules, in the order a request to restart flows through them:
+//! An app's own code can restart or shut down its node through [`Node`].
+//!
+//! The public surface is that: [`run`], [`Config`] and [`Node`] with the types of its
+//! requests and reports. Modules, in the order a request to restart flows through them:
 
 /// Command-line flags, merged on top of the configuration file.
-pub mod cli;
+mod cli;
 /// The configuration: one serde struct with defaults and validation.
 pub mod config;
-/// Log lines that name the process that wrote them.
-pub mod logging;
+/// Log lines that name the process that wrote them; caller values escaped.
+mod logging;
 /// The control endpoint: gRPC `AgentService`, `/debug/admin`, `/healthz`, `/metrics`.
-pub mod control;
-/// Executable validation: allowed directories, mode, sha256.
-pub mod exe;
-/// The supervisor: generations, restarts, drains, reaping, shutdown.
-pub mod supervisor;
+mod control;
+/// The app's own handle on its node: restart, shut down, status.
+mod node;
+/// Executable validation: allowed directories, mode, owner, sha256.
+mod exe;
+/// The supervisor: the restart lifecycle, generations, reaping, signals, shutdown.
+mod supervisor;
 /// The lifecycle phases and the events that report them.
-pub mod phase;
+mod phase;
 /// The node's listening sockets, bound once.
-pub mod listeners;
+mod listeners;
 /// Passing sockets across `exec` (the one module with `unsafe`).
-pub mod process;
+mod process;
 /// sd_notify, both ends.
-pub mod notify;
+mod notify;
 /// The worker: adopt listeners, serve, say READY, drain.
-pub mod worker;
+mod worker;
 /// Serving a `Router` on listeners, and draining without losing a request.
-pub mod serve;
+mod serve;
 /// HTTPS with rustls.
-pub mod tls;
+mod tls;
 /// Prometheus metrics.
-pub mod metrics;
+mod metrics;
 /// Heartbeats to a fleet controller.
-pub mod heartbeat;
+mod heartbeat;
 /// The demo app.
+#[doc(hidden)]
 pub mod demo;
 
 use std::ffi::OsString;
@@ -55,8 +61,14 @@ use std::process::ExitCode;
 use clap::Parser;
 
 pub use config::Config;
-pub use phase::{Event, Phase};
-pub use supervisor::Supervisor;
+pub use exe::ExeInfo;
+pub use node::{APP_SOCKET_ENV, Node, NodeError};
+pub use supervisor::{
+    ListenerReport, NodeState, Outcome, RestartReport, RestartRequest, StatusReport, Timings,
+    WorkerReport,
+};
+
+use supervisor::Supervisor;
 
 /// Runs the agent around `app`: parses the command line and configuration, then
 /// supervises (in the process you start) or serves `app` (in each worker generation).
@@ -130,7 +142,7 @@ fn supervise(config: Config) -> ExitCode {
         let supervisor = match Supervisor::new(config, exe, args, kind) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!("{e:#}");
+                tracing::error!("{e}");
                 return ExitCode::FAILURE;
             }
         };

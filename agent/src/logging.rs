@@ -61,3 +61,35 @@ pub fn init(role: &'static str) {
         .with(filter)
         .try_init();
 }
+
+/// A value a caller gave (a path, a reason, a worker's stderr line), made safe for a
+/// log line: control characters (newlines included) are written as escapes, so no
+/// caller can forge a line or send a terminal sequence to whoever reads the log.
+pub fn escape(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 8);
+    for c in value.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape;
+
+    #[test]
+    fn control_characters_cannot_start_a_line() {
+        assert_eq!(escape("/opt/app-v2"), "/opt/app-v2");
+        assert_eq!(
+            escape("x\n2026-12-04T00:00:00Z  INFO supervisor[1]: forged\u{1b}[2J"),
+            "x\\n2026-12-04T00:00:00Z  INFO supervisor[1]: forged\\u{1b}[2J"
+        );
+    }
+}

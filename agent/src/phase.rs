@@ -1,6 +1,5 @@
 //! The restart lifecycle, named once: every phase a node goes through is a [`Phase`],
-//! published as an [`Event`] on a broadcast channel (gRPC `Watch`, logs, tests) and as
-//! the latest phase on a `watch` channel.
+//! published as an [`Event`] on a broadcast channel (gRPC `Watch`, heartbeats, tests).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -9,8 +8,6 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
-    /// Nothing in progress.
-    Idle,
     /// Checking the executable (path, allowed dirs, mode, sha256).
     Validating,
     /// Starting the new generation with the inherited listeners.
@@ -40,7 +37,6 @@ pub enum Phase {
 impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
-            Phase::Idle => "idle",
             Phase::Validating => "validating",
             Phase::Spawning => "spawning",
             Phase::WaitingReady => "waiting-ready",

@@ -7,7 +7,8 @@
 //! the supervisor's own `SIGTERM` may arrive while ours is still pending and merge
 //! with it (the kernel keeps one pending instance per signal). `SIGUSR1` is always
 //! forwarded (restart). If the supervisor is gone (parent-death signal), the worker
-//! drains and exits.
+//! drains and exits. The stray signals the supervisor ignores (`SIGUSR2`, `SIGALRM`,
+//! real-time signals, …) are ignored here too, with a log line.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -184,15 +185,41 @@ async fn report_in_flight() {
 
 /// Reads signals with their sender on a thread of its own and decides what each means.
 fn watch_signals(supervisor: i32, tx: mpsc::UnboundedSender<Action>) -> std::io::Result<()> {
-    let mut signals = SignalsInfo::<WithOrigin>::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1])?;
+    // The stray signals the supervisor ignores are ignored here too (logged): by
+    // default each would kill this worker and cut its requests in flight. SIGPIPE stays
+    // ignored without a handler (Rust's default): sockets raise it on every broken pipe.
+    let stray = [
+        libc::SIGUSR2,
+        libc::SIGALRM,
+        libc::SIGVTALRM,
+        libc::SIGPROF,
+        libc::SIGWINCH,
+        libc::SIGIO,
+        libc::SIGPWR,
+        libc::SIGSTKFLT,
+        libc::SIGXCPU,
+        libc::SIGXFSZ,
+    ];
+    let realtime = libc::SIGRTMIN()..=libc::SIGRTMAX();
+    let mut signals = SignalsInfo::<WithOrigin>::new(
+        [SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1]
+            .into_iter()
+            .chain(stray)
+            .chain(realtime),
+    )?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for info in signals.forever() {
                 let parent_alive = nix::unistd::getppid().as_raw() == supervisor;
                 let from_supervisor = info.process.is_some_and(|p| p.pid == supervisor);
-                let Ok(sig) = Signal::try_from(info.signal) else {
-                    continue;
+                let sig = match Signal::try_from(info.signal) {
+                    Ok(sig) if !stray.contains(&info.signal) => sig,
+                    _ => {
+                        let name = crate::supervisor::signal_name(info.signal);
+                        tracing::info!("received {name}: ignored");
+                        continue;
+                    }
                 };
                 let actions: &[Action] = match sig {
                     Signal::SIGUSR1 if parent_alive => &[Action::Forward(Signal::SIGUSR1)],

@@ -74,6 +74,8 @@ impl AgentService for AgentGrpc {
                 Err(Status::aborted(RestartError::InProgress(what).to_string()))
             }
             Err(e @ RestartError::ShuttingDown) => Err(Status::unavailable(e.to_string())),
+            Err(e @ RestartError::BadRequest(_)) => Err(Status::invalid_argument(e.to_string())),
+            Err(e @ RestartError::Lost) => Err(Status::internal(e.to_string())),
             Err(RestartError::Refused(e)) => Err(exe_status(&e)),
         }
     }
@@ -211,7 +213,6 @@ pub fn status_response(s: StatusReport) -> pb::StatusResponse {
 
 fn event_message(e: Event) -> pb::Event {
     let phase = match e.phase {
-        Phase::Idle => pb::Phase::Unspecified,
         Phase::Validating => pb::Phase::Validating,
         Phase::Spawning => pb::Phase::Spawning,
         Phase::WaitingReady => pb::Phase::WaitingReady,

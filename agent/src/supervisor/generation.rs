@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use nix::sys::signal::Signal;
 use tokio::io::AsyncBufReadExt;
@@ -45,7 +45,6 @@ pub struct Generation {
     pub number: u64,
     pub pid: u32,
     pub exe: ExeInfo,
-    pub started: Instant,
     pub started_at: SystemTime,
     pub state: Mutex<WorkerState>,
     pub ready_at: Mutex<Option<SystemTime>>,
@@ -125,7 +124,6 @@ impl Generation {
             number: launch.number,
             pid,
             exe: launch.exe.clone(),
-            started: Instant::now(),
             started_at: SystemTime::now(),
             state: Mutex::new(WorkerState::Starting),
             ready_at: Mutex::new(None),

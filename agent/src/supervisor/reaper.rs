@@ -22,12 +22,6 @@ pub enum ExitStatus {
     Signal(nix::sys::signal::Signal),
 }
 
-impl ExitStatus {
-    pub fn success(self) -> bool {
-        self == ExitStatus::Code(0)
-    }
-}
-
 impl fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
