@@ -31,6 +31,13 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String) {
         .token()
         .and_then(|t| format!("Bearer {t}").parse().ok());
     let mut client = ControllerServiceClient::new(endpoint.connect_lazy());
+    let mut events = supervisor.subscribe();
+    // A node registers once its first worker serves (or it has failed to start).
+    while supervisor.status().state == NodeState::Starting {
+        if let Err(tokio::sync::broadcast::error::RecvError::Closed) = events.recv().await {
+            return;
+        }
+    }
     // The first beat carries the executable's digest, which is computed while the
     // first worker starts (tens of ms).
     let deadline = tokio::time::Instant::now() + DIGEST_WAIT;
@@ -39,7 +46,6 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String) {
     }
     let mut interval = DEFAULT_INTERVAL;
     let mut failing = false;
-    let mut events = supervisor.subscribe();
     loop {
         let report = supervisor.status();
         let stopped = report.state == NodeState::Stopped;

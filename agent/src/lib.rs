@@ -108,6 +108,9 @@ where
     supervise(config)
 }
 
+/// How long a node that stopped waits for its last heartbeat to reach the controller.
+const LAST_BEAT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The supervisor's main: a current-thread runtime (see `supervisor::reaper`).
 fn supervise(config: Config) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -157,12 +160,22 @@ fn supervise(config: Config) -> ExitCode {
             tracing::info!("control endpoint listening on {addr}");
         }
         tokio::spawn(control.serve());
-        match supervisor.run().await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                ExitCode::FAILURE
+        let heartbeat = (supervisor.config().controller.clone())
+            .map(|url| tokio::spawn(heartbeat::run(supervisor.clone(), url)));
+        if let Err(e) = supervisor.run().await {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+        if let Some(heartbeat) = heartbeat {
+            // Its last beat says "stopped"; a controller that is down does not hold
+            // the exit up for long.
+            if tokio::time::timeout(LAST_BEAT_WAIT, heartbeat)
+                .await
+                .is_err()
+            {
+                tracing::warn!("could not tell the controller that this node stopped");
             }
         }
+        ExitCode::SUCCESS
     })
 }

@@ -30,10 +30,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
+pub use crate::supervisor::APP_SOCKET_ENV;
 use crate::supervisor::{RestartReport, RestartRequest, StatusReport};
-
-/// The variable that names the supervisor's app socket in a worker's environment.
-pub const APP_SOCKET_ENV: &str = "FLEET_APP_SOCKET";
 
 /// A restart as it travels over the app socket.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -38,8 +38,9 @@ use crate::logging::escape;
 use crate::metrics::Metrics;
 use crate::phase::{Event, Phase};
 
-/// How long a node that stopped waits for its last heartbeat to reach the controller.
-const LAST_BEAT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The variable that names the supervisor's app socket in a worker's environment
+/// (see [`crate::Node`]).
+pub const APP_SOCKET_ENV: &str = "FLEET_APP_SOCKET";
 
 /// Whether workers are this binary's own app or a foreign program.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,11 +273,6 @@ impl Supervisor {
         for line in listeners::describe(&self.listeners, "started") {
             tracing::info!("{line}");
         }
-        let heartbeat = self
-            .config
-            .controller
-            .clone()
-            .map(|url| tokio::spawn(crate::heartbeat::run(self.clone(), url)));
         // Under systemd (Type=notify) the node is up now.
         if let Err(e) = crate::notify::notify("READY=1") {
             tracing::warn!("cannot tell the service manager we are ready: {e}");
@@ -302,16 +298,6 @@ impl Supervisor {
         }
         let reason = self.shutdown.borrow().clone().unwrap_or_default();
         self.shut_down(&reason).await;
-        if let Some(heartbeat) = heartbeat {
-            // Its last beat says "stopped"; a controller that is down does not hold
-            // the exit up for long.
-            if tokio::time::timeout(LAST_BEAT_WAIT, heartbeat)
-                .await
-                .is_err()
-            {
-                tracing::warn!("could not tell the controller that this node stopped");
-            }
-        }
         Ok(())
     }
 

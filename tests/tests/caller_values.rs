@@ -18,7 +18,11 @@ async fn oversized_reasons_and_paths_are_refused_on_every_surface() {
         .await
         .unwrap();
     assert_eq!(response.status, 400, "{}", response.text());
-    assert!(response.text().contains("at most 1024"), "{}", response.text());
+    assert!(
+        response.text().contains("at most 1024"),
+        "{}",
+        response.text()
+    );
 
     let long_path = format!("/{}", "p".repeat(4096));
     let path = format!("/debug/admin/restart?newExeFilePath={long_path}");
@@ -26,7 +30,11 @@ async fn oversized_reasons_and_paths_are_refused_on_every_surface() {
         .await
         .unwrap();
     assert_eq!(response.status, 400, "{}", response.text());
-    assert!(response.text().contains("at most 4096"), "{}", response.text());
+    assert!(
+        response.text().contains("at most 4096"),
+        "{}",
+        response.text()
+    );
 
     let status = agent
         .grpc()
@@ -50,20 +58,23 @@ async fn oversized_reasons_and_paths_are_refused_on_every_surface() {
 async fn newlines_in_caller_values_cannot_forge_log_lines() {
     let agent = Agent::start(AgentOpts::default()).await;
     let forged = "ok\n2026-12-04T00:00:00.000000Z  INFO supervisor[1]: forged line";
-    let path = format!(
-        "/debug/admin/restart?reason={}",
-        percent_encode(forged)
-    );
+    let path = format!("/debug/admin/restart?reason={}", percent_encode(forged));
     let response = http_request(agent.control(), Method::POST, &path, agent.token())
         .await
         .unwrap();
     assert_eq!(response.status, 200, "{}", response.text());
     let line = agent
-        .wait_for_log("server reloading (http: ok", std::time::Duration::from_secs(10))
+        .wait_for_log(
+            "server reloading (http: ok",
+            std::time::Duration::from_secs(10),
+        )
         .await;
     assert!(line.contains("ok\\n2026-12-04"), "escaped in place: {line}");
     assert!(
-        !agent.log_lines().iter().any(|l| l.starts_with("2026-12-04T00:00:00")),
+        !agent
+            .log_lines()
+            .iter()
+            .any(|l| l.starts_with("2026-12-04T00:00:00")),
         "a caller forged a log line"
     );
 

@@ -363,7 +363,7 @@ impl Supervisor {
                 self.control_socket_path().to_string_lossy().into_owned(),
             ),
             (
-                crate::node::APP_SOCKET_ENV.to_string(),
+                super::APP_SOCKET_ENV.to_string(),
                 self.app_socket_path().to_string_lossy().into_owned(),
             ),
             ("FLEET_NODE_ID".to_string(), self.config.node_id.clone()),
