@@ -27,7 +27,7 @@ pub use reaper::ExitStatus;
 pub use restart::{Outcome, RestartError, RestartReport, RestartRequest, Timings, Trigger};
 
 use crate::config::Config;
-use crate::exe::{ExeError, ExeInfo, ExePolicy};
+use crate::exe::{CheckedExe, ExeError, ExeInfo, ExePolicy};
 use crate::listeners::{self, BoundListener};
 use crate::metrics::Metrics;
 use crate::phase::{Event, Phase, unix_ms};
@@ -172,9 +172,9 @@ impl Supervisor {
         if let Some(dir) = exe.parent() {
             allowed.push(dir.to_path_buf());
         }
-        let policy = ExePolicy::new(&allowed);
+        let policy = ExePolicy::new(&allowed, config.restart.max_exe_size);
         // Its digest is computed meanwhile: the first worker doesn't wait for it.
-        let exe_info = policy.validate_later(&exe)?;
+        let exe_info = policy.validate_later(&exe)?.info;
         let listeners = listeners::bind_all(&config)?;
         // Private (0700) directory for the notify sockets and the control socket.
         let runtime_dir = tempfile::Builder::new()
@@ -262,13 +262,14 @@ impl Supervisor {
     }
 
     /// Checks an executable exactly as a restart would.
-    pub fn preflight(
+    pub async fn preflight(
         &self,
         exe: Option<&std::path::Path>,
         sha256: Option<&str>,
     ) -> Result<ExeInfo, ExeError> {
         let current = self.lock().exe.path.clone();
-        self.policy.validate(exe.unwrap_or(&current), sha256)
+        let checked = self.policy.validate(exe.unwrap_or(&current), sha256).await;
+        checked.map(|c| c.info)
     }
 
     /// Asks the node to shut down gracefully; `run` does the work.
@@ -355,7 +356,7 @@ impl Supervisor {
     }
 
     /// Starts generation N and registers it; its exit is watched by `monitor`.
-    fn spawn_generation(self: &Arc<Self>, exe: &ExeInfo) -> std::io::Result<Arc<Generation>> {
+    fn spawn_generation(self: &Arc<Self>, exe: &CheckedExe) -> std::io::Result<Arc<Generation>> {
         let number = {
             let mut st = self.lock();
             let n = st.next_generation;

@@ -186,10 +186,10 @@ impl Supervisor {
         // executable, tens of MB): status reports it once the hash is done.
         let validated = match (is_restart, request.sha256.as_deref()) {
             (false, None) => self.policy.validate_later(&exe_path),
-            (_, sha256) => self.policy.validate(&exe_path, sha256),
+            (_, sha256) => self.policy.validate(&exe_path, sha256).await,
         };
-        let info = match validated {
-            Ok(info) => info,
+        let checked = match validated {
+            Ok(checked) => checked,
             Err(e) => {
                 tracing::warn!("restart refused: {e}");
                 self.settle_node_state();
@@ -199,10 +199,11 @@ impl Supervisor {
             }
         };
         let validate_us = started.elapsed().as_micros() as u64;
+        let info = checked.info.clone();
 
         self.emit(Event::new(Phase::Spawning, 0, 0, trigger).exe(&info.path));
         let spawn_started = Instant::now();
-        let generation = match self.spawn_generation(&info) {
+        let generation = match self.spawn_generation(&checked) {
             Ok(g) => g,
             Err(e) => {
                 let reason = format!("cannot start {}: {e}", info.path.display());
