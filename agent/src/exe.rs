@@ -354,6 +354,8 @@ fn remember(digests: &Digests, key: FileKey, digest: String) {
 
 /// The digest of an open file, refused if the file was written to since it was
 /// opened (its owner still may): then neither the digest nor the file can be trusted.
+/// Only size and mtime count here: the ctime also moves when a hard link to the file
+/// is made or removed, which is how releases are often put in place.
 fn hash_unchanged(file: &File, path: &Path, opened_as: &FileKey) -> Result<String, ExeError> {
     let read = |source| ExeError::Read {
         path: path.into(),
@@ -361,7 +363,7 @@ fn hash_unchanged(file: &File, path: &Path, opened_as: &FileKey) -> Result<Strin
     };
     let digest = sha256_of(file).map_err(read)?;
     let after = FileKey::of(&file.metadata().map_err(read)?);
-    if *opened_as != after {
+    if (after.size, after.mtime_ns) != (opened_as.size, opened_as.mtime_ns) {
         return Err(ExeError::Changed {
             path: path.into(),
             what: "it was written to while it was hashed".into(),
