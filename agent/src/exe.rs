@@ -9,7 +9,7 @@
 //! setuid/setgid, owned by the agent's user or root, neither it nor a directory on
 //! the way writable by its group or others, not over the size cap, and matching the
 //! sha256 the caller gave, if any. The digest is computed from the descriptor on a
-//! blocking thread (the supervisor's runtime has one thread), and the worker is
+//! thread of its own (the supervisor's runtime has one thread), and the worker is
 //! started from the same descriptor ([`crate::process::spawn`], `execveat`), never
 //! again by path: a file renamed over the path after the check does not run.
 
@@ -185,7 +185,7 @@ impl ExePolicy {
     }
 
     /// Everything a restart checks before spawning. The digest is computed on a
-    /// blocking thread (unless known for this file version) from the descriptor
+    /// thread of its own (unless known for this file version) from the descriptor
     /// that is returned.
     pub async fn validate(
         &self,
@@ -202,14 +202,12 @@ impl ExePolicy {
                 let file = opened.file.clone();
                 let canonical = opened.path.clone();
                 let opened_as = key.clone();
-                let hashed = tokio::task::spawn_blocking(move || {
-                    hash_unchanged(&file, &canonical, &opened_as)
-                })
-                .await
-                .map_err(|e| ExeError::Read {
-                    path: opened.path.clone(),
-                    source: std::io::Error::other(e),
-                })??;
+                let hashed = off_thread(move || hash_unchanged(&file, &canonical, &opened_as))
+                    .await
+                    .map_err(|source| ExeError::Read {
+                        path: opened.path.clone(),
+                        source,
+                    })??;
                 remember(&self.digests, key.clone(), hashed.clone());
                 hashed
             }
@@ -315,6 +313,23 @@ impl FileKey {
             ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
         }
     }
+}
+
+/// Runs `f` on a thread of its own, off the supervisor's (its runtime has one
+/// thread, which must keep answering while hundreds of MB are hashed). Not tokio's
+/// blocking pool: its threads linger after the work is done, so the supervisor's
+/// thread count would depend on when it was last asked to hash.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("exe-digest".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })?;
+    rx.await
+        .map_err(|_| std::io::Error::other("the thread hashing the executable panicked"))
 }
 
 /// `sha256` as given by a caller: absent, or 64 hex digits (lowercased).
