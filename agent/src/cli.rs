@@ -58,6 +58,10 @@ pub struct Cli {
     #[arg(long, value_name = "DIR")]
     pub allowed_exe_dir: Vec<PathBuf>,
 
+    /// Refuse executables larger than this many bytes [default: 536870912 (512 MiB)].
+    #[arg(long, value_name = "BYTES")]
+    pub max_exe_size: Option<u64>,
+
     /// How long a new generation may take to become ready [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub ready_timeout: Option<Duration>,
@@ -159,6 +163,7 @@ impl Cli {
         r.drain_timeout = self.drain_timeout.unwrap_or(r.drain_timeout);
         r.probation = self.probation.unwrap_or(r.probation);
         r.idle_grace = self.idle_grace.unwrap_or(r.idle_grace);
+        r.max_exe_size = self.max_exe_size.unwrap_or(r.max_exe_size);
         if let Some(path) = &self.admin_path {
             config.admin.path = path.clone();
         }
@@ -190,6 +195,8 @@ mod tests {
             "2s",
             "--label",
             "zone=a",
+            "--max-exe-size",
+            "2048",
             "--exec",
             "/bin/app",
             "--",
@@ -199,6 +206,7 @@ mod tests {
         assert_eq!(config.servers[0].listen.len(), 2);
         assert_eq!(config.restart.drain_timeout, Duration::from_secs(2));
         assert_eq!(config.labels["zone"], "a");
+        assert_eq!(config.restart.max_exe_size, 2048);
         assert_eq!(config.exec.unwrap().args, vec!["-v".to_string()]);
     }
 

@@ -69,6 +69,9 @@ pub struct RestartConfig {
     /// Directories a restart may take its executable from; empty means the directory
     /// of the executable the agent started with.
     pub allowed_exe_dirs: Vec<PathBuf>,
+    /// Executables larger than this many bytes are refused before they are read
+    /// (hashing one takes about a second per GB).
+    pub max_exe_size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,6 +105,9 @@ pub struct ExecConfig {
 pub const DEFAULT_APP_ADDR: &str = "127.0.0.1:8199";
 pub const DEFAULT_CONTROL_ADDR: &str = "127.0.0.1:7101";
 pub const DEFAULT_SERVER: &str = "default";
+/// 512 MiB: several times the size of the largest server binaries; hashing that much
+/// takes about a second.
+pub const DEFAULT_MAX_EXE_SIZE: u64 = 512 * 1024 * 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -145,6 +151,7 @@ impl Default for RestartConfig {
             probation: Duration::from_secs(5),
             idle_grace: Duration::from_secs(1),
             allowed_exe_dirs: Vec::new(),
+            max_exe_size: DEFAULT_MAX_EXE_SIZE,
         }
     }
 }
@@ -280,6 +287,11 @@ impl Config {
         }
         if self.restart.ready_timeout.is_zero() || self.restart.drain_timeout.is_zero() {
             return bad("ready_timeout and drain_timeout must be greater than zero".into());
+        }
+        if self.restart.max_exe_size == 0 {
+            return bad(
+                "restart.max_exe_size is 0, which refuses every executable: give a size in bytes, e.g. 536870912 (512 MiB)".into(),
+            );
         }
         if let Some(path) = &self.control.token_file
             && !path.is_file()

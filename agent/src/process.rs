@@ -6,15 +6,18 @@
 //! `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` (the systemd socket-activation
 //! protocol). `LISTEN_PID` must be the child's own PID, which only exists after
 //! `fork`, so the environment is built before the fork with a placeholder that the
-//! child fills in, and the child `execve`s itself instead of letting `std` do it.
-//! Between fork and exec only async-signal-safe calls are made: no allocation, no locks.
+//! child fills in, and the child execs itself instead of letting `std` do it.
+//! It execs the descriptor the executable was checked through
+//! (`execveat(fd, "", AT_EMPTY_PATH)`), never the path again: a file renamed over
+//! the path after the check does not run. Between fork and exec only
+//! async-signal-safe calls are made: no allocation, no locks.
 //!
 //! Worker side, [`take_listen_fds`]: checks the protocol variables and adopts the fds.
 #![allow(unsafe_code)]
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -30,7 +33,14 @@ const PID_DIGITS: usize = 20;
 /// What to run and what it inherits.
 #[derive(Debug)]
 pub struct SpawnSpec<'a> {
+    /// The executable's path: the child's `argv[0]`.
     pub exe: &'a Path,
+    /// The open executable to run (see [`crate::exe::CheckedExe`]).
+    pub exe_fd: BorrowedFd<'a>,
+    /// The executable starts with `#!`: the interpreter the kernel starts opens
+    /// `/dev/fd/N`, so the descriptor is left open across the exec (the interpreter,
+    /// and whatever it starts, inherits it).
+    pub script: bool,
     pub args: &'a [OsString],
     /// Variables added to (or replacing those of) the supervisor's environment.
     pub env: Vec<(String, String)>,
@@ -41,8 +51,8 @@ pub struct SpawnSpec<'a> {
 /// Everything `execve` needs, allocated before `fork`. The raw pointers point into
 /// the heap buffers of the vectors owned alongside them, which never move.
 struct ExecImage {
-    _path: CString,
-    path_ptr: *const libc::c_char,
+    exe_fd: RawFd,
+    script: bool,
     _argv: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
     env: Vec<Vec<u8>>,
@@ -63,8 +73,7 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
 
 impl ExecImage {
     fn new(spec: &SpawnSpec<'_>) -> io::Result<Self> {
-        let path = cstring(spec.exe.as_os_str().as_bytes())?;
-        let mut argv = vec![path.clone()];
+        let mut argv = vec![cstring(spec.exe.as_os_str().as_bytes())?];
         for arg in spec.args {
             argv.push(cstring(arg.as_bytes())?);
         }
@@ -98,8 +107,8 @@ impl ExecImage {
         let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
         argv_ptrs.push(std::ptr::null());
         Ok(Self {
-            path_ptr: path.as_ptr(),
-            _path: path,
+            exe_fd: spec.exe_fd.as_raw_fd(),
+            script: spec.script,
             _argv: argv,
             argv_ptrs,
             env,
@@ -130,15 +139,20 @@ impl ExecImage {
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
 
-            // Move the listeners to 3..3+N. First duplicate every one above that range
-            // (close-on-exec), so no dup2 below can overwrite a source not yet moved.
+            // Move the listeners to 3..3+N. First duplicate every one, and the
+            // executable, above that range (close-on-exec), so no dup2 below can
+            // overwrite a source not yet moved.
             let n = self.fds.len() as RawFd;
-            for fd in self.fds.iter_mut() {
+            for fd in self.fds.iter_mut().chain(std::iter::once(&mut self.exe_fd)) {
                 let high = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, LISTEN_FDS_START + n);
                 if high < 0 {
                     return io::Error::last_os_error();
                 }
                 *fd = high;
+            }
+            // A script's interpreter reads it from /dev/fd/N after the exec.
+            if self.script && libc::fcntl(self.exe_fd, libc::F_SETFD, 0) < 0 {
+                return io::Error::last_os_error();
             }
             for (i, fd) in self.fds.iter().enumerate() {
                 // dup2 clears close-on-exec on the target: exactly these fds survive exec.
@@ -165,13 +179,41 @@ impl ExecImage {
             }
             *out.add(len) = 0;
 
-            libc::execve(
-                self.path_ptr,
-                self.argv_ptrs.as_ptr(),
-                self.env_ptrs.as_ptr(),
-            );
+            exec_fd(self.exe_fd, &self.argv_ptrs, &self.env_ptrs);
             io::Error::last_os_error()
         }
+    }
+}
+
+/// `execveat(fd, "", argv, envp, AT_EMPTY_PATH)`: runs the open file itself.
+///
+/// # Safety
+/// `argv` and `envp` are NULL-terminated arrays of NUL-terminated strings.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+unsafe fn exec_fd(fd: RawFd, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) {
+    // The raw system call: glibc's wrapper is recent, musl's differs.
+    // SAFETY: per the function's contract; on success it does not return.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            fd,
+            c"".as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
+    }
+}
+
+/// `fexecve(fd, argv, envp)` where there is no `execveat`.
+///
+/// # Safety
+/// `argv` and `envp` are NULL-terminated arrays of NUL-terminated strings.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+unsafe fn exec_fd(fd: RawFd, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) {
+    // SAFETY: per the function's contract; on success it does not return.
+    unsafe {
+        libc::fexecve(fd, argv.as_ptr(), envp.as_ptr());
     }
 }
 

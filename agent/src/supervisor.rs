@@ -127,9 +127,9 @@ impl Supervisor {
         if let Some(dir) = exe.parent() {
             allowed.push(dir.to_path_buf());
         }
-        let policy = ExePolicy::new(&allowed);
+        let policy = ExePolicy::new(&allowed, config.restart.max_exe_size);
         // Its digest is computed meanwhile: the first worker doesn't wait for it.
-        let exe_info = policy.validate_later(&exe)?;
+        let exe_info = policy.validate_later(&exe)?.info;
         let listeners = listeners::bind_all(&config)?;
         // Private (0700) directory for the notify sockets and the control sockets.
         let runtime_dir = tempfile::Builder::new()
@@ -212,13 +212,14 @@ impl Supervisor {
     }
 
     /// Checks an executable exactly as a restart would.
-    pub fn preflight(
+    pub async fn preflight(
         &self,
         exe: Option<&std::path::Path>,
         sha256: Option<&str>,
     ) -> Result<ExeInfo, ExeError> {
         let current = self.lock().exe.path.clone();
-        self.policy.validate(exe.unwrap_or(&current), sha256)
+        let checked = self.policy.validate(exe.unwrap_or(&current), sha256).await;
+        checked.map(|c| c.info)
     }
 
     /// Asks the node to shut down gracefully; `run` does the work. A reason longer

@@ -37,9 +37,14 @@ async fn assert_refused(agent: &Agent, refusal: Refusal<'_>) {
     let worker = agent.worker_pid().await;
     let mut events = agent.watch().await;
 
-    let response = agent
-        .admin(&restart_path(Some(refusal.exe), refusal.sha256))
-        .await;
+    let response = http_request(
+        agent.control(),
+        http::Method::POST,
+        &restart_path(Some(refusal.exe), refusal.sha256),
+        agent.token(),
+    )
+    .await
+    .unwrap_or_else(|e| agent.fail(&e));
     assert_eq!(
         response.status.as_u16(),
         refusal.http_status,
@@ -106,7 +111,10 @@ fn assert_actionable(message: &str, refusal: &Refusal<'_>) {
         refusal.names_one_of
     );
     assert!(
-        refusal.says_one_of.iter().any(|w| lower.contains(w)),
+        refusal
+            .says_one_of
+            .iter()
+            .any(|w| lower.contains(&w.to_lowercase())),
         "the refusal {message:?} does not say what is wrong (one of {:?})",
         refusal.says_one_of
     );
@@ -114,6 +122,11 @@ fn assert_actionable(message: &str, refusal: &Refusal<'_>) {
 
 fn text(path: &Path) -> String {
     path.display().to_string()
+}
+
+/// The path with its symlinks resolved, as refusals name it.
+fn real(path: &Path) -> String {
+    text(&std::fs::canonicalize(path).unwrap())
 }
 
 #[tokio::test]
@@ -214,6 +227,177 @@ async fn a_sha256_mismatch_is_refused() {
             grpc_code: Code::FailedPrecondition,
             names_one_of: &[&text(&next), &actual, &expected],
             says_one_of: &["sha256"],
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_relative_path_is_refused() {
+    let releases = tempfile::tempdir().unwrap();
+    let agent = node_with_releases_in(releases.path()).await;
+    copy_agent_binary(agent.dir(), "fleet-agent-next");
+    let relative = Path::new("fleet-agent-next");
+    assert_refused(
+        &agent,
+        Refusal {
+            exe: relative,
+            sha256: None,
+            http_status: 400,
+            grpc_code: Code::InvalidArgument,
+            names_one_of: &["fleet-agent-next"],
+            says_one_of: &["give an absolute path"],
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_group_writable_file_is_refused() {
+    let releases = tempfile::tempdir().unwrap();
+    let agent = node_with_releases_in(releases.path()).await;
+    let shared = copy_agent_binary(releases.path(), "fleet-agent-shared");
+    chmod(&shared, 0o775);
+    assert_refused(
+        &agent,
+        Refusal {
+            exe: &shared,
+            sha256: None,
+            http_status: 403,
+            grpc_code: Code::PermissionDenied,
+            names_one_of: &[&real(&shared)],
+            says_one_of: &[&format!("chmod g-w,o-w {}", real(&shared))],
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_group_writable_directory_inside_the_allowed_one_is_refused() {
+    let releases = tempfile::tempdir().unwrap();
+    let agent = node_with_releases_in(releases.path()).await;
+    let team = releases.path().join("team");
+    std::fs::create_dir(&team).unwrap();
+    chmod(&team, 0o775);
+    let exe = copy_agent_binary(&team, "fleet-agent-next");
+    assert_refused(
+        &agent,
+        Refusal {
+            exe: &exe,
+            sha256: None,
+            http_status: 403,
+            grpc_code: Code::PermissionDenied,
+            names_one_of: &[&real(&team)],
+            says_one_of: &[&format!("chmod g-w,o-w {}", real(&team))],
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_world_writable_allowed_directory_is_refused() {
+    let releases = tempfile::tempdir().unwrap();
+    let agent = node_with_releases_in(releases.path()).await;
+    let exe = copy_agent_binary(releases.path(), "fleet-agent-next");
+    chmod(releases.path(), 0o777);
+    let dir = real(releases.path());
+    assert_refused(
+        &agent,
+        Refusal {
+            exe: &exe,
+            sha256: None,
+            http_status: 403,
+            grpc_code: Code::PermissionDenied,
+            names_one_of: &[&dir],
+            says_one_of: &[&format!("chmod g-w,o-w {dir}")],
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_setuid_file_is_refused() {
+    let releases = tempfile::tempdir().unwrap();
+    let agent = node_with_releases_in(releases.path()).await;
+    let setuid = copy_agent_binary(releases.path(), "fleet-agent-setuid");
+    chmod(&setuid, 0o4755);
+    assert_refused(
+        &agent,
+        Refusal {
+            exe: &setuid,
+            sha256: None,
+            http_status: 403,
+            grpc_code: Code::PermissionDenied,
+            names_one_of: &[&real(&setuid)],
+            says_one_of: &["chmod u-s,g-s"],
+        },
+    )
+    .await;
+}
+
+/// The agent runs as root here, so root's files are allowed; one given to `nobody`
+/// is not. (Only root can give a file away: elsewhere the unit tests cover it.)
+#[tokio::test]
+async fn a_file_owned_by_another_user_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: only root can chown a file to nobody (exe.rs unit tests cover it)");
+        return;
+    }
+    let releases = tempfile::tempdir().unwrap();
+    let agent = node_with_releases_in(releases.path()).await;
+    let foreign = copy_agent_binary(releases.path(), "fleet-agent-nobody");
+    nix::unistd::chown(&foreign, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    assert_refused(
+        &agent,
+        Refusal {
+            exe: &foreign,
+            sha256: None,
+            http_status: 403,
+            grpc_code: Code::PermissionDenied,
+            names_one_of: &[&real(&foreign)],
+            says_one_of: &["not by the agent's user", "chown"],
+        },
+    )
+    .await;
+}
+
+/// Over the size cap (512 MiB by default), refused before a byte is read.
+#[tokio::test]
+async fn an_executable_over_the_size_cap_is_refused_at_once() {
+    let releases = tempfile::tempdir().unwrap();
+    let agent = node_with_releases_in(releases.path()).await;
+    let huge = releases.path().join("huge");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    chmod(&huge, 0o755);
+    let started = std::time::Instant::now();
+    let status = agent
+        .grpc()
+        .await
+        .restart(agent.request(RestartRequest {
+            exe: text(&huge),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("over the cap");
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
+    // Hashing 1 GiB takes the better part of a second: this was not hashed.
+    assert!(
+        took < Duration::from_millis(300),
+        "refused only after {took:?}"
+    );
+    assert_refused(
+        &agent,
+        Refusal {
+            exe: &huge,
+            sha256: None,
+            http_status: 413,
+            grpc_code: Code::FailedPrecondition,
+            names_one_of: &[&real(&huge)],
+            says_one_of: &["raise restart.max_exe_size"],
         },
     )
     .await;

@@ -48,7 +48,10 @@ fn millis(ms: u64) -> Option<Duration> {
 fn exe_status(e: &ExeError) -> Status {
     match e.http_status() {
         403 => Status::permission_denied(e.to_string()),
-        412 => Status::failed_precondition(e.to_string()),
+        // A size over restart.max_exe_size: the node's configuration must change.
+        412 | 413 => Status::failed_precondition(e.to_string()),
+        // The file changed while it was checked: a concurrency conflict, retryable.
+        409 => Status::aborted(e.to_string()),
         _ => Status::invalid_argument(e.to_string()),
     }
 }
@@ -134,7 +137,11 @@ impl AgentService for AgentGrpc {
         let r = request.into_inner();
         let exe = non_empty(r.exe).map(PathBuf::from);
         let sha = non_empty(r.sha256);
-        match self.supervisor.preflight(exe.as_deref(), sha.as_deref()) {
+        match self
+            .supervisor
+            .preflight(exe.as_deref(), sha.as_deref())
+            .await
+        {
             Ok(info) => Ok(Response::new(pb::PreflightResponse {
                 exe: Some(exe_message(&info)),
             })),

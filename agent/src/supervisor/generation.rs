@@ -15,7 +15,7 @@ use tokio::net::UnixDatagram;
 use tokio::sync::watch;
 
 use super::reaper::{ExitStatus, Reaper};
-use crate::exe::ExeInfo;
+use crate::exe::{CheckedExe, ExeInfo};
 use crate::notify::{self, Notice};
 use crate::process::{self, SpawnSpec};
 
@@ -61,7 +61,8 @@ pub struct Generation {
 #[derive(Debug)]
 pub struct Launch<'a> {
     pub number: u64,
-    pub exe: &'a ExeInfo,
+    /// Started from its open descriptor: what was checked is what runs.
+    pub exe: &'a CheckedExe,
     pub args: &'a [OsString],
     pub env: Vec<(String, String)>,
     pub listeners: Vec<(String, std::os::fd::RawFd)>,
@@ -82,8 +83,16 @@ impl Generation {
             notify_path.to_string_lossy().into_owned(),
         ));
         env.push(("FLEET_GENERATION".into(), launch.number.to_string()));
+        // A `#!` script started from a descriptor sees `$0` = /dev/fd/N: this names
+        // the file (resolved), e.g. to find what lies next to it.
+        env.push((
+            "FLEET_EXE".into(),
+            launch.exe.info.path.to_string_lossy().into_owned(),
+        ));
         let spec = SpawnSpec {
-            exe: &launch.exe.path,
+            exe: &launch.exe.info.path,
+            exe_fd: launch.exe.fd(),
+            script: launch.exe.is_script(),
             args: launch.args,
             env,
             listeners: launch.listeners,
@@ -123,7 +132,7 @@ impl Generation {
         Ok(Arc::new(Self {
             number: launch.number,
             pid,
-            exe: launch.exe.clone(),
+            exe: launch.exe.info.clone(),
             started_at: SystemTime::now(),
             state: Mutex::new(WorkerState::Starting),
             ready_at: Mutex::new(None),

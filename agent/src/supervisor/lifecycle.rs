@@ -25,7 +25,7 @@ use super::generation::{self, Generation, WorkerState};
 use super::reaper::ExitStatus;
 use super::restart::{Outcome, RestartError, RestartReport, RestartRequest, Timings, Trigger};
 use super::{NodeState, State, Supervisor};
-use crate::exe::ExeInfo;
+use crate::exe::{CheckedExe, ExeInfo};
 use crate::listeners;
 use crate::logging::escape;
 use crate::phase::{Event, Phase};
@@ -158,10 +158,10 @@ impl Supervisor {
         // executable, tens of MB): status reports it once the hash is done.
         let validated = match (is_restart, request.sha256.as_deref()) {
             (false, None) => self.policy.validate_later(&exe_path),
-            (_, sha256) => self.policy.validate(&exe_path, sha256),
+            (_, sha256) => self.policy.validate(&exe_path, sha256).await,
         };
-        let info = match validated {
-            Ok(info) => info,
+        let checked = match validated {
+            Ok(checked) => checked,
             Err(e) => {
                 self.lock().settle();
                 self.refused(&e.to_string(), Some(&exe_path));
@@ -169,10 +169,11 @@ impl Supervisor {
             }
         };
         let validate_us = started.elapsed().as_micros() as u64;
+        let info = checked.info.clone();
 
         self.emit(Event::new(Phase::Spawning, 0, 0, trigger).exe(&info.path));
         let spawn_started = Instant::now();
-        let generation = match self.spawn_generation(&info) {
+        let generation = match self.spawn_generation(&checked) {
             Ok(g) => g,
             Err(e) => {
                 let reason = format!("cannot start {}: {e}", info.path.display());
@@ -346,7 +347,7 @@ impl Supervisor {
     }
 
     /// Starts generation N and registers it; its exit is watched by `monitor`.
-    fn spawn_generation(self: &Arc<Self>, exe: &ExeInfo) -> std::io::Result<Arc<Generation>> {
+    fn spawn_generation(self: &Arc<Self>, exe: &CheckedExe) -> std::io::Result<Arc<Generation>> {
         let number = {
             let mut st = self.lock();
             let n = st.next_generation;
