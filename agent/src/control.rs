@@ -25,6 +25,7 @@ pub struct Control {
     tcp: tokio::net::TcpListener,
     unix: tokio::net::UnixListener,
     router: Router,
+    limits: fleet_net::Limits,
 }
 
 impl Control {
@@ -44,6 +45,7 @@ impl Control {
             tcp,
             unix,
             router: router(supervisor.clone()).await?,
+            limits: supervisor.config().control.limits(),
         })
     }
 
@@ -51,13 +53,23 @@ impl Control {
         self.tcp.local_addr()
     }
 
-    /// Serves until the process exits.
+    /// Serves until the process exits. The TCP port is open to anyone who can reach
+    /// it, so it is served within limits (fleet-net): idle and header timeouts and a
+    /// connection cap below the descriptor limit, so that idle connections can never
+    /// take the descriptors a restart needs. The Unix socket is owner-only (its clients
+    /// are this node's workers) and stays on plain `axum::serve`.
     pub async fn serve(self) {
         let unix = axum::serve(self.unix, self.router.clone());
-        let tcp = axum::serve(self.tcp, self.router);
-        let (a, b) = tokio::join!(tcp, unix);
-        if let Err(e) = a.and(b) {
-            tracing::error!("control endpoint stopped: {e}");
+        let tcp = fleet_net::Server::new(self.tcp, self.router, self.limits.clone());
+        tracing::info!(
+            "control endpoint: {}, idle timeout {}, header timeout {}",
+            tcp.cap(),
+            humantime::format_duration(self.limits.idle_timeout),
+            humantime::format_duration(self.limits.header_timeout)
+        );
+        let (_, unix) = tokio::join!(tcp.run(), unix);
+        if let Err(e) = unix {
+            tracing::error!("control socket stopped: {e}");
         }
     }
 }
