@@ -29,6 +29,8 @@ use crate::limits::{Cap, Limits};
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// How long the accept loop waits after `EMFILE`/`ENFILE` before it tries again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long the accept loop waits for an evicted connection to close.
+const EVICTION_WAIT: Duration = Duration::from_millis(100);
 /// Warnings that could repeat for every connection come at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -75,7 +77,10 @@ impl Server {
 
     /// Accepts and serves until the process exits.
     pub async fn run(self) {
-        let addr = self.listener.local_addr().ok();
+        let addr = self
+            .listener
+            .local_addr()
+            .map_or_else(|e| format!("(unknown address: {e})"), |a| a.to_string());
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -98,7 +103,7 @@ impl Server {
                     let freed = self.conns.evict_idle();
                     warn_fds.warn(|n| {
                         tracing::warn!(
-                            "accept on {addr:?} failed: {e} ({n} times): out of file descriptors; \
+                            "accept on {addr} failed: {e} ({n} times): out of file descriptors; \
                              closing idle connections and retrying (raise LimitNOFILE / ulimit -n, \
                              or lower max_connections)"
                         )
@@ -112,7 +117,7 @@ impl Server {
                 }
                 Err(e) => {
                     // ECONNABORTED and friends: that one connection is gone.
-                    tracing::debug!("accept on {addr:?}: {e}");
+                    tracing::debug!("accept on {addr}: {e}");
                     continue;
                 }
             };
@@ -120,7 +125,7 @@ impl Server {
                 Admission::Room => {}
                 Admission::Evicted => warn_full.warn(|n| {
                     tracing::warn!(
-                        "{addr:?}: {}: closed the oldest idle connection to let a new one in \
+                        "{addr}: {}: closed the oldest idle connection to let a new one in \
                          ({n} times since the last warning)",
                         self.cap
                     )
@@ -128,7 +133,7 @@ impl Server {
                 Admission::Full => {
                     warn_full.warn(|n| {
                         tracing::warn!(
-                            "{addr:?}: {} and every one has a request in progress: \
+                            "{addr}: {} and every one has a request in progress: \
                              closed a new connection from {peer} ({n} times since the last warning)",
                             self.cap
                         )
@@ -146,6 +151,15 @@ impl Server {
                 registered,
                 self.conns.clone(),
             ));
+            // An evicted connection holds its descriptor until its task runs. Under a
+            // flood of new connections, accepting on would outrun those tasks and use
+            // up the descriptors the cap is there to keep free: wait for it to go
+            // (briefly: one that just took a request finishes it first).
+            if self.conns.open() > self.cap.connections {
+                let mut open = self.conns.subscribe();
+                let cap = self.cap.connections;
+                let _ = tokio::time::timeout(EVICTION_WAIT, open.wait_for(|n| *n <= cap)).await;
+            }
         }
     }
 }
