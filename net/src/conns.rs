@@ -22,6 +22,8 @@ pub(crate) struct Conn {
     /// Chosen to make room at the cap: close now.
     evicted: AtomicBool,
     pub(crate) evict: Notify,
+    /// A request ended: the watchdog of a busy connection starts its idle clock.
+    pub(crate) ended: Notify,
 }
 
 impl Conn {
@@ -35,7 +37,9 @@ impl Conn {
         // a connection is never taken for long idle the moment its response ends.
         self.idle_since
             .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Release);
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.ended.notify_one();
+        }
     }
 
     pub(crate) fn busy(&self) -> bool {
@@ -196,6 +200,7 @@ impl Connections {
             first_request: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
             evict: Notify::new(),
+            ended: Notify::new(),
         });
         table.conns.insert(conn.id, conn.clone());
         self.open.send_replace(table.conns.len());

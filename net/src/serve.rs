@@ -126,7 +126,7 @@ impl Server {
                 Admission::Evicted => warn_full.warn(|n| {
                     tracing::warn!(
                         "{addr}: {}: closed the oldest idle connection to let a new one in \
-                         ({n} times since the last warning)",
+                         ({n} since the last such warning)",
                         self.cap
                     )
                 }),
@@ -134,7 +134,7 @@ impl Server {
                     warn_full.warn(|n| {
                         tracing::warn!(
                             "{addr}: {} and every one has a request in progress: \
-                             closed a new connection from {peer} ({n} times since the last warning)",
+                             closed a new connection from {peer} ({n} since the last such warning)",
                             self.cap
                         )
                     });
@@ -238,6 +238,7 @@ async fn connection(
                 let _ = conn.await;
                 return;
             }
+            _ = conn_state.ended.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
     };
@@ -265,7 +266,8 @@ async fn connection(
 /// `Ok(d)`: look again in `d`. `Err(why)`: close now.
 fn watch(conn: &Conn, limits: &Limits) -> Result<Duration, Close> {
     let Some(idle) = conn.idle_for() else {
-        // A request in progress is never cut; look again later.
+        // A request in progress is never cut; look again when the last one ends
+        // (`Conn::ended`), or after a while in any case.
         return Ok(limits.idle_timeout);
     };
     let mut wait = limits.idle_timeout.checked_sub(idle).ok_or(Close::Idle)?;
