@@ -53,6 +53,22 @@ pub struct Cli {
     #[arg(long)]
     pub insecure_control: bool,
 
+    /// Most connections to the control port at once [default: 1024; fewer where
+    /// RLIMIT_NOFILE minus 128 is lower]. At the cap, a new connection closes the
+    /// one idle the longest.
+    #[arg(long, value_name = "N")]
+    pub control_max_connections: Option<usize>,
+
+    /// A control connection with no request in progress this long is closed
+    /// [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub control_idle_timeout: Option<Duration>,
+
+    /// A control connection must send a whole request head this soon after it opens
+    /// [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub control_header_timeout: Option<Duration>,
+
     /// Directory a restart may take a new executable from (repeatable)
     /// [default: the directory of the starting executable].
     #[arg(long, value_name = "DIR")]
@@ -154,6 +170,10 @@ impl Cli {
             config.control.token_file = Some(path.clone());
         }
         config.control.insecure |= self.insecure_control;
+        let c = &mut config.control;
+        c.max_connections = self.control_max_connections.unwrap_or(c.max_connections);
+        c.idle_timeout = self.control_idle_timeout.unwrap_or(c.idle_timeout);
+        c.header_timeout = self.control_header_timeout.unwrap_or(c.header_timeout);
         config
             .restart
             .allowed_exe_dirs
@@ -208,6 +228,26 @@ mod tests {
         assert_eq!(config.labels["zone"], "a");
         assert_eq!(config.restart.max_exe_size, 2048);
         assert_eq!(config.exec.unwrap().args, vec!["-v".to_string()]);
+    }
+
+    #[test]
+    fn control_connection_limits_come_from_flags() {
+        let cli = Cli::parse_from([
+            "fleet-agent",
+            "--control-max-connections",
+            "64",
+            "--control-idle-timeout",
+            "3s",
+            "--control-header-timeout",
+            "2s",
+        ]);
+        let limits = cli.config().unwrap().control.limits();
+        assert_eq!(limits.max_connections, 64);
+        assert_eq!(limits.idle_timeout, Duration::from_secs(3));
+        assert_eq!(limits.header_timeout, Duration::from_secs(2));
+        let zero = Cli::parse_from(["fleet-agent", "--control-idle-timeout", "0s"]);
+        let err = zero.config().unwrap_err().to_string();
+        assert!(err.contains("greater than zero"), "{err}");
     }
 
     #[test]

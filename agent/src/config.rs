@@ -40,6 +40,18 @@ pub struct ControlConfig {
     pub token_file: Option<PathBuf>,
     /// Allow a non-loopback control endpoint (or app-port admin) without a token.
     pub insecure: bool,
+    /// Most connections to the control port at once; fewer where the descriptor limit
+    /// (RLIMIT_NOFILE minus 128 kept free for restarts) is lower. At the cap a new
+    /// connection closes the one idle the longest, so a real request always gets in.
+    pub max_connections: usize,
+    /// A control connection with no request in progress this long is closed (a
+    /// `Watch` stream is a request in progress: never cut).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A control connection must send a whole request head this soon after it opens
+    /// (and, over HTTP/1, after each response).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,6 +142,9 @@ impl Default for ControlConfig {
             listen: DEFAULT_CONTROL_ADDR.parse().expect("valid default"),
             token_file: None,
             insecure: false,
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -189,6 +204,18 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Invalid(String),
+}
+
+impl ControlConfig {
+    /// The connection limits of the control port.
+    pub fn limits(&self) -> fleet_net::Limits {
+        fleet_net::Limits {
+            max_connections: self.max_connections,
+            idle_timeout: self.idle_timeout,
+            header_timeout: self.header_timeout,
+            ..fleet_net::Limits::default()
+        }
+    }
 }
 
 impl Config {
@@ -292,6 +319,16 @@ impl Config {
             return bad(
                 "restart.max_exe_size is 0, which refuses every executable: give a size in bytes, e.g. 536870912 (512 MiB)".into(),
             );
+        }
+        if self.control.idle_timeout.is_zero() || self.control.header_timeout.is_zero() {
+            return bad(
+                "control.idle_timeout and control.header_timeout must be greater than zero, \
+                 e.g. \"60s\" and \"10s\""
+                    .into(),
+            );
+        }
+        if self.control.max_connections == 0 {
+            return bad("control.max_connections must be at least 1".into());
         }
         if let Some(path) = &self.control.token_file
             && !path.is_file()

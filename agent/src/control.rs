@@ -28,6 +28,7 @@ pub struct Control {
     app: tokio::net::UnixListener,
     router: Router,
     app_router: Router,
+    limits: fleet_net::Limits,
 }
 
 impl Control {
@@ -53,6 +54,7 @@ impl Control {
             app,
             router: router(supervisor.clone()).await?,
             app_router: app::router(supervisor.clone()),
+            limits: supervisor.config().control.limits(),
         })
     }
 
@@ -60,14 +62,24 @@ impl Control {
         self.tcp.local_addr()
     }
 
-    /// Serves until the process exits.
+    /// Serves until the process exits. The TCP port is open to anyone who can reach
+    /// it, so it is served within limits (fleet-net): idle and header timeouts and a
+    /// connection cap below the descriptor limit, so that idle connections can never
+    /// take the descriptors a restart needs. The Unix sockets are owner-only (their
+    /// clients are this node's workers) and stay on plain `axum::serve`.
     pub async fn serve(self) {
         let unix = axum::serve(self.unix, self.router.clone());
+        let tcp = fleet_net::Server::new(self.tcp, self.router, self.limits.clone());
+        tracing::info!(
+            "control endpoint: {}, idle timeout {}, header timeout {}",
+            tcp.cap(),
+            humantime::format_duration(self.limits.idle_timeout),
+            humantime::format_duration(self.limits.header_timeout)
+        );
         let app = axum::serve(self.app, self.app_router);
-        let tcp = axum::serve(self.tcp, self.router);
-        let (a, b, c) = tokio::join!(tcp, unix, app);
-        if let Err(e) = a.and(b).and(c) {
-            tracing::error!("control endpoint stopped: {e}");
+        let (_, unix, app) = tokio::join!(tcp.run(), unix, app);
+        if let Err(e) = unix.and(app) {
+            tracing::error!("control socket stopped: {e}");
         }
     }
 }

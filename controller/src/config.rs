@@ -43,6 +43,34 @@ pub struct Cli {
     /// Allow listening beyond loopback without a token.
     #[arg(long)]
     pub insecure: bool,
+
+    /// Most client connections open at once (agents' heartbeats, fleetctl, browsers);
+    /// fewer where the descriptor limit (RLIMIT_NOFILE, minus 128 kept free) is lower.
+    /// At the cap, a new connection closes the one idle the longest.
+    #[arg(long, value_name = "N", default_value_t = 16384)]
+    pub max_connections: usize,
+
+    /// A connection with no request in progress this long is closed (a Watch stream
+    /// or the dashboard's event stream is a request in progress: never cut).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// A connection must send a whole request head this soon after it opens (and
+    /// HTTP/1 after each response).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+}
+
+impl Cli {
+    /// The connection limits of the API port.
+    pub fn limits(&self) -> fleet_net::Limits {
+        fleet_net::Limits {
+            max_connections: self.max_connections,
+            idle_timeout: self.idle_timeout,
+            header_timeout: self.header_timeout,
+            ..fleet_net::Limits::default()
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

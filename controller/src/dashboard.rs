@@ -41,6 +41,8 @@ use view::{Flash, Section};
 pub struct Dashboard {
     pub fleet: Arc<Fleet>,
     pub sessions: Arc<Sessions>,
+    /// One back-off for every failed login, whoever sends it.
+    pub throttle: fleet_net::LoginThrottle,
 }
 
 const CSS: &str = include_str!("dashboard/assets/dashboard.css");
@@ -51,6 +53,7 @@ pub fn router(fleet: Arc<Fleet>, sessions: Arc<Sessions>) -> Router {
     let dashboard = Arc::new(Dashboard {
         fleet,
         sessions: sessions.clone(),
+        throttle: fleet_net::LoginThrottle::default(),
     });
     Router::new()
         .merge(nodes::router())
@@ -136,15 +139,30 @@ async fn login(
     if !session::same_origin(&headers) {
         return login_form(&f.next, Some("this login comes from another site"));
     }
+    // A global back-off rather than a delay per request: parallel guesses get no more
+    // tries than serial ones (see fleet_net::throttle).
+    let attempt = match d.throttle.check() {
+        Ok(attempt) => attempt,
+        Err(wait) => {
+            let mut page = login_form(&f.next, Some(&wait.to_string()));
+            *page.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            page.headers_mut()
+                .insert(header::RETRY_AFTER, wait.header_value());
+            return page;
+        }
+    };
     if !d.sessions.is_token(&f.token) {
-        tracing::warn!("dashboard: a login with a wrong token");
-        // Slows guessing down; one browser at a time is all a person needs.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        attempt.failed();
+        tracing::warn!(
+            "dashboard: a login with a wrong token ({} in a row)",
+            d.throttle.failures()
+        );
         return login_form(
             &f.next,
             Some("wrong token: give the contents of the controller's --token-file"),
         );
     }
+    attempt.succeeded();
     let s = d.sessions.create(true);
     (
         [(header::SET_COOKIE, session::set_cookie(&s))],
@@ -160,4 +178,73 @@ async fn logout(State(d): State<Arc<Dashboard>>, Extension(s): Extension<Session
         Redirect::to("/login"),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use axum::body::Body;
+    use axum::extract::ConnectInfo;
+    use axum::http::Request;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    async fn login(app: &Router, token: &str) -> (StatusCode, HeaderMap, String) {
+        let mut request = Request::post("/login")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(format!("token={token}&next=/nodes")))
+            .unwrap();
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        request.extensions_mut().insert(ConnectInfo(peer));
+        let response = app.clone().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn failed_logins_earn_a_back_off_that_refuses_even_the_right_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SqliteStore::open(&dir.path().join("fleet.db")).unwrap();
+        let fleet = Fleet::new(Arc::new(store), std::time::Duration::from_secs(10), None).unwrap();
+        let app = crate::router(fleet, Some("right-token".into()));
+
+        // A person mistyping is answered at once (no delay per request any more)...
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            let (status, _, body) = login(&app, "wrong").await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert!(body.contains("wrong token"), "{body}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_millis(250));
+        // ...but after the third failure in a row every attempt is refused until the
+        // back-off has passed, the right token too, without comparing it.
+        for token in ["wrong", "right-token"] {
+            let (status, headers, body) = login(&app, token).await;
+            assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(headers[header::RETRY_AFTER], "1");
+            assert!(
+                body.contains("too many failed logins: try again in 1 s"),
+                "{body}"
+            );
+        }
+        // Once it has passed (250 ms), the right token logs in.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let (status, headers, _) = login(&app, "right-token").await;
+            if status == StatusCode::SEE_OTHER {
+                assert!(headers.contains_key(header::SET_COOKIE));
+                break;
+            }
+            assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+            assert!(std::time::Instant::now() < deadline, "still throttled");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 }

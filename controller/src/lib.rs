@@ -99,10 +99,22 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
         tokio::spawn(poll_static_node(fleet.clone(), node.clone()));
     }
     fleet.resume_unfinished();
+    if cli.idle_timeout.is_zero() || cli.header_timeout.is_zero() {
+        anyhow::bail!(
+            "--idle-timeout and --header-timeout must be greater than zero, e.g. 60s and 10s"
+        );
+    }
+    // fleet-net gives every request the peer's address (`ConnectInfo`): it tells the
+    // dashboard whether a browser is on loopback.
+    let server = fleet_net::Server::new(listener, router(fleet, token), cli.limits());
     tracing::info!("controller listening on {addr}");
-    // The peer's address tells the dashboard whether a browser is on loopback.
-    let app = router(fleet, token).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app).await?;
+    tracing::info!(
+        "connections: {}, idle timeout {}, header timeout {}",
+        server.cap(),
+        humantime::format_duration(cli.idle_timeout),
+        humantime::format_duration(cli.header_timeout)
+    );
+    server.run().await;
     Ok(())
 }
 

@@ -389,8 +389,8 @@ async fn dashboard_with_a_token_needs_a_login_and_a_csrf_token_to_act() {
     browser
         .click(&browser.find("#login-submit").await.unwrap())
         .await;
-    // The page being left has the same form: wait for the answer's message (it comes
-    // after the 300 ms a wrong token costs).
+    // The page being left has the same form: wait for the answer's message (one
+    // wrong token in a row costs nothing; see fleet_net::throttle).
     browser
         .wait_until(
             "the login page says the token was wrong",
