@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use bytes::Bytes;
+use fleet_net::Guarded;
 use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -331,7 +331,7 @@ impl ConnService {
     fn call(
         &self,
         req: Request<Incoming>,
-    ) -> impl Future<Output = Result<Response<Guarded>, Infallible>> + Send + use<> {
+    ) -> impl Future<Output = Result<Response<Guarded<InFlight>>, Infallible>> + Send + use<> {
         let http1 = req.version() < Version::HTTP_2;
         if !http1 {
             self.state.h2.store(true, Ordering::Relaxed);
@@ -349,10 +349,7 @@ impl ConnService {
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            Ok(response.map(|body| Guarded {
-                body,
-                _guard: guard,
-            }))
+            Ok(response.map(|body| Guarded::new(body, guard)))
         }
     }
 }
@@ -366,33 +363,6 @@ impl Drop for InFlight {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
         REQUESTS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A response body that keeps its request counted as in flight until it ends.
-#[derive(Debug)]
-pub struct Guarded {
-    body: Body,
-    _guard: InFlight,
-}
-
-impl http_body::Body for Guarded {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }
 

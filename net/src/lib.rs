@@ -24,5 +24,5 @@ pub mod throttle;
 
 pub use conns::{Connections, Stats};
 pub use limits::{Cap, Limits};
-pub use serve::{Server, serve};
+pub use serve::{Guarded, Server, serve};
 pub use throttle::{Attempt, Backoff, LoginThrottle, RetryAfter};

@@ -294,21 +294,18 @@ async fn call(
     conn: Arc<Conn>,
     peer: SocketAddr,
     mut request: Request<Incoming>,
-) -> Result<Response<Guarded>, Infallible> {
+) -> Result<Response<Guarded<InProgress>>, Infallible> {
     conn.request_started();
     let guard = InProgress(conn);
     request.extensions_mut().insert(ConnectInfo(peer));
     let Ok(response) = router.oneshot(request.map(Body::new)).await;
-    Ok(response.map(|body| Guarded {
-        body,
-        _guard: guard,
-    }))
+    Ok(response.map(|body| Guarded::new(body, guard)))
 }
 
 /// A request in progress until dropped (with its response body, or with the handler
 /// future when the client goes away first).
 #[derive(Debug)]
-struct InProgress(Arc<Conn>);
+pub(crate) struct InProgress(Arc<Conn>);
 
 impl Drop for InProgress {
     fn drop(&mut self) {
@@ -316,14 +313,24 @@ impl Drop for InProgress {
     }
 }
 
-/// A response body that keeps its request in progress until it ends.
+/// A response body that holds `G` until the body has ended (or is dropped): a
+/// request counted as in progress for as long as its response streams.
 #[derive(Debug)]
-struct Guarded {
+pub struct Guarded<G> {
     body: Body,
-    _guard: InProgress,
+    _guard: G,
 }
 
-impl http_body::Body for Guarded {
+impl<G> Guarded<G> {
+    pub fn new(body: Body, guard: G) -> Self {
+        Self {
+            body,
+            _guard: guard,
+        }
+    }
+}
+
+impl<G: Unpin> http_body::Body for Guarded<G> {
     type Data = Bytes;
     type Error = axum::Error;
 

@@ -37,6 +37,35 @@ fn slow_build(dir: &Path) -> PathBuf {
     path
 }
 
+/// A node under load that may restart into the slow build, watched from before the
+/// restart is asked for.
+struct Scene {
+    _releases: tempfile::TempDir,
+    slow: PathBuf,
+    agent: Agent,
+    old: u32,
+    load: Load,
+    events: Events,
+}
+
+async fn scene() -> Scene {
+    let releases = tempfile::tempdir().unwrap();
+    let slow = slow_build(releases.path());
+    let agent = node(releases.path()).await;
+    let old = agent.worker_pid().await;
+    let load = load_on(&agent);
+    load.wait_progress(100, Duration::from_secs(20)).await;
+    let events = agent.watch().await;
+    Scene {
+        _releases: releases,
+        slow,
+        agent,
+        old,
+        load,
+        events,
+    }
+}
+
 async fn node(releases: &Path) -> Agent {
     Agent::start(AgentOpts::default().arg("--allowed-exe-dir").arg(releases)).await
 }
@@ -54,13 +83,15 @@ fn load_on(agent: &Agent) -> Load {
 
 /// After an abandoned restart: the restart went through, exactly one worker serves
 /// and answers everything, and every surface tells the real outcome.
-async fn the_restart_went_through(
-    agent: &Agent,
-    mut events: Events,
-    load: Load,
-    old: u32,
-    slow: &Path,
-) {
+async fn the_restart_went_through(scene: Scene) {
+    let Scene {
+        agent,
+        mut events,
+        load,
+        old,
+        slow,
+        ..
+    } = scene;
     let ready = events
         .until_phase(Phase::Ready, SLOW_START + Duration::from_secs(20))
         .await;
@@ -119,13 +150,8 @@ async fn the_restart_went_through(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_whose_http_client_disconnects_completes_on_its_own() {
-    let releases = tempfile::tempdir().unwrap();
-    let slow = slow_build(releases.path());
-    let agent = node(releases.path()).await;
-    let old = agent.worker_pid().await;
-    let load = load_on(&agent);
-    load.wait_progress(100, Duration::from_secs(20)).await;
-    let events = agent.watch().await;
+    let scene = scene().await;
+    let (agent, slow) = (&scene.agent, &scene.slow);
 
     let started = Instant::now();
     let gave_up = tokio::time::timeout(
@@ -133,7 +159,7 @@ async fn a_restart_whose_http_client_disconnects_completes_on_its_own() {
         http_request(
             agent.control(),
             Method::POST,
-            &restart_path(Some(&slow), None),
+            &restart_path(Some(slow), None),
             agent.token(),
         ),
     )
@@ -147,18 +173,13 @@ async fn a_restart_whose_http_client_disconnects_completes_on_its_own() {
     agent
         .wait_for_log("the caller of the http restart went away", SLOW_START * 10)
         .await;
-    the_restart_went_through(&agent, events, load, old, &slow).await;
+    the_restart_went_through(scene).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_whose_grpc_deadline_passes_completes_on_its_own() {
-    let releases = tempfile::tempdir().unwrap();
-    let slow = slow_build(releases.path());
-    let agent = node(releases.path()).await;
-    let old = agent.worker_pid().await;
-    let load = load_on(&agent);
-    load.wait_progress(100, Duration::from_secs(20)).await;
-    let events = agent.watch().await;
+    let scene = scene().await;
+    let (agent, slow) = (&scene.agent, &scene.slow);
 
     let mut request = agent.request(RestartRequest {
         exe: slow.display().to_string(),
@@ -178,7 +199,7 @@ async fn a_restart_whose_grpc_deadline_passes_completes_on_its_own() {
     agent
         .wait_for_log("the caller of the grpc restart went away", SLOW_START * 10)
         .await;
-    the_restart_went_through(&agent, events, load, old, &slow).await;
+    the_restart_went_through(scene).await;
 }
 
 #[tokio::test]
