@@ -1,7 +1,7 @@
 //! Run with: cargo run --example embed -- --listen 127.0.0.1:8080 --control 127.0.0.1:7102
 //!
 //! Your own axum app with zero-downtime restarts: build it, run it, then
-//! `kill -USR1 <pid>` or `curl 127.0.0.1:7102/debug/admin/restart` and watch the
+//! `kill -USR1 <pid>` or `curl -X POST 127.0.0.1:7102/debug/admin/restart` and watch the
 //! worker PID change while the supervisor PID stays.
 
 use axum::Router;
