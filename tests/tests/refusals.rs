@@ -38,7 +38,7 @@ async fn assert_refused(agent: &Agent, refusal: Refusal<'_>) {
     let mut events = agent.watch().await;
 
     let response = agent
-        .admin(&restart_path(Some(refusal.exe), refusal.sha256))
+        .action(&restart_path(Some(refusal.exe), refusal.sha256))
         .await;
     assert_eq!(
         response.status.as_u16(),
@@ -238,12 +238,12 @@ async fn a_second_restart_while_one_is_in_progress_is_refused() {
     // The first restart waits (up to 3 s) for a READY=1 that never comes.
     let (control, path) = (agent.control(), restart_path(Some(&never_ready), None));
     let first =
-        tokio::spawn(async move { http_request(control, http::Method::GET, &path, None).await });
+        tokio::spawn(async move { http_request(control, http::Method::POST, &path, None).await });
     events
         .until_phase(Phase::WaitingReady, Duration::from_secs(10))
         .await;
 
-    let second = agent.admin("/debug/admin/restart").await;
+    let second = agent.action("/debug/admin/restart").await;
     assert_eq!(second.status, 409, "{}", second.text());
     let message = second.json()["error"]
         .as_str()
