@@ -235,7 +235,7 @@ pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Ne
         )
         .into_http();
     }
-    match access.sessions.from_headers(request.headers()) {
+    match access.sessions.of_request(request.headers()) {
         Some(session) => with_session(session, request, next).await,
         None if path == format!("{admin}/logout") => (
             [(header::SET_COOKIE, session::clear_cookie(admin))],

@@ -92,7 +92,7 @@ impl Sessions {
     }
 
     /// The live session named by the request's cookie; using it keeps it alive.
-    pub fn from_headers(&self, headers: &HeaderMap) -> Option<Session> {
+    pub fn of_request(&self, headers: &HeaderMap) -> Option<Session> {
         self.get_at(cookie(headers, COOKIE)?, Instant::now())
     }
 
@@ -166,14 +166,14 @@ mod tests {
         let a = s.create();
         assert_eq!(a.id.len(), 64);
         assert_ne!(a.id, a.csrf);
-        let found = s.from_headers(&with_cookie(&a.id)).unwrap();
+        let found = s.of_request(&with_cookie(&a.id)).unwrap();
         assert_eq!(found.csrf, a.csrf);
         assert!(
-            s.from_headers(&with_cookie("0".repeat(64).as_str()))
+            s.of_request(&with_cookie("0".repeat(64).as_str()))
                 .is_none()
         );
         s.remove(&a.id);
-        assert!(s.from_headers(&with_cookie(&a.id)).is_none());
+        assert!(s.of_request(&with_cookie(&a.id)).is_none());
     }
 
     #[test]
