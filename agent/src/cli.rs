@@ -11,7 +11,7 @@ use crate::config::{Config, ConfigError, DEFAULT_SERVER, ExecConfig, ServerConfi
 /// fleet-agent: zero-downtime restarts for one node.
 ///
 /// A supervisor with a stable PID owns the listening sockets and hands them to worker
-/// generations. Restart with SIGUSR1, GET/POST /debug/admin/restart, or gRPC
+/// generations. Restart with SIGUSR1, POST /debug/admin/restart, or gRPC
 /// AgentService.Restart; shut down gracefully with SIGTERM, SIGINT, SIGQUIT or SIGHUP.
 /// With no arguments it runs the demo app on 127.0.0.1:8199 (control on 127.0.0.1:7101).
 #[derive(Debug, Clone, Default, Parser)]
@@ -97,6 +97,12 @@ pub struct Cli {
     /// URL path of the admin page and routes [default: /debug/admin].
     #[arg(long, value_name = "PATH")]
     pub admin_path: Option<String>,
+
+    /// Also serve the admin routes on the app ports (proxied to the supervisor)
+    /// [default: on with --token-file, off without]. Without a token the app ports must
+    /// then be on loopback.
+    #[arg(long, conflicts_with = "no_app_admin")]
+    pub app_admin: bool,
 
     /// Do not serve the admin routes on the app ports (only on the control endpoint).
     #[arg(long)]
@@ -187,8 +193,11 @@ impl Cli {
         if let Some(path) = &self.admin_path {
             config.admin.path = path.clone();
         }
+        if self.app_admin {
+            config.admin.on_app_ports = Some(true);
+        }
         if self.no_app_admin {
-            config.admin.on_app_ports = false;
+            config.admin.on_app_ports = Some(false);
         }
         if let Some(path) = &self.exec {
             config.exec = Some(ExecConfig {
@@ -248,6 +257,21 @@ mod tests {
         let zero = Cli::parse_from(["fleet-agent", "--control-idle-timeout", "0s"]);
         let err = zero.config().unwrap_err().to_string();
         assert!(err.contains("greater than zero"), "{err}");
+    }
+
+    #[test]
+    fn app_admin_flags_set_it_and_exclude_each_other() {
+        let on = Cli::parse_from(["fleet-agent", "--app-admin"])
+            .config()
+            .unwrap();
+        assert_eq!(on.admin.on_app_ports, Some(true));
+        let off = Cli::parse_from(["fleet-agent", "--no-app-admin"])
+            .config()
+            .unwrap();
+        assert_eq!(off.admin.on_app_ports, Some(false));
+        assert!(Cli::try_parse_from(["fleet-agent", "--app-admin", "--no-app-admin"]).is_err());
+        let public = Cli::parse_from(["fleet-agent", "--app-admin", "--listen", "0.0.0.0:0"]);
+        assert!(public.config().is_err(), "public app port, admin, no token");
     }
 
     #[test]

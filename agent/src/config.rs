@@ -60,7 +60,18 @@ pub struct AdminConfig {
     /// URL path of the admin page; its actions live below it (`/restart`, `/shutdown`).
     pub path: String,
     /// Also serve the admin routes on every app port (proxied to the supervisor).
-    pub on_app_ports: bool,
+    /// Unset: on when a token is configured, off without one (a page an operator opens
+    /// could otherwise reach them through the app's own address).
+    pub on_app_ports: Option<bool>,
+}
+
+impl Config {
+    /// Whether the workers serve the admin routes on the app ports.
+    pub fn app_admin(&self) -> bool {
+        self.admin
+            .on_app_ports
+            .unwrap_or(self.control.token_file.is_some())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,7 +164,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             path: "/debug/admin".into(),
-            on_app_ports: true,
+            on_app_ports: None,
         }
     }
 }
@@ -306,6 +317,18 @@ impl Config {
                 self.admin.path
             ));
         }
+        if !self
+            .admin
+            .path
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/-_.~".contains(c))
+        {
+            // It is also the session cookie's Path attribute.
+            return bad(format!(
+                "admin path {:?} may only hold letters, digits and / - _ . ~",
+                self.admin.path
+            ));
+        }
         if self.admin.path.ends_with('/') {
             return bad(format!(
                 "admin path {:?} must not end with '/'",
@@ -346,7 +369,7 @@ impl Config {
                     self.control.listen
                 ));
             }
-            if self.admin.on_app_ports
+            if self.app_admin()
                 && let Some(addr) = self
                     .servers
                     .iter()
@@ -451,17 +474,34 @@ mod tests {
                 listen: vec!["0.0.0.0:8080".parse().unwrap()],
                 ..Default::default()
             }],
-            ..Default::default()
-        };
-        assert!(config.validate().is_err());
-        let no_admin = Config {
             admin: AdminConfig {
-                on_app_ports: false,
+                on_app_ports: Some(true),
                 ..Default::default()
             },
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("--no-app-admin"), "{err}");
+        // Unset means off without a token: nothing to refuse.
+        let default = Config {
+            admin: AdminConfig::default(),
             ..config
         };
-        no_admin.validate().unwrap();
+        assert!(!default.app_admin());
+        default.validate().unwrap();
+    }
+
+    #[test]
+    fn app_admin_follows_the_token_unless_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t").unwrap();
+        let mut config = Config::default();
+        assert!(!config.app_admin());
+        config.control.token_file = Some(token);
+        assert!(config.app_admin());
+        config.admin.on_app_ports = Some(false);
+        assert!(!config.app_admin());
     }
 
     #[test]

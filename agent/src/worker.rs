@@ -111,10 +111,7 @@ async fn serve(
         });
     }
     let addrs: Vec<String> = listeners.iter().map(|l| l.addr.to_string()).collect();
-    let app = match (
-        config.admin.on_app_ports,
-        std::env::var_os("FLEET_CONTROL_SOCKET"),
-    ) {
+    let app = match (config.app_admin(), std::env::var_os("FLEET_CONTROL_SOCKET")) {
         (true, Some(socket)) => app.merge(admin_proxy(&config.admin.path, socket.into())),
         _ => app,
     };
@@ -243,6 +240,11 @@ fn watch_signals(supervisor: i32, tx: mpsc::UnboundedSender<Action>) -> std::io:
 /// `/debug/admin` on the app ports: every request is passed, headers and all, to the
 /// supervisor's admin routes over its owner-only Unix socket, so the supervisor
 /// checks the token and does the work exactly as on the control port.
+///
+/// A request that went through a proxy (it carries `Forwarded`, `X-Forwarded-For` or
+/// `Via`) is refused here and never reaches the supervisor: behind a reverse proxy
+/// the app port is reachable from anywhere the proxy is, and the supervisor would
+/// see only the proxy's loopback address and whatever Host it chose to send.
 fn admin_proxy(path: &str, socket: PathBuf) -> Router {
     let socket = Arc::new(socket);
     Router::new()
@@ -252,6 +254,19 @@ fn admin_proxy(path: &str, socket: PathBuf) -> Router {
 }
 
 async fn forward(State(socket): State<Arc<PathBuf>>, request: Request) -> Response {
+    let proxied = ["forwarded", "x-forwarded-for", "via"]
+        .iter()
+        .find(|h| request.headers().contains_key(**h));
+    if let Some(header) = proxied {
+        return (
+            StatusCode::FORBIDDEN,
+            format!(
+                "the admin routes are not served through a proxy (this request carries {header}): \
+                 use the control endpoint\n"
+            ),
+        )
+            .into_response();
+    }
     match forward_to(&socket, request).await {
         Ok(response) => response,
         Err(e) => (

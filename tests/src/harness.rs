@@ -398,6 +398,19 @@ impl Agent {
             .unwrap_or_else(|e| self.fail(&e))
     }
 
+    /// `POST path` (an action: restart, reload, shutdown) on the control endpoint with
+    /// the token, if any, the way `curl -X POST` sends it.
+    pub async fn action(&self, path: &str) -> HttpResponse {
+        self.action_on(self.control(), path).await
+    }
+
+    /// `POST path` on `addr` with the token, if any.
+    pub async fn action_on(&self, addr: SocketAddr, path: &str) -> HttpResponse {
+        http_request(addr, Method::POST, path, self.token())
+            .await
+            .unwrap_or_else(|e| self.fail(&e))
+    }
+
     /// The worker that answers `GET /pid` on the app port now.
     pub async fn worker_pid(&self) -> u32 {
         let response = self.get("/pid").await;

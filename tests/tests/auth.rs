@@ -73,7 +73,7 @@ async fn http_admin_routes_and_metrics_need_the_token_and_change_nothing_without
     assert_eq!(agent.generation().await, generation, "nothing restarted");
     assert_eq!(agent.worker_pid().await, worker, "the same worker serves");
 
-    let response = agent.admin("/debug/admin/restart").await;
+    let response = agent.action("/debug/admin/restart").await;
     assert_eq!(response.status, 200, "with the token: {}", response.text());
     assert_eq!(agent.generation().await, generation + 1);
     let metrics = agent.admin("/metrics").await;
@@ -133,7 +133,7 @@ async fn grpc_needs_the_bearer_token() {
 }
 
 #[tokio::test]
-async fn a_cross_site_get_with_the_admin_session_cookie_changes_nothing() {
+async fn a_get_or_a_post_without_csrf_with_the_admin_session_cookie_changes_nothing() {
     let agent = node_with_token().await;
     let generation = agent.generation().await;
     // Log in the way the admin page does, and keep its session cookie.
@@ -176,23 +176,53 @@ async fn a_cross_site_get_with_the_admin_session_cookie_changes_nothing() {
         )
         .await
         .unwrap_or_else(|e| agent.fail(&e));
-        assert!(
-            response.status == 403 || response.status == 401,
-            "GET {action} with the session cookie: {} {}",
+        assert_eq!(
             response.status,
+            405,
+            "GET {action} with the session cookie: {}",
             response.text()
         );
     }
-    assert!(agent.try_exit().is_none(), "the node is still running");
-    assert_eq!(agent.generation().await, generation, "nothing restarted");
-
-    // ...while the page's own POST works.
+    // ...nor does a POST with the cookie but without the page's CSRF token...
     let response = http_send(
         agent.control(),
         Method::POST,
         "/debug/admin/restart",
-        &[("cookie", cookie)],
+        &[("cookie", cookie.clone())],
         "",
+    )
+    .await
+    .unwrap_or_else(|e| agent.fail(&e));
+    assert_eq!(response.status, 403, "no CSRF token: {}", response.text());
+    assert!(agent.try_exit().is_none(), "the node is still running");
+    assert_eq!(agent.generation().await, generation, "nothing restarted");
+
+    // ...while the page's own POST, with the token its page carries, works.
+    let page = http_send(
+        agent.control(),
+        Method::GET,
+        "/debug/admin",
+        &[("cookie", cookie.clone())],
+        "",
+    )
+    .await
+    .unwrap_or_else(|e| agent.fail(&e));
+    let html = page.text();
+    let csrf = html
+        .split("name=csrf value='")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or_else(|| agent.fail(&format!("no CSRF token in the page: {html}")))
+        .to_string();
+    let response = http_send(
+        agent.control(),
+        Method::POST,
+        "/debug/admin/restart",
+        &[
+            ("cookie", cookie),
+            ("content-type", "application/x-www-form-urlencoded".into()),
+        ],
+        format!("csrf={csrf}"),
     )
     .await
     .unwrap_or_else(|e| agent.fail(&e));

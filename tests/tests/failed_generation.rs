@@ -57,7 +57,7 @@ async fn a_generation_that_exits_at_start_is_reported_with_its_status_and_stderr
     let load = load_on(&agent);
     load.wait_progress(50, Duration::from_secs(20)).await;
 
-    let response = agent.admin(&restart_path(Some(&exit3), None)).await;
+    let response = agent.action(&restart_path(Some(&exit3), None)).await;
     assert_eq!(response.status, 500, "{}", response.text());
     let body = response.json();
     assert_eq!(body["outcome"], "failed", "{body}");
@@ -125,7 +125,7 @@ async fn a_generation_that_dies_in_probation_is_reverted_to_the_previous_exe() {
 
     // It sends READY=1, so the restart itself succeeds and the old worker drains;
     // then it exits within probation and the supervisor brings the previous exe back.
-    let response = agent.admin(&restart_path(Some(&crashing), None)).await;
+    let response = agent.action(&restart_path(Some(&crashing), None)).await;
     eprintln!(
         "restart into ready_then_exit.py: {} {}",
         response.status,

@@ -37,14 +37,9 @@ async fn assert_refused(agent: &Agent, refusal: Refusal<'_>) {
     let worker = agent.worker_pid().await;
     let mut events = agent.watch().await;
 
-    let response = http_request(
-        agent.control(),
-        http::Method::POST,
-        &restart_path(Some(refusal.exe), refusal.sha256),
-        agent.token(),
-    )
-    .await
-    .unwrap_or_else(|e| agent.fail(&e));
+    let response = agent
+        .action(&restart_path(Some(refusal.exe), refusal.sha256))
+        .await;
     assert_eq!(
         response.status.as_u16(),
         refusal.http_status,
@@ -422,12 +417,12 @@ async fn a_second_restart_while_one_is_in_progress_is_refused() {
     // The first restart waits (up to 3 s) for a READY=1 that never comes.
     let (control, path) = (agent.control(), restart_path(Some(&never_ready), None));
     let first =
-        tokio::spawn(async move { http_request(control, http::Method::GET, &path, None).await });
+        tokio::spawn(async move { http_request(control, http::Method::POST, &path, None).await });
     events
         .until_phase(Phase::WaitingReady, Duration::from_secs(10))
         .await;
 
-    let second = agent.admin("/debug/admin/restart").await;
+    let second = agent.action("/debug/admin/restart").await;
     assert_eq!(second.status, 409, "{}", second.text());
     let message = second.json()["error"]
         .as_str()

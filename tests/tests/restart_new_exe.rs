@@ -24,7 +24,7 @@ async fn http_restart_with_new_exe_file_path_runs_the_new_executable() {
     let generation = agent.generation().await;
     let old = agent.worker_pid().await;
 
-    let response = agent.admin(&restart_path(Some(&next), None)).await;
+    let response = agent.action(&restart_path(Some(&next), None)).await;
     if response.status != 200 {
         agent.fail(&format!("restart: {} {}", response.status, response.text()));
     }

@@ -16,7 +16,12 @@ const OLD_WORKER_EXIT: Duration = Duration::from_secs(3);
 /// Start a node, hold `GET /sleep?secs=5` in flight on its worker, pull `trigger`,
 /// and check what every restart must do.
 async fn restarts_without_dropping_the_request_in_flight(trigger: impl AsyncFnOnce(&Agent, u32)) {
-    let agent = Agent::start(AgentOpts::default()).await;
+    restarts_with(AgentOpts::default(), trigger).await;
+}
+
+/// [`restarts_without_dropping_the_request_in_flight`] on a node started with `opts`.
+async fn restarts_with(opts: AgentOpts, trigger: impl AsyncFnOnce(&Agent, u32)) {
+    let agent = Agent::start(opts).await;
     let supervisor = agent.pid();
     let old = agent.worker_pid().await;
     assert_eq!(
@@ -80,7 +85,7 @@ async fn sigusr1_to_the_worker_restarts() {
 #[tokio::test]
 async fn http_restart_on_the_control_port_restarts() {
     restarts_without_dropping_the_request_in_flight(async |agent, old| {
-        let response = agent.admin("/debug/admin/restart").await;
+        let response = agent.action("/debug/admin/restart").await;
         assert_restarted(agent, &response, old);
     })
     .await;
@@ -88,17 +93,21 @@ async fn http_restart_on_the_control_port_restarts() {
 
 #[tokio::test]
 async fn http_restart_on_the_app_port_restarts() {
-    restarts_without_dropping_the_request_in_flight(async |agent, old| {
-        let response = agent.admin_on(agent.app(), "/debug/admin/restart").await;
-        assert_restarted(agent, &response, old);
-    })
+    // Without a token the app ports serve the admin routes only when asked to.
+    restarts_with(
+        AgentOpts::default().arg("--app-admin"),
+        async |agent, old| {
+            let response = agent.action_on(agent.app(), "/debug/admin/restart").await;
+            assert_restarted(agent, &response, old);
+        },
+    )
     .await;
 }
 
 #[tokio::test]
 async fn http_reload_restarts() {
     restarts_without_dropping_the_request_in_flight(async |agent, old| {
-        let response = agent.admin("/debug/admin/reload").await;
+        let response = agent.action("/debug/admin/reload").await;
         assert_restarted(agent, &response, old);
     })
     .await;

@@ -74,7 +74,7 @@ async fn sighup_shuts_down_gracefully() {
 #[tokio::test]
 async fn http_shutdown_shuts_down_gracefully() {
     shuts_down_gracefully(async |agent| {
-        let response = agent.admin("/debug/admin/shutdown").await;
+        let response = agent.action("/debug/admin/shutdown").await;
         assert_eq!(response.status, 200, "{}", response.text());
     })
     .await;

@@ -14,7 +14,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use crate::node::{AppError, AppRestart};
-use crate::supervisor::{Outcome, RestartRequest, Supervisor, Trigger};
+use crate::supervisor::{
+    Outcome, RestartError, RestartReport, RestartRequest, Supervisor, Trigger,
+};
 
 pub fn router(supervisor: Arc<Supervisor>) -> Router {
     Router::new()
@@ -49,7 +51,14 @@ async fn restart(
         ready_timeout: millis(body.ready_timeout_ms),
         drain_timeout: millis(body.drain_timeout_ms),
     };
-    match supervisor.restart(request).await {
+    restart_answer(supervisor.restart(request).await)
+}
+
+/// A restart's outcome over HTTP, on the admin routes and the app socket alike: `200`
+/// with the report, `500` with the report of a generation that failed, or the
+/// refusal's status with `{"error": …}`.
+pub(super) fn restart_answer(outcome: Result<RestartReport, RestartError>) -> Response {
+    match outcome {
         Ok(report) => {
             let status = match report.outcome {
                 Outcome::Succeeded => StatusCode::OK,

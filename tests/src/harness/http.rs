@@ -65,7 +65,8 @@ pub async fn http_request(
     http_send(addr, method, path, &headers, Bytes::new()).await
 }
 
-/// `METHOD path` with these headers and body on a fresh HTTP/1.1 connection.
+/// `METHOD path` with these headers and body on a fresh HTTP/1.1 connection; `Host` is
+/// the address unless `headers` name one.
 pub async fn http_send(
     addr: SocketAddr,
     method: Method,
@@ -74,10 +75,14 @@ pub async fn http_send(
     body: impl Into<Bytes>,
 ) -> Result<HttpResponse, String> {
     let what = format!("{method} http://{addr}{path}");
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(HOST, addr.to_string());
+    let mut request = Request::builder().method(method).uri(path);
+    // A test may name another Host (a DNS-rebinding attempt); otherwise the address.
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        request = request.header(HOST, addr.to_string());
+    }
     for (name, value) in headers {
         request = request.header(*name, value);
     }

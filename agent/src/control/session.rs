@@ -1,0 +1,221 @@
+//! Browser sessions of the admin page (only with a token: without one the page needs
+//! no login, and the Host, Origin and `Sec-Fetch-Site` checks of [`super::auth`] keep
+//! other sites out).
+//!
+//! Logging in with the token creates a random id (32 bytes from the OS, hex) kept in
+//! this process's memory with a CSRF token of its own; the browser gets only the id,
+//! in an `HttpOnly`, `SameSite=Strict` cookie scoped to the admin path. A session ends
+//! after [`IDLE`] without use, [`ABSOLUTE`] after login whatever its use, on logout,
+//! or when the supervisor restarts (workers come and go; the supervisor keeps them).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, HeaderValue, header};
+
+/// The session cookie's name.
+pub const COOKIE: &str = "fleet_admin";
+/// A session unused this long is gone.
+pub const IDLE: Duration = Duration::from_secs(30 * 60);
+/// A session this old is gone, used or not.
+pub const ABSOLUTE: Duration = Duration::from_secs(8 * 3600);
+/// Most sessions kept: only a login with the right token creates one, so this is a
+/// bound against a forgotten script logging in in a loop, not a working limit. The
+/// least recently used goes first.
+const MAX_SESSIONS: usize = 256;
+
+/// One logged-in browser, as the handlers see it.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub id: String,
+    /// Must come back with every POST made with this session's cookie.
+    pub csrf: String,
+}
+
+#[derive(Debug)]
+struct Entry {
+    csrf: String,
+    created: Instant,
+    last_used: Instant,
+}
+
+impl Entry {
+    fn live(&self, now: Instant) -> bool {
+        now.duration_since(self.last_used) < IDLE && now.duration_since(self.created) < ABSOLUTE
+    }
+}
+
+/// Every live session, bounded.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, Entry>>,
+}
+
+/// 32 random bytes, hex.
+fn random_hex() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the system's random source");
+    hex::encode(bytes)
+}
+
+impl Sessions {
+    /// A new session (after a successful login).
+    pub fn create(&self) -> Session {
+        self.create_at(Instant::now())
+    }
+
+    fn create_at(&self, now: Instant) -> Session {
+        let session = Session {
+            id: random_hex(),
+            csrf: random_hex(),
+        };
+        let mut map = self.map.lock().expect("sessions lock");
+        map.retain(|_, e| e.live(now));
+        if map.len() >= MAX_SESSIONS
+            && let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(id, _)| id.clone())
+        {
+            map.remove(&oldest);
+        }
+        map.insert(
+            session.id.clone(),
+            Entry {
+                csrf: session.csrf.clone(),
+                created: now,
+                last_used: now,
+            },
+        );
+        session
+    }
+
+    /// The live session named by the request's cookie; using it keeps it alive.
+    pub fn of_request(&self, headers: &HeaderMap) -> Option<Session> {
+        self.get_at(cookie(headers, COOKIE)?, Instant::now())
+    }
+
+    fn get_at(&self, id: &str, now: Instant) -> Option<Session> {
+        let mut map = self.map.lock().expect("sessions lock");
+        let entry = map.get_mut(id)?;
+        if !entry.live(now) {
+            map.remove(id);
+            return None;
+        }
+        entry.last_used = now;
+        Some(Session {
+            id: id.to_string(),
+            csrf: entry.csrf.clone(),
+        })
+    }
+
+    /// Ends a session (logout).
+    pub fn remove(&self, id: &str) {
+        self.map.lock().expect("sessions lock").remove(id);
+    }
+}
+
+/// The value of cookie `name` in the request.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+}
+
+/// `Set-Cookie` for a session: sent back only to the admin path of this host, never
+/// to the app's own pages nor to `/` (so the app ports' other routes never see it).
+pub fn set_cookie(session: &Session, admin: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={}; Path={admin}; HttpOnly; SameSite=Strict; Max-Age={}",
+        session.id,
+        ABSOLUTE.as_secs()
+    ))
+    .expect("the admin path is validated to be a plain path")
+}
+
+/// `Set-Cookie` that deletes the session cookie.
+pub fn clear_cookie(admin: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{COOKIE}=; Path={admin}; HttpOnly; SameSite=Strict; Max-Age=0"
+    ))
+    .expect("the admin path is validated to be a plain path")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_cookie(id: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            format!("a=1; {COOKIE}={id} ; b=2").parse().unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn a_session_is_found_by_its_cookie_until_logout() {
+        let s = Sessions::default();
+        let a = s.create();
+        assert_eq!(a.id.len(), 64);
+        assert_ne!(a.id, a.csrf);
+        let found = s.of_request(&with_cookie(&a.id)).unwrap();
+        assert_eq!(found.csrf, a.csrf);
+        assert!(
+            s.of_request(&with_cookie("0".repeat(64).as_str()))
+                .is_none()
+        );
+        s.remove(&a.id);
+        assert!(s.of_request(&with_cookie(&a.id)).is_none());
+    }
+
+    #[test]
+    fn sessions_expire_when_idle_and_when_old() {
+        let s = Sessions::default();
+        let t0 = Instant::now();
+        let idle = s.create_at(t0);
+        assert!(
+            s.get_at(&idle.id, t0 + IDLE - Duration::from_secs(1))
+                .is_some()
+        );
+        assert!(s.get_at(&idle.id, t0 + 2 * IDLE).is_none(), "idle too long");
+
+        // Used every few minutes, it still ends ABSOLUTE after login.
+        let busy = s.create_at(t0);
+        let mut now = t0;
+        while now < t0 + ABSOLUTE - IDLE {
+            now += IDLE / 2;
+            assert!(s.get_at(&busy.id, now).is_some());
+        }
+        assert!(s.get_at(&busy.id, t0 + ABSOLUTE).is_none(), "too old");
+    }
+
+    #[test]
+    fn the_map_is_bounded() {
+        let s = Sessions::default();
+        for _ in 0..MAX_SESSIONS + 10 {
+            s.create();
+        }
+        assert!(s.map.lock().unwrap().len() <= MAX_SESSIONS);
+    }
+
+    #[test]
+    fn the_cookie_is_scoped_to_the_admin_path() {
+        let s = Sessions::default().create();
+        let c = set_cookie(&s, "/debug/admin");
+        let c = c.to_str().unwrap();
+        assert!(c.contains("Path=/debug/admin;"), "{c}");
+        assert!(
+            c.contains("HttpOnly") && c.contains("SameSite=Strict"),
+            "{c}"
+        );
+        assert!(clear_cookie("/x").to_str().unwrap().contains("Max-Age=0"));
+    }
+}
