@@ -8,7 +8,6 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
 
 use crate::dashboard::session::Sessions;
 
@@ -18,11 +17,7 @@ pub struct Token {
     pub sessions: Arc<Sessions>,
 }
 
-/// Whether two secrets are equal, compared through their digests so the time taken
-/// does not tell where they differ.
-pub fn same(a: &str, b: &str) -> bool {
-    Sha256::digest(a) == Sha256::digest(b)
-}
+pub use fleet_net::browser::same_secret as same;
 
 pub async fn require_token(State(token): State<Token>, request: Request, next: Next) -> Response {
     let Token { token, sessions } = token;

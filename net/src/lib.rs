@@ -1,6 +1,6 @@
-//! Serving an axum `Router` to clients that may not behave, and slowing down token
-//! guessing: what Fleet's control endpoints (the agent's control port, the controller's
-//! API and dashboard) share.
+//! Serving an axum `Router` to clients that may not behave, slowing down token
+//! guessing, and the pieces of browser sessions: what Fleet's control endpoints (the
+//! agent's control port, the controller's API and dashboard) share.
 //!
 //! Why: `axum::serve` never closes a connection on its own. A thousand half-open
 //! connections to an agent's control port used up its descriptors (`ulimit -n 1024`),
@@ -21,6 +21,8 @@ mod conns;
 mod serve;
 /// A global back-off on failed logins.
 pub mod throttle;
+/// Secrets, tokens, cookies and CSRF tokens of browser sessions.
+pub mod browser;
 
 pub use conns::{Connections, Stats};
 pub use limits::{Cap, Limits};

@@ -20,13 +20,11 @@
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::uri::Authority;
 use axum::http::{HeaderMap, Method, StatusCode, Version, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
-use sha2::{Digest, Sha256};
 
 use super::session::{self, Session, Sessions};
 use crate::supervisor::Supervisor;
@@ -52,18 +50,7 @@ impl Access {
 #[derive(Debug, Clone, Copy)]
 pub struct ViaWorker;
 
-/// Largest body a cookie-authenticated POST may send (it is read to find `csrf`).
-const MAX_FORM: usize = 64 * 1024;
-
-/// Whether two secrets are equal, in a time that says nothing about where they differ:
-/// fixed-length digests compared by folding every byte's XOR.
-pub fn same(a: &str, b: &str) -> bool {
-    let (x, y) = (Sha256::digest(a), Sha256::digest(b));
-    x.iter()
-        .zip(y.iter())
-        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
-        == 0
-}
+pub use fleet_net::browser::same_secret as same;
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -262,26 +249,13 @@ pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Ne
 async fn with_session(session: Session, request: Request, next: Next) -> Response {
     let mut request = request;
     if ![Method::GET, Method::HEAD, Method::OPTIONS].contains(request.method()) {
-        let (parts, body) = request.into_parts();
-        let Ok(bytes) = axum::body::to_bytes(body, MAX_FORM).await else {
-            return refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "form too large (64 KiB at most)",
-            );
+        let given = match fleet_net::browser::csrf_token(request).await {
+            Ok((whole, given)) => {
+                request = whole;
+                given.unwrap_or_default()
+            }
+            Err(e) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
         };
-        let header_token = parts
-            .headers
-            .get("x-csrf-token")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let form_token = || {
-            serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes)
-                .ok()?
-                .into_iter()
-                .find(|(k, _)| k == "csrf")
-                .map(|(_, v)| v)
-        };
-        let given = header_token.or_else(form_token).unwrap_or_default();
         if !same(&given, &session.csrf) {
             return refuse(
                 StatusCode::FORBIDDEN,
@@ -289,7 +263,6 @@ async fn with_session(session: Session, request: Request, next: Next) -> Respons
                  (scripts use Authorization: Bearer instead of the cookie)",
             );
         }
-        request = Request::from_parts(parts, Body::from(bytes));
     }
     request.extensions_mut().insert(session);
     next.run(request).await

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "fleet_admin";
@@ -52,13 +52,6 @@ pub struct Sessions {
     map: Mutex<HashMap<String, Entry>>,
 }
 
-/// 32 random bytes, hex.
-fn random_hex() -> String {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).expect("the system's random source");
-    hex::encode(bytes)
-}
-
 impl Sessions {
     /// A new session (after a successful login).
     pub fn create(&self) -> Session {
@@ -67,8 +60,8 @@ impl Sessions {
 
     fn create_at(&self, now: Instant) -> Session {
         let session = Session {
-            id: random_hex(),
-            csrf: random_hex(),
+            id: fleet_net::browser::random_token(),
+            csrf: fleet_net::browser::random_token(),
         };
         let mut map = self.map.lock().expect("sessions lock");
         map.retain(|_, e| e.live(now));
@@ -116,17 +109,7 @@ impl Sessions {
     }
 }
 
-/// The value of cookie `name` in the request.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim())
-}
+use fleet_net::browser::cookie;
 
 /// `Set-Cookie` for a session: sent back only to the admin path of this host, never
 /// to the app's own pages nor to `/` (so the app ports' other routes never see it).
@@ -154,7 +137,7 @@ mod tests {
     fn with_cookie(id: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(
-            header::COOKIE,
+            axum::http::header::COOKIE,
             format!("a=1; {COOKIE}={id} ; b=2").parse().unwrap(),
         );
         h

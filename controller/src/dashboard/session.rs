@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
@@ -27,8 +26,6 @@ const IDLE: Duration = Duration::from_secs(12 * 3600);
 /// Most sessions kept; the least recently used goes first (anonymous sessions are
 /// created for every new loopback browser, so the map must be bounded).
 const MAX_SESSIONS: usize = 4096;
-/// Largest form body a change may send.
-const MAX_FORM: usize = 64 * 1024;
 
 /// One browser's session, as the handlers see it.
 #[derive(Debug, Clone)]
@@ -56,13 +53,6 @@ pub struct Sessions {
     map: Mutex<HashMap<String, Entry>>,
 }
 
-/// 32 random bytes, hex.
-fn random_hex() -> String {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).expect("the system's random source");
-    hex::encode(bytes)
-}
-
 impl Sessions {
     pub fn new(token: Option<Arc<String>>) -> Self {
         Self {
@@ -86,8 +76,8 @@ impl Sessions {
     /// A new session; `authenticated` after a successful login.
     pub fn create(&self, authenticated: bool) -> Session {
         let session = Session {
-            id: random_hex(),
-            csrf: random_hex(),
+            id: fleet_net::browser::random_token(),
+            csrf: fleet_net::browser::random_token(),
             authenticated,
             fresh: true,
         };
@@ -142,17 +132,7 @@ impl Sessions {
     }
 }
 
-/// The value of cookie `name` in the request.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim())
-}
+use fleet_net::browser::cookie;
 
 /// `Set-Cookie` for a session.
 pub fn set_cookie(session: &Session) -> HeaderValue {
@@ -256,32 +236,19 @@ pub async fn guard(
                 "this change comes from another site: use the dashboard's own forms",
             );
         }
-        let (parts, body) = request.into_parts();
-        let bytes = match axum::body::to_bytes(body, MAX_FORM).await {
-            Ok(b) => b,
-            Err(_) => {
-                return refuse(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "form too large (64 KiB at most)",
-                );
+        let given = match fleet_net::browser::csrf_token(request).await {
+            Ok((whole, given)) => {
+                request = whole;
+                given.unwrap_or_default()
             }
+            Err(e) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()),
         };
-        let header_token = parts
-            .headers
-            .get("x-csrf-token")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let form_token = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes)
-            .ok()
-            .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "csrf").map(|(_, v)| v));
-        let given = header_token.or(form_token).unwrap_or_default();
         if session.fresh || !crate::auth::same(&given, &session.csrf) {
             return refuse(
                 StatusCode::FORBIDDEN,
                 "missing or stale CSRF token: reload the page and submit its form again",
             );
         }
-        request = Request::from_parts(parts, Body::from(bytes));
     }
     let fresh = session.fresh.then(|| set_cookie(&session));
     request.extensions_mut().insert(session);
@@ -321,7 +288,7 @@ mod tests {
                 Arc::new(sessions),
                 guard,
             ));
-        let mut request = Request::new(Body::empty());
+        let mut request = Request::new(axum::body::Body::empty());
         let peer: SocketAddr = peer.parse().unwrap();
         request.extensions_mut().insert(ConnectInfo(peer));
         let response = app.oneshot(request).await.unwrap();
