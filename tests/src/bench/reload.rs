@@ -26,12 +26,12 @@ use super::machine::{cpu_sample, foreign_cpu};
 use super::peers::{Haproxy, Nginx, NginxMode, Reload, ReloadTracker};
 use super::pid_of;
 use super::servers::{FleetAgent, STARTUP_TIMEOUT, serving_worker, start_agent};
-use super::stats::{Split, Windows};
+use super::stats::{Split, WINDOW_AFTER_EXIT, Windows};
 use crate::loadgen::Load;
 
-/// The window lasts until this long after the new workers are up (clients
-/// reconnecting after the old workers closed their connections fall inside it).
-pub const WINDOW_AFTER_READY: Duration = Duration::from_secs(1);
+/// A reload that failed before its new workers were up: its window lasts this long
+/// after the trigger.
+pub const WINDOW_FAILED: Duration = Duration::from_secs(1);
 /// Latency leaves out requests started in the first RAMP_UP of a run.
 pub const RAMP_UP: Duration = Duration::from_millis(500);
 /// Bound on each step of a reload (a new worker up, the old one gone).
@@ -127,6 +127,27 @@ pub struct ReloadRun {
     /// Start of the reloads and their span, from the start of the load.
     pub lead: Duration,
     pub span: Duration,
+    /// Earlier runs of the same setting that were repeated because other processes
+    /// took the CPUs: their failures still count.
+    pub discarded: Vec<Discarded>,
+}
+
+/// A run left out of the figures (the machine was busy), kept for its failures.
+#[derive(Debug, Clone, Copy)]
+pub struct Discarded {
+    pub requests: u64,
+    pub failed: u64,
+    pub foreign_cpu: Option<f64>,
+}
+
+impl Discarded {
+    pub fn of(run: &ReloadRun) -> Self {
+        Self {
+            requests: run.requests,
+            failed: run.failed,
+            foreign_cpu: run.foreign_cpu,
+        }
+    }
 }
 
 impl ReloadRun {
@@ -155,6 +176,20 @@ impl ReloadRun {
             .iter()
             .filter_map(|r| r.error.as_deref())
             .collect()
+    }
+
+    /// Failed requests of this run and of the runs repeated before it.
+    pub fn failed_with_discarded(&self) -> u64 {
+        self.failed + self.discarded.iter().map(|d| d.failed).sum::<u64>()
+    }
+
+    /// Reloads that went through but whose replaced processes were still there when
+    /// the run ended: a reload counts only once the old generation is gone.
+    pub fn not_completed(&self) -> usize {
+        self.reloads
+            .iter()
+            .filter(|r| r.error.is_none() && r.done.is_none())
+            .count()
     }
 }
 
@@ -194,10 +229,11 @@ pub async fn run(target: Target, exes: &Exes, plan: &Plan) -> anyhow::Result<Rel
             .iter()
             .map(|r| {
                 if r.error.is_some() && r.ready.is_none() {
-                    return (r.trigger, r.trigger + WINDOW_AFTER_READY);
+                    return (r.trigger, r.trigger + WINDOW_FAILED);
                 }
-                let up = r.ready.unwrap_or(r.trigger) + WINDOW_AFTER_READY;
-                (r.trigger, up.max(r.done.unwrap_or(end)))
+                // Until the replaced processes are gone (the end of the run if they
+                // never went), plus the reconnect margin.
+                (r.trigger, r.done.unwrap_or(end) + WINDOW_AFTER_EXIT)
             })
             .collect(),
     );
@@ -222,6 +258,7 @@ pub async fn run(target: Target, exes: &Exes, plan: &Plan) -> anyhow::Result<Rel
         foreign_cpu,
         lead,
         span,
+        discarded: Vec::new(),
     };
     report.records = Vec::new();
     Ok(run)

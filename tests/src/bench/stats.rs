@@ -10,11 +10,18 @@ use serde_json::{Value, json};
 use crate::footprint::Mem;
 use crate::loadgen::{LoadReport, RequestRecord};
 
+/// A restart or reload window ends this long after the last process it replaced has
+/// exited (clients whose connections it closed reconnect within it). It is short on
+/// purpose: a window that outlasts the reload would dilute its latency with steady
+/// traffic.
+pub const WINDOW_AFTER_EXIT: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LatencyStats {
     pub count: usize,
     pub p50: Option<Duration>,
     pub p99: Option<Duration>,
+    pub p999: Option<Duration>,
     pub max: Option<Duration>,
 }
 
@@ -25,6 +32,7 @@ pub fn latency_stats(report: &LoadReport, keep: impl Fn(&RequestRecord) -> bool)
         count: report.records.iter().filter(|r| sel(r)).count(),
         p50: report.percentile(50.0, sel),
         p99: report.percentile(99.0, sel),
+        p999: report.percentile(99.9, sel),
         max: report.max(sel),
     }
 }
@@ -134,7 +142,7 @@ pub fn json_ms(d: Option<Duration>) -> Value {
 }
 
 pub fn stats_json(s: &LatencyStats) -> Value {
-    json!({"requests_ok": s.count, "p50_ms": json_ms(s.p50), "p99_ms": json_ms(s.p99), "max_ms": json_ms(s.max)})
+    json!({"requests_ok": s.count, "p50_ms": json_ms(s.p50), "p99_ms": json_ms(s.p99), "p999_ms": json_ms(s.p999), "max_ms": json_ms(s.max)})
 }
 
 pub fn fmt_pct(f: Option<f64>) -> String {

@@ -27,10 +27,13 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
+use fleet_tests::bench::OutputFormat;
 use fleet_tests::bench::child::sibling_exe;
 use fleet_tests::bench::controller::start_controller;
+use fleet_tests::bench::stats::{Verdict, verdict};
 use fleet_tests::browser::Browser;
 use fleet_tests::hollow::{HollowConfig, HollowFleet, fake_sha256, nofile_needed, raise_nofile};
+use serde_json::json;
 
 const TARGET_LOAD: Duration = Duration::from_secs(1);
 /// The executable the rollout moves the hollow fleet to (nothing runs it).
@@ -50,6 +53,9 @@ struct Args {
     /// Page loads of each page measured.
     #[arg(long, default_value_t = 7)]
     rounds: usize,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
 }
 
 fn main() -> ExitCode {
@@ -125,42 +131,81 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     browser.screenshot("dashboard-bench-rollout.png").await;
     fleet.shutdown().await;
 
-    println!(
-        "dashboard-bench: pages in headless Chromium at 1280x900, {} loads each (medians unless said)",
-        args.rounds
-    );
-    println!(
-        "| page | rows | HTML | load | load, max | first frame after load | server+transfer |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for (name, loads) in [
+    let pages = [
         ("/nodes", &full),
         ("/nodes?label=shard=0 (peer)", &tenth),
         ("/rollouts/ID (finished, every node)", &rollout_page),
-    ] {
-        println!(
-            "| {name} | {} | {} kB | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms |",
-            loads[0].rows,
-            loads[0].bytes / 1024,
-            median(loads, |l| l.total),
-            loads.iter().map(|l| l.total).fold(0.0, f64::max),
-            median(loads, |l| l.frame),
-            median(loads, |l| l.server)
-        );
-    }
+    ];
     let full_ms = median(&full, |l| l.total);
-    println!(
-        "ratio full / tenth (median load): {:.2}",
-        full_ms / median(&tenth, |l| l.total)
-    );
-    let met = full_ms < TARGET_LOAD.as_secs_f64() * 1000.0 && full[0].rows as usize == args.count;
-    println!(
-        "target: {} nodes page loads in < {} ms: {} ({full_ms:.0} ms, {} rows)",
-        args.count,
-        TARGET_LOAD.as_millis(),
-        if met { "met" } else { "MISSED" },
-        full[0].rows
-    );
+    let ratio = full_ms / median(&tenth, |l| l.total);
+    let verdicts = [
+        verdict(
+            full_ms < TARGET_LOAD.as_secs_f64() * 1000.0,
+            format!(
+                "{} nodes page loads in < {} ms (median)",
+                args.count,
+                TARGET_LOAD.as_millis()
+            ),
+            format!("{full_ms:.0} ms"),
+        ),
+        verdict(
+            full[0].rows as usize == args.count,
+            format!("the nodes page shows all {} nodes", args.count),
+            format!("{} rows", full[0].rows),
+        ),
+    ];
+    let met = verdicts.iter().all(|v| v.pass);
+    match args.output {
+        OutputFormat::Json => {
+            let page = |(name, loads): (&str, &Vec<Load>)| {
+                json!({
+                    "page": name,
+                    "rows": loads[0].rows,
+                    "html_bytes": loads[0].bytes,
+                    "load_ms": {"median": median(loads, |l| l.total), "max": loads.iter().map(|l| l.total).fold(0.0, f64::max)},
+                    "first_frame_ms": median(loads, |l| l.frame),
+                    "server_ms": median(loads, |l| l.server),
+                })
+            };
+            let out = json!({
+                "bench": "dashboard-bench",
+                "nodes": args.count,
+                "rounds": args.rounds,
+                "pages": pages.map(page),
+                "ratio_full_to_tenth": ratio,
+                "verdicts": verdicts.iter().map(Verdict::json).collect::<Vec<_>>(),
+                "pass": met,
+            });
+            println!("{out:#}");
+        }
+        OutputFormat::Text => {
+            println!(
+                "dashboard-bench: pages in headless Chromium at 1280x900, {} loads each (medians unless said)",
+                args.rounds
+            );
+            println!(
+                "| page | rows | HTML | load | load, max | first frame after load | server+transfer |"
+            );
+            println!("|---|---|---|---|---|---|---|");
+            for (name, loads) in pages {
+                println!(
+                    "| {name} | {} | {} kB | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms |",
+                    loads[0].rows,
+                    loads[0].bytes / 1024,
+                    median(loads, |l| l.total),
+                    loads.iter().map(|l| l.total).fold(0.0, f64::max),
+                    median(loads, |l| l.frame),
+                    median(loads, |l| l.server)
+                );
+            }
+            println!("ratio full / tenth (median load): {ratio:.2}");
+            println!();
+            println!("== Verdicts ==");
+            for v in &verdicts {
+                println!("{v}");
+            }
+        }
+    }
     drop(controller);
     Ok(met)
 }

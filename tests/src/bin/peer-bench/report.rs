@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use fleet_tests::bench::machine::Machine;
-use fleet_tests::bench::reload::{RAMP_UP, ReloadRun, Target, WINDOW_AFTER_READY};
+use fleet_tests::bench::reload::{RAMP_UP, ReloadRun, Target};
+use fleet_tests::bench::stats::WINDOW_AFTER_EXIT;
 use fleet_tests::bench::stats::{
     LatencyStats, Verdict, fmt_bytes, fmt_ms, fmt_pct, fmt_ratio, json_ms, ms, percentile, ratio,
     stats_json,
@@ -25,10 +26,9 @@ pub struct Report<'a> {
 
 fn window_definition() -> String {
     format!(
-        "reload window = from the trigger until the later of (new workers up + {} s) and (reload complete); \
+        "reload window = from the trigger until the reload is complete (the last replaced process gone) + {:?}; \
          a request belongs to it by its start time; latency is of successful requests, leaving out the first {:?} (ramp-up)",
-        WINDOW_AFTER_READY.as_secs(),
-        RAMP_UP
+        WINDOW_AFTER_EXIT, RAMP_UP
     )
 }
 
