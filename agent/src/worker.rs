@@ -115,6 +115,17 @@ async fn serve(
         (true, Some(socket)) => app.merge(admin_proxy(&config.admin.path, socket.into())),
         _ => app,
     };
+    let stall = test_accept_stall();
+    if let Some(stall) = stall {
+        // The fault the zero-loss tests must catch: READY is sent, the supervisor
+        // drains the old generation, and nobody accepts for `stall`.
+        notify::notify("READY=1").context("cannot send READY=1 to the supervisor")?;
+        tracing::warn!(
+            "{ACCEPT_STALL_VAR}: READY=1 sent, not accepting for {} (a test-only fault)",
+            humantime::format_duration(stall)
+        );
+        tokio::time::sleep(stall).await;
+    }
     let server = Server::start(
         listeners,
         app,
@@ -122,7 +133,9 @@ async fn serve(
             idle_grace: config.restart.idle_grace,
         },
     );
-    notify::notify("READY=1").context("cannot send READY=1 to the supervisor")?;
+    if stall.is_none() {
+        notify::notify("READY=1").context("cannot send READY=1 to the supervisor")?;
+    }
     tracing::debug!("serving on [{}]", addrs.join(", "));
     let reporter = tokio::spawn(report_in_flight());
 
@@ -153,6 +166,20 @@ async fn serve(
         );
     }
     Ok(())
+}
+
+/// TEST-ONLY fault injection, ignored when unset (or 0, or not a number): a worker of
+/// generation 2 or later sends `READY=1` and then waits this many milliseconds before
+/// it accepts a connection. It exists so that the zero-loss tests can prove they
+/// catch a new generation that says it is ready and then stalls (the supervisor
+/// passes its environment to every worker). The first generation is left alone so a
+/// node under test starts as usual. Never set it in production.
+const ACCEPT_STALL_VAR: &str = "FLEET_TEST_ACCEPT_STALL_MS";
+
+fn test_accept_stall() -> Option<Duration> {
+    let ms: u64 = std::env::var(ACCEPT_STALL_VAR).ok()?.trim().parse().ok()?;
+    let generation: u64 = std::env::var("FLEET_GENERATION").ok()?.parse().ok()?;
+    (ms > 0 && generation >= 2).then(|| Duration::from_millis(ms))
 }
 
 /// How often the worker looks whether its requests in flight changed.

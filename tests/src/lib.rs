@@ -20,4 +20,4 @@ pub mod hollow;
 pub mod loadgen;
 
 pub use harness::{Agent, AgentOpts, HttpResponse};
-pub use loadgen::{Load, LoadReport, LoadSpec};
+pub use loadgen::{Load, LoadOptions, LoadReport, LoadSpec, Pacing, Span, ZeroLoss};

@@ -2,62 +2,190 @@
 //! clients (8 on keep-alive connections, 8 opening a connection per request) hit
 //! the node while it restarts 100 times back to back; every request must get a
 //! 2xx and its whole body — no refused connection, no reset, no request written on
-//! a kept-alive connection and answered by EOF.
+//! a kept-alive connection and answered by EOF — no request may take a second, and
+//! requests must keep completing inside every restart. A second test proves those
+//! checks catch a new generation that says READY and then stalls for 3 s.
 
+use std::ffi::OsString;
 use std::time::{Duration, Instant};
 
 use fleet_proto::v1::{Outcome, RestartRequest};
-use fleet_tests::{Agent, AgentOpts, Load, LoadSpec};
+use fleet_tests::{Agent, AgentOpts, Load, LoadOptions, LoadReport, LoadSpec, Span, ZeroLoss};
 
 const RESTARTS: u64 = 100;
 /// Bound on the restarts themselves (a debug build, two cores, other tests running).
 const RESTARTS_DEADLINE: Duration = Duration::from_secs(75);
+/// No request may take longer, restart or not: a stall of a second is a failure.
+const MAX_LATENCY: Duration = Duration::from_secs(1);
+/// Each restart, from its trigger to its reply (the new generation READY; at least
+/// SPAN_FLOOR), must see at least this many requests complete inside it. The load
+/// completes several requests per millisecond, so this leaves a wide margin for a
+/// slow machine while a node that stops answering cannot meet it.
+const MIN_IN_RESTART: u64 = 3;
+/// A restart span lasts at least this long: on two shared cores a few process
+/// spawns in a row can starve every client for tens of milliseconds (seen in the
+/// torture test), the scheduler's gap rather than the node's.
+const SPAN_FLOOR: Duration = Duration::from_millis(250);
+/// The test-only fault the second test injects (see agent/src/worker.rs).
+const STALL_VAR: &str = "FLEET_TEST_ACCEPT_STALL_MS";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_back_to_back_restarts_under_load_lose_no_request() {
-    let agent = Agent::start(AgentOpts::default()).await;
+    let run = restarts_under_load(RESTARTS, Vec::new()).await;
+    // Sized to the load that ran: at least 1 request per millisecond of restarts.
+    let min_requests = (run.took.as_millis() as u64).max(500);
+    run.report.assert_zero_loss(&run.rules(min_requests));
+    assert_eq!(run.agent.generation().await, run.generation);
+    assert_eq!(
+        run.agent.worker_pid().await,
+        run.worker,
+        "the last generation serves"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zero_loss_checks_catch_a_new_generation_that_stalls_after_ready() {
+    let run = restarts_under_load(3, vec![(STALL_VAR.into(), "3000".into())]).await;
+    assert_eq!(
+        run.agent
+            .count_log(&format!("{STALL_VAR}: READY=1 sent, not accepting for 3s")),
+        3,
+        "every restarted generation stalled"
+    );
+    let error = run
+        .report
+        .check_zero_loss(&run.rules(100))
+        .expect_err("a 3 s stall after READY must fail the zero-loss checks");
+    eprintln!("the checks caught the stall:\n{error}");
+    assert!(
+        error.contains("latency bound exceeded") && error.contains("the server stalled"),
+        "{error}"
+    );
+    let max = run.report.max_latency().unwrap_or_default();
+    assert!(max >= Duration::from_millis(2500), "max latency {max:?}");
+}
+
+/// A node restarted `restarts` times back to back under load, with its figures.
+struct Run {
+    agent: Agent,
+    report: LoadReport,
+    spans: Vec<Span>,
+    took: Duration,
+    /// The generation and worker PID of the last restart.
+    generation: u64,
+    worker: u32,
+}
+
+impl Run {
+    fn rules(&self, min_requests: u64) -> ZeroLoss {
+        ZeroLoss {
+            min_requests,
+            spans: self.spans.clone(),
+            min_in_span: MIN_IN_RESTART,
+            max_latency: MAX_LATENCY,
+        }
+    }
+}
+
+async fn restarts_under_load(restarts: u64, env: Vec<(OsString, OsString)>) -> Run {
+    let agent = Agent::start(AgentOpts {
+        env,
+        ..AgentOpts::default()
+    })
+    .await;
     let generation = agent.generation().await;
-    let load = Load::start(LoadSpec {
-        target: agent.app(),
-        path: "/".into(),
-        keepalive_connections: 8,
-        fresh_connections: 8,
-        max_requests: 2_000_000,
-        max_duration: Duration::from_secs(120),
-    });
+    let mut worker = agent.worker_pid().await;
+    let mut pids = vec![worker];
+    let load = Load::start_with(
+        LoadSpec {
+            target: agent.app(),
+            path: "/".into(),
+            keepalive_connections: 8,
+            fresh_connections: 8,
+            max_requests: 2_000_000,
+            max_duration: Duration::from_secs(120),
+        },
+        LoadOptions {
+            // Far above the latency bound, so that a stall shows as a latency.
+            request_timeout: Duration::from_secs(10),
+            ..LoadOptions::default()
+        },
+    );
     load.wait_progress(100, Duration::from_secs(20)).await;
 
     let mut grpc = agent.grpc().await;
     let started = Instant::now();
-    for i in 1..=RESTARTS {
+    let mut spans = Vec::new();
+    for i in 1..=restarts {
+        let trigger = Instant::now();
         let response = grpc
             .restart(agent.request(RestartRequest {
-                reason: format!("back-to-back restart {i}/{RESTARTS}"),
+                reason: format!("back-to-back restart {i}/{restarts}"),
                 ..Default::default()
             }))
             .await
             .unwrap_or_else(|status| agent.fail(&format!("restart {i}: gRPC error {status}")))
             .into_inner();
+        spans.push(Span {
+            label: format!(
+                "restart {i} (pid {} -> {})",
+                response.old_pid, response.new_pid
+            ),
+            from: trigger,
+            to: Instant::now().max(trigger + SPAN_FLOOR),
+        });
         assert_eq!(
             response.outcome(),
             Outcome::Succeeded,
             "restart {i}: {response:?}"
         );
+        // The restart really happened: the worker that served was replaced by a
+        // process never seen before, one generation later.
+        assert_eq!(response.old_pid, worker, "restart {i}: {response:?}");
+        assert!(
+            !pids.contains(&response.new_pid),
+            "restart {i}: a new PID: {response:?}"
+        );
+        assert_eq!(
+            response.generation,
+            generation + i,
+            "restart {i}: {response:?}"
+        );
+        worker = response.new_pid;
+        pids.push(worker);
         assert!(
             started.elapsed() < RESTARTS_DEADLINE,
             "only {i} restarts in {RESTARTS_DEADLINE:?}"
         );
     }
-    let restarts_took = started.elapsed();
+    let took = started.elapsed();
     // The last old workers drain while the load still runs.
     load.wait_progress(200, Duration::from_secs(20)).await;
     let report = load.finish().await;
 
+    let mut inside: Vec<u64> = spans
+        .iter()
+        .map(|s| report.completed_in(s.from, s.to))
+        .collect();
+    inside.sort_unstable();
+    let mut lengths: Vec<Duration> = spans.iter().map(|s| s.to - s.from).collect();
+    lengths.sort_unstable();
     eprintln!(
-        "{RESTARTS} restarts in {:.1}s under load: {}",
-        restarts_took.as_secs_f64(),
-        report.summary()
+        "{restarts} restarts in {:.1}s under load: {}\nrequests completed inside a restart: \
+         min {} median {}; a restart span lasted median {:?}, max {:?}",
+        took.as_secs_f64(),
+        report.summary(),
+        inside[0],
+        inside[inside.len() / 2],
+        lengths[lengths.len() / 2],
+        lengths[lengths.len() - 1],
     );
-    report.assert_no_failures(500);
-    assert_eq!(agent.generation().await, generation + RESTARTS);
+    Run {
+        agent,
+        report,
+        spans,
+        took,
+        generation: generation + restarts,
+        worker,
+    }
 }
