@@ -11,7 +11,7 @@ use fleet_proto::v1::{Phase, RestartRequest};
 use fleet_tests::harness::{
     Events, agent_binary, chmod, eventually, http_request, metric, restart_path, wait_gone,
 };
-use fleet_tests::{Agent, AgentOpts, Load, LoadSpec};
+use fleet_tests::{Agent, AgentOpts, Load, LoadSpec, Span, ZeroLoss};
 use http::Method;
 
 /// How long the slow build takes to send READY=1.
@@ -83,7 +83,7 @@ fn load_on(agent: &Agent) -> Load {
 
 /// After an abandoned restart: the restart went through, exactly one worker serves
 /// and answers everything, and every surface tells the real outcome.
-async fn the_restart_went_through(scene: Scene) {
+async fn the_restart_went_through(scene: Scene, asked: Instant) {
     let Scene {
         agent,
         mut events,
@@ -95,6 +95,7 @@ async fn the_restart_went_through(scene: Scene) {
     let ready = events
         .until_phase(Phase::Ready, SLOW_START + Duration::from_secs(20))
         .await;
+    let ready_seen = Instant::now();
     let new = ready.pid;
     assert_ne!(new, old, "a new generation became ready: {ready:?}");
     events
@@ -136,7 +137,18 @@ async fn the_restart_went_through(scene: Scene) {
     let mark = load.snapshot_requests();
     load.wait_progress(200, Duration::from_secs(20)).await;
     let report = load.finish().await;
-    report.assert_no_failures(mark + 200);
+    // Nothing failed, the old generation kept serving through the 3 s the new one
+    // took (requests completed in that span), and nothing stalled.
+    report.assert_zero_loss(&ZeroLoss {
+        min_requests: mark + 200,
+        spans: vec![Span {
+            label: "the abandoned restart, until the new generation was ready".into(),
+            from: asked,
+            to: ready_seen,
+        }],
+        min_in_span: 100,
+        max_latency: Duration::from_secs(1),
+    });
     for _ in 0..50 {
         assert_eq!(agent.worker_pid().await, new, "only the new worker answers");
     }
@@ -173,7 +185,7 @@ async fn a_restart_whose_http_client_disconnects_completes_on_its_own() {
     agent
         .wait_for_log("the caller of the http restart went away", SLOW_START * 10)
         .await;
-    the_restart_went_through(scene).await;
+    the_restart_went_through(scene, started).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,6 +193,7 @@ async fn a_restart_whose_grpc_deadline_passes_completes_on_its_own() {
     let scene = scene().await;
     let (agent, slow) = (&scene.agent, &scene.slow);
 
+    let started = Instant::now();
     let mut request = agent.request(RestartRequest {
         exe: slow.display().to_string(),
         reason: "a caller with a 1 s deadline".into(),
@@ -199,7 +212,7 @@ async fn a_restart_whose_grpc_deadline_passes_completes_on_its_own() {
     agent
         .wait_for_log("the caller of the grpc restart went away", SLOW_START * 10)
         .await;
-    the_restart_went_through(scene).await;
+    the_restart_went_through(scene, started).await;
 }
 
 #[tokio::test]
