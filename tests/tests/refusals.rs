@@ -339,7 +339,7 @@ async fn a_file_owned_by_another_user_is_refused() {
         cannot_run(
             "a_file_owned_by_another_user_is_refused",
             "only root can chown a file to another user (exe.rs unit tests cover the check)",
-            "run the suite as root (CI and the container image do)",
+            "run the suite as root, as CI does",
             SKIP_ROOT,
         );
         return;
