@@ -57,8 +57,10 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// How long [`Controller::restart`] keeps trying to listen on its old address again
-/// while something else holds it, and how many times at most.
+/// while something else holds it.
 pub const REBIND_WINDOW: Duration = Duration::from_secs(15);
+/// How many times at most [`Controller::restart`] starts the controller on its old
+/// address within [`REBIND_WINDOW`].
 pub const REBIND_ATTEMPTS: u32 = 20;
 
 /// The id [`Controller::start_nodes`] gives node `i` (0-based): `node-1`, `node-2`, ...
