@@ -396,6 +396,7 @@ async fn nodes_as_a_table_and_as_json_and_only_with_the_token() {
     );
 
     let out = fleetctl(addr, Some(TOKEN), &["nodes", "-l", "zone=a", "-o", "json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(nodes.as_array().unwrap().len(), 1);
     assert_eq!(nodes[0]["labels"]["zone"], "a");
@@ -416,10 +417,14 @@ async fn an_unknown_node_or_rollout_is_bad_input() {
     let out = fleetctl(addr, Some(TOKEN), &["node", "n9"]).await;
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(stderr(&out), "error: no node \"n9\"\n");
+    // A known node is exit 0 with its details: the contrast that makes the 2 above
+    // mean "unknown" rather than "anything goes wrong".
     let out = fleetctl(addr, Some(TOKEN), &["node", "n1"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("Admin:"), "{}", stdout(&out));
     let out = fleetctl(addr, Some(TOKEN), &["rollout", "status", "r7"]).await;
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "error: no rollout \"r7\"\n");
 }
 
 #[tokio::test]
@@ -533,6 +538,7 @@ async fn status_history_and_actions() {
     );
 
     let out = fleetctl(addr, Some(TOKEN), &["rollout", "history"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     assert_eq!(text.lines().count(), 3, "{text}");
     assert!(

@@ -36,6 +36,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub const FLEETCTL_TIMEOUT: Duration = Duration::from_secs(120);
 /// The states a rollout ends in.
 pub const FINISHED: [&str; 4] = ["succeeded", "failed", "rolled-back", "aborted"];
+/// What the controller logs, followed by its address, once it listens.
+const LISTENING: &str = "controller listening on ";
 
 /// A binary of this workspace, built next to the running test executable
 /// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
@@ -54,14 +56,12 @@ pub fn binary(name: &str) -> PathBuf {
     binary
 }
 
-/// A loopback port that was free a moment ago: bind port 0, read it, release it. For
-/// a controller that must come back on the same address after a crash.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
+/// How long [`Controller::restart`] keeps trying to listen on its old address again
+/// while something else holds it.
+pub const REBIND_WINDOW: Duration = Duration::from_secs(15);
+/// How many times at most [`Controller::restart`] starts the controller on its old
+/// address within [`REBIND_WINDOW`].
+pub const REBIND_ATTEMPTS: u32 = 20;
 
 /// The id [`Controller::start_nodes`] gives node `i` (0-based): `node-1`, `node-2`, ...
 pub fn node_id(i: usize) -> String {
@@ -202,23 +202,22 @@ impl Controller {
             log,
             opts,
         };
-        controller.wait_listening(0).await;
+        let line = controller
+            .wait_for_log_from(0, LISTENING, START_TIMEOUT)
+            .await;
+        controller.addr = controller.listening_addr(&line);
         controller
     }
 
-    /// After `mark` (a log length), wait for `controller listening on ADDR` and
-    /// take ADDR as the controller's address.
-    async fn wait_listening(&mut self, mark: usize) {
-        let line = self
-            .wait_for_log_from(mark, "controller listening on ", START_TIMEOUT)
-            .await;
-        let rest = &line[line.find("controller listening on ").expect("found") + 24..];
+    /// The address in a `controller listening on ADDR` line.
+    fn listening_addr(&self, line: &str) -> SocketAddr {
+        let rest = &line[line.find(LISTENING).expect("found") + LISTENING.len()..];
         let token = rest.split_whitespace().next().unwrap_or_default();
         let token =
             token.trim_matches(|c: char| !(c.is_ascii_alphanumeric() || ".:[]".contains(c)));
-        self.addr = token
+        token
             .parse()
-            .unwrap_or_else(|_| self.fail(&format!("cannot parse the address in {line:?}")));
+            .unwrap_or_else(|_| self.fail(&format!("cannot parse the address in {line:?}")))
     }
 
     /// Kill the controller with SIGKILL (no chance to write anything more) and reap it.
@@ -231,22 +230,70 @@ impl Controller {
 
     /// Start the controller again on the same address and database (after
     /// [`Controller::kill`]); returns once it listens.
-    pub async fn restart(&mut self) {
+    ///
+    /// Agents and fleetctl know the controller by its address, so it must come back
+    /// on the very port the kernel gave it at first. While it was down, that port was
+    /// free for anyone (an outgoing connection's ephemeral port, say): when the
+    /// controller says it is in use, wait until it is free and try again, at most
+    /// [`REBIND_ATTEMPTS`] times over [`REBIND_WINDOW`], then fail saying so.
+    pub async fn restart(&self) {
         self.kill();
-        let mark = self.log.lines.lock().unwrap().len();
-        let child = spawn(
-            self.dir.path(),
-            &self.opts,
-            &self.addr.to_string(),
-            &self.log,
-        );
-        *self.child.lock().unwrap() = child;
-        let before = self.addr;
-        self.wait_listening(mark).await;
-        assert_eq!(
-            self.addr, before,
-            "the controller came back on another address"
-        );
+        let addr = self.addr;
+        let started = Instant::now();
+        for attempt in 1..=REBIND_ATTEMPTS {
+            let mark = self.log.lines.lock().unwrap().len();
+            let child = spawn(self.dir.path(), &self.opts, &addr.to_string(), &self.log);
+            *self.child.lock().unwrap() = child;
+            let outcome = self
+                .wait_for_log_or_exit(mark, LISTENING, START_TIMEOUT)
+                .await;
+            let line = match outcome {
+                Ok(line) => line,
+                Err(status) => {
+                    let in_use = self
+                        .log_lines()
+                        .iter()
+                        .skip(mark)
+                        .any(|l| l.contains("Address already in use"));
+                    if !in_use {
+                        self.fail(&format!(
+                            "the controller exited ({status}) without logging {LISTENING:?}"
+                        ));
+                    }
+                    eprintln!(
+                        "[harness] {addr} is in use (attempt {attempt}/{REBIND_ATTEMPTS}): \
+                         waiting for it to be free"
+                    );
+                    self.wait_free(addr, started, attempt).await;
+                    continue;
+                }
+            };
+            let back_on = self.listening_addr(&line);
+            assert_eq!(back_on, addr, "the controller came back on another address");
+            return;
+        }
+        self.fail(&format!(
+            "the controller could not listen on its old address {addr} again: in use at \
+             each of {REBIND_ATTEMPTS} attempts over {:?}; another process took the port \
+             while the controller was down",
+            started.elapsed()
+        ));
+    }
+
+    /// Poll until `addr` can be bound (then release it for the controller); fails
+    /// once [`REBIND_WINDOW`] since `started` is spent.
+    async fn wait_free(&self, addr: SocketAddr, started: Instant, attempt: u32) {
+        loop {
+            match std::net::TcpListener::bind(addr) {
+                Ok(probe) => return drop(probe),
+                Err(e) if started.elapsed() >= REBIND_WINDOW => self.fail(&format!(
+                    "the controller could not listen on its old address {addr} again: still \
+                     in use ({e}) after {attempt} attempts over {REBIND_WINDOW:?}; another \
+                     process took the port while the controller was down"
+                )),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
     }
 
     /// The API address.
@@ -274,6 +321,22 @@ impl Controller {
     /// Wait for a line containing `needle` among the lines from index `mark` on;
     /// panics with the log after `timeout`, or once the controller exited without it.
     pub async fn wait_for_log_from(&self, mark: usize, needle: &str, timeout: Duration) -> String {
+        match self.wait_for_log_or_exit(mark, needle, timeout).await {
+            Ok(line) => line,
+            Err(status) => self.fail(&format!(
+                "the controller exited ({status}) without logging {needle:?}"
+            )),
+        }
+    }
+
+    /// [`Controller::wait_for_log_from`], but the controller's exit without the line
+    /// is returned (`Err` with its status) rather than a panic.
+    async fn wait_for_log_or_exit(
+        &self,
+        mark: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String, std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         let mut changed = self.log.count.subscribe();
         loop {
@@ -287,7 +350,7 @@ impl Controller {
                 .find(|l| l.contains(needle))
                 .cloned();
             if let Some(line) = found {
-                return line;
+                return Ok(line);
             }
             if Instant::now() >= deadline {
                 self.fail(&format!(
@@ -301,9 +364,7 @@ impl Controller {
                     .await
                     .is_err()
                 {
-                    self.fail(&format!(
-                        "the controller exited ({status}) without logging {needle:?}"
-                    ));
+                    return Err(status);
                 }
                 continue;
             }

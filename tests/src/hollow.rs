@@ -1220,11 +1220,24 @@ mod tests {
         assert_eq!(exe.sha256.len(), 64);
         assert_eq!(s.generation, 1);
         assert!(s.supervisor_pid > 1 << 22 && s.workers[0].pid > 1 << 22);
-        // Interval 100 ms from the controller: a few more rounds within 600 ms.
+        // The controller asked for 100 ms: 3 more rounds of the 50 nodes come in about
+        // 0.3 s. At the 1 s initial interval they would take 2.7 s at least (10 %
+        // jitter), so 1.5 s tells the two apart with room for a busy machine.
         let before = fake.heartbeats.load(Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        let after = fake.heartbeats.load(Ordering::Relaxed);
-        assert!(after - before >= 50 * 3, "{before} -> {after}");
+        let t0 = Instant::now();
+        let bound = Duration::from_millis(1_500);
+        loop {
+            let after = fake.heartbeats.load(Ordering::Relaxed);
+            if after - before >= 50 * 3 {
+                break;
+            }
+            assert!(
+                t0.elapsed() < bound,
+                "only {} heartbeats in {bound:?} (3 rounds of 50 at 100 ms expected)",
+                after - before
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let stats = fleet.stats();
         assert_eq!(stats.registered, 50);
         assert_eq!(stats.interval_ms, 100);
@@ -1350,9 +1363,10 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_restart_is_aborted_and_failures_are_simulated() {
+        // The first restart lasts 1 s: the second request comes well inside it.
         let fleet = HollowFleet::start(HollowConfig {
             failure_rate: 1.0,
-            restart_latency: Duration::from_millis(200),
+            restart_latency: Duration::from_secs(1),
             ..config(1)
         })
         .await
@@ -1360,6 +1374,9 @@ mod tests {
         let (_, addr) = fleet.addrs()[0].clone();
         let mut c1 = agent_client(addr).await;
         let mut c2 = c1.clone();
+        let mut watch = c2.watch(pb::WatchRequest {}).await.unwrap().into_inner();
+        let snap = watch.next().await.unwrap().unwrap();
+        assert_eq!(snap.phase, pb::Phase::Snapshot as i32);
         let first = tokio::spawn(async move {
             c1.restart(pb::RestartRequest {
                 exe: "/opt/app-v2".into(),
@@ -1367,7 +1384,17 @@ mod tests {
             })
             .await
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The first restart is under way once its WAITING_READY event is out.
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(5), watch.next())
+                .await
+                .expect("an event of the first restart within 5 s")
+                .unwrap()
+                .unwrap();
+            if e.phase == pb::Phase::WaitingReady as i32 {
+                break;
+            }
+        }
         let busy = c2.restart(pb::RestartRequest::default()).await.unwrap_err();
         assert_eq!(busy.code(), tonic::Code::Aborted);
         let r = first.await.unwrap().unwrap().into_inner();

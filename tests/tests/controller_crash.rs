@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use fleet_proto::v1::{Rollout, StatusResponse};
 use fleet_tests::fleet::{
-    Controller, ControllerOpts, agent_release, agent_status, describe, exe_path, free_port,
-    node_id, rollout_node,
+    Controller, ControllerOpts, agent_release, agent_status, describe, exe_path, node_id,
+    rollout_node,
 };
 use fleet_tests::harness::kill_tree;
 
@@ -59,12 +59,9 @@ fn all_in(rollout: &Rollout, ids: &[String], state: &str) -> bool {
 async fn controller_killed_mid_rollout_resumes_from_its_database_without_restarting_a_node_twice() {
     let releases = tempfile::tempdir().unwrap();
     let v2 = agent_release(releases.path(), "fleet-agent-v2");
-    // A fixed port, so that the agents find the controller again after its restart.
-    let mut controller = Controller::start(ControllerOpts {
-        listen: format!("127.0.0.1:{}", free_port()),
-        ..ControllerOpts::default()
-    })
-    .await;
+    // The kernel picks the port (bound once, by the controller itself); the restart
+    // below brings the controller back on that same port, so the agents find it again.
+    let controller = Controller::start(ControllerOpts::default()).await;
     let agents = controller
         .start_nodes(NODES, |_, opts| {
             opts.arg("--allowed-exe-dir").arg(releases.path())

@@ -23,7 +23,7 @@ fn now_ms() -> u64 {
 async fn a_stopped_node_stays_stopped_and_rollouts_leave_it_out() {
     let releases = tempfile::tempdir().unwrap();
     let v2 = agent_release(releases.path(), "fleet-agent-v2");
-    let mut controller = Controller::start(ControllerOpts::default()).await;
+    let controller = Controller::start(ControllerOpts::default()).await;
     let agents = controller
         .start_nodes(2, |_, opts| {
             opts.arg("--allowed-exe-dir").arg(releases.path())

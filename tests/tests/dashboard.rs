@@ -485,7 +485,7 @@ async fn dashboard_with_a_token_needs_a_login_and_a_csrf_token_to_act() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_catches_up_after_losing_its_event_stream() {
     let releases = tempfile::tempdir().unwrap();
-    let (mut controller, agents) = fleet(ControllerOpts::default(), releases.path()).await;
+    let (controller, agents) = fleet(ControllerOpts::default(), releases.path()).await;
     let browser = Browser::start(1280, 900).await;
     browser.goto(&format!("{}/", controller.url())).await;
     browser

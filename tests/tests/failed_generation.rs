@@ -62,9 +62,14 @@ async fn a_generation_that_exits_at_start_is_reported_with_its_status_and_stderr
     let body = response.json();
     assert_eq!(body["outcome"], "failed", "{body}");
     let reason = body["reason"].as_str().unwrap_or_default();
+    // The new generation, by number, and its exact exit status (a '3' anywhere, in a
+    // pid say, would not do).
+    let failed_generation = format!("gen {} (pid ", generation + 1);
     assert!(
-        reason.contains("exit") && reason.contains('3'),
-        "the reason gives the exit status 3: {reason:?}"
+        reason.starts_with(&failed_generation)
+            && reason.ends_with(") exited with status 3 before it was ready"),
+        "the reason names gen {} and its exit status 3: {reason:?}",
+        generation + 1
     );
     let tail: Vec<String> = serde_json::from_value(body["stderr_tail"].clone()).unwrap_or_default();
     assert!(
@@ -97,8 +102,14 @@ async fn a_generation_that_never_becomes_ready_is_killed_and_reported() {
         .into_inner();
     assert_eq!(response.outcome(), Outcome::Failed, "{response:?}");
     assert!(
-        response.reason.to_lowercase().contains("ready"),
-        "the reason says it did not become ready: {response:?}"
+        response
+            .reason
+            .starts_with(&format!("gen {} (pid ", generation + 1))
+            && response
+                .reason
+                .ends_with(") did not become ready (send READY=1) within the 1s ready timeout"),
+        "the reason names gen {} and says it did not become ready in 1s: {response:?}",
+        generation + 1
     );
     assert!(
         stderr_tail_contains(&response.stderr_tail, "warming caches"),
@@ -119,6 +130,7 @@ async fn a_generation_that_dies_in_probation_is_reverted_to_the_previous_exe() {
         .unwrap_or_else(|| panic!("status has no exe.path: {before}"))
         .into();
     let worker = agent.worker_pid().await;
+    let generation = agent.generation().await;
     let mut events = agent.watch().await;
     let load = load_on(&agent);
     load.wait_progress(50, Duration::from_secs(20)).await;
@@ -138,15 +150,54 @@ async fn a_generation_that_dies_in_probation_is_reverted_to_the_previous_exe() {
     let ready = events
         .until_phase(Phase::Ready, Duration::from_secs(20))
         .await;
-    let reasons: Vec<String> = events
+    // The new generation is the one that died: its WORKER_EXITED event (by
+    // generation and pid, the ones its own READY event gave) carries its exit status
+    // and last stderr line, and the REVERTING event names the same generation. (The
+    // old worker's drain events also mention an exit: they must not count.)
+    let new_generation = generation + 1;
+    let new_ready = events
         .seen
         .iter()
-        .map(|e| e.message.to_lowercase())
-        .collect();
+        .find(|e| e.phase() == Phase::Ready && e.generation == new_generation)
+        .unwrap_or_else(|| {
+            panic!(
+                "no READY event for gen {new_generation}: {:#?}",
+                events.seen
+            )
+        })
+        .clone();
+    let exited = events
+        .seen
+        .iter()
+        .find(|e| e.phase() == Phase::WorkerExited)
+        .unwrap_or_else(|| panic!("no WORKER_EXITED event: {:#?}", events.seen));
+    assert_eq!(
+        (exited.generation, exited.pid),
+        (new_generation, new_ready.pid),
+        "the exited worker is the new generation: {exited:#?}"
+    );
+    assert_eq!(
+        exited.message,
+        "exited with status 1; last stderr line: ready_then_exit.py: fatal: lost the database connection",
+        "the event gives the exit status and the last stderr line"
+    );
+    let reverting = events
+        .seen
+        .iter()
+        .find(|e| e.phase() == Phase::Reverting)
+        .expect("REVERTING was seen");
+    assert_eq!(
+        (reverting.generation, reverting.pid),
+        (new_generation, new_ready.pid),
+        "the revert is of the new generation: {reverting:#?}"
+    );
     assert!(
-        reasons.iter().any(|m| m.contains("exit")),
-        "an event says the new generation exited: {:#?}",
-        events.seen
+        reverting.message.contains("exited with status 1"),
+        "{reverting:#?}"
+    );
+    assert_ne!(
+        ready.generation, new_generation,
+        "READY after REVERTING is a newer gen"
     );
 
     let reverted = eventually(

@@ -13,12 +13,29 @@ const SLEEPS: u64 = 3;
 
 /// Requests in flight as the agent's status, its metrics and the controller say.
 async fn counts(agent: &Agent, controller: &Controller) -> (u64, u64, u64) {
+    // A count that is missing is a failure, never a zero: a zero is what the idle
+    // checks below expect, so reading "absent" as 0 would let them pass untested.
     let status = agent.status().await;
-    let workers = status["workers"].as_array().cloned().unwrap_or_default();
-    let from_status = workers.iter().filter_map(|w| w["in_flight"].as_u64()).sum();
+    let workers = status["workers"]
+        .as_array()
+        .filter(|w| !w.is_empty())
+        .unwrap_or_else(|| agent.fail(&format!("the status lists no workers: {status}")));
+    let from_status = workers
+        .iter()
+        .map(|w| {
+            w["in_flight"].as_u64().unwrap_or_else(|| {
+                agent.fail(&format!("a worker in the status has no in_flight: {w}"))
+            })
+        })
+        .sum();
     let metrics: HttpResponse = agent.admin("/metrics").await;
-    let from_metrics =
-        metric(&metrics.text(), "fleet_agent_requests_in_flight", &[]).unwrap_or(f64::NAN) as u64;
+    let text = metrics.text();
+    let from_metrics = match metric(&text, "fleet_agent_requests_in_flight", &[]) {
+        Some(v) if v >= 0.0 && v.fract() == 0.0 => v as u64,
+        other => agent.fail(&format!(
+            "fleet_agent_requests_in_flight is {other:?}, not a count, in /metrics:\n{text}"
+        )),
+    };
     let node = controller
         .nodes()
         .await

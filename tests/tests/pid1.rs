@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use fleet_tests::harness::{
-    children_of, eventually, install_fixture, is_running, is_zombie, proc_state,
-    running_children_of, send_signal, wait_gone,
+    SKIP_PIDNS, cannot_run, children_of, eventually, install_fixture, is_running, is_zombie,
+    proc_state, running_children_of, send_signal, wait_gone,
 };
 use fleet_tests::{Agent, AgentOpts};
 use nix::sys::signal::Signal;
@@ -32,11 +32,18 @@ fn pid_namespaces_available() -> Result<(), String> {
     }
 }
 
-/// Start the agent as PID 1 of a new PID namespace; returns it and its host pid,
-/// or `None` (test skipped, with the reason printed) where namespaces are not allowed.
+/// Start the agent as PID 1 of a new PID namespace; returns it and its host pid.
+/// Where namespaces are not available the test fails, unless the person running it
+/// opted out with `FLEET_TESTS_SKIP_PIDNS=1` (then `None`: NOT RUN is printed).
 async fn start_as_pid_1(test: &str, opts: AgentOpts) -> Option<(Agent, u32)> {
     if let Err(why) = pid_namespaces_available() {
-        eprintln!("SKIPPED {test}: {why}");
+        cannot_run(
+            test,
+            &why,
+            "install util-linux (`unshare`; .ci/run does) and run as root, or in a container \
+             allowed to create PID namespaces (CAP_SYS_ADMIN)",
+            SKIP_PIDNS,
+        );
         return None;
     }
     let agent = Agent::start(AgentOpts {

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use fleet_proto::v1::{Phase, RestartRequest};
 use fleet_tests::harness::{
-    chmod, copy_agent_binary, http_request, install_fixture, restart_path, sha256_hex,
+    SKIP_ROOT, cannot_run, chmod, copy_agent_binary, http_request, install_fixture, restart_path,
+    sha256_hex,
 };
 use fleet_tests::{Agent, AgentOpts};
 use tonic::Code;
@@ -335,7 +336,12 @@ async fn a_setuid_file_is_refused() {
 #[tokio::test]
 async fn a_file_owned_by_another_user_is_refused() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: only root can chown a file to nobody (exe.rs unit tests cover it)");
+        cannot_run(
+            "a_file_owned_by_another_user_is_refused",
+            "only root can chown a file to another user (exe.rs unit tests cover the check)",
+            "run the suite as root, as CI does",
+            SKIP_ROOT,
+        );
         return;
     }
     let releases = tempfile::tempdir().unwrap();
