@@ -45,7 +45,7 @@ use fleet_tests::bench::stats::{
     latency_stats, ms, ok_rps, percentile, sorted, stats_json, verdict,
 };
 use fleet_tests::footprint::{Mem, mem};
-use fleet_tests::loadgen::{Load, LoadReport, RequestRecord};
+use fleet_tests::loadgen::{Load, LoadOptions, LoadReport, Pacing, RequestRecord};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -98,6 +98,12 @@ struct Args {
     /// Unmeasured warm-up load per target before the throughput runs.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// Run the restart phase's load open loop at this many requests per second over
+    /// all clients (latency then counts from each request's scheduled time, so a stall
+    /// is not hidden by clients that wait for it: no coordinated omission). Default:
+    /// closed loop. The throughput runs are always closed loop.
+    #[arg(long, value_name = "REQ_PER_SEC")]
+    rate: Option<f64>,
     /// fleet-agent executable (default: next to this executable).
     #[arg(long)]
     agent_exe: Option<PathBuf>,
@@ -277,7 +283,17 @@ async fn restart_phase(args: &Args, agent: &FleetAgent) -> anyhow::Result<Restar
     );
     let cpu_before = cpu_sample();
     let phase_start = Instant::now();
-    let load = Load::start(shape(args).spec(agent.http, args.duration));
+    let spec = shape(args).spec(agent.http, args.duration);
+    let load = match args.rate {
+        Some(per_second) => Load::start_with(
+            spec,
+            LoadOptions {
+                pacing: Pacing::Open { per_second },
+                ..LoadOptions::default()
+            },
+        ),
+        None => Load::start(spec),
+    };
     let stop_at = phase_start + lead + restart_span;
     let mut next = phase_start + lead;
     let mut restarts = Vec::new();
@@ -472,6 +488,13 @@ async fn restart_phase(args: &Args, agent: &FleetAgent) -> anyhow::Result<Restar
 // Report
 
 async fn run(args: Args) -> anyhow::Result<bool> {
+    if let Some(rate) = args.rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        anyhow::bail!(
+            "--rate {rate} is not a rate: give requests per second above 0, e.g. --rate 20000"
+        );
+    }
     let agent_exe = match &args.agent_exe {
         Some(p) => p.clone(),
         None => sibling_exe("fleet-agent")?,
@@ -650,8 +673,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
          a request belongs to it by its start time",
         WINDOW_AFTER_EXIT
     );
+    let pacing = match args.rate {
+        Some(r) => format!("restart phase open loop at {r:.0} req/s, throughput runs closed loop"),
+        None => "closed loop".to_string(),
+    };
     let load_desc = format!(
-        "closed loop, GET /, {} keep-alive + {} fresh-connection clients, {:?} per run, max {} requests per run",
+        "{pacing}, GET /, {} keep-alive + {} fresh-connection clients, {:?} per run, max {} requests per run",
         args.keepalive, args.fresh, args.duration, args.requests
     );
 
