@@ -446,6 +446,20 @@ impl Agent {
         self.wait_worker_change_on(self.app(), old, timeout).await
     }
 
+    /// The worker of the serving generation, as the supervisor's status says. Right
+    /// after a restart returns, `GET /pid` ([`Agent::worker_pid`]) may still be
+    /// answered by the old worker while it takes its SIGTERM; this may not.
+    pub async fn serving_worker(&self) -> u32 {
+        let status = self.status().await;
+        let generation = &status["generation"];
+        status["workers"]
+            .as_array()
+            .and_then(|ws| ws.iter().find(|w| &w["generation"] == generation))
+            .and_then(|w| w["pid"].as_u64())
+            .map(|pid| pid as u32)
+            .unwrap_or_else(|| self.fail(&format!("no worker of the serving generation: {status}")))
+    }
+
     /// `GET /debug/admin/status` on the control endpoint, as JSON.
     pub async fn status(&self) -> serde_json::Value {
         let response = self.admin("/debug/admin/status").await;

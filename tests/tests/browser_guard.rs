@@ -26,7 +26,8 @@ async fn snapshot(agent: &Agent) -> Snapshot {
     assert!(agent.try_exit().is_none(), "the node is still running");
     let status = agent.status().await;
     Snapshot {
-        worker: agent.worker_pid().await,
+        // Not `GET /pid`: right after a restart the old worker may still answer it.
+        worker: agent.serving_worker().await,
         generation: status["generation"].as_u64().unwrap(),
         succeeded: status["restarts_succeeded"].as_u64().unwrap(),
         failed: status["restarts_failed"].as_u64().unwrap(),

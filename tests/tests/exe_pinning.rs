@@ -228,7 +228,9 @@ async fn a_script_worker_pinned_to_a_digest_runs_that_script_while_another_is_sw
         tally.ran, tally.refused_mismatch, tally.refused_changed
     );
     assert!(tally.ran > 0, "no restart ran at all: {tally:?}");
-    let serving = agent.worker_pid().await;
+    // The serving generation's worker (`GET /pid` may still reach a draining one,
+    // which can be gone by the time its /proc entry is read).
+    let serving = agent.serving_worker().await;
     assert_eq!(script_inode(serving), ino(&a), "the serving worker runs A");
 }
 
