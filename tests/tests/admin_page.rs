@@ -74,7 +74,7 @@ async fn without_a_token_the_buttons_restart_and_shut_the_node_down() {
         result.starts_with("200") && result.contains("\"succeeded\""),
         "restart from the page: {result}"
     );
-    let new = agent.worker_pid().await;
+    let new = agent.serving_worker().await;
     assert_ne!(new, old, "a new worker serves");
     assert!(result.contains(&format!("\"new_pid\":{new}")), "{result}");
     browser.screenshot("agent-admin-restarted.png").await;
@@ -118,7 +118,7 @@ async fn with_a_token_log_in_restart_log_out_and_shut_down() {
         result.starts_with("200") && result.contains("\"succeeded\""),
         "restart from the page: {result}"
     );
-    assert_ne!(agent.worker_pid().await, old, "a new worker serves");
+    assert_ne!(agent.serving_worker().await, old, "a new worker serves");
     browser.screenshot("agent-admin-logged-in.png").await;
 
     // Log out: back to the login form, the cookie gone, the session gone server-side.
