@@ -284,6 +284,19 @@ async fn dashboard_rollout_from_the_form_shows_every_phase_live_up_to_100_percen
             Duration::from_secs(90),
         )
         .await;
+    // The recorder samples every 20 ms: let it see the rows' last phase too (the
+    // rollout's state and its rows change in the same update).
+    browser
+        .wait_until(
+            "the page's recorder to have seen every row healthy",
+            "var rows = document.querySelectorAll('tr[data-phase]');\
+             return rows.length > 0 && Array.prototype.every.call(rows, function (tr) {\
+               var seen = window.__phases[tr.dataset.node] || [];\
+               return tr.dataset.phase === 'healthy' && seen[seen.length - 1] === 'healthy';\
+             });",
+            Duration::from_secs(10),
+        )
+        .await;
     let seen = browser
         .execute(
             "return {marker: window.__marker, phases: window.__phases, pct: window.__pct,\
