@@ -1,6 +1,11 @@
 //! What an endpoint that browsers use needs, the same in the agent's admin page and
 //! the controller's dashboard: secrets compared in constant time, random session and
-//! CSRF tokens, cookies, and the CSRF token a state-changing request carries.
+//! CSRF tokens, cookies, the CSRF token a state-changing request carries, and a
+//! bounded, expiring store of server-side sessions.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -67,6 +72,101 @@ pub async fn csrf_token(request: Request) -> Result<(Request, Option<String>), F
     Ok((Request::from_parts(parts, Body::from(bytes)), token))
 }
 
+/// How long sessions last and how many are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// A session unused this long is gone.
+    pub idle: Duration,
+    /// A session this old is gone, used or not (`None`: no such bound).
+    pub lifetime: Option<Duration>,
+    /// Most sessions kept; the least recently used goes first.
+    pub max: usize,
+}
+
+/// Server-side browser sessions: each a random id (the only thing the browser gets, in
+/// its cookie) holding a `T` (a CSRF token, say), kept in this process's memory.
+#[derive(Debug)]
+pub struct SessionStore<T> {
+    limits: SessionLimits,
+    map: Mutex<HashMap<String, Slot<T>>>,
+}
+
+#[derive(Debug)]
+struct Slot<T> {
+    value: T,
+    created: Instant,
+    last_used: Instant,
+}
+
+impl<T> Slot<T> {
+    fn live(&self, limits: &SessionLimits, now: Instant) -> bool {
+        now.duration_since(self.last_used) < limits.idle
+            && limits
+                .lifetime
+                .is_none_or(|l| now.duration_since(self.created) < l)
+    }
+}
+
+impl<T: Clone> SessionStore<T> {
+    pub fn new(limits: SessionLimits) -> Self {
+        Self {
+            limits,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A new session holding `value`; returns its id. Expired sessions are dropped,
+    /// and at the bound the least recently used one makes room.
+    pub fn create(&self, value: T, now: Instant) -> String {
+        let id = random_token();
+        let mut map = self.map.lock().expect("sessions lock");
+        map.retain(|_, slot| slot.live(&self.limits, now));
+        if map.len() >= self.limits.max
+            && let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, slot)| slot.last_used)
+                .map(|(id, _)| id.clone())
+        {
+            map.remove(&oldest);
+        }
+        map.insert(
+            id.clone(),
+            Slot {
+                value,
+                created: now,
+                last_used: now,
+            },
+        );
+        id
+    }
+
+    /// What the live session `id` holds; using it keeps it alive.
+    pub fn get(&self, id: &str, now: Instant) -> Option<T> {
+        let mut map = self.map.lock().expect("sessions lock");
+        let slot = map.get_mut(id)?;
+        if !slot.live(&self.limits, now) {
+            map.remove(id);
+            return None;
+        }
+        slot.last_used = now;
+        Some(slot.value.clone())
+    }
+
+    /// Ends a session (logout).
+    pub fn remove(&self, id: &str) {
+        self.map.lock().expect("sessions lock").remove(id);
+    }
+
+    /// Sessions kept now (live or not yet dropped).
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("sessions lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +186,34 @@ mod tests {
         headers.append(header::COOKIE, "a=1; fleet=xyz".parse().unwrap());
         assert_eq!(cookie(&headers, "fleet"), Some("xyz"));
         assert_eq!(cookie(&headers, "b"), None);
+    }
+
+    #[test]
+    fn sessions_end_when_idle_when_old_and_at_the_bound() {
+        let store = SessionStore::new(SessionLimits {
+            idle: Duration::from_secs(10),
+            lifetime: Some(Duration::from_secs(60)),
+            max: 3,
+        });
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let idle = store.create("a", t0);
+        assert_eq!(store.get(&idle, t0 + s(9)), Some("a"));
+        assert_eq!(store.get(&idle, t0 + s(20)), None, "idle too long");
+        let busy = store.create("b", t0);
+        let mut now = t0;
+        while now < t0 + s(55) {
+            now += s(5);
+            assert_eq!(store.get(&busy, now), Some("b"));
+        }
+        assert_eq!(store.get(&busy, t0 + s(60)), None, "too old");
+        for _ in 0..10 {
+            store.create("c", t0);
+        }
+        assert!(store.len() <= 3);
+        let gone = store.create("d", t0);
+        store.remove(&gone);
+        assert_eq!(store.get(&gone, t0), None);
     }
 
     #[tokio::test]

@@ -8,11 +8,10 @@
 //! after [`IDLE`] without use, [`ABSOLUTE`] after login whatever its use, on logout,
 //! or when the supervisor restarts (workers come and go; the supervisor keeps them).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue};
+use fleet_net::browser::{SessionLimits, SessionStore, cookie};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "fleet_admin";
@@ -33,23 +32,22 @@ pub struct Session {
     pub csrf: String,
 }
 
+/// Every live session, bounded; each holds its CSRF token.
 #[derive(Debug)]
-struct Entry {
-    csrf: String,
-    created: Instant,
-    last_used: Instant,
-}
-
-impl Entry {
-    fn live(&self, now: Instant) -> bool {
-        now.duration_since(self.last_used) < IDLE && now.duration_since(self.created) < ABSOLUTE
-    }
-}
-
-/// Every live session, bounded.
-#[derive(Debug, Default)]
 pub struct Sessions {
-    map: Mutex<HashMap<String, Entry>>,
+    store: SessionStore<String>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            store: SessionStore::new(SessionLimits {
+                idle: IDLE,
+                lifetime: Some(ABSOLUTE),
+                max: MAX_SESSIONS,
+            }),
+        }
+    }
 }
 
 impl Sessions {
@@ -59,29 +57,9 @@ impl Sessions {
     }
 
     fn create_at(&self, now: Instant) -> Session {
-        let session = Session {
-            id: fleet_net::browser::random_token(),
-            csrf: fleet_net::browser::random_token(),
-        };
-        let mut map = self.map.lock().expect("sessions lock");
-        map.retain(|_, e| e.live(now));
-        if map.len() >= MAX_SESSIONS
-            && let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(id, _)| id.clone())
-        {
-            map.remove(&oldest);
-        }
-        map.insert(
-            session.id.clone(),
-            Entry {
-                csrf: session.csrf.clone(),
-                created: now,
-                last_used: now,
-            },
-        );
-        session
+        let csrf = fleet_net::browser::random_token();
+        let id = self.store.create(csrf.clone(), now);
+        Session { id, csrf }
     }
 
     /// The live session named by the request's cookie; using it keeps it alive.
@@ -90,26 +68,18 @@ impl Sessions {
     }
 
     fn get_at(&self, id: &str, now: Instant) -> Option<Session> {
-        let mut map = self.map.lock().expect("sessions lock");
-        let entry = map.get_mut(id)?;
-        if !entry.live(now) {
-            map.remove(id);
-            return None;
-        }
-        entry.last_used = now;
+        let csrf = self.store.get(id, now)?;
         Some(Session {
             id: id.to_string(),
-            csrf: entry.csrf.clone(),
+            csrf,
         })
     }
 
     /// Ends a session (logout).
     pub fn remove(&self, id: &str) {
-        self.map.lock().expect("sessions lock").remove(id);
+        self.store.remove(id);
     }
 }
-
-use fleet_net::browser::cookie;
 
 /// `Set-Cookie` for a session: sent back only to the admin path of this host, never
 /// to the app's own pages nor to `/` (so the app ports' other routes never see it).
@@ -186,7 +156,7 @@ mod tests {
         for _ in 0..MAX_SESSIONS + 10 {
             s.create();
         }
-        assert!(s.map.lock().unwrap().len() <= MAX_SESSIONS);
+        assert!(s.store.len() <= MAX_SESSIONS);
     }
 
     #[test]

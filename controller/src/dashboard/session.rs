@@ -9,15 +9,15 @@
 //! `Origin`, coming from this very host: a plain cross-site link or form can change
 //! nothing.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
+use fleet_net::browser::{SessionLimits, SessionStore, cookie};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "fleet_session";
@@ -39,25 +39,29 @@ pub struct Session {
     fresh: bool,
 }
 
-#[derive(Debug)]
+/// What a session holds.
+#[derive(Debug, Clone)]
 struct Entry {
     csrf: String,
     authenticated: bool,
-    last_used: Instant,
 }
 
 /// The sessions of every browser, and the token that logs one in.
 #[derive(Debug)]
 pub struct Sessions {
     token: Option<Arc<String>>,
-    map: Mutex<HashMap<String, Entry>>,
+    store: SessionStore<Entry>,
 }
 
 impl Sessions {
     pub fn new(token: Option<Arc<String>>) -> Self {
         Self {
             token,
-            map: Mutex::new(HashMap::new()),
+            store: SessionStore::new(SessionLimits {
+                idle: IDLE,
+                lifetime: None,
+                max: MAX_SESSIONS,
+            }),
         }
     }
 
@@ -75,48 +79,26 @@ impl Sessions {
 
     /// A new session; `authenticated` after a successful login.
     pub fn create(&self, authenticated: bool) -> Session {
-        let session = Session {
-            id: fleet_net::browser::random_token(),
-            csrf: fleet_net::browser::random_token(),
+        let csrf = fleet_net::browser::random_token();
+        let entry = Entry {
+            csrf: csrf.clone(),
+            authenticated,
+        };
+        Session {
+            id: self.store.create(entry, Instant::now()),
+            csrf,
             authenticated,
             fresh: true,
-        };
-        let mut map = self.map.lock().expect("sessions lock");
-        let now = Instant::now();
-        map.retain(|_, e| now.duration_since(e.last_used) < IDLE);
-        if map.len() >= MAX_SESSIONS
-            && let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(id, _)| id.clone())
-        {
-            map.remove(&oldest);
         }
-        map.insert(
-            session.id.clone(),
-            Entry {
-                csrf: session.csrf.clone(),
-                authenticated,
-                last_used: now,
-            },
-        );
-        session
     }
 
     /// The session named by the request's cookie, if it is known and not expired.
     pub fn from_headers(&self, headers: &HeaderMap) -> Option<Session> {
         let id = cookie(headers, COOKIE)?;
-        let mut map = self.map.lock().expect("sessions lock");
-        let entry = map.get_mut(id)?;
-        let now = Instant::now();
-        if now.duration_since(entry.last_used) >= IDLE {
-            map.remove(id);
-            return None;
-        }
-        entry.last_used = now;
+        let entry = self.store.get(id, Instant::now())?;
         Some(Session {
             id: id.to_string(),
-            csrf: entry.csrf.clone(),
+            csrf: entry.csrf,
             authenticated: entry.authenticated,
             fresh: false,
         })
@@ -128,11 +110,9 @@ impl Sessions {
     }
 
     pub fn remove(&self, id: &str) {
-        self.map.lock().expect("sessions lock").remove(id);
+        self.store.remove(id);
     }
 }
-
-use fleet_net::browser::cookie;
 
 /// `Set-Cookie` for a session.
 pub fn set_cookie(session: &Session) -> HeaderValue {
@@ -346,7 +326,7 @@ mod tests {
         for _ in 0..MAX_SESSIONS + 10 {
             s.create(false);
         }
-        assert!(s.map.lock().unwrap().len() <= MAX_SESSIONS);
+        assert!(s.store.len() <= MAX_SESSIONS);
     }
 
     #[test]

@@ -79,6 +79,7 @@ async fn serve(mut stream: TcpStream, script: fn(u64) -> Answer) {
                 return;
             }
             Answer::Slow => {
+                // The misbehaviour itself (a slow server), not a wait for an event.
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 ok
             }
@@ -89,6 +90,8 @@ async fn serve(mut stream: TcpStream, script: fn(u64) -> Answer) {
         match script(n) {
             Answer::OkAndClose => return,
             Answer::OkThenCloseIdle => {
+                // The misbehaviour: keep the idle connection a moment, then close it
+                // unannounced (the client notices it before its next write).
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 return;
             }
