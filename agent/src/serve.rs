@@ -11,12 +11,16 @@
 //! - a connection that is idle is closed only after it has stayed idle for
 //!   `idle_grace` (and never while request bytes sit unread in its socket);
 //! - HTTP/2 connections get GOAWAY at once (hyper's graceful shutdown), which lets
-//!   open streams finish and tells the client exactly which requests were taken.
+//!   open streams finish and tells the client exactly which requests were taken;
+//! - every connection is closed by [`linger::linger`]: write side first, then wait for
+//!   the client to close, so a reset never throws away responses still in flight.
+
+mod linger;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -181,6 +185,9 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let fd = stream.as_raw_fd();
+        // A second descriptor for the closing handshake (see `linger`); without one
+        // (out of descriptors) the connection is closed the plain way.
+        let keep = stream.as_fd().try_clone_to_owned().ok();
         let guard = Guard(open.0.clone());
         guard.0.send_modify(|n| *n += 1);
         let shared = shared.clone();
@@ -200,6 +207,9 @@ async fn accept_loop(
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
+            }
+            if let Some(keep) = keep {
+                linger::linger(keep).await;
             }
             drop(guard);
         });
