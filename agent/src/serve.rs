@@ -12,9 +12,12 @@
 //!   `idle_grace` (and never while request bytes sit unread in its socket);
 //! - HTTP/2 connections get GOAWAY at once (hyper's graceful shutdown), which lets
 //!   open streams finish and tells the client exactly which requests were taken;
+//!   [`h2::GoawayFirst`] makes sure the client reads that GOAWAY before any response
+//!   that follows it, so it never queues a request it then has to refuse;
 //! - every connection is closed by [`linger::linger`]: write side first, then wait for
 //!   the client to close, so a reset never throws away responses still in flight.
 
+mod h2;
 mod linger;
 
 use std::convert::Infallible;
@@ -244,6 +247,7 @@ async fn serve_connection<IO>(
     let io = TokioIo::new(Tracked {
         inner: io,
         state: state.clone(),
+        h2: h2::GoawayFirst::default(),
     });
     let conn = shared.builder.serve_connection_with_upgrades(
         io,
@@ -267,6 +271,7 @@ async fn serve_connection<IO>(
                 _ = tokio::time::sleep(wait) => {}
             },
             None => {
+                state.goaway.store(true, Ordering::Relaxed);
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
                 return;
@@ -283,6 +288,8 @@ struct ConnState {
     last_activity: AtomicU64,
     in_flight: AtomicUsize,
     h2: AtomicBool,
+    /// Set when the connection is to be told to go away (HTTP/2).
+    goaway: AtomicBool,
 }
 
 impl ConnState {
@@ -292,6 +299,7 @@ impl ConnState {
             last_activity: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             h2: AtomicBool::new(h2),
+            goaway: AtomicBool::new(false),
         }
     }
 
@@ -376,34 +384,49 @@ impl Drop for InFlight {
     }
 }
 
-/// The connection's byte stream, noting when the peer last sent something.
+/// The connection's byte stream, noting when the peer last sent something, and
+/// ordering the HTTP/2 drain ([`h2::GoawayFirst`]).
 struct Tracked<IO> {
     inner: IO,
     state: Arc<ConnState>,
+    h2: h2::GoawayFirst,
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
+impl<IO> Tracked<IO> {
+    fn check_drain(&mut self) {
+        if self.state.goaway.load(Ordering::Relaxed) {
+            self.h2.start();
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Tracked<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        this.check_drain();
         let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let poll = this.h2.poll_read(cx, &mut this.inner, buf);
         if buf.filled().len() > before {
-            self.state.touch();
+            this.state.touch();
         }
         poll
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        this.check_drain();
+        this.h2
+            .poll_write(cx, &mut this.inner, &[std::io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -411,7 +434,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        this.check_drain();
+        this.h2.poll_write(cx, &mut this.inner, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -419,7 +444,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        this.h2.poll_flush(cx, &mut this.inner)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -102,3 +102,43 @@ fn discard(socket: &impl TryRead) -> Drained {
     }
     Drained::Busy
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::linger;
+
+    /// The server writes 4 MiB and closes while the client's last bytes sit unread in
+    /// its receive buffer: a plain close would reset the connection and the client
+    /// would miss the tail; lingering delivers all of it, then an orderly EOF.
+    #[tokio::test]
+    async fn everything_written_reaches_a_client_whose_bytes_were_never_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        client.write_all(b"a request the server never reads").await.unwrap();
+        let body = vec![7u8; 4 << 20];
+        let writer = {
+            let body = body.clone();
+            tokio::spawn(async move {
+                server.write_all(&body).await.unwrap();
+                let keep = server.as_fd().try_clone_to_owned().unwrap();
+                drop(server);
+                linger(keep).await;
+            })
+        };
+        let mut got = Vec::new();
+        client
+            .read_to_end(&mut got)
+            .await
+            .expect("an orderly end, not a reset");
+        assert_eq!(got.len(), body.len());
+        drop(client);
+        writer.await.unwrap();
+    }
+}

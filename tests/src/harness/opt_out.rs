@@ -5,6 +5,8 @@
 
 /// The opt-out for the PID-namespace tests (`unshare --pid --fork --mount-proc`).
 pub const SKIP_PIDNS: &str = "FLEET_TESTS_SKIP_PIDNS";
+/// The opt-out for the tests that run `h2load` (Debian's `nghttp2-client`).
+pub const SKIP_H2LOAD: &str = "FLEET_TESTS_SKIP_H2LOAD";
 /// The opt-out for tests that only root can run (e.g. `chown` to another user).
 pub const SKIP_ROOT: &str = "FLEET_TESTS_SKIP_ROOT";
 
