@@ -121,7 +121,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let mut client = TcpStream::connect(addr).await.unwrap();
         let (mut server, _) = listener.accept().await.unwrap();
-        client.write_all(b"a request the server never reads").await.unwrap();
+        client
+            .write_all(b"a request the server never reads")
+            .await
+            .unwrap();
         let body = vec![7u8; 4 << 20];
         let writer = {
             let body = body.clone();

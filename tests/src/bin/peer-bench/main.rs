@@ -278,6 +278,13 @@ impl SettingResult {
             .filter(|r| r.split.window.p99.is_some() && r.errors().is_empty())
             .min_by_key(|r| r.split.window.p99)
     }
+
+    /// The peer with the lowest maximum latency inside reload windows, among the same.
+    fn lowest_window_max_peer(&self) -> Option<&ReloadRun> {
+        self.peers()
+            .filter(|r| r.split.window.max.is_some() && r.errors().is_empty())
+            .min_by_key(|r| r.split.window.max)
+    }
 }
 
 /// The failure kinds of the load generator, as the table shows them.
@@ -648,6 +655,33 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     fmt_ms(f.split.window.p999)
                 ),
             ));
+            let (window_max, steady_max) = (f.split.window.max, f.split.steady.max);
+            verdicts.push(verdict(
+                window_max.is_some()
+                    && steady_max.is_some()
+                    && window_max <= steady_max.map(|m| m * 2),
+                format!("fleet: max latency in reload windows <= 2x the steady max ({s})"),
+                format!(
+                    "{} vs steady {} (ratio {})",
+                    fmt_ms(window_max),
+                    fmt_ms(steady_max),
+                    fmt_ratio(ratio(window_max.map(ms), steady_max.map(ms)))
+                ),
+            ));
+            if let Some(peer) = r.lowest_window_max_peer() {
+                let peer_max = peer.split.window.max;
+                verdicts.push(verdict(
+                    window_max.is_some() && window_max <= peer_max,
+                    format!("fleet: max latency in reload windows <= best peer's ({s})"),
+                    format!(
+                        "fleet {} vs {} {} (ratio {})",
+                        fmt_ms(window_max),
+                        peer.target.name(),
+                        fmt_ms(peer_max),
+                        fmt_ratio(ratio(window_max.map(ms), peer_max.map(ms)))
+                    ),
+                ));
+            }
             match r.best_peer() {
                 Some(best) => {
                     let (fp, bp) = (f.split.window.p99, best.split.window.p99);
