@@ -260,7 +260,13 @@ async fn serve_connection<IO>(
         _ = until_true(&mut draining) => {}
     }
     loop {
-        let next_look = if state.h2.load(Ordering::Relaxed) {
+        // An HTTP/2 connection that has not carried a request may still be in hyper's
+        // handshake, where a graceful shutdown closes it without GOAWAY and the
+        // client's first requests, already sent, are lost (seen with TLS, whose
+        // handshake makes that window wider): it is left alone until its first
+        // request, or closed as an idle one after `idle_grace`.
+        let serving_h2 = state.h2.load(Ordering::Relaxed) && state.served.load(Ordering::Acquire);
+        let next_look = if serving_h2 {
             None
         } else {
             state.idle_check(shared.options.idle_grace, fd)
@@ -269,6 +275,7 @@ async fn serve_connection<IO>(
             Some(wait) => tokio::select! {
                 _ = conn.as_mut() => return,
                 _ = tokio::time::sleep(wait) => {}
+                _ = state.first_request.notified() => {}
             },
             None => {
                 state.goaway.store(true, Ordering::Relaxed);
@@ -290,6 +297,9 @@ struct ConnState {
     h2: AtomicBool,
     /// Set when the connection is to be told to go away (HTTP/2).
     goaway: AtomicBool,
+    /// Set with the first request: the connection is past its handshake.
+    served: AtomicBool,
+    first_request: tokio::sync::Notify,
 }
 
 impl ConnState {
@@ -300,6 +310,8 @@ impl ConnState {
             in_flight: AtomicUsize::new(0),
             h2: AtomicBool::new(h2),
             goaway: AtomicBool::new(false),
+            served: AtomicBool::new(false),
+            first_request: tokio::sync::Notify::new(),
         }
     }
 
@@ -353,6 +365,9 @@ impl ConnService {
         let http1 = req.version() < Version::HTTP_2;
         if !http1 {
             self.state.h2.store(true, Ordering::Relaxed);
+        }
+        if !self.state.served.swap(true, Ordering::AcqRel) {
+            self.state.first_request.notify_one();
         }
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
         REQUESTS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
