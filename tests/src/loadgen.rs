@@ -1,20 +1,24 @@
-//! A strict HTTP/1.1 load generator, closed-loop or open-loop (constant rate).
+//! A strict HTTP load generator (HTTP/1.1 and HTTP/2), closed-loop or open-loop
+//! (constant rate).
 //!
 //! Closed loop (the default): every client sends one request, reads the whole
 //! response, and only then sends the next. Open loop ([`Pacing::Open`]): requests are
 //! scheduled at a fixed rate, and a request's latency counts from the time it was
 //! *scheduled*, so a server that stalls shows it on every request that should have
 //! gone out during the stall, not only on the one that was waiting (coordinated
-//! omission).
+//! omission). An HTTP/2 client is a stream slot: [`LoadSpec::h2_connections`]
+//! connections carry [`LoadSpec::h2_streams`] slots each, every slot a closed- or
+//! open-loop client of its own, so each connection has that many streams in flight.
 //!
 //! Nothing is retried behind the caller's back, so a request that a restart loses
 //! shows up as a failure. That is why this uses hyper's low-level
-//! `client::conn::http1` API and not a pooled client: pooled clients (reqwest,
-//! `hyper_util::client::legacy`) quietly retry a request that died on a reused
-//! connection, which is exactly the failure a zero-downtime restart must not cause.
+//! `client::conn::http1` and `client::conn::http2` APIs and not a pooled client:
+//! pooled clients (reqwest, `hyper_util::client::legacy`) quietly retry a request
+//! that died on a reused connection, which is exactly the failure a zero-downtime
+//! restart must not cause.
 //!
-//! What a correct client may still do without counting a failure, one rule for every
-//! client and connection:
+//! What a correct HTTP/1.1 client may still do without counting a failure, one rule
+//! for every client and connection:
 //! - open a new connection after a response that carried `Connection: close`
 //!   (counted in [`LoadReport::announced_closes`]);
 //! - send a request again on a new connection when the connection was found closed
@@ -25,13 +29,41 @@
 //!   request, and never once the load is stopping or past its time bound. The
 //!   request's latency counts from its first attempt.
 //!
+//! What a correct HTTP/2 client may do without counting a failure (RFC 9113 §6.8,
+//! §8.7), counted in [`LoadReport::h2`]:
+//! - open a new connection for new requests once the connection received GOAWAY
+//!   or closed (counted by cause: after GOAWAY, after a close), as a real client's
+//!   pool does; the streams already open on the old one finish there;
+//! - send a request again on a new connection when the server did not process it:
+//!   it was never sent (hyper handed it back: the connection had taken its last
+//!   request), its stream was refused with RST_STREAM `REFUSED_STREAM`, or its
+//!   stream was above the last stream id of the server's GOAWAY (h2 reports that as
+//!   the GOAWAY's error on the stream). Only before a response head arrived: a
+//!   server that answered has processed the request, whatever it says next. Counted
+//!   by kind (`not_sent`, `refused_stream`, `above_goaway`), at most
+//!   [`MAX_ATTEMPTS`] attempts, never once the load is stopping or past its time
+//!   bound, latency from the first attempt.
+//!
 //! Everything else is a [`Failure`]: connection refused, a request written and then
-//! answered by EOF or a reset (on a reused connection or a fresh one), a timeout, a
-//! non-2xx status, a body that ends early, or a request that kept finding its
-//! connection closed before the write.
+//! answered by EOF or a reset (on a reused connection or a fresh one; for HTTP/2 a
+//! connection that closed after the request was sent), a stream reset with any
+//! other reason (`stream-reset`), a timeout, a non-2xx status, a body that ends
+//! early, or a request that kept finding its connection closed before the write or
+//! kept being refused. An HTTP/2 failure message names the connection, the time
+//! into the load, the highest stream id the client opened on it, and every GOAWAY
+//! (last stream id, code, time) and RST_STREAM the server sent on it.
+//!
+//! Two limits of hyper's HTTP/2 client the rules rely on: a slot's requests must not
+//! queue behind the server's `SETTINGS_MAX_CONCURRENT_STREAMS` (keep `h2_streams`
+//! below it; hyper fails a queued request without handing it back when a GOAWAY
+//! arrives), and a request that races the connection's death inside hyper (after
+//! its readiness check, before the stream opens) fails without being handed back;
+//! both show as failures, never as silent re-sends.
 
 mod client;
+mod http2;
 mod report;
+mod tap;
 #[cfg(test)]
 mod tests;
 
@@ -44,14 +76,15 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use client::{ClientReport, Shared};
-pub use report::{ClosedBeforeWrite, Failure, LoadReport, RequestRecord, Span, ZeroLoss};
+pub use report::{ClosedBeforeWrite, Failure, H2Counts, LoadReport, RequestRecord, Span, ZeroLoss};
 
 /// How long one request (connect + write + whole response, every attempt) may take
 /// by default. Zero-loss tests bound latency far below this ([`ZeroLoss::max_latency`]).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How many times one request may be started: the first attempt, and a re-send
-/// each time its connection was found closed before the request was written.
+/// each time its connection was found closed before the request was written (for
+/// HTTP/2: each time the server did not process it).
 pub const MAX_ATTEMPTS: u32 = 3;
 
 /// What to run: where, how many clients of each kind, and the hard bounds.
@@ -65,10 +98,64 @@ pub struct LoadSpec {
     pub keepalive_connections: usize,
     /// Clients that open a new connection for every request (`Connection: close`).
     pub fresh_connections: usize,
+    /// HTTP/2 connections (cleartext with prior knowledge, or h2 by ALPN over TLS
+    /// when `tls` is set), each carrying `h2_streams` stream slots.
+    pub h2_connections: usize,
+    /// Stream slots per HTTP/2 connection: each a client that sends its next
+    /// request when its previous one ended (or when its schedule says, open loop).
+    /// Keep it below the server's `SETTINGS_MAX_CONCURRENT_STREAMS` (module doc).
+    pub h2_streams: usize,
+    /// Speak TLS to the target (the HTTP/2 clients only).
+    pub tls: Option<TlsTarget>,
     /// Hard bound on the number of requests, over all clients.
     pub max_requests: u64,
     /// Hard bound on the time the load runs.
     pub max_duration: Duration,
+}
+
+impl LoadSpec {
+    /// Every client: HTTP/1.1 keep-alive and fresh-connection ones, HTTP/2 stream slots.
+    pub fn clients(&self) -> usize {
+        self.keepalive_connections + self.fresh_connections + self.h2_connections * self.h2_streams
+    }
+}
+
+/// A TLS server to load: the certificate to trust and the name it is for.
+#[derive(Clone)]
+pub struct TlsTarget {
+    /// The server's certificate (or its CA's), DER.
+    pub ca_der: Vec<u8>,
+    /// The name to ask for (SNI) and check the certificate against, e.g. "localhost".
+    pub server_name: String,
+}
+
+impl std::fmt::Debug for TlsTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "TlsTarget {{ server_name: {:?}, ca_der: {} bytes }}",
+            self.server_name,
+            self.ca_der.len()
+        )
+    }
+}
+
+impl TlsTarget {
+    /// A TLS client that trusts only this certificate and offers ALPN "h2" alone.
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(self.ca_der.clone()))
+            .expect("the TLS target's certificate is not a valid DER certificate");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    }
 }
 
 impl Default for LoadSpec {
@@ -79,6 +166,9 @@ impl Default for LoadSpec {
             path: "/".to_string(),
             keepalive_connections: 8,
             fresh_connections: 8,
+            h2_connections: 0,
+            h2_streams: 16,
+            tls: None,
             max_requests: 1_000_000,
             max_duration: Duration::from_secs(10),
         }
@@ -128,8 +218,13 @@ impl Load {
     }
 
     /// Start the clients with `options` (pacing, request timeout). Panics outside a
-    /// tokio runtime, or on an open-loop rate that is not a positive number.
+    /// tokio runtime, on an open-loop rate that is not a positive number, or on TLS
+    /// asked of HTTP/1.1 clients.
     pub fn start_with(spec: LoadSpec, options: LoadOptions) -> Load {
+        assert!(
+            spec.tls.is_none() || spec.keepalive_connections + spec.fresh_connections == 0,
+            "only the HTTP/2 clients speak TLS: set keepalive_connections and fresh_connections to 0"
+        );
         if let Pacing::Open { per_second } = options.pacing {
             assert!(
                 per_second.is_finite() && per_second > 0.0,
@@ -137,6 +232,7 @@ impl Load {
             );
         }
         let shared = Arc::new(Shared {
+            tls: spec.tls.as_ref().map(TlsTarget::client_config),
             spec,
             options,
             started: Instant::now(),
@@ -151,6 +247,19 @@ impl Load {
         }
         for id in 0..shared.spec.fresh_connections {
             clients.push(tokio::spawn(client::fresh_client(shared.clone(), id)));
+        }
+        let h1 = shared.spec.keepalive_connections + shared.spec.fresh_connections;
+        for id in 0..shared.spec.h2_connections {
+            let conn = Arc::new(http2::Connection::new(id));
+            for slot in 0..shared.spec.h2_streams {
+                let pacer = h1 + id * shared.spec.h2_streams + slot;
+                clients.push(tokio::spawn(http2::stream_client(
+                    shared.clone(),
+                    conn.clone(),
+                    slot,
+                    pacer,
+                )));
+            }
         }
         Load { shared, clients }
     }
@@ -200,6 +309,12 @@ impl Load {
             report.closed_before_write.reused += client.closed_before_write.reused;
             report.closed_before_write.new += client.closed_before_write.new;
             report.unsent_retries += client.unsent_retries;
+            let h2 = &mut report.h2;
+            h2.after_goaway += client.h2.after_goaway;
+            h2.after_close += client.h2.after_close;
+            h2.refused_stream += client.h2.refused_stream;
+            h2.above_goaway += client.h2.above_goaway;
+            h2.not_sent += client.h2.not_sent;
         }
         report.reconnects = report.announced_closes + report.closed_before_write.total();
         report.elapsed = self.shared.started.elapsed();

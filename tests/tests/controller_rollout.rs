@@ -45,6 +45,7 @@ async fn controller_rollout_moves_every_node_batch_by_batch_under_load_without_l
                     fresh_connections: 2,
                     max_requests: 5_000_000,
                     max_duration: Duration::from_secs(120),
+                    ..Default::default()
                 },
                 LoadOptions {
                     // Far above the latency bound, so that a stall shows as a latency.

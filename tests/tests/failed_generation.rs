@@ -27,6 +27,7 @@ fn load_on(agent: &Agent) -> Load {
         fresh_connections: 4,
         max_requests: 1_000_000,
         max_duration: Duration::from_secs(60),
+        ..Default::default()
     })
 }
 

@@ -35,6 +35,7 @@ async fn a_python_server_under_exec_restarts_25_times_under_load_without_losing_
         fresh_connections: 4,
         max_requests: 1_000_000,
         max_duration: Duration::from_secs(60),
+        ..Default::default()
     });
     load.wait_progress(50, Duration::from_secs(20)).await;
 

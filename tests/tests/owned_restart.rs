@@ -78,6 +78,7 @@ fn load_on(agent: &Agent) -> Load {
         fresh_connections: 2,
         max_requests: 2_000_000,
         max_duration: Duration::from_secs(60),
+        ..Default::default()
     })
 }
 

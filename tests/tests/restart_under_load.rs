@@ -104,6 +104,7 @@ async fn restarts_under_load(restarts: u64, env: Vec<(OsString, OsString)>) -> R
             fresh_connections: 8,
             max_requests: 2_000_000,
             max_duration: Duration::from_secs(120),
+            ..Default::default()
         },
         LoadOptions {
             // Far above the latency bound, so that a stall shows as a latency.

@@ -130,6 +130,7 @@ async fn a_thousand_restarts_under_load_lose_no_request_and_leak_nothing() {
             fresh_connections: 4,
             max_requests: 20_000_000,
             max_duration: DEADLINE + Duration::from_secs(60),
+            ..Default::default()
         },
         LoadOptions {
             // Far above the latency bound, so that a stall shows as a latency.

@@ -36,6 +36,7 @@ impl LoadShape {
             fresh_connections: self.fresh,
             max_requests: self.requests,
             max_duration: duration,
+            ..Default::default()
         }
     }
 

@@ -1,5 +1,6 @@
-//! The two kinds of client (keep-alive, fresh connection per request), the pacing
-//! that hands out requests, and one request/response exchange.
+//! The two kinds of HTTP/1.1 client (keep-alive, fresh connection per request), the
+//! pacing that hands out requests to every client (HTTP/2 stream slots too), and one
+//! HTTP/1.1 request/response exchange.
 
 use std::error::Error as StdError;
 use std::net::SocketAddr;
@@ -17,7 +18,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::report::{ClosedBeforeWrite, Failure, RequestRecord};
+use super::report::{ClosedBeforeWrite, Failure, H2Counts, RequestRecord};
 use super::{LoadOptions, LoadSpec, MAX_ATTEMPTS, Pacing};
 
 /// Keep at most this many failure samples in a report (the counts by kind come
@@ -26,7 +27,7 @@ const MAX_FAILURE_SAMPLES: usize = 100;
 
 /// A refused connection is retried by the next request after this pause, so that a
 /// closed port does not make the client spin hot (it is still bounded either way).
-const CONNECT_BACKOFF: Duration = Duration::from_millis(5);
+pub(super) const CONNECT_BACKOFF: Duration = Duration::from_millis(5);
 
 /// Longest single sleep while pacing, so that a stop is seen promptly.
 const PACING_STEP: Duration = Duration::from_millis(10);
@@ -43,17 +44,19 @@ pub(super) struct Shared {
     pub(super) completed: AtomicU64,
     /// Failure samples, shared so that they keep their order across clients.
     pub(super) failures: Mutex<Vec<Failure>>,
+    /// The TLS client for the HTTP/2 clients, when the spec says TLS.
+    pub(super) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Shared {
     /// Stopped by the caller, or past the time bound: start nothing new, re-send nothing.
-    fn stopping(&self) -> bool {
+    pub(super) fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed) || self.started.elapsed() >= self.spec.max_duration
     }
 
     /// The next request a client may make, as the instant its latency counts from;
     /// `None` once the load is over. Open loop: waits until the scheduled time.
-    async fn next_request(&self, pacer: &mut Pacer) -> Option<Instant> {
+    pub(super) async fn next_request(&self, pacer: &mut Pacer) -> Option<Instant> {
         let start = match pacer {
             Pacer::Closed => Instant::now(),
             Pacer::Open { next, interval } => {
@@ -78,12 +81,11 @@ impl Shared {
         (self.issued.fetch_add(1, Ordering::Relaxed) < self.spec.max_requests).then_some(start)
     }
 
-    fn pacer(&self, client: usize) -> Pacer {
+    pub(super) fn pacer(&self, client: usize) -> Pacer {
         match self.options.pacing {
             Pacing::Closed => Pacer::Closed,
             Pacing::Open { per_second } => {
-                let clients =
-                    (self.spec.keepalive_connections + self.spec.fresh_connections).max(1);
+                let clients = self.spec.clients().max(1);
                 let interval = Duration::from_secs_f64(clients as f64 / per_second);
                 // Staggered, so that the clients together send at an even rate.
                 let offset = interval.mul_f64(client as f64 / clients as f64);
@@ -96,7 +98,7 @@ impl Shared {
     }
 
     /// Record a finished request (and its failure, if any).
-    fn done(
+    pub(super) fn done(
         &self,
         start: Instant,
         attempts: u32,
@@ -121,7 +123,7 @@ impl Shared {
 }
 
 /// When a client's requests go out.
-enum Pacer {
+pub(super) enum Pacer {
     Closed,
     Open { next: Instant, interval: Duration },
 }
@@ -132,6 +134,7 @@ pub(super) struct ClientReport {
     pub(super) announced_closes: u64,
     pub(super) closed_before_write: ClosedBeforeWrite,
     pub(super) unsent_retries: u64,
+    pub(super) h2: H2Counts,
 }
 
 impl ClientReport {
@@ -460,7 +463,7 @@ fn classify(err: &hyper::Error, reused: bool) -> (&'static str, &'static str) {
     }
 }
 
-fn io_error_kind(err: &(dyn StdError + 'static)) -> Option<std::io::ErrorKind> {
+pub(super) fn io_error_kind(err: &(dyn StdError + 'static)) -> Option<std::io::ErrorKind> {
     let mut source: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -472,7 +475,7 @@ fn io_error_kind(err: &(dyn StdError + 'static)) -> Option<std::io::ErrorKind> {
 }
 
 /// An error and all its sources on one line.
-fn chain(err: &(dyn StdError + 'static)) -> String {
+pub(super) fn chain(err: &(dyn StdError + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(e) = source {

@@ -17,7 +17,8 @@ pub struct RequestRecord {
     pub ok: bool,
     /// How it failed (a [`Failure::kind`]); `None` when it succeeded.
     pub failure: Option<&'static str>,
-    /// Attempts: 1, plus one per re-send after a close before the write.
+    /// Attempts: 1, plus one per re-send (a close before the write; for HTTP/2 a
+    /// request the server did not process).
     pub attempts: u32,
 }
 
@@ -32,7 +33,10 @@ impl RequestRecord {
 #[derive(Debug, Clone)]
 pub struct Failure {
     /// One of "connect", "reused-conn-closed", "reset", "timeout", "status",
-    /// "closed-before-write", "other".
+    /// "closed-before-write", "other"; for HTTP/2 also "tls", "stream-reset" (a
+    /// stream reset or ended by the server once it was processing it), and
+    /// "refused-stream", "above-goaway", "not-sent" (a request the server did not
+    /// process that could not be re-sent: out of attempts or time).
     pub kind: &'static str,
     /// The error, with the client and connection it happened on.
     pub message: String,
@@ -51,6 +55,31 @@ pub struct ClosedBeforeWrite {
 impl ClosedBeforeWrite {
     pub fn total(&self) -> u64 {
         self.reused + self.new
+    }
+}
+
+/// What the HTTP/2 clients did that a correct client may do without a failure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct H2Counts {
+    /// Connections given up for a new one because the server sent GOAWAY on them.
+    pub after_goaway: u64,
+    /// Connections given up for a new one because they closed without a GOAWAY.
+    pub after_close: u64,
+    /// Requests re-sent because the server refused their stream (RST_STREAM
+    /// REFUSED_STREAM before any response).
+    pub refused_stream: u64,
+    /// Requests re-sent because their stream was above the last stream id of the
+    /// server's GOAWAY (or could not be opened after it): not processed.
+    pub above_goaway: u64,
+    /// Requests re-sent because they were never sent: the connection took no more
+    /// requests (hyper handed the request back).
+    pub not_sent: u64,
+}
+
+impl H2Counts {
+    /// Every re-send.
+    pub fn resent(&self) -> u64 {
+        self.refused_stream + self.above_goaway + self.not_sent
     }
 }
 
@@ -79,6 +108,8 @@ pub struct LoadReport {
     pub reconnects: u64,
     /// Re-sends after a close before the write (each within [`super::MAX_ATTEMPTS`]).
     pub unsent_retries: u64,
+    /// What the HTTP/2 clients re-sent and reconnected, by kind.
+    pub h2: H2Counts,
     /// How the requests were paced.
     pub pacing: Pacing,
 }
@@ -96,6 +127,7 @@ impl Default for LoadReport {
             closed_before_write: ClosedBeforeWrite::default(),
             reconnects: 0,
             unsent_retries: 0,
+            h2: H2Counts::default(),
             pacing: Pacing::Closed,
         }
     }
@@ -279,7 +311,7 @@ impl LoadReport {
         format!(
             "{} requests ({} ok, {} failed{}) in {:.1}s = {:.0} req/s ({pacing}); p50 {} p99 {} \
              p99.9 {} max {}; {} announced closes, {} closed before the write \
-             ({} reused, {} new), {} re-sent",
+             ({} reused, {} new), {} re-sent{}",
             self.requests,
             self.ok,
             self.failed,
@@ -298,7 +330,20 @@ impl LoadReport {
             self.closed_before_write.total(),
             self.closed_before_write.reused,
             self.closed_before_write.new,
-            self.unsent_retries
+            self.unsent_retries,
+            self.h2_summary()
+        )
+    }
+
+    fn h2_summary(&self) -> String {
+        let h2 = &self.h2;
+        if *h2 == H2Counts::default() {
+            return String::new();
+        }
+        format!(
+            "; HTTP/2: {} connections replaced after GOAWAY, {} after a close; re-sent {} \
+             refused streams, {} above GOAWAY's last stream id, {} not sent",
+            h2.after_goaway, h2.after_close, h2.refused_stream, h2.above_goaway, h2.not_sent
         )
     }
 

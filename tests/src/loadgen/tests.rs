@@ -1,6 +1,9 @@
 //! The load generator must see every failure a restart can cause, must not count a
 //! server's polite `Connection: close` as one, and must follow one rule for a close
 //! before the write. Each test runs a scripted server that misbehaves in one way.
+//! The HTTP/2 rules are proven in `tests/http2.rs`.
+
+mod http2;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
