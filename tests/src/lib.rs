@@ -16,8 +16,10 @@ pub mod fleet;
 pub mod footprint;
 /// Hollow agents: many simulated agents in one process (a test tool for scale).
 pub mod hollow;
-/// A strict closed-loop HTTP/1.1 load generator that counts every lost request.
+/// A strict HTTP/1.1 and HTTP/2 load generator that counts every lost request.
 pub mod loadgen;
 
 pub use harness::{Agent, AgentOpts, HttpResponse};
-pub use loadgen::{Load, LoadOptions, LoadReport, LoadSpec, Pacing, Span, ZeroLoss};
+pub use loadgen::{
+    H2Counts, Load, LoadOptions, LoadReport, LoadSpec, Pacing, Span, TlsTarget, ZeroLoss,
+};

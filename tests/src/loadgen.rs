@@ -41,8 +41,10 @@
 //!   the GOAWAY's error on the stream). Only before a response head arrived: a
 //!   server that answered has processed the request, whatever it says next. Counted
 //!   by kind (`not_sent`, `refused_stream`, `above_goaway`), at most
-//!   [`MAX_ATTEMPTS`] attempts, never once the load is stopping or past its time
-//!   bound, latency from the first attempt.
+//!   [`MAX_ATTEMPTS`] attempts within the request's timeout, latency from the first
+//!   attempt. Also while the load is stopping: a GOAWAY declines many streams at
+//!   once, and those the load would drop as it stops were never failed by the
+//!   server.
 //!
 //! Everything else is a [`Failure`]: connection refused, a request written and then
 //! answered by EOF or a reset (on a reused connection or a fresh one; for HTTP/2 a

@@ -168,7 +168,7 @@ pub(super) async fn stream_client(
                         // The server did not take this request on this connection, and
                         // the connection takes no more: the next attempt opens a new one.
                         conn.retire(current.number, &mut report).await;
-                        match report.h2_resend(&shared, why, attempts, deadline) {
+                        match report.h2_resend(why, attempts, deadline) {
                             None => continue,
                             Some((kind, message)) => {
                                 break Some((kind, format!("{}: {message}", context())));
@@ -185,10 +185,12 @@ pub(super) async fn stream_client(
 impl ClientReport {
     /// The one rule for a request the server did not process: count it by kind,
     /// then re-send on a new connection while the request has attempts and time
-    /// left and the load is not stopping. Returns the failure when it may not.
+    /// left. Unlike HTTP/1.1's close before the write, a stopping load still re-sends
+    /// it: a GOAWAY arrives with many streams in flight, so the requests the server
+    /// declined while the load stops would otherwise show as failures the server
+    /// did not cause. Returns the failure when it may not be re-sent.
     fn h2_resend(
         &mut self,
-        shared: &Shared,
         why: Resend,
         attempts: u32,
         deadline: Instant,
@@ -209,8 +211,6 @@ impl ClientReport {
         };
         let why_not = if attempts >= MAX_ATTEMPTS {
             format!("after {attempts} attempts")
-        } else if shared.stopping() {
-            "and the load was stopping".to_string()
         } else if Instant::now() >= deadline {
             "and the request ran out of time".to_string()
         } else {

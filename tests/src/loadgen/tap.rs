@@ -1,8 +1,9 @@
 //! A tap on an HTTP/2 connection's bytes, between the socket (or TLS) and hyper, that
 //! notes what a failure message needs and hyper does not expose: the GOAWAYs and
-//! RST_STREAMs the server sent, and the highest stream the client opened. It only
-//! reads frame headers (and the first bytes of GOAWAY and RST_STREAM); every byte
-//! passes through unchanged.
+//! RST_STREAMs the server sent, its PINGs and when the client acked them (a
+//! draining server may wait on that ack before its GOAWAY), and the highest stream
+//! the client opened. It only reads frame headers (and the first bytes of GOAWAY,
+//! RST_STREAM and PING); every byte passes through unchanged.
 
 use std::io;
 use std::pin::Pin;
@@ -18,8 +19,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const PREFACE_LEN: usize = 24;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
+const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
-/// RST_STREAMs kept per connection for messages (all are counted).
+const ACK: u8 = 0x1;
+/// RST_STREAMs and PINGs kept per connection for messages (resets are all counted).
 const MAX_RESETS: usize = 8;
 
 /// What one connection saw, shared by the tap and the clients that use it.
@@ -36,6 +39,8 @@ struct ServerFrames {
     /// (stream id, error code) of the first RST_STREAMs.
     resets: Vec<(u32, u32)>,
     resets_total: u64,
+    /// When the server sent each of its first PINGs, and when the client acked it.
+    pings: Vec<(Instant, Option<Instant>, [u8; 8])>,
 }
 
 impl ConnLog {
@@ -62,6 +67,17 @@ impl ConnLog {
         if server.goaways.is_empty() {
             text.push_str("; no GOAWAY received");
         }
+        for (sent, acked, _) in &server.pings {
+            let ms = |t: &Instant| t.saturating_duration_since(origin).as_secs_f64() * 1e3;
+            match acked {
+                Some(acked) => text.push_str(&format!(
+                    "; server PING at {:.1}ms acked at {:.1}ms",
+                    ms(sent),
+                    ms(acked)
+                )),
+                None => text.push_str(&format!("; server PING at {:.1}ms not acked", ms(sent))),
+            }
+        }
         if server.resets_total > 0 {
             let listed: Vec<String> = server
                 .resets
@@ -86,6 +102,12 @@ impl ConnLog {
                     .goaways
                     .push((Instant::now(), word(0) & 0x7fff_ffff, word(4)));
             }
+            PING if frame.flags & ACK == 0 && frame.body_len == 8 => {
+                let mut server = self.server.lock().unwrap();
+                if server.pings.len() < MAX_RESETS {
+                    server.pings.push((Instant::now(), None, frame.body));
+                }
+            }
             RST_STREAM if frame.body_len >= 4 => {
                 let mut server = self.server.lock().unwrap();
                 server.resets_total += 1;
@@ -101,6 +123,15 @@ impl ConnLog {
         if frame.kind == HEADERS {
             self.highest_opened
                 .fetch_max(frame.stream, Ordering::Relaxed);
+        } else if frame.kind == PING && frame.flags & ACK != 0 {
+            let mut server = self.server.lock().unwrap();
+            if let Some(ping) = server
+                .pings
+                .iter_mut()
+                .find(|p| p.1.is_none() && p.2 == frame.body)
+            {
+                ping.1 = Some(Instant::now());
+            }
         }
     }
 }
@@ -108,6 +139,7 @@ impl ConnLog {
 /// A frame's header and the first 8 bytes of its payload.
 struct Frame {
     kind: u8,
+    flags: u8,
     stream: u32,
     body: [u8; 8],
     body_len: usize,
@@ -134,6 +166,7 @@ impl Scanner {
             left: 0,
             frame: Frame {
                 kind: 0,
+                flags: 0,
                 stream: 0,
                 body: [0; 8],
                 body_len: 0,
@@ -155,6 +188,7 @@ impl Scanner {
                     let h = self.head;
                     self.left = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
                     self.frame.kind = h[3];
+                    self.frame.flags = h[4];
                     self.frame.stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
                     self.frame.body_len = 0;
                     if self.left == 0 {
@@ -264,5 +298,28 @@ mod tests {
             assert_eq!(goaways, [(7, 7)], "pieces of {step}");
             assert_eq!(server.resets, [(5, 8)], "pieces of {step}");
         }
+    }
+
+    #[test]
+    fn a_server_ping_is_matched_with_the_clients_ack() {
+        let log = ConnLog::default();
+        let ping = |flags: u8, data: &[u8; 8]| {
+            let mut bytes = vec![0, 0, 8, PING, flags, 0, 0, 0, 0];
+            bytes.extend_from_slice(data);
+            bytes
+        };
+        Scanner::new(0).feed(&ping(0, b"fleet\0go"), |f| log.server_frame(f));
+        let origin = Instant::now();
+        assert!(log.describe(origin).contains("not acked"));
+        // The client's preface, then an ack of another PING, then the right one.
+        let mut client = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        client.extend(ping(ACK, b"otherone"));
+        client.extend(ping(ACK, b"fleet\0go"));
+        Scanner::new(PREFACE_LEN).feed(&client, |f| log.client_frame(f));
+        assert!(
+            log.describe(origin).contains("acked at"),
+            "{}",
+            log.describe(origin)
+        );
     }
 }
