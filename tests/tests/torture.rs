@@ -1,4 +1,5 @@
-//! A thousand restarts under load, as fast as the node takes them, one at a time:
+//! A thousand restarts under load (HTTP/1.1 keep-alive and new-connection clients,
+//! and HTTP/2 streams), as fast as the node takes them, one at a time:
 //! one in ten into a new executable path, one in twenty into an executable that
 //! fails (half exit at start, half hang without ever sending READY=1). Not one
 //! request may fail; every failed restart must be reported on every surface (the
@@ -48,6 +49,9 @@ const MAX_LATENCY: Duration = Duration::from_secs(1);
 /// this and by MAX_LATENCY.
 const MIN_IN_RESTART: u64 = 3;
 const SPAN_FLOOR: Duration = Duration::from_millis(250);
+/// HTTP/2 clients in the mix: connections, and concurrent streams on each.
+const H2_CONNECTIONS: usize = 2;
+const H2_STREAMS: usize = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
@@ -128,6 +132,9 @@ async fn a_thousand_restarts_under_load_lose_no_request_and_leak_nothing() {
             path: "/".into(),
             keepalive_connections: 4,
             fresh_connections: 4,
+            // HTTP/2 beside HTTP/1.1: every restart also drains streams with GOAWAY.
+            h2_connections: H2_CONNECTIONS,
+            h2_streams: H2_STREAMS,
             max_requests: 20_000_000,
             max_duration: DEADLINE + Duration::from_secs(60),
             ..Default::default()
