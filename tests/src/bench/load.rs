@@ -23,6 +23,10 @@ pub struct LoadShape {
     pub keepalive: usize,
     /// Closed-loop clients that open a fresh connection for every request.
     pub fresh: usize,
+    /// HTTP/2 connections (cleartext, prior knowledge), each with `h2_streams`
+    /// closed-loop streams.
+    pub h2_connections: usize,
+    pub h2_streams: usize,
     /// Upper bound on requests per run.
     pub requests: u64,
 }
@@ -34,17 +38,34 @@ impl LoadShape {
             path: "/".to_string(),
             keepalive_connections: self.keepalive,
             fresh_connections: self.fresh,
+            h2_connections: self.h2_connections,
+            h2_streams: self.h2_streams,
             max_requests: self.requests,
             max_duration: duration,
             ..Default::default()
         }
     }
 
+    /// Whether it is an HTTP/2 load (the peers then listen for HTTP/2).
+    pub fn is_h2(&self) -> bool {
+        self.h2_connections > 0
+    }
+
     pub fn describe(&self) -> String {
-        format!(
-            "closed loop, GET /, {} keep-alive + {} fresh-connection clients",
-            self.keepalive, self.fresh
-        )
+        let mut parts = Vec::new();
+        if self.keepalive + self.fresh > 0 {
+            parts.push(format!(
+                "{} keep-alive + {} fresh-connection HTTP/1.1 clients",
+                self.keepalive, self.fresh
+            ));
+        }
+        if self.is_h2() {
+            parts.push(format!(
+                "HTTP/2 (h2c): {} connections x {} streams",
+                self.h2_connections, self.h2_streams
+            ));
+        }
+        format!("closed loop, GET /, {}", parts.join(" + "))
     }
 }
 

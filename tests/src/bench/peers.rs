@@ -72,6 +72,14 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// Two different ports that were free a moment ago (both bound at once, then
+/// released): a peer's HTTP/1.1 and HTTP/2 ports.
+pub fn free_ports() -> anyhow::Result<(u16, u16)> {
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind 127.0.0.1:0");
+    let (a, b) = (bind()?, bind()?);
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+}
+
 /// `GET /` answered with a 2xx.
 pub async fn answers(addr: SocketAddr) -> bool {
     matches!(
@@ -139,6 +147,8 @@ pub struct Nginx {
     exe: PathBuf,
     dir: TempDir,
     pub addr: SocketAddr,
+    /// The same server over HTTP/2 (cleartext, prior knowledge: `listen … http2`).
+    pub h2_addr: SocketAddr,
     /// From spawning it until it first answered `GET /` with a 2xx.
     pub startup: Duration,
     /// The master (Foreground) or the shell that started it (Upgradable); its
@@ -153,7 +163,8 @@ impl Nginx {
     pub async fn start(exe: &Path, mode: NginxMode) -> anyhow::Result<Nginx> {
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
-            match Self::start_on(exe, mode, free_port()?).await? {
+            let (port, h2_port) = free_ports()?;
+            match Self::start_on(exe, mode, port, h2_port).await? {
                 Ok(nginx) => return Ok(nginx),
                 Err(collision) => last = collision,
             }
@@ -166,6 +177,7 @@ impl Nginx {
         exe: &Path,
         mode: NginxMode,
         port: u16,
+        h2_port: u16,
     ) -> anyhow::Result<Result<Nginx, String>> {
         let dir = tempfile::Builder::new()
             .prefix("peer-bench-nginx-")
@@ -191,6 +203,7 @@ impl Nginx {
              \x20   keepalive_timeout 60s;\n\
              \x20   server {{\n\
              \x20       listen 127.0.0.1:{port};\n\
+             \x20       listen 127.0.0.1:{h2_port} http2;\n\
              \x20       location / {{ default_type text/plain; return 200 \"{BODY}\"; }}\n\
              \x20   }}\n\
              }}\n"
@@ -234,7 +247,7 @@ impl Nginx {
         loop {
             let log = std::fs::read_to_string(&error_log).unwrap_or_default();
             if log.contains("Address already in use") {
-                return Ok(Err(format!("127.0.0.1:{port} was taken")));
+                return Ok(Err(format!("127.0.0.1:{port} or :{h2_port} was taken")));
             }
             if mode == NginxMode::Foreground
                 && let Some(status) = proc.exited()
@@ -261,6 +274,7 @@ impl Nginx {
             exe: exe.to_path_buf(),
             dir,
             addr,
+            h2_addr: SocketAddr::from(([127, 0, 0, 1], h2_port)),
             startup,
             proc,
             masters: Vec::new(),
@@ -423,6 +437,8 @@ fn nginx_args(dir: &Path) -> Vec<String> {
 pub struct Haproxy {
     dir: TempDir,
     pub addr: SocketAddr,
+    /// The same frontend over HTTP/2 (cleartext, prior knowledge: `bind … proto h2`).
+    pub h2_addr: SocketAddr,
     /// From spawning it until it first answered `GET /` with a 2xx.
     pub startup: Duration,
     proc: Proc,
@@ -433,7 +449,8 @@ impl Haproxy {
     pub async fn start(exe: &Path) -> anyhow::Result<Haproxy> {
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
-            match Self::start_on(exe, free_port()?).await? {
+            let (port, h2_port) = free_ports()?;
+            match Self::start_on(exe, port, h2_port).await? {
                 Ok(h) => return Ok(h),
                 Err(collision) => last = collision,
             }
@@ -441,7 +458,11 @@ impl Haproxy {
         bail!("haproxy could not bind a free port in {PORT_ATTEMPTS} attempts: {last}")
     }
 
-    async fn start_on(exe: &Path, port: u16) -> anyhow::Result<Result<Haproxy, String>> {
+    async fn start_on(
+        exe: &Path,
+        port: u16,
+        h2_port: u16,
+    ) -> anyhow::Result<Result<Haproxy, String>> {
         let dir = tempfile::Builder::new()
             .prefix("peer-bench-haproxy-")
             .tempdir()
@@ -461,6 +482,7 @@ impl Haproxy {
                  \x20   timeout http-keep-alive 60s\n\
                  frontend hello\n\
                  \x20   bind 127.0.0.1:{port}\n\
+                 \x20   bind 127.0.0.1:{h2_port} proto h2\n\
                  \x20   http-request return status 200 content-type text/plain string {BODY}\n"
             ),
         )
@@ -487,7 +509,7 @@ impl Haproxy {
                 tokio::time::sleep(Duration::from_millis(50)).await; // let the tail fill
                 let out = proc.tail(10).join("\n  ");
                 if out.contains("Address already in use") {
-                    return Ok(Err(format!("127.0.0.1:{port} was taken")));
+                    return Ok(Err(format!("127.0.0.1:{port} or :{h2_port} was taken")));
                 }
                 bail!("haproxy exited at start ({status}):\n  {out}");
             }
@@ -505,6 +527,7 @@ impl Haproxy {
         Ok(Ok(Haproxy {
             dir,
             addr,
+            h2_addr: SocketAddr::from(([127, 0, 0, 1], h2_port)),
             startup: spawned.elapsed(),
             proc,
         }))

@@ -119,6 +119,9 @@ pub struct ReloadRun {
     pub failed: u64,
     pub rps: f64,
     pub reconnects: u64,
+    /// What the HTTP/2 clients did that is no failure: connections moved after
+    /// GOAWAY or a close, requests the server did not process and that were re-sent.
+    pub h2: crate::loadgen::H2Counts,
     pub split: Split,
     pub reloads: Vec<Reload>,
     /// The first few failures of each kind.
@@ -197,7 +200,7 @@ impl ReloadRun {
 /// stops it, and reports.
 pub async fn run(target: Target, exes: &Exes, plan: &Plan) -> anyhow::Result<ReloadRun> {
     let mut driver = Driver::start(target, exes).await?;
-    let addr = driver.addr();
+    let addr = driver.addr(plan.shape.is_h2());
     if !plan.warmup.is_zero() {
         run_load(&plan.shape, addr, plan.warmup).await?;
     }
@@ -252,6 +255,7 @@ pub async fn run(target: Target, exes: &Exes, plan: &Plan) -> anyhow::Result<Rel
         failed: report.failed,
         rps: super::stats::ok_rps(&report),
         reconnects: report.reconnects,
+        h2: report.h2,
         split,
         reloads,
         examples,
@@ -297,10 +301,14 @@ impl Driver {
         })
     }
 
-    fn addr(&self) -> std::net::SocketAddr {
+    /// Where the load goes: the HTTP/2 port of a peer for an HTTP/2 load (Fleet's
+    /// port speaks both, by the client preface).
+    fn addr(&self, h2: bool) -> std::net::SocketAddr {
         match self {
             Driver::Fleet(f) => f.agent.http,
+            Driver::Nginx(n, _) | Driver::NginxUpgrade(n, _) if h2 => n.h2_addr,
             Driver::Nginx(n, _) | Driver::NginxUpgrade(n, _) => n.addr,
+            Driver::Haproxy(h, _) if h2 => h.h2_addr,
             Driver::Haproxy(h, _) => h.addr,
         }
     }

@@ -173,6 +173,8 @@ fn shape(args: &Args) -> LoadShape {
     LoadShape {
         keepalive: args.keepalive,
         fresh: args.fresh,
+        h2_connections: 0,
+        h2_streams: 0,
         requests: args.requests,
     }
 }

@@ -10,8 +10,13 @@
 //!    (`SIGUSR1`), nginx (`nginx -s reload`), nginx binary upgrade (`USR2` + `QUIT`),
 //!    HAProxy `-W` (`SIGUSR2`). Each setting of the cartesian product of
 //!    `--reload-every` and `--keepalive-percent` is one round of every target.
+//!    With `--load h2` (or `http1,h2`) the same runs go with an HTTP/2 load instead:
+//!    `--h2-streams` connections × streams of the load generator's HTTP/2 mode
+//!    (cleartext, prior knowledge; nginx `listen … http2`, HAProxy `bind … proto h2`
+//!    on a second port of each peer; Fleet's port speaks both).
 //!    Printed per target: requests, failed requests by kind, p50/p99/max latency in
-//!    steady state and inside reload windows, reload completion time; then the
+//!    steady state and inside reload windows, reload completion time (and for
+//!    HTTP/2 what the clients re-sent and reconnected, which is no failure); then the
 //!    ratios Fleet/peer. Targets: no failed request for Fleet at any setting, and
 //!    Fleet's p99 inside reload windows no worse than the best peer's.
 //! 2. Throughput and footprint: the demo app through fleet-agent, `hello-peer` (bare
@@ -65,6 +70,13 @@ struct Args {
     /// connection per request); several (comma-separated) make several settings.
     #[arg(long, value_delimiter = ',', default_value = "50")]
     keepalive_percent: Vec<u8>,
+    /// Which loads make settings (comma-separated): http1 (the `--connections` and
+    /// `--keepalive-percent` clients), h2 (`--h2-streams` HTTP/2 streams).
+    #[arg(long, value_delimiter = ',', default_value = "http1", value_parser = ["http1", "h2"])]
+    load: Vec<String>,
+    /// The HTTP/2 load: CONNECTIONSxSTREAMS, closed-loop streams on each connection.
+    #[arg(long, default_value = "8x16", value_parser = parse_streams)]
+    h2_streams: (usize, usize),
     /// Upper bound on requests per load run.
     #[arg(long, default_value_t = 20_000_000)]
     requests: u64,
@@ -235,6 +247,14 @@ struct Setting {
 
 impl Setting {
     fn describe(&self) -> String {
+        if self.shape.is_h2() {
+            return format!(
+                "reload every {}, HTTP/2 (h2c): {} connections x {} streams",
+                humantime::format_duration(self.every),
+                self.shape.h2_connections,
+                self.shape.h2_streams
+            );
+        }
         format!(
             "reload every {}, {} connections ({} keep-alive + {} new-connection)",
             humantime::format_duration(self.every),
@@ -250,8 +270,28 @@ fn shape_of(args: &Args, keepalive_percent: u8) -> LoadShape {
     LoadShape {
         keepalive,
         fresh: args.connections - keepalive,
+        h2_connections: 0,
+        h2_streams: 0,
         requests: args.requests,
     }
+}
+
+fn h2_shape(args: &Args) -> LoadShape {
+    LoadShape {
+        keepalive: 0,
+        fresh: 0,
+        h2_connections: args.h2_streams.0,
+        h2_streams: args.h2_streams.1,
+        requests: args.requests,
+    }
+}
+
+/// "8x16" → (8, 16), both > 0.
+fn parse_streams(s: &str) -> Result<(usize, usize), String> {
+    let parse = |n: &str| n.trim().parse::<usize>().ok().filter(|n| *n > 0);
+    s.split_once(['x', 'X'])
+        .and_then(|(c, m)| Some((parse(c)?, parse(m)?)))
+        .ok_or_else(|| format!("{s:?} is not CONNECTIONSxSTREAMS, e.g. 8x16"))
 }
 
 /// The results of one setting: a run per target (or why it could not run).
@@ -287,10 +327,24 @@ impl SettingResult {
     }
 }
 
-/// The failure kinds of the load generator, as the table shows them.
-const KINDS: [(&str, &[&str]); 5] = [
-    ("refused", &["connect"]),
+/// The failure kinds of the load generator, as the table shows them: "stream
+/// reset" is an HTTP/2 stream the server reset (or ended by GOAWAY) once it was
+/// processing it; "unsent" a request the server did not process that could not be
+/// sent again in its attempts (HTTP/2 refused, above GOAWAY's last stream id, not
+/// sent; HTTP/1.1 closed before the write).
+const KINDS: [(&str, &[&str]); 7] = [
+    ("refused", &["connect", "tls"]),
     ("reset", &["reset", "reused-conn-closed"]),
+    ("stream reset", &["stream-reset"]),
+    (
+        "unsent",
+        &[
+            "refused-stream",
+            "above-goaway",
+            "not-sent",
+            "closed-before-write",
+        ],
+    ),
     ("timeout", &["timeout"]),
     ("non-2xx", &["status"]),
     ("other", &["other"]),
@@ -566,46 +620,59 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     };
 
     let mut results = Vec::new();
+    let mut settings = Vec::new();
     for every in &args.reload_every {
-        for percent in &args.keepalive_percent {
-            let setting = Setting {
-                every: *every,
-                keepalive_percent: *percent,
-                shape: shape_of(&args, *percent),
-            };
-            let mut result = SettingResult {
-                setting,
-                runs: Vec::new(),
-                skipped: skipped.clone(),
-            };
-            for target in &runnable {
-                eprintln!(
-                    "peer-bench: {} under load, {} ({:?})",
-                    target.name(),
-                    setting.describe(),
-                    args.duration
-                );
-                let plan = Plan {
-                    shape: setting.shape,
-                    duration: args.duration,
+        for load in &args.load {
+            if load == "h2" {
+                settings.push(Setting {
                     every: *every,
-                    warmup: args.warmup,
-                };
-                match run_settled(*target, &exes, &plan, args.busy_repeats).await {
-                    Ok(run) => result.runs.push(run),
-                    Err(e) if *target == Target::Fleet => {
-                        return Err(e.context("fleet-agent could not be benchmarked"));
-                    }
-                    Err(e) => {
-                        eprintln!("peer-bench: {} could not run: {e:#}", target.name());
-                        result
-                            .skipped
-                            .push((*target, format!("could not run: {e:#}")));
-                    }
+                    keepalive_percent: 0,
+                    shape: h2_shape(&args),
+                });
+                continue;
+            }
+            for percent in &args.keepalive_percent {
+                settings.push(Setting {
+                    every: *every,
+                    keepalive_percent: *percent,
+                    shape: shape_of(&args, *percent),
+                });
+            }
+        }
+    }
+    for setting in settings {
+        let mut result = SettingResult {
+            setting,
+            runs: Vec::new(),
+            skipped: skipped.clone(),
+        };
+        for target in &runnable {
+            eprintln!(
+                "peer-bench: {} under load, {} ({:?})",
+                target.name(),
+                setting.describe(),
+                args.duration
+            );
+            let plan = Plan {
+                shape: setting.shape,
+                duration: args.duration,
+                every: setting.every,
+                warmup: args.warmup,
+            };
+            match run_settled(*target, &exes, &plan, args.busy_repeats).await {
+                Ok(run) => result.runs.push(run),
+                Err(e) if *target == Target::Fleet => {
+                    return Err(e.context("fleet-agent could not be benchmarked"));
+                }
+                Err(e) => {
+                    eprintln!("peer-bench: {} could not run: {e:#}", target.name());
+                    result
+                        .skipped
+                        .push((*target, format!("could not run: {e:#}")));
                 }
             }
-            results.push(result);
         }
+        results.push(result);
     }
 
     let tp = if args.skip_throughput {

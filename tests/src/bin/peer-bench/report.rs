@@ -77,7 +77,7 @@ impl Report<'_> {
                 line(format!("  {} left out: {why}", t.name()));
             }
             line(format!(
-                "  {:<14} {:>7} {:>9} {:>8} {:>7} {:>7} {:>6} {:>7} {:>7} {:>6} {:>6}",
+                "  {:<14} {:>7} {:>9} {:>8} {:>7} {:>7} {:>6} {:>9} {:>6} {:>7} {:>7} {:>6} {:>6}",
                 "target",
                 "reloads",
                 "requests",
@@ -85,6 +85,8 @@ impl Report<'_> {
                 "failed",
                 "refused",
                 "reset",
+                "streamrst",
+                "unsent",
                 "timeout",
                 "non-2xx",
                 "other",
@@ -100,7 +102,7 @@ impl Report<'_> {
                     run.failed
                 );
                 for (i, (_, kinds)) in KINDS.iter().enumerate() {
-                    let w = [7, 6, 7, 7, 6][i];
+                    let w = [7, 6, 9, 6, 7, 7, 6][i];
                     row.push_str(&format!(" {:>w$}", kind_count(run, kinds)));
                 }
                 row.push_str(&format!(" {:>6}", fmt_pct(run.foreign_cpu)));
@@ -149,6 +151,31 @@ impl Report<'_> {
                     f(c.2),
                     run.errors().len()
                 ));
+            }
+            if r.setting.shape.is_h2() {
+                // What the HTTP/2 clients did that is no failure (the load
+                // generator's rules): connections moved, requests re-sent.
+                line(format!(
+                    "  {:<14} {:>13} {:>11} | {:>15} {:>12} {:>8}",
+                    "HTTP/2 (ok)",
+                    "moved: GOAWAY",
+                    "close",
+                    "re-sent: refused",
+                    "above GOAWAY",
+                    "not sent"
+                ));
+                for run in &r.runs {
+                    let h = &run.h2;
+                    line(format!(
+                        "  {:<14} {:>13} {:>11} | {:>16} {:>12} {:>8}",
+                        run.target.name(),
+                        h.after_goaway,
+                        h.after_close,
+                        h.refused_stream,
+                        h.above_goaway,
+                        h.not_sent
+                    ));
+                }
             }
             for run in &r.runs {
                 for e in run.errors().iter().take(2) {
@@ -258,6 +285,13 @@ impl Report<'_> {
                 "failure_examples": run.examples,
                 "rps": run.rps.round(),
                 "polite_reconnects": run.reconnects,
+                "h2": {
+                    "connections_moved_after_goaway": run.h2.after_goaway,
+                    "connections_moved_after_close": run.h2.after_close,
+                    "resent_refused_stream": run.h2.refused_stream,
+                    "resent_above_goaway": run.h2.above_goaway,
+                    "resent_not_sent": run.h2.not_sent,
+                },
                 "steady": stats_json(&run.split.steady),
                 "window": stats_json(&run.split.window),
                 "window_time_ms": run.split.window_time.as_millis() as u64,
@@ -288,6 +322,8 @@ impl Report<'_> {
                     "keepalive_percent": r.setting.keepalive_percent,
                     "keepalive": r.setting.shape.keepalive,
                     "fresh": r.setting.shape.fresh,
+                    "h2_connections": r.setting.shape.h2_connections,
+                    "h2_streams": r.setting.shape.h2_streams,
                     "targets": r.runs.iter().map(run_json).collect::<Vec<_>>(),
                     "left_out": r.skipped.iter().map(|(t, why)| json!({"target": t.name(), "why": why})).collect::<Vec<_>>(),
                     "ratios": ratios,
