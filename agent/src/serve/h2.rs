@@ -48,8 +48,11 @@ const FLAG_ACK: u8 = 0x1;
 const PROBE_DATA: [u8; 8] = *b"fleet\0go";
 /// How long the client may take to acknowledge the PING before GOAWAY goes anyway.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Bytes read ahead while waiting for the ack; past this the wait stops reading.
-const MAX_AHEAD: usize = 1 << 20;
+/// Bytes read ahead while waiting for the ack; past this the wait stops reading (and
+/// ends at its timeout). It bounds what a client that floods the connection during the
+/// drain costs: a quarter of hyper's 1 MiB connection window, per connection, for at
+/// most [`PROBE_TIMEOUT`].
+const MAX_AHEAD: usize = 256 * 1024;
 
 /// A PING frame: 8 bytes of payload, no flags, stream 0.
 fn ping_frame() -> [u8; 17] {

@@ -222,3 +222,42 @@ async fn http1_passes_untouched() {
     assert_eq!(client_reads(&mut client, response.len()).await, response);
     assert_eq!(server.drain.stage, Stage::Done);
 }
+
+#[tokio::test]
+async fn a_client_that_floods_instead_of_acking_costs_a_bounded_buffer_until_the_timeout() {
+    let (mut server, client) = h2_pair().await;
+    server.drain.probe_timeout = Duration::from_millis(100);
+    server.drain.start();
+    let next = frame(HEADERS, 4, 1, b"a");
+    assert!(server.try_write(&next).is_pending());
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    assert_eq!(client_reads_half(&mut client_rx, 17).await, ping_frame());
+    // 4 MiB of DATA frames, never an ack: the writer blocks once the server stops reading.
+    let flood = tokio::spawn(async move {
+        let chunk = frame(DATA, 0, 1, &[0u8; 16 * 1024]);
+        for _ in 0..256 {
+            if client_tx.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(
+        server.write(&next).await,
+        next.len(),
+        "the timeout ends the hold"
+    );
+    assert!(
+        server.drain.ahead.len() <= MAX_AHEAD + 8192,
+        "read ahead {} bytes",
+        server.drain.ahead.len()
+    );
+    let got = client_reads_half(&mut client_rx, 17 + next.len()).await;
+    assert_eq!(got[..17], goaway_frame()[..]);
+    flood.abort();
+}
+
+async fn client_reads_half(client: &mut tokio::io::ReadHalf<DuplexStream>, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    client.read_exact(&mut buf).await.expect("client read");
+    buf
+}
