@@ -7,6 +7,7 @@
 //! probes or `/proc` — never on a bare sleep. Dropping the [`Agent`] kills the
 //! supervisor and everything below it.
 
+mod back_to_back;
 mod events;
 mod files;
 mod http;
@@ -29,6 +30,7 @@ use tempfile::TempDir;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+pub use back_to_back::BackToBack;
 pub use events::Events;
 pub use files::{
     TlsFiles, agent_binary, chmod, copy_agent_binary, fixture_path, install_fixture, sha256_hex,

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use fleet_proto::v1::{Outcome, RestartRequest};
+use fleet_tests::harness::BackToBack;
 use fleet_tests::harness::TlsFiles;
 use fleet_tests::loadgen::TlsTarget;
 use fleet_tests::{Agent, AgentOpts, Load, LoadOptions, LoadReport, LoadSpec, Span, ZeroLoss};
@@ -38,7 +38,7 @@ async fn a_hundred_restarts_under_http2_load_lose_no_request() {
 
 /// Over HTTPS the client's first streams on a connection race the drain: a
 /// connection opened just before a restart must still get its GOAWAY and answers
-/// (before main's 113406a the old worker closed such a TLS connection without a
+/// (before the drain left an unserved HTTP/2 connection alone, the old worker closed such a TLS connection without a
 /// GOAWAY while its first streams were unanswered, and every run lost hundreds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_restarts_under_https_h2_load_lose_no_request() {
@@ -109,9 +109,6 @@ impl Run {
 }
 
 async fn restarts_under_load(agent: Agent, tls: Option<TlsTarget>, restarts: u64) -> Run {
-    let generation = agent.generation().await;
-    let mut worker = agent.serving_worker().await;
-    let mut pids = vec![worker];
     let load = Load::start_with(
         LoadSpec {
             target: agent.app(),
@@ -132,52 +129,19 @@ async fn restarts_under_load(agent: Agent, tls: Option<TlsTarget>, restarts: u64
     );
     load.wait_progress(200, Duration::from_secs(20)).await;
 
-    let mut grpc = agent.grpc().await;
-    let started = Instant::now();
-    let mut spans = Vec::new();
-    for i in 1..=restarts {
-        let trigger = Instant::now();
-        let response = grpc
-            .restart(agent.request(RestartRequest {
-                reason: format!("HTTP/2 back-to-back restart {i}/{restarts}"),
-                ..Default::default()
-            }))
-            .await
-            .unwrap_or_else(|status| agent.fail(&format!("restart {i}: gRPC error {status}")))
-            .into_inner();
-        spans.push(Span {
-            label: format!(
-                "restart {i} (pid {} -> {})",
-                response.old_pid, response.new_pid
-            ),
-            from: trigger,
-            to: Instant::now().max(trigger + SPAN_FLOOR),
-        });
-        assert_eq!(
-            response.outcome(),
-            Outcome::Succeeded,
-            "restart {i}: {response:?}"
-        );
-        // The restart really happened: the worker that served was replaced by a
-        // process never seen before, one generation later.
-        assert_eq!(response.old_pid, worker, "restart {i}: {response:?}");
-        assert!(
-            !pids.contains(&response.new_pid),
-            "restart {i}: a new PID: {response:?}"
-        );
-        assert_eq!(
-            response.generation,
-            generation + i,
-            "restart {i}: {response:?}"
-        );
-        worker = response.new_pid;
-        pids.push(worker);
-        assert!(
-            started.elapsed() < RESTARTS_DEADLINE,
-            "only {i} restarts in {RESTARTS_DEADLINE:?}"
-        );
-    }
-    let took = started.elapsed();
+    let BackToBack {
+        spans,
+        took,
+        worker,
+        ..
+    } = agent
+        .restart_back_to_back(
+            restarts,
+            "HTTP/2 back-to-back restart",
+            RESTARTS_DEADLINE,
+            SPAN_FLOOR,
+        )
+        .await;
     // The last old workers drain while the load still runs.
     load.wait_progress(500, Duration::from_secs(20)).await;
     let report = load.finish().await;

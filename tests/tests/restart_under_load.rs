@@ -7,9 +7,9 @@
 //! checks catch a new generation that says READY and then stalls for 3 s.
 
 use std::ffi::OsString;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fleet_proto::v1::{Outcome, RestartRequest};
+use fleet_tests::harness::BackToBack;
 use fleet_tests::{Agent, AgentOpts, Load, LoadOptions, LoadReport, LoadSpec, Span, ZeroLoss};
 
 const RESTARTS: u64 = 100;
@@ -93,9 +93,6 @@ async fn restarts_under_load(restarts: u64, env: Vec<(OsString, OsString)>) -> R
         ..AgentOpts::default()
     })
     .await;
-    let generation = agent.generation().await;
-    let mut worker = agent.worker_pid().await;
-    let mut pids = vec![worker];
     let load = Load::start_with(
         LoadSpec {
             target: agent.app(),
@@ -114,52 +111,19 @@ async fn restarts_under_load(restarts: u64, env: Vec<(OsString, OsString)>) -> R
     );
     load.wait_progress(100, Duration::from_secs(20)).await;
 
-    let mut grpc = agent.grpc().await;
-    let started = Instant::now();
-    let mut spans = Vec::new();
-    for i in 1..=restarts {
-        let trigger = Instant::now();
-        let response = grpc
-            .restart(agent.request(RestartRequest {
-                reason: format!("back-to-back restart {i}/{restarts}"),
-                ..Default::default()
-            }))
-            .await
-            .unwrap_or_else(|status| agent.fail(&format!("restart {i}: gRPC error {status}")))
-            .into_inner();
-        spans.push(Span {
-            label: format!(
-                "restart {i} (pid {} -> {})",
-                response.old_pid, response.new_pid
-            ),
-            from: trigger,
-            to: Instant::now().max(trigger + SPAN_FLOOR),
-        });
-        assert_eq!(
-            response.outcome(),
-            Outcome::Succeeded,
-            "restart {i}: {response:?}"
-        );
-        // The restart really happened: the worker that served was replaced by a
-        // process never seen before, one generation later.
-        assert_eq!(response.old_pid, worker, "restart {i}: {response:?}");
-        assert!(
-            !pids.contains(&response.new_pid),
-            "restart {i}: a new PID: {response:?}"
-        );
-        assert_eq!(
-            response.generation,
-            generation + i,
-            "restart {i}: {response:?}"
-        );
-        worker = response.new_pid;
-        pids.push(worker);
-        assert!(
-            started.elapsed() < RESTARTS_DEADLINE,
-            "only {i} restarts in {RESTARTS_DEADLINE:?}"
-        );
-    }
-    let took = started.elapsed();
+    let BackToBack {
+        spans,
+        took,
+        generation,
+        worker,
+    } = agent
+        .restart_back_to_back(
+            restarts,
+            "back-to-back restart",
+            RESTARTS_DEADLINE,
+            SPAN_FLOOR,
+        )
+        .await;
     // The last old workers drain while the load still runs.
     load.wait_progress(200, Duration::from_secs(20)).await;
     let report = load.finish().await;
@@ -186,7 +150,7 @@ async fn restarts_under_load(restarts: u64, env: Vec<(OsString, OsString)>) -> R
         report,
         spans,
         took,
-        generation: generation + restarts,
+        generation,
         worker,
     }
 }
