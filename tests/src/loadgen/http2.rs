@@ -61,7 +61,10 @@ impl Connection {
     ) -> Result<Current, (&'static str, String)> {
         let mut current = self.current.lock().await;
         if let Some(c) = current.as_ref() {
-            if !c.sender.is_closed() {
+            // After any GOAWAY a client opens no more streams on the connection (RFC
+            // 9113 §6.8 "MUST NOT"): h2 itself still would after a GOAWAY with the
+            // highest stream id, and those streams would be refused by the final one.
+            if !c.sender.is_closed() && !c.log.saw_goaway() {
                 return Ok(c.clone());
             }
             report.h2.count_replaced(c.log.saw_goaway());
