@@ -133,6 +133,31 @@ impl Log {
 }
 
 impl Agent {
+    /// An agent whose one server ("secure", one free port) speaks HTTPS with `tls`'s
+    /// certificate (HTTP/2 and HTTP/1.1 by ALPN).
+    pub async fn start_https(tls: &TlsFiles) -> Agent {
+        let config = format!(
+            r#"
+[control]
+listen = "127.0.0.1:0"
+
+[[servers]]
+name = "secure"
+listen = ["127.0.0.1:0"]
+tls = {{ cert = "{}", key = "{}" }}
+"#,
+            tls.cert_pem.display(),
+            tls.key_pem.display()
+        );
+        Agent::start(AgentOpts {
+            listen: Vec::new(),
+            control: None,
+            config: Some(config),
+            ..Default::default()
+        })
+        .await
+    }
+
     /// Spawn the agent and return at once (for agents that are expected to exit).
     pub fn spawn(opts: AgentOpts) -> Agent {
         let dir = tempfile::Builder::new()

@@ -38,34 +38,14 @@ async fn a_hundred_restarts_under_http2_load_lose_no_request() {
 
 /// Over HTTPS the client's first streams on a connection race the drain: a
 /// connection opened just before a restart must still get its GOAWAY and answers
-/// (before the drain left an unserved HTTP/2 connection alone, the old worker closed such a TLS connection without a
-/// GOAWAY while its first streams were unanswered, and every run lost hundreds).
+/// (before the drain left an unserved HTTP/2 connection alone, the old worker closed
+/// such a TLS connection without a GOAWAY while its first streams were unanswered, and
+/// every run lost hundreds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_restarts_under_https_h2_load_lose_no_request() {
     let certs = tempfile::tempdir().unwrap();
     let tls = TlsFiles::generate(certs.path());
-    let config = format!(
-        r#"
-node_id = "h2-tls"
-
-[control]
-listen = "127.0.0.1:0"
-
-[[servers]]
-name = "secure"
-listen = ["127.0.0.1:0"]
-tls = {{ cert = "{}", key = "{}" }}
-"#,
-        tls.cert_pem.display(),
-        tls.key_pem.display()
-    );
-    let agent = Agent::start(AgentOpts {
-        listen: Vec::new(),
-        control: None,
-        config: Some(config),
-        ..Default::default()
-    })
-    .await;
+    let agent = Agent::start_https(&tls).await;
     assert!(agent.servers()[0].tls, "{:?}", agent.servers());
     let target = TlsTarget {
         ca_der: tls.cert_der.clone(),

@@ -45,26 +45,7 @@ async fn h2load_over_https_h2_loses_no_stream_across_restarts() {
     };
     let certs = tempfile::tempdir().unwrap();
     let tls = TlsFiles::generate(certs.path());
-    let config = format!(
-        r#"
-[control]
-listen = "127.0.0.1:0"
-
-[[servers]]
-name = "secure"
-listen = ["127.0.0.1:0"]
-tls = {{ cert = "{}", key = "{}" }}
-"#,
-        tls.cert_pem.display(),
-        tls.key_pem.display()
-    );
-    let agent = Agent::start(AgentOpts {
-        listen: Vec::new(),
-        control: None,
-        config: Some(config),
-        ..Default::default()
-    })
-    .await;
+    let agent = Agent::start_https(&tls).await;
     let url = format!("https://{}/", agent.app());
     for run in 1..=RUNS {
         rounds(&agent, &h2load, &url, run).await;
