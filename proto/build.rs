@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/fleet/v1/agent.proto",
         "proto/fleet/v1/controller.proto",
+        "proto/fleet/v1/join.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

@@ -44,6 +44,19 @@ pub struct Cli {
     #[arg(long, value_name = "URL")]
     pub controller: Option<String>,
 
+    /// Where the node keeps its key and certificate for an https:// controller.
+    #[arg(long, value_name = "DIR")]
+    pub identity_dir: Option<PathBuf>,
+
+    /// File with a join token (`fleetctl token create --join`), to get the node's
+    /// certificate from an https:// controller the first time.
+    #[arg(long, value_name = "PATH")]
+    pub join_token_file: Option<PathBuf>,
+
+    /// The fleet CA's fingerprint (sha256:…, in the controller's log), trusted when joining.
+    #[arg(long, value_name = "SHA256")]
+    pub ca_hash: Option<String>,
+
     /// File with the bearer token every control request must carry.
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
@@ -174,6 +187,15 @@ impl Cli {
         }
         if let Some(path) = &self.token_file {
             config.control.token_file = Some(path.clone());
+        }
+        if let Some(dir) = &self.identity_dir {
+            config.join.identity_dir = Some(dir.clone());
+        }
+        if let Some(path) = &self.join_token_file {
+            config.join.join_token_file = Some(path.clone());
+        }
+        if let Some(pin) = &self.ca_hash {
+            config.join.ca_hash = Some(pin.clone());
         }
         config.control.insecure |= self.insecure_control;
         let c = &mut config.control;

@@ -25,8 +25,11 @@ pub struct Config {
     pub restart: RestartConfig,
     /// The HTTP(S) servers the workers serve, each with one or more ports.
     pub servers: Vec<ServerConfig>,
-    /// The controller to register with and heartbeat to (`http://127.0.0.1:7100`).
+    /// The controller to register with and heartbeat to (`http://127.0.0.1:7100`);
+    /// `https://…` speaks mutual TLS with the node's certificate (see [`JoinConfig`]).
     pub controller: Option<String>,
+    /// How this node gets and keeps its certificate for an `https://` controller.
+    pub join: JoinConfig,
     /// Supervise this program instead of this binary's own app (socket activation + sd_notify).
     pub exec: Option<ExecConfig>,
 }
@@ -54,6 +57,20 @@ pub struct ControlConfig {
     pub header_timeout: Duration,
 }
 
+/// The node's certificate for mutual TLS with the controller.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JoinConfig {
+    /// Where the node keeps its key (owner-only), certificate and the fleet CA.
+    pub identity_dir: Option<PathBuf>,
+    /// File with the join token an operator created (`fleetctl token create --join`);
+    /// needed only until the node has a certificate.
+    pub join_token_file: Option<PathBuf>,
+    /// The fleet CA's fingerprint (`sha256:…`, from the controller's log): the only CA
+    /// trusted when joining.
+    pub ca_hash: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
@@ -66,6 +83,13 @@ pub struct AdminConfig {
 }
 
 impl Config {
+    /// Whether the node speaks mutual TLS with its controller (an `https://` URL).
+    pub fn mtls(&self) -> bool {
+        self.controller
+            .as_deref()
+            .is_some_and(|u| u.starts_with("https://"))
+    }
+
     /// Whether the workers serve the admin routes on the app ports.
     pub fn app_admin(&self) -> bool {
         self.admin
@@ -142,6 +166,7 @@ impl Default for Config {
             restart: RestartConfig::default(),
             servers: vec![ServerConfig::default()],
             controller: None,
+            join: JoinConfig::default(),
             exec: None,
         }
     }
@@ -190,6 +215,19 @@ impl Default for ServerConfig {
             tls: None,
         }
     }
+}
+
+/// Whether an `http://` URL names a loopback host (`127.x`, `[::1]`, `localhost`).
+fn loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    let host = uri.host().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn default_node_id() -> String {
@@ -254,6 +292,12 @@ impl Config {
             }
         };
         if let Some(t) = self.control.token_file.as_mut() {
+            fix(t);
+        }
+        if let Some(d) = self.join.identity_dir.as_mut() {
+            fix(d);
+        }
+        if let Some(t) = self.join.join_token_file.as_mut() {
             fix(t);
         }
         for dir in &mut self.restart.allowed_exe_dirs {
@@ -361,8 +405,10 @@ impl Config {
                 path.display()
             ));
         }
+        // With mutual TLS the controller proves itself with its certificate; anyone
+        // else beyond loopback still needs the token.
         if self.control.token_file.is_none() && !self.control.insecure {
-            if !self.control.listen.ip().is_loopback() {
+            if !self.control.listen.ip().is_loopback() && !self.mtls() {
                 return bad(format!(
                     "refusing to expose the control endpoint on {} without a token: set --token-file \
                      (or control.token_file), listen on 127.0.0.1, or pass --insecure-control",
@@ -389,6 +435,39 @@ impl Config {
             return bad(format!(
                 "controller URL {url:?} must start with http:// or https://"
             ));
+        }
+        if let Some(url) = &self.controller
+            && url.starts_with("http://")
+            && !self.control.insecure
+            && !loopback_url(url)
+        {
+            return bad(format!(
+                "refusing to speak to the controller {url} in clear beyond loopback: the heartbeat \
+                 and the token would cross the network readable and forgeable; use https:// with \
+                 --identity-dir, --join-token-file and --ca-hash, or pass --insecure-control"
+            ));
+        }
+        if self.mtls() {
+            let Some(dir) = &self.join.identity_dir else {
+                return bad(
+                    "an https:// controller needs --identity-dir DIR (where the node keeps its \
+                     key and certificate)"
+                        .into(),
+                );
+            };
+            if !dir.join("node.crt").exists()
+                && (self.join.join_token_file.is_none() || self.join.ca_hash.is_none())
+            {
+                return bad(format!(
+                    "no node certificate in {} yet: join with --join-token-file FILE (a token from \
+                     `fleetctl token create --join`) and --ca-hash sha256:… (the controller logs it)",
+                    dir.display()
+                ));
+            }
+            if let Some(pin) = &self.join.ca_hash {
+                fleet_net::tls::parse_fingerprint(pin).map_err(ConfigError::Invalid)?;
+            }
+            fleet_net::tls::check_node_name(&self.node_id).map_err(ConfigError::Invalid)?;
         }
         Ok(())
     }

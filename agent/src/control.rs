@@ -32,6 +32,8 @@ pub struct Control {
     unix_router: Router,
     app_router: Router,
     limits: fleet_net::Limits,
+    /// The node's certificate (mutual TLS with the controller), once it has one.
+    tls: Option<fleet_net::TlsConfig>,
 }
 
 impl Control {
@@ -60,7 +62,14 @@ impl Control {
             router,
             app_router: app::router(supervisor.clone()),
             limits: supervisor.config().control.limits(),
+            tls: None,
         })
+    }
+
+    /// Serves TLS with the node's certificate (plain HTTP from loopback peers only).
+    pub fn with_tls(mut self, config: fleet_net::TlsConfig) -> Self {
+        self.tls = Some(config);
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -74,7 +83,10 @@ impl Control {
     /// clients are this node's workers) and stay on plain `axum::serve`.
     pub async fn serve(self) {
         let unix = axum::serve(self.unix, self.unix_router);
-        let tcp = fleet_net::Server::new(self.tcp, self.router, self.limits.clone());
+        let mut tcp = fleet_net::Server::new(self.tcp, self.router, self.limits.clone());
+        if let Some(tls) = self.tls {
+            tcp = tcp.with_tls(tls);
+        }
         tracing::info!(
             "control endpoint: {}, idle timeout {}, header timeout {}",
             tcp.cap(),

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
-use tonic::transport::Endpoint;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::phase::Phase;
 use crate::supervisor::{NodeState, Supervisor};
@@ -17,7 +18,10 @@ const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the first beat may wait for the executable's digest.
 const DIGEST_WAIT: Duration = Duration::from_secs(5);
 
-pub async fn run(supervisor: Arc<Supervisor>, url: String) {
+/// The client config of an `https://` controller, swapped when the certificate renews.
+type ClientTls = watch::Receiver<Option<Arc<rustls::ClientConfig>>>;
+
+pub async fn run(supervisor: Arc<Supervisor>, url: String, mut tls: Option<ClientTls>) {
     let endpoint = match Endpoint::from_shared(url.clone()) {
         Ok(e) => e
             .connect_timeout(Duration::from_secs(3))
@@ -30,7 +34,34 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String) {
     let auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = supervisor
         .token()
         .and_then(|t| format!("Bearer {t}").parse().ok());
-    let mut client = ControllerServiceClient::new(endpoint.connect_lazy());
+    // Over mutual TLS: not before the node has its certificate, and on a new channel
+    // after each renewal (the controller reads the node id from the certificate).
+    let connect = |tls: &Option<ClientTls>| -> Option<ControllerServiceClient<Channel>> {
+        match tls {
+            None => Some(ControllerServiceClient::new(endpoint.connect_lazy())),
+            Some(rx) => {
+                let config = rx.borrow().clone()?;
+                match fleet_net::tls::Connector::new(config, fleet_net::tls::CONTROLLER_NAME) {
+                    Ok(c) => Some(ControllerServiceClient::new(
+                        endpoint.connect_with_connector_lazy(c),
+                    )),
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        None
+                    }
+                }
+            }
+        }
+    };
+    if let Some(rx) = tls.as_mut() {
+        if rx.wait_for(Option::is_some).await.is_err() {
+            return;
+        }
+        rx.mark_unchanged();
+    }
+    let Some(mut client) = connect(&tls) else {
+        return;
+    };
     let mut events = supervisor.subscribe();
     // A node registers once its first worker serves (or it has failed to start).
     while supervisor.status().state == NodeState::Starting {
@@ -47,6 +78,15 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String) {
     let mut interval = DEFAULT_INTERVAL;
     let mut failing = false;
     loop {
+        if let Some(rx) = &tls
+            && rx.has_changed().unwrap_or(false)
+            && let Some(new) = connect(&tls)
+        {
+            client = new;
+            if let Some(rx) = tls.as_mut() {
+                rx.mark_unchanged();
+            }
+        }
         let report = supervisor.status();
         let stopped = report.state == NodeState::Stopped;
         let in_flight = report.in_flight();

@@ -51,6 +51,8 @@ mod tls;
 mod metrics;
 /// Heartbeats to a fleet controller.
 mod heartbeat;
+/// The node's certificate for mutual TLS with an `https://` controller.
+mod identity;
 /// The demo app.
 #[doc(hidden)]
 pub mod demo;
@@ -156,12 +158,27 @@ fn supervise(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let config = supervisor.config();
+        let tls = match &config.controller {
+            Some(url) if config.mtls() => Some(identity::start(
+                url.clone(),
+                config.node_id.clone(),
+                config.join.clone(),
+            )),
+            _ => None,
+        };
+        let control = match &tls {
+            Some(tls) => control.with_tls(tls.server.clone()),
+            None => control,
+        };
         if let Ok(addr) = control.local_addr() {
             tracing::info!("control endpoint listening on {addr}");
         }
         tokio::spawn(control.serve());
-        let heartbeat = (supervisor.config().controller.clone())
-            .map(|url| tokio::spawn(heartbeat::run(supervisor.clone(), url)));
+        let heartbeat = (supervisor.config().controller.clone()).map(|url| {
+            let tls = tls.as_ref().map(|t| t.client.clone());
+            tokio::spawn(heartbeat::run(supervisor.clone(), url, tls))
+        });
         if let Err(e) = supervisor.run().await {
             tracing::error!("{e}");
             return ExitCode::FAILURE;

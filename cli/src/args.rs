@@ -54,6 +54,11 @@ pub struct Cli {
     )]
     pub token: Option<String>,
 
+    /// The fleet CA's certificate (ca.crt in the controller's TLS directory), to trust
+    /// an https:// controller (one started with --tls).
+    #[arg(long, global = true, value_name = "PATH", env = "FLEET_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
+
     /// Output format: aligned tables for people, or JSON (the proto's field names).
     #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,

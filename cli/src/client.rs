@@ -11,10 +11,12 @@ use fleet_proto::v1::{
     Node, RestartNodeRequest, RestartResponse, Rollout, RolloutActionRequest, RolloutSpec,
     ShutdownNodeRequest,
 };
+use std::sync::Arc;
 use tonic::codec::Streaming;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
+
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
@@ -57,7 +59,11 @@ pub struct Controller {
 
 impl Controller {
     /// Connects to the controller at `url` (already checked by the argument parser).
-    pub async fn connect(url: &str, token: Option<&str>) -> Result<Controller> {
+    pub async fn connect(
+        url: &str,
+        token: Option<&str>,
+        ca_cert: Option<&std::path::Path>,
+    ) -> Result<Controller> {
         let bearer = match token {
             Some(token) => Some(
                 format!("Bearer {token}")
@@ -69,10 +75,28 @@ impl Controller {
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| bad_input(format!("controller URL {url}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| unreachable_error(url, &chain(&e)))?;
+        let channel = if url.starts_with("https://") {
+            let Some(path) = ca_cert else {
+                return Err(bad_input(format!(
+                    "{url} speaks TLS with the fleet's own CA: give its certificate with --ca-cert \
+                     PATH or FLEET_CA_CERT (ca.crt in the controller's TLS directory)"
+                )));
+            };
+            let pem = std::fs::read(path)
+                .map_err(|e| bad_input(format!("cannot read --ca-cert {}: {e}", path.display())))?;
+            let ca = fleet_net::tls::read_certs(&pem)
+                .map_err(|e| bad_input(format!("--ca-cert {}: {e}", path.display())))?;
+            let config = fleet_net::tls::roots(&ca)
+                .and_then(|roots| fleet_net::tls::client_config(roots, None))
+                .map_err(|e| bad_input(format!("--ca-cert {}: {e}", path.display())))?;
+            let connector =
+                fleet_net::tls::Connector::new(Arc::new(config), fleet_net::tls::CONTROLLER_NAME)
+                    .map_err(bad_input)?;
+            endpoint.connect_with_connector(connector).await
+        } else {
+            endpoint.connect().await
+        }
+        .map_err(|e| unreachable_error(url, &chain(&e)))?;
         Ok(Controller {
             url: url.to_string(),
             api: ControllerServiceClient::with_interceptor(channel, Bearer(bearer)),

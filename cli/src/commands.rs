@@ -20,11 +20,12 @@ pub async fn run(cli: Cli) -> Result<Exit> {
     let Cli {
         controller: url,
         token,
+        ca_cert,
         output: format,
         command,
     } = cli;
     // Every argument was checked while parsing; only now is the controller called.
-    let controller = Controller::connect(&url, token.as_deref()).await?;
+    let controller = Controller::connect(&url, token.as_deref(), ca_cert.as_deref()).await?;
     match command {
         Command::Nodes(args) => nodes(controller, args, format).await,
         Command::Node(args) => node(controller, args, format).await,

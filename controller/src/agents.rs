@@ -1,8 +1,10 @@
-//! Clients for the agents' `AgentService`, one lazily connected channel per control
-//! address, carrying the fleet token.
+//! Clients for the agents' `AgentService`, one lazily connected channel per node and
+//! control address, carrying the fleet token — and, with `--tls`, over mutual TLS that
+//! checks the agent's certificate names the node meant (`<node-id>.node.fleet`): a
+//! control address a node reported is only where to dial, never who answers.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use fleet_proto::v1 as pb;
@@ -41,6 +43,9 @@ pub type Client =
 #[derive(Debug)]
 pub struct Agents {
     token: Bearer,
+    /// The client config with the controller's certificate (`--tls`); swapped when the
+    /// controller renews its certificate.
+    tls: RwLock<Option<Arc<rustls::ClientConfig>>>,
     /// Open channels by control address, with when each was last used. Capped: a
     /// connection costs tens of KB, and a fleet of 10,000 nodes needs only the ones
     /// in the current batch.
@@ -54,15 +59,28 @@ impl Agents {
     pub fn new(token: Option<&str>) -> Self {
         Self {
             token: Bearer::new(token),
+            tls: RwLock::new(None),
             channels: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A client for the agent at `control_addr` (`127.0.0.1:7101`).
-    pub fn client(&self, control_addr: &str) -> Result<Client, tonic::Status> {
+    /// Calls agents over mutual TLS with `config` from now on (open channels close).
+    pub fn set_tls(&self, config: Arc<rustls::ClientConfig>) {
+        *self.tls.write().expect("tls lock") = Some(config);
+        self.channels.lock().expect("channels lock").clear();
+    }
+
+    pub fn tls(&self) -> bool {
+        self.tls.read().expect("tls lock").is_some()
+    }
+
+    /// A client for node `node_id`'s agent at `control_addr` (`127.0.0.1:7101`).
+    pub fn client(&self, node_id: &str, control_addr: &str) -> Result<Client, tonic::Status> {
+        let tls = self.tls.read().expect("tls lock").clone();
+        let key = format!("{node_id}@{control_addr}");
         let mut channels = self.channels.lock().expect("channels lock");
         let now = Instant::now();
-        let channel = match channels.get_mut(control_addr) {
+        let channel = match channels.get_mut(&key) {
             Some((c, used)) => {
                 *used = now;
                 c.clone()
@@ -85,8 +103,18 @@ impl Agents {
                     })?
                     .connect_timeout(Duration::from_secs(3))
                     .tcp_nodelay(true);
-                let channel = endpoint.connect_lazy();
-                channels.insert(control_addr.to_string(), (channel.clone(), now));
+                let channel = match tls {
+                    Some(config) => {
+                        let name = fleet_net::tls::node_name(node_id);
+                        let connector =
+                            fleet_net::tls::Connector::new(config, &name).map_err(|e| {
+                                tonic::Status::invalid_argument(format!("node {node_id:?}: {e}"))
+                            })?;
+                        endpoint.connect_with_connector_lazy(connector)
+                    }
+                    None => endpoint.connect_lazy(),
+                };
+                channels.insert(key, (channel.clone(), now));
                 channel
             }
         };
@@ -98,10 +126,11 @@ impl Agents {
 
     pub async fn status(
         &self,
+        node_id: &str,
         control_addr: &str,
         timeout: Duration,
     ) -> Result<pb::StatusResponse, tonic::Status> {
-        let mut client = self.client(control_addr)?;
+        let mut client = self.client(node_id, control_addr)?;
         match tokio::time::timeout(timeout, client.status(pb::StatusRequest {})).await {
             Ok(r) => r.map(|r| r.into_inner()),
             Err(_) => Err(tonic::Status::deadline_exceeded(format!(

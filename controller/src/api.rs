@@ -35,6 +35,16 @@ impl ControllerService for Api {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        // With --tls a node speaks only for itself: the node id is the certificate's.
+        if self.fleet.agents.tls() {
+            let id = request
+                .get_ref()
+                .status
+                .as_ref()
+                .map(|s| s.node_id.clone())
+                .unwrap_or_default();
+            crate::join::check_node_cert(&request, &id)?;
+        }
         let r = request.into_inner();
         let status = r
             .status
@@ -79,7 +89,10 @@ impl ControllerService for Api {
     ) -> Result<Response<pb::RestartResponse>, Status> {
         let r = request.into_inner();
         let node = self.node(&r.node_id)?;
-        let mut client = self.fleet.agents.client(&node.control_addr)?;
+        let mut client = self
+            .fleet
+            .agents
+            .client(&node.node_id, &node.control_addr)?;
         let response = client
             .restart(pb::RestartRequest {
                 exe: r.exe,
@@ -97,7 +110,10 @@ impl ControllerService for Api {
     ) -> Result<Response<pb::ShutdownResponse>, Status> {
         let r = request.into_inner();
         let node = self.node(&r.node_id)?;
-        let mut client = self.fleet.agents.client(&node.control_addr)?;
+        let mut client = self
+            .fleet
+            .agents
+            .client(&node.node_id, &node.control_addr)?;
         client
             .shutdown(pb::ShutdownRequest { reason: r.reason })
             .await

@@ -20,6 +20,11 @@ pub struct Token {
 pub use fleet_net::browser::same_secret as same;
 
 pub async fn require_token(State(token): State<Token>, request: Request, next: Next) -> Response {
+    // Routes that authenticate their caller themselves: a join token, or the node's
+    // own certificate (checked against the node the message is about).
+    if crate::join::authenticates_itself(&request) {
+        return next.run(request).await;
+    }
     let Token { token, sessions } = token;
     let Some(token) = token else {
         return next.run(request).await;

@@ -40,9 +40,37 @@ pub struct Cli {
     #[arg(long = "node", value_name = "ADDR")]
     pub nodes: Vec<String>,
 
-    /// Allow listening beyond loopback without a token.
+    /// Allow listening beyond loopback without a token or without TLS.
     #[arg(long)]
     pub insecure: bool,
+
+    /// Serve mutual TLS with the fleet CA kept in --tls-dir (created on first start):
+    /// agents join with a join token and the CA's fingerprint, and every node speaks
+    /// with its own certificate. Plain HTTP is then served to loopback peers only.
+    #[arg(long)]
+    pub tls: bool,
+
+    /// Where the fleet CA is kept (ca.crt, ca.key) [default: fleet-tls beside --db].
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// The fleet CA's certificate, instead of the one in --tls-dir (implies --tls).
+    #[arg(long, value_name = "PATH", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// The fleet CA's private key (owner-only), with --ca-cert.
+    #[arg(long, value_name = "PATH", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+
+    /// A DNS name or IP address to put in the controller's certificate besides
+    /// controller.fleet, for browsers and tools that check the address they dial
+    /// (repeatable).
+    #[arg(long = "tls-name", value_name = "NAME")]
+    pub tls_names: Vec<String>,
+
+    /// How long a node certificate is valid; agents renew at two thirds of it.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
 
     /// Most client connections open at once (agents' heartbeats, fleetctl, browsers);
     /// fewer where the descriptor limit (RLIMIT_NOFILE, minus 128 kept free) is lower.
@@ -62,6 +90,11 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// Whether the API speaks mutual TLS.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls || self.ca_cert.is_some()
+    }
+
     /// The connection limits of the API port.
     pub fn limits(&self) -> fleet_net::Limits {
         fleet_net::Limits {

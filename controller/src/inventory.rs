@@ -150,6 +150,9 @@ pub struct Inventory {
     ttl: Duration,
     store: Arc<dyn Store>,
     changes: tokio::sync::broadcast::Sender<Change>,
+    /// Until when each node's certificate (mutual TLS) is valid, as issued since this
+    /// controller started; forgetting a node forgets it.
+    certificates: std::sync::Mutex<HashMap<String, std::time::SystemTime>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +177,25 @@ impl Inventory {
             ttl,
             store,
             changes,
+            certificates: Default::default(),
         })
+    }
+
+    /// Notes that `node_id` was given a certificate valid until `until`.
+    pub fn note_certificate(&self, node_id: &str, until: std::time::SystemTime) {
+        let mut certs = self.certificates.lock().expect("certificates lock");
+        let now = std::time::SystemTime::now();
+        certs.retain(|_, t| *t > now);
+        certs.insert(node_id.to_string(), until);
+    }
+
+    /// Until when `node_id`'s certificate is valid, if it was given one that still is.
+    pub fn certificate_until(&self, node_id: &str) -> Option<std::time::SystemTime> {
+        let certs = self.certificates.lock().expect("certificates lock");
+        certs
+            .get(node_id)
+            .copied()
+            .filter(|t| *t > std::time::SystemTime::now())
     }
 
     pub fn ttl(&self) -> Duration {
@@ -237,6 +258,10 @@ impl Inventory {
                 }));
             }
             nodes.remove(node_id);
+            self.certificates
+                .lock()
+                .expect("certificates lock")
+                .remove(node_id);
             node
         };
         self.store

@@ -26,6 +26,12 @@ pub mod inventory;
 pub mod rollout;
 /// Clients for the agents.
 pub mod agents;
+/// The fleet CA: node certificates from join requests.
+pub mod ca;
+/// gRPC `JoinService`: join tokens and certificate requests in, node certificates out.
+pub mod join;
+/// `--tls`: the CA and the controller's own certificate.
+pub mod tls;
 /// Persistence (SQLite).
 pub mod store;
 
@@ -51,16 +57,31 @@ pub fn now_ms() -> u64 {
 
 /// Every route: the API behind the token check, the dashboard behind its sessions.
 pub fn router(fleet: Arc<Fleet>, token: Option<String>) -> axum::Router {
+    router_with(fleet, token, None)
+}
+
+/// [`router`], plus `JoinService` when the controller runs with `--tls`.
+pub fn router_with(
+    fleet: Arc<Fleet>,
+    token: Option<String>,
+    join: Option<join::Join>,
+) -> axum::Router {
     let token = token.map(Arc::new);
     let sessions = Arc::new(dashboard::session::Sessions::new(token.clone()));
-    let grpc = tonic::service::Routes::new(
+    let mut routes = tonic::service::Routes::new(
         fleet_proto::v1::controller_service_server::ControllerServiceServer::new(api::Api {
             fleet: fleet.clone(),
         })
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(256 * 1024 * 1024),
-    )
-    .into_axum_router();
+    );
+    if let Some(join) = join {
+        routes = routes.add_service(
+            fleet_proto::v1::join_service_server::JoinServiceServer::new(join)
+                .max_decoding_message_size(64 * 1024),
+        );
+    }
+    let grpc = routes.into_axum_router();
     http::router(fleet.clone())
         .merge(grpc)
         .layer(axum::middleware::from_fn_with_state(
@@ -87,16 +108,37 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
             cli.listen
         );
     }
+    if !cli.tls_enabled() && !cli.insecure && !cli.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to listen on {} without TLS: agents' heartbeats and the token would cross \
+             the network in clear, and any host could speak for any node; pass --tls (the fleet CA \
+             is created in --tls-dir), listen on 127.0.0.1, or pass --insecure",
+            cli.listen
+        );
+    }
     let store = store::SqliteStore::open(&cli.db)
         .with_context(|| format!("cannot open the database {}", cli.db.display()))?;
     let fleet = Fleet::new(Arc::new(store), cli.heartbeat_ttl, agent_token.as_deref())?;
+    let tls = if cli.tls_enabled() {
+        Some(tls::start(&cli, &fleet, Arc::new(join::NoJoinTokens))?)
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {} (use --listen ADDR)", cli.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
     tokio::spawn(fleet.inventory.clone().watch_staleness());
     for node in &cli.nodes {
-        tokio::spawn(poll_static_node(fleet.clone(), node.clone()));
+        let (id, addr) = match node.split_once('=') {
+            Some((id, addr)) => (Some(id.to_string()), addr.to_string()),
+            None if tls.is_some() => anyhow::bail!(
+                "--node {node}: with --tls a static node is given as NODE_ID=ADDR \
+                 (e.g. web-1=10.0.0.5:7101), so that its certificate can be checked"
+            ),
+            None => (None, node.clone()),
+        };
+        tokio::spawn(poll_static_node(fleet.clone(), id, addr));
     }
     fleet.resume_unfinished();
     if cli.idle_timeout.is_zero() || cli.header_timeout.is_zero() {
@@ -106,7 +148,15 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
     }
     // fleet-net gives every request the peer's address (`ConnectInfo`): it tells the
     // dashboard whether a browser is on loopback.
-    let server = fleet_net::Server::new(listener, router(fleet, token), cli.limits());
+    let (join, tls_config) = match tls {
+        Some(t) => (Some(t.join), Some(t.server)),
+        None => (None, None),
+    };
+    let mut server =
+        fleet_net::Server::new(listener, router_with(fleet, token, join), cli.limits());
+    if let Some(config) = tls_config {
+        server = server.with_tls(config);
+    }
     tracing::info!("controller listening on {addr}");
     tracing::info!(
         "connections: {}, idle timeout {}, header timeout {}",
@@ -119,11 +169,22 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
 }
 
 /// A static node has no heartbeat: the controller asks for its status instead.
-async fn poll_static_node(fleet: Arc<Fleet>, addr: String) {
+async fn poll_static_node(fleet: Arc<Fleet>, id: Option<String>, addr: String) {
     let interval = (fleet.inventory.ttl() / 3).max(Duration::from_millis(100));
     let mut known: Option<String> = None;
     loop {
-        match fleet.agents.status(&addr, Duration::from_secs(5)).await {
+        let asked = id.as_deref().unwrap_or("");
+        match fleet
+            .agents
+            .status(asked, &addr, Duration::from_secs(5))
+            .await
+        {
+            Ok(status) if id.as_ref().is_some_and(|id| *id != status.node_id) => {
+                tracing::warn!(
+                    "static node {addr} says it is {:?}, not {asked:?}: ignored",
+                    status.node_id
+                );
+            }
             Ok(status) => {
                 known = Some(status.node_id.clone());
                 if let Err(e) = fleet.inventory.report(&status, true) {

@@ -23,8 +23,10 @@ mod serve;
 pub mod throttle;
 /// Secrets, tokens, cookies and CSRF tokens of browser sessions.
 pub mod browser;
+/// Mutual TLS: certificate names, server and client configs, a tonic connector.
+pub mod tls;
 
 pub use conns::{Connections, Stats};
 pub use limits::{Cap, Limits};
-pub use serve::{Guarded, Server, serve};
+pub use serve::{Guarded, Server, TlsConfig, serve};
 pub use throttle::{Attempt, Backoff, LoginThrottle, RetryAfter};

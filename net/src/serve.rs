@@ -18,11 +18,18 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tower::ServiceExt as _;
 
 use crate::conns::{Admission, Conn, Connections, Registered};
 use crate::limits::{Cap, Limits};
+use crate::tls::PeerCertificate;
+
+/// The server's TLS config as it is now (`None`: none yet); a sender swaps it (a
+/// renewed certificate) without a restart.
+pub type TlsConfig = watch::Receiver<Option<Arc<rustls::ServerConfig>>>;
 
 /// After a graceful close starts (HTTP/2 `GOAWAY`), how long an idle connection may
 /// take to finish before it is dropped.
@@ -47,6 +54,7 @@ pub struct Server {
     limits: Limits,
     cap: Cap,
     conns: Connections,
+    tls: Option<TlsConfig>,
 }
 
 impl Server {
@@ -58,7 +66,18 @@ impl Server {
             limits,
             cap,
             conns: Connections::new(),
+            tls: None,
         }
+    }
+
+    /// Speaks TLS with `config` (the client's first byte tells a TLS handshake from
+    /// plain HTTP). Plain HTTP is then served to loopback peers only (a local operator's
+    /// `curl`); anyone else gets a `400` that says to use `https://`. Each request of a
+    /// connection whose client sent a certificate the config verified carries a
+    /// [`PeerCertificate`] extension.
+    pub fn with_tls(mut self, config: TlsConfig) -> Self {
+        self.tls = Some(config);
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -144,9 +163,10 @@ impl Server {
             }
             let _ = stream.set_nodelay(true);
             let registered = self.conns.register();
-            tokio::spawn(connection(
+            tokio::spawn(accepted(
                 stream,
                 peer,
+                self.tls.clone(),
                 shared.clone(),
                 registered,
                 self.conns.clone(),
@@ -200,24 +220,102 @@ enum Close {
     Header,
 }
 
-async fn connection(
+static HANDSHAKE_WARNINGS: std::sync::Mutex<Warner> = std::sync::Mutex::new(Warner {
+    last: None,
+    since: 0,
+});
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// What a plain-HTTP client beyond loopback gets from a TLS server.
+const PLAIN_REFUSED: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
+content-type: text/plain; charset=utf-8\r\ncontent-length: 51\r\n\r\n\
+this port speaks TLS beyond loopback: use https://\n";
+
+/// A new connection: the TLS handshake where there is one, then [`connection`].
+async fn accepted(
     stream: TcpStream,
     peer: SocketAddr,
+    tls: Option<TlsConfig>,
     shared: Arc<Shared>,
     registered: Registered,
     conns: Connections,
 ) {
+    let Some(tls) = tls else {
+        return connection(TokioIo::new(stream), peer, None, shared, registered, conns).await;
+    };
+    let timeout = shared.limits.header_timeout;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    if first[0] != TLS_HANDSHAKE {
+        if peer.ip().is_loopback() {
+            return connection(TokioIo::new(stream), peer, None, shared, registered, conns).await;
+        }
+        let mut stream = stream;
+        let _ = tokio::time::timeout(timeout, stream.write_all(PLAIN_REFUSED)).await;
+        return;
+    }
+    let config = tls.borrow().clone();
+    let Some(config) = config else {
+        tracing::debug!("TLS handshake from {peer} before this server has a certificate");
+        return;
+    };
+    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let stream = match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            // Who was refused and why (an expired or foreign client certificate), at
+            // most every WARN_EVERY: a scanner must not flood the log.
+            HANDSHAKE_WARNINGS.lock().expect("warner lock").warn(|n| {
+                tracing::warn!(
+                    "TLS handshake with {peer} failed: {e} ({n} failures since the last such line)"
+                )
+            });
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake with {peer} took longer than {timeout:?}");
+            return;
+        }
+    };
+    let cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|der| PeerCertificate::new(der.clone()));
+    connection(TokioIo::new(stream), peer, cert, shared, registered, conns).await
+}
+
+async fn connection<I>(
+    io: TokioIo<I>,
+    peer: SocketAddr,
+    cert: Option<PeerCertificate>,
+    shared: Arc<Shared>,
+    registered: Registered,
+    conns: Connections,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let conn_state = registered.conn.clone();
     let service = {
         let router = shared.router.clone();
         let conn_state = conn_state.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
-            call(router.clone(), conn_state.clone(), peer, request)
+            call(
+                router.clone(),
+                conn_state.clone(),
+                peer,
+                cert.clone(),
+                request,
+            )
         })
     };
-    let conn = shared
-        .builder
-        .serve_connection(TokioIo::new(stream), service);
+    let conn = shared.builder.serve_connection(io, service);
     tokio::pin!(conn);
     let limits = &shared.limits;
 
@@ -293,11 +391,15 @@ async fn call(
     router: Router,
     conn: Arc<Conn>,
     peer: SocketAddr,
+    cert: Option<PeerCertificate>,
     mut request: Request<Incoming>,
 ) -> Result<Response<Guarded<InProgress>>, Infallible> {
     conn.request_started();
     let guard = InProgress(conn);
     request.extensions_mut().insert(ConnectInfo(peer));
+    if let Some(cert) = cert {
+        request.extensions_mut().insert(cert);
+    }
     let Ok(response) = router.oneshot(request.map(Body::new)).await;
     Ok(response.map(|body| Guarded::new(body, guard)))
 }

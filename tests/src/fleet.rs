@@ -82,6 +82,13 @@ pub struct ControllerOpts {
     pub token: Option<String>,
     /// More arguments.
     pub args: Vec<OsString>,
+    /// `--tls`: mutual TLS with the fleet CA created in `<tempdir>/fleet-tls`; the
+    /// URL is `https://`, and [`Controller::grpc`] and [`Controller::fleetctl`] trust
+    /// that CA.
+    pub tls: bool,
+    /// Run the controller (and `fleetctl`) under this command, e.g.
+    /// `ip netns exec NS` ([`crate::netns`]).
+    pub wrapper: Vec<OsString>,
 }
 
 impl Default for ControllerOpts {
@@ -91,6 +98,8 @@ impl Default for ControllerOpts {
             heartbeat_ttl: "2s".into(),
             token: None,
             args: Vec::new(),
+            tls: false,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -301,9 +310,49 @@ impl Controller {
         self.addr
     }
 
-    /// `http://ADDR`, what agents and fleetctl are given.
+    /// `http://ADDR` (`https://` with TLS), what agents and fleetctl are given.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.opts.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The fleet CA's certificate (with [`ControllerOpts::tls`]).
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.path().join("fleet-tls").join("ca.crt")
+    }
+
+    /// The fleet CA's fingerprint, `sha256:…`, as the controller logged it.
+    pub fn ca_hash(&self) -> String {
+        const MARK: &str = "--ca-hash ";
+        self.log_lines()
+            .iter()
+            .find_map(|l| {
+                let rest = &l[l.find(MARK)? + MARK.len()..];
+                rest.split_whitespace().next().map(str::to_string)
+            })
+            .unwrap_or_else(|| self.fail("the controller logged no CA fingerprint"))
+    }
+
+    /// The controller's temp dir (its database, token and CA).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Options for an agent that joins this controller (started with `tls`) as
+    /// `node_id` with the join token in `join_token_file`, keeping its certificate in
+    /// `id/` of its own temp dir.
+    pub fn join_opts(&self, node_id: &str, join_token_file: &Path) -> AgentOpts {
+        AgentOpts::default()
+            .arg("--controller")
+            .arg(self.url())
+            .arg("--node-id")
+            .arg(node_id)
+            .arg("--identity-dir")
+            .arg("id")
+            .arg("--join-token-file")
+            .arg(join_token_file)
+            .arg("--ca-hash")
+            .arg(self.ca_hash())
     }
 
     /// The controller's token, if it has one.
@@ -392,11 +441,28 @@ impl Controller {
         let bearer = token.map(|t| format!("Bearer {t}").parse().expect("an ASCII token"));
         // A lazily connected channel: it connects on the first call (and again after
         // a restart of the controller).
-        let channel = Endpoint::from_shared(self.url())
+        let endpoint = Endpoint::from_shared(self.url())
             .expect("a valid URL")
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .connect_timeout(Duration::from_secs(5));
+        let channel = if self.opts.tls {
+            endpoint.connect_with_connector_lazy(self.tls_connector(None))
+        } else {
+            endpoint.connect_lazy()
+        };
         ControllerServiceClient::with_interceptor(channel, Bearer(bearer))
+    }
+
+    /// A TLS connector to this controller trusting its CA, presenting `identity`.
+    pub fn tls_connector(
+        &self,
+        identity: Option<fleet_net::tls::Identity>,
+    ) -> fleet_net::tls::Connector {
+        let pem = std::fs::read(self.ca_cert()).expect("read the fleet CA");
+        let ca = fleet_net::tls::read_certs(&pem).expect("a PEM CA");
+        let roots = fleet_net::tls::roots(&ca).expect("a valid CA");
+        let config = fleet_net::tls::client_config(roots, identity).expect("a client config");
+        fleet_net::tls::Connector::new(Arc::new(config), fleet_net::tls::CONTROLLER_NAME)
+            .expect("a valid name")
     }
 
     /// `ListNodes` with every node.
@@ -551,7 +617,19 @@ impl Controller {
             .map(|a| a.to_string_lossy())
             .collect::<Vec<_>>()
             .join(" ");
-        let mut command = tokio::process::Command::new(binary("fleetctl"));
+        let mut command = match self.opts.wrapper.split_first() {
+            Some((wrapper, wrapper_args)) => {
+                let mut c = tokio::process::Command::new(wrapper);
+                c.args(wrapper_args).arg(binary("fleetctl"));
+                c
+            }
+            None => tokio::process::Command::new(binary("fleetctl")),
+        };
+        if self.opts.tls {
+            command.env("FLEET_CA_CERT", self.ca_cert());
+        } else {
+            command.env_remove("FLEET_CA_CERT");
+        }
         command
             .args(&args)
             .env("FLEET_CONTROLLER", self.url())
@@ -596,7 +674,17 @@ impl Drop for Controller {
 /// Spawn `fleet-controller` with its database in `dir`, echoing its output into `log`.
 fn spawn(dir: &Path, opts: &ControllerOpts, listen: &str, log: &Arc<Log>) -> Child {
     let program = binary("fleet-controller");
-    let mut command = Command::new(&program);
+    let mut command = match opts.wrapper.split_first() {
+        Some((wrapper, wrapper_args)) => {
+            let mut c = Command::new(wrapper);
+            c.args(wrapper_args).arg(&program);
+            c
+        }
+        None => Command::new(&program),
+    };
+    if opts.tls {
+        command.arg("--tls");
+    }
     command
         .arg("--listen")
         .arg(listen)

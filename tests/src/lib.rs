@@ -18,6 +18,8 @@ pub mod footprint;
 pub mod hollow;
 /// A strict HTTP/1.1 and HTTP/2 load generator that counts every lost request.
 pub mod loadgen;
+/// Several hosts on one machine: network namespaces on a bridge, partitions.
+pub mod netns;
 
 pub use harness::{Agent, AgentOpts, HttpResponse};
 pub use loadgen::{

@@ -12,6 +12,9 @@
 //!   HTTP/2 authority: `127.x`, `[::1]`, `localhost`; with `--insecure-control` any IP
 //!   literal), which stops DNS rebinding: a rebound name still says its own name.
 //!
+//! Over mutual TLS (an `https://` controller), a request whose client certificate the
+//! fleet CA issued to the controller passes: that is how the controller calls.
+//!
 //! With a token, a request needs `Authorization: Bearer TOKEN` (HTTP header or gRPC
 //! metadata), or, for the HTTP admin routes only, a live browser session of
 //! [`super::session`] whose CSRF token every POST carries. `/healthz`, gRPC health
@@ -199,6 +202,15 @@ fn browser_rules(request: &Request, token: bool, insecure: bool) -> Option<Respo
 pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_string();
     if path == "/healthz" {
+        return next.run(request).await;
+    }
+    // The controller, by the certificate the fleet CA gave it (mutual TLS; the
+    // handshake checked the chain). A node's certificate does not open anything here.
+    if request
+        .extensions()
+        .get::<fleet_net::tls::PeerCertificate>()
+        .is_some_and(|c| c.names(fleet_net::tls::CONTROLLER_NAME))
+    {
         return next.run(request).await;
     }
     let supervisor = &access.supervisor;

@@ -104,7 +104,9 @@ impl Supervisor {
         let admin_url = if control_addr.is_empty() {
             String::new()
         } else {
-            format!("http://{control_addr}{}", self.config.admin.path)
+            // Over mutual TLS the control port speaks TLS to all but loopback peers.
+            let scheme = if self.config.mtls() { "https" } else { "http" };
+            format!("{scheme}://{control_addr}{}", self.config.admin.path)
         };
         StatusReport {
             node_id: self.config.node_id.clone(),

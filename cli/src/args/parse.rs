@@ -5,19 +5,12 @@ use std::path::Path;
 use std::time::Duration;
 
 pub fn parse_controller_url(s: &str) -> Result<String, String> {
-    const HOW: &str = "write the controller as http://HOST:PORT, e.g. http://127.0.0.1:7100";
+    const HOW: &str = "write the controller as http://HOST:PORT (https:// for one started with \
+                       --tls), e.g. http://127.0.0.1:7100";
     let s = s.trim();
     let (scheme, rest) = s.split_once("://").unwrap_or(("http", s));
-    match scheme {
-        "http" => {}
-        "https" => {
-            return Err(
-                "this fleetctl speaks plain http:// to the controller (no TLS): use http://HOST:PORT, \
-                 or reach a remote controller through an SSH tunnel"
-                    .into(),
-            );
-        }
-        _ => return Err(format!("unknown scheme {scheme:?}: {HOW}")),
+    if scheme != "http" && scheme != "https" {
+        return Err(format!("unknown scheme {scheme:?}: {HOW}"));
     }
     let host_port = rest.trim_end_matches('/');
     if host_port.is_empty()
@@ -32,7 +25,7 @@ pub fn parse_controller_url(s: &str) -> Result<String, String> {
     {
         return Err(format!("{port:?} is not a port number: {HOW}"));
     }
-    let url = format!("http://{host_port}");
+    let url = format!("{scheme}://{host_port}");
     url.parse::<tonic::transport::Uri>()
         .map_err(|e| format!("{s:?}: {e}; {HOW}"))?;
     Ok(url)
@@ -304,10 +297,9 @@ mod tests {
             parse_controller_url("http://ctl:7100/").unwrap(),
             "http://ctl:7100"
         );
-        assert!(
-            parse_controller_url("https://ctl")
-                .unwrap_err()
-                .contains("http://")
+        assert_eq!(
+            parse_controller_url("https://ctl:7100").unwrap(),
+            "https://ctl:7100"
         );
         assert!(parse_controller_url("ftp://ctl").is_err());
         assert!(parse_controller_url("http://").is_err());

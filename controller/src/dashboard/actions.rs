@@ -154,7 +154,7 @@ async fn do_restart(
         return unknown_node(&d, &s, &id);
     };
     let call = async {
-        let mut client = d.fleet.agents.client(&n.control_addr)?;
+        let mut client = d.fleet.agents.client(&n.node_id, &n.control_addr)?;
         client
             .restart(pb::RestartRequest {
                 exe: form.exe.trim().to_string(),
@@ -312,7 +312,7 @@ async fn do_shutdown(
         return unknown_node(&d, &s, &id);
     };
     let call = async {
-        let mut client = d.fleet.agents.client(&n.control_addr)?;
+        let mut client = d.fleet.agents.client(&n.node_id, &n.control_addr)?;
         client
             .shutdown(pb::ShutdownRequest {
                 reason: if form.reason.trim().is_empty() {

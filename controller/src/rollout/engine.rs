@@ -57,7 +57,7 @@ pub async fn preflight(
                     sha256: sha.clone(),
                 };
                 let call = async {
-                    let mut client = fleet.agents.client(&node.control_addr)?;
+                    let mut client = fleet.agents.client(&node.node_id, &node.control_addr)?;
                     client.preflight(request).await
                 };
                 match tokio::time::timeout(CALL_TIMEOUT, call).await {
@@ -349,7 +349,7 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
         // The restart may still be under way on the agent: wait for it to end first.
         let mut status = fleet
             .agents
-            .status(&record.control_addr, CALL_TIMEOUT)
+            .status(&record.node_id, &record.control_addr, CALL_TIMEOUT)
             .await;
         let deadline = Instant::now() + Duration::from_secs(120);
         while let Ok(s) = &status
@@ -359,7 +359,7 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
             tokio::time::sleep(SOAK_POLL).await;
             status = fleet
                 .agents
-                .status(&record.control_addr, CALL_TIMEOUT)
+                .status(&record.node_id, &record.control_addr, CALL_TIMEOUT)
                 .await;
         }
         match status {
@@ -403,6 +403,20 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
             .await;
             done
         }
+        None if record.state == "unreachable" => {
+            // Not called at all: a node cut off would only take the call's timeouts,
+            // and one that answers later must not find a restart it was never told
+            // the outcome of.
+            update(&fleet, &handle, &node_id, |n| {
+                n.set(
+                    NodeState::Failed,
+                    format!("unreachable: {}", record.reason),
+                    0,
+                )
+            })
+            .await;
+            return;
+        }
         None => {
             let old_pid = record.worker_pid;
             update(&fleet, &handle, &node_id, |n| {
@@ -426,7 +440,7 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
                 ready_timeout_ms: spec.ready_timeout_ms,
                 drain_timeout_ms: spec.drain_timeout_ms,
             };
-            let result = restart(&fleet, &record.control_addr, request).await;
+            let result = restart(&fleet, &record.node_id, &record.control_addr, request).await;
             match result {
                 Err(status) => {
                     update(&fleet, &handle, &node_id, |n| {
@@ -477,7 +491,7 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
     while !spec.min_healthy().is_zero() {
         match fleet
             .agents
-            .status(&record.control_addr, CALL_TIMEOUT)
+            .status(&record.node_id, &record.control_addr, CALL_TIMEOUT)
             .await
         {
             Ok(status) if status.generation == generation => {}
@@ -597,7 +611,7 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) {
                 reason: format!("rollback of rollout {}", spec_id(&handle)),
                 ..Default::default()
             };
-            let result = restart(&fleet, &record.control_addr, request).await;
+            let result = restart(&fleet, &record.node_id, &record.control_addr, request).await;
             let was = node.reason.clone();
             match result {
                 Ok(r) if r.outcome() == pb::Outcome::Succeeded => {
@@ -647,6 +661,7 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) {
 /// Calls an agent's Restart, bounded: its ready timeout (30 s unless given) plus a minute.
 async fn restart(
     fleet: &Fleet,
+    node_id: &str,
     control_addr: &str,
     request: pb::RestartRequest,
 ) -> Result<pb::RestartResponse, tonic::Status> {
@@ -655,7 +670,7 @@ async fn restart(
         ms => Duration::from_millis(ms),
     };
     let limit = ready + Duration::from_secs(60);
-    let mut client = fleet.agents.client(control_addr)?;
+    let mut client = fleet.agents.client(node_id, control_addr)?;
     match tokio::time::timeout(limit, client.restart(request)).await {
         Ok(result) => result.map(|r| r.into_inner()),
         Err(_) => Err(tonic::Status::deadline_exceeded(format!(
