@@ -10,8 +10,10 @@
 
 /// Command-line flags.
 pub mod config;
-/// The token check.
+/// Who is calling, and the role each route needs.
 pub mod auth;
+/// Operator tokens with a role, and join tokens for agents.
+pub mod tokens;
 /// gRPC `ControllerService`.
 pub mod api;
 /// HTTP JSON and Server-Sent Events for the dashboard.
@@ -49,10 +51,11 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Every route: the API behind the token check, the dashboard behind its sessions.
+/// Every route, behind the auth layer (caller and role); the dashboard also behind
+/// its sessions. `token`: the bootstrap admin token (`--token-file`); without one the
+/// controller is open.
 pub fn router(fleet: Arc<Fleet>, token: Option<String>) -> axum::Router {
-    let token = token.map(Arc::new);
-    let sessions = Arc::new(dashboard::session::Sessions::new(token.clone()));
+    let auth = Arc::new(auth::Auth::new(token, fleet.tokens.clone()));
     let grpc = tonic::service::Routes::new(
         fleet_proto::v1::controller_service_server::ControllerServiceServer::new(api::Api {
             fleet: fleet.clone(),
@@ -63,14 +66,8 @@ pub fn router(fleet: Arc<Fleet>, token: Option<String>) -> axum::Router {
     .into_axum_router();
     http::router(fleet.clone())
         .merge(grpc)
-        .layer(axum::middleware::from_fn_with_state(
-            auth::Token {
-                token,
-                sessions: sessions.clone(),
-            },
-            auth::require_token,
-        ))
-        .merge(dashboard::router(fleet, sessions))
+        .merge(dashboard::router(fleet, auth.clone()))
+        .layer(axum::middleware::from_fn_with_state(auth, auth::authorize))
 }
 
 /// Runs the controller until the process is stopped.
