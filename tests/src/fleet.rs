@@ -306,6 +306,11 @@ impl Controller {
         format!("http://{}", self.addr)
     }
 
+    /// The directory of its database (`fleet.db` and SQLite's `-wal` / `-shm` files).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The controller's token, if it has one.
     pub fn token(&self) -> Option<&str> {
         self.opts.token.as_deref()
