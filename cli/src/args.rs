@@ -7,7 +7,7 @@ mod parse;
 
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use fleet_proto::v1::RolloutSpec;
 
 use self::parse::{
@@ -102,6 +102,88 @@ pub enum Command {
     ///
     /// `fleetctl rollout status|history|pause|resume|abort|undo` manage rollouts.
     Rollout(Box<RolloutArgs>),
+    /// Create, list and revoke tokens: operator tokens with a role, join tokens for agents.
+    ///
+    /// Needs an admin token (or the controller's --token-file token). A token's secret
+    /// is printed once, when it is created; the controller keeps only its digest.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    pub action: TokenAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Create a token and print its secret (once).
+    ///
+    /// `--role viewer|operator|admin --name NAME` makes an operator token: viewer reads
+    /// (nodes, rollouts, the dashboard), operator also restarts nodes and runs rollouts,
+    /// admin also manages tokens and forgets nodes. Its name is recorded as the actor of
+    /// what it does. `--join` makes a join token, which lets agents join the fleet and
+    /// is refused as an operator credential.
+    Create(CreateTokenArgs),
+    /// List every token: id, name, role, created, expires, last used, and whether it is
+    /// revoked or expired (never a secret).
+    List,
+    /// Revoke a token: it is refused from its next call on.
+    Revoke(RevokeTokenArgs),
+}
+
+/// A token's role, as the controller spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl RoleArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoleArg::Viewer => "viewer",
+            RoleArg::Operator => "operator",
+            RoleArg::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("kind").required(true).args(["role", "join"])))]
+pub struct CreateTokenArgs {
+    /// The role of an operator token.
+    #[arg(long, value_enum)]
+    pub role: Option<RoleArg>,
+
+    /// A join token, for agents joining the fleet (no operator credential).
+    #[arg(long)]
+    pub join: bool,
+
+    /// Who or what the token is for (required with --role); recorded as the actor of
+    /// what it does [default with --join: "join"].
+    #[arg(long, value_name = "NAME", required_unless_present = "join")]
+    pub name: Option<String>,
+
+    /// How long it is valid, e.g. 1h or 30d [default: no expiry with --role, 1h with --join].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+
+    /// With --join: a joining node's id must start with this, e.g. web-.
+    #[arg(long, value_name = "PREFIX", conflicts_with = "role")]
+    pub node_id_prefix: Option<String>,
+
+    /// With --join: how many nodes may join with it [default: any number until it expires].
+    #[arg(long, value_name = "N", conflicts_with = "role", value_parser = clap::value_parser!(u32).range(1..))]
+    pub uses: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeTokenArgs {
+    /// The token's id, as `fleetctl token list` shows it (t3f9a1b2c).
+    #[arg(value_name = "ID")]
+    pub id: String,
 }
 
 #[derive(Debug, Args)]
@@ -232,7 +314,8 @@ pub struct StartArgs {
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
 
-    /// Who: kept with the rollout in its history [default: $USER].
+    /// Who you act for: kept in the history beside the name of the token that started
+    /// the rollout, which is the actor [default: $USER].
     #[arg(long, value_name = "NAME")]
     pub actor: Option<String>,
 
@@ -298,7 +381,8 @@ pub struct ActionArgs {
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
 
-    /// Who: kept in the rollout's history [default: $USER].
+    /// Who you act for: kept in the history beside the name of the token that acted
+    /// [default: $USER].
     #[arg(long, value_name = "NAME")]
     pub actor: Option<String>,
 }
@@ -334,6 +418,7 @@ impl StartArgs {
             reason: self.reason.clone().unwrap_or_default(),
             actor: actor(self.actor.as_deref()),
             dry_run: self.dry_run,
+            declared_actor: String::new(),
         }
     }
 }
@@ -468,6 +553,56 @@ mod tests {
         assert!(err.contains("--canary"), "{err}");
         let err = error(&["rollout", "--exe", "/a", "--canary", "0"]);
         assert!(err.contains("a canary needs nodes"), "{err}");
+    }
+
+    #[test]
+    fn token_create_needs_a_role_or_join() {
+        let err = error(&["token", "create", "--name", "ci"]);
+        assert!(err.contains("--role") && err.contains("--join"), "{err}");
+        let err = error(&["token", "create", "--role", "operator"]);
+        assert!(err.contains("--name"), "{err}");
+        let err = error(&[
+            "token", "create", "--role", "admin", "--join", "--name", "x",
+        ]);
+        assert!(err.contains("cannot be used with"), "{err}");
+        let err = error(&[
+            "token", "create", "--role", "admin", "--name", "x", "--uses", "2",
+        ]);
+        assert!(err.contains("cannot be used with"), "{err}");
+        let err = error(&["token", "create", "--join", "--uses", "0"]);
+        assert!(err.contains("--uses"), "{err}");
+        match parse(&[
+            "token",
+            "create",
+            "--join",
+            "--ttl",
+            "1h",
+            "--node-id-prefix",
+            "web-",
+            "--uses",
+            "3",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::Token(TokenArgs {
+                action: TokenAction::Create(c),
+            }) => {
+                assert!(c.join && c.role.is_none());
+                assert_eq!(c.ttl, Some(Duration::from_secs(3600)));
+                assert_eq!(c.node_id_prefix.as_deref(), Some("web-"));
+                assert_eq!(c.uses, Some(3));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            parse(&[
+                "token", "create", "--role", "viewer", "--name", "wall", "--ttl", "30d"
+            ])
+            .is_ok()
+        );
+        assert!(parse(&["token", "list", "-o", "json"]).is_ok());
+        assert!(parse(&["token", "revoke", "t3f9a1b2c"]).is_ok());
     }
 
     #[test]

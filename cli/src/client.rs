@@ -7,9 +7,10 @@ use std::time::Duration;
 use anyhow::Result;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
 use fleet_proto::v1::{
-    ForgetNodeRequest, GetNodeRequest, GetRolloutRequest, ListNodesRequest, ListRolloutsRequest,
-    Node, RestartNodeRequest, RestartResponse, Rollout, RolloutActionRequest, RolloutSpec,
-    ShutdownNodeRequest,
+    CreateTokenRequest, CreateTokenResponse, ForgetNodeRequest, GetNodeRequest, GetRolloutRequest,
+    ListNodesRequest, ListRolloutsRequest, ListTokensRequest, Node, RestartNodeRequest,
+    RestartResponse, RevokeTokenRequest, Rollout, RolloutActionRequest, RolloutSpec,
+    ShutdownNodeRequest, Token,
 };
 use std::sync::Arc;
 use tonic::codec::Streaming;
@@ -179,6 +180,24 @@ impl Controller {
             Action::Abort => self.api.abort_rollout(request).await,
             Action::Undo => self.api.undo_rollout(request).await,
         };
+        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+    }
+
+    pub async fn create_token(
+        &mut self,
+        request: CreateTokenRequest,
+    ) -> Result<CreateTokenResponse> {
+        let response = self.api.create_token(request).await;
+        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+    }
+
+    pub async fn list_tokens(&mut self) -> Result<Vec<Token>> {
+        let response = self.api.list_tokens(ListTokensRequest {}).await;
+        Ok(response.map_err(|s| self.error(&s))?.into_inner().tokens)
+    }
+
+    pub async fn revoke_token(&mut self, id: String) -> Result<Token> {
+        let response = self.api.revoke_token(RevokeTokenRequest { id }).await;
         Ok(response.map_err(|s| self.error(&s))?.into_inner())
     }
 }

@@ -4,11 +4,14 @@
 use std::time::SystemTime;
 
 use anyhow::Result;
-use fleet_proto::v1::{RestartNodeRequest, Rollout, RolloutActionRequest, ShutdownNodeRequest};
+use fleet_proto::v1::{
+    CreateTokenRequest, RestartNodeRequest, Rollout, RolloutActionRequest, ShutdownNodeRequest,
+};
 
 use crate::args::{
-    ActionArgs, Cli, Command, Format, HistoryArgs, NodeArgs, NodesArgs, RestartArgs, RolloutAction,
-    RolloutArgs, ShutdownArgs, StartArgs, StatusArgs, UndoArgs, actor,
+    ActionArgs, Cli, Command, CreateTokenArgs, Format, HistoryArgs, NodeArgs, NodesArgs,
+    RestartArgs, RolloutAction, RolloutArgs, ShutdownArgs, StartArgs, StatusArgs, TokenAction,
+    UndoArgs, actor,
 };
 use crate::client::{Action, Controller};
 use crate::exit::Exit;
@@ -55,7 +58,66 @@ pub async fn run(cli: Cli) -> Result<Exit> {
                 RolloutAction::Undo(args) => rollout_undo(controller, args, format).await,
             },
         },
+        Command::Token(token) => match token.action {
+            TokenAction::Create(args) => token_create(controller, args, format).await,
+            TokenAction::List => token_list(controller, format).await,
+            TokenAction::Revoke(args) => token_revoke(controller, args.id, format).await,
+        },
     }
+}
+
+/// `fleetctl token create`: the secret goes to stdout once.
+async fn token_create(
+    mut controller: Controller,
+    args: CreateTokenArgs,
+    format: Format,
+) -> Result<Exit> {
+    let created = controller
+        .create_token(CreateTokenRequest {
+            name: args.name.unwrap_or_default(),
+            role: args
+                .role
+                .map(|r| r.as_str().to_string())
+                .unwrap_or_default(),
+            join: args.join,
+            ttl_ms: args
+                .ttl
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            node_id_prefix: args.node_id_prefix.unwrap_or_default(),
+            max_uses: args.uses.unwrap_or(0),
+        })
+        .await?;
+    match format {
+        Format::Json => emit(&json::to_string(&json::CreatedTokenJson::from(&created)))?,
+        Format::Table => emit(&output::token_created(&created))?,
+    }
+    Ok(Exit::Success)
+}
+
+/// `fleetctl token list`
+async fn token_list(mut controller: Controller, format: Format) -> Result<Exit> {
+    let tokens = controller.list_tokens().await?;
+    match format {
+        Format::Json => {
+            let tokens: Vec<_> = tokens.iter().map(json::TokenJson::from).collect();
+            emit(&json::to_string(&tokens))?;
+        }
+        Format::Table if tokens.is_empty() => eprintln!(
+            "no tokens yet: create one with `fleetctl token create --role ROLE --name NAME`"
+        ),
+        Format::Table => emit(&output::tokens_table(&tokens, SystemTime::now()))?,
+    }
+    Ok(Exit::Success)
+}
+
+/// `fleetctl token revoke ID`
+async fn token_revoke(mut controller: Controller, id: String, format: Format) -> Result<Exit> {
+    let token = controller.revoke_token(id).await?;
+    match format {
+        Format::Json => emit(&json::to_string(&json::TokenJson::from(&token)))?,
+        Format::Table => emit(&output::token_revoked(&token))?,
+    }
+    Ok(Exit::Success)
 }
 
 /// `fleetctl nodes`

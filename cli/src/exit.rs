@@ -15,7 +15,7 @@ pub enum Exit {
     /// A rollout failed or was aborted, a restart failed, or the controller is unreachable.
     Failed,
     /// Bad input: invalid arguments, preflight refused, unknown node or rollout,
-    /// missing or wrong token.
+    /// missing, wrong, revoked or expired token, or a token without the role needed.
     BadInput,
     /// The rollout failed and its nodes were rolled back.
     RolledBack,
@@ -47,7 +47,8 @@ Exit codes:
   0  success: the command did what was asked (a rollout or restart succeeded)
   1  failed: a rollout failed or was aborted, a restart failed, or the controller is unreachable
   2  bad input: invalid arguments, preflight refused the rollout (no node was touched),
-     unknown node or rollout, missing or wrong token
+     unknown node, rollout or token, missing, wrong, revoked or expired token, or a
+     token whose role may not make the call
   3  the rollout failed and its nodes were rolled back to their previous executables";
 
 /// An error with the exit code it ends fleetctl with. Anything else is exit 1.

@@ -4,8 +4,10 @@
 
 pub mod json;
 mod rollout;
+mod token;
 
 pub use rollout::{batches, history_table, plan, rollout_details, started, state_counts, target};
+pub use token::{created as token_created, revoked as token_revoked, tokens_table};
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -79,11 +81,21 @@ impl Table {
 }
 
 /// "-" for an empty cell, so columns stay readable.
-fn or_dash(s: &str) -> String {
+pub(crate) fn or_dash(s: &str) -> String {
     if s.is_empty() {
         "-".to_string()
     } else {
         s.to_string()
+    }
+}
+
+/// The actor of a rollout as history shows it: who acted (the token's name), and in
+/// quotes who it said it acted for, when that is someone else: `ci (as "alice")`.
+pub fn actor(actor: &str, declared: &str) -> String {
+    if declared.is_empty() || declared == actor {
+        actor.to_string()
+    } else {
+        format!("{actor} (as {declared:?})")
     }
 }
 

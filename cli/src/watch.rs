@@ -118,7 +118,9 @@ impl Progress {
 pub fn header(r: &Rollout) -> String {
     let batches = batches(r);
     let sizes: Vec<String> = batches.iter().map(|b| b.nodes.len().to_string()).collect();
-    let actor = r.spec.as_ref().map_or("", |s| s.actor.as_str());
+    let actor = r.spec.as_ref().map_or(String::new(), |s| {
+        output::actor(&s.actor, &s.declared_actor)
+    });
     let mut line = format!(
         "rollout {} {}: {} to {} in {} {} ({})",
         r.id,

@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use fleet_proto::v1::controller_service_server::{ControllerService, ControllerServiceServer};
 use fleet_proto::v1::{
-    ExeInfo, ForgetNodeRequest, GetNodeRequest, GetRolloutRequest, HeartbeatRequest,
-    HeartbeatResponse, ListNodesRequest, ListNodesResponse, ListRolloutsRequest,
-    ListRolloutsResponse, Node, RestartNodeRequest, RestartResponse, Rollout, RolloutActionRequest,
-    RolloutNode, RolloutSpec, ShutdownNodeRequest, ShutdownResponse,
+    CreateTokenRequest, CreateTokenResponse, ExeInfo, ForgetNodeRequest, GetNodeRequest,
+    GetRolloutRequest, HeartbeatRequest, HeartbeatResponse, ListNodesRequest, ListNodesResponse,
+    ListRolloutsRequest, ListRolloutsResponse, ListTokensRequest, ListTokensResponse, Node,
+    RestartNodeRequest, RestartResponse, RevokeTokenRequest, Rollout, RolloutActionRequest,
+    RolloutNode, RolloutSpec, ShutdownNodeRequest, ShutdownResponse, Token,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -23,6 +24,8 @@ use tonic::codegen::tokio_stream::{self, Stream, StreamExt, wrappers::TcpListene
 use tonic::{Request, Response, Status};
 
 const TOKEN: &str = "s3cret";
+/// A token of role viewer: refused every change, as the controller would.
+const VIEWER: &str = "fleet_t0000beef_viewer";
 
 #[derive(Debug, Default)]
 struct Fake {
@@ -36,6 +39,28 @@ fn authorized<T>(request: &Request<T>) -> Result<(), Status> {
     match request.metadata().get("authorization") {
         Some(v) if v == format!("Bearer {TOKEN}").as_str() => Ok(()),
         _ => Err(Status::unauthenticated("missing or wrong bearer token")),
+    }
+}
+
+/// Admin calls: the admin token passes, the viewer's is refused with the controller's
+/// wording.
+fn admin<T>(request: &Request<T>, method: &str) -> Result<(), Status> {
+    match request.metadata().get("authorization") {
+        Some(v) if v == format!("Bearer {VIEWER}").as_str() => Err(Status::permission_denied(
+            format!("token 'wall' has role viewer; {method} needs admin"),
+        )),
+        _ => authorized(request),
+    }
+}
+
+fn token(id: &str, kind: &str) -> Token {
+    Token {
+        id: id.into(),
+        name: "ci".into(),
+        kind: kind.into(),
+        created_unix_ms: 1_700_000_000_000,
+        created_by: "bootstrap".into(),
+        ..Default::default()
     }
 }
 
@@ -215,6 +240,57 @@ impl ControllerService for Fake {
 
     async fn forget_node(&self, _: Request<ForgetNodeRequest>) -> Result<Response<Node>, Status> {
         Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        admin(&request, "CreateToken")?;
+        let r = request.into_inner();
+        let mut t = token("t1a2b3c4d", &r.role);
+        t.name = r.name;
+        if r.join {
+            t.kind = "join".into();
+            t.id = "j1a2b3c4d".into();
+            t.node_id_prefix = r.node_id_prefix;
+            t.max_uses = r.max_uses;
+            t.expires_unix_ms = t.created_unix_ms + r.ttl_ms;
+        }
+        let secret = format!("fleet_{}_{}", t.id, "ab".repeat(32));
+        Ok(Response::new(CreateTokenResponse {
+            token: Some(t),
+            secret,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        admin(&request, "ListTokens")?;
+        let mut revoked = token("t5", "viewer");
+        revoked.revoked_unix_ms = 1_700_000_000_500;
+        Ok(Response::new(ListTokensResponse {
+            tokens: vec![token("t1a2b3c4d", "operator"), revoked],
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<Token>, Status> {
+        admin(&request, "RevokeToken")?;
+        match request.get_ref().id.as_str() {
+            "t1a2b3c4d" => {
+                let mut t = token("t1a2b3c4d", "operator");
+                t.revoked_unix_ms = 1_700_000_000_900;
+                Ok(Response::new(t))
+            }
+            other => Err(Status::not_found(format!(
+                "no token {other:?}: list them with `fleetctl token list`"
+            ))),
+        }
     }
 
     async fn start_rollout(
@@ -553,6 +629,80 @@ async fn status_history_and_actions() {
     let out = fleetctl(addr, Some(TOKEN), &["rollout", "resume", "r1"]).await;
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(stderr(&out), "error: rollout r1 is not paused\n");
+}
+
+#[tokio::test]
+async fn tokens_are_created_once_listed_and_revoked_by_an_admin_only() {
+    let addr = serve().await;
+    let out = fleetctl(
+        addr,
+        Some(TOKEN),
+        &[
+            "token", "create", "--role", "operator", "--name", "ci", "--ttl", "30d",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let secret = format!("fleet_t1a2b3c4d_{}", "ab".repeat(32));
+    assert!(text.contains(&format!("\n  {secret}\n")), "{text}");
+    assert!(
+        text.contains(&format!("FLEET_TOKEN={secret} fleetctl nodes")),
+        "{text}"
+    );
+
+    let out = fleetctl(
+        addr,
+        Some(TOKEN),
+        &[
+            "-o",
+            "json",
+            "token",
+            "create",
+            "--join",
+            "--node-id-prefix",
+            "web-",
+            "--uses",
+            "2",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(created["token"]["kind"], "join");
+    assert_eq!(created["token"]["node_id_prefix"], "web-");
+    assert_eq!(created["token"]["max_uses"], 2);
+    assert!(
+        created["secret"]
+            .as_str()
+            .unwrap()
+            .starts_with("fleet_j1a2b3c4d_")
+    );
+
+    let out = fleetctl(addr, Some(TOKEN), &["token", "list"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("ID         NAME  ROLE      STATUS"),
+        "{text}"
+    );
+    assert!(text.contains("revoked"), "{text}");
+    assert!(!text.contains("fleet_"), "a list shows no secret: {text}");
+
+    let out = fleetctl(addr, Some(TOKEN), &["token", "revoke", "t1a2b3c4d"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("is revoked"), "{}", stdout(&out));
+    let out = fleetctl(addr, Some(TOKEN), &["token", "revoke", "t9"]).await;
+    assert_eq!(out.status.code(), Some(2));
+
+    // A viewer is refused, with the controller's reason, exit 2.
+    let out = fleetctl(addr, Some(VIEWER), &["token", "list"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("token 'wall' has role viewer; ListTokens needs admin"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test]

@@ -11,9 +11,11 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::Change;
+use crate::auth::grpc_caller;
 use crate::fleet::{Fleet, RolloutError};
 use crate::inventory::{ForgetError, NodeRecord, Selector};
 use crate::rollout::{RolloutNode, RolloutState, RolloutView, Spec};
+use crate::tokens::{Caller, Kind, NewToken, Role, TokenError, TokenRecord, actor_label};
 
 #[derive(Debug)]
 pub struct Api {
@@ -87,17 +89,20 @@ impl ControllerService for Api {
         &self,
         request: Request<pb::RestartNodeRequest>,
     ) -> Result<Response<pb::RestartResponse>, Status> {
+        let caller = grpc_caller(&request)?;
         let r = request.into_inner();
         let node = self.node(&r.node_id)?;
         let mut client = self
             .fleet
             .agents
             .client(&node.node_id, &node.control_addr)?;
+        let reason = asked_by(&r.reason, &caller);
+        tracing::info!("node {}: restart {reason}", r.node_id);
         let response = client
             .restart(pb::RestartRequest {
                 exe: r.exe,
                 sha256: r.sha256,
-                reason: r.reason,
+                reason,
                 ..Default::default()
             })
             .await?;
@@ -108,25 +113,31 @@ impl ControllerService for Api {
         &self,
         request: Request<pb::ShutdownNodeRequest>,
     ) -> Result<Response<pb::ShutdownResponse>, Status> {
+        let caller = grpc_caller(&request)?;
         let r = request.into_inner();
         let node = self.node(&r.node_id)?;
         let mut client = self
             .fleet
             .agents
             .client(&node.node_id, &node.control_addr)?;
-        client
-            .shutdown(pb::ShutdownRequest { reason: r.reason })
-            .await
+        let reason = asked_by(&r.reason, &caller);
+        tracing::info!("node {}: shutdown {reason}", r.node_id);
+        client.shutdown(pb::ShutdownRequest { reason }).await
     }
 
     async fn forget_node(
         &self,
         request: Request<pb::ForgetNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
+        let caller = grpc_caller(&request)?;
         let id = request.into_inner().node_id;
         match self.fleet.inventory.forget(&id).await {
             Ok(node) => {
-                tracing::info!("forgot node {id} (it was {})", node.state);
+                tracing::info!(
+                    "forgot node {id} (it was {}), asked by {}",
+                    node.state,
+                    caller.name
+                );
                 Ok(Response::new(node_message(&node)))
             }
             Err(e @ ForgetError::NotFound(_)) => Err(Status::not_found(e.to_string())),
@@ -139,6 +150,7 @@ impl ControllerService for Api {
         &self,
         request: Request<pb::RolloutSpec>,
     ) -> Result<Response<pb::Rollout>, Status> {
+        let caller = grpc_caller(&request)?;
         let s = request.into_inner();
         let dry_run = s.dry_run;
         let spec = Spec {
@@ -157,11 +169,8 @@ impl ControllerService for Api {
             max_failures: s.max_failures.trim().to_string(),
             auto_rollback: s.auto_rollback,
             reason: s.reason,
-            actor: if s.actor.is_empty() {
-                "unknown".into()
-            } else {
-                s.actor
-            },
+            declared_actor: declared(&s.actor, &caller),
+            actor: caller.name,
         };
         let view = self
             .fleet
@@ -241,42 +250,142 @@ impl ControllerService for Api {
         &self,
         request: Request<pb::RolloutActionRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        self.act(request.into_inner(), RolloutState::Paused).await
+        self.act(request, RolloutState::Paused).await
     }
 
     async fn resume_rollout(
         &self,
         request: Request<pb::RolloutActionRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        self.act(request.into_inner(), RolloutState::Running).await
+        self.act(request, RolloutState::Running).await
     }
 
     async fn abort_rollout(
         &self,
         request: Request<pb::RolloutActionRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        self.act(request.into_inner(), RolloutState::Aborted).await
+        self.act(request, RolloutState::Aborted).await
     }
 
     async fn undo_rollout(
         &self,
         request: Request<pb::RolloutActionRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
+        let caller = grpc_caller(&request)?;
         let r = request.into_inner();
         let view = self
             .fleet
-            .undo(&r.id, &actor(&r.actor))
+            .undo(&r.id, &caller.name, &declared(&r.actor, &caller))
             .await
             .map_err(rollout_status)?;
         Ok(Response::new(rollout_message(&view)))
     }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let caller = grpc_caller(&request)?;
+        let r = request.into_inner();
+        let kind = match (r.join, r.role.trim()) {
+            (true, "") => Kind::Join,
+            (true, _) => {
+                return Err(Status::invalid_argument(
+                    "a join token has no role: give either a role or join",
+                ));
+            }
+            (false, "") => {
+                return Err(Status::invalid_argument(
+                    "give the token a role (viewer, operator or admin), or ask for a join token",
+                ));
+            }
+            (false, role) => Kind::of(Role::parse(role).map_err(Status::invalid_argument)?),
+        };
+        let new = NewToken {
+            name: r.name,
+            kind,
+            ttl: (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms)),
+            node_id_prefix: r.node_id_prefix,
+            max_uses: r.max_uses,
+        };
+        let (record, secret) = self
+            .fleet
+            .tokens
+            .create(new, &caller)
+            .await
+            .map_err(token_status)?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: Some(token_message(&record)),
+            secret,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let tokens = self.fleet.tokens.list().iter().map(token_message).collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::Token>, Status> {
+        let caller = grpc_caller(&request)?;
+        let id = request.into_inner().id;
+        let record = self
+            .fleet
+            .tokens
+            .revoke(&id, &caller)
+            .await
+            .map_err(token_status)?;
+        Ok(Response::new(token_message(&record)))
+    }
 }
 
-fn actor(a: &str) -> String {
-    if a.is_empty() {
-        "unknown".into()
+/// What the request said the actor was, kept when it says something else than the
+/// authenticated caller.
+fn declared(given: &str, caller: &Caller) -> String {
+    let given = given.trim();
+    if given == caller.name {
+        String::new()
     } else {
-        a.to_string()
+        given.to_string()
+    }
+}
+
+/// A reason for an agent's log that says who asked: "deploy v2 (asked by ci through
+/// the controller)".
+pub fn asked_by(reason: &str, caller: &Caller) -> String {
+    let who = format!("asked by {} through the controller", caller.name);
+    match reason.trim() {
+        "" => who,
+        r => format!("{r} ({who})"),
+    }
+}
+
+fn token_status(e: TokenError) -> Status {
+    match e {
+        TokenError::Invalid(m) => Status::invalid_argument(m),
+        e @ (TokenError::NotFound(_) | TokenError::Bootstrap) => Status::not_found(e.to_string()),
+        e @ TokenError::Store(_) => Status::internal(e.to_string()),
+    }
+}
+
+pub fn token_message(t: &TokenRecord) -> pb::Token {
+    pb::Token {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        kind: t.kind.as_str().into(),
+        created_unix_ms: t.created_unix_ms,
+        created_by: t.created_by.clone(),
+        expires_unix_ms: t.expires_unix_ms,
+        revoked_unix_ms: t.revoked_unix_ms,
+        last_used_unix_ms: t.last_used_unix_ms,
+        node_id_prefix: t.node_id_prefix.clone(),
+        max_uses: t.max_uses,
+        uses: t.uses,
     }
 }
 
@@ -289,12 +398,15 @@ impl Api {
 
     async fn act(
         &self,
-        r: pb::RolloutActionRequest,
+        request: Request<pb::RolloutActionRequest>,
         wanted: RolloutState,
     ) -> Result<Response<pb::Rollout>, Status> {
+        let caller = grpc_caller(&request)?;
+        let r = request.into_inner();
+        let actor = actor_label(&caller.name, &declared(&r.actor, &caller));
         let view = self
             .fleet
-            .request(&r.id, wanted, &actor(&r.actor))
+            .request(&r.id, wanted, &actor)
             .await
             .map_err(rollout_status)?;
         Ok(Response::new(rollout_message(&view)))
@@ -372,6 +484,7 @@ pub fn rollout_message(v: &RolloutView) -> pb::Rollout {
             reason: s.reason.clone(),
             actor: s.actor.clone(),
             dry_run: r.state == RolloutState::Planned,
+            declared_actor: s.declared_actor.clone(),
         }),
         state: r.state.as_str().into(),
         reason: r.reason.clone(),

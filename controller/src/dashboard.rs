@@ -33,6 +33,8 @@ use maud::html;
 use serde::Deserialize;
 
 use crate::Fleet;
+use crate::auth::Auth;
+use crate::tokens::AuthError;
 use session::{Session, Sessions, safe_next};
 use view::{Flash, Section};
 
@@ -40,6 +42,8 @@ use view::{Flash, Section};
 #[derive(Debug)]
 pub struct Dashboard {
     pub fleet: Arc<Fleet>,
+    /// What a login is checked against.
+    pub auth: Arc<Auth>,
     pub sessions: Arc<Sessions>,
     /// One back-off for every failed login, whoever sends it.
     pub throttle: fleet_net::LoginThrottle,
@@ -48,10 +52,13 @@ pub struct Dashboard {
 const CSS: &str = include_str!("dashboard/assets/dashboard.css");
 const JS: &str = include_str!("dashboard/assets/dashboard.js");
 
-/// Every dashboard route, behind [`session::guard`].
-pub fn router(fleet: Arc<Fleet>, sessions: Arc<Sessions>) -> Router {
+/// Every dashboard route, behind [`session::guard`] (and, in front of that, the auth
+/// layer that checks each route's role).
+pub fn router(fleet: Arc<Fleet>, auth: Arc<Auth>) -> Router {
+    let sessions = auth.sessions.clone();
     let dashboard = Arc::new(Dashboard {
         fleet,
+        auth,
         sessions: sessions.clone(),
         throttle: fleet_net::LoginThrottle::default(),
     });
@@ -100,7 +107,7 @@ fn login_form(next: &str, error: Option<&str>) -> Response {
     let flash = error.map(|e| Flash::Error(e.to_string()));
     let body = html! {
         h1 { "Log in" }
-        p { "This controller needs the fleet token (the contents of its " code { "--token-file" } ")." }
+        p { "This controller needs a token: the contents of its " code { "--token-file" } ", or a token from " code { "fleetctl token create" } ". A viewer token shows the pages; changes need an operator or admin token." }
         form #login method="post" action="/login" {
             input type="hidden" name="next" value=(safe_next(next));
             p.field {
@@ -151,19 +158,35 @@ async fn login(
             return page;
         }
     };
-    if !d.sessions.is_token(&f.token) {
-        attempt.failed();
-        tracing::warn!(
-            "dashboard: a login with a wrong token ({} in a row)",
-            d.throttle.failures()
-        );
-        return login_form(
-            &f.next,
-            Some("wrong token: give the contents of the controller's --token-file"),
-        );
-    }
+    let caller = match d.auth.resolve(&f.token) {
+        Ok(caller) => caller,
+        Err(AuthError::Unknown) => {
+            attempt.failed();
+            tracing::warn!(
+                "dashboard: a login with a wrong token ({} in a row)",
+                d.throttle.failures()
+            );
+            return login_form(
+                &f.next,
+                Some(
+                    "wrong token: give the contents of the controller's --token-file, or a token from `fleetctl token create`",
+                ),
+            );
+        }
+        // A real token, but revoked, expired or a join token: say which (the attempt
+        // still counts as failed for the back-off).
+        Err(e) => {
+            attempt.failed();
+            return login_form(&f.next, Some(&e.to_string()));
+        }
+    };
     attempt.succeeded();
-    let s = d.sessions.create(true);
+    tracing::info!(
+        "dashboard: {} logged in (role {})",
+        caller.describe(),
+        caller.role
+    );
+    let s = d.sessions.create(Some(caller));
     (
         [(header::SET_COOKIE, session::set_cookie(&s))],
         Redirect::to(safe_next(&f.next)),

@@ -14,6 +14,7 @@ use crate::rollout::{
     self, NodeState, Rollout, RolloutNode, RolloutState, RolloutView, Spec, TimelineEntry,
 };
 use crate::store::Store;
+use crate::tokens::Tokens;
 use crate::{Change, now_ms};
 
 /// One rollout in memory; the engine mutates it and persists every transition.
@@ -66,6 +67,8 @@ pub struct Fleet {
     pub inventory: Arc<Inventory>,
     pub store: Arc<dyn Store>,
     pub agents: Agents,
+    /// Operator and join tokens.
+    pub tokens: Arc<Tokens>,
     pub changes: broadcast::Sender<Change>,
     rollouts: Mutex<HashMap<String, Arc<RolloutHandle>>>,
     seq: AtomicU64,
@@ -97,10 +100,12 @@ impl Fleet {
             view.nodes.sort_by_key(|n| (n.batch, n.node_id.clone()));
             rollouts.insert(view.rollout.id.clone(), Arc::new(RolloutHandle::new(view)));
         }
+        let tokens = Arc::new(Tokens::load(store.clone())?);
         Ok(Arc::new(Self {
             inventory,
             store,
             agents: Agents::new(agent_token),
+            tokens,
             changes,
             rollouts: Mutex::new(rollouts),
             seq: AtomicU64::new(seq),
@@ -217,11 +222,12 @@ impl Fleet {
     }
 
     /// Undo: a new rollout that moves every node the given rollout moved back to its
-    /// own previous executable.
+    /// own previous executable. `actor` is the caller, `declared` who it said it was.
     pub async fn undo(
         self: &Arc<Self>,
         id: &str,
         actor: &str,
+        declared: &str,
     ) -> Result<RolloutView, RolloutError> {
         let view = self.rollout(id)?;
         if !view.rollout.state.finished() {
@@ -254,6 +260,11 @@ impl Fleet {
         spec.canary = 0;
         spec.pause_after_canary = false;
         spec.actor = actor.to_string();
+        spec.declared_actor = if declared == actor {
+            String::new()
+        } else {
+            declared.to_string()
+        };
         spec.reason = format!("undo {}", view.rollout.id);
         spec.auto_rollback = false;
         self.begin(spec, nodes, false, view.rollout.id.clone())
@@ -346,9 +357,9 @@ impl Fleet {
             .await?;
         self.store.put_rollout(&view.rollout).await?;
         tracing::info!(
-            "rollout {} started by {:?}: {} node(s) in batches {:?} to {} ({})",
+            "rollout {} started by {}: {} node(s) in batches {:?} to {} ({})",
             view.rollout.id,
-            view.rollout.spec.actor,
+            crate::tokens::actor_label(&view.rollout.spec.actor, &view.rollout.spec.declared_actor),
             view.nodes.len(),
             view.rollout.batch_sizes,
             view.rollout.spec.exe,
@@ -364,7 +375,8 @@ impl Fleet {
         Ok(view)
     }
 
-    /// Records an operator's pause, resume or abort for the engine to act on.
+    /// Records an operator's pause, resume or abort for the engine to act on; `actor`
+    /// goes into the rollout's reason as given (see [`crate::tokens::actor_label`]).
     pub async fn request(
         &self,
         id: &str,

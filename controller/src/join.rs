@@ -15,27 +15,12 @@ use tonic::{Request, Response, Status};
 
 use crate::ca::{FleetCa, Issued};
 use crate::inventory::Inventory;
-
-/// Who may join: the controller's join tokens.
-pub trait JoinTokens: Send + Sync + std::fmt::Debug {
-    /// Spends one use of the join token `secret` for `node_id`, or says why not.
-    fn redeem(&self, secret: &str, node_id: &str) -> Result<(), Status>;
-}
-
-/// TEMPORARY until operator tokens land: refuses every join token.
-#[derive(Debug)]
-pub struct NoJoinTokens;
-
-impl JoinTokens for NoJoinTokens {
-    fn redeem(&self, _: &str, _: &str) -> Result<(), Status> {
-        Err(Status::unauthenticated("join tokens are not available yet"))
-    }
-}
+use crate::tokens::Tokens;
 
 #[derive(Debug)]
 pub struct Join {
     pub ca: Arc<FleetCa>,
-    pub tokens: Arc<dyn JoinTokens>,
+    pub tokens: Arc<Tokens>,
     /// How long a node certificate is valid (`--cert-ttl`).
     pub ttl: Duration,
     /// Where the certificates issued are noted: a node id that holds a valid one
@@ -141,14 +126,13 @@ impl JoinService for Join {
             tracing::warn!("join refused for node {:?} from {peer}: {why}", r.node_id);
             return Err(Status::already_exists(why));
         }
-        if let Err(e) = self.tokens.redeem(&r.token, &r.node_id) {
-            tracing::warn!(
-                "join refused for node {:?} from {peer}: {}",
-                r.node_id,
-                e.message()
-            );
-            return Err(e);
-        }
+        let grant = match self.tokens.redeem_join(&r.token, &r.node_id).await {
+            Ok(grant) => grant,
+            Err(e) => {
+                tracing::warn!("join refused for node {:?} from {peer}: {e}", r.node_id);
+                return Err(e.status());
+            }
+        };
         let issued = self
             .ca
             .issue_node(&r.node_id, &csr, self.ttl)
@@ -156,8 +140,10 @@ impl JoinService for Join {
         self.inventory
             .note_certificate(&r.node_id, issued.not_after);
         tracing::info!(
-            "node {:?} joined from {peer}; its certificate expires {}",
+            "node {:?} joined from {peer} with join token {} ({:?}); its certificate expires {}",
             r.node_id,
+            grant.token_id,
+            grant.token_name,
             humantime::format_rfc3339_seconds(issued.not_after)
         );
         Ok(Response::new(response(issued, &self.ca)))

@@ -10,8 +10,10 @@
 
 /// Command-line flags.
 pub mod config;
-/// The token check.
+/// Who is calling, and the role each route needs.
 pub mod auth;
+/// Operator tokens with a role, and join tokens for agents.
+pub mod tokens;
 /// gRPC `ControllerService`.
 pub mod api;
 /// HTTP JSON and Server-Sent Events for the dashboard.
@@ -55,7 +57,9 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Every route: the API behind the token check, the dashboard behind its sessions.
+/// Every route, behind the auth layer (caller and role); the dashboard also behind
+/// its sessions. `token`: the bootstrap admin token (`--token-file`); without one the
+/// controller is open.
 pub fn router(fleet: Arc<Fleet>, token: Option<String>) -> axum::Router {
     router_with(fleet, token, None)
 }
@@ -66,8 +70,7 @@ pub fn router_with(
     token: Option<String>,
     join: Option<join::Join>,
 ) -> axum::Router {
-    let token = token.map(Arc::new);
-    let sessions = Arc::new(dashboard::session::Sessions::new(token.clone()));
+    let auth = Arc::new(auth::Auth::new(token, fleet.tokens.clone()));
     let mut routes = tonic::service::Routes::new(
         fleet_proto::v1::controller_service_server::ControllerServiceServer::new(api::Api {
             fleet: fleet.clone(),
@@ -84,14 +87,8 @@ pub fn router_with(
     let grpc = routes.into_axum_router();
     http::router(fleet.clone())
         .merge(grpc)
-        .layer(axum::middleware::from_fn_with_state(
-            auth::Token {
-                token,
-                sessions: sessions.clone(),
-            },
-            auth::require_token,
-        ))
-        .merge(dashboard::router(fleet, sessions))
+        .merge(dashboard::router(fleet, auth.clone()))
+        .layer(axum::middleware::from_fn_with_state(auth, auth::authorize))
 }
 
 /// Runs the controller until the process is stopped.
@@ -120,7 +117,7 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open the database {}", cli.db.display()))?;
     let fleet = Fleet::new(Arc::new(store), cli.heartbeat_ttl, agent_token.as_deref())?;
     let tls = if cli.tls_enabled() {
-        Some(tls::start(&cli, &fleet, Arc::new(join::NoJoinTokens))?)
+        Some(tls::start(&cli, &fleet)?)
     } else {
         None
     };

@@ -29,7 +29,12 @@ pub struct Spec {
     pub max_failures: String,
     pub auto_rollback: bool,
     pub reason: String,
+    /// Who started it: the authenticated caller's name.
     pub actor: String,
+    /// Who the caller said it was (`--actor`, the form's actor field), kept beside
+    /// `actor` when it says something else; empty otherwise.
+    #[serde(default)]
+    pub declared_actor: String,
 }
 
 /// A count or a percentage of the targets (`"2"`, `"10%"`).
@@ -332,6 +337,7 @@ mod tests {
             auto_rollback: false,
             reason: String::new(),
             actor: String::new(),
+            declared_actor: String::new(),
         }
     }
 

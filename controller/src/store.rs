@@ -10,6 +10,7 @@ pub use sqlite::SqliteStore;
 
 use crate::inventory::NodeRecord;
 use crate::rollout::{Rollout, RolloutNode};
+use crate::tokens::TokenRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -29,6 +30,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn delete_node(&self, node_id: &str) -> WriteAck;
     fn put_rollout(&self, rollout: &Rollout) -> WriteAck;
     fn put_rollout_nodes(&self, rollout_id: &str, nodes: &[RolloutNode]) -> WriteAck;
+    /// Every token (digests, never token strings), with its last use.
+    fn load_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Creates or replaces a token's record, but not its last use.
+    fn put_token(&self, token: &TokenRecord) -> WriteAck;
+    /// Records a token's last use, unless a later one is stored already.
+    fn touch_token(&self, id: &str, last_used_unix_ms: u64) -> WriteAck;
 }
 
 /// Resolves once the write is committed.

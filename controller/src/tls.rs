@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use crate::ca::FleetCa;
 use crate::config::Cli;
 use crate::fleet::Fleet;
-use crate::join::{Join, JoinTokens};
+use crate::join::Join;
 
 /// How long the controller's own certificate lasts; it is made again at two thirds.
 const CONTROLLER_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -23,11 +23,7 @@ pub struct Started {
 }
 
 /// Loads (or creates) the CA, issues the controller's certificate, and keeps it fresh.
-pub fn start(
-    cli: &Cli,
-    fleet: &Arc<Fleet>,
-    tokens: Arc<dyn JoinTokens>,
-) -> anyhow::Result<Started> {
+pub fn start(cli: &Cli, fleet: &Arc<Fleet>) -> anyhow::Result<Started> {
     let ca = match (&cli.ca_cert, &cli.ca_key) {
         (Some(cert), Some(key)) => FleetCa::load(cert, key)?,
         _ => {
@@ -55,7 +51,7 @@ pub fn start(
         server: rx,
         join: Join {
             ca,
-            tokens,
+            tokens: fleet.tokens.clone(),
             ttl: cli.cert_ttl,
             inventory: fleet.inventory.clone(),
         },

@@ -333,11 +333,6 @@ impl Controller {
             .unwrap_or_else(|| self.fail("the controller logged no CA fingerprint"))
     }
 
-    /// The controller's temp dir (its database, token and CA).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// Options for an agent that joins this controller (started with `tls`) as
     /// `node_id` with the join token in `join_token_file`, keeping its certificate in
     /// `id/` of its own temp dir.
@@ -353,6 +348,12 @@ impl Controller {
             .arg(join_token_file)
             .arg("--ca-hash")
             .arg(self.ca_hash())
+    }
+
+    /// The controller's temp dir: its database (`fleet.db` and SQLite's `-wal` /
+    /// `-shm` files), token and CA (`fleet-tls/`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The controller's token, if it has one.

@@ -1151,6 +1151,24 @@ mod tests {
         ) -> Unimplemented<pb::Rollout> {
             unimplemented()
         }
+        async fn create_token(
+            &self,
+            _: Request<pb::CreateTokenRequest>,
+        ) -> Unimplemented<pb::CreateTokenResponse> {
+            unimplemented()
+        }
+        async fn list_tokens(
+            &self,
+            _: Request<pb::ListTokensRequest>,
+        ) -> Unimplemented<pb::ListTokensResponse> {
+            unimplemented()
+        }
+        async fn revoke_token(
+            &self,
+            _: Request<pb::RevokeTokenRequest>,
+        ) -> Unimplemented<pb::Token> {
+            unimplemented()
+        }
     }
 
     async fn fake_controller(fake: Arc<FakeController>) -> String {

@@ -86,8 +86,17 @@ async fn controller_history_keeps_each_rollouts_spec_and_per_node_timeline() {
         .collect();
     assert_eq!(ids, [undo.as_str(), first.as_str()]);
     assert_eq!(history[0]["undo_of"], first.as_str(), "{history:#}");
-    assert_eq!(history[0]["spec"]["actor"], "bob", "{history:#}");
-    assert_eq!(history[1]["spec"]["actor"], "alice", "{history:#}");
+    // A controller without a token: the caller is `local`; the --actor each gave is
+    // kept beside it.
+    assert_eq!(history[0]["spec"]["actor"], "local", "{history:#}");
+    assert_eq!(history[0]["spec"]["declared_actor"], "bob", "{history:#}");
+    assert_eq!(history[1]["spec"]["actor"], "local", "{history:#}");
+    assert_eq!(history[1]["spec"]["declared_actor"], "alice", "{history:#}");
+    assert!(
+        table.stdout.contains("local (as \"alice\")"),
+        "{}",
+        table.stdout
+    );
 
     // One rollout in full: its spec...
     let status = controller
@@ -98,7 +107,8 @@ async fn controller_history_keeps_each_rollouts_spec_and_per_node_timeline() {
     let spec = &rollout["spec"];
     assert_eq!(spec["exe"], v2.to_str().unwrap(), "{spec:#}");
     assert_eq!(spec["sha256"], sha256.as_str(), "{spec:#}");
-    assert_eq!(spec["actor"], "alice", "{spec:#}");
+    assert_eq!(spec["actor"], "local", "{spec:#}");
+    assert_eq!(spec["declared_actor"], "alice", "{spec:#}");
     assert_eq!(spec["reason"], REASON, "{spec:#}");
     let created = rollout["created_unix_ms"]
         .as_u64()

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use fleet_proto::v1::{
-    ExeInfo, Node, Outcome, PhaseTimings, RestartResponse, Rollout, RolloutNode, RolloutSpec,
-    TimelineEntry,
+    CreateTokenResponse, ExeInfo, Node, Outcome, PhaseTimings, RestartResponse, Rollout,
+    RolloutNode, RolloutSpec, TimelineEntry, Token,
 };
 use serde::Serialize;
 
@@ -94,6 +94,7 @@ pub struct SpecJson<'a> {
     pub auto_rollback: bool,
     pub reason: &'a str,
     pub actor: &'a str,
+    pub declared_actor: &'a str,
     pub dry_run: bool,
 }
 
@@ -116,6 +117,7 @@ impl<'a> From<&'a RolloutSpec> for SpecJson<'a> {
             auto_rollback: s.auto_rollback,
             reason: &s.reason,
             actor: &s.actor,
+            declared_actor: &s.declared_actor,
             dry_run: s.dry_run,
         }
     }
@@ -248,6 +250,55 @@ impl<'a> RestartJson<'a> {
             new_pid: r.new_pid,
             exe: r.exe.as_ref().map(ExeJson::from),
             timings: r.timings.as_ref().map(TimingsJson::from),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TokenJson<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub kind: &'a str,
+    pub created_unix_ms: u64,
+    pub created_by: &'a str,
+    pub expires_unix_ms: u64,
+    pub revoked_unix_ms: u64,
+    pub last_used_unix_ms: u64,
+    pub node_id_prefix: &'a str,
+    pub max_uses: u32,
+    pub uses: u32,
+}
+
+impl<'a> From<&'a Token> for TokenJson<'a> {
+    fn from(t: &'a Token) -> Self {
+        TokenJson {
+            id: &t.id,
+            name: &t.name,
+            kind: &t.kind,
+            created_unix_ms: t.created_unix_ms,
+            created_by: &t.created_by,
+            expires_unix_ms: t.expires_unix_ms,
+            revoked_unix_ms: t.revoked_unix_ms,
+            last_used_unix_ms: t.last_used_unix_ms,
+            node_id_prefix: &t.node_id_prefix,
+            max_uses: t.max_uses,
+            uses: t.uses,
+        }
+    }
+}
+
+/// A new token and its secret (shown once).
+#[derive(Debug, Serialize)]
+pub struct CreatedTokenJson<'a> {
+    pub token: Option<TokenJson<'a>>,
+    pub secret: &'a str,
+}
+
+impl<'a> From<&'a CreateTokenResponse> for CreatedTokenJson<'a> {
+    fn from(r: &'a CreateTokenResponse) -> Self {
+        CreatedTokenJson {
+            token: r.token.as_ref().map(TokenJson::from),
+            secret: &r.secret,
         }
     }
 }

@@ -200,7 +200,10 @@ pub fn rollout_details(r: &Rollout, timeline: bool) -> String {
     }
     table.row(["Batches:", &plan]);
     table.row(["Options:", &options(&spec)]);
-    table.row(["Actor:", &or_dash(&spec.actor)]);
+    table.row([
+        "Actor:",
+        &or_dash(&super::actor(&spec.actor, &spec.declared_actor)),
+    ]);
     table.row(["Reason:", &or_dash(&spec.reason)]);
     table.row(["Created:", &time(r.created_unix_ms)]);
     let finished = match r.finished_unix_ms {
@@ -295,7 +298,7 @@ pub fn history_table(rollouts: &[Rollout]) -> String {
             or_dash(&r.state),
             time(r.created_unix_ms),
             took,
-            or_dash(&spec.actor),
+            or_dash(&super::actor(&spec.actor, &spec.declared_actor)),
             format!("{healthy}/{}", r.nodes.len()),
             target(r),
             spec.reason,

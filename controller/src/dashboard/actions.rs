@@ -131,6 +131,15 @@ async fn confirm_restart(
     shell(&d, &s, &format!("Restart {id}"), None, body).into_response()
 }
 
+/// The reason an agent logs for a change asked from the dashboard, with who asked.
+fn dashboard_reason(given: &str, s: &Session) -> String {
+    let given = match given.trim() {
+        "" => "dashboard",
+        r => r,
+    };
+    crate::api::asked_by(given, &s.caller)
+}
+
 /// The HTTP status for an agent's gRPC refusal.
 fn http_status(code: tonic::Code) -> StatusCode {
     match code {
@@ -159,15 +168,15 @@ async fn do_restart(
             .restart(pb::RestartRequest {
                 exe: form.exe.trim().to_string(),
                 sha256: form.sha256.trim().to_ascii_lowercase(),
-                reason: if form.reason.trim().is_empty() {
-                    "dashboard".into()
-                } else {
-                    form.reason.trim().to_string()
-                },
+                reason: dashboard_reason(&form.reason, &s),
                 ..Default::default()
             })
             .await
     };
+    tracing::info!(
+        "node {id}: restart {} (dashboard)",
+        dashboard_reason(&form.reason, &s)
+    );
     let answer = tokio::time::timeout(RESTART_TIMEOUT, call)
         .await
         .unwrap_or_else(|_| {
@@ -315,14 +324,14 @@ async fn do_shutdown(
         let mut client = d.fleet.agents.client(&n.node_id, &n.control_addr)?;
         client
             .shutdown(pb::ShutdownRequest {
-                reason: if form.reason.trim().is_empty() {
-                    "dashboard".into()
-                } else {
-                    form.reason.trim().to_string()
-                },
+                reason: dashboard_reason(&form.reason, &s),
             })
             .await
     };
+    tracing::info!(
+        "node {id}: shutdown {} (dashboard)",
+        dashboard_reason(&form.reason, &s)
+    );
     let (status, flash) = match tokio::time::timeout(Duration::from_secs(30), call).await {
         Ok(Ok(_)) => (
             StatusCode::OK,
@@ -357,10 +366,17 @@ async fn do_forget(
 ) -> Response {
     use crate::inventory::ForgetError;
     let (status, flash) = match d.fleet.inventory.forget(&id).await {
-        Ok(n) => (
-            StatusCode::OK,
-            Flash::Done(format!("Forgot {id} (it was {}).", n.state)),
-        ),
+        Ok(n) => {
+            tracing::info!(
+                "forgot node {id} (it was {}), asked by {} (dashboard)",
+                n.state,
+                s.caller.name
+            );
+            (
+                StatusCode::OK,
+                Flash::Done(format!("Forgot {id} (it was {}).", n.state)),
+            )
+        }
         Err(e) => (
             match e {
                 ForgetError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -463,12 +479,12 @@ async fn do_rollout_action(
     Extension(s): Extension<Session>,
     Path((id, action)): Path<(String, String)>,
 ) -> Response {
-    let actor = "dashboard";
+    let actor = s.caller.name.as_str();
     let result = match action.as_str() {
         "pause" => d.fleet.request(&id, RolloutState::Paused, actor).await,
         "resume" => d.fleet.request(&id, RolloutState::Running, actor).await,
         "abort" => d.fleet.request(&id, RolloutState::Aborted, actor).await,
-        "undo" => d.fleet.undo(&id, actor).await,
+        "undo" => d.fleet.undo(&id, actor, "").await,
         other => Err(RolloutError::InvalidSpec(format!(
             "{other:?} is not an action on a rollout: pause, resume, abort or undo"
         ))),

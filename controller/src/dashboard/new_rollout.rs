@@ -69,8 +69,10 @@ fn duration_ms(value: &str, what: &str) -> Result<u64, String> {
 }
 
 impl RolloutForm {
-    /// The spec this form asks for; what is wrong with it otherwise.
-    pub fn spec(&self) -> Result<Spec, String> {
+    /// The spec this form asks for, started by `actor` (the session's caller; the
+    /// form's actor field is kept beside it when it says something else); what is
+    /// wrong with it otherwise.
+    pub fn spec(&self, actor: &str) -> Result<Spec, String> {
         let spec = Spec {
             exe: self.exe.trim().to_string(),
             sha256: self.sha256.trim().to_ascii_lowercase(),
@@ -87,8 +89,9 @@ impl RolloutForm {
             max_failures: self.max_failures.trim().to_string(),
             auto_rollback: self.auto_rollback.is_some(),
             reason: self.reason.trim().to_string(),
-            actor: match self.actor.trim() {
-                "" => "dashboard".to_string(),
+            actor: actor.to_string(),
+            declared_actor: match self.actor.trim() {
+                a if a == actor => String::new(),
                 a => a.to_string(),
             },
         };
@@ -154,7 +157,7 @@ fn form(s: &Session, f: &RolloutForm) -> Markup {
             fieldset {
                 legend { "Record" }
                 (text_field("reason", "Reason", &f.reason, "v2: faster search", "Kept with the rollout in its history."))
-                (text_field("actor", "Actor", &f.actor, "dashboard", "Who starts it."))
+                (text_field("actor", "On behalf of", &f.actor, "optional", "Recorded beside your own name, which the history shows as the actor."))
             }
             p.buttons {
                 button #preview type="submit" name="step" value="preview" { "Preview plan" }
@@ -237,7 +240,7 @@ async fn submit(
     Extension(s): Extension<Session>,
     Form(f): Form<RolloutForm>,
 ) -> Response {
-    let spec = match f.spec() {
+    let spec = match f.spec(&s.caller.name) {
         Ok(spec) => spec,
         Err(e) => return form_again(&d, &s, &f, StatusCode::BAD_REQUEST, e),
     };
@@ -280,13 +283,13 @@ mod tests {
             min_healthy: "soon".into(),
             ..Default::default()
         };
-        assert!(f.spec().unwrap_err().contains("30s"));
+        assert!(f.spec("alice").unwrap_err().contains("30s"));
         let f = RolloutForm {
             exe: "/opt/app/v2".into(),
             canary: "two".into(),
             ..Default::default()
         };
-        assert!(f.spec().unwrap_err().contains("whole number"));
+        assert!(f.spec("alice").unwrap_err().contains("whole number"));
         let f = RolloutForm {
             exe: "/opt/app/v2".into(),
             min_healthy: "2s".into(),
@@ -294,9 +297,15 @@ mod tests {
             auto_rollback: Some("on".into()),
             ..Default::default()
         };
-        let spec = f.spec().unwrap();
+        let spec = f.spec("alice").unwrap();
         assert_eq!(spec.min_healthy_ms, 2000);
         assert!(spec.auto_rollback);
-        assert_eq!(spec.actor, "dashboard");
+        assert_eq!(spec.actor, "alice");
+        assert_eq!(spec.declared_actor, "");
+        let f = RolloutForm {
+            actor: "deploy-bot".into(),
+            ..f
+        };
+        assert_eq!(f.spec("alice").unwrap().declared_actor, "deploy-bot");
     }
 }

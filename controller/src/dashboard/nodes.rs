@@ -17,6 +17,7 @@ use super::session::{Session, percent_encode};
 use super::view::{self, Flash, Live, Section};
 use crate::inventory::{NodeRecord, STOPPED, Selector};
 use crate::now_ms;
+use crate::tokens::Role;
 
 /// How often the nodes page refreshes without an event: requests in flight change
 /// with every heartbeat, and heartbeats are not events (they would be hundreds a
@@ -105,7 +106,7 @@ async fn page(
     };
     let desc = q.dir == "desc";
     sort(&mut nodes, col, desc);
-    let content = table(&d, &nodes, &q.label, col, desc);
+    let content = table(&d, &session, &nodes, &q.label, col, desc);
     if q.fragment.is_some() {
         return (status, content).into_response();
     }
@@ -145,7 +146,14 @@ async fn page(
 }
 
 /// The live region: the active rollout (if any), the counts by state, the table.
-fn table(d: &Dashboard, nodes: &[NodeRecord], label: &str, col: &str, desc: bool) -> Markup {
+fn table(
+    d: &Dashboard,
+    session: &Session,
+    nodes: &[NodeRecord],
+    label: &str,
+    col: &str,
+    desc: bool,
+) -> Markup {
     let now = now_ms();
     let active = d.fleet.active_rollout();
     let mut counts = std::collections::BTreeMap::<&str, usize>::new();
@@ -180,7 +188,7 @@ fn table(d: &Dashboard, nodes: &[NodeRecord], label: &str, col: &str, desc: bool
                     th scope="col" { "Actions" }
                 } }
                 tbody {
-                    @for n in nodes { (row(n, now)) }
+                    @for n in nodes { (row(n, now, session)) }
                     @if nodes.is_empty() {
                         tr { td colspan="12" { "No node matches. Agents appear here once they heartbeat (fleet-agent --controller URL)." } }
                     }
@@ -190,7 +198,8 @@ fn table(d: &Dashboard, nodes: &[NodeRecord], label: &str, col: &str, desc: bool
     }
 }
 
-fn row(n: &NodeRecord, now: u64) -> Markup {
+/// A node's row; its actions are those the session's role may take.
+fn row(n: &NodeRecord, now: u64, session: &Session) -> Markup {
     html! {
         tr #{ "node-" (n.node_id) } data-node=(n.node_id) data-state=(n.state) {
             th scope="row" { (n.node_id) }
@@ -215,12 +224,12 @@ fn row(n: &NodeRecord, now: u64) -> Markup {
                 @let id = percent_encode(&n.node_id);
                 // A stopped node has nothing to restart or shut down; one that stopped
                 // heartbeating may still answer its control port.
-                @if n.state != STOPPED {
+                @if n.state != STOPPED && session.may(Role::Operator) {
                     a.button href={ "/nodes/" (id) "/restart" } { "Restart" }
                     " "
                     a.button.danger href={ "/nodes/" (id) "/shutdown" } { "Shut down" }
                 }
-                @if n.forgettable() {
+                @if n.forgettable() && session.may(Role::Admin) {
                     " "
                     a.button.danger href={ "/nodes/" (id) "/forget" } { "Forget" }
                 }

@@ -17,6 +17,7 @@ use super::view::{self, Flash, Live, Section};
 use crate::fleet::RolloutError;
 use crate::now_ms;
 use crate::rollout::{NodeState, RolloutNode, RolloutState, RolloutView};
+use crate::tokens::{Role, actor_label};
 
 pub fn router() -> Router<Arc<Dashboard>> {
     Router::new()
@@ -75,12 +76,13 @@ async fn list(
                             td data-label="State" { (view::state(r.rollout.state.as_str())) }
                             td data-label="Progress" { (view::progress(finished_count(r), r.nodes.len(), &format!("progress-{}", r.rollout.id))) }
                             td data-label="Started" { (view::since(r.rollout.created_unix_ms, now)) }
-                            td data-label="Actor" { (r.rollout.spec.actor) }
+                            td data-label="Actor" { (actor_label(&r.rollout.spec.actor, &r.rollout.spec.declared_actor)) }
                             td data-label="Reason" { (r.rollout.spec.reason) }
                         }
                     }
                     @if rollouts.is_empty() {
-                        tr { td colspan="7" { "No rollout yet. " a href="/rollouts/new" { "Start one." } } }
+                        tr { td colspan="7" { "No rollout yet."
+                            @if session.may(Role::Operator) { " " a href="/rollouts/new" { "Start one." } } } }
                     }
                 }
             }
@@ -97,7 +99,7 @@ async fn list(
     };
     let body = html! {
         h1 { "Rollouts" }
-        p { a.button href="/rollouts/new" { "New rollout" } }
+        @if session.may(Role::Operator) { p { a.button href="/rollouts/new" { "New rollout" } } }
         (view::live(&live, content))
     };
     view::page(
@@ -138,7 +140,7 @@ async fn detail(
             );
         }
     };
-    let content = rollout(&view);
+    let content = rollout(&view, session.may(Role::Operator));
     if q.fragment.is_some() {
         return content.into_response();
     }
@@ -165,8 +167,8 @@ async fn detail(
     .into_response()
 }
 
-/// The live part of a rollout's page.
-fn rollout(v: &RolloutView) -> Markup {
+/// The live part of a rollout's page; with the buttons for changes if `operator`.
+fn rollout(v: &RolloutView, operator: bool) -> Markup {
     let r = &v.rollout;
     let s = &r.spec;
     let now = now_ms();
@@ -185,7 +187,7 @@ fn rollout(v: &RolloutView) -> Markup {
                 @if !r.reason.is_empty() { " — " span.note { (r.reason) } }
             }
             (view::progress(done, v.nodes.len(), "rollout-progress"))
-            (actions(v))
+            @if operator { (actions(v)) }
             dl.spec {
                 dt { "Executable" } dd { span.path { (s.exe) } " " (view::short_sha(&s.sha256)) }
                 dt { "Selector" } dd { @if s.selector.is_empty() { "every node" } @else { code { (s.selector) } } }
@@ -200,7 +202,7 @@ fn rollout(v: &RolloutView) -> Markup {
                     @if s.max_failures.is_empty() { "default" } @else { (s.max_failures) }
                     @if s.auto_rollback { ", auto-rollback" }
                 }
-                dt { "Started" } dd { (view::since(r.created_unix_ms, now)) " by " (s.actor) }
+                dt { "Started" } dd { (view::since(r.created_unix_ms, now)) " by " span #actor { (actor_label(&s.actor, &s.declared_actor)) } }
                 dt { "Duration" } dd { (view::millis(ended.saturating_sub(r.created_unix_ms))) @if r.finished_unix_ms == 0 { " so far" } }
                 @if !s.reason.is_empty() { dt { "Reason" } dd { (s.reason) } }
                 @if !r.undo_of.is_empty() { dt { "Undoes" } dd { a href={ "/rollouts/" (r.undo_of) } { (r.undo_of) } } }

@@ -1,9 +1,12 @@
 //! Who may use the dashboard: sessions in a cookie, CSRF tokens for every change, and
 //! the loopback rule.
 //!
-//! With a token (`--token-file`) a browser logs in once with that token and gets a
-//! session cookie (`HttpOnly`, `SameSite=Strict`); without a token the dashboard is
-//! served to loopback peers only, and each browser still gets a session, so a change
+//! With a token (`--token-file`) a browser logs in once with that token or any
+//! operator token (`fleetctl token create`) and gets a session cookie (`HttpOnly`,
+//! `SameSite=Strict`) that remembers the caller: its name and role decide what the
+//! pages offer and what the auth layer lets through, and a revoked token ends its
+//! sessions at their next request. Without a token the dashboard is served to
+//! loopback peers only, and each browser still gets a session, so a change
 //! always needs the session's CSRF token. Every change is a `POST` carrying that token
 //! (a form field `csrf`, or the header `x-csrf-token`) and, when the browser sends an
 //! `Origin`, coming from this very host: a plain cross-site link or form can change
@@ -19,6 +22,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use fleet_net::browser::{SessionLimits, SessionStore, cookie};
 
+use crate::tokens::{Caller, Role};
+
 /// The session cookie's name.
 pub const COOKIE: &str = "fleet_session";
 /// How long a session lasts after its last use.
@@ -33,10 +38,20 @@ pub struct Session {
     pub id: String,
     /// Must come back with every change.
     pub csrf: String,
-    /// Logged in with the token (always false without a token).
+    /// Logged in with a token (always false without a token).
     pub authenticated: bool,
+    /// Who logged in (`local` on a controller without a token).
+    pub caller: Caller,
     /// Created by this request: the response sets the cookie.
     fresh: bool,
+}
+
+impl Session {
+    /// Whether the caller may make changes an operator makes (the pages show the
+    /// buttons and forms for them only then).
+    pub fn may(&self, role: Role) -> bool {
+        self.caller.role >= role
+    }
 }
 
 /// What a session holds.
@@ -44,19 +59,21 @@ pub struct Session {
 struct Entry {
     csrf: String,
     authenticated: bool,
+    caller: Caller,
 }
 
-/// The sessions of every browser, and the token that logs one in.
+/// The sessions of every browser.
 #[derive(Debug)]
 pub struct Sessions {
-    token: Option<Arc<String>>,
+    token_required: bool,
     store: SessionStore<Entry>,
 }
 
 impl Sessions {
-    pub fn new(token: Option<Arc<String>>) -> Self {
+    /// `token_required`: the controller has a token, and a browser must log in.
+    pub fn new(token_required: bool) -> Self {
         Self {
-            token,
+            token_required,
             store: SessionStore::new(SessionLimits {
                 idle: IDLE,
                 lifetime: None,
@@ -67,27 +84,24 @@ impl Sessions {
 
     /// Whether logging in is needed.
     pub fn token_required(&self) -> bool {
-        self.token.is_some()
+        self.token_required
     }
 
-    /// Whether `given` is the fleet token (compared without leaking where it differs).
-    pub fn is_token(&self, given: &str) -> bool {
-        self.token
-            .as_deref()
-            .is_some_and(|t| crate::auth::same(given.trim(), t))
-    }
-
-    /// A new session; `authenticated` after a successful login.
-    pub fn create(&self, authenticated: bool) -> Session {
+    /// A new session: of the caller who logged in, or an anonymous one (`local`).
+    pub fn create(&self, logged_in: Option<Caller>) -> Session {
         let csrf = fleet_net::browser::random_token();
+        let authenticated = logged_in.is_some();
+        let caller = logged_in.unwrap_or_else(Caller::local);
         let entry = Entry {
             csrf: csrf.clone(),
             authenticated,
+            caller: caller.clone(),
         };
         Session {
             id: self.store.create(entry, Instant::now()),
             csrf,
             authenticated,
+            caller,
             fresh: true,
         }
     }
@@ -100,6 +114,7 @@ impl Sessions {
             id: id.to_string(),
             csrf: entry.csrf,
             authenticated: entry.authenticated,
+            caller: entry.caller,
             fresh: false,
         })
     }
@@ -189,24 +204,12 @@ pub async fn guard(
     if path.starts_with("/assets/") || path == "/login" {
         return next.run(request).await;
     }
+    // The auth layer in front has let this request through already; a session is
+    // still required here, so that no page is served without one.
     let session = match sessions.from_headers(request.headers()) {
         Some(s) if s.authenticated || !sessions.token_required() => s,
-        _ if sessions.token_required() => {
-            if request.method() == Method::GET || request.method() == Method::HEAD {
-                let wanted = request
-                    .uri()
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/");
-                let to = format!("/login?next={}", percent_encode(wanted));
-                return Redirect::to(&to).into_response();
-            }
-            return refuse(
-                StatusCode::UNAUTHORIZED,
-                "log in first: open /login and enter the fleet token",
-            );
-        }
-        _ => sessions.create(false),
+        _ if sessions.token_required() => return log_in_first(&request, None),
+        _ => sessions.create(None),
     };
     let mut request = request;
     if request.method() != Method::GET && request.method() != Method::HEAD {
@@ -240,6 +243,24 @@ pub async fn guard(
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// The answer to a browser without a (valid) session: a page is sent to the login
+/// page, which comes back to it; a change is refused (401) saying why.
+pub fn log_in_first(request: &Request, why: Option<&str>) -> Response {
+    if request.method() == Method::GET || request.method() == Method::HEAD {
+        let wanted = request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let to = format!("/login?next={}", percent_encode(wanted));
+        return Redirect::to(&to).into_response();
+    }
+    refuse(
+        StatusCode::UNAUTHORIZED,
+        why.unwrap_or("log in first: open /login and enter your token"),
+    )
 }
 
 /// Percent-encodes everything but unreserved characters and `/`.
@@ -286,16 +307,15 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_token_only_loopback_peers_are_served() {
-        let (status, _) = get_from(Sessions::new(None), "127.0.0.1:40000").await;
+        let (status, _) = get_from(Sessions::new(false), "127.0.0.1:40000").await;
         assert_eq!(status, StatusCode::OK);
-        let (status, _) = get_from(Sessions::new(None), "[::1]:40000").await;
+        let (status, _) = get_from(Sessions::new(false), "[::1]:40000").await;
         assert_eq!(status, StatusCode::OK);
-        let (status, body) = get_from(Sessions::new(None), "10.1.2.3:40000").await;
+        let (status, body) = get_from(Sessions::new(false), "10.1.2.3:40000").await;
         assert_eq!(status, StatusCode::FORBIDDEN);
         assert!(body.contains("--token-file"), "{body}");
         // With a token, a remote browser is sent to log in instead.
-        let token = Some(Arc::new("t".to_string()));
-        let (status, location) = get_from(Sessions::new(token), "10.1.2.3:40000").await;
+        let (status, location) = get_from(Sessions::new(true), "10.1.2.3:40000").await;
         assert_eq!(status, StatusCode::SEE_OTHER);
         assert!(location.starts_with("/login?next="), "{location}");
     }
@@ -313,18 +333,19 @@ mod tests {
 
     #[test]
     fn sessions_expire_and_are_bounded() {
-        let s = Sessions::new(Some(Arc::new("t".into())));
-        let a = s.create(true);
+        let s = Sessions::new(true);
+        let a = s.create(Some(Caller::bootstrap()));
         let mut h = HeaderMap::new();
         h.insert(
             header::COOKIE,
             format!("{COOKIE}={}", a.id).parse().unwrap(),
         );
         assert!(s.authenticated(&h));
+        assert_eq!(s.from_headers(&h).unwrap().caller, Caller::bootstrap());
         s.remove(&a.id);
         assert!(!s.authenticated(&h));
         for _ in 0..MAX_SESSIONS + 10 {
-            s.create(false);
+            s.create(None);
         }
         assert!(s.store.len() <= MAX_SESSIONS);
     }

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use maud::{DOCTYPE, Markup, html};
 
 use super::session::Session;
+use crate::tokens::Role;
 
 /// Which section of the navigation is current.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,10 +69,13 @@ pub fn page(
                         nav aria-label="Sections" {
                             a href="/" aria-current=[(section == Section::Nodes).then_some("page")] { "Nodes" }
                             a href="/rollouts" aria-current=[(section == Section::Rollouts).then_some("page")] { "Rollouts" }
-                            a href="/rollouts/new" aria-current=[(section == Section::NewRollout).then_some("page")] { "New rollout" }
+                            @if session.is_none_or(|s| s.may(Role::Operator)) {
+                                a href="/rollouts/new" aria-current=[(section == Section::NewRollout).then_some("page")] { "New rollout" }
+                            }
                         }
                         span #live-status role="status" aria-live="polite" data-state="connecting" { "connecting…" }
                         @if let (true, Some(s)) = (token_required, session) {
+                            span #caller data-role=(s.caller.role) title="Logged in as" { (s.caller.name) " · " (s.caller.role) }
                             form.logout method="post" action="/logout" {
                                 input type="hidden" name="csrf" value=(s.csrf);
                                 button type="submit" { "Log out" }

@@ -1,4 +1,4 @@
-//! The SQLite store: three tables of JSON documents, WAL mode, one writer thread.
+//! The SQLite store: tables of JSON documents, WAL mode, one writer thread.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -10,12 +10,15 @@ use tokio::sync::oneshot;
 use super::{Store, StoreError, WriteAck};
 use crate::inventory::NodeRecord;
 use crate::rollout::{Rollout, RolloutNode};
+use crate::tokens::TokenRecord;
 
 enum Write {
     Node(String, String),
     DeleteNode(String),
     Rollout(String, u64, String),
     RolloutNode(String, String, String),
+    Token(String, String),
+    TouchToken(String, u64),
 }
 
 struct Job {
@@ -53,7 +56,9 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
          CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, json TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS rollout_nodes (
              rollout_id TEXT NOT NULL, node_id TEXT NOT NULL, json TEXT NOT NULL,
-             PRIMARY KEY (rollout_id, node_id));",
+             PRIMARY KEY (rollout_id, node_id));
+         CREATE TABLE IF NOT EXISTS tokens (
+             id TEXT PRIMARY KEY, json TEXT NOT NULL, last_used INTEGER NOT NULL DEFAULT 0);",
     )
     .map_err(|e| db_err(path, e))?;
     Ok(conn)
@@ -142,12 +147,22 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
         let mut rollout_node = tx.prepare_cached(
             "INSERT OR REPLACE INTO rollout_nodes (rollout_id, node_id, json) VALUES (?1, ?2, ?3)",
         )?;
+        // The record and its last use apart: a lazy write of the last use never
+        // undoes a revocation written just before it.
+        let mut token = tx.prepare_cached(
+            "INSERT INTO tokens (id, json) VALUES (?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET json = excluded.json",
+        )?;
+        let mut touch =
+            tx.prepare_cached("UPDATE tokens SET last_used = max(last_used, ?2) WHERE id = ?1")?;
         for write in batch.iter().flat_map(|j| &j.writes) {
             match write {
                 Write::Node(id, json) => node.execute(params![id, json])?,
                 Write::DeleteNode(id) => forget.execute(params![id])?,
                 Write::Rollout(id, seq, json) => rollout.execute(params![id, *seq as i64, json])?,
                 Write::RolloutNode(r, n, json) => rollout_node.execute(params![r, n, json])?,
+                Write::Token(id, json) => token.execute(params![id, json])?,
+                Write::TouchToken(id, at) => touch.execute(params![id, *at as i64])?,
             };
         }
     }
@@ -197,5 +212,32 @@ impl Store for SqliteStore {
                 .map(|n| Write::RolloutNode(rollout_id.to_string(), n.node_id.clone(), to_json(n)))
                 .collect(),
         )
+    }
+
+    fn load_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let conn = self.reader.lock().expect("reader lock");
+        let mut stmt = conn
+            .prepare("SELECT json, last_used FROM tokens ORDER BY rowid")
+            .map_err(|e| db_err(&self.path, e))?;
+        let rows: Vec<(String, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| db_err(&self.path, e))?;
+        rows.into_iter()
+            .map(|(json, last_used)| {
+                let mut token: TokenRecord =
+                    serde_json::from_str(&json).map_err(|e| db_err(&self.path, e))?;
+                token.last_used_unix_ms = last_used.max(0) as u64;
+                Ok(token)
+            })
+            .collect()
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> WriteAck {
+        self.submit(vec![Write::Token(token.id.clone(), to_json(token))])
+    }
+
+    fn touch_token(&self, id: &str, last_used_unix_ms: u64) -> WriteAck {
+        self.submit(vec![Write::TouchToken(id.to_string(), last_used_unix_ms)])
     }
 }
