@@ -318,6 +318,15 @@ impl Controller {
 
     /// The fleet CA's certificate (with [`ControllerOpts::tls`]).
     pub fn ca_cert(&self) -> PathBuf {
+        let given = self
+            .opts
+            .args
+            .iter()
+            .position(|a| a == "--ca-cert")
+            .and_then(|i| self.opts.args.get(i + 1));
+        if let Some(path) = given {
+            return PathBuf::from(path);
+        }
         self.dir.path().join("fleet-tls").join("ca.crt")
     }
 
