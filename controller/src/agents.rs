@@ -13,6 +13,8 @@ use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::inventory::NodeRecord;
+
 /// Adds `authorization: Bearer TOKEN` to every call.
 #[derive(Debug, Clone)]
 pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
@@ -50,6 +52,38 @@ pub struct Agents {
     /// connection costs tens of KB, and a fleet of 10,000 nodes needs only the ones
     /// in the current batch.
     channels: Mutex<HashMap<String, (Channel, Instant)>>,
+}
+
+/// An agent's restart timeouts until it reports its own (its defaults).
+const DEFAULT_READY: Duration = Duration::from_secs(30);
+/// Beyond an agent's own timeouts, what a call may take: hashing the executable,
+/// starting the process, the network.
+pub const MARGIN: Duration = Duration::from_secs(60);
+/// Calls that do no restart (status, preflight, shutdown).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn first_set(ms: &[u64]) -> Option<Duration> {
+    ms.iter()
+        .find(|&&m| m > 0)
+        .map(|&m| Duration::from_millis(m))
+}
+
+/// `call` within `limit`, or `DEADLINE_EXCEEDED` naming the node and the call.
+async fn bounded<T>(
+    node: &NodeRecord,
+    what: &str,
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer to {what} from node {} at {} within {}",
+            node.node_id,
+            node.control_addr,
+            humantime::format_duration(limit)
+        ))),
+    }
 }
 
 /// Most channels kept open at once; the least recently used is closed first.
@@ -122,6 +156,48 @@ impl Agents {
             channel,
             self.token.clone(),
         ))
+    }
+
+    /// Restarts `node`, waiting as long as the node may take: its ready timeout (the
+    /// request's, else the one the agent reported, else the agent's default) plus
+    /// [`MARGIN`].
+    pub async fn restart(
+        &self,
+        node: &NodeRecord,
+        request: pb::RestartRequest,
+    ) -> Result<pb::RestartResponse, tonic::Status> {
+        let ready =
+            first_set(&[request.ready_timeout_ms, node.ready_timeout_ms]).unwrap_or(DEFAULT_READY);
+        let limit = ready + MARGIN;
+        let mut client = self.client(&node.node_id, &node.control_addr)?;
+        bounded(node, "Restart", limit, client.restart(request)).await
+    }
+
+    /// Asks `node` to shut down (the agent answers at once and drains on its own).
+    pub async fn shutdown(
+        &self,
+        node: &NodeRecord,
+        reason: String,
+    ) -> Result<pb::ShutdownResponse, tonic::Status> {
+        let limit = CALL_TIMEOUT;
+        let mut client = self.client(&node.node_id, &node.control_addr)?;
+        bounded(
+            node,
+            "Shutdown",
+            limit,
+            client.shutdown(pb::ShutdownRequest { reason }),
+        )
+        .await
+    }
+
+    /// Asks `node` whether it could restart into `request`'s executable.
+    pub async fn preflight(
+        &self,
+        node: &NodeRecord,
+        request: pb::PreflightRequest,
+    ) -> Result<pb::PreflightResponse, tonic::Status> {
+        let mut client = self.client(&node.node_id, &node.control_addr)?;
+        bounded(node, "Preflight", CALL_TIMEOUT, client.preflight(request)).await
     }
 
     pub async fn status(

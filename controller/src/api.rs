@@ -92,21 +92,22 @@ impl ControllerService for Api {
         let caller = grpc_caller(&request)?;
         let r = request.into_inner();
         let node = self.node(&r.node_id)?;
-        let mut client = self
-            .fleet
-            .agents
-            .client(&node.node_id, &node.control_addr)?;
         let reason = asked_by(&r.reason, &caller);
         tracing::info!("node {}: restart {reason}", r.node_id);
-        let response = client
-            .restart(pb::RestartRequest {
-                exe: r.exe,
-                sha256: r.sha256,
-                reason,
-                ..Default::default()
-            })
+        let response = self
+            .fleet
+            .agents
+            .restart(
+                &node,
+                pb::RestartRequest {
+                    exe: r.exe,
+                    sha256: r.sha256,
+                    reason,
+                    ..Default::default()
+                },
+            )
             .await?;
-        Ok(response)
+        Ok(Response::new(response))
     }
 
     async fn shutdown_node(
@@ -116,13 +117,10 @@ impl ControllerService for Api {
         let caller = grpc_caller(&request)?;
         let r = request.into_inner();
         let node = self.node(&r.node_id)?;
-        let mut client = self
-            .fleet
-            .agents
-            .client(&node.node_id, &node.control_addr)?;
         let reason = asked_by(&r.reason, &caller);
         tracing::info!("node {}: shutdown {reason}", r.node_id);
-        client.shutdown(pb::ShutdownRequest { reason }).await
+        let response = self.fleet.agents.shutdown(&node, reason).await?;
+        Ok(Response::new(response))
     }
 
     async fn forget_node(

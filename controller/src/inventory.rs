@@ -59,6 +59,11 @@ pub struct NodeRecord {
     pub reason: String,
     pub static_node: bool,
     pub listeners: Vec<ListenerRecord>,
+    /// The agent's own ready and drain timeouts (0: an agent too old to say).
+    #[serde(default)]
+    pub ready_timeout_ms: u64,
+    #[serde(default)]
+    pub drain_timeout_ms: u64,
 }
 
 impl NodeRecord {
@@ -103,6 +108,8 @@ impl NodeRecord {
                     tls: l.tls,
                 })
                 .collect(),
+            ready_timeout_ms: status.ready_timeout_ms,
+            drain_timeout_ms: status.drain_timeout_ms,
         }
     }
 

@@ -674,6 +674,9 @@ impl Agent {
             restarts_succeeded: s.restarts_succeeded,
             restarts_failed: s.restarts_failed,
             in_progress: s.in_progress.clone(),
+            // The real agent's defaults.
+            ready_timeout_ms: 30_000,
+            drain_timeout_ms: 60_000,
         }
     }
 

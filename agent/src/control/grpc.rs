@@ -215,6 +215,8 @@ pub fn status_response(s: StatusReport) -> pb::StatusResponse {
         restarts_succeeded: s.restarts_succeeded,
         restarts_failed: s.restarts_failed,
         in_progress: s.in_progress,
+        ready_timeout_ms: s.ready_timeout.as_millis() as u64,
+        drain_timeout_ms: s.drain_timeout.as_millis() as u64,
     }
 }
 

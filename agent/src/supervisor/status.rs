@@ -59,6 +59,8 @@ pub struct StatusReport {
     pub restarts_succeeded: u64,
     pub restarts_failed: u64,
     pub in_progress: String,
+    pub ready_timeout: std::time::Duration,
+    pub drain_timeout: std::time::Duration,
 }
 
 impl StatusReport {
@@ -154,6 +156,8 @@ impl Supervisor {
             restarts_succeeded: st.succeeded,
             restarts_failed: st.failed,
             in_progress: st.in_progress.clone().unwrap_or_default(),
+            ready_timeout: self.config.restart.ready_timeout,
+            drain_timeout: self.config.restart.drain_timeout,
         }
     }
 }

@@ -4,7 +4,6 @@
 //! that does it and shows the outcome.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -20,10 +19,6 @@ use super::view::{self, Flash, Section};
 use crate::fleet::RolloutError;
 use crate::inventory::NodeRecord;
 use crate::rollout::RolloutState;
-
-/// How long a restart asked from the dashboard may take (the agent answers once the
-/// new generation is ready or has failed).
-const RESTART_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub fn router() -> Router<Arc<Dashboard>> {
     Router::new()
@@ -162,31 +157,18 @@ async fn do_restart(
     let Some(n) = d.fleet.inventory.get(&id) else {
         return unknown_node(&d, &s, &id);
     };
-    let call = async {
-        let mut client = d.fleet.agents.client(&n.node_id, &n.control_addr)?;
-        client
-            .restart(pb::RestartRequest {
-                exe: form.exe.trim().to_string(),
-                sha256: form.sha256.trim().to_ascii_lowercase(),
-                reason: dashboard_reason(&form.reason, &s),
-                ..Default::default()
-            })
-            .await
-    };
     tracing::info!(
         "node {id}: restart {} (dashboard)",
         dashboard_reason(&form.reason, &s)
     );
-    let answer = tokio::time::timeout(RESTART_TIMEOUT, call)
-        .await
-        .unwrap_or_else(|_| {
-            Err(tonic::Status::deadline_exceeded(format!(
-                "no answer within {}s",
-                RESTART_TIMEOUT.as_secs()
-            )))
-        });
-    let r = match answer {
-        Ok(r) => r.into_inner(),
+    let request = pb::RestartRequest {
+        exe: form.exe.trim().to_string(),
+        sha256: form.sha256.trim().to_ascii_lowercase(),
+        reason: dashboard_reason(&form.reason, &s),
+        ..Default::default()
+    };
+    let r = match d.fleet.agents.restart(&n, request).await {
+        Ok(r) => r,
         Err(status) => {
             // Refused before anything was spawned: the form again, as filled in.
             let flash = Flash::Error(format!("{id} refused the restart: {}", status.message()));
@@ -320,32 +302,21 @@ async fn do_shutdown(
     let Some(n) = d.fleet.inventory.get(&id) else {
         return unknown_node(&d, &s, &id);
     };
-    let call = async {
-        let mut client = d.fleet.agents.client(&n.node_id, &n.control_addr)?;
-        client
-            .shutdown(pb::ShutdownRequest {
-                reason: dashboard_reason(&form.reason, &s),
-            })
-            .await
-    };
     tracing::info!(
         "node {id}: shutdown {} (dashboard)",
         dashboard_reason(&form.reason, &s)
     );
-    let (status, flash) = match tokio::time::timeout(Duration::from_secs(30), call).await {
-        Ok(Ok(_)) => (
+    let reason = dashboard_reason(&form.reason, &s);
+    let (status, flash) = match d.fleet.agents.shutdown(&n, reason).await {
+        Ok(_) => (
             StatusCode::OK,
             Flash::Done(format!(
                 "{id} is shutting down: its requests complete, then it exits."
             )),
         ),
-        Ok(Err(e)) => (
+        Err(e) => (
             http_status(e.code()),
             Flash::Error(format!("{id} refused the shutdown: {}", e.message())),
-        ),
-        Err(_) => (
-            StatusCode::GATEWAY_TIMEOUT,
-            Flash::Error(format!("{id} did not answer within 30s")),
         ),
     };
     node_outcome(&d, &s, &format!("{} {id}", SHUT_DOWN.verb), status, flash)

@@ -264,6 +264,8 @@ mod tests {
             reason: String::new(),
             static_node: false,
             listeners: Vec::new(),
+            ready_timeout_ms: 0,
+            drain_timeout_ms: 0,
         }
     }
 

@@ -15,14 +15,13 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 
 use super::{Amount, NodeState, RolloutNode, RolloutState};
+use crate::agents::CALL_TIMEOUT;
 use crate::fleet::{Fleet, RolloutHandle};
 use crate::inventory::{NodeRecord, STOPPED};
 use crate::{Change, now_ms};
 
 /// How many agents are asked at once during preflight.
 const PREFLIGHT_CONCURRENCY: usize = 512;
-/// How long a status or preflight call may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a soaking node is looked at.
 const SOAK_POLL: Duration = Duration::from_millis(250);
 
@@ -56,17 +55,9 @@ pub async fn preflight(
                     exe: exe.clone(),
                     sha256: sha.clone(),
                 };
-                let call = async {
-                    let mut client = fleet.agents.client(&node.node_id, &node.control_addr)?;
-                    client.preflight(request).await
-                };
-                match tokio::time::timeout(CALL_TIMEOUT, call).await {
-                    Ok(Ok(_)) => None,
-                    Ok(Err(status)) => Some((node.node_id.clone(), describe(&status))),
-                    Err(_) => Some((
-                        node.node_id.clone(),
-                        "no answer to preflight within 10s".into(),
-                    )),
+                match fleet.agents.preflight(&node, request).await {
+                    Ok(_) => None,
+                    Err(status) => Some((node.node_id.clone(), describe(&status))),
                 }
             });
         }
@@ -440,7 +431,7 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
                 ready_timeout_ms: spec.ready_timeout_ms,
                 drain_timeout_ms: spec.drain_timeout_ms,
             };
-            let result = restart(&fleet, &record.node_id, &record.control_addr, request).await;
+            let result = fleet.agents.restart(&record, request).await;
             match result {
                 Err(status) => {
                     update(&fleet, &handle, &node_id, |n| {
@@ -611,7 +602,7 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) {
                 reason: format!("rollback of rollout {}", spec_id(&handle)),
                 ..Default::default()
             };
-            let result = restart(&fleet, &record.node_id, &record.control_addr, request).await;
+            let result = fleet.agents.restart(&record, request).await;
             let was = node.reason.clone();
             match result {
                 Ok(r) if r.outcome() == pb::Outcome::Succeeded => {
@@ -656,26 +647,4 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) {
         });
     }
     while running.next().await.is_some() {}
-}
-
-/// Calls an agent's Restart, bounded: its ready timeout (30 s unless given) plus a minute.
-async fn restart(
-    fleet: &Fleet,
-    node_id: &str,
-    control_addr: &str,
-    request: pb::RestartRequest,
-) -> Result<pb::RestartResponse, tonic::Status> {
-    let ready = match request.ready_timeout_ms {
-        0 => Duration::from_secs(30),
-        ms => Duration::from_millis(ms),
-    };
-    let limit = ready + Duration::from_secs(60);
-    let mut client = fleet.agents.client(node_id, control_addr)?;
-    match tokio::time::timeout(limit, client.restart(request)).await {
-        Ok(result) => result.map(|r| r.into_inner()),
-        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-            "no answer to Restart from {control_addr} within {}",
-            humantime::format_duration(limit)
-        ))),
-    }
 }
