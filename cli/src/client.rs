@@ -144,7 +144,7 @@ impl Controller {
     pub async fn start_rollout(&mut self, spec: RolloutSpec) -> Result<Rollout> {
         let response = self.api.start_rollout(spec).await;
         let response = response.map_err(|s| match s.code() {
-            Code::FailedPrecondition => Failure::new(Exit::BadInput, refusal(s.message())).into(),
+            Code::FailedPrecondition => Failure::new(Exit::BadInput, refusal(&s)).into(),
             _ => self.error(&s),
         })?;
         Ok(response.into_inner())
@@ -203,8 +203,33 @@ impl Controller {
 }
 
 /// A refused rollout: the controller's headline, then one indented line per refusing
-/// node ("node ID: reason").
-fn refusal(message: &str) -> String {
+/// node ("node ID: reason") — from the structured details when the controller sends
+/// them (`PreflightRefusals`), else from its text.
+fn refusal(status: &Status) -> String {
+    if let Ok(details) =
+        <fleet_proto::v1::PreflightRefusals as prost::Message>::decode(status.details())
+        && !details.refusals.is_empty()
+    {
+        let mut text = format!(
+            "preflight refused on {} of {} node(s); no node was touched:",
+            details.refusals.len(),
+            details.targets
+        );
+        // One line per node, whatever a reason holds.
+        let line = |t: &str| t.replace(|c: char| c.is_control(), " ");
+        for r in &details.refusals {
+            text.push_str(&format!(
+                "\n  node {}: {}",
+                line(&r.node_id),
+                line(&r.reason)
+            ));
+        }
+        return text;
+    }
+    refusal_text(status.message())
+}
+
+fn refusal_text(message: &str) -> String {
     let mut lines = message.lines().map(str::trim).filter(|l| !l.is_empty());
     let mut text = match lines.clone().next() {
         Some(first) if !first.starts_with("node ") => {
@@ -368,13 +393,35 @@ mod tests {
 
     #[test]
     fn a_refusal_lists_each_node_on_its_own_line() {
+        let text = |m: &str| refusal(&Status::failed_precondition(m));
         assert_eq!(
-            refusal("preflight refused on 1 of 2 node(s):\nnode n2: no such file\n"),
+            text("preflight refused on 1 of 2 node(s):\nnode n2: no such file\n"),
             "preflight refused on 1 of 2 node(s):\n  node n2: no such file"
         );
         assert_eq!(
-            refusal("node n2: no such file"),
+            text("node n2: no such file"),
             "the rollout was refused, no node was touched:\n  node n2: no such file"
+        );
+    }
+
+    #[test]
+    fn a_structured_refusal_is_read_from_the_details_not_the_text() {
+        let details = fleet_proto::v1::PreflightRefusals {
+            targets: 3,
+            refusals: vec![fleet_proto::v1::NodeRefusal {
+                node_id: "n2".into(),
+                // A reason holding a newline and "node" cannot break the layout.
+                reason: "exe missing\nnode n9: forged".into(),
+            }],
+        };
+        let status = Status::with_details(
+            Code::FailedPrecondition,
+            "whatever the text says",
+            prost::Message::encode_to_vec(&details).into(),
+        );
+        assert_eq!(
+            refusal(&status),
+            "preflight refused on 1 of 3 node(s); no node was touched:\n  node n2: exe missing node n9: forged"
         );
     }
 

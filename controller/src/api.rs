@@ -26,6 +26,27 @@ fn rollout_status(e: RolloutError) -> Status {
     match e {
         RolloutError::InvalidSpec(m) => Status::invalid_argument(m),
         RolloutError::Refused(m) | RolloutError::WrongState(m) => Status::failed_precondition(m),
+        ref e @ RolloutError::Preflight {
+            targets,
+            ref refusals,
+        } => {
+            // Structured for clients (fleetctl reads them), and the same in text.
+            let details = pb::PreflightRefusals {
+                targets: targets as u32,
+                refusals: refusals
+                    .iter()
+                    .map(|(node_id, reason)| pb::NodeRefusal {
+                        node_id: node_id.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect(),
+            };
+            Status::with_details(
+                tonic::Code::FailedPrecondition,
+                e.to_string(),
+                prost::Message::encode_to_vec(&details).into(),
+            )
+        }
         e @ RolloutError::NotFound(_) => Status::not_found(e.to_string()),
         RolloutError::Store(e) => Status::internal(e.to_string()),
     }

@@ -48,12 +48,33 @@ impl RolloutHandle {
     }
 }
 
+/// The text of a preflight refusal: a headline, then one line per node (50 at most).
+fn preflight_message(targets: usize, refusals: &[(String, String)]) -> String {
+    let mut msg = format!(
+        "preflight refused on {} of {targets} node(s); no node was restarted:",
+        refusals.len()
+    );
+    for (node, reason) in refusals.iter().take(50) {
+        msg.push_str(&format!("\n  node {node}: {reason}"));
+    }
+    if refusals.len() > 50 {
+        msg.push_str(&format!("\n  … and {} more", refusals.len() - 50));
+    }
+    msg
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
     #[error("{0}")]
     InvalidSpec(String),
     #[error("{0}")]
     Refused(String),
+    /// Preflight refused on these nodes (id, reason) of `targets`.
+    #[error("{}", preflight_message(*.targets, .refusals))]
+    Preflight {
+        targets: usize,
+        refusals: Vec<(String, String)>,
+    },
     #[error("no rollout {0:?}: list them with `fleetctl rollout history`")]
     NotFound(String),
     #[error("{0}")]
@@ -286,15 +307,10 @@ impl Fleet {
         }
         let refusals = rollout::engine::preflight(self, &targets).await;
         if !refusals.is_empty() {
-            let mut msg = format!(
-                "preflight refused on {} of {} node(s); no node was restarted:",
-                refusals.len(),
-                targets.len()
-            );
-            for (node, reason) in refusals.iter().take(50) {
-                msg.push_str(&format!("\n  node {node}: {reason}"));
-            }
-            return Err(RolloutError::Refused(msg));
+            return Err(RolloutError::Preflight {
+                targets: targets.len(),
+                refusals,
+            });
         }
         let sizes = rollout::plan(&spec, targets.len());
         let seq = self.seq.load(Ordering::SeqCst) + 1;

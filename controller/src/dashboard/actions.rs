@@ -384,7 +384,9 @@ fn explain(action: &str) -> Option<(&'static str, &'static str)> {
 pub fn rollout_error_status(e: &RolloutError) -> StatusCode {
     match e {
         RolloutError::InvalidSpec(_) => StatusCode::BAD_REQUEST,
-        RolloutError::Refused(_) => StatusCode::PRECONDITION_FAILED,
+        RolloutError::Refused(_) | RolloutError::Preflight { .. } => {
+            StatusCode::PRECONDITION_FAILED
+        }
         RolloutError::NotFound(_) => StatusCode::NOT_FOUND,
         RolloutError::WrongState(_) => StatusCode::CONFLICT,
         RolloutError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
