@@ -37,38 +37,9 @@ pub struct Spec {
     pub declared_actor: String,
 }
 
-/// A count or a percentage of the targets (`"2"`, `"10%"`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub enum Amount {
-    Count(u32),
-    Percent(f64),
-}
-
-impl Amount {
-    pub fn parse(s: &str, what: &str) -> Result<Self, String> {
-        let s = s.trim();
-        if let Some(p) = s.strip_suffix('%') {
-            match p.trim().parse::<f64>() {
-                Ok(v) if (0.0..=100.0).contains(&v) => Ok(Amount::Percent(v)),
-                _ => Err(format!(
-                    "{what} {s:?} is not a percentage between 0% and 100%"
-                )),
-            }
-        } else {
-            s.parse::<u32>().map(Amount::Count).map_err(|_| {
-                format!("{what} {s:?} is not a count or a percentage (write 2 or 10%)")
-            })
-        }
-    }
-
-    /// Resolved against `total` targets, rounding percentages up (at least 1 if > 0%).
-    pub fn of(self, total: usize) -> usize {
-        match self {
-            Amount::Count(n) => n as usize,
-            Amount::Percent(p) => ((p / 100.0) * total as f64).ceil() as usize,
-        }
-    }
-}
+use fleet_proto::rules;
+/// A count or a percentage of the targets (`"2"`, `"10%"`): the rule fleetctl uses too.
+pub use fleet_proto::rules::Amount;
 
 /// A spec that cannot run, with what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -95,12 +66,14 @@ impl Spec {
         if !self.batches.is_empty() && self.max_parallel > 0 {
             return bad("give either batches or max_parallel, not both".into());
         }
-        parse_batches(&self.batches).map_err(SpecError)?;
+        rules::parse_batches(&self.batches).map_err(|e| SpecError(format!("batches: {e}")))?;
         if !self.max_unavailable.is_empty() {
-            Amount::parse(&self.max_unavailable, "max_unavailable").map_err(SpecError)?;
+            rules::parse_max_unavailable(&self.max_unavailable)
+                .map_err(|e| SpecError(format!("max_unavailable: {e}")))?;
         }
         if !self.max_failures.is_empty() {
-            Amount::parse(&self.max_failures, "max_failures").map_err(SpecError)?;
+            rules::parse_max_failures(&self.max_failures)
+                .map_err(|e| SpecError(format!("max_failures: {e}")))?;
         }
         if !self.health_path.is_empty() && !self.health_path.starts_with('/') {
             return bad(format!(
@@ -116,15 +89,6 @@ impl Spec {
     }
 }
 
-fn parse_batches(s: &str) -> Result<Vec<Amount>, String> {
-    if s.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    s.split(',')
-        .map(|part| Amount::parse(part, "batch size"))
-        .collect()
-}
-
 /// Cumulative batch boundaries for `total` targets: `"1,10%,100%"` over 50 nodes gives
 /// batches of 1, 4 and 45. A canary batch comes first; the last batch always ends at
 /// `total`.
@@ -136,7 +100,7 @@ pub fn plan(spec: &Spec, total: usize) -> Vec<usize> {
         sizes.push(n);
         done = n;
     }
-    let steps = parse_batches(&spec.batches).unwrap_or_default();
+    let steps = rules::parse_batches(&spec.batches).unwrap_or_default();
     if !steps.is_empty() {
         for step in steps {
             let upto = step.of(total).min(total);
@@ -318,6 +282,19 @@ impl RolloutView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn specs_follow_fleetctls_rules() {
+        // The dashboard's form and the API check specs here, with fleetctl's own rule.
+        let err = spec("2,1", 0, 0).check().unwrap_err().to_string();
+        assert!(err.contains("larger than the one before"), "{err}");
+        assert!(spec("1,10%,100%", 0, 0).check().is_ok());
+        let mut s = spec("", 0, 0);
+        s.max_unavailable = "0".into();
+        assert!(s.check().unwrap_err().to_string().contains("at least 1"));
+        s.max_unavailable = "12.5%".into();
+        assert!(s.check().is_err(), "whole percentages only, as fleetctl");
+    }
 
     fn spec(batches: &str, canary: u32, max_parallel: u32) -> Spec {
         Spec {

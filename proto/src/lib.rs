@@ -7,6 +7,10 @@ pub mod v1 {
     tonic::include_proto!("fleet.v1");
 }
 
+/// The rules of a rollout spec's amounts (batches, budgets), shared by fleetctl and
+/// the controller.
+pub mod rules;
+
 /// Encoded `FileDescriptorSet` of every Fleet proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/fleet_descriptor.bin"));

@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use fleet_proto::rules;
+
 pub fn parse_controller_url(s: &str) -> Result<String, String> {
     const HOW: &str = "write the controller as http://HOST:PORT (https:// for one started with \
                        --tls), e.g. http://127.0.0.1:7100";
@@ -86,102 +88,24 @@ pub fn parse_selector(s: &str) -> Result<String, String> {
     Ok(terms.join(","))
 }
 
-/// A batch entry of --batches: a node count or a percentage of the targets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Size {
-    Count(u32),
-    Percent(u32),
-}
-
-/// "N" or "N%" (N a whole number, a percentage at most 100).
-fn parse_size(s: &str) -> Result<Size, String> {
-    let s = s.trim();
-    let (digits, percent) = match s.strip_suffix('%') {
-        Some(d) => (d.trim(), true),
-        None => (s, false),
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "{s:?} is neither a node count nor a percentage (write e.g. 2 or 10%)"
-        ));
-    }
-    let n: u32 = digits.parse().map_err(|_| format!("{s:?} is too large"))?;
-    if percent {
-        if n > 100 {
-            return Err(format!("{s} is more than every node (at most 100%)"));
-        }
-        Ok(Size::Percent(n))
-    } else {
-        Ok(Size::Count(n))
-    }
-}
-
+/// `--batches`: the controller's own rule (`fleet_proto::rules`), and not empty.
 pub fn parse_batches(s: &str) -> Result<String, String> {
-    const EXAMPLE: &str = "e.g. 1,10%,100%";
-    let mut entries: Vec<Size> = Vec::new();
-    for part in s.split(',') {
-        if part.trim().is_empty() {
-            return Err(format!(
-                "empty entry in {s:?}: list batch sizes separated by commas, {EXAMPLE}"
-            ));
-        }
-        let size = parse_size(part).map_err(|e| format!("{e}; {EXAMPLE}"))?;
-        if matches!(size, Size::Count(0) | Size::Percent(0)) {
-            return Err(format!(
-                "a batch of {} restarts no node: sizes start at 1 (or 1%), {EXAMPLE}",
-                part.trim()
-            ));
-        }
-        let before = entries.iter().rev().find(|e| {
-            matches!(
-                (e, size),
-                (Size::Count(_), Size::Count(_)) | (Size::Percent(_), Size::Percent(_))
-            )
-        });
-        if entries.last() == Some(&Size::Percent(100)) {
-            return Err(format!(
-                "nothing can follow 100% in {s:?}: 100% already covers every node"
-            ));
-        }
-        if let Some(before) = before {
-            let (Size::Count(a) | Size::Percent(a)) = *before;
-            let (Size::Count(b) | Size::Percent(b)) = size;
-            if b <= a {
-                return Err(format!(
-                    "sizes are cumulative (the nodes done so far), so each must be larger \
-                     than the one before: {} after {} in {s:?}; {EXAMPLE}",
-                    part.trim(),
-                    show(*before)
-                ));
-            }
-        }
-        entries.push(size);
+    if s.trim().is_empty() {
+        return Err("no batch sizes: list them separated by commas, e.g. 1,10%,100%".into());
     }
-    Ok(entries
+    Ok(rules::parse_batches(s)?
         .iter()
-        .map(|e| show(*e))
+        .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(","))
 }
 
-fn show(size: Size) -> String {
-    match size {
-        Size::Count(n) => n.to_string(),
-        Size::Percent(n) => format!("{n}%"),
-    }
-}
-
 pub fn parse_max_failures(s: &str) -> Result<String, String> {
-    parse_size(s).map(show)
+    rules::parse_max_failures(s).map(|a| a.to_string())
 }
 
 pub fn parse_max_unavailable(s: &str) -> Result<String, String> {
-    match parse_size(s)? {
-        Size::Count(0) | Size::Percent(0) => Err(
-            "with no node allowed down, no node can be restarted: give at least 1 (or 1%)".into(),
-        ),
-        size => Ok(show(size)),
-    }
+    rules::parse_max_unavailable(s).map(|a| a.to_string())
 }
 
 pub fn parse_max_parallel(s: &str) -> Result<u32, String> {

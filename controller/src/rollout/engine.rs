@@ -115,10 +115,10 @@ async fn drive(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> (RolloutState
             view.nodes.len(),
         )
     };
-    let budget = Amount::parse(&spec.max_failures, "max_failures")
+    let budget = Amount::parse(&spec.max_failures)
         .map(|a| a.of(total))
         .unwrap_or(0);
-    let concurrency = match Amount::parse(&spec.max_unavailable, "max_unavailable") {
+    let concurrency = match Amount::parse(&spec.max_unavailable) {
         Ok(a) if !spec.max_unavailable.is_empty() => a.of(total).max(1),
         _ => usize::MAX,
     };
