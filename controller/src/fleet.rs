@@ -6,47 +6,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::broadcast;
 
 use crate::agents::Agents;
 use crate::inventory::{Inventory, NodeRecord, STOPPED, Selector};
 use crate::rollout::{
-    self, NodeState, Rollout, RolloutNode, RolloutState, RolloutView, Spec, TimelineEntry,
+    self, NodeState, Rollout, RolloutHandle, RolloutNode, RolloutState, RolloutView, Spec,
+    TimelineEntry,
 };
 use crate::store::Store;
 use crate::tokens::Tokens;
 use crate::{Change, now_ms};
-
-/// One rollout in memory; the engine mutates it and persists every transition.
-#[derive(Debug)]
-pub struct RolloutHandle {
-    pub view: Mutex<RolloutView>,
-    /// Wakes the engine when an operator pauses, resumes or aborts.
-    pub wake: Notify,
-    /// Node id → position in `view.nodes` (fixed once the rollout is planned).
-    index: HashMap<String, usize>,
-}
-
-impl RolloutHandle {
-    pub fn new(view: RolloutView) -> Self {
-        let index = view
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.node_id.clone(), i))
-            .collect();
-        Self {
-            view: Mutex::new(view),
-            wake: Notify::new(),
-            index,
-        }
-    }
-
-    /// Where a node of this rollout sits in `view.nodes`.
-    pub fn position(&self, node_id: &str) -> usize {
-        self.index[node_id]
-    }
-}
 
 /// The text of a preflight refusal: a headline, then one line per node (50 at most).
 fn preflight_message(targets: usize, refusals: &[(String, String)]) -> String {

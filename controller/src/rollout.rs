@@ -3,6 +3,10 @@
 //! rolled-back | skipped`. The engine that drives it is in `rollout/engine.rs`.
 
 pub mod engine;
+/// One rollout in memory.
+mod handle;
+
+pub use handle::RolloutHandle;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

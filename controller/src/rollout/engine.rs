@@ -14,9 +14,10 @@ use fleet_proto::v1 as pb;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 
+use super::RolloutHandle;
 use super::{Amount, NodeState, RolloutNode, RolloutState};
 use crate::agents::CALL_TIMEOUT;
-use crate::fleet::{Fleet, RolloutHandle};
+use crate::fleet::Fleet;
 use crate::inventory::{NodeRecord, STOPPED};
 use crate::{Change, now_ms};
 
@@ -55,7 +56,7 @@ pub async fn preflight(
                     exe: exe.clone(),
                     sha256: sha.clone(),
                 };
-                match fleet.agents.preflight(&node, request).await {
+                match fleet.agents.preflight(node, request).await {
                     Ok(_) => None,
                     Err(status) => Some((node.node_id.clone(), describe(&status))),
                 }

@@ -1,0 +1,40 @@
+//! One rollout in memory, shared by the engine that moves it and the operations
+//! (pause, resume, abort, views) that look at it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+use super::RolloutView;
+
+/// One rollout in memory; the engine mutates it and persists every transition.
+#[derive(Debug)]
+pub struct RolloutHandle {
+    pub view: Mutex<RolloutView>,
+    /// Wakes the engine when an operator pauses, resumes or aborts.
+    pub wake: Notify,
+    /// Node id → position in `view.nodes` (fixed once the rollout is planned).
+    index: HashMap<String, usize>,
+}
+
+impl RolloutHandle {
+    pub fn new(view: RolloutView) -> Self {
+        let index = view
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.node_id.clone(), i))
+            .collect();
+        Self {
+            view: Mutex::new(view),
+            wake: Notify::new(),
+            index,
+        }
+    }
+
+    /// Where a node of this rollout sits in `view.nodes`.
+    pub fn position(&self, node_id: &str) -> usize {
+        self.index[node_id]
+    }
+}
