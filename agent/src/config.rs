@@ -447,6 +447,12 @@ impl Config {
                  --identity-dir, --join-token-file and --ca-hash, or pass --insecure-control"
             ));
         }
+        if self.controller.is_some() {
+            // What the controller would refuse at the first heartbeat, refused now.
+            fleet_proto::rules::check_node_id(&self.node_id)
+                .map_err(|e| ConfigError::Invalid(format!("{e}; set --node-id")))?;
+            fleet_proto::rules::check_labels(self.labels.iter()).map_err(ConfigError::Invalid)?;
+        }
         if self.mtls() {
             let Some(dir) = &self.join.identity_dir else {
                 return bad(

@@ -75,7 +75,7 @@ impl ControllerService for Api {
         self.fleet
             .inventory
             .report(&status, false)
-            .map_err(|e| Status::invalid_argument(e.0))?;
+            .map_err(|e| e.status())?;
         Ok(Response::new(pb::HeartbeatResponse {
             interval_ms: (self.fleet.inventory.ttl().as_millis() / 3).max(100) as u64,
         }))

@@ -44,6 +44,11 @@ pub struct Cli {
     #[arg(long)]
     pub insecure: bool,
 
+    /// Most nodes in the inventory: a heartbeat of a new node beyond them is refused
+    /// (RESOURCE_EXHAUSTED) and nothing of it kept; known nodes go on heartbeating.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub max_nodes: usize,
+
     /// Serve mutual TLS with the fleet CA kept in --tls-dir (created on first start):
     /// agents join with a join token and the CA's fingerprint, and every node speaks
     /// with its own certificate. Plain HTTP is then served to loopback peers only.

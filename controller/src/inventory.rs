@@ -9,6 +9,9 @@ use fleet_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 use crate::store::Store;
+
+/// What an agent may report.
+pub mod limits;
 use crate::{Change, now_ms};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,14 +160,32 @@ pub struct Inventory {
     ttl: Duration,
     store: Arc<dyn Store>,
     changes: tokio::sync::broadcast::Sender<Change>,
+    /// Most nodes held (`--max-nodes`).
+    max_nodes: std::sync::atomic::AtomicUsize,
     /// Until when each node's certificate (mutual TLS) is valid, as issued since this
     /// controller started; forgetting a node forgets it.
     certificates: std::sync::Mutex<HashMap<String, std::time::SystemTime>>,
 }
 
+/// Why a heartbeat was not taken (nothing of it was kept).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct HeartbeatError(pub String);
+pub enum HeartbeatError {
+    /// Over a limit of what an agent may report ([`limits`]).
+    #[error("{0}")]
+    Invalid(String),
+    /// A new node, and the inventory holds `--max-nodes` already.
+    #[error("{0}")]
+    Full(String),
+}
+
+impl HeartbeatError {
+    pub fn status(&self) -> tonic::Status {
+        match self {
+            HeartbeatError::Invalid(m) => tonic::Status::invalid_argument(m),
+            HeartbeatError::Full(m) => tonic::Status::resource_exhausted(m),
+        }
+    }
+}
 
 impl Inventory {
     pub fn new(
@@ -185,7 +206,14 @@ impl Inventory {
             store,
             changes,
             certificates: Default::default(),
+            max_nodes: usize::MAX.into(),
         })
+    }
+
+    /// At most `max` nodes: a heartbeat of a new node beyond them is refused.
+    pub fn set_max_nodes(&self, max: usize) {
+        self.max_nodes
+            .store(max, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Notes that `node_id` was given a certificate valid until `until`.
@@ -215,20 +243,19 @@ impl Inventory {
         status: &pb::StatusResponse,
         static_node: bool,
     ) -> Result<(), HeartbeatError> {
-        if status.node_id.trim().is_empty() {
-            return Err(HeartbeatError(
-                "heartbeat without a node id: start the agent with --node-id".into(),
-            ));
-        }
-        if status.control_addr.is_empty() {
-            return Err(HeartbeatError(format!(
-                "node {} sent no control address",
-                status.node_id
-            )));
-        }
+        limits::check(status).map_err(HeartbeatError::Invalid)?;
         let record = NodeRecord::from_status(status, static_node);
         let changed = {
             let mut nodes = self.nodes.write().expect("inventory lock");
+            let max = self.max_nodes.load(std::sync::atomic::Ordering::Relaxed);
+            if nodes.len() >= max && !nodes.contains_key(&record.node_id) {
+                return Err(HeartbeatError::Full(format!(
+                    "the controller holds {} nodes, its --max-nodes: node {} was not added; \
+                     forget stopped nodes (`fleetctl forget`) or raise --max-nodes",
+                    nodes.len(),
+                    record.node_id
+                )));
+            }
             let changed = nodes
                 .get(&record.node_id)
                 .is_none_or(|old| !old.same_facts(&record) || self.is_stale(old));

@@ -152,3 +152,99 @@ mod tests {
         assert_eq!(parse_max_failures("10%").unwrap().to_string(), "10%");
     }
 }
+
+/// Longest node id: a DNS label, so that it can be named in a certificate.
+pub const MAX_NODE_ID: usize = 63;
+/// Most labels a node may carry.
+pub const MAX_LABELS: usize = 64;
+/// Longest label key (as Kubernetes label names) and value.
+pub const MAX_LABEL_KEY: usize = 63;
+pub const MAX_LABEL_VALUE: usize = 256;
+
+/// A node id: 1 to 63 letters, digits, `-`, `.` or `_`, starting and ending with a
+/// letter or digit.
+pub fn check_node_id(id: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
+    let ends = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if id.is_empty()
+        || id.len() > MAX_NODE_ID
+        || !id.chars().all(ok_char)
+        || !ends(id.chars().next())
+        || !ends(id.chars().last())
+    {
+        return Err(format!(
+            "node id {:?} is not valid: 1 to {MAX_NODE_ID} letters, digits, '-', '.' or '_', \
+             starting and ending with a letter or digit (e.g. web-1)",
+            shorten(id)
+        ));
+    }
+    Ok(())
+}
+
+/// A node's labels: at most [`MAX_LABELS`]; keys of letters, digits and `-._/`
+/// (at most [`MAX_LABEL_KEY`]), values of printable text (at most [`MAX_LABEL_VALUE`]).
+pub fn check_labels<'a>(
+    labels: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), String> {
+    if labels.len() > MAX_LABELS {
+        return Err(format!(
+            "{} labels: at most {MAX_LABELS} are taken",
+            labels.len()
+        ));
+    }
+    for (key, value) in labels {
+        let key_ok = |c: char| c.is_ascii_alphanumeric() || "-._/".contains(c);
+        if key.is_empty() || key.len() > MAX_LABEL_KEY || !key.chars().all(key_ok) {
+            return Err(format!(
+                "label key {:?} ({} bytes) is not valid: 1 to {MAX_LABEL_KEY} letters, digits, \
+                 '-', '.', '_' or '/'",
+                shorten(key),
+                key.len()
+            ));
+        }
+        if value.len() > MAX_LABEL_VALUE || value.chars().any(char::is_control) {
+            return Err(format!(
+                "label {key}: its value ({} bytes) must be at most {MAX_LABEL_VALUE} bytes of \
+                 printable text",
+                value.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The first characters of what may be huge, for a message.
+pub fn shorten(s: &str) -> String {
+    const SHOWN: usize = 40;
+    match s.char_indices().nth(SHOWN) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod node_tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_and_labels() {
+        for ok in ["web-1", "a", "node_3.zone-b", "A1"] {
+            assert!(check_node_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-x", "x-", "a b", "é", &"x".repeat(64)] {
+            assert!(check_node_id(bad).is_err(), "{bad}");
+        }
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("zone".to_string(), "a".to_string());
+        assert!(check_labels(labels.iter()).is_ok());
+        labels.insert("big".to_string(), "x".repeat(300));
+        assert!(
+            check_labels(labels.iter())
+                .unwrap_err()
+                .contains("300 bytes")
+        );
+        let many: std::collections::BTreeMap<String, String> =
+            (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(check_labels(many.iter()).unwrap_err().contains("65 labels"));
+    }
+}

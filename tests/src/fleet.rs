@@ -305,6 +305,11 @@ impl Controller {
         }
     }
 
+    /// The controller's pid (of its current run).
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap().id()
+    }
+
     /// The API address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

@@ -217,8 +217,10 @@ fn row(n: &NodeRecord, now: u64, session: &Session) -> Markup {
                     a.label href={ "/nodes?label=" (percent_encode(&format!("{k}={v}"))) } { (k) "=" (v) } " "
                 }
             }
-            td data-label="Admin" { @if n.admin_url.is_empty() { "—" } @else {
-                a.admin href=(n.admin_url) target="_blank" rel="noopener noreferrer" { "admin" }
+            td data-label="Admin" { @match admin_link(n) {
+                Some(url) => a.admin href=(url) target="_blank" rel="noopener noreferrer" { "admin" },
+                None if n.admin_url.is_empty() => "—",
+                None => span.note title=(n.admin_url) { "(not a link)" },
             } }
             td.actions {
                 @let id = percent_encode(&n.node_id);
@@ -236,6 +238,27 @@ fn row(n: &NodeRecord, now: u64, session: &Session) -> Markup {
             }
         }
     }
+}
+
+/// The node's admin page, as a link the dashboard builds itself: `http(s)://` and the
+/// node's own control address (under mutual TLS, the address its certificate was
+/// reached at) with the admin path it reported. Anything else is no link.
+pub fn admin_link(n: &NodeRecord) -> Option<String> {
+    let uri: axum::http::Uri = n.admin_url.parse().ok()?;
+    let scheme = match uri.scheme_str()? {
+        "http" => "http",
+        "https" => "https",
+        _ => return None,
+    };
+    if uri.authority()?.as_str() != n.control_addr {
+        return None;
+    }
+    let path = uri.path();
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/-_.~".contains(c);
+    if !path.starts_with('/') || !path.chars().all(safe) {
+        return None;
+    }
+    Some(format!("{scheme}://{}{path}", n.control_addr))
 }
 
 #[cfg(test)]
@@ -266,6 +289,24 @@ mod tests {
             listeners: Vec::new(),
             ready_timeout_ms: 0,
             drain_timeout_ms: 0,
+        }
+    }
+
+    #[test]
+    fn admin_links_are_http_to_the_nodes_own_address() {
+        let mut n = node("a", 1);
+        n.control_addr = "10.0.0.2:7101".into();
+        n.admin_url = "https://10.0.0.2:7101/debug/admin".into();
+        assert_eq!(admin_link(&n).unwrap(), "https://10.0.0.2:7101/debug/admin");
+        for bad in [
+            "javascript:alert(1)",
+            "http://evil.example/debug/admin",
+            "http://10.0.0.2:7101/x?a=<b>",
+            "data:text/html,hi",
+            "",
+        ] {
+            n.admin_url = bad.into();
+            assert_eq!(admin_link(&n), None, "{bad}");
         }
     }
 
