@@ -128,7 +128,8 @@ mod tests {
     #[test]
     fn a_real_status_passes_and_each_excess_is_named() {
         check(&status()).unwrap();
-        let cases: Vec<(Box<dyn Fn(&mut pb::StatusResponse)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut pb::StatusResponse)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|s| s.node_id = "bad id".into()), "node id"),
             (
                 Box::new(|s| {
