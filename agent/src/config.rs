@@ -271,6 +271,16 @@ impl Config {
     /// and the rule that control is never exposed beyond loopback without a token.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        // The controller refuses a heartbeat (or a static node's status) over these
+        // limits: refuse to start with them rather than run unseen by it.
+        if let Err(e) = fleet_proto::limits::check_node_id(&self.node_id) {
+            return bad(format!(
+                "{e}: set --node-id (or node_id in the config file; the default is the host name)"
+            ));
+        }
+        if let Err(e) = fleet_proto::limits::check_labels(&self.labels) {
+            return bad(format!("{e}: fix --label (or [labels] in the config file)"));
+        }
         if self.servers.is_empty() {
             return bad("no servers configured: add a [[servers]] table or --listen ADDR".into());
         }
@@ -502,6 +512,25 @@ mod tests {
         assert!(config.app_admin());
         config.admin.on_app_ports = Some(false);
         assert!(!config.app_admin());
+    }
+
+    #[test]
+    fn node_ids_and_labels_the_controller_would_refuse_are_refused() {
+        let config = Config {
+            node_id: "web 1".into(),
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.starts_with("node_id \"web 1\" holds ' '"), "{err}");
+        assert!(err.contains("set --node-id"), "{err}");
+        let config = Config {
+            node_id: "web-1".into(),
+            labels: [("zone".to_string(), "a".repeat(300))].into(),
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("is 300 bytes, over the limit of 256"), "{err}");
+        assert!(err.contains("--label"), "{err}");
     }
 
     #[test]

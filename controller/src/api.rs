@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::Change;
 use crate::fleet::{Fleet, RolloutError};
-use crate::inventory::{ForgetError, NodeRecord, Selector};
+use crate::inventory::{ForgetError, HeartbeatError, NodeRecord, Selector};
 use crate::rollout::{RolloutNode, RolloutState, RolloutView, Spec};
 
 #[derive(Debug)]
@@ -42,7 +42,10 @@ impl ControllerService for Api {
         self.fleet
             .inventory
             .report(&status, false)
-            .map_err(|e| Status::invalid_argument(e.0))?;
+            .map_err(|e| match e {
+                HeartbeatError::Invalid(m) => Status::invalid_argument(m),
+                HeartbeatError::Full(m) => Status::resource_exhausted(m),
+            })?;
         Ok(Response::new(pb::HeartbeatResponse {
             interval_ms: (self.fleet.inventory.ttl().as_millis() / 3).max(100) as u64,
         }))

@@ -44,6 +44,12 @@ pub struct Cli {
     #[arg(long)]
     pub insecure: bool,
 
+    /// Most nodes the inventory holds. A heartbeat of a node not yet known is refused
+    /// (RESOURCE_EXHAUSTED) at this many; known nodes keep heartbeating. `fleetctl
+    /// forget NODE` makes room.
+    #[arg(long, value_name = "N", default_value_t = crate::inventory::DEFAULT_MAX_NODES)]
+    pub max_nodes: usize,
+
     /// Most client connections open at once (agents' heartbeats, fleetctl, browsers);
     /// fewer where the descriptor limit (RLIMIT_NOFILE, minus 128 kept free) is lower.
     /// At the cap, a new connection closes the one idle the longest.

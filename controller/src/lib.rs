@@ -57,7 +57,11 @@ pub fn router(fleet: Arc<Fleet>, token: Option<String>) -> axum::Router {
         fleet_proto::v1::controller_service_server::ControllerServiceServer::new(api::Api {
             fleet: fleet.clone(),
         })
-        .max_decoding_message_size(64 * 1024 * 1024)
+        // One bound for every request of the service, heartbeats included: 1 MiB is
+        // three times the largest status fleet_proto::limits allows (a rollout spec or
+        // an id is a few KiB at most). A bigger request is refused by its length prefix,
+        // before it is read into memory.
+        .max_decoding_message_size(fleet_proto::limits::MAX_MESSAGE)
         .max_encoding_message_size(256 * 1024 * 1024),
     )
     .into_axum_router();
@@ -87,9 +91,13 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
             cli.listen
         );
     }
+    if cli.max_nodes == 0 {
+        anyhow::bail!("--max-nodes must be at least 1 (default 100000)");
+    }
     let store = store::SqliteStore::open(&cli.db)
         .with_context(|| format!("cannot open the database {}", cli.db.display()))?;
     let fleet = Fleet::new(Arc::new(store), cli.heartbeat_ttl, agent_token.as_deref())?;
+    fleet.inventory.set_max_nodes(cli.max_nodes);
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {} (use --listen ADDR)", cli.listen))?;

@@ -7,6 +7,10 @@ pub mod v1 {
     tonic::include_proto!("fleet.v1");
 }
 
+/// The bounds on what an agent may report about itself, shared by the agent (checked at
+/// start) and the controller (checked on every heartbeat).
+pub mod limits;
+
 /// Encoded `FileDescriptorSet` of every Fleet proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/fleet_descriptor.bin"));
