@@ -75,6 +75,7 @@ pub fn router(fleet: Arc<Fleet>, token: Option<String>) -> axum::Router {
             auth::require_token,
         ))
         .merge(dashboard::router(fleet, sessions))
+        .layer(axum::middleware::from_fn(dashboard::security_headers))
 }
 
 /// Runs the controller until the process is stopped.
