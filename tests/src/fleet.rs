@@ -220,6 +220,11 @@ impl Controller {
             .unwrap_or_else(|_| self.fail(&format!("cannot parse the address in {line:?}")))
     }
 
+    /// The controller's process id (of the process running now, after a restart).
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap().id()
+    }
+
     /// Kill the controller with SIGKILL (no chance to write anything more) and reap it.
     pub fn kill(&self) {
         let mut child = self.child.lock().unwrap();
