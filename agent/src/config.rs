@@ -315,6 +315,16 @@ impl Config {
     /// and the rule that control is never exposed beyond loopback without a token.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        // The controller refuses a heartbeat (or a static node's status) over these
+        // limits: refuse to start with them rather than run unseen by it.
+        if let Err(e) = fleet_proto::limits::check_node_id(&self.node_id) {
+            return bad(format!(
+                "{e}: set --node-id (or node_id in the config file; the default is the host name)"
+            ));
+        }
+        if let Err(e) = fleet_proto::limits::check_labels(&self.labels) {
+            return bad(format!("{e}: fix --label (or [labels] in the config file)"));
+        }
         if self.servers.is_empty() {
             return bad("no servers configured: add a [[servers]] table or --listen ADDR".into());
         }
@@ -446,12 +456,6 @@ impl Config {
                  and the token would cross the network readable and forgeable; use https:// with \
                  --identity-dir, --join-token-file and --ca-hash, or pass --insecure-control"
             ));
-        }
-        if self.controller.is_some() {
-            // What the controller would refuse at the first heartbeat, refused now.
-            fleet_proto::rules::check_node_id(&self.node_id)
-                .map_err(|e| ConfigError::Invalid(format!("{e}; set --node-id")))?;
-            fleet_proto::rules::check_labels(self.labels.iter()).map_err(ConfigError::Invalid)?;
         }
         if self.mtls() {
             let Some(dir) = &self.join.identity_dir else {
@@ -587,6 +591,25 @@ mod tests {
         assert!(config.app_admin());
         config.admin.on_app_ports = Some(false);
         assert!(!config.app_admin());
+    }
+
+    #[test]
+    fn node_ids_and_labels_the_controller_would_refuse_are_refused() {
+        let config = Config {
+            node_id: "web 1".into(),
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.starts_with("node_id \"web 1\" holds ' '"), "{err}");
+        assert!(err.contains("set --node-id"), "{err}");
+        let config = Config {
+            node_id: "web-1".into(),
+            labels: [("zone".to_string(), "a".repeat(300))].into(),
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("is 300 bytes, over the limit of 256"), "{err}");
+        assert!(err.contains("--label"), "{err}");
     }
 
     #[test]

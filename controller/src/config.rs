@@ -44,9 +44,10 @@ pub struct Cli {
     #[arg(long)]
     pub insecure: bool,
 
-    /// Most nodes in the inventory: a heartbeat of a new node beyond them is refused
-    /// (RESOURCE_EXHAUSTED) and nothing of it kept; known nodes go on heartbeating.
-    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    /// Most nodes the inventory holds. A heartbeat of a node not yet known is refused
+    /// (RESOURCE_EXHAUSTED) at this many; known nodes keep heartbeating. `fleetctl
+    /// forget NODE` makes room.
+    #[arg(long, value_name = "N", default_value_t = crate::inventory::DEFAULT_MAX_NODES)]
     pub max_nodes: usize,
 
     /// Serve mutual TLS with the fleet CA kept in --tls-dir (created on first start):

@@ -2,16 +2,16 @@
 //! for static nodes, what its `Status` returned), and which nodes have gone quiet.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use fleet_proto::limits;
 use fleet_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 use crate::store::Store;
 
-/// What an agent may report.
-pub mod limits;
 use crate::{Change, now_ms};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,22 +158,30 @@ impl Selector {
 pub struct Inventory {
     nodes: RwLock<HashMap<String, NodeRecord>>,
     ttl: Duration,
+    /// `--max-nodes`: a heartbeat of a node not yet known is refused at this many.
+    max_nodes: AtomicUsize,
+    /// Refused heartbeats are logged at most once a second (a flood of them must not
+    /// become a flood of log lines): when the last was logged, and how many since.
+    refusals_logged_ms: AtomicU64,
+    refusals_unlogged: AtomicU64,
     store: Arc<dyn Store>,
     changes: tokio::sync::broadcast::Sender<Change>,
-    /// Most nodes held (`--max-nodes`).
-    max_nodes: std::sync::atomic::AtomicUsize,
     /// Until when each node's certificate (mutual TLS) is valid, as issued since this
     /// controller started; forgetting a node forgets it.
     certificates: std::sync::Mutex<HashMap<String, std::time::SystemTime>>,
 }
 
-/// Why a heartbeat was not taken (nothing of it was kept).
+/// The default of `--max-nodes`: a fleet of 100,000 agents on one controller.
+pub const DEFAULT_MAX_NODES: usize = 100_000;
+
+/// Why a heartbeat (or a static node's status) was not recorded. Nothing of it is
+/// kept, in memory or in the store.
 #[derive(Debug, thiserror::Error)]
 pub enum HeartbeatError {
-    /// Over a limit of what an agent may report ([`limits`]).
+    /// A field is missing or over its limit ([`fleet_proto::limits`]).
     #[error("{0}")]
     Invalid(String),
-    /// A new node, and the inventory holds `--max-nodes` already.
+    /// A new node, and the inventory already holds `--max-nodes`.
     #[error("{0}")]
     Full(String),
 }
@@ -203,17 +211,13 @@ impl Inventory {
         Ok(Self {
             nodes: RwLock::new(nodes),
             ttl,
+            max_nodes: AtomicUsize::new(DEFAULT_MAX_NODES),
+            refusals_logged_ms: AtomicU64::new(0),
+            refusals_unlogged: AtomicU64::new(0),
             store,
             changes,
             certificates: Default::default(),
-            max_nodes: usize::MAX.into(),
         })
-    }
-
-    /// At most `max` nodes: a heartbeat of a new node beyond them is refused.
-    pub fn set_max_nodes(&self, max: usize) {
-        self.max_nodes
-            .store(max, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Notes that `node_id` was given a certificate valid until `until`.
@@ -237,28 +241,69 @@ impl Inventory {
         self.ttl
     }
 
-    /// Records a heartbeat (or a static node's status).
+    /// At most this many nodes: a heartbeat of a new node beyond it is refused (nodes
+    /// already known keep heartbeating, even if there are more of them).
+    pub fn set_max_nodes(&self, max: usize) {
+        self.max_nodes.store(max, Ordering::Relaxed);
+    }
+
+    pub fn max_nodes(&self) -> usize {
+        self.max_nodes.load(Ordering::Relaxed)
+    }
+
+    /// Records a heartbeat (or a static node's status), once every field is within
+    /// [`fleet_proto::limits`] and, for a node not known yet, there is room for it.
     pub fn report(
         &self,
         status: &pb::StatusResponse,
         static_node: bool,
     ) -> Result<(), HeartbeatError> {
-        limits::check(status).map_err(HeartbeatError::Invalid)?;
+        let checked = Self::check(status).and_then(|()| self.record(status, static_node));
+        if let Err(e) = &checked {
+            self.log_refusal(e);
+        }
+        checked
+    }
+
+    /// Every field within its bound, before anything is built from them.
+    fn check(status: &pb::StatusResponse) -> Result<(), HeartbeatError> {
+        if status.node_id.trim().is_empty() {
+            return Err(HeartbeatError::Invalid(
+                "heartbeat without a node id: start the agent with --node-id".into(),
+            ));
+        }
+        if status.control_addr.is_empty() {
+            return Err(HeartbeatError::Invalid(format!(
+                "node {} sent no control address",
+                limits::shown(&status.node_id)
+            )));
+        }
+        limits::check_status(status).map_err(|refusal| {
+            HeartbeatError::Invalid(match limits::check_node_id(&status.node_id) {
+                Ok(()) => format!("heartbeat of node {} refused: {refusal}", status.node_id),
+                Err(_) => format!("heartbeat refused: {refusal}"),
+            })
+        })
+    }
+
+    fn record(&self, status: &pb::StatusResponse, static_node: bool) -> Result<(), HeartbeatError> {
         let record = NodeRecord::from_status(status, static_node);
         let changed = {
             let mut nodes = self.nodes.write().expect("inventory lock");
-            let max = self.max_nodes.load(std::sync::atomic::Ordering::Relaxed);
-            if nodes.len() >= max && !nodes.contains_key(&record.node_id) {
-                return Err(HeartbeatError::Full(format!(
-                    "the controller holds {} nodes, its --max-nodes: node {} was not added; \
-                     forget stopped nodes (`fleetctl forget`) or raise --max-nodes",
-                    nodes.len(),
-                    record.node_id
-                )));
-            }
-            let changed = nodes
-                .get(&record.node_id)
-                .is_none_or(|old| !old.same_facts(&record) || self.is_stale(old));
+            let max = self.max_nodes();
+            let changed = match nodes.get(&record.node_id) {
+                None if nodes.len() >= max => {
+                    return Err(HeartbeatError::Full(format!(
+                        "node {} is not registered: the controller already holds {} nodes, its limit \
+                         (--max-nodes {max}); forget stopped or unreachable nodes (fleetctl forget NODE) \
+                         or restart the controller with a larger --max-nodes",
+                        record.node_id,
+                        nodes.len()
+                    )));
+                }
+                None => true,
+                Some(old) => !old.same_facts(&record) || self.is_stale(old),
+            };
             nodes.insert(record.node_id.clone(), record.clone());
             changed
         };
@@ -268,6 +313,25 @@ impl Inventory {
             let _ = self.changes.send(Change::Node(record.node_id));
         }
         Ok(())
+    }
+
+    /// A warning per second at most, saying how many more were refused since.
+    fn log_refusal(&self, e: &HeartbeatError) {
+        let now = now_ms();
+        let last = self.refusals_logged_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 1000
+            || self
+                .refusals_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            self.refusals_unlogged.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match self.refusals_unlogged.swap(0, Ordering::Relaxed) {
+            0 => tracing::warn!("{e}"),
+            more => tracing::warn!("{e} (and {more} more refused since the last such warning)"),
+        }
     }
 
     /// Removes a node that is stopped or unreachable, from memory and (durably) from
@@ -387,6 +451,79 @@ impl Inventory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn inventory(dir: &std::path::Path) -> Inventory {
+        let store = crate::store::SqliteStore::open(&dir.join("fleet.db")).unwrap();
+        let (changes, _) = tokio::sync::broadcast::channel(16);
+        Inventory::new(Arc::new(store), Duration::from_secs(10), changes).unwrap()
+    }
+
+    fn status(id: &str) -> pb::StatusResponse {
+        pb::StatusResponse {
+            node_id: id.into(),
+            state: "serving".into(),
+            control_addr: "127.0.0.1:7101".into(),
+            admin_url: "http://127.0.0.1:7101/debug/admin".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_status_over_a_limit_is_refused_and_nothing_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let inventory = inventory(dir.path());
+        let mut big = status("node-1");
+        big.labels.insert("big".into(), "x".repeat(16 << 20));
+        let e = inventory.report(&big, false).unwrap_err();
+        assert!(matches!(e, HeartbeatError::Invalid(_)));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "heartbeat of node node-1 refused: label \"big\" value \"{}\"… is 16777216 bytes, over the limit of 256",
+                "x".repeat(40)
+            )
+        );
+        let e = inventory.report(&status("bad id"), false).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("heartbeat refused: node_id \"bad id\" holds ' '"),
+            "{e}"
+        );
+        let mut js = status("node-1");
+        js.admin_url = "javascript:alert(1)".into();
+        let e = inventory.report(&js, false).unwrap_err().to_string();
+        assert!(
+            e.contains("admin_url \"javascript:alert(1)\" must start with http:// or https://"),
+            "{e}"
+        );
+        assert!(inventory.list(&Selector::default()).is_empty());
+        assert!(inventory.store.load_nodes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn new_nodes_over_the_cap_are_refused_known_ones_keep_beating() {
+        let dir = tempfile::tempdir().unwrap();
+        let inventory = inventory(dir.path());
+        inventory.set_max_nodes(2);
+        inventory.report(&status("a"), false).unwrap();
+        inventory.report(&status("b"), false).unwrap();
+        let e = inventory.report(&status("c"), false).unwrap_err();
+        assert!(matches!(e, HeartbeatError::Full(_)));
+        assert!(
+            e.to_string()
+                .contains("already holds 2 nodes, its limit (--max-nodes 2)"),
+            "{e}"
+        );
+        let mut again = status("a");
+        again.state = "restarting".into();
+        inventory.report(&again, false).unwrap();
+        let nodes = inventory.list(&Selector::default());
+        let ids: Vec<_> = nodes
+            .iter()
+            .map(|n| (n.node_id.as_str(), n.state.as_str()))
+            .collect();
+        assert_eq!(ids, [("a", "restarting"), ("b", "serving")]);
+    }
 
     #[test]
     fn selectors() {

@@ -57,10 +57,6 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Largest gRPC request taken (1 MiB): many times the largest heartbeat the limits
-/// allow, far below what would let a forged message cost memory.
-pub const MAX_REQUEST: usize = 1024 * 1024;
-
 /// Every route, behind the auth layer (caller and role); the dashboard also behind
 /// its sessions. `token`: the bootstrap admin token (`--token-file`); without one the
 /// controller is open.
@@ -79,9 +75,11 @@ pub fn router_with(
         fleet_proto::v1::controller_service_server::ControllerServiceServer::new(api::Api {
             fleet: fleet.clone(),
         })
-        // The largest request is a heartbeat within the limits of inventory/limits.rs
-        // (tens of KB at most); a spec or an action is a few hundred bytes.
-        .max_decoding_message_size(MAX_REQUEST)
+        // One bound for every request of the service, heartbeats included: 1 MiB is
+        // three times the largest status fleet_proto::limits allows (a rollout spec or
+        // an id is a few KiB at most). A bigger request is refused by its length prefix,
+        // before it is read into memory.
+        .max_decoding_message_size(fleet_proto::limits::MAX_MESSAGE)
         .max_encoding_message_size(256 * 1024 * 1024),
     );
     if let Some(join) = join {
@@ -95,33 +93,7 @@ pub fn router_with(
         .merge(grpc)
         .merge(dashboard::router(fleet, auth.clone()))
         .layer(axum::middleware::from_fn_with_state(auth, auth::authorize))
-        .layer(axum::middleware::from_fn(security_headers))
-}
-
-/// On every response: no framing (clickjacking of the dashboard's buttons), scripts
-/// and styles from the controller's own files only (the dashboard has no inline
-/// script or style), no MIME sniffing.
-async fn security_headers(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::http::{HeaderValue, header};
-    let mut response = next.run(request).await;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-             connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'; \
-             frame-ancestors 'none'",
-        ),
-    );
-    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    response
+        .layer(axum::middleware::from_fn(dashboard::security_headers))
 }
 
 /// Runs the controller until the process is stopped.
@@ -145,6 +117,9 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
              is created in --tls-dir), listen on 127.0.0.1, or pass --insecure",
             cli.listen
         );
+    }
+    if cli.max_nodes == 0 {
+        anyhow::bail!("--max-nodes must be at least 1 (default 100000)");
     }
     let store = store::SqliteStore::open(&cli.db)
         .with_context(|| format!("cannot open the database {}", cli.db.display()))?;

@@ -10,6 +10,9 @@ pub mod v1 {
 /// The rules of a rollout spec's amounts (batches, budgets), shared by fleetctl and
 /// the controller.
 pub mod rules;
+/// The bounds on what an agent may report about itself, shared by the agent (checked at
+/// start) and the controller (checked on every heartbeat).
+pub mod limits;
 
 /// Encoded `FileDescriptorSet` of every Fleet proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

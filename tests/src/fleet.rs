@@ -229,6 +229,11 @@ impl Controller {
             .unwrap_or_else(|_| self.fail(&format!("cannot parse the address in {line:?}")))
     }
 
+    /// The controller's process id (of the process running now, after a restart).
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap().id()
+    }
+
     /// Kill the controller with SIGKILL (no chance to write anything more) and reap it.
     pub fn kill(&self) {
         let mut child = self.child.lock().unwrap();
@@ -303,11 +308,6 @@ impl Controller {
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
-    }
-
-    /// The controller's pid (of its current run).
-    pub fn pid(&self) -> u32 {
-        self.child.lock().unwrap().id()
     }
 
     /// The API address.

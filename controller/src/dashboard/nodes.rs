@@ -217,11 +217,7 @@ fn row(n: &NodeRecord, now: u64, session: &Session) -> Markup {
                     a.label href={ "/nodes?label=" (percent_encode(&format!("{k}={v}"))) } { (k) "=" (v) } " "
                 }
             }
-            td data-label="Admin" { @match admin_link(n) {
-                Some(url) => a.admin href=(url) target="_blank" rel="noopener noreferrer" { "admin" },
-                None if n.admin_url.is_empty() => "—",
-                None => span.note title=(n.admin_url) { "(not a link)" },
-            } }
+            td data-label="Admin" { (admin(n)) }
             td.actions {
                 @let id = percent_encode(&n.node_id);
                 // A stopped node has nothing to restart or shut down; one that stopped
@@ -240,25 +236,48 @@ fn row(n: &NodeRecord, now: u64, session: &Session) -> Markup {
     }
 }
 
-/// The node's admin page, as a link the dashboard builds itself: `http(s)://` and the
-/// node's own control address (under mutual TLS, the address its certificate was
-/// reached at) with the admin path it reported. Anything else is no link.
-pub fn admin_link(n: &NodeRecord) -> Option<String> {
-    let uri: axum::http::Uri = n.admin_url.parse().ok()?;
-    let scheme = match uri.scheme_str()? {
-        "http" => "http",
-        "https" => "https",
-        _ => return None,
-    };
-    if uri.authority()?.as_str() != n.control_addr {
+/// The admin cell: a link the dashboard builds itself ([`admin_link`]), or, when the
+/// reported URL is not one, the URL as text (escaped, cut short, whole in a tooltip).
+fn admin(n: &NodeRecord) -> Markup {
+    const SHOWN: usize = 60;
+    let url = &n.admin_url;
+    html! {
+        @if url.is_empty() { "—" }
+        @else if let Some(href) = admin_link(url, &n.control_addr) {
+            a.admin href=(href) target="_blank" rel="noopener noreferrer" { "admin" }
+        } @else {
+            span.admin.unlinked title={ "not linked: not an http(s) URL on the node's address " (n.control_addr) ": " (url) } {
+                @match url.char_indices().nth(SHOWN) {
+                    Some((cut, _)) => { (&url[..cut]) "…" },
+                    None => (url),
+                }
+            }
+        }
+    }
+}
+
+/// The node's admin page as a link: only `http` or `https`, only on the node's own
+/// control address (the host:port the controller calls it on), only a plain path. The
+/// agent reports `http://CONTROL_ADDR/debug/admin`; anything else (another scheme,
+/// another host, user info, a query) is `None`, and the dashboard shows it as text.
+pub fn admin_link(admin_url: &str, control_addr: &str) -> Option<String> {
+    let (scheme, rest) = admin_url.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
         return None;
     }
-    let path = uri.path();
-    let safe = |c: char| c.is_ascii_alphanumeric() || "/-_.~".contains(c);
-    if !path.starts_with('/') || !path.chars().all(safe) {
+    fleet_proto::limits::check_host_port("control_addr", control_addr).ok()?;
+    // Browsers end an http(s) authority at a backslash too.
+    let end = rest.find(['/', '?', '#', '\\']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    if !authority.eq_ignore_ascii_case(control_addr) {
         return None;
     }
-    Some(format!("{scheme}://{}{path}", n.control_addr))
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/-_.~%".contains(c);
+    if !(path.is_empty() || path.starts_with('/') && path.chars().all(plain)) {
+        return None;
+    }
+    Some(format!("{scheme}://{control_addr}{path}"))
 }
 
 #[cfg(test)]
@@ -293,21 +312,45 @@ mod tests {
     }
 
     #[test]
-    fn admin_links_are_http_to_the_nodes_own_address() {
-        let mut n = node("a", 1);
-        n.control_addr = "10.0.0.2:7101".into();
-        n.admin_url = "https://10.0.0.2:7101/debug/admin".into();
-        assert_eq!(admin_link(&n).unwrap(), "https://10.0.0.2:7101/debug/admin");
-        for bad in [
-            "javascript:alert(1)",
-            "http://evil.example/debug/admin",
-            "http://10.0.0.2:7101/x?a=<b>",
-            "data:text/html,hi",
-            "",
+    fn admin_links_are_http_to_the_nodes_own_address_only() {
+        let addr = "10.0.0.5:7101";
+        for (url, link) in [
+            (
+                "http://10.0.0.5:7101/debug/admin",
+                Some("http://10.0.0.5:7101/debug/admin"),
+            ),
+            ("HTTPS://10.0.0.5:7101/x", Some("https://10.0.0.5:7101/x")),
+            ("http://10.0.0.5:7101", Some("http://10.0.0.5:7101")),
+            ("javascript:alert(1)", None),
+            ("javascript://10.0.0.5:7101/%0aalert(1)", None),
+            ("data:text/html,<script>alert(1)</script>", None),
+            ("http://evil.example/debug/admin", None),
+            ("http://10.0.0.5:7101@evil.example/", None),
+            ("http://evil.example\\@10.0.0.5:7101/", None),
+            ("http://10.0.0.5:7101/a?next=//evil", None),
+            ("http://10.0.0.5:7101/\"onmouseover=\"x", None),
+            ("//10.0.0.5:7101/debug/admin", None),
         ] {
-            n.admin_url = bad.into();
-            assert_eq!(admin_link(&n), None, "{bad}");
+            assert_eq!(admin_link(url, addr).as_deref(), link, "{url}");
         }
+        assert_eq!(admin_link("http://x:1/", "not an address"), None);
+    }
+
+    #[test]
+    fn an_admin_url_that_is_not_a_link_is_shown_as_escaped_text() {
+        let mut n = node("n", 1);
+        n.control_addr = "127.0.0.1:7101".into();
+        n.admin_url = "javascript:alert('<b>')".into();
+        let session = crate::dashboard::session::Sessions::new(false).create(None);
+        let html = row(&n, 0, &session).into_string();
+        assert!(!html.contains("href=\"javascript"), "{html}");
+        assert!(html.contains("javascript:alert('&lt;b&gt;')"), "{html}");
+        n.admin_url = "http://127.0.0.1:7101/debug/admin".into();
+        let html = row(&n, 0, &session).into_string();
+        assert!(
+            html.contains("href=\"http://127.0.0.1:7101/debug/admin\""),
+            "{html}"
+        );
     }
 
     #[test]
