@@ -100,7 +100,10 @@ impl Controller {
         .map_err(|e| unreachable_error(url, &chain(&e)))?;
         Ok(Controller {
             url: url.to_string(),
-            api: ControllerServiceClient::with_interceptor(channel, Bearer(bearer)),
+            // The controller answers up to 256 MiB (a ListNodes of 100,000 nodes is
+            // ~25 MB); tonic's default 4 MiB would fail past ~16,000 nodes.
+            api: ControllerServiceClient::with_interceptor(channel, Bearer(bearer))
+                .max_decoding_message_size(256 * 1024 * 1024),
         })
     }
 
