@@ -12,10 +12,13 @@
 //!
 //! Nothing is retried behind the caller's back, so a request that a restart loses
 //! shows up as a failure. That is why this uses hyper's low-level
-//! `client::conn::http1` and `client::conn::http2` APIs and not a pooled client:
-//! pooled clients (reqwest, `hyper_util::client::legacy`) quietly retry a request
-//! that died on a reused connection, which is exactly the failure a zero-downtime
-//! restart must not cause.
+//! `client::conn::http1` API for HTTP/1.1 and the `h2` crate itself for HTTP/2, and
+//! not a pooled client: pooled clients (reqwest, `hyper_util::client::legacy`)
+//! quietly retry a request that died on a reused connection, which is exactly the
+//! failure a zero-downtime restart must not cause. (HTTP/2 does not go through
+//! hyper's `client::conn::http2`: its hand-off of a request to the connection's
+//! dispatch task could leave a request queued, neither sent nor handed back, when
+//! that task ended at the same moment; see `http2`.)
 //!
 //! What a correct HTTP/1.1 client may still do without counting a failure, one rule
 //! for every client and connection:
@@ -35,8 +38,8 @@
 //!   or closed (counted by cause: after GOAWAY, after a close), as a real client's
 //!   pool does; the streams already open on the old one finish there;
 //! - send a request again on a new connection when the server did not process it:
-//!   it was never sent (hyper handed it back: the connection had taken its last
-//!   request), its stream was refused with RST_STREAM `REFUSED_STREAM`, or its
+//!   it was never sent (the connection would open no more streams: it had
+//!   received GOAWAY or closed), its stream was refused with RST_STREAM `REFUSED_STREAM`, or its
 //!   stream was above the last stream id of the server's GOAWAY (h2 reports that as
 //!   the GOAWAY's error on the stream). Only before a response head arrived: a
 //!   server that answered has processed the request, whatever it says next. Counted
@@ -55,12 +58,10 @@
 //! into the load, the highest stream id the client opened on it, and every GOAWAY
 //! (last stream id, code, time) and RST_STREAM the server sent on it.
 //!
-//! Two limits of hyper's HTTP/2 client the rules rely on: a slot's requests must not
-//! queue behind the server's `SETTINGS_MAX_CONCURRENT_STREAMS` (keep `h2_streams`
-//! below it; hyper fails a queued request without handing it back when a GOAWAY
-//! arrives), and a request that races the connection's death inside hyper (after
-//! its readiness check, before the stream opens) fails without being handed back;
-//! both show as failures, never as silent re-sends.
+//! An HTTP/2 request either becomes a stream, which its connection always ends (a
+//! response, a reset, a GOAWAY or a connection error), or is refused by `h2` on the
+//! spot (not sent); a slot whose connection is at the server's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS` waits for a free stream before it sends.
 
 mod client;
 mod http2;

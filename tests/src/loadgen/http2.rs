@@ -1,6 +1,17 @@
 //! The HTTP/2 clients: connections that each carry several stream slots, a slot
 //! being a client of its own (closed or open loop) that shares its connection with
 //! the other slots, and one request/response exchange on a stream.
+//!
+//! The streams are opened with the `h2` crate itself, not through hyper's
+//! `client::conn::http2`: hyper hands each request through a channel to a dispatch
+//! task, and when that task ends (the connection went away) at the same moment as a
+//! slot queues a request, the request can stay in the channel, neither sent nor
+//! handed back, and its slot waits until its timeout (seen as a rare 10 s stall right
+//! after a restart, on a connection that had closed cleanly with every stream it
+//! carried answered). `h2`'s `send_request` takes the connection's state under its
+//! lock: a request either becomes a stream, which the connection always ends
+//! (response, reset, GOAWAY or connection error), or is refused on the spot, which
+//! is a request not sent.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,17 +20,15 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use h2::Reason;
+use h2::client::SendRequest;
 use http::Request;
 use http::header::USER_AGENT;
-use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::MAX_ATTEMPTS;
-use super::client::{CONNECT_BACKOFF, ClientReport, Shared, chain, io_error_kind};
+use super::client::{CONNECT_BACKOFF, ClientReport, Shared, chain};
 use super::report::H2Counts;
 use super::tap::{ConnLog, Tap};
 
@@ -34,9 +43,14 @@ pub(super) struct Connection {
     opened: AtomicU64,
 }
 
+/// The windows the client grants the server, as hyper's HTTP/2 client does: 2 MiB
+/// per stream, 5 MiB per connection.
+const STREAM_WINDOW: u32 = 2 << 20;
+const CONNECTION_WINDOW: u32 = 5 << 20;
+
 #[derive(Debug, Clone)]
 struct Current {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     /// Its number in this slot (1-based), for messages.
     number: u64,
     log: Arc<ConnLog>,
@@ -64,7 +78,7 @@ impl Connection {
             // After any GOAWAY a client opens no more streams on the connection (RFC
             // 9113 §6.8 "MUST NOT"): h2 itself still would after a GOAWAY with the
             // highest stream id, and those streams would be refused by the final one.
-            if !c.sender.is_closed() && !c.log.saw_goaway() {
+            if !c.log.closed() && !c.log.saw_goaway() {
                 return Ok(c.clone());
             }
             report.h2.count_replaced(c.log.saw_goaway());
@@ -138,10 +152,10 @@ pub(super) async fn stream_client(
                             ));
                         }
                     };
-                let mut sender = current.sender.clone();
                 let req = request(&shared);
                 let outcome =
-                    tokio::time::timeout_at(deadline.into(), exchange(&mut sender, req)).await;
+                    tokio::time::timeout_at(deadline.into(), exchange(current.sender.clone(), req))
+                        .await;
                 // Where and when, and what the connection saw (GOAWAY, resets): the
                 // context a failure under a restart needs.
                 let context = || {
@@ -226,8 +240,9 @@ impl ClientReport {
 
 /// Why a request may go out again on a new connection (the one rule).
 #[derive(Debug, Clone, Copy)]
-enum Resend {
-    /// hyper handed it back: the connection took no more requests.
+pub(super) enum Resend {
+    /// The connection took no more streams (it went away or closed) before the
+    /// request became one.
     NotSent,
     /// RST_STREAM with REFUSED_STREAM before any response.
     RefusedStream,
@@ -255,7 +270,7 @@ impl H2Counts {
 }
 
 /// How one exchange ended.
-enum Outcome {
+pub(super) enum Outcome {
     Ok,
     /// The server did not process the request: it may go out again (the rule).
     Resend(Resend),
@@ -265,7 +280,7 @@ enum Outcome {
     },
 }
 
-fn request(shared: &Shared) -> Request<Empty<Bytes>> {
+fn request(shared: &Shared) -> Request<()> {
     // The :scheme and :authority pseudo-headers come from the absolute URI.
     let (scheme, host) = match &shared.spec.tls {
         Some(tls) => ("https", tls.server_name.clone()),
@@ -278,39 +293,65 @@ fn request(shared: &Shared) -> Request<Empty<Bytes>> {
     );
     Request::get(uri)
         .header(USER_AGENT, "fleet-loadgen")
-        .body(Empty::new())
+        .body(())
         .expect("valid request")
 }
 
-/// Send one request on a stream and read the whole response. The sender (a clone)
-/// is held until the body is read, so the connection stays up for it.
-async fn exchange(sender: &mut SendRequest<Empty<Bytes>>, req: Request<Empty<Bytes>>) -> Outcome {
-    let response = match sender.try_send_request(req).await {
+/// Open a stream for one request (no body) and read the whole response. The request
+/// is either refused before it becomes a stream (not sent: it may go out again) or
+/// sent, and then the connection ends the stream one way or another.
+pub(super) async fn exchange(sender: SendRequest<Bytes>, req: Request<()>) -> Outcome {
+    // Waits while the connection is at the server's limit of concurrent streams.
+    let mut sender = match sender.ready().await {
+        Ok(sender) => sender,
+        Err(err) => return not_opened(&err),
+    };
+    let response = match sender.send_request(req, true) {
+        // The request has no body: its stream's send half is already closed.
+        Ok((response, _send)) => response,
+        Err(err) => return not_opened(&err),
+    };
+    let response = match response.await {
         Ok(response) => response,
-        Err(mut err) => {
-            // hyper gave it back: it never reached the connection.
-            if err.take_message().is_some() {
-                return Outcome::Resend(Resend::NotSent);
-            }
-            return classify(&err.into_error(), "before the response", true);
-        }
+        Err(err) => return classify(&err, "before the response", true),
     };
     let status = response.status();
-    match response.into_body().collect().await {
-        Err(err) => classify(&err, &format!("status {status}, body cut short"), false),
-        Ok(_) if !status.is_success() => Outcome::Failed {
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        match chunk {
+            // Give the window back, as a client that reads its responses does.
+            Ok(chunk) => {
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            Err(err) => return classify(&err, &format!("status {status}, body cut short"), false),
+        }
+    }
+    if !status.is_success() {
+        return Outcome::Failed {
             kind: "status",
             message: format!("status {status}"),
-        },
-        Ok(_) => Outcome::Ok,
+        };
+    }
+    Outcome::Ok
+}
+
+/// The connection would not open the stream: it went away (GOAWAY received) or
+/// closed, so the request was not sent. Anything else (a request h2 rejects) is a
+/// failure of the client.
+fn not_opened(err: &h2::Error) -> Outcome {
+    if err.is_go_away() || err.is_io() || err.reason().is_some() {
+        return Outcome::Resend(Resend::NotSent);
+    }
+    Outcome::Failed {
+        kind: "other",
+        message: format!("the request could not be sent: {}", chain(err)),
     }
 }
 
 /// Sort an error into a re-send (only before a response head arrived: a server
 /// that answered has processed the request, whatever it says next) or a failure.
-fn classify(err: &hyper::Error, what: &str, before_head: bool) -> Outcome {
-    let h2 = h2_error(err);
-    if let Some(h2) = h2.filter(|_| before_head) {
+fn classify(h2: &h2::Error, what: &str, before_head: bool) -> Outcome {
+    if before_head {
         // RFC 9113 §8.7: REFUSED_STREAM and streams above a GOAWAY's last stream id
         // were not processed, and may be retried.
         if h2.is_remote() && h2.is_reset() && h2.reason() == Some(Reason::REFUSED_STREAM) {
@@ -320,44 +361,34 @@ fn classify(err: &hyper::Error, what: &str, before_head: bool) -> Outcome {
             return Outcome::Resend(Resend::AboveGoaway);
         }
     }
-    let (kind, description) = match h2 {
-        Some(h2) if h2.is_reset() && h2.is_remote() => (
+    let (kind, description) = if h2.is_reset() && h2.is_remote() {
+        (
             "stream-reset",
             format!(
                 "the server reset the stream with {:?}",
                 h2.reason().unwrap_or(Reason::NO_ERROR)
             ),
-        ),
-        Some(h2) if h2.is_go_away() && h2.is_remote() => (
+        )
+    } else if h2.is_go_away() && h2.is_remote() {
+        (
             "stream-reset",
             format!(
                 "the stream was ended by the server's GOAWAY {:?} after the response began",
                 h2.reason().unwrap_or(Reason::NO_ERROR)
             ),
-        ),
-        Some(_) => ("other", "HTTP/2 error".to_string()),
-        None if io_error_kind(err).is_some() || err.is_canceled() || err.is_closed() => (
+        )
+    } else if h2.is_io() {
+        (
             "reset",
             "the connection closed or was reset after the request was sent".to_string(),
-        ),
-        None if err.is_timeout() => ("timeout", "timed out".to_string()),
-        None => ("other", "request failed".to_string()),
+        )
+    } else {
+        ("other", "HTTP/2 error".to_string())
     };
     Outcome::Failed {
         kind,
-        message: format!("{what}: {description}: {}", chain(err)),
+        message: format!("{what}: {description}: {}", chain(h2)),
     }
-}
-
-fn h2_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a h2::Error> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return Some(h2);
-        }
-        source = e.source();
-    }
-    None
 }
 
 /// Open a TCP connection (TCP_NODELAY), over TLS with ALPN "h2" when the spec says
@@ -365,7 +396,7 @@ fn h2_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a h2::Er
 async fn connect(
     shared: &Shared,
     log: Arc<ConnLog>,
-) -> Result<SendRequest<Empty<Bytes>>, (&'static str, String)> {
+) -> Result<SendRequest<Bytes>, (&'static str, String)> {
     let target = shared.spec.target;
     let tcp = TcpStream::connect(target)
         .await
@@ -394,24 +425,25 @@ async fn connect(
     handshake(stream, log, target).await
 }
 
-async fn handshake<T>(
+pub(super) async fn handshake<T>(
     io: T,
     log: Arc<ConnLog>,
     target: SocketAddr,
-) -> Result<SendRequest<Empty<Bytes>>, (&'static str, String)>
+) -> Result<SendRequest<Bytes>, (&'static str, String)>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = hyper::client::conn::http2::handshake(
-        TokioExecutor::new(),
-        TokioIo::new(Tap::new(io, log)),
-    )
-    .await
-    .map_err(|e| ("connect", format!("HTTP/2 handshake with {target}: {e}")))?;
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .handshake::<_, Bytes>(Tap::new(io, log.clone()))
+        .await
+        .map_err(|e| ("connect", format!("HTTP/2 handshake with {target}: {e}")))?;
     // The connection task ends when the connection closes; its error (if any) shows
     // up on the streams that were in flight, which is where it is counted.
     tokio::spawn(async move {
         let _ = connection.await;
+        log.set_closed();
     });
     Ok(sender)
 }

@@ -8,7 +8,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -30,6 +30,8 @@ const MAX_RESETS: usize = 8;
 pub(super) struct ConnLog {
     highest_opened: AtomicU32,
     server: Mutex<ServerFrames>,
+    /// The connection's task ended: it carries no more streams.
+    closed: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -44,6 +46,15 @@ struct ServerFrames {
 }
 
 impl ConnLog {
+    /// The connection's task ended (closed, or failed): it opens no more streams.
+    pub(super) fn closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_closed(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
     /// The server sent at least one GOAWAY on this connection.
     pub(super) fn saw_goaway(&self) -> bool {
         !self.server.lock().unwrap().goaways.is_empty()

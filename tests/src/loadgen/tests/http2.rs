@@ -440,3 +440,49 @@ async fn over_tls_the_streams_negotiate_h2_by_alpn() {
     assert_eq!((report.requests, report.ok), (3, 0));
     assert_eq!(kinds(&report), vec!["tls"]);
 }
+
+/// The hand-off that lost a request: hyper's client queues a request for a dispatch
+/// task, and when that task ended (its connection had gone away) while a slot's
+/// thread was still inside queueing one, the request stayed queued, neither sent
+/// nor handed back, and the slot waited out its 10 s timeout (a thread descheduled
+/// at that instant, under CPU contention: not something a test can force). The
+/// client now opens its streams with `h2` itself, where a request either becomes a
+/// stream or is refused on the spot: on a connection that went away it is "not
+/// sent" at once, and it goes out again on a new connection.
+#[tokio::test]
+async fn a_request_on_a_connection_that_went_away_is_not_sent_at_once_never_left_waiting() {
+    use crate::loadgen::http2::{Outcome, Resend, exchange, handshake};
+    use crate::loadgen::tap::ConnLog;
+
+    // The first request is answered after a GOAWAY that names it as the last
+    // stream; then the server closes.
+    let (addr, _) = h2_server(|_| Answer::GoAwayThenOk).await;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let log = Arc::new(ConnLog::default());
+    let sender = handshake(tcp, log.clone(), addr).await.unwrap();
+    let request = || {
+        http::Request::get(format!("http://{addr}/"))
+            .body(())
+            .unwrap()
+    };
+    let first = exchange(sender.clone(), request()).await;
+    assert!(matches!(first, Outcome::Ok));
+    // The connection's task ends once the client has closed its side too.
+    let ended = Instant::now();
+    while !log.closed() {
+        assert!(
+            ended.elapsed() < Duration::from_secs(5),
+            "the connection never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let asked = Instant::now();
+    let late = tokio::time::timeout(Duration::from_secs(1), exchange(sender, request()))
+        .await
+        .expect("an answer at once, not a wait for the timeout");
+    assert!(
+        matches!(late, Outcome::Resend(Resend::NotSent)),
+        "not sent, so it may go out again"
+    );
+    assert!(asked.elapsed() < Duration::from_millis(100));
+}
