@@ -10,6 +10,14 @@ pub mod machine;
 pub mod servers;
 /// fleet-controller, started for a benchmark.
 pub mod controller;
+/// A controller plain or with mutual TLS, and what its clients need to reach it.
+pub mod tls_fleet;
+/// Simulated agents that register (plain, or by joining over mutual TLS) and heartbeat.
+pub mod sim_agents;
+/// A few real fleet-agents under a controller, and timed rollouts across them.
+pub mod rollouts;
+/// Another process's CPU time and memory, from /proc.
+pub mod proc_cpu;
 /// nginx and HAProxy as peers, and following their reloads.
 pub mod peers;
 /// Load runs and throughput rounds.

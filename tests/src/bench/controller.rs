@@ -2,6 +2,7 @@
 //! group, its output kept for failure messages, killed on drop.
 
 use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
@@ -80,10 +81,17 @@ fn parse_listening(line: &str) -> Option<SocketAddr> {
 
 pub async fn start_controller(exe: &Path, db: &Path, ttl: Duration) -> anyhow::Result<Controller> {
     let ttl = format!("{}ms", ttl.as_millis());
+    let mut args: Vec<OsString> = vec!["--listen".into(), "127.0.0.1:0".into(), "--db".into()];
+    args.push(db.into());
+    args.extend(["--heartbeat-ttl".into(), ttl.into()]);
+    start_controller_with(exe, &args).await
+}
+
+/// Starts `exe ARGS` (which should include `--listen 127.0.0.1:0`) and returns once it
+/// logged the address it listens on.
+pub async fn start_controller_with(exe: &Path, args: &[OsString]) -> anyhow::Result<Controller> {
     let mut child = Command::new(exe)
-        .args(["--listen", "127.0.0.1:0", "--db"])
-        .arg(db)
-        .args(["--heartbeat-ttl", &ttl])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
