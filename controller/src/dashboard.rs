@@ -252,20 +252,11 @@ mod tests {
     use super::*;
 
     async fn login(app: &Router, token: &str) -> (StatusCode, HeaderMap, String) {
-        let mut request = Request::post("/login")
+        let request = Request::post("/login")
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(Body::from(format!("token={token}&next=/nodes")))
             .unwrap();
-        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-        request.extensions_mut().insert(ConnectInfo(peer));
-        let response = app.clone().oneshot(request).await.unwrap();
-        let (parts, body) = response.into_parts();
-        let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
-        (
-            parts.status,
-            parts.headers,
-            String::from_utf8_lossy(&body).into_owned(),
-        )
+        crate::testing::oneshot(app, request).await
     }
 
     #[tokio::test]

@@ -36,6 +36,8 @@ pub mod join;
 pub mod tls;
 /// Persistence (SQLite).
 pub mod store;
+#[cfg(test)]
+mod testing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,10 +1,7 @@
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::ConnectInfo;
 use axum::http::Request as HttpRequest;
-use tower::ServiceExt as _;
 
 use super::*;
 use crate::Fleet;
@@ -72,17 +69,7 @@ fn refusals_say_who_has_what_and_what_is_needed() {
 }
 
 async fn call(app: &axum::Router, request: HttpRequest<Body>) -> (StatusCode, HeaderMap, String) {
-    let mut request = request;
-    let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-    request.extensions_mut().insert(ConnectInfo(peer));
-    let response = app.clone().oneshot(request).await.unwrap();
-    let (parts, body) = response.into_parts();
-    let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
-    (
-        parts.status,
-        parts.headers,
-        String::from_utf8_lossy(&body).into_owned(),
-    )
+    crate::testing::oneshot(app, request).await
 }
 
 #[tokio::test]
