@@ -282,8 +282,9 @@ pub struct StartArgs {
     #[arg(long, requires = "canary")]
     pub pause_after_canary: bool,
 
-    /// How long a restarted node must stay healthy before it counts as done ("30s")
-    /// [default: the controller's].
+    /// How long a restarted node must keep serving before it counts as healthy ("30s";
+    /// "0s": no soak) [default: the controller's --default-min-healthy, 10s unless set
+    /// otherwise; `rollout status` shows the value used].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub min_healthy: Option<Duration>,
 
@@ -410,6 +411,7 @@ impl StartArgs {
             canary: self.canary.unwrap_or(0),
             pause_after_canary: self.pause_after_canary,
             min_healthy_ms: millis(self.min_healthy),
+            min_healthy_set: self.min_healthy.is_some(),
             ready_timeout_ms: millis(self.ready_timeout),
             drain_timeout_ms: millis(self.drain_timeout),
             health_path: self.health_path.clone().unwrap_or_default(),
@@ -498,6 +500,10 @@ mod tests {
         assert_eq!(spec.max_unavailable, "25%");
         assert_eq!((spec.canary, spec.pause_after_canary), (1, true));
         assert_eq!(spec.min_healthy_ms, 30_000);
+        assert!(
+            spec.min_healthy_set,
+            "an explicit soak, even 0s, must not be defaulted"
+        );
         assert_eq!(spec.ready_timeout_ms, 60_000);
         assert_eq!(spec.drain_timeout_ms, 0);
         assert_eq!(spec.max_failures, "0");
