@@ -13,7 +13,7 @@ use fleet_proto::v1::RolloutSpec;
 use self::parse::{
     parse_batches, parse_canary, parse_controller_url, parse_duration, parse_exe,
     parse_health_path, parse_max_failures, parse_max_parallel, parse_max_unavailable,
-    parse_selector, parse_sha256, parse_token,
+    parse_selector, parse_sha256, parse_soak, parse_token,
 };
 use crate::exit::EXIT_CODES_HELP;
 
@@ -285,7 +285,7 @@ pub struct StartArgs {
     /// How long a restarted node must keep serving before it counts as healthy ("30s";
     /// "0s": no soak) [default: the controller's --default-min-healthy, 10s unless set
     /// otherwise; `rollout status` shows the value used].
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_soak)]
     pub min_healthy: Option<Duration>,
 
     /// How long a node's new worker may take to become ready [default: the agent's].

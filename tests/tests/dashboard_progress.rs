@@ -24,7 +24,7 @@ const PARTS: &str = "var bar = document.getElementById(arguments[0]);\
       parts: Array.prototype.map.call(bar.querySelectorAll('.seg'), function (s) {\
         return {kind: s.dataset.kind, count: Number(s.dataset.count),\
           share: 100 * s.getBoundingClientRect().width / total,\
-          color: getComputedStyle(s).backgroundColor + ' ' + getComputedStyle(s).backgroundImage};\
+          color: getComputedStyle(s).fill};\
       })};";
 
 /// The bar `#id` on the page shown: 1 healthy, 1 failed, 2 skipped of 4 nodes.
