@@ -240,3 +240,70 @@ async fn a_rollout_without_a_soak_gets_the_controllers_default_shown_resolved() 
     let text = status(&controller, &r.id, 0).await;
     assert!(text.contains("min-healthy 10s"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_resumed_after_a_controller_restart_logs_its_whole_duration() {
+    // fleetctl and the dashboard count a rollout from its creation to its end; the
+    // controller's log once counted from when its engine (re)started, so a rollout
+    // resumed after a controller restart "took" less in the log than in fleetctl.
+    let releases = tempfile::tempdir().unwrap();
+    let v2 = agent_release(releases.path(), "fleet-agent-v2");
+    let controller = Controller::start(ControllerOpts {
+        default_min_healthy: Some("3s".into()),
+        ..ControllerOpts::default()
+    })
+    .await;
+    let _agents = controller
+        .start_nodes(1, |_, opts| {
+            opts.arg("--allowed-exe-dir").arg(releases.path())
+        })
+        .await;
+    rollout(&controller, &v2, &["--detach"])
+        .await
+        .expect_code(0);
+    let id = controller.rollout("latest").await.id;
+    // Well into its soak (1.5 s of 3 s), the controller dies and comes back.
+    controller
+        .wait_rollout(
+            &id,
+            "node-1 soaking for 1.5 s",
+            Duration::from_secs(30),
+            |r| {
+                let node = rollout_node(r, "node-1");
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as u64;
+                node.state == "soaking"
+                    && entered(node, "soaking").is_some_and(|t| now >= t + 1_500)
+            },
+        )
+        .await;
+    controller.restart().await;
+    let r = controller
+        .wait_rollout_end(&id, Duration::from_secs(60))
+        .await;
+    assert_eq!(r.state, "succeeded", "{}", describe(&r));
+    let took_ms = r.finished_unix_ms - r.created_unix_ms;
+    assert!(took_ms >= 4_500, "took {took_ms} ms: {}", describe(&r));
+    let needle = format!(
+        "rollout {id} succeeded after {:.1}s",
+        took_ms as f64 / 1000.0
+    );
+    let lines = controller.log_lines();
+    assert!(
+        lines.iter().any(|l| l.contains(&needle)),
+        "the log gives another duration than created → finished ({needle}):\n{}",
+        lines.join("\n")
+    );
+    // fleetctl shows the same one.
+    let text = status(&controller, &id, 0).await;
+    let fleetctl_took = format!("(after {})", fleet_duration(took_ms));
+    assert!(text.contains(&fleetctl_took), "{fleetctl_took}:\n{text}");
+}
+
+/// fleetctl's way of writing a duration of a few seconds ("4.6s").
+fn fleet_duration(ms: u64) -> String {
+    assert!((1_000..10_000).contains(&ms), "{ms} ms");
+    format!("{:.1}s", ms as f64 / 1000.0)
+}
