@@ -280,7 +280,7 @@ pub struct RolloutView {
 
 /// A rollout's nodes by outcome; only `healthy` counts as done. The dashboard's bar,
 /// the API's `RolloutProgress` and the log all read it from here.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Progress {
     pub total: usize,
     pub healthy: usize,
@@ -337,9 +337,36 @@ impl Progress {
     }
 }
 
+/// A rollout as the HTTP API (`/api/rollouts`) gives it: the stored view, its
+/// progress, and its times in RFC 3339 beside the `unix_ms` ones.
+#[derive(Debug, Serialize)]
+pub struct RolloutReport<'a> {
+    #[serde(flatten)]
+    pub view: &'a RolloutView,
+    pub progress: Progress,
+    pub created: String,
+    /// `None` while it runs.
+    pub finished: Option<String>,
+}
+
+fn rfc3339(unix_ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(unix_ms))
+        .to_string()
+}
+
 impl RolloutView {
     pub fn progress(&self) -> Progress {
         Progress::of(&self.nodes)
+    }
+
+    pub fn report(&self) -> RolloutReport<'_> {
+        let r = &self.rollout;
+        RolloutReport {
+            view: self,
+            progress: self.progress(),
+            created: rfc3339(r.created_unix_ms),
+            finished: (r.finished_unix_ms > 0).then(|| rfc3339(r.finished_unix_ms)),
+        }
     }
 
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {

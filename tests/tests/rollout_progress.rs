@@ -14,7 +14,7 @@ use fleet_proto::v1 as pb;
 use fleet_tests::fleet::{
     Controller, ControllerOpts, agent_release, agent_status, describe, entered, rollout_node,
 };
-use fleet_tests::harness::{copy_agent_binary, install_fixture};
+use fleet_tests::harness::{copy_agent_binary, http_get, install_fixture};
 
 /// `fleetctl rollout --exe RELEASE ARGS...`
 async fn rollout(
@@ -103,6 +103,29 @@ async fn rollout_status_exits_as_the_watch_does_and_only_healthy_nodes_count_as_
         text.contains("Progress:  1/3 healthy (33%), 1 failed, 1 skipped"),
         "{text}"
     );
+    // The HTTP API gives the same counts, and its times in RFC 3339 too.
+    let api = http_get(controller.addr(), &format!("/api/rollouts/{}", failed.id))
+        .await
+        .unwrap();
+    let api: serde_json::Value = serde_json::from_slice(&api.body).unwrap();
+    assert_eq!(
+        api["progress"],
+        serde_json::json!({"total": 3, "healthy": 1, "failed": 1, "rolled_back": 0,
+            "skipped": 1, "active": 0, "pending": 0}),
+        "{api:#}"
+    );
+    for (text, ms) in [
+        (&api["created"], failed.created_unix_ms),
+        (&api["finished"], failed.finished_unix_ms),
+    ] {
+        let at = humantime::parse_rfc3339(text.as_str().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{text} is not RFC 3339: {e}"));
+        let at_ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert_eq!(at_ms, ms, "{api:#}");
+    }
     // Batches are numbered from 1 where people read them (node-3 is in the third).
     let row = text
         .lines()
