@@ -270,7 +270,8 @@ pub struct StartArgs {
     #[arg(long, value_name = "N", value_parser = parse_max_parallel)]
     pub max_parallel: Option<u32>,
 
-    /// How many targets may be down at once, a count or a percentage ("1", "25%").
+    /// How many targets may be down at once, a count or a percentage ("1", "25%")
+    /// [default: a whole batch at once].
     #[arg(long, value_name = "N|N%", value_parser = parse_max_unavailable)]
     pub max_unavailable: Option<String>,
 
@@ -302,7 +303,8 @@ pub struct StartArgs {
     pub health_path: Option<String>,
 
     /// Failure budget: how many nodes may fail before the rollout stops, a count or a
-    /// percentage of the targets ("0", "2", "10%") [default: the controller's].
+    /// percentage of the targets ("0", "2", "10%") [default: 0, the first failure stops
+    /// the rollout].
     #[arg(long, value_name = "N|N%", value_parser = parse_max_failures)]
     pub max_failures: Option<String>,
 

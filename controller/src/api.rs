@@ -189,7 +189,7 @@ impl ControllerService for Api {
             ready_timeout_ms: s.ready_timeout_ms,
             drain_timeout_ms: s.drain_timeout_ms,
             health_path: s.health_path.trim().to_string(),
-            max_failures: s.max_failures.trim().to_string(),
+            max_failures: Spec::max_failures_or_default(&s.max_failures),
             auto_rollback: s.auto_rollback,
             reason: s.reason,
             declared_actor: declared(&s.actor, &caller),

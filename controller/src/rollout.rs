@@ -93,6 +93,18 @@ impl Spec {
     /// too). `fleet-controller --default-min-healthy` changes it.
     pub const DEFAULT_MIN_HEALTHY: Duration = Duration::from_secs(10);
 
+    /// The failure budget of a rollout that gives none: the first failure stops it.
+    pub const DEFAULT_MAX_FAILURES: &str = "0";
+
+    /// A failure budget as given, or the default one when empty: the stored spec says
+    /// what the engine applies.
+    pub fn max_failures_or_default(given: &str) -> String {
+        match given.trim() {
+            "" => Spec::DEFAULT_MAX_FAILURES.to_string(),
+            m => m.to_string(),
+        }
+    }
+
     pub fn min_healthy(&self) -> Duration {
         Duration::from_millis(self.min_healthy_ms)
     }

@@ -137,6 +137,16 @@ async fn dashboard_shows_a_failed_rollouts_bar_in_healthy_failed_and_skipped_par
         "10s"
     );
     assert_eq!(browser.attr(&field, "placeholder").await, None);
+    // The failure budget too: 0, as a value.
+    assert_eq!(
+        browser
+            .execute(
+                "return document.getElementById('max_failures').value;",
+                json!([])
+            )
+            .await,
+        "0"
+    );
     let help = browser.text_of("#min_healthy-help").await;
     assert!(help.contains("default: 10s"), "{help}");
     browser.screenshot("dashboard-progress-form-soak.png").await;

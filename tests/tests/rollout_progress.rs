@@ -235,6 +235,8 @@ async fn a_rollout_without_a_soak_gets_the_controllers_default_shown_resolved() 
         "{}",
         plan.stdout
     );
+    // So does the failure budget: 0, not "default".
+    assert!(plan.stdout.contains("max-failures 0"), "{}", plan.stdout);
     let plan = rollout(&controller, &v2, &["--dry-run", "--min-healthy", "0s"]).await;
     assert!(
         plan.expect_code(0)

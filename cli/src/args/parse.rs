@@ -148,7 +148,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// left out is the controller's default).
 pub fn parse_soak(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| {
-        format!("{s:?} is not a duration ({e}); write e.g. 10s, 2m, or 0s for no soak")
+        format!("{s:?} is not a duration ({e}); write e.g. 30s, 2m, or 0s for no soak")
     })
 }
 

@@ -91,7 +91,7 @@ impl RolloutForm {
             ready_timeout_ms: duration_ms(&self.ready_timeout, "ready timeout")?,
             drain_timeout_ms: duration_ms(&self.drain_timeout, "drain timeout")?,
             health_path: self.health_path.trim().to_string(),
-            max_failures: self.max_failures.trim().to_string(),
+            max_failures: Spec::max_failures_or_default(&self.max_failures),
             auto_rollback: self.auto_rollback.is_some(),
             reason: self.reason.trim().to_string(),
             actor: actor.to_string(),
@@ -161,7 +161,7 @@ fn form(s: &Session, f: &RolloutForm, default_soak: &str) -> Markup {
                 (text_field("health_path", "Health path", &f.health_path, "/healthz", "HTTP path checked on each node's first app port after its restart."))
                 (text_field("ready_timeout", "Ready timeout", &f.ready_timeout, "agent's default", "How long a new worker may take to become ready."))
                 (text_field("drain_timeout", "Drain timeout", &f.drain_timeout, "agent's default", "How long an old worker may drain before it is killed."))
-                (text_field("max_failures", "Max failures", &f.max_failures, "0, 2 or 10%", "Failure budget: more failed nodes stop the rollout."))
+                (text_field("max_failures", "Max failures", &f.max_failures, "", "Failure budget, a count or a percentage (0, 2 or 10%): more failed nodes stop the rollout. 0: the first failure stops it."))
                 (check_field("auto_rollback", "Auto-rollback", f.auto_rollback.is_some(), "When it fails, return the restarted nodes to their previous executable."))
             }
             fieldset {
@@ -199,6 +199,7 @@ async fn form_page(State(d): State<Arc<Dashboard>>, Extension(s): Extension<Sess
         (form(&s, &RolloutForm {
             // The value the rollout gets, not a placeholder: what is shown is used.
             min_healthy: default_soak(&d),
+            max_failures: Spec::DEFAULT_MAX_FAILURES.into(),
             ..RolloutForm::default()
         }, &default_soak(&d)))
     };
@@ -310,7 +311,9 @@ mod tests {
             exe: "/opt/app/v2".into(),
             ..Default::default()
         };
-        assert_eq!(f.spec("alice", SOAK).unwrap().min_healthy_ms, 10_000);
+        let spec = f.spec("alice", SOAK).unwrap();
+        assert_eq!(spec.min_healthy_ms, 10_000);
+        assert_eq!(spec.max_failures, "0", "the budget applied, not empty");
         f.min_healthy = "0s".into();
         assert_eq!(f.spec("alice", SOAK).unwrap().min_healthy_ms, 0);
     }

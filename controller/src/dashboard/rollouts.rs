@@ -16,7 +16,7 @@ use super::session::{Session, percent_encode};
 use super::view::{self, Flash, Live, Section};
 use crate::fleet::RolloutError;
 use crate::now_ms;
-use crate::rollout::{NodeState, Progress, RolloutNode, RolloutState, RolloutView};
+use crate::rollout::{NodeState, Progress, RolloutNode, RolloutState, RolloutView, Spec};
 use crate::tokens::{Role, actor_label};
 
 pub fn router() -> Router<Arc<Dashboard>> {
@@ -252,7 +252,8 @@ fn rollout(v: &RolloutView, operator: bool) -> Markup {
                 }
                 dt { "Soak" } dd { @if s.min_healthy_ms == 0 { "none (ready is enough)" } @else { (view::millis(s.min_healthy_ms)) } @if !s.health_path.is_empty() { ", health check " code { (s.health_path) } } }
                 dt { "Failure budget" } dd {
-                    @if s.max_failures.is_empty() { "default" } @else { (s.max_failures) }
+                    (Spec::max_failures_or_default(&s.max_failures))
+                    @if Spec::max_failures_or_default(&s.max_failures) == "0" { " (the first failure stops it)" }
                     @if s.auto_rollback { ", auto-rollback" }
                 }
                 dt { "Started" } dd { (view::since(r.created_unix_ms, now)) " by " span #actor { (actor_label(&s.actor, &s.declared_actor)) } }
