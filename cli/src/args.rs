@@ -13,7 +13,7 @@ use fleet_proto::v1::RolloutSpec;
 use self::parse::{
     parse_batches, parse_canary, parse_controller_url, parse_duration, parse_exe,
     parse_health_path, parse_max_failures, parse_max_parallel, parse_max_unavailable,
-    parse_selector, parse_sha256, parse_token,
+    parse_selector, parse_sha256, parse_soak, parse_token,
 };
 use crate::exit::EXIT_CODES_HELP;
 
@@ -270,7 +270,8 @@ pub struct StartArgs {
     #[arg(long, value_name = "N", value_parser = parse_max_parallel)]
     pub max_parallel: Option<u32>,
 
-    /// How many targets may be down at once, a count or a percentage ("1", "25%").
+    /// How many targets may be down at once, a count or a percentage ("1", "25%")
+    /// [default: a whole batch at once].
     #[arg(long, value_name = "N|N%", value_parser = parse_max_unavailable)]
     pub max_unavailable: Option<String>,
 
@@ -282,9 +283,10 @@ pub struct StartArgs {
     #[arg(long, requires = "canary")]
     pub pause_after_canary: bool,
 
-    /// How long a restarted node must stay healthy before it counts as done ("30s")
-    /// [default: the controller's].
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    /// How long a restarted node must keep serving before it counts as healthy ("30s";
+    /// "0s": no soak) [default: the controller's --default-min-healthy, 10s unless set
+    /// otherwise; `rollout status` shows the value used].
+    #[arg(long, value_name = "DURATION", value_parser = parse_soak)]
     pub min_healthy: Option<Duration>,
 
     /// How long a node's new worker may take to become ready [default: the agent's].
@@ -301,7 +303,8 @@ pub struct StartArgs {
     pub health_path: Option<String>,
 
     /// Failure budget: how many nodes may fail before the rollout stops, a count or a
-    /// percentage of the targets ("0", "2", "10%") [default: the controller's].
+    /// percentage of the targets ("0", "2", "10%") [default: 0, the first failure stops
+    /// the rollout].
     #[arg(long, value_name = "N|N%", value_parser = parse_max_failures)]
     pub max_failures: Option<String>,
 
@@ -410,6 +413,7 @@ impl StartArgs {
             canary: self.canary.unwrap_or(0),
             pause_after_canary: self.pause_after_canary,
             min_healthy_ms: millis(self.min_healthy),
+            min_healthy_set: self.min_healthy.is_some(),
             ready_timeout_ms: millis(self.ready_timeout),
             drain_timeout_ms: millis(self.drain_timeout),
             health_path: self.health_path.clone().unwrap_or_default(),
@@ -498,6 +502,10 @@ mod tests {
         assert_eq!(spec.max_unavailable, "25%");
         assert_eq!((spec.canary, spec.pause_after_canary), (1, true));
         assert_eq!(spec.min_healthy_ms, 30_000);
+        assert!(
+            spec.min_healthy_set,
+            "an explicit soak, even 0s, must not be defaulted"
+        );
         assert_eq!(spec.ready_timeout_ms, 60_000);
         assert_eq!(spec.drain_timeout_ms, 0);
         assert_eq!(spec.max_failures, "0");

@@ -274,7 +274,13 @@ async fn rollout_status(
         Format::Json => emit(&json::to_string(&json::RolloutJson::from(&rollout)))?,
         Format::Table => emit(&output::rollout_details(&rollout, args.timeline))?,
     }
-    Ok(Exit::Success)
+    // As `--watch` ends (and `kubectl rollout status`): a script can branch on it. A
+    // rollout still running or paused is 0: nothing has failed yet.
+    Ok(if watch::finished(&rollout.state) {
+        watch::exit_for(&rollout.state)
+    } else {
+        Exit::Success
+    })
 }
 
 /// `fleetctl rollout history`

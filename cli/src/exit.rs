@@ -44,12 +44,15 @@ impl From<Exit> for ExitCode {
 /// The text `--help` ends with.
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
-  0  success: the command did what was asked (a rollout or restart succeeded)
-  1  failed: a rollout failed or was aborted, a restart failed, or the controller is unreachable
+  0  success: the command did what was asked (a rollout or restart succeeded;
+     `rollout status` of a rollout that succeeded or is still running or paused)
+  1  failed: a rollout failed or was aborted (also `rollout status` of one), a restart
+     failed, or the controller is unreachable
   2  bad input: invalid arguments, preflight refused the rollout (no node was touched),
      unknown node, rollout or token, missing, wrong, revoked or expired token, or a
      token whose role may not make the call
-  3  the rollout failed and its nodes were rolled back to their previous executables";
+  3  the rollout failed and its nodes were rolled back to their previous executables
+     (also `rollout status` of such a rollout)";
 
 /// An error with the exit code it ends fleetctl with. Anything else is exit 1.
 #[derive(Debug)]

@@ -181,11 +181,15 @@ impl ControllerService for Api {
             max_unavailable: s.max_unavailable.trim().to_string(),
             canary: s.canary,
             pause_after_canary: s.pause_after_canary,
-            min_healthy_ms: s.min_healthy_ms,
+            // Unset (not given, and 0) is the controller's default; an explicit 0 is
+            // no soak.
+            min_healthy_ms: self.fleet.resolve_min_healthy(
+                (s.min_healthy_set || s.min_healthy_ms > 0).then_some(s.min_healthy_ms),
+            ),
             ready_timeout_ms: s.ready_timeout_ms,
             drain_timeout_ms: s.drain_timeout_ms,
             health_path: s.health_path.trim().to_string(),
-            max_failures: s.max_failures.trim().to_string(),
+            max_failures: Spec::max_failures_or_default(&s.max_failures),
             auto_rollback: s.auto_rollback,
             reason: s.reason,
             declared_actor: declared(&s.actor, &caller),
@@ -504,6 +508,7 @@ pub fn rollout_message(v: &RolloutView) -> pb::Rollout {
             actor: s.actor.clone(),
             dry_run: r.state == RolloutState::Planned,
             declared_actor: s.declared_actor.clone(),
+            min_healthy_set: true,
         }),
         state: r.state.as_str().into(),
         reason: r.reason.clone(),
@@ -513,5 +518,19 @@ pub fn rollout_message(v: &RolloutView) -> pb::Rollout {
         current_batch: r.current_batch,
         nodes: v.nodes.iter().map(node_progress).collect(),
         undo_of: r.undo_of.clone(),
+        progress: Some(progress_message(v.progress())),
+    }
+}
+
+fn progress_message(p: crate::rollout::Progress) -> pb::RolloutProgress {
+    let n = |c: usize| u32::try_from(c).unwrap_or(u32::MAX);
+    pb::RolloutProgress {
+        total: n(p.total),
+        healthy: n(p.healthy),
+        failed: n(p.failed),
+        rolled_back: n(p.rolled_back),
+        skipped: n(p.skipped),
+        active: n(p.active),
+        pending: n(p.pending),
     }
 }

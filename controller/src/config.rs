@@ -44,6 +44,12 @@ pub struct Cli {
     #[arg(long)]
     pub insecure: bool,
 
+    /// How long a restarted node must keep serving its new generation before a rollout
+    /// counts it healthy, when the rollout does not say (`fleetctl rollout
+    /// --min-healthy`, the dashboard's form). `0s` turns the soak off by default.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub default_min_healthy: Duration,
+
     /// Most nodes the inventory holds. A heartbeat of a node not yet known is refused
     /// (RESOURCE_EXHAUSTED) at this many; known nodes keep heartbeating. `fleetctl
     /// forget NODE` makes room.

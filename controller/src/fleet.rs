@@ -18,6 +18,10 @@ use crate::store::Store;
 use crate::tokens::Tokens;
 use crate::{Change, now_ms};
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The text of a preflight refusal: a headline, then one line per node (50 at most).
 fn preflight_message(targets: usize, refusals: &[(String, String)]) -> String {
     let mut msg = format!(
@@ -65,6 +69,8 @@ pub struct Fleet {
     seq: AtomicU64,
     /// Serializes starting rollouts (one active rollout at a time).
     start_lock: tokio::sync::Mutex<()>,
+    /// The soak of a rollout whose request gives none (`--default-min-healthy`).
+    default_min_healthy_ms: AtomicU64,
 }
 
 impl Fleet {
@@ -101,7 +107,24 @@ impl Fleet {
             rollouts: Mutex::new(rollouts),
             seq: AtomicU64::new(seq),
             start_lock: tokio::sync::Mutex::new(()),
+            default_min_healthy_ms: AtomicU64::new(millis(Spec::DEFAULT_MIN_HEALTHY)),
         }))
+    }
+
+    /// Sets the soak of rollouts whose request gives none (`--default-min-healthy`).
+    pub fn set_default_min_healthy(&self, soak: Duration) {
+        self.default_min_healthy_ms
+            .store(millis(soak), Ordering::Relaxed);
+    }
+
+    pub fn default_min_healthy(&self) -> Duration {
+        Duration::from_millis(self.default_min_healthy_ms.load(Ordering::Relaxed))
+    }
+
+    /// The soak a rollout gets: the one its request gave, else the controller's default.
+    /// The stored spec carries the result, so what is shown is what was used.
+    pub fn resolve_min_healthy(&self, given: Option<u64>) -> u64 {
+        given.unwrap_or_else(|| self.default_min_healthy_ms.load(Ordering::Relaxed))
     }
 
     /// Restarts the engines of rollouts that were running (or paused) when the

@@ -17,6 +17,7 @@ use tokio_stream::StreamExt;
 use crate::Change;
 use crate::fleet::{Fleet, RolloutError};
 use crate::inventory::Selector;
+use crate::rollout::RolloutView;
 
 pub fn router(fleet: Arc<Fleet>) -> Router {
     Router::new()
@@ -53,12 +54,14 @@ async fn node(State(fleet): State<Arc<Fleet>>, Path(id): Path<String>) -> Respon
 }
 
 async fn rollouts(State(fleet): State<Arc<Fleet>>) -> Response {
-    Json(fleet.rollouts(0)).into_response()
+    let rollouts = fleet.rollouts(0);
+    let reports: Vec<_> = rollouts.iter().map(RolloutView::report).collect();
+    Json(reports).into_response()
 }
 
 async fn rollout(State(fleet): State<Arc<Fleet>>, Path(id): Path<String>) -> Response {
     match fleet.rollout(&id) {
-        Ok(view) => Json(view).into_response(),
+        Ok(view) => Json(view.report()).into_response(),
         Err(e @ RolloutError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -127,6 +127,7 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open the database {}", cli.db.display()))?;
     let fleet = Fleet::new(Arc::new(store), cli.heartbeat_ttl, agent_token.as_deref())?;
     fleet.inventory.set_max_nodes(cli.max_nodes);
+    fleet.set_default_min_healthy(cli.default_min_healthy);
     let tls = if cli.tls_enabled() {
         Some(tls::start(&cli, &fleet)?)
     } else {

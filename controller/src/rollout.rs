@@ -88,6 +88,23 @@ impl Spec {
         Ok(())
     }
 
+    /// The soak a rollout gets when its request does not give one: long enough to see
+    /// a new build that crashes after a few seconds (Nomad's `min_healthy_time` is 10 s
+    /// too). `fleet-controller --default-min-healthy` changes it.
+    pub const DEFAULT_MIN_HEALTHY: Duration = Duration::from_secs(10);
+
+    /// The failure budget of a rollout that gives none: the first failure stops it.
+    pub const DEFAULT_MAX_FAILURES: &str = "0";
+
+    /// A failure budget as given, or the default one when empty: the stored spec says
+    /// what the engine applies.
+    pub fn max_failures_or_default(given: &str) -> String {
+        match given.trim() {
+            "" => Spec::DEFAULT_MAX_FAILURES.to_string(),
+            m => m.to_string(),
+        }
+    }
+
     pub fn min_healthy(&self) -> Duration {
         Duration::from_millis(self.min_healthy_ms)
     }
@@ -273,7 +290,97 @@ pub struct RolloutView {
     pub nodes: Vec<RolloutNode>,
 }
 
+/// A rollout's nodes by outcome; only `healthy` counts as done. The dashboard's bar,
+/// the API's `RolloutProgress` and the log all read it from here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    pub total: usize,
+    pub healthy: usize,
+    pub failed: usize,
+    pub rolled_back: usize,
+    pub skipped: usize,
+    /// Restarting or soaking.
+    pub active: usize,
+    /// Not started yet (pending or preflight).
+    pub pending: usize,
+}
+
+impl Progress {
+    pub fn of<'a>(nodes: impl IntoIterator<Item = &'a RolloutNode>) -> Progress {
+        let mut p = Progress::default();
+        for n in nodes {
+            p.total += 1;
+            let slot = match n.state {
+                NodeState::Healthy => &mut p.healthy,
+                NodeState::Failed => &mut p.failed,
+                NodeState::RolledBack => &mut p.rolled_back,
+                NodeState::Skipped => &mut p.skipped,
+                NodeState::Restarting | NodeState::Soaking => &mut p.active,
+                NodeState::Pending | NodeState::Preflight => &mut p.pending,
+            };
+            *slot += 1;
+        }
+        p
+    }
+
+    /// Whole percent of the nodes that are healthy (100 only when all are).
+    pub fn healthy_pct(&self) -> usize {
+        if self.total == 0 {
+            return 0;
+        }
+        let pct = self.healthy * 100 / self.total;
+        if self.healthy < self.total {
+            pct.min(99)
+        } else {
+            100
+        }
+    }
+
+    /// The parts in the order the bar draws them, with their CSS/data names.
+    pub fn parts(&self) -> [(&'static str, usize); 6] {
+        [
+            ("healthy", self.healthy),
+            ("failed", self.failed),
+            ("rolled-back", self.rolled_back),
+            ("skipped", self.skipped),
+            ("active", self.active),
+            ("pending", self.pending),
+        ]
+    }
+}
+
+/// A rollout as the HTTP API (`/api/rollouts`) gives it: the stored view, its
+/// progress, and its times in RFC 3339 beside the `unix_ms` ones.
+#[derive(Debug, Serialize)]
+pub struct RolloutReport<'a> {
+    #[serde(flatten)]
+    pub view: &'a RolloutView,
+    pub progress: Progress,
+    pub created: String,
+    /// `None` while it runs.
+    pub finished: Option<String>,
+}
+
+fn rfc3339(unix_ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(unix_ms))
+        .to_string()
+}
+
 impl RolloutView {
+    pub fn progress(&self) -> Progress {
+        Progress::of(&self.nodes)
+    }
+
+    pub fn report(&self) -> RolloutReport<'_> {
+        let r = &self.rollout;
+        RolloutReport {
+            view: self,
+            progress: self.progress(),
+            created: rfc3339(r.created_unix_ms),
+            finished: (r.finished_unix_ms > 0).then(|| rfc3339(r.finished_unix_ms)),
+        }
+    }
+
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
         let mut counts = BTreeMap::new();
         for node in &self.nodes {
@@ -320,6 +427,43 @@ mod tests {
             actor: String::new(),
             declared_actor: String::new(),
         }
+    }
+
+    #[test]
+    fn only_healthy_nodes_count_as_done() {
+        let node = |state| RolloutNode {
+            node_id: "n".into(),
+            batch: 0,
+            state,
+            reason: String::new(),
+            target_exe: String::new(),
+            target_sha256: String::new(),
+            previous_exe: String::new(),
+            previous_sha256: String::new(),
+            previous_generation: 0,
+            old_pid: 0,
+            new_pid: 0,
+            new_generation: 0,
+            timeline: Vec::new(),
+        };
+        use NodeState::*;
+        let nodes: Vec<RolloutNode> = [Healthy, Failed, Skipped, Skipped, Soaking, Preflight]
+            .into_iter()
+            .map(node)
+            .collect();
+        let p = Progress::of(&nodes);
+        assert_eq!(
+            (p.total, p.healthy, p.failed, p.skipped, p.active, p.pending),
+            (6, 1, 1, 2, 1, 1)
+        );
+        assert_eq!(p.healthy_pct(), 16);
+        assert_eq!(p.parts().iter().map(|(_, n)| n).sum::<usize>(), p.total);
+        // 199 of 200 healthy is not "100%".
+        let mut many: Vec<RolloutNode> = (0..199).map(|_| node(Healthy)).collect();
+        many.push(node(Failed));
+        assert_eq!(Progress::of(&many).healthy_pct(), 99);
+        many.pop();
+        assert_eq!(Progress::of(&many).healthy_pct(), 100);
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub struct ControllerOpts {
     /// [`Controller::agent_opts`], [`Controller::grpc`] and [`Controller::fleetctl`]
     /// then carry it.
     pub token: Option<String>,
+    /// `--default-min-healthy`: `Some("0s")` by default, so that tests not about the
+    /// soak are not slowed by the controller's 10 s; `None` runs with its own default.
+    pub default_min_healthy: Option<String>,
     /// More arguments.
     pub args: Vec<OsString>,
     /// `--tls`: mutual TLS with the fleet CA created in `<tempdir>/fleet-tls`; the
@@ -97,6 +100,7 @@ impl Default for ControllerOpts {
             listen: "127.0.0.1:0".into(),
             heartbeat_ttl: "2s".into(),
             token: None,
+            default_min_healthy: Some("0s".into()),
             args: Vec::new(),
             tls: false,
             wrapper: Vec::new(),
@@ -709,6 +713,9 @@ fn spawn(dir: &Path, opts: &ControllerOpts, listen: &str, log: &Arc<Log>) -> Chi
         .arg(&opts.heartbeat_ttl);
     if opts.token.is_some() {
         command.arg("--token-file").arg(dir.join("token"));
+    }
+    if let Some(soak) = &opts.default_min_healthy {
+        command.arg("--default-min-healthy").arg(soak);
     }
     command
         .args(&opts.args)

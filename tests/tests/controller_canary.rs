@@ -182,7 +182,8 @@ async fn controller_abort_after_the_canary_leaves_the_remaining_nodes_untouched(
     let status = controller
         .fleetctl(["rollout", "status", &id, "-o", "json"])
         .await;
-    let json = status.expect_code(0).json();
+    // An aborted rollout is a failure for `rollout status` too, as for `--watch`.
+    let json = status.expect_code(1).json();
     assert_eq!(json["state"], "aborted", "{json:#}");
     for node in json["nodes"].as_array().expect("nodes") {
         let expected = if node["node_id"] == node_id(canary).as_str() {

@@ -61,7 +61,8 @@ async fn controller_rollout_crashing_on_two_nodes_stops_at_its_failure_budget_an
     let status = controller
         .fleetctl(["rollout", "status", &id, "-o", "json"])
         .await;
-    let rollout = status.expect_code(0).json();
+    // `rollout status` of a rolled-back rollout exits 3, as the watch did.
+    let rollout = status.expect_code(3).json();
     assert_eq!(rollout["state"], "rolled-back", "{rollout:#}");
     let node = |id: &str| {
         rollout["nodes"]

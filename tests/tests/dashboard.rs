@@ -280,7 +280,7 @@ async fn dashboard_rollout_from_the_form_shows_every_phase_live_up_to_100_percen
              var p = document.querySelector('.pct[data-pct]');\
              var bar = document.getElementById('rollout-progress');\
              return s && s.dataset.state === 'succeeded' && p && p.dataset.pct === '100'\
-               && bar && bar.value === bar.max;",
+               && bar && bar.dataset.total !== '0' && bar.dataset.healthy === bar.dataset.total;",
             Duration::from_secs(90),
         )
         .await;

@@ -144,6 +144,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     Ok(d)
 }
+/// `--min-healthy`: a duration, where 0 is allowed and means no soak (the option
+/// left out is the controller's default).
+pub fn parse_soak(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| {
+        format!("{s:?} is not a duration ({e}); write e.g. 30s, 2m, or 0s for no soak")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +217,8 @@ mod tests {
         );
         assert!(parse_duration("soon").unwrap_err().contains("30s"));
         assert!(parse_duration("0s").unwrap_err().contains("more than 0"));
+        assert_eq!(parse_soak("0s"), Ok(Duration::ZERO));
+        assert!(parse_soak("soon").unwrap_err().contains("0s for no soak"));
     }
 
     #[test]

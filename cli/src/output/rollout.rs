@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use fleet_proto::v1::{Rollout, RolloutNode, RolloutSpec};
+use fleet_proto::v1::{Rollout, RolloutNode, RolloutProgress, RolloutSpec};
 
 use super::{Table, duration, nodes_count, or_dash, pids, time};
 
@@ -57,8 +57,14 @@ pub fn options(spec: &RolloutSpec) -> String {
             parts.push(format!("{name} {value}"));
         }
     }
+    // A stored rollout carries the soak it was given or the controller's default: it
+    // is shown even when 0 (no soak), so that no "default" is left to guess.
+    if spec.min_healthy_set && spec.min_healthy_ms == 0 {
+        parts.push("min-healthy 0s (no soak)".to_string());
+    } else if spec.min_healthy_ms > 0 {
+        parts.push(format!("min-healthy {}", duration(spec.min_healthy_ms)));
+    }
     let durations = [
-        ("min-healthy", spec.min_healthy_ms),
         ("ready-timeout", spec.ready_timeout_ms),
         ("drain-timeout", spec.drain_timeout_ms),
     ];
@@ -165,6 +171,44 @@ pub fn state_counts(r: &Rollout) -> String {
     }
 }
 
+/// "1/3 healthy (33%), 1 failed, 1 skipped": only healthy nodes count as done, from
+/// the controller's counts (or the nodes, from a controller that sends none).
+pub fn progress_line(r: &Rollout) -> String {
+    let p = r.progress.unwrap_or_else(|| {
+        let mut p = RolloutProgress::default();
+        for n in &r.nodes {
+            p.total += 1;
+            match n.state.as_str() {
+                "healthy" => p.healthy += 1,
+                "failed" => p.failed += 1,
+                "rolled-back" => p.rolled_back += 1,
+                "skipped" => p.skipped += 1,
+                "restarting" | "soaking" => p.active += 1,
+                _ => p.pending += 1,
+            }
+        }
+        p
+    });
+    let pct = match (p.healthy, p.total) {
+        (_, 0) => 0,
+        (h, t) if h == t => 100,
+        (h, t) => (u64::from(h) * 100 / u64::from(t)).min(99),
+    };
+    let mut line = format!("{}/{} healthy ({pct}%)", p.healthy, p.total);
+    for (count, what) in [
+        (p.failed, "failed"),
+        (p.rolled_back, "rolled back"),
+        (p.skipped, "skipped"),
+        (p.active, "in progress"),
+        (p.pending, "pending"),
+    ] {
+        if count > 0 {
+            line.push_str(&format!(", {count} {what}"));
+        }
+    }
+    line
+}
+
 /// `fleetctl rollout status`: the rollout, then one row per node, and with `timeline`
 /// every node's timeline.
 pub fn rollout_details(r: &Rollout, timeline: bool) -> String {
@@ -215,6 +259,7 @@ pub fn rollout_details(r: &Rollout, timeline: bool) -> String {
         ),
     };
     table.row(["Finished:", &finished]);
+    table.row(["Progress:", &progress_line(r)]);
     table.row(["Nodes:", &state_counts(r)]);
     let mut text = table.render();
     text.push('\n');
@@ -387,7 +432,38 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("+2.5s"), "{text}");
+        assert!(
+            text.contains("Progress:  1/3 healthy (33%), 1 failed, 1 pending"),
+            "{text}"
+        );
+        // No soak given and none stored: nothing claimed; a stored 0 says so.
+        assert!(!text.contains("min-healthy"), "{text}");
+        r.spec.as_mut().unwrap().min_healthy_set = true;
+        assert!(
+            rollout_details(&r, false).contains("min-healthy 0s (no soak)"),
+            "{text}"
+        );
+        r.spec.as_mut().unwrap().min_healthy_ms = 10_000;
+        assert!(rollout_details(&r, false).contains("min-healthy 10s"));
         assert!(text.contains("pid 11  new worker started"), "{text}");
+    }
+
+    #[test]
+    fn failed_and_skipped_nodes_are_never_done() {
+        let mut r = rollout(&[
+            ("n1", 0, "failed"),
+            ("n2", 1, "skipped"),
+            ("n3", 1, "skipped"),
+        ]);
+        assert_eq!(progress_line(&r), "0/3 healthy (0%), 1 failed, 2 skipped");
+        // The controller's counts win over the nodes.
+        r.progress = Some(RolloutProgress {
+            total: 200,
+            healthy: 199,
+            failed: 1,
+            ..Default::default()
+        });
+        assert_eq!(progress_line(&r), "199/200 healthy (99%), 1 failed");
     }
 
     #[test]

@@ -71,8 +71,9 @@ fn duration_ms(value: &str, what: &str) -> Result<u64, String> {
 impl RolloutForm {
     /// The spec this form asks for, started by `actor` (the session's caller; the
     /// form's actor field is kept beside it when it says something else); what is
-    /// wrong with it otherwise.
-    pub fn spec(&self, actor: &str) -> Result<Spec, String> {
+    /// wrong with it otherwise. An empty min healthy is `default_min_healthy`, the
+    /// controller's default (which the form shows filled in).
+    pub fn spec(&self, actor: &str, default_min_healthy: Duration) -> Result<Spec, String> {
         let spec = Spec {
             exe: self.exe.trim().to_string(),
             sha256: self.sha256.trim().to_ascii_lowercase(),
@@ -82,11 +83,15 @@ impl RolloutForm {
             max_unavailable: self.max_unavailable.trim().to_string(),
             canary: count(&self.canary, "canary")?,
             pause_after_canary: self.pause_after_canary.is_some(),
-            min_healthy_ms: duration_ms(&self.min_healthy, "min healthy")?,
+            min_healthy_ms: if self.min_healthy.trim().is_empty() {
+                u64::try_from(default_min_healthy.as_millis()).unwrap_or(u64::MAX)
+            } else {
+                duration_ms(&self.min_healthy, "min healthy")?
+            },
             ready_timeout_ms: duration_ms(&self.ready_timeout, "ready timeout")?,
             drain_timeout_ms: duration_ms(&self.drain_timeout, "drain timeout")?,
             health_path: self.health_path.trim().to_string(),
-            max_failures: self.max_failures.trim().to_string(),
+            max_failures: Spec::max_failures_or_default(&self.max_failures),
             auto_rollback: self.auto_rollback.is_some(),
             reason: self.reason.trim().to_string(),
             actor: actor.to_string(),
@@ -110,7 +115,7 @@ fn text_field(name: &str, label: &str, value: &str, placeholder: &str, help: &st
     html! {
         p.field {
             label for=(name) { (label) }
-            input id=(name) name=(name) type="text" value=(value) placeholder=(placeholder) autocomplete="off" aria-describedby={ (name) "-help" };
+            input id=(name) name=(name) type="text" value=(value) placeholder=[(!placeholder.is_empty()).then_some(placeholder)] autocomplete="off" aria-describedby={ (name) "-help" };
             small id={ (name) "-help" } { (help) }
         }
     }
@@ -126,8 +131,13 @@ fn check_field(name: &str, label: &str, checked: bool, help: &str) -> Markup {
     }
 }
 
-/// The form, filled in with `f`.
-fn form(s: &Session, f: &RolloutForm) -> Markup {
+/// The form, filled in with `f`; `default_soak` is the controller's default soak,
+/// named in the min healthy field's help.
+fn form(s: &Session, f: &RolloutForm, default_soak: &str) -> Markup {
+    let soak_help = format!(
+        "How long a restarted node must keep serving before it counts as healthy \
+         (the controller's default: {default_soak}; 0s: no soak)."
+    );
     html! {
         form #rollout-form method="post" action="/rollouts/new" {
             input type="hidden" name="csrf" value=(s.csrf);
@@ -147,11 +157,11 @@ fn form(s: &Session, f: &RolloutForm) -> Markup {
             }
             fieldset {
                 legend { "Health" }
-                (text_field("min_healthy", "Min healthy", &f.min_healthy, "30s", "How long a restarted node must keep serving before it counts as done."))
+                (text_field("min_healthy", "Min healthy", &f.min_healthy, "", &soak_help))
                 (text_field("health_path", "Health path", &f.health_path, "/healthz", "HTTP path checked on each node's first app port after its restart."))
                 (text_field("ready_timeout", "Ready timeout", &f.ready_timeout, "agent's default", "How long a new worker may take to become ready."))
                 (text_field("drain_timeout", "Drain timeout", &f.drain_timeout, "agent's default", "How long an old worker may drain before it is killed."))
-                (text_field("max_failures", "Max failures", &f.max_failures, "0, 2 or 10%", "Failure budget: more failed nodes stop the rollout."))
+                (text_field("max_failures", "Max failures", &f.max_failures, "", "Failure budget, a count or a percentage (0, 2 or 10%): more failed nodes stop the rollout. 0: the first failure stops it."))
                 (check_field("auto_rollback", "Auto-rollback", f.auto_rollback.is_some(), "When it fails, return the restarted nodes to their previous executable."))
             }
             fieldset {
@@ -164,6 +174,11 @@ fn form(s: &Session, f: &RolloutForm) -> Markup {
             }
         }
     }
+}
+
+/// The controller's default soak as the form writes it ("10s").
+fn default_soak(d: &Dashboard) -> String {
+    humantime::format_duration(d.fleet.default_min_healthy()).to_string()
 }
 
 fn shell(d: &Dashboard, s: &Session, flash: Option<&Flash>, body: Markup) -> Markup {
@@ -181,7 +196,12 @@ async fn form_page(State(d): State<Arc<Dashboard>>, Extension(s): Extension<Sess
     let body = html! {
         h1 { "New rollout" }
         p { "The same options as " code { "fleetctl rollout" } ". Preview shows the plan; nothing is touched until you confirm it." }
-        (form(&s, &RolloutForm::default()))
+        (form(&s, &RolloutForm {
+            // The value the rollout gets, not a placeholder: what is shown is used.
+            min_healthy: default_soak(&d),
+            max_failures: Spec::DEFAULT_MAX_FAILURES.into(),
+            ..RolloutForm::default()
+        }, &default_soak(&d)))
     };
     shell(&d, &s, None, body).into_response()
 }
@@ -194,7 +214,7 @@ fn form_again(
     error: String,
 ) -> Response {
     let flash = Flash::Error(error);
-    let body = html! { h1 { "New rollout" } (form(s, f)) };
+    let body = html! { h1 { "New rollout" } (form(s, f, &default_soak(d))) };
     view::with_status(status, shell(d, s, Some(&flash), body))
 }
 
@@ -209,6 +229,13 @@ fn preview(s: &Session, f: &RolloutForm, plan: &RolloutView) -> Markup {
         p {
             "Roll " span.path { (plan.rollout.spec.exe) } " to " strong { (plan.nodes.len()) " node(s)" }
             " in " (plan.rollout.batch_sizes.len()) " batch(es). Every node accepted the executable in preflight; none has been touched."
+        }
+        p #plan-soak {
+            "Each restarted node must keep serving for "
+            strong { (view::millis(plan.rollout.spec.min_healthy_ms)) }
+            " before it counts as healthy"
+            @if plan.rollout.spec.min_healthy_ms == 0 { " (no soak: READY is enough)" }
+            "."
         }
         ol #plan {
             @for (b, size) in plan.rollout.batch_sizes.iter().enumerate() {
@@ -240,7 +267,7 @@ async fn submit(
     Extension(s): Extension<Session>,
     Form(f): Form<RolloutForm>,
 ) -> Response {
-    let spec = match f.spec(&s.caller.name) {
+    let spec = match f.spec(&s.caller.name, d.fleet.default_min_healthy()) {
         Ok(spec) => spec,
         Err(e) => return form_again(&d, &s, &f, StatusCode::BAD_REQUEST, e),
     };
@@ -254,7 +281,7 @@ async fn submit(
             Err(e) => refused(&d, &s, &f, e),
         },
         "edit" => {
-            let body = html! { h1 { "New rollout" } (form(&s, &f)) };
+            let body = html! { h1 { "New rollout" } (form(&s, &f, &default_soak(&d))) };
             shell(&d, &s, None, body).into_response()
         }
         _ => match d.fleet.start_rollout(spec, true).await {
@@ -276,6 +303,21 @@ fn refused(d: &Dashboard, s: &Session, f: &RolloutForm, e: RolloutError) -> Resp
 mod tests {
     use super::*;
 
+    const SOAK: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn an_empty_soak_is_the_controllers_default_and_0s_is_kept() {
+        let mut f = RolloutForm {
+            exe: "/opt/app/v2".into(),
+            ..Default::default()
+        };
+        let spec = f.spec("alice", SOAK).unwrap();
+        assert_eq!(spec.min_healthy_ms, 10_000);
+        assert_eq!(spec.max_failures, "0", "the budget applied, not empty");
+        f.min_healthy = "0s".into();
+        assert_eq!(f.spec("alice", SOAK).unwrap().min_healthy_ms, 0);
+    }
+
     #[test]
     fn bad_values_say_what_to_write() {
         let f = RolloutForm {
@@ -283,13 +325,13 @@ mod tests {
             min_healthy: "soon".into(),
             ..Default::default()
         };
-        assert!(f.spec("alice").unwrap_err().contains("30s"));
+        assert!(f.spec("alice", SOAK).unwrap_err().contains("30s"));
         let f = RolloutForm {
             exe: "/opt/app/v2".into(),
             canary: "two".into(),
             ..Default::default()
         };
-        assert!(f.spec("alice").unwrap_err().contains("whole number"));
+        assert!(f.spec("alice", SOAK).unwrap_err().contains("whole number"));
         let f = RolloutForm {
             exe: "/opt/app/v2".into(),
             min_healthy: "2s".into(),
@@ -297,7 +339,7 @@ mod tests {
             auto_rollback: Some("on".into()),
             ..Default::default()
         };
-        let spec = f.spec("alice").unwrap();
+        let spec = f.spec("alice", SOAK).unwrap();
         assert_eq!(spec.min_healthy_ms, 2000);
         assert!(spec.auto_rollback);
         assert_eq!(spec.actor, "alice");
@@ -306,6 +348,6 @@ mod tests {
             actor: "deploy-bot".into(),
             ..f
         };
-        assert_eq!(f.spec("alice").unwrap().declared_actor, "deploy-bot");
+        assert_eq!(f.spec("alice", SOAK).unwrap().declared_actor, "deploy-bot");
     }
 }

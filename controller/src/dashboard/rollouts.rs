@@ -16,7 +16,7 @@ use super::session::{Session, percent_encode};
 use super::view::{self, Flash, Live, Section};
 use crate::fleet::RolloutError;
 use crate::now_ms;
-use crate::rollout::{NodeState, RolloutNode, RolloutState, RolloutView};
+use crate::rollout::{NodeState, Progress, RolloutNode, RolloutState, RolloutView, Spec};
 use crate::tokens::{Role, actor_label};
 
 pub fn router() -> Router<Arc<Dashboard>> {
@@ -49,8 +49,62 @@ fn done_message(done: &str, id: &str) -> Option<Flash> {
     Some(Flash::Done(m))
 }
 
-fn finished_count(v: &RolloutView) -> usize {
-    v.nodes.iter().filter(|n| n.state.finished()).count()
+/// A rollout's progress as one bar split by outcome — healthy, failed, rolled back,
+/// skipped, in progress, pending — each part as wide as its share of the nodes, and
+/// the counts written out. Only healthy nodes make the percentage: a rollout that
+/// failed or skipped nodes never shows 100%.
+fn progress_bar(p: Progress, id: &str) -> Markup {
+    // An SVG whose parts are sized by attributes: the page's CSP allows no inline
+    // `style`, and attributes need no script either.
+    const WIDTH: usize = 1000;
+    let pct = p.healthy_pct();
+    let label = progress_text(p);
+    let mut x = 0;
+    let mut parts = Vec::new();
+    for (kind, count) in p.parts() {
+        if count > 0 {
+            let w = count * WIDTH / p.total.max(1);
+            parts.push((kind, count, x, w));
+            x += w;
+        }
+    }
+    // Rounding leaves the last part short by a few units: it takes them.
+    if let Some(last) = parts.last_mut() {
+        last.3 = WIDTH - last.2;
+    }
+    html! {
+        span.progress {
+            svg.segbar #(id) role="img" aria-label=(label) viewBox={ "0 0 " (WIDTH) " 10" }
+                preserveAspectRatio="none"
+                data-total=(p.total) data-healthy=(p.healthy) data-failed=(p.failed)
+                data-rolled-back=(p.rolled_back) data-skipped=(p.skipped)
+                data-active=(p.active) data-pending=(p.pending) {
+                @for (kind, count, x, w) in &parts {
+                    rect class={ "seg seg-" (kind) } data-kind=(kind) data-count=(count)
+                        x=(x) y="0" width=(w) height="10" {
+                        title { (count) " " (kind) }
+                    }
+                }
+            }
+            span.pct data-pct=(pct) { (label) }
+        }
+    }
+}
+
+/// "2/6 healthy (33%), 1 failed, 3 skipped".
+fn progress_text(p: Progress) -> String {
+    let mut text = format!("{}/{} healthy ({}%)", p.healthy, p.total, p.healthy_pct());
+    for (kind, count) in p.parts().into_iter().skip(1) {
+        if count > 0 {
+            let kind = match kind {
+                "active" => "in progress",
+                "rolled-back" => "rolled back",
+                k => k,
+            };
+            text.push_str(&format!(", {count} {kind}"));
+        }
+    }
+    text
 }
 
 async fn list(
@@ -74,7 +128,7 @@ async fn list(
                             th scope="row" { a href={ "/rollouts/" (r.rollout.id) } { (r.rollout.id) } }
                             td.exe data-label="Executable" { span.path { (r.rollout.spec.exe) } }
                             td data-label="State" { (view::state(r.rollout.state.as_str())) }
-                            td data-label="Progress" { (view::progress(finished_count(r), r.nodes.len(), &format!("progress-{}", r.rollout.id))) }
+                            td data-label="Progress" { (progress_bar(r.progress(), &format!("progress-{}", r.rollout.id))) }
                             td data-label="Started" { (view::since(r.rollout.created_unix_ms, now)) }
                             td data-label="Actor" { (actor_label(&r.rollout.spec.actor, &r.rollout.spec.declared_actor)) }
                             td data-label="Reason" { (r.rollout.spec.reason) }
@@ -172,7 +226,6 @@ fn rollout(v: &RolloutView, operator: bool) -> Markup {
     let r = &v.rollout;
     let s = &r.spec;
     let now = now_ms();
-    let done = finished_count(v);
     let state = r.state;
     let batches = r.batch_sizes.len();
     let ended = if r.finished_unix_ms > 0 {
@@ -186,7 +239,7 @@ fn rollout(v: &RolloutView, operator: bool) -> Markup {
                 (view::state(state.as_str()))
                 @if !r.reason.is_empty() { " — " span.note { (r.reason) } }
             }
-            (view::progress(done, v.nodes.len(), "rollout-progress"))
+            (progress_bar(v.progress(), "rollout-progress"))
             @if operator { (actions(v)) }
             dl.spec {
                 dt { "Executable" } dd { span.path { (s.exe) } " " (view::short_sha(&s.sha256)) }
@@ -197,9 +250,10 @@ fn rollout(v: &RolloutView, operator: bool) -> Markup {
                     @if s.max_parallel > 0 { " (max parallel " (s.max_parallel) ")" }
                     @if s.canary > 0 { ", canary " (s.canary) @if s.pause_after_canary { ", pause after canary" } }
                 }
-                dt { "Soak" } dd { (view::millis(s.min_healthy_ms)) @if !s.health_path.is_empty() { ", health check " code { (s.health_path) } } }
+                dt { "Soak" } dd { @if s.min_healthy_ms == 0 { "none (ready is enough)" } @else { (view::millis(s.min_healthy_ms)) } @if !s.health_path.is_empty() { ", health check " code { (s.health_path) } } }
                 dt { "Failure budget" } dd {
-                    @if s.max_failures.is_empty() { "default" } @else { (s.max_failures) }
+                    (Spec::max_failures_or_default(&s.max_failures))
+                    @if Spec::max_failures_or_default(&s.max_failures) == "0" { " (the first failure stops it)" }
                     @if s.auto_rollback { ", auto-rollback" }
                 }
                 dt { "Started" } dd { (view::since(r.created_unix_ms, now)) " by " span #actor { (actor_label(&s.actor, &s.declared_actor)) } }
@@ -210,13 +264,13 @@ fn rollout(v: &RolloutView, operator: bool) -> Markup {
         }
         @for (b, size) in r.batch_sizes.iter().enumerate() {
             @let nodes: Vec<&RolloutNode> = v.nodes.iter().filter(|n| n.batch as usize == b).collect();
-            @let batch_done = nodes.iter().filter(|n| n.state.finished()).count();
+            @let batch_progress = Progress::of(nodes.iter().copied());
             section.batch #{ "batch-" (b + 1) } aria-label={ "Batch " (b + 1) } {
                 h2 {
                     "Batch " (b + 1) " of " (batches)
                     @if s.canary > 0 && b == 0 { " (canary)" }
                     " · " (size) " node" @if *size != 1 { "s" }
-                    " · " (batch_done) " done"
+                    " · " (progress_text(batch_progress))
                     @if state == RolloutState::Running && r.current_batch as usize == b { " · " span.current { "in progress" } }
                 }
                 div.scroll {

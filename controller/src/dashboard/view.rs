@@ -172,17 +172,6 @@ pub fn short_sha(sha: &str) -> Markup {
     }
 }
 
-/// A progress bar with its percentage written out.
-pub fn progress(done: usize, total: usize, id: &str) -> Markup {
-    let pct = (done * 100).checked_div(total).unwrap_or(100);
-    html! {
-        span.progress {
-            progress id=(id) value=(done) max=(total.max(1)) aria-label="progress" { (pct) "%" }
-            span.pct data-pct=(pct) { (pct) "% (" (done) "/" (total) ")" }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -81,7 +81,6 @@ fn describe(status: &tonic::Status) -> String {
 
 pub async fn run(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>) {
     let id = handle.view.lock().expect("view lock").rollout.id.clone();
-    let started = Instant::now();
     let outcome = drive(&fleet, &handle).await;
     let (state, reason) = outcome;
     let header = {
@@ -98,10 +97,15 @@ pub async fn run(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>) {
         tracing::error!("rollout {id}: cannot record its end: {e}");
     }
     let _ = fleet.changes.send(Change::Rollout(id.clone()));
+    // From its creation, as fleetctl and the dashboard count it: an engine resumed
+    // after a controller restart has run only part of that time.
+    let took_ms = header
+        .finished_unix_ms
+        .saturating_sub(header.created_unix_ms);
     tracing::info!(
         "rollout {id} {} after {:.1}s: {}",
         state.as_str(),
-        started.elapsed().as_secs_f64(),
+        took_ms as f64 / 1000.0,
         header.reason
     );
 }
@@ -182,8 +186,19 @@ async fn drive(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> (RolloutState
             )
             .await;
             if spec.auto_rollback {
-                roll_back(fleet, handle).await;
-                return (RolloutState::RolledBack, format!("{reason}; rolled back"));
+                // Nodes that failed before their new generation served were never
+                // changed: with nothing moved, "rolled back" (exit 3) would be untrue.
+                let moved = roll_back(fleet, handle).await;
+                if moved == 0 {
+                    return (
+                        RolloutState::Failed,
+                        format!("{reason}; nothing to roll back: no node had been changed"),
+                    );
+                }
+                return (
+                    RolloutState::RolledBack,
+                    format!("{reason}; rolled back {moved} node(s)"),
+                );
             }
             return (RolloutState::Failed, reason);
         }
@@ -572,8 +587,9 @@ async fn health_check(node: &NodeRecord, path: &str) -> Result<(), String> {
     }
 }
 
-/// Moves every node this rollout restarted back to its previous executable.
-async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) {
+/// Moves every node this rollout restarted back to its previous executable; returns
+/// how many it tried to move (0: no node had been changed).
+async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> usize {
     let nodes: Vec<RolloutNode> = handle
         .view
         .lock()
@@ -589,6 +605,7 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) {
         })
         .cloned()
         .collect();
+    let moved = nodes.len();
     let mut running = FuturesUnordered::new();
     for node in nodes {
         let fleet = fleet.clone();
@@ -648,4 +665,5 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) {
         });
     }
     while running.next().await.is_some() {}
+    moved
 }

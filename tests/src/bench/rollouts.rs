@@ -174,6 +174,8 @@ pub async fn roll(
         .start_rollout(controller.authed(pb::RolloutSpec {
             exe: exe.display().to_string(),
             reason: "tls-bench".into(),
+            // No soak (not the controller's 10 s default): the handoffs are measured.
+            min_healthy_set: true,
             ..Default::default()
         }))
         .await

@@ -232,6 +232,8 @@ async fn roll_out(addr: std::net::SocketAddr, count: usize) -> anyhow::Result<St
         max_failures: "100%".into(),
         reason: "dashboard-bench".into(),
         actor: "dashboard-bench".into(),
+        // No soak, as measured before the controller's 10 s default existed.
+        min_healthy_set: true,
         ..Default::default()
     };
     let started = api

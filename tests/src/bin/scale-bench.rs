@@ -704,6 +704,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         batches: args.batches.clone(),
         max_unavailable: args.max_unavailable.clone(),
         min_healthy_ms: u64::try_from(args.min_healthy.as_millis()).unwrap_or(u64::MAX),
+        min_healthy_set: true,
         max_failures: "100%".into(),
         reason: "scale-bench".into(),
         actor: "scale-bench".into(),
