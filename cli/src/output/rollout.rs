@@ -121,7 +121,15 @@ pub fn plan(r: &Rollout) -> String {
                 " (canary)"
             });
         }
-        let ids: Vec<&str> = batch.nodes.iter().map(|n| n.node_id.as_str()).collect();
+        // A node preflight would refuse is marked `*`, its reason below the table.
+        let ids: Vec<String> = batch
+            .nodes
+            .iter()
+            .map(|n| match would_refuse(n) {
+                Some(_) => format!("{}*", n.node_id),
+                None => n.node_id.clone(),
+            })
+            .collect();
         table.row([name, nodes_count(ids.len()), ids.join(", ")]);
     }
     text.push_str(&table.render());
@@ -132,8 +140,43 @@ pub fn plan(r: &Rollout) -> String {
             or_dash(&n.reason)
         ));
     }
+    let line = |t: &str| t.replace(|c: char| c.is_control(), " ");
+    let left_out = fleet_proto::rules::group_refusals(
+        spec.left_out
+            .iter()
+            .map(|r| (r.node_id.as_str(), r.reason.as_str())),
+    );
+    for (reason, ids) in &left_out {
+        let shown = fleet_proto::rules::refusal_line(&line(reason), ids, 50);
+        text.push_str(&format!("  left out: {shown}\n"));
+    }
+    let refused: Vec<(&str, &str)> = r
+        .nodes
+        .iter()
+        .filter_map(|n| would_refuse(n).map(|why| (n.node_id.as_str(), why)))
+        .collect();
+    if !refused.is_empty() {
+        text.push_str(&format!(
+            "* preflight would refuse {} of {} node(s), so the real rollout would be refused (exit 2):\n",
+            refused.len(),
+            r.nodes.len()
+        ));
+        for (reason, ids) in fleet_proto::rules::group_refusals(refused) {
+            let shown = fleet_proto::rules::refusal_line(&line(&reason), &ids, 50);
+            text.push_str(&format!("  {shown}\n"));
+        }
+        text.push_str(
+            "  fix them, leave them out with --exclude NODE, or leave unreachable ones out with --skip-unreachable\n",
+        );
+    }
     text.push_str(&format!("Options: {}\n", options(&spec)));
     text
+}
+
+/// In a dry run: why preflight would refuse this node, if it would.
+pub fn would_refuse(n: &RolloutNode) -> Option<&str> {
+    n.reason
+        .strip_prefix(fleet_proto::rules::PREFLIGHT_WOULD_REFUSE)
 }
 
 /// How many nodes are in each state: "3 healthy, 1 failed, 1 pending", in the order

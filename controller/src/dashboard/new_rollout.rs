@@ -94,6 +94,9 @@ impl RolloutForm {
                 a if a == actor => String::new(),
                 a => a.to_string(),
             },
+            exclude: Vec::new(),
+            skip_unreachable: false,
+            left_out: Vec::new(),
         };
         if spec.exe.is_empty() {
             return Err("give the new executable: an absolute path on the nodes".into());
