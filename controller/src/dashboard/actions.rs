@@ -93,7 +93,7 @@ fn force_box(held: Option<&(String, NodeState)>, action: &str, checked: bool) ->
         @if let Some((rollout, state)) = held {
             p.warning #held-by data-rollout=(rollout) {
                 "Rollout " a href={ "/rollouts/" (rollout) } { (rollout) } " has not finished with this node (it is "
-                (state.as_str()) " there). The rollout would " (action) " it again; abort it first, or:"
+                (state.as_str()) " there): " (action) " it once the rollout is done with it, abort the rollout first, or:"
             }
             p {
                 label { input #force name="force" type="checkbox" value="1" checked[checked]; " " (action) " anyway (recorded in " (rollout) ")" }

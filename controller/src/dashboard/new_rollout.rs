@@ -261,10 +261,33 @@ async fn submit(
             shell(&d, &s, None, body).into_response()
         }
         _ => match d.fleet.start_rollout(spec, true).await {
-            Ok(plan) => shell(&d, &s, None, preview(&s, &f, &plan)).into_response(),
+            // A plan that preflight would refuse is shown as the refusal, with the form
+            // to correct (the plan is for fleetctl --dry-run).
+            Ok(plan) => match would_refuse(&plan) {
+                Some(e) => refused(&d, &s, &f, e),
+                None => shell(&d, &s, None, preview(&s, &f, &plan)).into_response(),
+            },
             Err(e) => refused(&d, &s, &f, e),
         },
     }
+}
+
+/// The refusal a dry run's plan marks, as the real run would return it.
+fn would_refuse(plan: &RolloutView) -> Option<RolloutError> {
+    let refusals: Vec<(String, String)> = plan
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let why = n
+                .reason
+                .strip_prefix(fleet_proto::rules::PREFLIGHT_WOULD_REFUSE)?;
+            Some((n.node_id.clone(), why.to_string()))
+        })
+        .collect();
+    (!refusals.is_empty()).then(|| RolloutError::Preflight {
+        targets: plan.nodes.len(),
+        refusals,
+    })
 }
 
 fn refused(d: &Dashboard, s: &Session, f: &RolloutForm, e: RolloutError) -> Response {
