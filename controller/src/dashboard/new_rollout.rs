@@ -284,7 +284,7 @@ fn would_refuse(plan: &RolloutView) -> Option<RolloutError> {
             Some((n.node_id.clone(), why.to_string()))
         })
         .collect();
-    (!refusals.is_empty()).then(|| RolloutError::Preflight {
+    (!refusals.is_empty()).then_some(RolloutError::Preflight {
         targets: plan.nodes.len(),
         refusals,
     })
