@@ -101,7 +101,7 @@ pub fn refuse_if_down(node: &NodeRecord, action: &str) -> Result<(), tonic::Stat
         format!("nothing to {action}: start its agent again (it registers at its first heartbeat)")
     } else {
         format!(
-            "cannot {action} it: check that its agent runs and that the controller reaches {}",
+            "it cannot be asked to {action}: check that its agent runs and that the controller reaches {}",
             node.control_addr
         )
     };
@@ -269,6 +269,63 @@ impl Agents {
                 "no answer from {control_addr} within {}",
                 humantime::format_duration(timeout)
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(state: &str, reason: &str) -> NodeRecord {
+        NodeRecord {
+            node_id: "web-3".into(),
+            labels: Default::default(),
+            state: state.into(),
+            control_addr: "127.0.0.1:7102".into(),
+            admin_url: String::new(),
+            exe: crate::inventory::ExeRecord {
+                path: "/opt/app/app".into(),
+                sha256: String::new(),
+                size: 0,
+            },
+            generation: 1,
+            supervisor_pid: 1,
+            worker_pid: 2,
+            in_flight: 0,
+            last_heartbeat_unix_ms: crate::now_ms() - 12_000,
+            started_at_unix_ms: 0,
+            reason: reason.into(),
+            static_node: false,
+            listeners: Vec::new(),
+            ready_timeout_ms: 0,
+            drain_timeout_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_node_that_cannot_answer_is_refused_saying_why_and_where() {
+        let stopped = refuse_if_down(&node("stopped", ""), "restart").unwrap_err();
+        assert_eq!(stopped.code(), tonic::Code::FailedPrecondition);
+        let message = stopped.message();
+        assert!(
+            message.starts_with("node web-3 is stopped (last heartbeat 12s ago, at 127.0.0.1:7102); nothing to restart: start its agent again"),
+            "{message}"
+        );
+        let cut_off = node("unreachable", "no heartbeat for 40s (ttl 10s)");
+        let message = refuse_if_down(&cut_off, "shut down").unwrap_err();
+        assert!(
+            message.message().starts_with(
+                "node web-3 is unreachable (no heartbeat for 40s (ttl 10s), at 127.0.0.1:7102); it cannot be asked to shut down"
+            ),
+            "{}",
+            message.message()
+        );
+        assert!(refuse_if_down(&node("serving", ""), "restart").is_ok());
+        assert!(takes_actions(&node("serving", "")));
+        assert!(takes_actions(&node("degraded", "")));
+        for state in ["stopped", "unreachable", "shutting-down"] {
+            assert!(!takes_actions(&node(state, "")), "{state}");
         }
     }
 }
