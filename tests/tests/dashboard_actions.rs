@@ -6,7 +6,6 @@
 //! only with the "restart anyway" box ticked.
 //! Screenshots land in `target/test-artifacts/`.
 
-use std::ffi::OsStr;
 use std::time::Duration;
 
 use fleet_tests::browser::Browser;
@@ -115,21 +114,36 @@ async fn nodes_offer_only_the_actions_their_state_allows_and_buttons_fit() {
     );
     assert!(browser.find("button#confirm").await.is_none(), "{main}");
 
-    // A rollout paused after its canary (node-1) still has node-2 to do.
-    controller
-        .fleetctl([
-            OsStr::new("rollout"),
-            "--exe".as_ref(),
-            v2.as_os_str(),
-            "--exclude".as_ref(),
-            "node-4".as_ref(),
-            "--canary".as_ref(),
-            "1".as_ref(),
-            "--pause-after-canary".as_ref(),
-            "--detach".as_ref(),
-        ])
-        .await
-        .expect_code(0);
+    // A rollout from the form, node-4 excluded (node-3, stopped, is left out anyway),
+    // paused after its canary (node-1): node-2 is still to do.
+    browser
+        .goto(&format!("{}/rollouts/new", controller.url()))
+        .await;
+    for (field, value) in [
+        ("exe", v2.to_str().unwrap()),
+        ("exclude", "node-4"),
+        ("canary", "1"),
+    ] {
+        let input = browser.wait_for(&format!("#{field}"), WAIT).await;
+        browser.type_into(&input, value).await;
+    }
+    browser.click_on("#pause_after_canary", WAIT).await;
+    browser.click_on("button#preview", WAIT).await;
+    let left_out = browser.wait_for("ul#left-out", WAIT).await;
+    let left_out = browser.text(&left_out).await;
+    assert!(
+        left_out.contains("1 node: excluded by request (--exclude): node-4")
+            && left_out.contains("node-3"),
+        "{left_out}"
+    );
+    let plan = browser.text_of("ol#plan").await;
+    assert!(
+        !plan.contains("node-4") && !plan.contains("node-3"),
+        "{plan}"
+    );
+    browser.screenshot("dashboard-actions-preview.png").await;
+    browser.click_on("button#start", WAIT).await;
+    browser.wait_for("#rollout-state", WAIT).await;
     let rollout = controller
         .wait_rollout("latest", "paused after its canary", WAIT, |r| {
             r.state == "paused"

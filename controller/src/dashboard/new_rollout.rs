@@ -32,6 +32,9 @@ pub struct RolloutForm {
     pub exe: String,
     pub sha256: String,
     pub selector: String,
+    /// Node ids to leave out, separated by commas or spaces.
+    pub exclude: String,
+    pub skip_unreachable: Option<String>,
     pub batches: String,
     pub max_parallel: String,
     pub max_unavailable: String,
@@ -94,8 +97,14 @@ impl RolloutForm {
                 a if a == actor => String::new(),
                 a => a.to_string(),
             },
-            exclude: Vec::new(),
-            skip_unreachable: false,
+            exclude: self
+                .exclude
+                .split([',', ' '])
+                .map(str::trim)
+                .filter(|id| !id.is_empty())
+                .map(str::to_string)
+                .collect(),
+            skip_unreachable: self.skip_unreachable.is_some(),
             left_out: Vec::new(),
         };
         if spec.exe.is_empty() {
@@ -139,6 +148,8 @@ fn form(s: &Session, f: &RolloutForm) -> Markup {
                 (text_field("exe", "Executable", &f.exe, "/opt/app/app-v2", "Absolute path on the nodes, inside their agents' allowed directories."))
                 (text_field("sha256", "sha256", &f.sha256, "64 hex digits", "Optional: a node whose copy differs refuses in preflight."))
                 (text_field("selector", "Selector", &f.selector, "role=web,zone=a", "Only nodes with these labels (empty: every node)."))
+                (text_field("exclude", "Exclude", &f.exclude, "web-3, web-7", "Node ids to leave out even if the selector matches them."))
+                (check_field("skip_unreachable", "Skip unreachable", f.skip_unreachable.is_some(), "Leave unreachable nodes out instead of refusing the rollout."))
             }
             fieldset {
                 legend { "Batches" }
@@ -212,6 +223,13 @@ fn preview(s: &Session, f: &RolloutForm, plan: &RolloutView) -> Markup {
         p {
             "Roll " span.path { (plan.rollout.spec.exe) } " to " strong { (plan.nodes.len()) " node(s)" }
             " in " (plan.rollout.batch_sizes.len()) " batch(es). Every node accepted the executable in preflight; none has been touched."
+        }
+        @if !plan.rollout.spec.left_out.is_empty() {
+            ul #left-out {
+                @for (reason, ids) in fleet_proto::rules::group_refusals(plan.rollout.spec.left_out.iter().map(|(n, r)| (n.as_str(), r.as_str()))) {
+                    li { "Left out: " (fleet_proto::rules::refusal_line(&reason, &ids, 20)) }
+                }
+            }
         }
         ol #plan {
             @for (b, size) in plan.rollout.batch_sizes.iter().enumerate() {
@@ -301,6 +319,19 @@ fn refused(d: &Dashboard, s: &Session, f: &RolloutForm, e: RolloutError) -> Resp
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exclude_takes_ids_separated_by_commas_or_spaces() {
+        let f = RolloutForm {
+            exe: "/opt/app/v2".into(),
+            exclude: " web-3, web-7 web-9,,".into(),
+            skip_unreachable: Some("on".into()),
+            ..Default::default()
+        };
+        let spec = f.spec("alice").unwrap();
+        assert_eq!(spec.exclude, ["web-3", "web-7", "web-9"]);
+        assert!(spec.skip_unreachable);
+    }
 
     #[test]
     fn bad_values_say_what_to_write() {
