@@ -313,8 +313,8 @@ impl Fleet {
 
     async fn begin(
         self: &Arc<Self>,
-        spec: Spec,
-        targets: Vec<(NodeRecord, String, String)>,
+        mut spec: Spec,
+        mut targets: Vec<(NodeRecord, String, String)>,
         dry_run: bool,
         undo_of: String,
     ) -> Result<RolloutView, RolloutError> {
@@ -324,7 +324,30 @@ impl Fleet {
                 "{active}: abort it or wait for it to finish first"
             )));
         }
-        let refusals = rollout::engine::preflight(self, &targets).await;
+        let mut refusals = rollout::engine::preflight(self, &targets).await;
+        // With skip_unreachable, a node whose agent did not answer preflight (down
+        // since its last heartbeat) is left out as well, not only those known down.
+        if spec.skip_unreachable {
+            let (unreachable, rest): (Vec<_>, Vec<_>) = refusals
+                .into_iter()
+                .partition(|(_, reason)| reason.starts_with("unreachable"));
+            refusals = rest;
+            targets.retain(|(n, _, _)| !unreachable.iter().any(|(id, _)| *id == n.node_id));
+            spec.left_out
+                .extend(unreachable.into_iter().map(|(id, reason)| {
+                    (
+                        id,
+                        format!("skipped by request (--skip-unreachable): {reason}"),
+                    )
+                }));
+            spec.left_out.sort();
+            if targets.is_empty() {
+                return Err(RolloutError::Refused(
+                    "every target is unreachable (left out by --skip-unreachable): nothing to restart"
+                        .into(),
+                ));
+            }
+        }
         // A dry run shows the plan even when the real run would be refused, with the
         // refusing nodes marked (their reason) and the rollout's reason saying so.
         if !refusals.is_empty() && !dry_run {

@@ -310,3 +310,64 @@ async fn exclude_skip_unreachable_dry_runs_and_grouped_refusals() {
 
     kill(frozen, Signal::SIGCONT).unwrap();
 }
+
+/// A node whose agent died since its last heartbeat still looks serving (a long
+/// heartbeat ttl here); preflight cannot reach it. Without `--skip-unreachable` that
+/// refuses the rollout; with it, the node is left out and the others move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_unreachable_also_leaves_out_a_node_that_preflight_cannot_reach() {
+    let releases = tempfile::tempdir().unwrap();
+    let v2 = agent_release(releases.path(), "fleet-agent-v2");
+    let controller = Controller::start(ControllerOpts {
+        heartbeat_ttl: "120s".into(),
+        ..Default::default()
+    })
+    .await;
+    let agents = controller
+        .start_nodes(2, |_, opts| {
+            opts.arg("--allowed-exe-dir").arg(releases.path())
+        })
+        .await;
+    fleet_tests::harness::kill_tree(agents[1].pid());
+    agents[1].wait_exit(WAIT).await;
+    let nodes = controller.nodes().await;
+    let node2 = nodes.iter().find(|n| n.node_id == "node-2").unwrap();
+    assert_eq!(node2.state, "serving", "not yet overdue: {node2:?}");
+
+    let refused = controller
+        .fleetctl([OsStr::new("rollout"), "--exe".as_ref(), v2.as_os_str()])
+        .await;
+    refused.expect_code(2);
+    assert!(
+        refused.output().contains("1 node: unreachable"),
+        "{}",
+        refused.output()
+    );
+
+    let run = controller
+        .fleetctl([
+            OsStr::new("rollout"),
+            "--exe".as_ref(),
+            v2.as_os_str(),
+            "--skip-unreachable".as_ref(),
+        ])
+        .await;
+    run.expect_code(0);
+    let rollout = controller.rollout("latest").await;
+    assert_eq!(rollout.state, "succeeded", "{}", rollout.reason);
+    let planned: Vec<&str> = rollout.nodes.iter().map(|n| n.node_id.as_str()).collect();
+    assert_eq!(planned, ["node-1"]);
+    let left_out = &rollout.spec.as_ref().unwrap().left_out;
+    assert_eq!(left_out.len(), 1, "{left_out:?}");
+    assert_eq!(left_out[0].node_id, "node-2");
+    assert!(
+        left_out[0]
+            .reason
+            .starts_with("skipped by request (--skip-unreachable): unreachable"),
+        "{left_out:?}"
+    );
+    assert_eq!(
+        exe_path(&agent_status(&agents[0]).await),
+        v2.display().to_string()
+    );
+}
