@@ -444,6 +444,19 @@ impl Fleet {
             view.rollout.spec.exe,
             view.rollout.spec.reason
         );
+        for (reason, ids) in fleet_proto::rules::group_refusals(
+            view.rollout
+                .spec
+                .left_out
+                .iter()
+                .map(|(n, r)| (n.as_str(), r.as_str())),
+        ) {
+            tracing::info!(
+                "rollout {} left out {}",
+                view.rollout.id,
+                fleet_proto::rules::refusal_line(&reason, &ids, 20)
+            );
+        }
         let handle = Arc::new(RolloutHandle::new(view.clone()));
         self.rollouts
             .lock()
