@@ -13,7 +13,7 @@ use fleet_proto::v1::RolloutSpec;
 use self::parse::{
     parse_batches, parse_canary, parse_controller_url, parse_duration, parse_exe,
     parse_health_path, parse_max_failures, parse_max_parallel, parse_max_unavailable,
-    parse_selector, parse_sha256, parse_soak, parse_token,
+    parse_node_id, parse_selector, parse_sha256, parse_soak, parse_token,
 };
 use crate::exit::EXIT_CODES_HELP;
 
@@ -216,6 +216,12 @@ pub struct RestartArgs {
     /// Why: recorded in the node's logs and events.
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
+
+    /// Restart it even though an active rollout has not finished with it (refused
+    /// otherwise); the controller logs it with your token's name and writes it into the
+    /// node's timeline in that rollout.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -226,6 +232,11 @@ pub struct ShutdownArgs {
     /// Why: recorded in the node's logs.
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
+
+    /// Shut it down even though an active rollout has not finished with it (refused
+    /// otherwise); logged with your token's name and written into that rollout.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -322,7 +333,19 @@ pub struct StartArgs {
     #[arg(long, value_name = "NAME")]
     pub actor: Option<String>,
 
-    /// Print the plan (the batches and the nodes in each) and change nothing.
+    /// Leave this node out even if the selector matches it (repeatable); an id no node
+    /// has is refused.
+    #[arg(long, value_name = "NODE", value_parser = parse_node_id)]
+    pub exclude: Vec<String>,
+
+    /// Leave unreachable and stopped targets out of the plan (listed as left out)
+    /// instead of refusing the whole rollout in preflight.
+    #[arg(long)]
+    pub skip_unreachable: bool,
+
+    /// Print the plan (the batches and the nodes in each) and change nothing; nodes
+    /// preflight would refuse are marked, and the exit code is the real run's (2 when
+    /// it would be refused).
     #[arg(long)]
     pub dry_run: bool,
 
@@ -423,6 +446,9 @@ impl StartArgs {
             actor: actor(self.actor.as_deref()),
             dry_run: self.dry_run,
             declared_actor: String::new(),
+            exclude: self.exclude.clone(),
+            skip_unreachable: self.skip_unreachable,
+            left_out: Vec::new(),
         }
     }
 }

@@ -218,15 +218,24 @@ fn refusal(status: &Status) -> String {
             details.refusals.len(),
             details.targets
         );
-        // One line per node, whatever a reason holds.
+        // One line per reason with its nodes ("3 nodes: exe not found: web-1, …"),
+        // the largest group first, whatever a reason holds.
         let line = |t: &str| t.replace(|c: char| c.is_control(), " ");
-        for r in &details.refusals {
-            text.push_str(&format!(
-                "\n  node {}: {}",
-                line(&r.node_id),
-                line(&r.reason)
-            ));
+        let refusals: Vec<(String, String)> = details
+            .refusals
+            .iter()
+            .map(|r| (line(&r.node_id), line(&r.reason)))
+            .collect();
+        let groups = fleet_proto::rules::group_refusals(
+            refusals.iter().map(|(n, r)| (n.as_str(), r.as_str())),
+        );
+        for (reason, nodes) in &groups {
+            text.push_str("\n  ");
+            text.push_str(&fleet_proto::rules::refusal_line(reason, nodes, 50));
         }
+        text.push_str(
+            "\nfix them, leave them out with --exclude NODE, or leave unreachable ones out with --skip-unreachable",
+        );
         return text;
     }
     refusal_text(status.message())
@@ -424,8 +433,35 @@ mod tests {
         );
         assert_eq!(
             refusal(&status),
-            "preflight refused on 1 of 3 node(s); no node was touched:\n  node n2: exe missing node n9: forged"
+            "preflight refused on 1 of 3 node(s); no node was touched:\n  1 node: exe missing node n9: forged: n2\n\
+             fix them, leave them out with --exclude NODE, or leave unreachable ones out with --skip-unreachable"
         );
+    }
+
+    #[test]
+    fn refusals_are_grouped_by_reason() {
+        let refusal_of = |node: &str, reason: &str| fleet_proto::v1::NodeRefusal {
+            node_id: node.into(),
+            reason: reason.into(),
+        };
+        let details = fleet_proto::v1::PreflightRefusals {
+            targets: 4,
+            refusals: vec![
+                refusal_of("web-2", "exe not found"),
+                refusal_of("db-1", "unreachable: connection refused"),
+                refusal_of("web-1", "exe not found"),
+                refusal_of("web-3", "exe not found"),
+            ],
+        };
+        let status = Status::with_details(
+            Code::FailedPrecondition,
+            "text",
+            prost::Message::encode_to_vec(&details).into(),
+        );
+        let text = refusal(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "  3 nodes: exe not found: web-1, web-2, web-3");
+        assert_eq!(lines[2], "  1 node: unreachable: connection refused: db-1");
     }
 
     #[test]

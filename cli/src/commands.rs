@@ -155,6 +155,7 @@ async fn restart(mut controller: Controller, args: RestartArgs, format: Format) 
             exe: args.exe.unwrap_or_default(),
             sha256: args.sha256.unwrap_or_default(),
             reason: args.reason.unwrap_or_default(),
+            force: args.force,
         })
         .await?;
     let succeeded = json::outcome(response.outcome) == "succeeded";
@@ -179,6 +180,7 @@ async fn shutdown(mut controller: Controller, args: ShutdownArgs, format: Format
         .shutdown_node(ShutdownNodeRequest {
             node_id: args.node,
             reason: args.reason.unwrap_or_default(),
+            force: args.force,
         })
         .await?;
     match format {
@@ -224,7 +226,17 @@ async fn rollout_start(
             Format::Json => emit(&json::to_string(&json::RolloutJson::from(&rollout)))?,
             Format::Table => emit(&output::plan(&rollout))?,
         }
-        return Ok(Exit::Success);
+        // The plan is shown either way; the exit code is the real run's (2 when
+        // preflight would refuse it).
+        let refused = rollout
+            .nodes
+            .iter()
+            .any(|n| output::would_refuse(n).is_some());
+        return Ok(if refused {
+            Exit::BadInput
+        } else {
+            Exit::Success
+        });
     }
     started(controller, rollout, detach, format).await
 }

@@ -6,7 +6,9 @@ pub mod json;
 mod rollout;
 mod token;
 
-pub use rollout::{batches, history_table, plan, rollout_details, started, state_counts, target};
+pub use rollout::{
+    batches, history_table, plan, rollout_details, started, state_counts, target, would_refuse,
+};
 pub use token::{created as token_created, revoked as token_revoked, tokens_table};
 
 use std::collections::{BTreeMap, HashMap};

@@ -13,7 +13,10 @@ use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::inventory::NodeRecord;
+use crate::inventory::{NodeRecord, STOPPED};
+
+/// The inventory's state of a node that missed its heartbeats (or a static node not polled).
+const UNREACHABLE: &str = "unreachable";
 
 /// Adds `authorization: Bearer TOKEN` to every call.
 #[derive(Debug, Clone)]
@@ -84,6 +87,57 @@ async fn bounded<T>(
             humantime::format_duration(limit)
         ))),
     }
+}
+
+/// Refuses to `action` ("restart", "shut down") a node whose agent is known not to
+/// answer, before any connection is tried: "node web-3 is stopped (last heartbeat 12s
+/// ago at 127.0.0.1:7102): nothing to restart — start its agent again", not a
+/// transport error that names neither the node nor the address.
+pub fn refuse_if_down(node: &NodeRecord, action: &str) -> Result<(), tonic::Status> {
+    let Some(why) = down(node) else {
+        return Ok(());
+    };
+    let todo = if node.state == STOPPED {
+        format!("nothing to {action}: start its agent again (it registers at its first heartbeat)")
+    } else {
+        format!(
+            "it cannot be asked to {action}: check that its agent runs and that the controller reaches {}",
+            node.control_addr
+        )
+    };
+    Err(tonic::Status::failed_precondition(format!(
+        "node {} is {why}; {todo}",
+        node.node_id
+    )))
+}
+
+/// Whether a manual restart or shutdown can be asked of `node` now: not when its
+/// agent is known not to answer (stopped, unreachable) or is already going away.
+pub fn takes_actions(node: &NodeRecord) -> bool {
+    down(node).is_none() && node.state != "shutting-down"
+}
+
+/// Why `node` cannot be called ("stopped (last heartbeat 12s ago at ADDR)"), or `None`
+/// when its agent is expected to answer.
+pub fn down(node: &NodeRecord) -> Option<String> {
+    if node.state != STOPPED && node.state != UNREACHABLE {
+        return None;
+    }
+    let last = match node.last_heartbeat_unix_ms {
+        0 => "no heartbeat yet".to_string(),
+        ms => {
+            let secs = crate::now_ms().saturating_sub(ms) / 1000;
+            format!(
+                "last heartbeat {} ago",
+                humantime::format_duration(Duration::from_secs(secs))
+            )
+        }
+    };
+    let what = match node.reason.trim() {
+        r if node.state == UNREACHABLE && !r.is_empty() => r.to_string(),
+        _ => last,
+    };
+    Some(format!("{} ({what}, at {})", node.state, node.control_addr))
 }
 
 /// Most channels kept open at once; the least recently used is closed first.
@@ -166,6 +220,7 @@ impl Agents {
         node: &NodeRecord,
         request: pb::RestartRequest,
     ) -> Result<pb::RestartResponse, tonic::Status> {
+        refuse_if_down(node, "restart")?;
         let ready =
             first_set(&[request.ready_timeout_ms, node.ready_timeout_ms]).unwrap_or(DEFAULT_READY);
         let limit = ready + MARGIN;
@@ -179,6 +234,7 @@ impl Agents {
         node: &NodeRecord,
         reason: String,
     ) -> Result<pb::ShutdownResponse, tonic::Status> {
+        refuse_if_down(node, "shut down")?;
         let limit = CALL_TIMEOUT;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
         bounded(
@@ -213,6 +269,63 @@ impl Agents {
                 "no answer from {control_addr} within {}",
                 humantime::format_duration(timeout)
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(state: &str, reason: &str) -> NodeRecord {
+        NodeRecord {
+            node_id: "web-3".into(),
+            labels: Default::default(),
+            state: state.into(),
+            control_addr: "127.0.0.1:7102".into(),
+            admin_url: String::new(),
+            exe: crate::inventory::ExeRecord {
+                path: "/opt/app/app".into(),
+                sha256: String::new(),
+                size: 0,
+            },
+            generation: 1,
+            supervisor_pid: 1,
+            worker_pid: 2,
+            in_flight: 0,
+            last_heartbeat_unix_ms: crate::now_ms() - 12_000,
+            started_at_unix_ms: 0,
+            reason: reason.into(),
+            static_node: false,
+            listeners: Vec::new(),
+            ready_timeout_ms: 0,
+            drain_timeout_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_node_that_cannot_answer_is_refused_saying_why_and_where() {
+        let stopped = refuse_if_down(&node("stopped", ""), "restart").unwrap_err();
+        assert_eq!(stopped.code(), tonic::Code::FailedPrecondition);
+        let message = stopped.message();
+        assert!(
+            message.starts_with("node web-3 is stopped (last heartbeat 12s ago, at 127.0.0.1:7102); nothing to restart: start its agent again"),
+            "{message}"
+        );
+        let cut_off = node("unreachable", "no heartbeat for 40s (ttl 10s)");
+        let message = refuse_if_down(&cut_off, "shut down").unwrap_err();
+        assert!(
+            message.message().starts_with(
+                "node web-3 is unreachable (no heartbeat for 40s (ttl 10s), at 127.0.0.1:7102); it cannot be asked to shut down"
+            ),
+            "{}",
+            message.message()
+        );
+        assert!(refuse_if_down(&node("serving", ""), "restart").is_ok());
+        assert!(takes_actions(&node("serving", "")));
+        assert!(takes_actions(&node("degraded", "")));
+        for state in ["stopped", "unreachable", "shutting-down"] {
+            assert!(!takes_actions(&node(state, "")), "{state}");
         }
     }
 }

@@ -113,6 +113,11 @@ impl ControllerService for Api {
         let caller = grpc_caller(&request)?;
         let r = request.into_inner();
         let node = self.node(&r.node_id)?;
+        crate::agents::refuse_if_down(&node, "restart")?;
+        self.fleet
+            .guard_manual(&r.node_id, "restart", r.force, &caller.name)
+            .await
+            .map_err(|e| Status::failed_precondition(e.0))?;
         let reason = asked_by(&r.reason, &caller);
         tracing::info!("node {}: restart {reason}", r.node_id);
         let response = self
@@ -138,6 +143,11 @@ impl ControllerService for Api {
         let caller = grpc_caller(&request)?;
         let r = request.into_inner();
         let node = self.node(&r.node_id)?;
+        crate::agents::refuse_if_down(&node, "shut down")?;
+        self.fleet
+            .guard_manual(&r.node_id, "shut down", r.force, &caller.name)
+            .await
+            .map_err(|e| Status::failed_precondition(e.0))?;
         let reason = asked_by(&r.reason, &caller);
         tracing::info!("node {}: shutdown {reason}", r.node_id);
         let response = self.fleet.agents.shutdown(&node, reason).await?;
@@ -194,6 +204,9 @@ impl ControllerService for Api {
             reason: s.reason,
             declared_actor: declared(&s.actor, &caller),
             actor: caller.name,
+            exclude: s.exclude.iter().map(|id| id.trim().to_string()).collect(),
+            skip_unreachable: s.skip_unreachable,
+            left_out: Vec::new(),
         };
         let view = self
             .fleet
@@ -509,6 +522,16 @@ pub fn rollout_message(v: &RolloutView) -> pb::Rollout {
             dry_run: r.state == RolloutState::Planned,
             declared_actor: s.declared_actor.clone(),
             min_healthy_set: true,
+            exclude: s.exclude.clone(),
+            skip_unreachable: s.skip_unreachable,
+            left_out: s
+                .left_out
+                .iter()
+                .map(|(node_id, reason)| pb::NodeRefusal {
+                    node_id: node_id.clone(),
+                    reason: reason.clone(),
+                })
+                .collect(),
         }),
         state: r.state.as_str().into(),
         reason: r.reason.clone(),

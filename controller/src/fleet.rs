@@ -22,17 +22,22 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The text of a preflight refusal: a headline, then one line per node (50 at most).
-fn preflight_message(targets: usize, refusals: &[(String, String)]) -> String {
+/// The text of a preflight refusal: a headline, then one line per reason with the
+/// nodes that gave it ("3 nodes: exe not found: web-1, web-2, web-3"; 20 groups and
+/// 20 ids a group at most).
+pub fn preflight_message(targets: usize, refusals: &[(String, String)]) -> String {
     let mut msg = format!(
         "preflight refused on {} of {targets} node(s); no node was restarted:",
         refusals.len()
     );
-    for (node, reason) in refusals.iter().take(50) {
-        msg.push_str(&format!("\n  node {node}: {reason}"));
+    let groups =
+        fleet_proto::rules::group_refusals(refusals.iter().map(|(n, r)| (n.as_str(), r.as_str())));
+    for (reason, nodes) in groups.iter().take(20) {
+        msg.push_str("\n  ");
+        msg.push_str(&fleet_proto::rules::refusal_line(reason, nodes, 20));
     }
-    if refusals.len() > 50 {
-        msg.push_str(&format!("\n  … and {} more", refusals.len() - 50));
+    if groups.len() > 20 {
+        msg.push_str(&format!("\n  … and {} more reasons", groups.len() - 20));
     }
     msg
 }
@@ -211,10 +216,42 @@ impl Fleet {
     ) -> Result<RolloutView, RolloutError> {
         spec.check().map_err(|e| RolloutError::InvalidSpec(e.0))?;
         let selector = Selector::parse(&spec.selector).map_err(RolloutError::InvalidSpec)?;
+        // An excluded id that names no node is a typo: the node meant to be spared
+        // would be restarted.
+        if let Some(unknown) = spec
+            .exclude
+            .iter()
+            .find(|id| self.inventory.get(id).is_none())
+        {
+            return Err(RolloutError::InvalidSpec(format!(
+                "exclude: no node {unknown:?}: check the id with `fleetctl nodes`"
+            )));
+        }
+        let mut spec = spec;
         let matched = self.inventory.list(&selector);
         let matched_count = matched.len();
-        // Nodes shut down on purpose are not restarted (nor counted as failures).
-        let targets: Vec<NodeRecord> = matched.into_iter().filter(|n| n.state != STOPPED).collect();
+        let mut targets = Vec::with_capacity(matched.len());
+        let mut left_out = Vec::new();
+        for n in matched {
+            if spec.exclude.contains(&n.node_id) {
+                left_out.push((n.node_id, "excluded by request (--exclude)".to_string()));
+            } else if n.state == STOPPED || (spec.skip_unreachable && n.state == "unreachable") {
+                // Nodes shut down on purpose are not restarted (nor counted as failures).
+                let why = crate::agents::down(&n).unwrap_or_else(|| n.state.clone());
+                left_out.push((
+                    n.node_id,
+                    if n.state == STOPPED && !spec.skip_unreachable {
+                        why
+                    } else {
+                        format!("skipped by request (--skip-unreachable): {why}")
+                    },
+                ));
+            } else {
+                targets.push(n);
+            }
+        }
+        left_out.sort();
+        spec.left_out = left_out;
         if targets.is_empty() {
             return Err(RolloutError::Refused(if matched_count == 0 {
                 format!(
@@ -222,10 +259,18 @@ impl Fleet {
                     spec.selector
                 )
             } else {
-                format!(
-                    "every node the selector {:?} matches ({matched_count}) is stopped: start their agents again",
+                let mut msg = format!(
+                    "every node the selector {:?} matches ({matched_count}) is left out; nothing to restart:",
                     spec.selector
-                )
+                );
+                let groups = fleet_proto::rules::group_refusals(
+                    spec.left_out.iter().map(|(n, r)| (n.as_str(), r.as_str())),
+                );
+                for (reason, nodes) in &groups {
+                    msg.push_str("\n  ");
+                    msg.push_str(&fleet_proto::rules::refusal_line(reason, nodes, 20));
+                }
+                msg
             }));
         }
         let nodes: Vec<(NodeRecord, String, String)> = targets
@@ -281,14 +326,18 @@ impl Fleet {
         };
         spec.reason = format!("undo {}", view.rollout.id);
         spec.auto_rollback = false;
+        // The nodes to move back are listed above, not selected again.
+        spec.exclude.clear();
+        spec.skip_unreachable = false;
+        spec.left_out.clear();
         self.begin(spec, nodes, false, view.rollout.id.clone())
             .await
     }
 
     async fn begin(
         self: &Arc<Self>,
-        spec: Spec,
-        targets: Vec<(NodeRecord, String, String)>,
+        mut spec: Spec,
+        mut targets: Vec<(NodeRecord, String, String)>,
         dry_run: bool,
         undo_of: String,
     ) -> Result<RolloutView, RolloutError> {
@@ -298,13 +347,43 @@ impl Fleet {
                 "{active}: abort it or wait for it to finish first"
             )));
         }
-        let refusals = rollout::engine::preflight(self, &targets).await;
-        if !refusals.is_empty() {
+        let mut refusals = rollout::engine::preflight(self, &targets).await;
+        // With skip_unreachable, a node whose agent did not answer preflight (down
+        // since its last heartbeat) is left out as well, not only those known down.
+        if spec.skip_unreachable {
+            let (unreachable, rest): (Vec<_>, Vec<_>) = refusals
+                .into_iter()
+                .partition(|(_, reason)| reason.starts_with("unreachable"));
+            refusals = rest;
+            targets.retain(|(n, _, _)| !unreachable.iter().any(|(id, _)| *id == n.node_id));
+            spec.left_out
+                .extend(unreachable.into_iter().map(|(id, reason)| {
+                    (
+                        id,
+                        format!("skipped by request (--skip-unreachable): {reason}"),
+                    )
+                }));
+            spec.left_out.sort();
+            if targets.is_empty() {
+                return Err(RolloutError::Refused(
+                    "every target is unreachable (left out by --skip-unreachable): nothing to restart"
+                        .into(),
+                ));
+            }
+        }
+        // A dry run shows the plan even when the real run would be refused, with the
+        // refusing nodes marked (their reason) and the rollout's reason saying so.
+        if !refusals.is_empty() && !dry_run {
             return Err(RolloutError::Preflight {
                 targets: targets.len(),
                 refusals,
             });
         }
+        let refused: HashMap<&str, &str> = refusals
+            .iter()
+            .map(|(n, r)| (n.as_str(), r.as_str()))
+            .collect();
+        let targets_count = targets.len();
         let sizes = rollout::plan(&spec, targets.len());
         let seq = self.seq.load(Ordering::SeqCst) + 1;
         let now = now_ms();
@@ -317,11 +396,14 @@ impl Fleet {
                 left_in_batch = sizes[batch as usize];
             }
             left_in_batch -= 1;
+            let refusal = refused.get(node.node_id.as_str()).copied();
             nodes.push(RolloutNode {
                 node_id: node.node_id.clone(),
                 batch,
                 state: NodeState::Pending,
-                reason: String::new(),
+                reason: refusal
+                    .map(|r| format!("{}{r}", fleet_proto::rules::PREFLIGHT_WOULD_REFUSE))
+                    .unwrap_or_default(),
                 target_exe: exe,
                 target_sha256: sha,
                 previous_exe: node.exe.path.clone(),
@@ -333,7 +415,10 @@ impl Fleet {
                 timeline: vec![TimelineEntry {
                     unix_ms: now,
                     state: NodeState::Preflight,
-                    message: "executable accepted".into(),
+                    message: match refusal {
+                        Some(r) => format!("refused: {r}"),
+                        None => "executable accepted".into(),
+                    },
                     pid: node.worker_pid,
                 }],
             });
@@ -347,7 +432,15 @@ impl Fleet {
             } else {
                 RolloutState::Running
             },
-            reason: String::new(),
+            reason: if refusals.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "dry run: a real run would be refused, {}",
+                    preflight_message(targets_count, &refusals)
+                        .replace("; no node was restarted:", ":")
+                )
+            },
             created_unix_ms: now,
             finished_unix_ms: 0,
             batch_sizes: sizes.iter().map(|s| *s as u32).collect(),
@@ -374,6 +467,19 @@ impl Fleet {
             view.rollout.spec.exe,
             view.rollout.spec.reason
         );
+        for (reason, ids) in fleet_proto::rules::group_refusals(
+            view.rollout
+                .spec
+                .left_out
+                .iter()
+                .map(|(n, r)| (n.as_str(), r.as_str())),
+        ) {
+            tracing::info!(
+                "rollout {} left out {}",
+                view.rollout.id,
+                fleet_proto::rules::refusal_line(&reason, &ids, 20)
+            );
+        }
         let handle = Arc::new(RolloutHandle::new(view.clone()));
         self.rollouts
             .lock()
@@ -429,4 +535,92 @@ impl Fleet {
         let _ = self.changes.send(Change::Rollout(header.id.clone()));
         Ok(handle.view.lock().expect("view lock").clone())
     }
+
+    /// The active (running or paused) rollout that has yet to finish with `node_id`,
+    /// and how far the node is in it: (rollout id, node state).
+    pub fn holding_node(&self, node_id: &str) -> Option<(String, NodeState)> {
+        let handle = self.holding(node_id)?;
+        let view = handle.view.lock().expect("view lock");
+        let node = &view.nodes[handle.position(node_id)];
+        Some((view.rollout.id.clone(), node.state))
+    }
+
+    fn holding(&self, node_id: &str) -> Option<Arc<RolloutHandle>> {
+        self.rollouts
+            .lock()
+            .expect("rollouts lock")
+            .values()
+            .find(|h| {
+                let v = h.view.lock().expect("view lock");
+                matches!(
+                    v.rollout.state,
+                    RolloutState::Running | RolloutState::Paused
+                ) && v
+                    .nodes
+                    .iter()
+                    .any(|n| n.node_id == node_id && !n.state.finished())
+            })
+            .cloned()
+    }
+
+    /// Guards a manual `action` ("restart", "shut down") of `node_id` by `actor`: while
+    /// an active (running or paused) rollout has yet to finish with the node (pending,
+    /// preflight, restarting or soaking there), it is refused with the rollout's id and
+    /// what to do. With `force` it goes through: logged with the actor, and written
+    /// into the node's timeline in that rollout so the rollout's page shows it. Nodes
+    /// the rollout is done with (healthy, failed, skipped) are not guarded.
+    pub async fn guard_manual(
+        &self,
+        node_id: &str,
+        action: &str,
+        force: bool,
+        actor: &str,
+    ) -> Result<(), ManualRefused> {
+        let Some(handle) = self.holding(node_id) else {
+            return Ok(());
+        };
+        let (id, state, changed) = {
+            let mut view = handle.view.lock().expect("view lock");
+            let id = view.rollout.id.clone();
+            let state = view.rollout.state;
+            let position = handle.position(node_id);
+            let node = &mut view.nodes[position];
+            if !force {
+                return Err(ManualRefused(format!(
+                    "node {node_id} is in rollout {id} ({}; the node is {} there, batch {}): \
+                     {action} it once the rollout is done with it, abort the rollout \
+                     (`fleetctl rollout abort {id}`), or {action} it anyway with --force \
+                     (recorded in {id})",
+                    state.as_str(),
+                    node.state.as_str(),
+                    node.batch + 1
+                )));
+            }
+            let node_state = node.state;
+            let pid = node.new_pid.max(node.old_pid);
+            node.timeline.push(TimelineEntry {
+                unix_ms: now_ms(),
+                state: node_state,
+                message: format!("manual {action} forced by {actor}, outside the rollout"),
+                pid,
+            });
+            (id, state, node.clone())
+        };
+        tracing::warn!(
+            "node {node_id}: manual {action} forced by {actor} during rollout {id} ({}; the node is {} there)",
+            state.as_str(),
+            changed.state.as_str()
+        );
+        if let Err(e) = self.store.put_rollout_nodes(&id, &[changed]).await {
+            tracing::error!("rollout {id}: cannot record the forced {action} of {node_id}: {e}");
+        }
+        let _ = self.changes.send(Change::Rollout(id));
+        Ok(())
+    }
 }
+
+/// A manual action refused because an active rollout has the node (see
+/// [`Fleet::guard_manual`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ManualRefused(pub String);

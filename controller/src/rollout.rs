@@ -39,6 +39,15 @@ pub struct Spec {
     /// `actor` when it says something else; empty otherwise.
     #[serde(default)]
     pub declared_actor: String,
+    /// Node ids never planned, whatever the selector matches (`--exclude`).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Leave unreachable and stopped targets out instead of failing preflight.
+    #[serde(default)]
+    pub skip_unreachable: bool,
+    /// Set when planned: the matched nodes left out and why (node id, reason).
+    #[serde(default)]
+    pub left_out: Vec<(String, String)>,
 }
 
 use fleet_proto::rules;
@@ -78,6 +87,11 @@ impl Spec {
         if !self.max_failures.is_empty() {
             rules::parse_max_failures(&self.max_failures)
                 .map_err(|e| SpecError(format!("max_failures: {e}")))?;
+        }
+        if let Some(bad_id) = self.exclude.iter().find(|id| id.trim().is_empty()) {
+            return bad(format!(
+                "exclude {bad_id:?}: give a node id, as `fleetctl nodes` lists them"
+            ));
         }
         if !self.health_path.is_empty() && !self.health_path.starts_with('/') {
             return bad(format!(
@@ -426,6 +440,9 @@ mod tests {
             reason: String::new(),
             actor: String::new(),
             declared_actor: String::new(),
+            exclude: Vec::new(),
+            skip_unreachable: false,
+            left_out: Vec::new(),
         }
     }
 

@@ -121,6 +121,51 @@ pub fn parse_max_failures(s: &str) -> Result<Amount, String> {
     Amount::parse(s)
 }
 
+/// How the reason of a node in a dry run's plan starts when preflight would refuse
+/// that node (the refusal follows): the controller writes it, fleetctl marks the node.
+pub const PREFLIGHT_WOULD_REFUSE: &str = "preflight would refuse: ";
+
+/// Preflight refusals grouped by reason, the largest group first (then by reason), each
+/// group's node ids sorted: what the controller's message and fleetctl print as
+/// `3 nodes: exe not found: web-1, web-2, web-3`, so one broken build over a hundred
+/// nodes reads as one line, not a hundred.
+pub fn group_refusals<'a>(
+    refusals: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Vec<(String, Vec<String>)> {
+    let mut groups: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for (node, reason) in refusals {
+        groups.entry(reason).or_default().push(node.to_string());
+    }
+    let mut groups: Vec<(String, Vec<String>)> = groups
+        .into_iter()
+        .map(|(reason, mut nodes)| {
+            nodes.sort();
+            (reason.to_string(), nodes)
+        })
+        .collect();
+    groups.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then_with(|| a.0.cmp(&b.0)));
+    groups
+}
+
+/// One group of [`group_refusals`] as a line: `3 nodes: REASON: a, b, c` (`1 node: …`),
+/// listing at most `max_ids` ids and then how many more.
+pub fn refusal_line(reason: &str, nodes: &[String], max_ids: usize) -> String {
+    let count = match nodes.len() {
+        1 => "1 node".to_string(),
+        n => format!("{n} nodes"),
+    };
+    let mut ids = nodes
+        .iter()
+        .take(max_ids)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if nodes.len() > max_ids {
+        ids.push_str(&format!(" and {} more", nodes.len() - max_ids));
+    }
+    format!("{count}: {reason}: {ids}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +195,28 @@ mod tests {
                 .contains("at least 1")
         );
         assert_eq!(parse_max_failures("10%").unwrap().to_string(), "10%");
+    }
+
+    #[test]
+    fn refusals_group_by_reason_largest_first() {
+        let groups = group_refusals([
+            ("web-3", "exe not found"),
+            ("web-1", "exe not found"),
+            ("db-1", "unreachable: connection refused"),
+            ("web-2", "exe not found"),
+        ]);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(
+            refusal_line(&groups[0].0, &groups[0].1, 50),
+            "3 nodes: exe not found: web-1, web-2, web-3"
+        );
+        assert_eq!(
+            refusal_line(&groups[1].0, &groups[1].1, 50),
+            "1 node: unreachable: connection refused: db-1"
+        );
+        assert_eq!(
+            refusal_line(&groups[0].0, &groups[0].1, 2),
+            "3 nodes: exe not found: web-1, web-2 and 1 more"
+        );
     }
 }

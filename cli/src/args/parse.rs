@@ -68,6 +68,15 @@ pub fn parse_sha256(s: &str) -> Result<String, String> {
     Ok(hex.to_ascii_lowercase())
 }
 
+/// `--exclude NODE`: a node id as agents register them (the controller then checks
+/// that a node has it).
+pub fn parse_node_id(s: &str) -> Result<String, String> {
+    let id = s.trim();
+    fleet_proto::limits::check_node_id(id)
+        .map_err(|e| format!("{e}: give a node id as `fleetctl nodes` lists it"))?;
+    Ok(id.to_string())
+}
+
 /// One `-l` value: "key=value[,key=value...]", returned with the spaces around terms removed.
 pub fn parse_selector(s: &str) -> Result<String, String> {
     let mut terms = Vec::new();

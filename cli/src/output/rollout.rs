@@ -76,6 +76,12 @@ pub fn options(spec: &RolloutSpec) -> String {
     if spec.auto_rollback {
         parts.push("auto-rollback".to_string());
     }
+    if !spec.exclude.is_empty() {
+        parts.push(format!("exclude {}", spec.exclude.join(" ")));
+    }
+    if spec.skip_unreachable {
+        parts.push("skip-unreachable".to_string());
+    }
     if parts.is_empty() {
         "defaults".to_string()
     } else {
@@ -127,7 +133,15 @@ pub fn plan(r: &Rollout) -> String {
                 " (canary)"
             });
         }
-        let ids: Vec<&str> = batch.nodes.iter().map(|n| n.node_id.as_str()).collect();
+        // A node preflight would refuse is marked `*`, its reason below the table.
+        let ids: Vec<String> = batch
+            .nodes
+            .iter()
+            .map(|n| match would_refuse(n) {
+                Some(_) => format!("{}*", n.node_id),
+                None => n.node_id.clone(),
+            })
+            .collect();
         table.row([name, nodes_count(ids.len()), ids.join(", ")]);
     }
     text.push_str(&table.render());
@@ -138,8 +152,52 @@ pub fn plan(r: &Rollout) -> String {
             or_dash(&n.reason)
         ));
     }
+    for shown in left_out(&spec) {
+        text.push_str(&format!("  left out: {shown}\n"));
+    }
+    let line = |t: &str| t.replace(|c: char| c.is_control(), " ");
+    let refused: Vec<(&str, &str)> = r
+        .nodes
+        .iter()
+        .filter_map(|n| would_refuse(n).map(|why| (n.node_id.as_str(), why)))
+        .collect();
+    if !refused.is_empty() {
+        text.push_str(&format!(
+            "* preflight would refuse {} of {} node(s), so the real rollout would be refused (exit 2):\n",
+            refused.len(),
+            r.nodes.len()
+        ));
+        for (reason, ids) in fleet_proto::rules::group_refusals(refused) {
+            let shown = fleet_proto::rules::refusal_line(&line(&reason), &ids, 50);
+            text.push_str(&format!("  {shown}\n"));
+        }
+        text.push_str(
+            "  fix them, leave them out with --exclude NODE, or leave unreachable ones out with --skip-unreachable\n",
+        );
+    }
     text.push_str(&format!("Options: {}\n", options(&spec)));
     text
+}
+
+/// The nodes a rollout left out, one line per reason: "1 node: excluded by request
+/// (--exclude): web-1".
+fn left_out(spec: &RolloutSpec) -> Vec<String> {
+    let line = |t: &str| t.replace(|c: char| c.is_control(), " ");
+    let left_out: Vec<(String, String)> = spec
+        .left_out
+        .iter()
+        .map(|r| (line(&r.node_id), line(&r.reason)))
+        .collect();
+    fleet_proto::rules::group_refusals(left_out.iter().map(|(n, r)| (n.as_str(), r.as_str())))
+        .iter()
+        .map(|(reason, ids)| fleet_proto::rules::refusal_line(reason, ids, 50))
+        .collect()
+}
+
+/// In a dry run: why preflight would refuse this node, if it would.
+pub fn would_refuse(n: &RolloutNode) -> Option<&str> {
+    n.reason
+        .strip_prefix(fleet_proto::rules::PREFLIGHT_WOULD_REFUSE)
 }
 
 /// How many nodes are in each state: "3 healthy, 1 failed, 1 pending", in the order
@@ -232,6 +290,9 @@ pub fn rollout_details(r: &Rollout, timeline: bool) -> String {
         spec.selector.as_str()
     };
     table.row(["Selector:", selector]);
+    for line in left_out(&spec) {
+        table.row(["Left out:".to_string(), line]);
+    }
     let sizes: Vec<String> = batches.iter().map(|b| b.nodes.len().to_string()).collect();
     let reached = batches
         .iter()
@@ -400,6 +461,42 @@ mod tests {
              \x20 batch 3/3                       3 nodes  n3, n4, n5\n\
              Options: canary 1, pause after canary, max-failures 1\n"
         );
+    }
+
+    #[test]
+    fn a_plan_marks_the_nodes_preflight_would_refuse_and_lists_those_left_out() {
+        let mut r = rollout(&[
+            ("n1", 0, "pending"),
+            ("n2", 1, "pending"),
+            ("n3", 1, "pending"),
+        ]);
+        r.state = "planned".into();
+        for n in &mut r.nodes[1..] {
+            n.reason = format!("{}exe missing", fleet_proto::rules::PREFLIGHT_WOULD_REFUSE);
+        }
+        let spec = r.spec.as_mut().unwrap();
+        spec.exclude = vec!["n9".into()];
+        spec.left_out = vec![fleet_proto::v1::NodeRefusal {
+            node_id: "n9".into(),
+            reason: "excluded by request (--exclude)".into(),
+        }];
+        let text = plan(&r);
+        assert!(text.contains("n2*, n3*"), "{text}");
+        assert!(!text.contains("n1*"), "{text}");
+        assert!(
+            text.contains("  left out: 1 node: excluded by request (--exclude): n9\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "* preflight would refuse 2 of 3 node(s), so the real rollout would be refused (exit 2):\n\
+                 \x20 2 nodes: exe missing: n2, n3\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("exclude n9"), "{text}");
+        assert_eq!(would_refuse(&r.nodes[0]), None);
+        assert_eq!(would_refuse(&r.nodes[1]), Some("exe missing"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::session::{Session, percent_encode};
 use super::view::{self, Flash, Section};
 use crate::fleet::RolloutError;
 use crate::inventory::NodeRecord;
-use crate::rollout::RolloutState;
+use crate::rollout::{NodeState, RolloutState};
 
 pub fn router() -> Router<Arc<Dashboard>> {
     Router::new()
@@ -42,6 +42,9 @@ pub struct RestartForm {
     sha256: String,
     #[serde(default)]
     reason: String,
+    /// The "restart anyway" box, offered when an active rollout has the node.
+    #[serde(default)]
+    force: Option<String>,
 }
 
 /// A page of this module: the shell with the session and the flash.
@@ -84,7 +87,47 @@ fn node_facts(n: &NodeRecord) -> Markup {
     }
 }
 
-fn restart_form(n: &NodeRecord, s: &Session, form: &RestartForm) -> Markup {
+/// While an active rollout has the node: what that means, and a box to act anyway.
+fn force_box(held: Option<&(String, NodeState)>, action: &str, checked: bool) -> Markup {
+    html! {
+        @if let Some((rollout, state)) = held {
+            p.warning #held-by data-rollout=(rollout) {
+                "Rollout " a href={ "/rollouts/" (rollout) } { (rollout) } " has not finished with this node (it is "
+                (state.as_str()) " there): " (action) " it once the rollout is done with it, abort the rollout first, or:"
+            }
+            p {
+                label { input #force name="force" type="checkbox" value="1" checked[checked]; " " (action) " anyway (recorded in " (rollout) ")" }
+            }
+        }
+    }
+}
+
+/// A page for a node that cannot be acted on because its agent is down.
+fn down_page(
+    d: &Dashboard,
+    s: &Session,
+    n: &NodeRecord,
+    verb: &str,
+    action: &str,
+) -> Option<Response> {
+    let status = crate::agents::refuse_if_down(n, action).err()?;
+    let flash = Flash::Error(status.message().to_string());
+    let body = html! {
+        (node_facts(n))
+        p { a.button href="/" { "Back to the nodes" } }
+    };
+    Some(view::with_status(
+        StatusCode::CONFLICT,
+        shell(d, s, &format!("{verb} {}", n.node_id), Some(&flash), body),
+    ))
+}
+
+fn restart_form(
+    n: &NodeRecord,
+    s: &Session,
+    form: &RestartForm,
+    held: Option<&(String, NodeState)>,
+) -> Markup {
     let action = format!("/nodes/{}/restart", percent_encode(&n.node_id));
     html! {
         form.confirm method="post" action=(action) {
@@ -101,6 +144,7 @@ fn restart_form(n: &NodeRecord, s: &Session, form: &RestartForm) -> Markup {
                 label for="reason" { "Reason" }
                 input #reason name="reason" type="text" value=(form.reason);
             }
+            (force_box(held, "restart", form.force.is_some()))
             p.buttons {
                 button #confirm type="submit" { "Restart " (n.node_id) }
                 " " a href="/" { "Cancel" }
@@ -117,11 +161,15 @@ async fn confirm_restart(
     let Some(n) = d.fleet.inventory.get(&id) else {
         return unknown_node(&d, &s, &id);
     };
+    if let Some(page) = down_page(&d, &s, &n, "Restart", "restart") {
+        return page;
+    }
+    let held = d.fleet.holding_node(&id);
     let body = html! {
         h1 { "Restart " (n.node_id) "?" }
         p { "The agent starts a new worker generation on the same sockets, waits until it is ready, then lets the current one finish its requests. If the new generation fails, the current one keeps serving." }
         (node_facts(&n))
-        (restart_form(&n, &s, &RestartForm::default()))
+        (restart_form(&n, &s, &RestartForm::default(), held.as_ref()))
     };
     shell(&d, &s, &format!("Restart {id}"), None, body).into_response()
 }
@@ -157,6 +205,26 @@ async fn do_restart(
     let Some(n) = d.fleet.inventory.get(&id) else {
         return unknown_node(&d, &s, &id);
     };
+    if let Some(page) = down_page(&d, &s, &n, "Restart", "restart") {
+        return page;
+    }
+    if let Err(refused) = d
+        .fleet
+        .guard_manual(&id, "restart", form.force.is_some(), &s.caller.name)
+        .await
+    {
+        let flash = Flash::Error(refused.0.replace("--force", "the box below"));
+        let held = d.fleet.holding_node(&id);
+        let body = html! {
+            h1 { "Restart " (n.node_id) "?" }
+            (node_facts(&n))
+            (restart_form(&n, &s, &form, held.as_ref()))
+        };
+        return view::with_status(
+            StatusCode::CONFLICT,
+            shell(&d, &s, &format!("Restart {id}"), Some(&flash), body),
+        );
+    }
     tracing::info!(
         "node {id}: restart {} (dashboard)",
         dashboard_reason(&form.reason, &s)
@@ -175,7 +243,7 @@ async fn do_restart(
             let body = html! {
                 h1 { "Restart " (n.node_id) "?" }
                 (node_facts(&n))
-                (restart_form(&n, &s, &form))
+                (restart_form(&n, &s, &form, d.fleet.holding_node(&id).as_ref()))
             };
             return view::with_status(
                 http_status(status.code()),
@@ -256,6 +324,14 @@ fn confirm_danger(d: &Dashboard, s: &Session, id: &str, a: &DangerAction) -> Res
     let Some(n) = d.fleet.inventory.get(id) else {
         return unknown_node(d, s, id);
     };
+    if a.route == SHUT_DOWN.route
+        && let Some(page) = down_page(d, s, &n, a.verb, "shut down")
+    {
+        return page;
+    }
+    let held = (a.route == SHUT_DOWN.route)
+        .then(|| d.fleet.holding_node(id))
+        .flatten();
     let action = format!("/nodes/{}/{}", percent_encode(&n.node_id), a.route);
     let body = html! {
         h1 { (a.verb) " " (n.node_id) "?" }
@@ -266,6 +342,7 @@ fn confirm_danger(d: &Dashboard, s: &Session, id: &str, a: &DangerAction) -> Res
             @if a.with_reason {
                 p { label for="reason" { "Reason" } input #reason name="reason" type="text"; }
             }
+            (force_box(held.as_ref(), "shut down", false))
             p.buttons {
                 button.danger #confirm type="submit" { (a.verb) " " (n.node_id) }
                 " " a href="/" { "Cancel" }
@@ -291,6 +368,9 @@ fn node_outcome(
 pub struct ReasonForm {
     #[serde(default)]
     reason: String,
+    /// The "shut down anyway" box, offered when an active rollout has the node.
+    #[serde(default)]
+    force: Option<String>,
 }
 
 async fn do_shutdown(
@@ -302,6 +382,26 @@ async fn do_shutdown(
     let Some(n) = d.fleet.inventory.get(&id) else {
         return unknown_node(&d, &s, &id);
     };
+    if let Some(page) = down_page(&d, &s, &n, SHUT_DOWN.verb, "shut down") {
+        return page;
+    }
+    if let Err(refused) = d
+        .fleet
+        .guard_manual(&id, "shut down", form.force.is_some(), &s.caller.name)
+        .await
+    {
+        let flash = Flash::Error(refused.0.replace(
+            "with --force",
+            "by ticking \"shut down anyway\" on the confirmation page",
+        ));
+        return node_outcome(
+            &d,
+            &s,
+            &format!("{} {id}", SHUT_DOWN.verb),
+            StatusCode::CONFLICT,
+            flash,
+        );
+    }
     tracing::info!(
         "node {id}: shutdown {} (dashboard)",
         dashboard_reason(&form.reason, &s)

@@ -32,6 +32,9 @@ pub struct RolloutForm {
     pub exe: String,
     pub sha256: String,
     pub selector: String,
+    /// Node ids to leave out, separated by commas or spaces.
+    pub exclude: String,
+    pub skip_unreachable: Option<String>,
     pub batches: String,
     pub max_parallel: String,
     pub max_unavailable: String,
@@ -99,6 +102,15 @@ impl RolloutForm {
                 a if a == actor => String::new(),
                 a => a.to_string(),
             },
+            exclude: self
+                .exclude
+                .split([',', ' '])
+                .map(str::trim)
+                .filter(|id| !id.is_empty())
+                .map(str::to_string)
+                .collect(),
+            skip_unreachable: self.skip_unreachable.is_some(),
+            left_out: Vec::new(),
         };
         if spec.exe.is_empty() {
             return Err("give the new executable: an absolute path on the nodes".into());
@@ -146,6 +158,8 @@ fn form(s: &Session, f: &RolloutForm, default_soak: &str) -> Markup {
                 (text_field("exe", "Executable", &f.exe, "/opt/app/app-v2", "Absolute path on the nodes, inside their agents' allowed directories."))
                 (text_field("sha256", "sha256", &f.sha256, "64 hex digits", "Optional: a node whose copy differs refuses in preflight."))
                 (text_field("selector", "Selector", &f.selector, "role=web,zone=a", "Only nodes with these labels (empty: every node)."))
+                (text_field("exclude", "Exclude", &f.exclude, "web-3, web-7", "Node ids to leave out even if the selector matches them."))
+                (check_field("skip_unreachable", "Skip unreachable", f.skip_unreachable.is_some(), "Leave unreachable nodes out instead of refusing the rollout."))
             }
             fieldset {
                 legend { "Batches" }
@@ -237,6 +251,13 @@ fn preview(s: &Session, f: &RolloutForm, plan: &RolloutView) -> Markup {
             @if plan.rollout.spec.min_healthy_ms == 0 { " (no soak: READY is enough)" }
             "."
         }
+        @if !plan.rollout.spec.left_out.is_empty() {
+            ul #left-out {
+                @for (reason, ids) in fleet_proto::rules::group_refusals(plan.rollout.spec.left_out.iter().map(|(n, r)| (n.as_str(), r.as_str()))) {
+                    li { "Left out: " (fleet_proto::rules::refusal_line(&reason, &ids, 20)) }
+                }
+            }
+        }
         ol #plan {
             @for (b, size) in plan.rollout.batch_sizes.iter().enumerate() {
                 li {
@@ -285,10 +306,33 @@ async fn submit(
             shell(&d, &s, None, body).into_response()
         }
         _ => match d.fleet.start_rollout(spec, true).await {
-            Ok(plan) => shell(&d, &s, None, preview(&s, &f, &plan)).into_response(),
+            // A plan that preflight would refuse is shown as the refusal, with the form
+            // to correct (the plan is for fleetctl --dry-run).
+            Ok(plan) => match would_refuse(&plan) {
+                Some(e) => refused(&d, &s, &f, e),
+                None => shell(&d, &s, None, preview(&s, &f, &plan)).into_response(),
+            },
             Err(e) => refused(&d, &s, &f, e),
         },
     }
+}
+
+/// The refusal a dry run's plan marks, as the real run would return it.
+fn would_refuse(plan: &RolloutView) -> Option<RolloutError> {
+    let refusals: Vec<(String, String)> = plan
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let why = n
+                .reason
+                .strip_prefix(fleet_proto::rules::PREFLIGHT_WOULD_REFUSE)?;
+            Some((n.node_id.clone(), why.to_string()))
+        })
+        .collect();
+    (!refusals.is_empty()).then_some(RolloutError::Preflight {
+        targets: plan.nodes.len(),
+        refusals,
+    })
 }
 
 fn refused(d: &Dashboard, s: &Session, f: &RolloutForm, e: RolloutError) -> Response {
@@ -316,6 +360,19 @@ mod tests {
         assert_eq!(spec.max_failures, "0", "the budget applied, not empty");
         f.min_healthy = "0s".into();
         assert_eq!(f.spec("alice", SOAK).unwrap().min_healthy_ms, 0);
+    }
+
+    #[test]
+    fn exclude_takes_ids_separated_by_commas_or_spaces() {
+        let f = RolloutForm {
+            exe: "/opt/app/v2".into(),
+            exclude: " web-3, web-7 web-9,,".into(),
+            skip_unreachable: Some("on".into()),
+            ..Default::default()
+        };
+        let spec = f.spec("alice", SOAK).unwrap();
+        assert_eq!(spec.exclude, ["web-3", "web-7", "web-9"]);
+        assert!(spec.skip_unreachable);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::Dashboard;
 use super::session::{Session, percent_encode};
 use super::view::{self, Flash, Live, Section};
-use crate::inventory::{NodeRecord, STOPPED, Selector};
+use crate::inventory::{NodeRecord, Selector};
 use crate::now_ms;
 use crate::tokens::Role;
 
@@ -220,12 +220,15 @@ fn row(n: &NodeRecord, now: u64, session: &Session) -> Markup {
             td data-label="Admin" { (admin(n)) }
             td.actions {
                 @let id = percent_encode(&n.node_id);
-                // A stopped node has nothing to restart or shut down; one that stopped
-                // heartbeating may still answer its control port.
-                @if n.state != STOPPED && session.may(Role::Operator) {
+                // Only what the node's state allows: a stopped or unreachable node's
+                // agent does not answer (the controller refuses before calling it),
+                // one shutting down is already going.
+                @if crate::agents::takes_actions(n) && session.may(Role::Operator) {
                     a.button href={ "/nodes/" (id) "/restart" } { "Restart" }
                     " "
                     a.button.danger href={ "/nodes/" (id) "/shutdown" } { "Shut down" }
+                } @else if session.may(Role::Operator) {
+                    span.note.no-actions { "no restart: " (n.state) }
                 }
                 @if n.forgettable() && session.may(Role::Admin) {
                     " "

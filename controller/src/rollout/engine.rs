@@ -396,16 +396,24 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
         }
     }
 
+    let mut found = "restart found done after a controller restart";
+    // Restarted into the target outside the rollout since it was planned (a manual
+    // restart forced past the guard): not restarted again, only soaked.
+    if already.is_none()
+        && matches!(node.state, NodeState::Pending | NodeState::Preflight)
+        && record.generation > node.previous_generation
+        && record.exe.path == node.target_exe
+        && (node.target_sha256.is_empty() || record.exe.sha256 == node.target_sha256)
+    {
+        already = Some((record.generation, record.worker_pid));
+        found = "already runs the target (restarted outside the rollout since it was planned): not restarted again";
+    }
     let (generation, new_pid) = match already {
         Some(done) => {
             update(&fleet, &handle, &node_id, |n| {
                 n.new_generation = done.0;
                 n.new_pid = done.1;
-                n.set(
-                    NodeState::Soaking,
-                    "restart found done after a controller restart",
-                    done.1,
-                );
+                n.set(NodeState::Soaking, found, done.1);
             })
             .await;
             done
