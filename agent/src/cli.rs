@@ -22,6 +22,17 @@ pub struct Cli {
     #[arg(short, long, value_name = "PATH", env = "FLEET_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// Log lines as text, or as one JSON object per line (workers log as the
+    /// supervisor does).
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        value_enum,
+        default_value_t,
+        env = "FLEET_LOG_FORMAT"
+    )]
+    pub log_format: crate::logging::LogFormat,
+
     /// Listen address of the default server (repeatable). Replaces the ports of the
     /// server named "default" (or of the only server). Port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]

@@ -85,8 +85,9 @@ where
         // Not for the worker's own children.
         process::remove_env_early("FLEET_ROLE");
     }
-    logging::init(if worker { "worker" } else { "supervisor" });
+    // Parsed first: it says how to log. (clap's own errors go to stderr as text.)
     let cli = cli::Cli::parse();
+    logging::init(if worker { "worker" } else { "supervisor" }, cli.log_format);
     let config = match cli.config() {
         Ok(config) => config,
         Err(e) => {

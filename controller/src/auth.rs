@@ -170,6 +170,7 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/grpc.health.v1.Health/*", ANYONE, "gRPC health"),
     // HTTP API.
     r("GET", "/healthz", ANYONE, "the health check"),
+    r("GET", "/metrics", VIEWER, "GET /metrics"),
     r("GET", "/api/nodes", VIEWER, "GET /api/nodes"),
     r("GET", "/api/nodes/*", VIEWER, "GET /api/nodes/ID"),
     r("GET", "/api/rollouts", VIEWER, "GET /api/rollouts"),

@@ -342,6 +342,7 @@ impl Fleet {
             .put_rollout_nodes(&view.rollout.id, &view.nodes)
             .await?;
         self.store.put_rollout(&view.rollout).await?;
+        crate::audit::rollout_started(&view.rollout, view.nodes.len());
         tracing::info!(
             "rollout {} started by {}: {} node(s) in batches {:?} to {} ({})",
             view.rollout.id,
@@ -402,6 +403,7 @@ impl Fleet {
             view.rollout.clone()
         };
         self.store.put_rollout(&header).await?;
+        crate::audit::rollout_requested(&header.id, wanted, actor);
         handle.wake.notify_one();
         let _ = self.changes.send(Change::Rollout(header.id.clone()));
         Ok(handle.view.lock().expect("view lock").clone())

@@ -587,6 +587,7 @@ impl Tokens {
             .write()
             .expect("tokens lock")
             .insert(id, record.clone());
+        crate::audit::token_created(&record.id, &record.name, record.kind.as_str(), created_by);
         tracing::info!(
             "token {} ({}, {:?}) created by {}{}",
             record.id,
@@ -629,12 +630,7 @@ impl Tokens {
             .write()
             .expect("tokens lock")
             .insert(record.id.clone(), record.clone());
-        tracing::info!(
-            "token {} ({:?}) revoked by {}",
-            record.id,
-            record.name,
-            by.describe()
-        );
+        crate::audit::token_revoked(&record.id, &record.name, by);
         Ok(record)
     }
 

@@ -7,6 +7,9 @@ pub mod v1 {
     tonic::include_proto!("fleet.v1");
 }
 
+/// The API this build speaks: the proto package of its services.
+pub const PROTOCOL: &str = "fleet.v1";
+
 /// The rules of a rollout spec's amounts (batches, budgets), shared by fleetctl and
 /// the controller.
 pub mod rules;

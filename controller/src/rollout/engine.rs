@@ -98,12 +98,7 @@ pub async fn run(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>) {
         tracing::error!("rollout {id}: cannot record its end: {e}");
     }
     let _ = fleet.changes.send(Change::Rollout(id.clone()));
-    tracing::info!(
-        "rollout {id} {} after {:.1}s: {}",
-        state.as_str(),
-        started.elapsed().as_secs_f64(),
-        header.reason
-    );
+    crate::audit::rollout_finished(&header, started.elapsed().as_secs_f64());
 }
 
 /// Runs the batches; returns the final state and why.
