@@ -82,6 +82,13 @@ impl ControllerService for Api {
         }))
     }
 
+    async fn get_version(
+        &self,
+        _request: Request<pb::GetVersionRequest>,
+    ) -> Result<Response<pb::VersionResponse>, Status> {
+        Ok(Response::new(fleet_proto::build_version!()))
+    }
+
     async fn list_nodes(
         &self,
         request: Request<pb::ListNodesRequest>,

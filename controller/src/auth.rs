@@ -163,6 +163,12 @@ pub const ROUTES: &[Route] = &[
         ADMIN,
         "RevokeToken",
     ),
+    r(
+        "POST",
+        "/fleet.v1.ControllerService/GetVersion",
+        VIEWER,
+        "GetVersion",
+    ),
     // gRPC fleet.v1.JoinService (--tls): each checks its caller itself, Join by the
     // join token in the request, Renew by the node's own certificate.
     r("POST", crate::join::JOIN_PATH, ANYONE, "Join"),
