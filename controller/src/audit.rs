@@ -171,17 +171,23 @@ pub fn rollout_finished(rollout: &Rollout, seconds: f64) {
     );
 }
 
-/// `fleetctl token create` (or a join token).
-pub fn token_created(id: &str, name: &str, role: &str, caller: &Caller) {
+/// `fleetctl token create` (or a join token); `expires` RFC 3339, empty for never.
+pub fn token_created(id: &str, name: &str, kind: &str, caller: &Caller, expires: &str) {
     tracing::info!(
         target: "fleet::audit",
         event = "token.created",
         actor = caller.name.as_str(),
         token = id,
         name,
-        role,
-        "token {id} ({name:?}, {role}) created by {}",
-        caller.name
+        kind,
+        expires,
+        "token {id} ({name:?}, {kind}) created by {}{}",
+        caller.describe(),
+        if expires.is_empty() {
+            String::new()
+        } else {
+            format!(", expires at {expires}")
+        }
     );
 }
 

@@ -92,13 +92,13 @@ pub async fn not_found(request: axum::extract::Request) -> Response {
         .into_response()
 }
 
-/// Prometheus text format (version 0.0.4, the `content-type` Prometheus asks for).
+/// OpenMetrics text (what prometheus-client writes, and the agent's `/metrics` serves).
 async fn metrics(State(fleet): State<Arc<Fleet>>) -> Response {
     let body = crate::metrics::global().render(&fleet);
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         body,
     )

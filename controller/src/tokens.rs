@@ -587,18 +587,16 @@ impl Tokens {
             .write()
             .expect("tokens lock")
             .insert(id, record.clone());
-        crate::audit::token_created(&record.id, &record.name, record.kind.as_str(), created_by);
-        tracing::info!(
-            "token {} ({}, {:?}) created by {}{}",
-            record.id,
+        crate::audit::token_created(
+            &record.id,
+            &record.name,
             record.kind.as_str(),
-            record.name,
-            created_by.describe(),
-            if expires > 0 {
-                format!(", expires at {}", rfc3339(expires))
+            created_by,
+            &if expires > 0 {
+                rfc3339(expires)
             } else {
                 String::new()
-            }
+            },
         );
         Ok((record, token))
     }
