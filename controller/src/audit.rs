@@ -29,7 +29,7 @@ pub fn node_joined(node_id: &str, state: &str, control_addr: &str) {
         node = node_id,
         state,
         control_addr,
-        "node {node_id} registered ({state}, control {control_addr})"
+        "node {node_id} registered ({state:?}, control {control_addr:?})"
     );
 }
 
@@ -53,7 +53,7 @@ pub fn node_back(node_id: &str, state: &str) {
         actor = AGENT,
         node = node_id,
         state,
-        "node {node_id} is back ({state})"
+        "node {node_id} is back ({state:?})"
     );
 }
 
@@ -155,7 +155,18 @@ pub fn rollout_requested(id: &str, wanted: RolloutState, actor: &str) {
     );
 }
 
-/// A rollout ended (or paused itself after its canary).
+/// A rollout paused itself after its canary batch (`--pause-after-canary`).
+pub fn rollout_paused_after_canary(id: &str) {
+    tracing::info!(
+        target: "fleet::audit",
+        event = "rollout.pause",
+        actor = CONTROLLER,
+        rollout = id,
+        "rollout {id}: paused after its canary batch, as its spec asked"
+    );
+}
+
+/// A rollout ended.
 pub fn rollout_finished(rollout: &Rollout, seconds: f64) {
     tracing::info!(
         target: "fleet::audit",

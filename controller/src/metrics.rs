@@ -53,14 +53,29 @@ pub struct RouteLabels {
 }
 
 /// Every node state a scrape reports even when no node is in it, so a rate or an
-/// alert on it has a series to look at.
+/// alert on it has a series to look at: the agent's states, and the controller's own
+/// `unreachable`.
 const NODE_STATES: &[&str] = &[
+    "starting",
     "serving",
     "restarting",
+    "degraded",
     "shutting-down",
     "stopped",
     "unreachable",
 ];
+
+/// A state as a label value: one of [`NODE_STATES`] (or `new`), else `other`. The state
+/// comes from the agent's heartbeat, and a label takes a new series per value: an
+/// agent (or anything holding the agents' credential) that reported a new word each
+/// beat would otherwise grow the controller's memory and every scrape without bound.
+fn node_state_label(state: &str) -> &str {
+    if state == "new" || NODE_STATES.contains(&state) {
+        state
+    } else {
+        "other"
+    }
+}
 const ROLLOUT_STATES: &[RolloutState] = &[
     RolloutState::Planned,
     RolloutState::Running,
@@ -184,8 +199,8 @@ impl Metrics {
         }
         self.transitions
             .get_or_create(&TransitionLabels {
-                from: from.to_string(),
-                to: to.to_string(),
+                from: node_state_label(from).to_string(),
+                to: node_state_label(to).to_string(),
             })
             .inc();
     }
@@ -232,7 +247,9 @@ impl Metrics {
             self.nodes.get_or_create(&state_label(state)).set(0);
         }
         for node in fleet.inventory.list(&Selector::default()) {
-            self.nodes.get_or_create(&state_label(&node.state)).inc();
+            self.nodes
+                .get_or_create(&state_label(node_state_label(&node.state)))
+                .inc();
         }
         self.rollouts.clear();
         for state in ROLLOUT_STATES {
@@ -329,5 +346,16 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("from=\"serving\",to=\"serving\""), "{out}");
+        // A state no agent has is one series, whatever it says.
+        m.transition("serving", "x1");
+        m.transition("serving", "x2");
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(
+            out.contains(
+                "fleet_controller_node_transitions_total{from=\"serving\",to=\"other\"} 2\n"
+            ),
+            "{out}"
+        );
     }
 }

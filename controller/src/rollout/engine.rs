@@ -198,6 +198,9 @@ async fn drive(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> (RolloutState
             }
             view.rollout.clone()
         };
+        if header.state == RolloutState::Paused {
+            crate::audit::rollout_paused_after_canary(&header.id);
+        }
         if let Err(e) = fleet.store.put_rollout(&header).await {
             return (
                 RolloutState::Failed,
