@@ -23,15 +23,9 @@ pub struct Cli {
     pub config: Option<PathBuf>,
 
     /// Log lines as text, or as one JSON object per line (workers log as the
-    /// supervisor does).
-    #[arg(
-        long,
-        value_name = "FORMAT",
-        value_enum,
-        default_value_t,
-        env = "FLEET_LOG_FORMAT"
-    )]
-    pub log_format: crate::logging::LogFormat,
+    /// supervisor does) [default: the config's log_format, else text].
+    #[arg(long, value_name = "FORMAT", value_enum, env = "FLEET_LOG_FORMAT")]
+    pub log_format: Option<crate::logging::LogFormat>,
 
     /// Listen address of the default server (repeatable). Replaces the ports of the
     /// server named "default" (or of the only server). Port 0 picks a free port.
@@ -188,6 +182,9 @@ impl Cli {
         }
         if let Some(addr) = self.control {
             config.control.listen = addr;
+        }
+        if let Some(format) = self.log_format {
+            config.log_format = format;
         }
         if let Some(id) = &self.node_id {
             config.node_id = id.clone();

@@ -21,7 +21,18 @@ struct Format {
 /// `--log-format`: lines for people (`text`, the default) or one JSON object per line
 /// for a log pipeline (`json`: `timestamp`, `level`, `target`, `message`, the event's
 /// fields, and `process` and `pid` as the text line names them).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
     Text,

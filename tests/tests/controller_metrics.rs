@@ -638,4 +638,18 @@ async fn log_format_json_writes_one_object_per_line_on_the_controller_and_the_ag
     }
     assert!(processes.contains("supervisor"), "{processes:?}");
     assert!(processes.contains("worker"), "{processes:?}");
+
+    // The same from the agent's configuration file, without the flag.
+    let from_file = Agent::spawn(AgentOpts {
+        control: Some("127.0.0.1:0".into()),
+        listen: vec!["127.0.0.1:0".into()],
+        config: Some("log_format = \"json\"\n".into()),
+        ..AgentOpts::default()
+    });
+    let line = from_file
+        .wait_for_log("control endpoint listening on", WAIT)
+        .await;
+    let value: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("log_format = \"json\" in the file: not JSON ({e}): {line:?}"));
+    assert_eq!(value["process"], "supervisor", "{line}");
 }
