@@ -121,13 +121,14 @@ impl Default for Metrics {
         build_info
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION"),
+                commit: option_env!("FLEET_GIT_COMMIT").unwrap_or(""),
                 protocol: fleet_proto::PROTOCOL,
             })
             .set(1);
         let mut registry = Registry::with_prefix("fleet_controller");
         registry.register(
             "build_info",
-            "The controller's version and protocol (always 1)",
+            "The controller's version, git commit (FLEET_GIT_COMMIT at build time) and protocol (always 1)",
             build_info,
         );
         registry.register(
@@ -181,6 +182,8 @@ impl Default for Metrics {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
+    /// `FLEET_GIT_COMMIT` at build time; empty without.
+    commit: &'static str,
     protocol: &'static str,
 }
 
