@@ -130,10 +130,13 @@ pub fn rollout_started(rollout: &Rollout, nodes: usize) {
         undo_of = rollout.undo_of.as_str(),
         nodes,
         exe = spec.exe.as_str(),
-        "rollout {} started by {}: {nodes} node(s) to {:?}",
+        reason = spec.reason.as_str(),
+        "rollout {} started by {}: {nodes} node(s) in batches {:?} to {:?} ({:?})",
         rollout.id,
         crate::tokens::actor_label(&spec.actor, &spec.declared_actor),
-        spec.exe
+        rollout.batch_sizes,
+        spec.exe,
+        spec.reason
     );
 }
 

@@ -343,15 +343,6 @@ impl Fleet {
             .await?;
         self.store.put_rollout(&view.rollout).await?;
         crate::audit::rollout_started(&view.rollout, view.nodes.len());
-        tracing::info!(
-            "rollout {} started by {}: {} node(s) in batches {:?} to {} ({})",
-            view.rollout.id,
-            crate::tokens::actor_label(&view.rollout.spec.actor, &view.rollout.spec.declared_actor),
-            view.nodes.len(),
-            view.rollout.batch_sizes,
-            view.rollout.spec.exe,
-            view.rollout.spec.reason
-        );
         let handle = Arc::new(RolloutHandle::new(view.clone()));
         self.rollouts
             .lock()
