@@ -292,7 +292,7 @@ impl Inventory {
 
     fn record(&self, status: &pb::StatusResponse, static_node: bool) -> Result<(), HeartbeatError> {
         let record = NodeRecord::from_status(status, static_node);
-        let changed = {
+        let (changed, was) = {
             let mut nodes = self.nodes.write().expect("inventory lock");
             let max = self.max_nodes();
             let changed = match nodes.get(&record.node_id) {
@@ -315,7 +315,6 @@ impl Inventory {
             nodes.insert(record.node_id.clone(), record.clone());
             (changed, was)
         };
-        let (changed, was) = changed;
         let metrics = crate::metrics::global();
         metrics.heartbeat_accepted();
         match was.as_deref() {
@@ -467,13 +466,14 @@ impl Inventory {
             for id in now_stale.difference(&stale) {
                 // Counted when it is noticed here: a node that went stale and beat
                 // again within one tick (500 ms) is counted as coming back only.
-                if let Some(state) = states.get(id) {
+                // A static node whose poll failed was marked (and audited) already.
+                if let Some(state) = states.get(id).filter(|s| *s != "unreachable") {
                     crate::metrics::global().transition(state, "unreachable");
+                    crate::audit::node_unreachable(
+                        id,
+                        &format!("no heartbeat for {}", humantime::format_duration(self.ttl)),
+                    );
                 }
-                crate::audit::node_unreachable(
-                    id,
-                    &format!("no heartbeat for {}", humantime::format_duration(self.ttl)),
-                );
                 let _ = self.changes.send(Change::Node(id.clone()));
             }
             stale = now_stale;
