@@ -22,6 +22,11 @@ pub struct Cli {
     #[arg(short, long, value_name = "PATH", env = "FLEET_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// Log lines as text, or as one JSON object per line (workers log as the
+    /// supervisor does) [default: the config's log_format, else text].
+    #[arg(long, value_name = "FORMAT", value_enum, env = "FLEET_LOG_FORMAT")]
+    pub log_format: Option<crate::logging::LogFormat>,
+
     /// Listen address of the default server (repeatable). Replaces the ports of the
     /// server named "default" (or of the only server). Port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]
@@ -177,6 +182,9 @@ impl Cli {
         }
         if let Some(addr) = self.control {
             config.control.listen = addr;
+        }
+        if let Some(format) = self.log_format {
+            config.log_format = format;
         }
         if let Some(id) = &self.node_id {
             config.node_id = id.clone();

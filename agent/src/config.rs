@@ -32,6 +32,8 @@ pub struct Config {
     pub join: JoinConfig,
     /// Supervise this program instead of this binary's own app (socket activation + sd_notify).
     pub exec: Option<ExecConfig>,
+    /// `text` (the default) or `json`: one JSON object per log line.
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +170,7 @@ impl Default for Config {
             controller: None,
             join: JoinConfig::default(),
             exec: None,
+            log_format: crate::logging::LogFormat::Text,
         }
     }
 }

@@ -85,9 +85,18 @@ where
         // Not for the worker's own children.
         process::remove_env_early("FLEET_ROLE");
     }
-    logging::init(if worker { "worker" } else { "supervisor" });
+    // Parsed first: the flag or the file says how to log. (clap's own errors go to
+    // stderr as text; a file that cannot be read is reported in the flag's format.)
     let cli = cli::Cli::parse();
-    let config = match cli.config() {
+    let config = cli.config();
+    logging::init(
+        if worker { "worker" } else { "supervisor" },
+        match &config {
+            Ok(config) => config.log_format,
+            Err(_) => cli.log_format.unwrap_or_default(),
+        },
+    );
+    let config = match config {
         Ok(config) => config,
         Err(e) => {
             tracing::error!("{e}");

@@ -107,6 +107,10 @@ pub enum Command {
     /// Needs an admin token (or the controller's --token-file token). A token's secret
     /// is printed once, when it is created; the controller keeps only its digest.
     Token(TokenArgs),
+    /// Show this fleetctl's version and the controller's (also `fleetctl --version`).
+    ///
+    /// Exits 1 when the controller cannot be reached (its version is then unknown).
+    Version,
 }
 
 #[derive(Debug, Args)]

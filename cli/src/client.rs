@@ -116,6 +116,14 @@ impl Controller {
         status_failure(&self.url, status).into()
     }
 
+    pub async fn get_version(&mut self) -> Result<fleet_proto::v1::VersionResponse> {
+        let response = self
+            .api
+            .get_version(fleet_proto::v1::GetVersionRequest {})
+            .await;
+        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+    }
+
     pub async fn list_nodes(&mut self, selector: String) -> Result<Vec<Node>> {
         let response = self.api.list_nodes(ListNodesRequest { selector }).await;
         Ok(response.map_err(|s| self.error(&s))?.into_inner().nodes)

@@ -28,8 +28,14 @@ pub async fn run(cli: Cli) -> Result<Exit> {
         command,
     } = cli;
     // Every argument was checked while parsing; only now is the controller called.
-    let controller = Controller::connect(&url, token.as_deref(), ca_cert.as_deref()).await?;
+    let connected = Controller::connect(&url, token.as_deref(), ca_cert.as_deref()).await;
+    if matches!(command, Command::Version) {
+        // The client's version is printed even if the controller cannot be reached.
+        return crate::version::run(&url, connected, format).await;
+    }
+    let controller = connected?;
     match command {
+        Command::Version => crate::version::run(&url, Ok(controller), format).await,
         Command::Nodes(args) => nodes(controller, args, format).await,
         Command::Node(args) => node(controller, args, format).await,
         Command::Restart(args) => restart(controller, args, format).await,

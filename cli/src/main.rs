@@ -15,6 +15,8 @@ mod watch;
 mod output;
 /// Exit codes, and the error that carries one.
 mod exit;
+/// `fleetctl version`: the client's build and the controller's.
+mod version;
 
 use std::process::ExitCode;
 
@@ -25,7 +27,7 @@ use crate::exit::Exit;
 
 fn main() -> ExitCode {
     // Bad arguments end here, with clap's message and exit code 2.
-    let cli = args::Cli::parse();
+    let cli = args::Cli::parse_from(version::rewrite_flag(std::env::args_os().collect()));
     match run(cli) {
         Ok(exit) => exit.into(),
         Err(err) => {

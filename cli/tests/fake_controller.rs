@@ -194,6 +194,19 @@ fn exe_of(id: &str) -> Result<&'static str, Status> {
 
 #[tonic::async_trait]
 impl ControllerService for Fake {
+    /// An older controller that speaks another protocol.
+    async fn get_version(
+        &self,
+        request: Request<fleet_proto::v1::GetVersionRequest>,
+    ) -> Result<Response<fleet_proto::v1::VersionResponse>, Status> {
+        authorized(&request)?;
+        Ok(Response::new(fleet_proto::v1::VersionResponse {
+            version: "0.0.9".into(),
+            git_commit: "0123456789abcdef0123".into(),
+            protocol: "fleet.v0".into(),
+        }))
+    }
+
     async fn heartbeat(
         &self,
         _: Request<HeartbeatRequest>,
@@ -774,5 +787,40 @@ async fn a_watch_survives_a_lost_connection_to_the_controller() {
     assert_eq!(
         seen.last().unwrap(),
         "rollout r1 succeeded after 41s (3 healthy)"
+    );
+}
+
+#[tokio::test]
+async fn version_shows_both_builds_and_warns_of_another_protocol() {
+    let addr = serve().await;
+    for args in [&["version"][..], &["--version"][..], &["-V"][..]] {
+        let out = fleetctl(addr, Some(TOKEN), args).await;
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert_eq!(
+            stdout(&out),
+            format!(
+                "client:     fleetctl {} (fleet.v1)\ncontroller: fleet-controller 0.0.9 (fleet.v0, commit 0123456789ab) at http://{addr}\n",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "{args:?}"
+        );
+        assert!(
+            stderr(&out).contains("the controller speaks fleet.v0 and this fleetctl fleet.v1"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // Without the token: the client's version, and why the controller's is missing.
+    let out = fleetctl(addr, None, &["version"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("client:     fleetctl "),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).starts_with("error: the controller's version is unknown: "),
+        "{}",
+        stderr(&out)
     );
 }

@@ -69,9 +69,10 @@ impl ControllerService for Api {
             crate::join::check_node_cert(&request, &id)?;
         }
         let r = request.into_inner();
-        let status = r
-            .status
-            .ok_or_else(|| Status::invalid_argument("heartbeat without a status"))?;
+        let Some(status) = r.status else {
+            crate::metrics::global().heartbeat_refused("invalid");
+            return Err(Status::invalid_argument("heartbeat without a status"));
+        };
         self.fleet
             .inventory
             .report(&status, false)
@@ -79,6 +80,13 @@ impl ControllerService for Api {
         Ok(Response::new(pb::HeartbeatResponse {
             interval_ms: (self.fleet.inventory.ttl().as_millis() / 3).max(100) as u64,
         }))
+    }
+
+    async fn get_version(
+        &self,
+        _request: Request<pb::GetVersionRequest>,
+    ) -> Result<Response<pb::VersionResponse>, Status> {
+        Ok(Response::new(fleet_proto::build_version!()))
     }
 
     async fn list_nodes(
@@ -120,7 +128,7 @@ impl ControllerService for Api {
             .map_err(|e| Status::failed_precondition(e.0))?;
         let reason = asked_by(&r.reason, &caller);
         tracing::info!("node {}: restart {reason}", r.node_id);
-        let response = self
+        let result = self
             .fleet
             .agents
             .restart(
@@ -128,12 +136,19 @@ impl ControllerService for Api {
                 pb::RestartRequest {
                     exe: r.exe,
                     sha256: r.sha256,
-                    reason,
+                    reason: reason.clone(),
                     ..Default::default()
                 },
             )
-            .await?;
-        Ok(Response::new(response))
+            .await;
+        crate::audit::node_action(
+            "restart",
+            &r.node_id,
+            &caller,
+            &reason,
+            &crate::audit::restart_outcome(&result),
+        );
+        Ok(Response::new(result?))
     }
 
     async fn shutdown_node(
@@ -150,8 +165,15 @@ impl ControllerService for Api {
             .map_err(|e| Status::failed_precondition(e.0))?;
         let reason = asked_by(&r.reason, &caller);
         tracing::info!("node {}: shutdown {reason}", r.node_id);
-        let response = self.fleet.agents.shutdown(&node, reason).await?;
-        Ok(Response::new(response))
+        let result = self.fleet.agents.shutdown(&node, reason.clone()).await;
+        crate::audit::node_action(
+            "shutdown",
+            &r.node_id,
+            &caller,
+            &reason,
+            &crate::audit::shutdown_outcome(&result),
+        );
+        Ok(Response::new(result?))
     }
 
     async fn forget_node(
@@ -162,11 +184,7 @@ impl ControllerService for Api {
         let id = request.into_inner().node_id;
         match self.fleet.inventory.forget(&id).await {
             Ok(node) => {
-                tracing::info!(
-                    "forgot node {id} (it was {}), asked by {}",
-                    node.state,
-                    caller.name
-                );
+                crate::audit::node_forgotten(&id, &node.state, &caller);
                 Ok(Response::new(node_message(&node)))
             }
             Err(e @ ForgetError::NotFound(_)) => Err(Status::not_found(e.to_string())),

@@ -163,6 +163,12 @@ pub const ROUTES: &[Route] = &[
         ADMIN,
         "RevokeToken",
     ),
+    r(
+        "POST",
+        "/fleet.v1.ControllerService/GetVersion",
+        VIEWER,
+        "GetVersion",
+    ),
     // gRPC fleet.v1.JoinService (--tls): each checks its caller itself, Join by the
     // join token in the request, Renew by the node's own certificate.
     r("POST", crate::join::JOIN_PATH, ANYONE, "Join"),
@@ -170,6 +176,7 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/grpc.health.v1.Health/*", ANYONE, "gRPC health"),
     // HTTP API.
     r("GET", "/healthz", ANYONE, "the health check"),
+    r("GET", "/metrics", VIEWER, "GET /metrics"),
     r("GET", "/api/nodes", VIEWER, "GET /api/nodes"),
     r("GET", "/api/nodes/*", VIEWER, "GET /api/nodes/ID"),
     r("GET", "/api/rollouts", VIEWER, "GET /api/rollouts"),
@@ -305,7 +312,7 @@ impl Auth {
     /// Who is calling; `Ok(None)` when nobody is recognised.
     fn caller(&self, request: &Request, grpc: bool) -> Result<Option<Caller>, AuthError> {
         let path = request.uri().path();
-        let dashboard = !grpc && !path.starts_with("/api/");
+        let dashboard = !grpc && is_page(path);
         if dashboard {
             // Browsers: the session only, never a bearer header.
             return match self.session_caller(request.headers())? {
@@ -332,6 +339,12 @@ impl Auth {
         }
         Ok(self.open().then(Caller::local))
     }
+}
+
+/// A dashboard page (a browser, with a session), rather than the JSON API or
+/// `/metrics` (scripts and scrapers, with a bearer token).
+fn is_page(path: &str) -> bool {
+    !path.starts_with("/api/") && path != "/metrics"
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -379,7 +392,7 @@ pub async fn authorize(
     if route.need == Need::Anyone {
         return next.run(request).await;
     }
-    let dashboard = !grpc && !path.starts_with("/api/");
+    let dashboard = !grpc && is_page(&path);
     let caller = match auth.caller(&request, grpc) {
         Ok(Some(caller)) => caller,
         Ok(None) if dashboard => return session::log_in_first(&request, None),

@@ -19,6 +19,18 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7100")]
     pub listen: SocketAddr,
 
+    /// Log lines as text, or as one JSON object per line (`timestamp`, `level`,
+    /// `target`, `message` and the event's fields; the audit lines have target
+    /// `fleet::audit`).
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        value_enum,
+        default_value_t,
+        env = "FLEET_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+
     /// SQLite database file (created if missing).
     #[arg(long, value_name = "PATH", default_value = "fleet.db")]
     pub db: PathBuf,
@@ -99,6 +111,46 @@ pub struct Cli {
     /// HTTP/1 after each response).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    /// Installs the global subscriber (stderr; `FLEET_LOG` sets the level, e.g.
+    /// `debug` or `info,fleet::audit=off`).
+    pub fn init(self) {
+        let filter: tracing_subscriber::filter::Targets = std::env::var("FLEET_LOG")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+            });
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        let _ = match self {
+            LogFormat::Text => tracing_subscriber::registry()
+                .with(layer.with_target(false))
+                .with(filter)
+                .try_init(),
+            LogFormat::Json => tracing_subscriber::registry()
+                .with(
+                    layer
+                        .json()
+                        .flatten_event(true)
+                        .with_current_span(false)
+                        .with_span_list(false),
+                )
+                .with(filter)
+                .try_init(),
+        };
+    }
 }
 
 impl Cli {

@@ -458,15 +458,7 @@ impl Fleet {
             .put_rollout_nodes(&view.rollout.id, &view.nodes)
             .await?;
         self.store.put_rollout(&view.rollout).await?;
-        tracing::info!(
-            "rollout {} started by {}: {} node(s) in batches {:?} to {} ({})",
-            view.rollout.id,
-            crate::tokens::actor_label(&view.rollout.spec.actor, &view.rollout.spec.declared_actor),
-            view.nodes.len(),
-            view.rollout.batch_sizes,
-            view.rollout.spec.exe,
-            view.rollout.spec.reason
-        );
+        crate::audit::rollout_started(&view.rollout, view.nodes.len());
         for (reason, ids) in fleet_proto::rules::group_refusals(
             view.rollout
                 .spec
@@ -531,6 +523,7 @@ impl Fleet {
             view.rollout.clone()
         };
         self.store.put_rollout(&header).await?;
+        crate::audit::rollout_requested(&header.id, wanted, actor);
         handle.wake.notify_one();
         let _ = self.changes.send(Change::Rollout(header.id.clone()));
         Ok(handle.view.lock().expect("view lock").clone())

@@ -22,6 +22,7 @@ use crate::rollout::RolloutView;
 pub fn router(fleet: Arc<Fleet>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .route("/api/nodes", get(nodes))
         .route("/api/nodes/{id}", get(node))
         .route("/api/rollouts", get(rollouts))
@@ -67,13 +68,56 @@ async fn rollout(State(fleet): State<Arc<Fleet>>, Path(id): Path<String>) -> Res
     }
 }
 
+/// A path no route serves (the table of roles lets through only paths it names, but
+/// a pattern like `/assets/*` names more than exist): a plain 404 for HTTP, and
+/// `UNIMPLEMENTED` for a gRPC call, as gRPC clients expect.
+pub async fn not_found(request: axum::extract::Request) -> Response {
+    let path = request.uri().path();
+    let grpc = request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return tonic::Status::unimplemented(format!(
+            "{path} is not a method this controller serves (is the client newer than the controller?)"
+        ))
+        .into_http();
+    }
+    (
+        StatusCode::NOT_FOUND,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        format!("no page {} {path}\n", request.method()),
+    )
+        .into_response()
+}
+
+/// OpenMetrics text (what prometheus-client writes, and the agent's `/metrics` serves).
+async fn metrics(State(fleet): State<Arc<Fleet>>) -> Response {
+    let body = crate::metrics::global().render(&fleet);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
 /// `event: node` / `event: rollout` with the id that changed; `event: resync` when
 /// this client fell behind and should reload everything.
 async fn events(
     State(fleet): State<Arc<Fleet>>,
 ) -> Sse<impl tokio_stream::Stream<Item = Result<Event, Infallible>>> {
     let changes = tokio_stream::wrappers::BroadcastStream::new(fleet.changes.subscribe());
-    let stream = changes.map(|change| {
+    // Counted while the stream lives: axum drops it when the client goes away.
+    let client = crate::metrics::global().sse_client();
+    let stream = changes.map(move |change| {
+        let _counted = &client;
         Ok(match change {
             Ok(Change::Node(id)) => Event::default().event("node").data(id),
             Ok(Change::Rollout(id)) => Event::default().event("rollout").data(id),

@@ -260,6 +260,10 @@ impl Inventory {
     ) -> Result<(), HeartbeatError> {
         let checked = Self::check(status).and_then(|()| self.record(status, static_node));
         if let Err(e) = &checked {
+            crate::metrics::global().heartbeat_refused(match e {
+                HeartbeatError::Invalid(_) => "invalid",
+                HeartbeatError::Full(_) => "full",
+            });
             self.log_refusal(e);
         }
         checked
@@ -288,7 +292,7 @@ impl Inventory {
 
     fn record(&self, status: &pb::StatusResponse, static_node: bool) -> Result<(), HeartbeatError> {
         let record = NodeRecord::from_status(status, static_node);
-        let changed = {
+        let (changed, was) = {
             let mut nodes = self.nodes.write().expect("inventory lock");
             let max = self.max_nodes();
             let changed = match nodes.get(&record.node_id) {
@@ -304,9 +308,28 @@ impl Inventory {
                 None => true,
                 Some(old) => !old.same_facts(&record) || self.is_stale(old),
             };
+            // The state it leaves, as the API showed it: `unreachable` once stale.
+            let was = nodes
+                .get(&record.node_id)
+                .map(|old| self.effective(old).state);
             nodes.insert(record.node_id.clone(), record.clone());
-            changed
+            (changed, was)
         };
+        let metrics = crate::metrics::global();
+        metrics.heartbeat_accepted();
+        match was.as_deref() {
+            None => {
+                metrics.transition("new", &record.state);
+                crate::audit::node_joined(&record.node_id, &record.state, &record.control_addr);
+            }
+            Some(was) if was != record.state => {
+                metrics.transition(was, &record.state);
+                if was == "unreachable" {
+                    crate::audit::node_back(&record.node_id, &record.state);
+                }
+            }
+            Some(_) => {}
+        }
         if changed {
             // Queued now; committed by the writer thread.
             drop(self.store.put_node(&record));
@@ -376,6 +399,10 @@ impl Inventory {
         if let Some(node) = nodes.get_mut(node_id)
             && node.reason != reason
         {
+            if node.state != "unreachable" {
+                crate::metrics::global().transition(&node.state, "unreachable");
+                crate::audit::node_unreachable(node_id, &reason);
+            }
             node.state = "unreachable".into();
             node.reason = reason;
             let _ = self.changes.send(Change::Node(node_id.to_string()));
@@ -428,19 +455,25 @@ impl Inventory {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tick.tick().await;
-            let now_stale: std::collections::HashSet<String> = {
+            let (now_stale, states): (std::collections::HashSet<String>, HashMap<String, String>) = {
                 let nodes = self.nodes.read().expect("inventory lock");
                 nodes
                     .values()
                     .filter(|n| self.is_stale(n))
-                    .map(|n| n.node_id.clone())
-                    .collect()
+                    .map(|n| (n.node_id.clone(), (n.node_id.clone(), n.state.clone())))
+                    .unzip()
             };
             for id in now_stale.difference(&stale) {
-                tracing::warn!(
-                    "node {id} is unreachable: no heartbeat for {}",
-                    humantime::format_duration(self.ttl)
-                );
+                // Counted when it is noticed here: a node that went stale and beat
+                // again within one tick (500 ms) is counted as coming back only.
+                // A static node whose poll failed was marked (and audited) already.
+                if let Some(state) = states.get(id).filter(|s| *s != "unreachable") {
+                    crate::metrics::global().transition(state, "unreachable");
+                    crate::audit::node_unreachable(
+                        id,
+                        &format!("no heartbeat for {}", humantime::format_duration(self.ttl)),
+                    );
+                }
                 let _ = self.changes.send(Change::Node(id.clone()));
             }
             stale = now_stale;

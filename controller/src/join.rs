@@ -139,6 +139,12 @@ impl JoinService for Join {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.inventory
             .note_certificate(&r.node_id, issued.not_after);
+        crate::audit::certificate_issued(
+            &r.node_id,
+            "join",
+            &format!("join token {}", grant.token_id),
+            issued.not_after,
+        );
         tracing::info!(
             "node {:?} joined from {peer} with join token {} ({:?}); its certificate expires {}",
             r.node_id,
@@ -160,7 +166,7 @@ impl JoinService for Join {
             .issue_node(&node_id, &request.into_inner().csr_pem, self.ttl)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.inventory.note_certificate(&node_id, issued.not_after);
-        tracing::debug!("node {node_id:?} renewed its certificate");
+        crate::audit::certificate_issued(&node_id, "renew", &node_id, issued.not_after);
         Ok(Response::new(response(issued, &self.ca)))
     }
 }

@@ -36,6 +36,10 @@ pub mod join;
 pub mod tls;
 /// Persistence (SQLite).
 pub mod store;
+/// Prometheus metrics (`/metrics`).
+pub mod metrics;
+/// Audit log lines (`fleet::audit`): every state change and who made it.
+pub mod audit;
 #[cfg(test)]
 mod testing;
 
@@ -94,8 +98,10 @@ pub fn router_with(
     http::router(fleet.clone())
         .merge(grpc)
         .merge(dashboard::router(fleet, auth.clone()))
+        .fallback(http::not_found)
         .layer(axum::middleware::from_fn_with_state(auth, auth::authorize))
         .layer(axum::middleware::from_fn(dashboard::security_headers))
+        .layer(axum::middleware::from_fn(metrics::time_requests))
 }
 
 /// Runs the controller until the process is stopped.

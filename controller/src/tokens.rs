@@ -587,17 +587,16 @@ impl Tokens {
             .write()
             .expect("tokens lock")
             .insert(id, record.clone());
-        tracing::info!(
-            "token {} ({}, {:?}) created by {}{}",
-            record.id,
+        crate::audit::token_created(
+            &record.id,
+            &record.name,
             record.kind.as_str(),
-            record.name,
-            created_by.describe(),
-            if expires > 0 {
-                format!(", expires at {}", rfc3339(expires))
+            created_by,
+            &if expires > 0 {
+                rfc3339(expires)
             } else {
                 String::new()
-            }
+            },
         );
         Ok((record, token))
     }
@@ -629,12 +628,7 @@ impl Tokens {
             .write()
             .expect("tokens lock")
             .insert(record.id.clone(), record.clone());
-        tracing::info!(
-            "token {} ({:?}) revoked by {}",
-            record.id,
-            record.name,
-            by.describe()
-        );
+        crate::audit::token_revoked(&record.id, &record.name, by);
         Ok(record)
     }
 

@@ -7,6 +7,22 @@ pub mod v1 {
     tonic::include_proto!("fleet.v1");
 }
 
+/// The API this build speaks: the proto package of its services.
+pub const PROTOCOL: &str = "fleet.v1";
+
+/// The build of the crate that calls it: its version, the git commit given as
+/// `FLEET_GIT_COMMIT` at build time (empty without), and [`PROTOCOL`].
+#[macro_export]
+macro_rules! build_version {
+    () => {
+        $crate::v1::VersionResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            git_commit: option_env!("FLEET_GIT_COMMIT").unwrap_or("").to_string(),
+            protocol: $crate::PROTOCOL.to_string(),
+        }
+    };
+}
+
 /// The rules of a rollout spec's amounts (batches, budgets), shared by fleetctl and
 /// the controller.
 pub mod rules;

@@ -1172,6 +1172,12 @@ mod tests {
         ) -> Unimplemented<pb::Token> {
             unimplemented()
         }
+        async fn get_version(
+            &self,
+            _: Request<pb::GetVersionRequest>,
+        ) -> Unimplemented<pb::VersionResponse> {
+            unimplemented()
+        }
     }
 
     async fn fake_controller(fake: Arc<FakeController>) -> String {

@@ -235,7 +235,16 @@ async fn do_restart(
         reason: dashboard_reason(&form.reason, &s),
         ..Default::default()
     };
-    let r = match d.fleet.agents.restart(&n, request).await {
+    let reason = request.reason.clone();
+    let result = d.fleet.agents.restart(&n, request).await;
+    crate::audit::node_action(
+        "restart",
+        &id,
+        &s.caller,
+        &reason,
+        &crate::audit::restart_outcome(&result),
+    );
+    let r = match result {
         Ok(r) => r,
         Err(status) => {
             // Refused before anything was spawned: the form again, as filled in.
@@ -407,7 +416,15 @@ async fn do_shutdown(
         dashboard_reason(&form.reason, &s)
     );
     let reason = dashboard_reason(&form.reason, &s);
-    let (status, flash) = match d.fleet.agents.shutdown(&n, reason).await {
+    let result = d.fleet.agents.shutdown(&n, reason.clone()).await;
+    crate::audit::node_action(
+        "shutdown",
+        &id,
+        &s.caller,
+        &reason,
+        &crate::audit::shutdown_outcome(&result),
+    );
+    let (status, flash) = match result {
         Ok(_) => (
             StatusCode::OK,
             Flash::Done(format!(
@@ -438,11 +455,7 @@ async fn do_forget(
     use crate::inventory::ForgetError;
     let (status, flash) = match d.fleet.inventory.forget(&id).await {
         Ok(n) => {
-            tracing::info!(
-                "forgot node {id} (it was {}), asked by {} (dashboard)",
-                n.state,
-                s.caller.name
-            );
+            crate::audit::node_forgotten(&id, &n.state, &s.caller);
             (
                 StatusCode::OK,
                 Flash::Done(format!("Forgot {id} (it was {}).", n.state)),

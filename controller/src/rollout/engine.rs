@@ -102,12 +102,7 @@ pub async fn run(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>) {
     let took_ms = header
         .finished_unix_ms
         .saturating_sub(header.created_unix_ms);
-    tracing::info!(
-        "rollout {id} {} after {:.1}s: {}",
-        state.as_str(),
-        took_ms as f64 / 1000.0,
-        header.reason
-    );
+    crate::audit::rollout_finished(&header, took_ms as f64 / 1000.0);
 }
 
 /// Runs the batches; returns the final state and why.
@@ -218,6 +213,9 @@ async fn drive(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> (RolloutState
             }
             view.rollout.clone()
         };
+        if header.state == RolloutState::Paused {
+            crate::audit::rollout_paused_after_canary(&header.id);
+        }
         if let Err(e) = fleet.store.put_rollout(&header).await {
             return (
                 RolloutState::Failed,

@@ -80,8 +80,10 @@ impl SqliteStore {
                     while let Ok(more) = jobs.try_recv() {
                         batch.push(more);
                     }
+                    let started = std::time::Instant::now();
                     let result =
                         commit(&mut writer_conn, &batch).map_err(|e| db_err(&thread_path, e));
+                    crate::metrics::global().store_write(started.elapsed());
                     if let Err(e) = &result {
                         tracing::error!("cannot write to the store: {e}");
                     }
