@@ -15,6 +15,8 @@ mod watch;
 mod output;
 /// Exit codes, and the error that carries one.
 mod exit;
+/// Shell completions, man pages, and the token file: what needs no controller.
+mod docs;
 
 use std::process::ExitCode;
 
