@@ -149,7 +149,7 @@ fn runtime_image_builds_with_podman() {
         cmd
     };
     output(
-        &mut podman(&[
+        podman(&[
             "build",
             "--isolation",
             "chroot",
