@@ -3,7 +3,7 @@
 //! Values are checked by clap value parsers (`parse`), so a mistake is reported with the flag it
 //! came from and ends with exit code 2 before any connection is made.
 
-mod parse;
+pub(crate) mod parse;
 
 use std::time::Duration;
 
@@ -53,6 +53,17 @@ pub struct Cli {
         value_parser = parse_token
     )]
     pub token: Option<String>,
+
+    /// A file holding the bearer token (one line; mode 0600 or stricter), instead of
+    /// --token: the token never appears in the process list or the environment.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "FLEET_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    pub token_file: Option<std::path::PathBuf>,
 
     /// The fleet CA's certificate (ca.crt in the controller's TLS directory), to trust
     /// an https:// controller (one started with --tls).
@@ -111,6 +122,25 @@ pub enum Command {
     ///
     /// Exits 1 when the controller cannot be reached (its version is then unknown).
     Version,
+    /// Print a shell completion script: `fleetctl completion bash > /etc/bash_completion.d/fleetctl`
+    /// (zsh: into a directory of $fpath as _fleetctl; fish: ~/.config/fish/completions/fleetctl.fish).
+    Completion(CompletionArgs),
+    /// Write man pages (fleetctl.1 and one per subcommand, e.g. fleetctl-rollout.1) into DIR.
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Directory to write the pages into (created if missing).
+    #[arg(default_value = ".")]
+    pub dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Args)]

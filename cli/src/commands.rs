@@ -23,10 +23,21 @@ pub async fn run(cli: Cli) -> Result<Exit> {
     let Cli {
         controller: url,
         token,
+        token_file,
         ca_cert,
         output: format,
         command,
     } = cli;
+    // Local commands: no controller needed.
+    match &command {
+        Command::Completion(args) => return crate::docs::completion(args.shell),
+        Command::Man(args) => return crate::docs::man(&args.dir),
+        _ => {}
+    }
+    let token = match token_file {
+        Some(path) => Some(crate::docs::read_token_file(&path)?),
+        None => token,
+    };
     // Every argument was checked while parsing; only now is the controller called.
     let connected = Controller::connect(&url, token.as_deref(), ca_cert.as_deref()).await;
     if matches!(command, Command::Version) {
@@ -64,6 +75,7 @@ pub async fn run(cli: Cli) -> Result<Exit> {
                 RolloutAction::Undo(args) => rollout_undo(controller, args, format).await,
             },
         },
+        Command::Completion(_) | Command::Man(_) => unreachable!("handled before connecting"),
         Command::Token(token) => match token.action {
             TokenAction::Create(args) => token_create(controller, args, format).await,
             TokenAction::List => token_list(controller, format).await,

@@ -17,6 +17,8 @@ mod output;
 mod exit;
 /// `fleetctl version`: the client's build and the controller's.
 mod version;
+/// Shell completions, man pages, and the token file: what needs no controller.
+mod docs;
 
 use std::process::ExitCode;
 

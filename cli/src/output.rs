@@ -53,28 +53,24 @@ impl Table {
     }
 
     /// The text, one line per row; the last column is not padded, and no line has
-    /// trailing spaces.
+    /// trailing spaces. comfy-table measures each cell's display width (wide CJK
+    /// characters count two columns, combining marks none), so columns stay aligned in
+    /// a terminal whatever the node names and reasons hold.
     pub fn render(&self) -> String {
-        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
-        let mut widths = vec![0; columns];
+        let mut table = comfy_table::Table::new();
+        table
+            .load_style(comfy_table::presets::NOTHING)
+            .set_content_arrangement(comfy_table::ContentArrangement::Disabled);
         for row in &self.rows {
-            for (i, cell) in row.iter().enumerate() {
-                widths[i] = widths[i].max(cell.chars().count());
-            }
+            table.add_row(row.iter().map(String::as_str));
+        }
+        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        for (i, column) in table.column_iter_mut().enumerate() {
+            // Two spaces between columns, none before the first.
+            column.set_padding((0, if i + 1 < columns { 2 } else { 0 }));
         }
         let mut text = String::new();
-        for row in &self.rows {
-            let mut line = String::new();
-            for (i, cell) in row.iter().enumerate() {
-                if i > 0 {
-                    line.push_str("  ");
-                }
-                line.push_str(cell);
-                if i + 1 < row.len() {
-                    let pad = widths[i] - cell.chars().count();
-                    line.extend(std::iter::repeat_n(' ', pad));
-                }
-            }
+        for line in table.lines() {
             text.push_str(line.trim_end());
             text.push('\n');
         }
@@ -277,6 +273,21 @@ pub fn restart_result(node_id: &str, r: &RestartResponse) -> String {
 mod tests {
     use super::*;
     use fleet_proto::v1::{ExeInfo, Outcome, PhaseTimings};
+
+    #[test]
+    fn columns_are_as_wide_as_the_terminal_shows_them() {
+        // "東京" is two characters but four columns wide; "é" is e and a combining
+        // accent: two characters, one column.
+        let mut table = Table::new(&["NODE", "STATE"]);
+        table.row(["東京-1", "serving"]);
+        table.row(["cafe\u{301}", "stopped"]);
+        assert_eq!(
+            table.render(),
+            "NODE    STATE\n\
+             東京-1  serving\n\
+             cafe\u{301}    stopped\n"
+        );
+    }
 
     #[test]
     fn columns_are_as_wide_as_their_widest_cell() {

@@ -9,6 +9,15 @@ use fleet_proto::v1::{
 };
 use serde::Serialize;
 
+/// A `*_unix_ms` time as RFC 3339 in UTC with milliseconds, as people and `date -d`
+/// read it; `None` for 0, which the proto uses for "not set".
+pub fn rfc3339(unix_ms: u64) -> Option<String> {
+    (unix_ms > 0).then(|| {
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms);
+        humantime::format_rfc3339_millis(time).to_string()
+    })
+}
+
 /// Pretty JSON of anything here, ending with a newline.
 pub fn to_string<T: Serialize>(value: &T) -> String {
     let mut text = serde_json::to_string_pretty(value).expect("plain structs serialize");
@@ -46,7 +55,11 @@ pub struct NodeJson<'a> {
     pub worker_pid: u32,
     pub in_flight: u64,
     pub last_heartbeat_unix_ms: u64,
+    /// The same time in RFC 3339 (UTC, milliseconds); null when unset (0).
+    pub last_heartbeat_rfc3339: Option<String>,
     pub started_at_unix_ms: u64,
+    /// The same time in RFC 3339 (UTC, milliseconds); null when unset (0).
+    pub started_at_rfc3339: Option<String>,
     pub reason: &'a str,
     pub static_node: bool,
 }
@@ -69,7 +82,9 @@ impl<'a> From<&'a Node> for NodeJson<'a> {
             worker_pid: n.worker_pid,
             in_flight: n.in_flight,
             last_heartbeat_unix_ms: n.last_heartbeat_unix_ms,
+            last_heartbeat_rfc3339: rfc3339(n.last_heartbeat_unix_ms),
             started_at_unix_ms: n.started_at_unix_ms,
+            started_at_rfc3339: rfc3339(n.started_at_unix_ms),
             reason: &n.reason,
             static_node: n.static_node,
         }
@@ -126,6 +141,8 @@ impl<'a> From<&'a RolloutSpec> for SpecJson<'a> {
 #[derive(Debug, Serialize)]
 pub struct TimelineJson<'a> {
     pub unix_ms: u64,
+    /// The same time in RFC 3339 (UTC, milliseconds); null when unset (0).
+    pub rfc3339: Option<String>,
     pub state: &'a str,
     pub message: &'a str,
     pub pid: u32,
@@ -135,6 +152,7 @@ impl<'a> From<&'a TimelineEntry> for TimelineJson<'a> {
     fn from(t: &'a TimelineEntry) -> Self {
         TimelineJson {
             unix_ms: t.unix_ms,
+            rfc3339: rfc3339(t.unix_ms),
             state: &t.state,
             message: &t.message,
             pid: t.pid,
@@ -182,7 +200,11 @@ pub struct RolloutJson<'a> {
     pub state: &'a str,
     pub reason: &'a str,
     pub created_unix_ms: u64,
+    /// The same time in RFC 3339 (UTC, milliseconds); null when unset (0).
+    pub created_rfc3339: Option<String>,
     pub finished_unix_ms: u64,
+    /// The same time in RFC 3339 (UTC, milliseconds); null when unset (0).
+    pub finished_rfc3339: Option<String>,
     pub batch_sizes: &'a [u32],
     pub current_batch: u32,
     pub nodes: Vec<RolloutNodeJson<'a>>,
@@ -197,7 +219,9 @@ impl<'a> From<&'a Rollout> for RolloutJson<'a> {
             state: &r.state,
             reason: &r.reason,
             created_unix_ms: r.created_unix_ms,
+            created_rfc3339: rfc3339(r.created_unix_ms),
             finished_unix_ms: r.finished_unix_ms,
+            finished_rfc3339: rfc3339(r.finished_unix_ms),
             batch_sizes: &r.batch_sizes,
             current_batch: r.current_batch,
             nodes: r.nodes.iter().map(RolloutNodeJson::from).collect(),
@@ -260,10 +284,18 @@ pub struct TokenJson<'a> {
     pub name: &'a str,
     pub kind: &'a str,
     pub created_unix_ms: u64,
+    /// The same time in RFC 3339 (UTC, milliseconds); null when unset (0).
+    pub created_rfc3339: Option<String>,
     pub created_by: &'a str,
     pub expires_unix_ms: u64,
+    /// The same time in RFC 3339 (UTC, milliseconds); null when unset (0).
+    pub expires_rfc3339: Option<String>,
     pub revoked_unix_ms: u64,
+    /// The same time in RFC 3339 (UTC, milliseconds); null when unset (0).
+    pub revoked_rfc3339: Option<String>,
     pub last_used_unix_ms: u64,
+    /// The same time in RFC 3339 (UTC, milliseconds); null when unset (0).
+    pub last_used_rfc3339: Option<String>,
     pub node_id_prefix: &'a str,
     pub max_uses: u32,
     pub uses: u32,
@@ -276,10 +308,14 @@ impl<'a> From<&'a Token> for TokenJson<'a> {
             name: &t.name,
             kind: &t.kind,
             created_unix_ms: t.created_unix_ms,
+            created_rfc3339: rfc3339(t.created_unix_ms),
             created_by: &t.created_by,
             expires_unix_ms: t.expires_unix_ms,
+            expires_rfc3339: rfc3339(t.expires_unix_ms),
             revoked_unix_ms: t.revoked_unix_ms,
+            revoked_rfc3339: rfc3339(t.revoked_unix_ms),
             last_used_unix_ms: t.last_used_unix_ms,
+            last_used_rfc3339: rfc3339(t.last_used_unix_ms),
             node_id_prefix: &t.node_id_prefix,
             max_uses: t.max_uses,
             uses: t.uses,
@@ -315,6 +351,23 @@ pub fn outcome(value: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unix_ms_times_come_with_rfc3339_beside_them() {
+        assert_eq!(rfc3339(0), None);
+        assert_eq!(
+            rfc3339(1_796_428_800_123).as_deref(),
+            Some("2026-12-05T00:00:00.123Z")
+        );
+        let node = Node {
+            last_heartbeat_unix_ms: 1_796_428_800_123,
+            ..Default::default()
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&to_string(&NodeJson::from(&node))).expect("JSON");
+        assert_eq!(json["last_heartbeat_rfc3339"], "2026-12-05T00:00:00.123Z");
+        assert_eq!(json["started_at_rfc3339"], serde_json::Value::Null);
+    }
 
     #[test]
     fn rollouts_serialize_with_the_proto_field_names() {

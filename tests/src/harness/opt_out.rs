@@ -9,6 +9,8 @@ pub const SKIP_PIDNS: &str = "FLEET_TESTS_SKIP_PIDNS";
 pub const SKIP_H2LOAD: &str = "FLEET_TESTS_SKIP_H2LOAD";
 /// The opt-out for tests that only root can run (e.g. `chown` to another user).
 pub const SKIP_ROOT: &str = "FLEET_TESTS_SKIP_ROOT";
+/// The opt-out for the packaging tests that need podman or systemd-analyze.
+pub const SKIP_PODMAN: &str = "FLEET_TESTS_SKIP_PODMAN";
 
 /// Called by a test that found it cannot run here because of `why`. Returns (the
 /// caller then returns without asserting anything) only when `opt_out` is `1`,
