@@ -17,6 +17,7 @@ use super::Dashboard;
 use super::session::{Session, percent_encode};
 use super::view::{self, Flash, Section};
 use crate::fleet::RolloutError;
+use crate::history::{RestartRecord, Via};
 use crate::inventory::NodeRecord;
 use crate::rollout::RolloutState;
 
@@ -167,7 +168,12 @@ async fn do_restart(
         reason: dashboard_reason(&form.reason, &s),
         ..Default::default()
     };
-    let r = match d.fleet.agents.restart(&n, request).await {
+    let sent_at = crate::now_ms();
+    let result = d.fleet.agents.restart(&n, request).await;
+    let actor = &s.caller.name;
+    let record = RestartRecord::restart(&id, Via::Dashboard, actor, "", sent_at, &result);
+    d.fleet.history.record(record).await;
+    let r = match result {
         Ok(r) => r,
         Err(status) => {
             // Refused before anything was spawned: the form again, as filled in.
@@ -307,7 +313,12 @@ async fn do_shutdown(
         dashboard_reason(&form.reason, &s)
     );
     let reason = dashboard_reason(&form.reason, &s);
-    let (status, flash) = match d.fleet.agents.shutdown(&n, reason).await {
+    let sent_at = crate::now_ms();
+    let result = d.fleet.agents.shutdown(&n, reason).await;
+    let actor = &s.caller.name;
+    let record = RestartRecord::shutdown(&id, Via::Dashboard, actor, sent_at, &result);
+    d.fleet.history.record(record).await;
+    let (status, flash) = match result {
         Ok(_) => (
             StatusCode::OK,
             Flash::Done(format!(
