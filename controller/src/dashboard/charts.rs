@@ -132,6 +132,9 @@ pub fn fleet_handoffs(fleet: &crate::fleet::Fleet) -> Markup {
     }
 }
 
+/// A bar's start and end, Unix ms.
+type Span = (u64, u64);
+
 /// Start and end (Unix ms) of the first `from` entry in a node's timeline, ended by
 /// the first later entry in another state.
 fn span(n: &RolloutNode, from: NodeState) -> Option<(u64, u64)> {
@@ -152,7 +155,7 @@ pub fn rollout_timeline(v: &RolloutView, now_ms: u64) -> Markup {
     } else {
         now_ms
     };
-    let mut rows: Vec<(&RolloutNode, Option<(u64, u64)>, Option<(u64, u64)>)> = v
+    let mut rows: Vec<(&RolloutNode, Option<Span>, Option<Span>)> = v
         .nodes
         .iter()
         .map(|n| {
