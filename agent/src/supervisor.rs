@@ -29,7 +29,7 @@ pub use restart::{
     MAX_REASON, Outcome, RestartError, RestartReport, RestartRequest, Timings, Trigger,
 };
 pub(crate) use signals::name as signal_name;
-pub use status::{ListenerReport, NodeState, StatusReport, WorkerReport};
+pub use status::{ListenerReport, NodeState, RECENT_RESTARTS, StatusReport, WorkerReport};
 
 use crate::config::{Config, ConfigError};
 use crate::exe::{ExeError, ExeInfo, ExePolicy};
