@@ -165,6 +165,9 @@ pub struct History {
     /// Each node's worker generations as its last status reported them (memory
     /// only: the next heartbeat after a controller restart brings them back).
     workers: Mutex<HashMap<String, Vec<pb::Worker>>>,
+    /// Drain times (old pid, µs) in each node's last status: a restart whose answer
+    /// arrives after a heartbeat already reported its drain takes it from here.
+    drains: Mutex<HashMap<String, Vec<(u32, u64)>>>,
 }
 
 impl History {
@@ -173,12 +176,22 @@ impl History {
             store,
             forwarded: Mutex::new(HashMap::new()),
             workers: Mutex::new(HashMap::new()),
+            drains: Mutex::new(HashMap::new()),
         }
     }
 
     /// Writes `record`; returns once it is durable. A store error is logged, not
     /// returned: the restart itself has happened either way.
-    pub async fn record(&self, record: RestartRecord) {
+    pub async fn record(&self, mut record: RestartRecord) {
+        if record.old_pid != 0 && record.drain_us == 0 {
+            let drains = self.drains.lock().expect("history lock");
+            if let Some(&(_, us)) = drains
+                .get(&record.node_id)
+                .and_then(|d| d.iter().find(|(pid, _)| *pid == record.old_pid))
+            {
+                record.drain_us = us;
+            }
+        }
         tracing::info!(
             "node {}: {} {} by {} via {}{}",
             record.node_id,
@@ -207,6 +220,15 @@ impl History {
             .lock()
             .expect("history lock")
             .insert(status.node_id.clone(), status.workers.clone());
+        self.drains.lock().expect("history lock").insert(
+            status.node_id.clone(),
+            status
+                .recent_restarts
+                .iter()
+                .filter(|r| r.drain_us > 0 && r.old_pid != 0)
+                .map(|r| (r.old_pid, r.drain_us))
+                .collect(),
+        );
         let fresh: Vec<(u32, u64)> = {
             let mut forwarded = self.forwarded.lock().expect("history lock");
             let seen = forwarded.entry(status.node_id.clone()).or_default();
@@ -236,6 +258,7 @@ impl History {
     pub fn forget(&self, node_id: &str) {
         self.forwarded.lock().expect("history lock").remove(node_id);
         self.workers.lock().expect("history lock").remove(node_id);
+        self.drains.lock().expect("history lock").remove(node_id);
     }
 
     /// The node's worker generations as it last reported them, oldest first.
@@ -259,5 +282,65 @@ impl History {
     /// The fleet's latest restarts, newest first.
     pub fn recent(&self, limit: usize) -> Result<Vec<RestartRecord>, StoreError> {
         self.store.load_restarts(None, limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    fn status(node: &str, restarts: Vec<pb::RecentRestart>) -> pb::StatusResponse {
+        pb::StatusResponse {
+            node_id: node.into(),
+            recent_restarts: restarts,
+            ..Default::default()
+        }
+    }
+
+    fn drained(old_pid: u32, drain_us: u64) -> pb::RecentRestart {
+        pb::RecentRestart {
+            old_pid,
+            drain_us,
+            ..Default::default()
+        }
+    }
+
+    fn restart(node: &str, old_pid: u32) -> RestartRecord {
+        RestartRecord {
+            node_id: node.into(),
+            kind: "restart".into(),
+            outcome: "succeeded".into(),
+            old_pid,
+            new_pid: old_pid + 1,
+            handoff_us: 5,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_drain_reported_before_or_after_the_restart_answer_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
+        let history = History::new(store.clone());
+        // After: the answer is recorded first, the drain comes with a heartbeat.
+        history.record(restart("web-1", 10)).await;
+        history.heard(&status("web-1", vec![drained(10, 700)]));
+        // Before: a heartbeat already carried the drain of pid 20.
+        history.heard(&status("web-1", vec![drained(10, 700), drained(20, 900)]));
+        history.record(restart("web-1", 20)).await;
+        // Another node's drain of the same pid does not leak into web-1's history.
+        history.heard(&status("web-2", vec![drained(30, 5)]));
+        // The queued drain update is committed before this write's ack.
+        store.put_restart(&restart("web-3", 1)).await.unwrap();
+        let got: Vec<(u32, u64)> = history
+            .of_node("web-1", 10)
+            .unwrap()
+            .iter()
+            .map(|r| (r.old_pid, r.drain_us))
+            .collect();
+        assert_eq!(got, [(20, 900), (10, 700)]);
+        assert_eq!(history.recent(10).unwrap().len(), 3);
     }
 }
