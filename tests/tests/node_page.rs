@@ -161,6 +161,8 @@ async fn node_page_lists_restarts_with_timings_and_the_rollout_has_a_timeline() 
         .wait_for("table#generations tr[data-generation]", WAIT)
         .await;
     assert!(!browser.find_all("ol#node-events li").await.is_empty());
+    // Tall enough for the charts and the history in one picture.
+    browser.set_window_size(1280, 2000).await;
     browser.screenshot("node-page.png").await;
     browser.set_window_size(390, 844).await;
     browser.screenshot("node-page-phone.png").await;
@@ -227,7 +229,35 @@ async fn node_page_lists_restarts_with_timings_and_the_rollout_has_a_timeline() 
     assert_eq!(link.as_deref(), Some("/nodes/node-2"));
     browser.screenshot("nodes-handoff-chart.png").await;
 
-    // 4. An unknown node is a 404 page, not an empty 200.
+    // 4. A restart from the dashboard is in the history too, with its actor.
+    browser
+        .goto(&format!("{}/nodes/node-2/restart", controller.url()))
+        .await;
+    browser.click_on("button#confirm", WAIT).await;
+    browser
+        .wait_for("h1#outcome[data-outcome=succeeded]", WAIT)
+        .await;
+    browser
+        .goto(&format!("{}/nodes/node-2", controller.url()))
+        .await;
+    browser.wait_for("table#restarts", WAIT).await;
+    let vias = browser
+        .attrs_of("table#restarts tr.restart", "data-via")
+        .await;
+    assert_eq!(
+        vias,
+        [Some("dashboard".to_string()), Some("rollout".to_string())],
+        "node-2's restarts"
+    );
+    assert_eq!(
+        browser
+            .attrs_of("table#restarts tr.restart", "data-actor")
+            .await[0]
+            .as_deref(),
+        Some("local")
+    );
+
+    // 5. An unknown node is a 404 page, not an empty 200.
     let missing = http_send(controller.addr(), Method::GET, "/nodes/nope", &[], "")
         .await
         .unwrap();

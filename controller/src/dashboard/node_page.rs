@@ -184,7 +184,7 @@ fn content(d: &Dashboard, n: &NodeRecord, history: &[RestartRecord]) -> Markup {
                 (charts::histogram("drain-chart", "Drain time", &drains))
             }
             div.scroll {
-                table.cards.long #restarts {
+                table.cards #restarts {
                     thead { tr {
                         th scope="col" { "When" } th scope="col" { "Action" } th scope="col" { "By" }
                         th scope="col" { "Outcome" } th scope="col" { "Gen" } th scope="col" { "PID" }
