@@ -493,6 +493,14 @@ mod tests {
         let mut s = status();
         s.in_progress = "x".repeat(MAX_IN_PROGRESS + 1);
         assert!(refused(&s).starts_with("in_progress"));
+        let mut s = status();
+        s.recent_restarts = vec![pb::RecentRestart::default(); MAX_RECENT_RESTARTS];
+        assert!(check_status(&s).is_ok());
+        s.recent_restarts.push(pb::RecentRestart::default());
+        assert_eq!(
+            refused(&s),
+            "recent_restarts are 65 restarts, over the limit of 64"
+        );
     }
 
     #[test]
