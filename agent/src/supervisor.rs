@@ -29,7 +29,7 @@ pub use restart::{
     MAX_REASON, Outcome, RestartError, RestartReport, RestartRequest, Timings, Trigger,
 };
 pub(crate) use signals::name as signal_name;
-pub use status::{ListenerReport, NodeState, StatusReport, WorkerReport};
+pub use status::{ListenerReport, NodeState, RECENT_RESTARTS, StatusReport, WorkerReport};
 
 use crate::config::{Config, ConfigError};
 use crate::exe::{ExeError, ExeInfo, ExePolicy};
@@ -108,6 +108,8 @@ struct State {
     succeeded: u64,
     failed: u64,
     crash_streak: u32,
+    /// The last restarts, oldest first (at most `status::RECENT_RESTARTS`).
+    recent: std::collections::VecDeque<status::RecentRestart>,
 }
 
 impl Supervisor {
@@ -161,6 +163,7 @@ impl Supervisor {
                 succeeded: 0,
                 failed: 0,
                 crash_streak: 0,
+                recent: std::collections::VecDeque::new(),
             }),
             shutdown: watch::Sender::new(None),
             started_at: SystemTime::now(),

@@ -134,6 +134,19 @@ impl Controller {
         Ok(response.map_err(|s| self.error(&s))?.into_inner())
     }
 
+    /// The node with its restart history; None from a controller too old to keep one.
+    pub async fn get_node_history(
+        &mut self,
+        node_id: String,
+    ) -> Result<Option<fleet_proto::v1::NodeHistory>> {
+        let request = fleet_proto::v1::GetNodeHistoryRequest { node_id, limit: 0 };
+        match self.api.get_node_history(request).await {
+            Ok(r) => Ok(Some(r.into_inner())),
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+            Err(s) => Err(self.error(&s)),
+        }
+    }
+
     pub async fn restart_node(&mut self, request: RestartNodeRequest) -> Result<RestartResponse> {
         let response = self.api.restart_node(request).await;
         Ok(response.map_err(|s| self.error(&s))?.into_inner())

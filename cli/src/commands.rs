@@ -156,10 +156,34 @@ async fn nodes(mut controller: Controller, args: NodesArgs, format: Format) -> R
 
 /// `fleetctl node NODE`
 async fn node(mut controller: Controller, args: NodeArgs, format: Format) -> Result<Exit> {
-    let node = controller.get_node(args.node).await?;
+    let Some(history) = controller.get_node_history(args.node.clone()).await? else {
+        // A controller from before the restart history: the node's facts only.
+        let node = controller.get_node(args.node).await?;
+        match format {
+            Format::Json => emit(&json::to_string(&json::NodeJson::from(&node)))?,
+            Format::Table => emit(&output::node_details(&node, SystemTime::now()))?,
+        }
+        return Ok(Exit::Success);
+    };
+    let node = history.node.clone().unwrap_or_default();
     match format {
-        Format::Json => emit(&json::to_string(&json::NodeJson::from(&node)))?,
-        Format::Table => emit(&output::node_details(&node, SystemTime::now()))?,
+        Format::Json => {
+            let mut value = serde_json::to_value(json::NodeJson::from(&node))?;
+            value["restarts"] = serde_json::to_value(
+                history
+                    .restarts
+                    .iter()
+                    .map(output::history::RestartJson::from)
+                    .collect::<Vec<_>>(),
+            )?;
+            emit(&json::to_string(&value))?
+        }
+        Format::Table => {
+            let mut text = output::node_details(&node, SystemTime::now());
+            text.push('\n');
+            text.push_str(&output::history::restarts_table(&history.restarts));
+            emit(&text)?
+        }
     }
     Ok(Exit::Success)
 }

@@ -5,6 +5,7 @@
 pub mod json;
 mod rollout;
 mod token;
+pub mod history;
 
 pub use rollout::{
     batches, history_table, plan, rollout_details, started, state_counts, target, would_refuse,

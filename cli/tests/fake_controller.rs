@@ -237,6 +237,33 @@ impl ControllerService for Fake {
         }
     }
 
+    async fn get_node_history(
+        &self,
+        request: Request<fleet_proto::v1::GetNodeHistoryRequest>,
+    ) -> Result<Response<fleet_proto::v1::NodeHistory>, Status> {
+        authorized(&request)?;
+        match request.get_ref().node_id.as_str() {
+            "n1" => Ok(Response::new(fleet_proto::v1::NodeHistory {
+                node: Some(node("n1", "a")),
+                restarts: vec![fleet_proto::v1::NodeRestart {
+                    at_unix_ms: 1_700_000_000_000,
+                    kind: "restart".into(),
+                    actor: "alice".into(),
+                    via: "grpc".into(),
+                    outcome: "succeeded".into(),
+                    generation: 2,
+                    old_pid: 7,
+                    new_pid: 8,
+                    handoff_us: 4_500,
+                    drain_us: 900,
+                    ..Default::default()
+                }],
+                workers: Vec::new(),
+            })),
+            other => Err(Status::not_found(format!("no node {other:?}"))),
+        }
+    }
+
     async fn restart_node(
         &self,
         _: Request<RestartNodeRequest>,
@@ -511,6 +538,15 @@ async fn an_unknown_node_or_rollout_is_bad_input() {
     let out = fleetctl(addr, Some(TOKEN), &["node", "n1"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("Admin:"), "{}", stdout(&out));
+    // Its restart history under the facts, with who asked and the timings.
+    assert!(stdout(&out).contains("alice (grpc)"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("4.5 ms"), "{}", stdout(&out));
+    let out = fleetctl(addr, Some(TOKEN), &["node", "n1", "-o", "json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["node_id"], "n1");
+    assert_eq!(json["restarts"][0]["actor"], "alice");
+    assert_eq!(json["restarts"][0]["handoff_us"], 4500);
     let out = fleetctl(addr, Some(TOKEN), &["rollout", "status", "r7"]).await;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert_eq!(stderr(&out), "error: no rollout \"r7\"\n");

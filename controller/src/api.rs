@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::Change;
 use crate::auth::grpc_caller;
 use crate::fleet::{Fleet, RolloutError};
+use crate::history::{RestartRecord, Via};
 use crate::inventory::{ForgetError, NodeRecord, Selector};
 use crate::rollout::{RolloutNode, RolloutState, RolloutView, Spec};
 use crate::tokens::{Caller, Kind, NewToken, Role, TokenError, TokenRecord, actor_label};
@@ -77,6 +78,7 @@ impl ControllerService for Api {
             .inventory
             .report(&status, false)
             .map_err(|e| e.status())?;
+        self.fleet.history.heard(&status);
         Ok(Response::new(pb::HeartbeatResponse {
             interval_ms: (self.fleet.inventory.ttl().as_millis() / 3).max(100) as u64,
         }))
@@ -114,6 +116,28 @@ impl ControllerService for Api {
         Ok(Response::new(node_message(&node)))
     }
 
+    async fn get_node_history(
+        &self,
+        request: Request<pb::GetNodeHistoryRequest>,
+    ) -> Result<Response<pb::NodeHistory>, Status> {
+        let r = request.into_inner();
+        let node = self.node(&r.node_id)?;
+        let limit = match r.limit {
+            0 => crate::history::KEEP_PER_NODE,
+            n => n as usize,
+        };
+        let restarts = self
+            .fleet
+            .history
+            .of_node(&r.node_id, limit)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::NodeHistory {
+            node: Some(node_message(&node)),
+            restarts: restarts.iter().map(|r| r.to_message()).collect(),
+            workers: self.fleet.history.workers(&r.node_id),
+        }))
+    }
+
     async fn restart_node(
         &self,
         request: Request<pb::RestartNodeRequest>,
@@ -128,6 +152,7 @@ impl ControllerService for Api {
             .map_err(|e| Status::failed_precondition(e.0))?;
         let reason = asked_by(&r.reason, &caller);
         tracing::info!("node {}: restart {reason}", r.node_id);
+        let sent_at = crate::now_ms();
         let result = self
             .fleet
             .agents
@@ -148,6 +173,17 @@ impl ControllerService for Api {
             &reason,
             &crate::audit::restart_outcome(&result),
         );
+        self.fleet
+            .history
+            .record(RestartRecord::restart(
+                &r.node_id,
+                Via::Grpc,
+                &caller.name,
+                "",
+                sent_at,
+                &result,
+            ))
+            .await;
         Ok(Response::new(result?))
     }
 
@@ -165,6 +201,7 @@ impl ControllerService for Api {
             .map_err(|e| Status::failed_precondition(e.0))?;
         let reason = asked_by(&r.reason, &caller);
         tracing::info!("node {}: shutdown {reason}", r.node_id);
+        let sent_at = crate::now_ms();
         let result = self.fleet.agents.shutdown(&node, reason.clone()).await;
         crate::audit::node_action(
             "shutdown",
@@ -173,6 +210,16 @@ impl ControllerService for Api {
             &reason,
             &crate::audit::shutdown_outcome(&result),
         );
+        self.fleet
+            .history
+            .record(RestartRecord::shutdown(
+                &r.node_id,
+                Via::Grpc,
+                &caller.name,
+                sent_at,
+                &result,
+            ))
+            .await;
         Ok(Response::new(result?))
     }
 
@@ -184,6 +231,7 @@ impl ControllerService for Api {
         let id = request.into_inner().node_id;
         match self.fleet.inventory.forget(&id).await {
             Ok(node) => {
+                self.fleet.history.forget(&id);
                 crate::audit::node_forgotten(&id, &node.state, &caller);
                 Ok(Response::new(node_message(&node)))
             }

@@ -198,6 +198,13 @@ pub const ROUTES: &[Route] = &[
     r("*", "/rollouts/*/resume", OPERATOR, "ResumeRollout"),
     r("*", "/rollouts/*/abort", OPERATOR, "AbortRollout"),
     r("*", "/rollouts/*/undo", OPERATOR, "UndoRollout"),
+    r("GET", "/nodes/*", VIEWER, "a node's page"),
+    r(
+        "POST",
+        "/fleet.v1.ControllerService/GetNodeHistory",
+        VIEWER,
+        "GetNodeHistory",
+    ),
 ];
 
 fn path_matches(pattern: &str, path: &str) -> bool {

@@ -21,6 +21,10 @@ pub mod rollouts;
 pub mod new_rollout;
 /// Restart / shut down a node; pause / resume / abort / undo a rollout.
 pub mod actions;
+/// Server-rendered SVG charts: handoff/drain distributions, rollout timelines.
+pub mod charts;
+/// A node's page: facts, generations, restart history, events.
+pub mod node_page;
 
 use std::sync::Arc;
 
@@ -68,6 +72,7 @@ pub fn router(fleet: Arc<Fleet>, auth: Arc<Auth>) -> Router {
         .merge(rollouts::router())
         .merge(new_rollout::router())
         .merge(actions::router())
+        .merge(node_page::router())
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
         .route("/assets/dashboard.css", get(|| asset(CSS, "text/css")))

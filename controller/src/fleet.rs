@@ -67,6 +67,8 @@ pub struct Fleet {
     pub inventory: Arc<Inventory>,
     pub store: Arc<dyn Store>,
     pub agents: Agents,
+    /// Every node's restart history.
+    pub history: crate::history::History,
     /// Operator and join tokens.
     pub tokens: Arc<Tokens>,
     pub changes: broadcast::Sender<Change>,
@@ -105,6 +107,7 @@ impl Fleet {
         let tokens = Arc::new(Tokens::load(store.clone())?);
         Ok(Arc::new(Self {
             inventory,
+            history: crate::history::History::new(store.clone()),
             store,
             agents: Agents::new(agent_token),
             tokens,

@@ -43,6 +43,8 @@ pub mod audit;
 #[cfg(test)]
 mod testing;
 
+pub mod history;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -202,8 +204,9 @@ async fn poll_static_node(fleet: Arc<Fleet>, id: Option<String>, addr: String) {
             }
             Ok(status) => {
                 known = Some(status.node_id.clone());
-                if let Err(e) = fleet.inventory.report(&status, true) {
-                    tracing::warn!("static node {addr}: {e}");
+                match fleet.inventory.report(&status, true) {
+                    Ok(()) => fleet.history.heard(&status),
+                    Err(e) => tracing::warn!("static node {addr}: {e}"),
                 }
             }
             Err(e) => {

@@ -8,6 +8,7 @@ mod sqlite;
 
 pub use sqlite::SqliteStore;
 
+use crate::history::RestartRecord;
 use crate::inventory::NodeRecord;
 use crate::rollout::{Rollout, RolloutNode};
 use crate::tokens::TokenRecord;
@@ -27,6 +28,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn load_rollout_nodes(&self, rollout_id: &str) -> Result<Vec<RolloutNode>, StoreError>;
     /// Durable when the returned future resolves.
     fn put_node(&self, node: &NodeRecord) -> WriteAck;
+    /// Removes the node and its restart history.
     fn delete_node(&self, node_id: &str) -> WriteAck;
     fn put_rollout(&self, rollout: &Rollout) -> WriteAck;
     fn put_rollout_nodes(&self, rollout_id: &str, nodes: &[RolloutNode]) -> WriteAck;
@@ -36,6 +38,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn put_token(&self, token: &TokenRecord) -> WriteAck;
     /// Records a token's last use, unless a later one is stored already.
     fn touch_token(&self, id: &str, last_used_unix_ms: u64) -> WriteAck;
+    /// Adds a restart to its node's history, dropping all but the node's newest
+    /// [`crate::history::KEEP_PER_NODE`].
+    fn put_restart(&self, restart: &RestartRecord) -> WriteAck;
+    /// Sets the drain time of the node's latest restart whose old worker was
+    /// `old_pid`, unless it is set already.
+    fn set_restart_drain(&self, node_id: &str, old_pid: u32, drain_us: u64) -> WriteAck;
+    /// Newest first: one node's restarts, or (None) the whole fleet's.
+    fn load_restarts(
+        &self,
+        node_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RestartRecord>, StoreError>;
 }
 
 /// Resolves once the write is committed.

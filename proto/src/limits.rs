@@ -39,6 +39,8 @@ pub const MAX_URL: usize = 2048;
 pub const MAX_PATH: usize = 4096;
 /// Workers in one status: the serving generation plus those still draining.
 pub const MAX_WORKERS: usize = 64;
+/// StatusResponse.recent_restarts (the agent keeps 16).
+pub const MAX_RECENT_RESTARTS: usize = 64;
 /// Listening sockets (every port of every server).
 pub const MAX_LISTENERS: usize = 256;
 /// A server's name.
@@ -302,6 +304,15 @@ pub fn check_status(s: &pb::StatusResponse) -> Result<(), Refusal> {
         )?;
         check_host_port(&format!("listeners[{i}].addr"), &l.addr)?;
     }
+    if s.recent_restarts.len() > MAX_RECENT_RESTARTS {
+        return Err(refuse(
+            "recent_restarts",
+            format!(
+                "are {} restarts, over the limit of {MAX_RECENT_RESTARTS}",
+                s.recent_restarts.len()
+            ),
+        ));
+    }
     too_long("version", &s.version, MAX_VERSION)?;
     printable("version", &s.version)?;
     too_long("in_progress", &s.in_progress, MAX_IN_PROGRESS)?;
@@ -482,6 +493,14 @@ mod tests {
         let mut s = status();
         s.in_progress = "x".repeat(MAX_IN_PROGRESS + 1);
         assert!(refused(&s).starts_with("in_progress"));
+        let mut s = status();
+        s.recent_restarts = vec![pb::RecentRestart::default(); MAX_RECENT_RESTARTS];
+        assert!(check_status(&s).is_ok());
+        s.recent_restarts.push(pb::RecentRestart::default());
+        assert_eq!(
+            refused(&s),
+            "recent_restarts are 65 restarts, over the limit of 64"
+        );
     }
 
     #[test]

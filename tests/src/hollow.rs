@@ -673,6 +673,8 @@ impl Agent {
             version: format!("hollow-agent {}", env!("CARGO_PKG_VERSION")),
             restarts_succeeded: s.restarts_succeeded,
             restarts_failed: s.restarts_failed,
+            // A hollow agent drains nothing: no restart history to report.
+            recent_restarts: Vec::new(),
             in_progress: s.in_progress.clone(),
             // The real agent's defaults.
             ready_timeout_ms: 30_000,
@@ -1091,6 +1093,12 @@ mod tests {
             unimplemented()
         }
         async fn get_node(&self, _: Request<pb::GetNodeRequest>) -> Unimplemented<pb::Node> {
+            unimplemented()
+        }
+        async fn get_node_history(
+            &self,
+            _: Request<pb::GetNodeHistoryRequest>,
+        ) -> Unimplemented<pb::NodeHistory> {
             unimplemented()
         }
         async fn restart_node(

@@ -77,6 +77,28 @@ async fn without_a_token_the_buttons_restart_and_shut_the_node_down() {
     let new = agent.serving_worker().await;
     assert_ne!(new, old, "a new worker serves");
     assert!(result.contains(&format!("\"new_pid\":{new}")), "{result}");
+    // The answer in words, not only as JSON.
+    let said = browser.text_of("#result .flash.done").await;
+    assert!(
+        said.starts_with("Restart succeeded: generation 2") && said.contains(&format!("→ {new}")),
+        "{said}"
+    );
+    // The page is live: without a reload, its last restarts list this one with its
+    // ready time, then its drain time once the old worker is gone; uptime is shown.
+    browser
+        .wait_until(
+            "the restart is listed with its ready and drain times",
+            "var r = document.querySelector('#restarts tr.restart');\
+             return r && +r.dataset.readyUs > 0 && +r.dataset.drainUs > 0;",
+            WAIT,
+        )
+        .await;
+    assert!(!browser.text_of("#uptime").await.is_empty());
+    assert_eq!(
+        browser.find_all("#workers tbody tr").await.len(),
+        1,
+        "the old worker drained away from the live table"
+    );
     browser.screenshot("agent-admin-restarted.png").await;
 
     let result = press(&browser, "shutdown").await;

@@ -227,29 +227,197 @@ fn esc(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
-const STYLE: &str = "body{font:15px system-ui,sans-serif;margin:2rem;max-width:60rem;color:#222}\
-table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}\
-code{font-size:13px}form{margin:.5rem 0}input[type=text]{width:28rem}pre{background:#f4f4f4;padding:.7rem;white-space:pre-wrap}\
-.state{font-weight:600}#logout-form{float:right;margin-top:-3.2rem}";
+/// The controller dashboard's stylesheet, the one file both pages use (compiled in:
+/// the admin page loads nothing from anywhere), plus the few rules only this page needs.
+const DASHBOARD_CSS: &str = include_str!("../../../controller/src/dashboard/assets/dashboard.css");
+const ADMIN_CSS: &str = "#logout-form{margin-left:auto}#result{margin:1rem 0}\
+form.action{margin:.5rem 0}form.action label{display:block;margin:.3rem 0}\
+#result details pre{background:#f4f4f4;padding:.5rem;white-space:pre-wrap}";
+
+fn style() -> String {
+    format!("<style>{DASHBOARD_CSS}{ADMIN_CSS}</style>")
+}
+
+/// `42s`, `5m 3s`, `2h 5m`, `3d 4h` (as the dashboard writes them).
+fn ago(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d {}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn rfc3339(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "—".into();
+    }
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms),
+    )
+    .to_string()
+}
+
+fn micros(us: u64) -> String {
+    if us == 0 {
+        "—".into()
+    } else {
+        format!("{:.1} ms", us as f64 / 1000.0)
+    }
+}
+
+fn state_span(state: &str) -> String {
+    format!("<span class='state state-{0}'>{0}</span>", esc(state))
+}
+
+/// The page's live region: re-fetched every two seconds (`?fragment=1`).
+fn live_html(s: &crate::supervisor::StatusReport) -> String {
+    let now = crate::phase::unix_ms(std::time::SystemTime::now());
+    let workers: String = s
+        .workers
+        .iter()
+        .map(|w| {
+            format!(
+                "<tr data-generation={}><th scope=row>{}</th><td class=num>{}</td><td>{}</td>\
+                 <td><span class=path>{}</span></td><td>{}</td><td>{}</td><td class=num>{}</td></tr>",
+                w.generation,
+                w.generation,
+                w.pid,
+                state_span(&w.state),
+                esc(&w.exe.path.display().to_string()),
+                rfc3339(w.started_at_unix_ms),
+                rfc3339(w.ready_at_unix_ms),
+                w.in_flight,
+            )
+        })
+        .collect();
+    let restarts: String = s
+        .recent_restarts
+        .iter()
+        .rev()
+        .map(|r| {
+            let outcome = if r.succeeded { "succeeded" } else { "failed" };
+            format!(
+                "<tr class=restart data-outcome={outcome} data-ready-us={} data-drain-us={}>\
+                 <th scope=row>{} <span class=note>({} ago)</span></th><td>{}</td><td>{}</td>\
+                 <td class=num>{}</td><td class=num>{} → {}</td><td class=num>{}</td><td class=num>{}</td><td>{}</td></tr>",
+                r.ready_us,
+                r.drain_us,
+                rfc3339(r.at_unix_ms),
+                ago(now.saturating_sub(r.at_unix_ms)),
+                esc(&r.trigger),
+                state_span(outcome),
+                r.generation,
+                r.old_pid,
+                r.new_pid,
+                micros(r.ready_us),
+                if r.drain_us == 0 && r.old_pid != 0 && r.succeeded {
+                    "draining…".to_string()
+                } else {
+                    micros(r.drain_us)
+                },
+                esc(&r.reason),
+            )
+        })
+        .collect();
+    let restarts = if restarts.is_empty() {
+        "<tr><td colspan=8>No restart since the agent started.</td></tr>".to_string()
+    } else {
+        restarts
+    };
+    let listeners: String = s
+        .listeners
+        .iter()
+        .map(|l| {
+            format!(
+                "<tr><th scope=row>{}</th><td><code>{}</code></td><td>{}</td></tr>",
+                esc(&l.server),
+                esc(&l.addr),
+                if l.tls { "https" } else { "http" }
+            )
+        })
+        .collect();
+    format!(
+        "<section class=summary aria-label=Status><p id=node-state data-state={state}>{state_html}{progress}</p>\
+<dl class=spec><dt>Up</dt><dd id=uptime data-started={started}>{uptime} (since {since})</dd>\
+<dt>Generation</dt><dd id=generation>{generation}</dd><dt>Supervisor PID</dt><dd>{pid}</dd>\
+<dt>Executable</dt><dd><span class=path>{exe}</span><br><code>{sha}</code></dd>\
+<dt>Version</dt><dd>{version}</dd><dt>Restarts</dt><dd>{ok} succeeded, {failed} failed</dd>\
+<dt>Timeouts</dt><dd>ready {ready} s, drain {drain} s</dd></dl></section>\
+<h2>Workers</h2><div class=scroll><table id=workers><thead><tr><th>Gen<th>PID<th>State<th>Executable<th>Started<th>Ready<th>In flight</tr></thead><tbody>{workers}</tbody></table></div>\
+<h2>Last restarts</h2><p class=note>Newest first, the last {keep} kept in memory. Ready: trigger → READY of the new worker; drain: SIGTERM → exit of the old one.</p>\
+<div class=scroll><table id=restarts><thead><tr><th>When<th>Trigger<th>Outcome<th>Gen<th>PID<th>Ready<th>Drain<th>Reason</tr></thead><tbody>{restarts}</tbody></table></div>\
+<h2>Listeners</h2><div class=scroll><table><thead><tr><th>Server<th>Address<th>Scheme</tr></thead><tbody>{listeners}</tbody></table></div>",
+        state = s.state.as_str(),
+        state_html = state_span(s.state.as_str()),
+        progress = if s.in_progress.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " — <span class=note>in progress: {}</span>",
+                esc(&s.in_progress)
+            )
+        },
+        started = s.started_at_unix_ms,
+        uptime = ago(now.saturating_sub(s.started_at_unix_ms)),
+        since = rfc3339(s.started_at_unix_ms),
+        generation = s.generation,
+        pid = s.supervisor_pid,
+        exe = esc(&s.exe.path.display().to_string()),
+        sha = esc(&s.exe.sha256),
+        version = esc(&s.version),
+        ok = s.restarts_succeeded,
+        failed = s.restarts_failed,
+        ready = s.ready_timeout.as_secs_f64(),
+        drain = s.drain_timeout.as_secs_f64(),
+        keep = crate::supervisor::RECENT_RESTARTS,
+    )
+}
 
 fn login_html(admin: &str, error: Option<&str>) -> String {
     let error = error
-        .map(|e| format!("<p role=alert>{}</p>", esc(e)))
+        .map(|e| {
+            format!(
+                "<div class='flash error' role=alert><pre>{}</pre></div>",
+                esc(e)
+            )
+        })
         .unwrap_or_default();
     format!(
         "<!doctype html><html lang=en><meta charset=utf-8><meta name=viewport content='width=device-width'>\
-         <title>fleet-agent login</title><style>{STYLE}</style><h1>fleet-agent</h1>{error}\
+         <title>fleet-agent login</title>{style}<header class=top><span class=brand>fleet-agent</span></header>\
+         <main><h1>Log in</h1>{error}\
          <form method=post action='{admin}/login'><label>Token <input type=password name=token autofocus></label> \
-         <button>Log in</button></form>",
-        admin = esc(admin)
+         <button>Log in</button></form></main>",
+        admin = esc(admin),
+        style = style()
     )
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PageQuery {
+    fragment: Option<String>,
 }
 
 /// The admin page. Its actions are forms the script posts with `fetch` after a
 /// confirmation step on the page itself (no `confirm()` dialog); with a session they
-/// carry its CSRF token.
-async fn page(State(access): State<Arc<Access>>, session: Option<Extension<Session>>) -> Response {
+/// carry its CSRF token. Its live region (state, uptime, workers, last restarts) is
+/// re-fetched every two seconds and after each action; an action's answer is shown as
+/// a sentence, with the raw JSON under it.
+async fn page(
+    State(access): State<Arc<Access>>,
+    session: Option<Extension<Session>>,
+    Query(q): Query<PageQuery>,
+) -> Response {
     let s = access.supervisor.status();
+    if q.fragment.is_some() {
+        return (
+            [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+            Html(live_html(&s)),
+        )
+            .into_response();
+    }
     let admin = esc(access.admin_path());
     let csrf = session
         .as_ref()
@@ -257,58 +425,63 @@ async fn page(State(access): State<Arc<Access>>, session: Option<Extension<Sessi
         .unwrap_or_default();
     let logout = if session.is_some() {
         format!(
-            "<form id=logout-form method=post action='{admin}/logout'>{csrf}<button id=logout>Log out</button></form>"
+            "<form id=logout-form class=logout method=post action='{admin}/logout'>{csrf}<button id=logout>Log out</button></form>"
         )
     } else {
         String::new()
     };
-    let workers: String = s
-        .workers
-        .iter()
-        .map(|w| {
-            format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
-                w.generation,
-                w.pid,
-                w.state,
-                esc(&w.exe.path.display().to_string())
-            )
-        })
-        .collect();
-    let listeners: String = s
-        .listeners
-        .iter()
-        .map(|l| {
-            format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&l.server),
-                esc(&l.addr),
-                if l.tls { "https" } else { "http" }
-            )
-        })
-        .collect();
     let html = format!(
-        "<!doctype html><html lang=en><meta charset=utf-8><meta name=viewport content='width=device-width'>\
-<title>fleet-agent {node}</title><style>{STYLE}</style>
-<h1>fleet-agent <small>{node}</small></h1>{logout}
-<p>State <span class=state>{state}</span>, generation {generation}, supervisor pid {pid}, version {version}.
-Restarts: {ok} succeeded, {failed} failed. {progress}</p>
-<p>Executable <code>{exe}</code><br>sha256 <code>{sha}</code></p>
-<h2>Workers</h2><table><tr><th>Generation<th>PID<th>State<th>Executable</tr>{workers}</table>
-<h2>Listeners</h2><table><tr><th>Server<th>Address<th>Scheme</tr>{listeners}</table>
+        "<!doctype html><html lang=en><meta charset=utf-8><meta name=viewport content='width=device-width, initial-scale=1'>\
+<title>fleet-agent {node}</title>{style}
+<header class=top><span class=brand>fleet-agent</span><nav><a href='{admin}/status'>status (JSON)</a><a href='{admin}/metrics'>metrics</a></nav>\
+<span id=live-status role=status aria-live=polite data-state=live>live</span>{logout}</header>
+<main><h1>Node {node}</h1>
+<div id=live data-src='{admin}?fragment=1'>{live}</div>
 <h2>Actions</h2>
-<form id=restart-form method=post action='{admin}/restart'>{csrf}
-<label>New executable (optional) <input type=text name=newExeFilePath placeholder='{exe}'></label><br>
-<label>sha256 (optional) <input type=text name=sha256></label><br>
+<form id=restart-form class=action method=post action='{admin}/restart'>{csrf}
+<label>New executable (empty: restart the same one) <input type=text name=newExeFilePath placeholder='{exe}'></label>
+<label>sha256 (optional) <input type=text name=sha256></label>
 <button type=button class=ask id=restart>Restart</button>
 <span class=confirm hidden>Restart this node? <button id=confirm-restart>Yes, restart</button> <button type=button class=cancel>Cancel</button></span></form>
-<form id=shutdown-form method=post action='{admin}/shutdown'>{csrf}
-<button type=button class=ask id=shutdown>Shut down</button>
-<span class=confirm hidden>Shut this node down? Its servers stop. <button id=confirm-shutdown>Yes, shut down</button> <button type=button class=cancel>Cancel</button></span></form>
-<pre id=result hidden></pre>
-<p><a href='{admin}/status'>status (JSON)</a> · <a href='{admin}/metrics'>metrics</a></p>
+<form id=shutdown-form class=action method=post action='{admin}/shutdown'>{csrf}
+<button type=button class='ask danger' id=shutdown>Shut down</button>
+<span class=confirm hidden>Shut this node down? Its servers stop. <button class=danger id=confirm-shutdown>Yes, shut down</button> <button type=button class=cancel>Cancel</button></span></form>
+<div id=result role=status hidden></div></main>
 <script>
-for (const f of document.querySelectorAll('form[id$=\"-form\"]:not(#logout-form)')) {{
+const live = document.getElementById('live');
+const liveStatus = document.getElementById('live-status');
+async function refresh() {{
+  try {{
+    const r = await fetch(live.dataset.src, {{credentials: 'same-origin', cache: 'no-store'}});
+    if (!r.ok) throw new Error(r.status);
+    live.innerHTML = await r.text();
+    liveStatus.dataset.state = 'live'; liveStatus.textContent = 'live';
+  }} catch (err) {{ liveStatus.dataset.state = 'reconnecting'; liveStatus.textContent = 'reconnecting…'; }}
+}}
+setInterval(refresh, 2000);
+function el(tag, cls, text) {{ const e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; }}
+function ms(us) {{ return (us / 1000).toFixed(1) + ' ms'; }}
+// An action's answer in words; the JSON as it came under it.
+function show(out, r, body) {{
+  out.replaceChildren();
+  let j = null; try {{ j = JSON.parse(body); }} catch (e) {{}}
+  const head = el('p', 'status', r.status + ' ' + r.statusText);
+  out.append(head);
+  let msg = null, ok = r.ok;
+  if (j && j.outcome) {{
+    ok = j.outcome === 'succeeded';
+    msg = ok ? 'Restart succeeded: generation ' + j.generation + ', worker PID ' + j.old_pid + ' → ' + j.new_pid + ', ready in ' + ms(j.timings.ready_us) + '.'
+             : 'Restart failed: ' + j.reason + '. The old generation keeps serving.';
+  }} else if (j && j.shutting_down) {{ msg = 'Shutting down: ' + (j.message || 'the workers drain, then the agent exits') + '.'; }}
+  else if (j && j.error) {{ msg = j.error; ok = false; }}
+  const flash = el('div', 'flash ' + (ok ? 'done' : 'error'));
+  flash.append(el('pre', null, msg || body));
+  out.append(flash);
+  if (j && j.stderr_tail && j.stderr_tail.length) {{ out.append(el('pre', 'reason', j.stderr_tail.join('\\n'))); }}
+  const raw = el('details'); raw.append(el('summary', null, 'answer as JSON'), el('pre', null, body));
+  out.append(raw);
+}}
+for (const f of document.querySelectorAll('form.action')) {{
   const ask = f.querySelector('.confirm');
   f.querySelector('.ask').addEventListener('click', () => {{ ask.hidden = false; }});
   f.querySelector('.cancel').addEventListener('click', () => {{ ask.hidden = true; }});
@@ -321,25 +494,16 @@ for (const f of document.querySelectorAll('form[id$=\"-form\"]:not(#logout-form)
     out.hidden = false; out.textContent = 'working…';
     try {{
       const r = await fetch(f.action, {{method: 'POST', body: new URLSearchParams(new FormData(f)), credentials: 'same-origin'}});
-      out.textContent = r.status + ' ' + r.statusText + '\\n' + await r.text();
+      show(out, r, await r.text());
     }} catch (err) {{ out.textContent = 'request failed: ' + err; }}
+    refresh();
   }});
 }}
 </script>",
         node = esc(&s.node_id),
-        state = s.state.as_str(),
-        generation = s.generation,
-        pid = s.supervisor_pid,
-        version = esc(&s.version),
-        ok = s.restarts_succeeded,
-        failed = s.restarts_failed,
-        progress = if s.in_progress.is_empty() {
-            String::new()
-        } else {
-            format!("In progress: {}.", esc(&s.in_progress))
-        },
+        style = style(),
+        live = live_html(&s),
         exe = esc(&s.exe.path.display().to_string()),
-        sha = esc(&s.exe.sha256),
     );
     (
         // The page carries the session's CSRF token: no cache may keep it.

@@ -217,6 +217,26 @@ pub fn status_response(s: StatusReport) -> pb::StatusResponse {
         in_progress: s.in_progress,
         ready_timeout_ms: s.ready_timeout.as_millis() as u64,
         drain_timeout_ms: s.drain_timeout.as_millis() as u64,
+        recent_restarts: s
+            .recent_restarts
+            .iter()
+            .map(|r| pb::RecentRestart {
+                at_unix_ms: r.at_unix_ms,
+                trigger: r.trigger.clone(),
+                outcome: if r.succeeded {
+                    pb::Outcome::Succeeded
+                } else {
+                    pb::Outcome::Failed
+                } as i32,
+                reason: r.reason.clone(),
+                generation: r.generation,
+                old_pid: r.old_pid,
+                new_pid: r.new_pid,
+                exe: r.exe.clone(),
+                ready_us: r.ready_us,
+                drain_us: r.drain_us,
+            })
+            .collect(),
     }
 }
 

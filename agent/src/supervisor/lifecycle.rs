@@ -117,8 +117,38 @@ impl Supervisor {
     }
 
     /// Runs one restart; the caller holds the restart lock (moved in, so the lock is
-    /// held until this task, not its caller, is done).
+    /// held until this task, not its caller, is done). A restart that got as far as
+    /// spawning is kept in the node's recent restarts.
     pub(super) async fn restart_locked(
+        self: &Arc<Self>,
+        request: RestartRequest,
+        guard: OwnedMutexGuard<()>,
+    ) -> Result<RestartReport, RestartError> {
+        let at_unix_ms = crate::phase::unix_ms(std::time::SystemTime::now());
+        let trigger = request.trigger;
+        let result = self.restart_inner(request, guard).await;
+        if let (Ok(report), true) = (&result, trigger != Trigger::Start) {
+            let mut st = self.lock();
+            if st.recent.len() >= super::status::RECENT_RESTARTS {
+                st.recent.pop_front();
+            }
+            st.recent.push_back(super::status::RecentRestart {
+                at_unix_ms,
+                trigger: trigger.as_str().to_string(),
+                succeeded: report.outcome == Outcome::Succeeded,
+                reason: report.reason.clone(),
+                generation: report.generation,
+                old_pid: report.old_pid,
+                new_pid: report.new_pid,
+                exe: report.exe.path.display().to_string(),
+                ready_us: report.timings.ready_us,
+                drain_us: 0,
+            });
+        }
+        result
+    }
+
+    async fn restart_inner(
         self: &Arc<Self>,
         request: RestartRequest,
         _guard: OwnedMutexGuard<()>,
@@ -554,6 +584,17 @@ impl Supervisor {
             };
             let took = started.elapsed();
             this.metrics.drained(took);
+            {
+                let mut st = this.lock();
+                let drained = st
+                    .recent
+                    .iter_mut()
+                    .rev()
+                    .find(|r| r.old_pid == old.pid && r.drain_us == 0);
+                if let Some(r) = drained {
+                    r.drain_us = (took.as_micros() as u64).max(1);
+                }
+            }
             tracing::info!(
                 "gen {} (pid {}) drained in {} ms and {status}",
                 old.number,

@@ -61,6 +61,30 @@ pub struct StatusReport {
     pub in_progress: String,
     pub ready_timeout: std::time::Duration,
     pub drain_timeout: std::time::Duration,
+    /// The last [`RECENT_RESTARTS`] restarts, oldest first.
+    #[serde(default)]
+    pub recent_restarts: Vec<RecentRestart>,
+}
+
+/// Restarts the agent keeps in memory for its status and admin page.
+pub const RECENT_RESTARTS: usize = 16;
+
+/// One restart (not the node's start) as this agent ran it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RecentRestart {
+    pub at_unix_ms: u64,
+    pub trigger: String,
+    pub succeeded: bool,
+    pub reason: String,
+    /// The serving generation after it.
+    pub generation: u64,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    pub exe: String,
+    /// Trigger → READY (on a failure: trigger → failure).
+    pub ready_us: u64,
+    /// The old worker's drain; 0 while it drains or when there was none.
+    pub drain_us: u64,
 }
 
 impl StatusReport {
@@ -158,6 +182,7 @@ impl Supervisor {
             in_progress: st.in_progress.clone().unwrap_or_default(),
             ready_timeout: self.config.restart.ready_timeout,
             drain_timeout: self.config.restart.drain_timeout,
+            recent_restarts: st.recent.iter().cloned().collect(),
         }
     }
 }

@@ -33,6 +33,14 @@ fn routes_match_by_method_and_segment() {
     assert_eq!(need(Method::POST, "/rollouts/r3/abort"), Some(OPERATOR));
     assert_eq!(need(Method::HEAD, "/nodes"), Some(VIEWER));
     assert_eq!(need(Method::POST, "/nodes/n1/forget"), Some(ADMIN));
+    // A node's page is for viewers; its actions below it keep their roles.
+    assert_eq!(need(Method::GET, "/nodes/n1"), Some(VIEWER));
+    assert_eq!(need(Method::POST, "/nodes/n1"), None);
+    assert_eq!(need(Method::POST, "/nodes/n1/restart"), Some(OPERATOR));
+    assert_eq!(
+        need(Method::POST, "/fleet.v1.ControllerService/GetNodeHistory"),
+        Some(VIEWER)
+    );
     assert_eq!(need(Method::GET, "/assets/dashboard.css"), Some(ANYONE));
     assert_eq!(need(Method::POST, "/nodes"), None);
     assert_eq!(need(Method::GET, "/nodes//restart"), None);

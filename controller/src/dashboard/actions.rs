@@ -17,6 +17,7 @@ use super::Dashboard;
 use super::session::{Session, percent_encode};
 use super::view::{self, Flash, Section};
 use crate::fleet::RolloutError;
+use crate::history::{RestartRecord, Via};
 use crate::inventory::NodeRecord;
 use crate::rollout::{NodeState, RolloutState};
 
@@ -235,6 +236,7 @@ async fn do_restart(
         reason: dashboard_reason(&form.reason, &s),
         ..Default::default()
     };
+    let sent_at = crate::now_ms();
     let reason = request.reason.clone();
     let result = d.fleet.agents.restart(&n, request).await;
     crate::audit::node_action(
@@ -244,6 +246,9 @@ async fn do_restart(
         &reason,
         &crate::audit::restart_outcome(&result),
     );
+    let actor = &s.caller.name;
+    let record = RestartRecord::restart(&id, Via::Dashboard, actor, "", sent_at, &result);
+    d.fleet.history.record(record).await;
     let r = match result {
         Ok(r) => r,
         Err(status) => {
@@ -416,6 +421,7 @@ async fn do_shutdown(
         dashboard_reason(&form.reason, &s)
     );
     let reason = dashboard_reason(&form.reason, &s);
+    let sent_at = crate::now_ms();
     let result = d.fleet.agents.shutdown(&n, reason.clone()).await;
     crate::audit::node_action(
         "shutdown",
@@ -424,6 +430,9 @@ async fn do_shutdown(
         &reason,
         &crate::audit::shutdown_outcome(&result),
     );
+    let actor = &s.caller.name;
+    let record = RestartRecord::shutdown(&id, Via::Dashboard, actor, sent_at, &result);
+    d.fleet.history.record(record).await;
     let (status, flash) = match result {
         Ok(_) => (
             StatusCode::OK,

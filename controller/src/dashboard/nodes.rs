@@ -131,6 +131,7 @@ async fn page(
             @if !q.label.is_empty() { a href="/nodes" { "clear" } }
         }
         (view::live(&live, content))
+        (super::charts::fleet_handoffs(&d.fleet))
     };
     view::with_status(
         status,
@@ -202,7 +203,7 @@ fn table(
 fn row(n: &NodeRecord, now: u64, session: &Session) -> Markup {
     html! {
         tr #{ "node-" (n.node_id) } data-node=(n.node_id) data-state=(n.state) {
-            th scope="row" { (n.node_id) }
+            th scope="row" { a.node-link href={ "/nodes/" (percent_encode(&n.node_id)) } { (n.node_id) } }
             td data-label="State" { (view::state(&n.state))
                 @if !n.reason.is_empty() { br; small.reason { (n.reason) } } }
             td.exe data-label="Executable" { span.path { (n.exe.path) } " " (view::short_sha(&n.exe.sha256)) }

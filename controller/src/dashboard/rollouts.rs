@@ -262,6 +262,7 @@ fn rollout(v: &RolloutView, operator: bool) -> Markup {
                 @if !r.undo_of.is_empty() { dt { "Undoes" } dd { a href={ "/rollouts/" (r.undo_of) } { (r.undo_of) } } }
             }
         }
+        (super::charts::rollout_timeline(v, now))
         @for (b, size) in r.batch_sizes.iter().enumerate() {
             @let nodes: Vec<&RolloutNode> = v.nodes.iter().filter(|n| n.batch as usize == b).collect();
             @let batch_progress = Progress::of(nodes.iter().copied());
@@ -301,7 +302,7 @@ fn node_row(n: &RolloutNode) -> Markup {
     let fmt = |ms: Option<u64>| ms.map(view::millis).unwrap_or_else(|| "—".into());
     html! {
         tr #{ "rn-" (n.node_id) } data-node=(n.node_id) data-phase=(n.state.as_str()) {
-            th scope="row" { (n.node_id) }
+            th scope="row" { a.node-link href={ "/nodes/" (percent_encode(&n.node_id)) } { (n.node_id) } }
             td data-label="Phase" { (view::state(n.state.as_str())) }
             td.num data-label="Worker PID" { (n.old_pid) @if n.new_pid != 0 && n.new_pid != n.old_pid { " → " (n.new_pid) } }
             td data-label="Restart" { (fmt(restart)) }

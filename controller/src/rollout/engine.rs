@@ -18,6 +18,7 @@ use super::RolloutHandle;
 use super::{Amount, NodeState, RolloutNode, RolloutState};
 use crate::agents::CALL_TIMEOUT;
 use crate::fleet::Fleet;
+use crate::history::{RestartRecord, Via};
 use crate::inventory::{NodeRecord, STOPPED};
 use crate::{Change, now_ms};
 
@@ -453,7 +454,19 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
                 ready_timeout_ms: spec.ready_timeout_ms,
                 drain_timeout_ms: spec.drain_timeout_ms,
             };
+            let sent_at = now_ms();
             let result = fleet.agents.restart(&record, request).await;
+            fleet
+                .history
+                .record(RestartRecord::restart(
+                    &node_id,
+                    Via::Rollout,
+                    &spec.actor,
+                    &spec_id(&handle),
+                    sent_at,
+                    &result,
+                ))
+                .await;
             match result {
                 Err(status) => {
                     update(&fleet, &handle, &node_id, |n| {
@@ -626,7 +639,27 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> usize {
                 reason: format!("rollback of rollout {}", spec_id(&handle)),
                 ..Default::default()
             };
+            let sent_at = now_ms();
             let result = fleet.agents.restart(&record, request).await;
+            let actor = handle
+                .view
+                .lock()
+                .expect("view lock")
+                .rollout
+                .spec
+                .actor
+                .clone();
+            fleet
+                .history
+                .record(RestartRecord::restart(
+                    &node.node_id,
+                    Via::Rollback,
+                    &actor,
+                    &spec_id(&handle),
+                    sent_at,
+                    &result,
+                ))
+                .await;
             let was = node.reason.clone();
             match result {
                 Ok(r) if r.outcome() == pb::Outcome::Succeeded => {

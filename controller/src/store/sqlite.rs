@@ -8,6 +8,7 @@ use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 
 use super::{Store, StoreError, WriteAck};
+use crate::history::{KEEP_PER_NODE, RestartRecord};
 use crate::inventory::NodeRecord;
 use crate::rollout::{Rollout, RolloutNode};
 use crate::tokens::TokenRecord;
@@ -19,6 +20,8 @@ enum Write {
     RolloutNode(String, String, String),
     Token(String, String),
     TouchToken(String, u64),
+    Restart(String, u32, String),
+    RestartDrain(String, u32, u64),
 }
 
 struct Job {
@@ -61,7 +64,32 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
              id TEXT PRIMARY KEY, json TEXT NOT NULL, last_used INTEGER NOT NULL DEFAULT 0);",
     )
     .map_err(|e| db_err(path, e))?;
+    migrate(&conn).map_err(|e| db_err(path, e))?;
     Ok(conn)
+}
+
+/// The schema version this build writes (`PRAGMA user_version`). Version 0 is a
+/// database from before the restart history; each step below brings it one further.
+const SCHEMA_VERSION: i64 = 1;
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version < 1 {
+        // Both connections open the file; the second finds the table there already.
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;
+             CREATE TABLE IF NOT EXISTS restarts (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                 node_id TEXT NOT NULL,
+                 old_pid INTEGER NOT NULL,
+                 drain_us INTEGER NOT NULL DEFAULT 0,
+                 json TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS restarts_by_node ON restarts (node_id, seq);
+             PRAGMA user_version = {SCHEMA_VERSION};
+             COMMIT;"
+        ))?;
+    }
+    Ok(())
 }
 
 impl SqliteStore {
@@ -143,6 +171,7 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
         let mut node =
             tx.prepare_cached("INSERT OR REPLACE INTO nodes (id, json) VALUES (?1, ?2)")?;
         let mut forget = tx.prepare_cached("DELETE FROM nodes WHERE id = ?1")?;
+        let mut forget_history = tx.prepare_cached("DELETE FROM restarts WHERE node_id = ?1")?;
         let mut rollout = tx.prepare_cached(
             "INSERT OR REPLACE INTO rollouts (id, seq, json) VALUES (?1, ?2, ?3)",
         )?;
@@ -157,14 +186,36 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
         )?;
         let mut touch =
             tx.prepare_cached("UPDATE tokens SET last_used = max(last_used, ?2) WHERE id = ?1")?;
+        let mut restart =
+            tx.prepare_cached("INSERT INTO restarts (node_id, old_pid, json) VALUES (?1, ?2, ?3)")?;
+        let mut prune = tx.prepare_cached(
+            "DELETE FROM restarts WHERE node_id = ?1 AND seq <= (
+                 SELECT seq FROM restarts WHERE node_id = ?1
+                 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+        )?;
+        let mut drain = tx.prepare_cached(
+            "UPDATE restarts SET drain_us = ?3 WHERE seq = (
+                 SELECT seq FROM restarts WHERE node_id = ?1 AND old_pid = ?2
+                 ORDER BY seq DESC LIMIT 1) AND drain_us = 0",
+        )?;
         for write in batch.iter().flat_map(|j| &j.writes) {
             match write {
                 Write::Node(id, json) => node.execute(params![id, json])?,
-                Write::DeleteNode(id) => forget.execute(params![id])?,
+                Write::DeleteNode(id) => {
+                    forget_history.execute(params![id])?;
+                    forget.execute(params![id])?
+                }
                 Write::Rollout(id, seq, json) => rollout.execute(params![id, *seq as i64, json])?,
                 Write::RolloutNode(r, n, json) => rollout_node.execute(params![r, n, json])?,
                 Write::Token(id, json) => token.execute(params![id, json])?,
                 Write::TouchToken(id, at) => touch.execute(params![id, *at as i64])?,
+                Write::Restart(node, old_pid, json) => {
+                    restart.execute(params![node, old_pid, json])?;
+                    prune.execute(params![node, KEEP_PER_NODE as i64])?
+                }
+                Write::RestartDrain(node, old_pid, us) => {
+                    drain.execute(params![node, old_pid, *us as i64])?
+                }
             };
         }
     }
@@ -241,5 +292,171 @@ impl Store for SqliteStore {
 
     fn touch_token(&self, id: &str, last_used_unix_ms: u64) -> WriteAck {
         self.submit(vec![Write::TouchToken(id.to_string(), last_used_unix_ms)])
+    }
+
+    fn put_restart(&self, restart: &RestartRecord) -> WriteAck {
+        self.submit(vec![Write::Restart(
+            restart.node_id.clone(),
+            restart.old_pid,
+            to_json(restart),
+        )])
+    }
+
+    fn set_restart_drain(&self, node_id: &str, old_pid: u32, drain_us: u64) -> WriteAck {
+        self.submit(vec![Write::RestartDrain(
+            node_id.to_string(),
+            old_pid,
+            drain_us,
+        )])
+    }
+
+    fn load_restarts(
+        &self,
+        node_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RestartRecord>, StoreError> {
+        let conn = self.reader.lock().expect("reader lock");
+        let limit = limit.min(i64::MAX as usize) as i64;
+        let read = |r: &rusqlite::Row<'_>| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?));
+        let rows: Vec<(String, i64)> = match node_id {
+            Some(node) => conn
+                .prepare(
+                    "SELECT json, drain_us FROM restarts WHERE node_id = ?1
+                     ORDER BY seq DESC LIMIT ?2",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_map(params![node, limit], read)
+                        .and_then(|rows| rows.collect())
+                }),
+            None => conn
+                .prepare("SELECT json, drain_us FROM restarts ORDER BY seq DESC LIMIT ?1")
+                .and_then(|mut stmt| {
+                    stmt.query_map(params![limit], read)
+                        .and_then(|rows| rows.collect())
+                }),
+        }
+        .map_err(|e| db_err(&self.path, e))?;
+        rows.into_iter()
+            .map(|(json, drain_us)| {
+                let mut r: RestartRecord =
+                    serde_json::from_str(&json).map_err(|e| db_err(&self.path, e))?;
+                r.drain_us = r.drain_us.max(drain_us.max(0) as u64);
+                Ok(r)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restart(node: &str, old_pid: u32, at: u64) -> RestartRecord {
+        RestartRecord {
+            node_id: node.into(),
+            at_unix_ms: at,
+            kind: "restart".into(),
+            actor: "alice".into(),
+            via: "grpc".into(),
+            outcome: "succeeded".into(),
+            old_pid,
+            new_pid: old_pid + 1,
+            generation: at,
+            handoff_us: 1234,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn history_is_kept_per_node_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("fleet.db")).unwrap();
+        for i in 0..(KEEP_PER_NODE as u64 + 7) {
+            store
+                .put_restart(&restart("web-1", 100 + i as u32, i))
+                .await
+                .unwrap();
+        }
+        store.put_restart(&restart("web-2", 5, 1)).await.unwrap();
+        let web1 = store.load_restarts(Some("web-1"), 1000).unwrap();
+        assert_eq!(web1.len(), KEEP_PER_NODE);
+        // Newest first; the oldest seven were dropped.
+        assert_eq!(web1[0].at_unix_ms, KEEP_PER_NODE as u64 + 6);
+        assert_eq!(web1.last().unwrap().at_unix_ms, 7);
+        assert_eq!(store.load_restarts(Some("web-2"), 1000).unwrap().len(), 1);
+        assert_eq!(store.load_restarts(None, 3).unwrap().len(), 3);
+        assert_eq!(store.load_restarts(None, 3).unwrap()[0].node_id, "web-2");
+    }
+
+    #[tokio::test]
+    async fn drain_time_goes_to_the_latest_restart_of_that_old_pid_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("fleet.db")).unwrap();
+        store.put_restart(&restart("web-1", 42, 1)).await.unwrap();
+        store.put_restart(&restart("web-1", 43, 2)).await.unwrap();
+        store.put_restart(&restart("web-2", 42, 3)).await.unwrap();
+        store.set_restart_drain("web-1", 42, 900).await.unwrap();
+        // A second report does not overwrite the first.
+        store.set_restart_drain("web-1", 42, 5).await.unwrap();
+        let web1 = store.load_restarts(Some("web-1"), 10).unwrap();
+        assert_eq!((web1[0].old_pid, web1[0].drain_us), (43, 0));
+        assert_eq!((web1[1].old_pid, web1[1].drain_us), (42, 900));
+        // Another node's restart with the same old pid is untouched.
+        assert_eq!(
+            store.load_restarts(Some("web-2"), 10).unwrap()[0].drain_us,
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_history_is_migrated_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.db");
+        {
+            // The schema as the previous release created it (user_version 0).
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE nodes (id TEXT PRIMARY KEY, json TEXT NOT NULL);
+                 CREATE TABLE rollouts (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, json TEXT NOT NULL);
+                 CREATE TABLE rollout_nodes (
+                     rollout_id TEXT NOT NULL, node_id TEXT NOT NULL, json TEXT NOT NULL,
+                     PRIMARY KEY (rollout_id, node_id));
+                 CREATE TABLE tokens (
+                     id TEXT PRIMARY KEY, json TEXT NOT NULL, last_used INTEGER NOT NULL DEFAULT 0);",
+            )
+            .unwrap();
+            let node = serde_json::json!({
+                "node_id": "web-1", "labels": {}, "state": "serving",
+                "control_addr": "127.0.0.1:1", "admin_url": "",
+                "exe": {"path": "/bin/app", "sha256": "", "size": 0},
+                "generation": 3, "supervisor_pid": 10, "worker_pid": 11, "in_flight": 0,
+                "last_heartbeat_unix_ms": 1, "started_at_unix_ms": 1, "reason": "",
+                "static_node": false, "listeners": []
+            });
+            old.execute(
+                "INSERT INTO nodes (id, json) VALUES ('web-1', ?1)",
+                params![node.to_string()],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let nodes = store.load_nodes().unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].generation, 3);
+        assert!(store.load_restarts(Some("web-1"), 10).unwrap().is_empty());
+        store.put_restart(&restart("web-1", 11, 5)).await.unwrap();
+        assert_eq!(store.load_restarts(Some("web-1"), 10).unwrap().len(), 1);
+        let version: i64 = store
+            .reader
+            .lock()
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        drop(store);
+        // Opening it again (already migrated) changes nothing.
+        let again = SqliteStore::open(&path).unwrap();
+        assert_eq!(again.load_restarts(Some("web-1"), 10).unwrap().len(), 1);
     }
 }
