@@ -369,7 +369,7 @@ async fn unknown_paths_are_404_and_unknown_grpc_methods_unimplemented() {
         "/assets/nope.js",
         "/metrics/x",
         "/api/nodes/a/b",
-        "/nodes/web-1",
+        "/nodes/web-1/nonsense",
     ] {
         for method in [Method::GET, Method::POST] {
             for token in [None, Some(BOOTSTRAP)] {
