@@ -22,8 +22,13 @@ use nix::unistd::Pid;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn manual_actions_during_a_rollout_are_refused_unless_forced_and_a_stopped_node_says_so() {
+/// A controller and three nodes that accept a v2 release (kept in the returned dir).
+async fn three_nodes() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Controller,
+    Vec<fleet_tests::Agent>,
+) {
     let releases = tempfile::tempdir().unwrap();
     let v2 = agent_release(releases.path(), "fleet-agent-v2");
     let controller = Controller::start(ControllerOpts::default()).await;
@@ -32,6 +37,12 @@ async fn manual_actions_during_a_rollout_are_refused_unless_forced_and_a_stopped
             opts.arg("--allowed-exe-dir").arg(releases.path())
         })
         .await;
+    (releases, v2, controller, agents)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_actions_during_a_rollout_are_refused_unless_forced_and_a_stopped_node_says_so() {
+    let (_releases, v2, controller, agents) = three_nodes().await;
 
     // A rollout that pauses after its canary (node-1): node-2 and node-3 are pending.
     let started = controller
@@ -183,14 +194,7 @@ async fn manual_actions_during_a_rollout_are_refused_unless_forced_and_a_stopped
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exclude_skip_unreachable_dry_runs_and_grouped_refusals() {
-    let releases = tempfile::tempdir().unwrap();
-    let v2 = agent_release(releases.path(), "fleet-agent-v2");
-    let controller = Controller::start(ControllerOpts::default()).await;
-    let agents = controller
-        .start_nodes(3, |_, opts| {
-            opts.arg("--allowed-exe-dir").arg(releases.path())
-        })
-        .await;
+    let (releases, v2, controller, agents) = three_nodes().await;
 
     // One reason shared by every node: one line naming them all.
     let missing = releases.path().join("fleet-agent-v9");
