@@ -10,7 +10,6 @@
 //! [`Controller`] kills it with SIGKILL; agents are killed by their own drop.
 
 use std::ffi::{OsStr, OsString};
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,13 +19,13 @@ use std::time::{Duration, Instant};
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
 use tempfile::TempDir;
-use tokio::sync::watch;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::harness::{copy_agent_binary, eventually};
+use crate::harness::{STREAMS_CLOSE, copy_agent_binary, eventually};
+use crate::output::ProcessLog;
 use crate::{Agent, AgentOpts};
 
 /// How long [`Controller::start`] waits for `controller listening on ADDR`, and
@@ -171,14 +170,6 @@ impl Ctl {
     }
 }
 
-/// Every line the controller printed (over all its runs), and a counter that
-/// changes with each new one.
-#[derive(Debug)]
-struct Log {
-    lines: Mutex<Vec<String>>,
-    count: watch::Sender<usize>,
-}
-
 /// A running `fleet-controller`, killed with SIGKILL on drop. Its database outlives
 /// [`Controller::kill`], so [`Controller::restart`] comes back with the same state.
 #[derive(Debug)]
@@ -186,7 +177,8 @@ pub struct Controller {
     child: Mutex<Child>,
     dir: TempDir,
     addr: SocketAddr,
-    log: Arc<Log>,
+    /// Every line the controller printed, over all its runs.
+    log: Arc<ProcessLog>,
     opts: ControllerOpts,
 }
 
@@ -202,11 +194,7 @@ impl Controller {
             std::fs::write(dir.path().join("token"), format!("{token}\n"))
                 .expect("write the token");
         }
-        let (count, _) = watch::channel(0);
-        let log = Arc::new(Log {
-            lines: Mutex::new(Vec::new()),
-            count,
-        });
+        let log = ProcessLog::new();
         let child = spawn(dir.path(), &opts, &opts.listen, &log);
         let mut controller = Controller {
             child: Mutex::new(child),
@@ -259,7 +247,7 @@ impl Controller {
         let addr = self.addr;
         let started = Instant::now();
         for attempt in 1..=REBIND_ATTEMPTS {
-            let mark = self.log.lines.lock().unwrap().len();
+            let mark = self.log.len();
             let child = spawn(self.dir.path(), &self.opts, &addr.to_string(), &self.log);
             *self.child.lock().unwrap() = child;
             let outcome = self
@@ -383,7 +371,7 @@ impl Controller {
 
     /// Every line logged so far.
     pub fn log_lines(&self) -> Vec<String> {
-        self.log.lines.lock().unwrap().clone()
+        self.log.all()
     }
 
     /// Wait for a line containing `needle` among the lines from index `mark` on;
@@ -406,18 +394,9 @@ impl Controller {
         timeout: Duration,
     ) -> Result<String, std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
-        let mut changed = self.log.count.subscribe();
+        let mut changed = self.log.subscribe();
         loop {
-            let found = self
-                .log
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .skip(mark)
-                .find(|l| l.contains(needle))
-                .cloned();
-            if let Some(line) = found {
+            if let Some(line) = self.log.find_from(mark, needle) {
                 return Ok(line);
             }
             if Instant::now() >= deadline {
@@ -427,14 +406,8 @@ impl Controller {
             }
             let exited = self.child.lock().unwrap().try_wait().ok().flatten();
             if let Some(status) = exited {
-                // Give the reader threads a moment to deliver the last lines.
-                if tokio::time::timeout(Duration::from_millis(200), changed.changed())
-                    .await
-                    .is_err()
-                {
-                    return Err(status);
-                }
-                continue;
+                self.log.wait_closed(STREAMS_CLOSE).await;
+                return self.log.find_from(mark, needle).ok_or(status);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let _ =
@@ -691,7 +664,7 @@ impl Drop for Controller {
 }
 
 /// Spawn `fleet-controller` with its database in `dir`, echoing its output into `log`.
-fn spawn(dir: &Path, opts: &ControllerOpts, listen: &str, log: &Arc<Log>) -> Child {
+fn spawn(dir: &Path, opts: &ControllerOpts, listen: &str, log: &Arc<ProcessLog>) -> Child {
     let program = binary("fleet-controller");
     let mut command = match opts.wrapper.split_first() {
         Some((wrapper, wrapper_args)) => {
@@ -728,50 +701,8 @@ fn spawn(dir: &Path, opts: &ControllerOpts, listen: &str, log: &Arc<Log>) -> Chi
     let mut child = command
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
-    let pid = child.id();
-    read_lines(
-        child.stderr.take().expect("piped"),
-        log.clone(),
-        format!("[controller {pid}]"),
-    );
-    read_lines(
-        child.stdout.take().expect("piped"),
-        log.clone(),
-        format!("[controller {pid} stdout]"),
-    );
+    log.capture(&mut child, "controller");
     child
-}
-
-/// Echo every line of `stream` to the test's stderr (prefixed) and keep it.
-fn read_lines(stream: impl Read + Send + 'static, log: Arc<Log>, prefix: String) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).split(b'\n') {
-            let Ok(line) = line else { break };
-            let line = strip_ansi(String::from_utf8_lossy(&line).trim_end());
-            eprintln!("{prefix} {line}");
-            let mut lines = log.lines.lock().unwrap();
-            lines.push(line);
-            log.count.send_replace(lines.len());
-        }
-    });
-}
-
-/// Remove ANSI colour sequences (`ESC [ ... letter`).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 // ----- reading rollouts -----

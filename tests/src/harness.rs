@@ -16,7 +16,6 @@ mod parse;
 mod procs;
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -27,8 +26,9 @@ use ::http::Method;
 use fleet_proto::v1::agent_service_client::AgentServiceClient;
 use fleet_proto::v1::{Phase, WatchRequest};
 use tempfile::TempDir;
-use tokio::sync::watch;
 use tonic::transport::Channel;
+
+use crate::output::ProcessLog;
 
 pub use back_to_back::BackToBack;
 pub use events::Events;
@@ -45,6 +45,10 @@ pub use procs::{
 
 /// How long [`Agent::start`] waits for the control endpoint and every server.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long, after a process exited, its output streams may take to end (longer
+/// only when a process it left behind holds them).
+pub const STREAMS_CLOSE: Duration = Duration::from_secs(2);
 
 /// How to run the agent. `..Default::default()` gives one server on a free port and
 /// a control endpoint on a free port.
@@ -111,25 +115,10 @@ pub struct Agent {
     pid: u32,
     exit: Mutex<Option<ExitStatus>>,
     dir: TempDir,
-    log: Arc<Log>,
+    log: Arc<ProcessLog>,
     control: Option<SocketAddr>,
     servers: Vec<Server>,
     token: Option<String>,
-}
-
-/// Every line the agent printed, and a counter that changes with each new one.
-#[derive(Debug)]
-struct Log {
-    lines: Mutex<Vec<String>>,
-    count: watch::Sender<usize>,
-}
-
-impl Log {
-    fn push(&self, line: String) {
-        let mut lines = self.lines.lock().unwrap();
-        lines.push(line);
-        self.count.send_replace(lines.len());
-    }
 }
 
 impl Agent {
@@ -204,15 +193,8 @@ tls = {{ cert = "{}", key = "{}" }}
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         let pid = child.id();
-        let (count, _) = watch::channel(0);
-        let log = Arc::new(Log {
-            lines: Mutex::new(Vec::new()),
-            count,
-        });
-        let stderr = child.stderr.take().expect("piped stderr");
-        let stdout = child.stdout.take().expect("piped stdout");
-        read_lines(stderr, log.clone(), format!("[agent {pid}]"));
-        read_lines(stdout, log.clone(), format!("[agent {pid} stdout]"));
+        let log = ProcessLog::new();
+        log.capture(&mut child, "agent");
         Agent {
             child: Mutex::new(child),
             pid,
@@ -303,12 +285,12 @@ tls = {{ cert = "{}", key = "{}" }}
 
     /// Every line logged so far.
     pub fn log_lines(&self) -> Vec<String> {
-        self.log.lines.lock().unwrap().clone()
+        self.log.all()
     }
 
     /// How many lines were logged so far: a mark for [`Agent::wait_for_log_from`].
     pub fn log_len(&self) -> usize {
-        self.log.lines.lock().unwrap().len()
+        self.log.len()
     }
 
     /// Wait for a line containing `needle`, anywhere in the log.
@@ -320,17 +302,9 @@ tls = {{ cert = "{}", key = "{}" }}
     /// Panics with the log after `timeout`, or as soon as the agent exited without it.
     pub async fn wait_for_log_from(&self, mark: usize, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
-        let mut changed = self.log.count.subscribe();
+        let mut changed = self.log.subscribe();
         loop {
-            let found = {
-                let lines = self.log.lines.lock().unwrap();
-                lines
-                    .iter()
-                    .skip(mark)
-                    .find(|l| l.contains(needle))
-                    .cloned()
-            };
-            if let Some(line) = found {
+            if let Some(line) = self.log.find_from(mark, needle) {
                 return line;
             }
             let now = Instant::now();
@@ -340,16 +314,13 @@ tls = {{ cert = "{}", key = "{}" }}
                 ));
             }
             if let Some(status) = self.try_exit() {
-                // Give the reader threads a moment to deliver the last lines.
-                if tokio::time::timeout(Duration::from_millis(200), changed.changed())
-                    .await
-                    .is_err()
-                {
-                    self.fail(&format!(
-                        "the agent exited ({status}) without logging {needle:?}"
-                    ));
+                self.log.wait_closed(STREAMS_CLOSE).await;
+                if let Some(line) = self.log.find_from(mark, needle) {
+                    return line;
                 }
-                continue;
+                self.fail(&format!(
+                    "the agent exited ({status}) without logging {needle:?}"
+                ));
             }
             let _ = tokio::time::timeout(
                 (deadline - now).min(Duration::from_millis(100)),
@@ -361,13 +332,7 @@ tls = {{ cert = "{}", key = "{}" }}
 
     /// Count the lines containing `needle`.
     pub fn count_log(&self, needle: &str) -> usize {
-        self.log
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+        self.log.count(needle)
     }
 
     /// Panic with `message` and the whole log.
@@ -392,6 +357,7 @@ tls = {{ cert = "{}", key = "{}" }}
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_exit() {
+                self.log.wait_closed(STREAMS_CLOSE).await;
                 return status;
             }
             if Instant::now() >= deadline {
@@ -574,21 +540,3 @@ impl Drop for Agent {
     }
 }
 
-/// Echo every line of `stream` to the test's stderr (prefixed) and keep it.
-fn read_lines(stream: impl Read + Send + 'static, log: Arc<Log>, prefix: String) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stream);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = parse::strip_ansi(String::from_utf8_lossy(&buf).trim_end());
-                    eprintln!("{prefix} {line}");
-                    log.push(line);
-                }
-            }
-        }
-    });
-}

@@ -16,6 +16,8 @@ pub mod fleet;
 pub mod footprint;
 /// Hollow agents: many simulated agents in one process (a test tool for scale).
 pub mod hollow;
+/// What a spawned process prints, kept and waited on.
+pub mod output;
 /// A strict HTTP/1.1 and HTTP/2 load generator that counts every lost request.
 pub mod loadgen;
 /// Several hosts on one machine: network namespaces on a bridge, partitions.

@@ -6,24 +6,6 @@ use std::path::Path;
 
 use super::{HttpResponse, Server};
 
-/// Remove ANSI colour sequences (`ESC [ ... letter`).
-pub(super) fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// `... control endpoint listening on 127.0.0.1:PORT ...` → the address.
 pub fn parse_control(line: &str) -> Option<SocketAddr> {
     let rest = &line[line.find("control endpoint listening on ")? + 30..];
@@ -161,6 +143,5 @@ mod tests {
             restart_path(Some(Path::new("/a b/c")), None),
             "/debug/admin/restart?newExeFilePath=/a%20b/c"
         );
-        assert_eq!(strip_ansi("\u{1b}[2mtime\u{1b}[0m INFO"), "time INFO");
     }
 }
