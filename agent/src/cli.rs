@@ -139,6 +139,12 @@ pub struct Cli {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+
+    /// Ask the agent this configuration describes whether it serves (GET /healthz on
+    /// its control port, on loopback for a wildcard address) and exit 0 if so, 1 if
+    /// not: a container HEALTHCHECK or a liveness probe with no curl at hand.
+    #[arg(long, conflicts_with = "print_config")]
+    pub health_check: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -163,6 +169,18 @@ impl Cli {
         self.apply(&mut config);
         config.validate()?;
         Ok(config)
+    }
+
+    /// The control address a `--health-check` asks: the config file's and flags'
+    /// merged, without the checks only a running agent needs (a token file the
+    /// probe never reads, say).
+    pub fn control_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        self.apply(&mut config);
+        Ok(config.control.listen)
     }
 
     fn apply(&self, config: &mut Config) {

@@ -51,6 +51,8 @@ mod tls;
 mod metrics;
 /// Heartbeats to a fleet controller.
 mod heartbeat;
+/// `--health-check`: probe a running agent's `/healthz`.
+mod health_check;
 /// The node's certificate for mutual TLS with an `https://` controller.
 mod identity;
 /// The demo app.
@@ -88,6 +90,9 @@ where
     // Parsed first: the flag or the file says how to log. (clap's own errors go to
     // stderr as text; a file that cannot be read is reported in the flag's format.)
     let cli = cli::Cli::parse();
+    if cli.health_check {
+        return health_check::run(cli.control_addr());
+    }
     let config = cli.config();
     logging::init(
         if worker { "worker" } else { "supervisor" },

@@ -173,7 +173,7 @@ async fn node(mut controller: Controller, args: NodeArgs, format: Format) -> Res
                 history
                     .restarts
                     .iter()
-                    .map(output::history::RestartJson::from)
+                    .map(json::NodeRestartJson::from)
                     .collect::<Vec<_>>(),
             )?;
             emit(&json::to_string(&value))?

@@ -92,6 +92,7 @@ fn containerfile_is_multi_stage_with_the_promised_runtime() {
     for line in [
         "USER 65532:65532",
         "STOPSIGNAL SIGTERM",
+        "HEALTHCHECK ",
         "ENTRYPOINT [\"/usr/local/bin/fleet-agent\"",
     ] {
         assert!(stage.contains(line), "agent stage lacks {line}");
@@ -151,6 +152,8 @@ fn runtime_image_builds_with_podman() {
     output(
         podman(&[
             "build",
+            "--format",
+            "docker",
             "--isolation",
             "chroot",
             "-t",
@@ -175,6 +178,21 @@ fn runtime_image_builds_with_podman() {
         "{config}"
     );
     assert!(config["ExposedPorts"].get("7101/tcp").is_some(), "{config}");
+    // podman shows a docker-format image's health check beside `.Config`.
+    let out = output(&mut podman(&["image", "inspect", "fleet-agent-test:1"]));
+    let inspect: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
+    let health = &inspect[0]["Healthcheck"];
+    assert_eq!(
+        health["Test"],
+        serde_json::json!([
+            "CMD",
+            "/usr/local/bin/fleet-agent",
+            "--health-check",
+            "--control",
+            "0.0.0.0:7101"
+        ]),
+        "{health}"
+    );
     assert!(
         config["Env"]
             .as_array()

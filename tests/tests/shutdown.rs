@@ -94,3 +94,34 @@ async fn grpc_shutdown_shuts_down_gracefully() {
     })
     .await;
 }
+
+/// `fleet-agent --health-check` with the agent's own flags: `healthy` and 0 while it
+/// serves, `unhealthy` and 1 once it is gone (the container image's HEALTHCHECK).
+#[tokio::test]
+async fn the_health_check_says_whether_the_agent_serves() {
+    let agent = Agent::start(AgentOpts::default()).await;
+    let control = agent.control();
+    // The wildcard address the image uses, with the agent's port: asked on loopback.
+    let wildcard = SocketAddr::from(([0, 0, 0, 0], control.port()));
+    let check = |addr: SocketAddr| {
+        let out = std::process::Command::new(fleet_tests::harness::agent_binary())
+            .args(["--health-check", "--control", &addr.to_string()])
+            .output()
+            .expect("run fleet-agent --health-check");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code(), stdout)
+    };
+    for addr in [control, wildcard] {
+        let (code, stdout) = check(addr);
+        assert_eq!(code, Some(0), "{stdout}");
+        assert!(stdout.starts_with("healthy: "), "{stdout}");
+        assert!(stdout.contains("/healthz answered 200 ok"), "{stdout}");
+    }
+
+    send_signal(agent.pid(), Signal::SIGTERM);
+    agent.wait_exit(Duration::from_secs(30)).await;
+    let (code, stdout) = check(control);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("unhealthy: "), "{stdout}");
+    assert!(stdout.contains("is the agent running?"), "{stdout}");
+}

@@ -1,7 +1,6 @@
 //! `fleetctl node NODE`: the node's restart history under its facts.
 
 use fleet_proto::v1::NodeRestart;
-use serde::Serialize;
 
 use super::{Table, time};
 
@@ -62,45 +61,6 @@ pub fn restarts_table(restarts: &[NodeRestart]) -> String {
         restarts.len(),
         table.render()
     )
-}
-
-#[derive(Debug, Serialize)]
-pub struct RestartJson<'a> {
-    pub at_unix_ms: u64,
-    pub at: String,
-    pub kind: &'a str,
-    pub rollout_id: &'a str,
-    pub actor: &'a str,
-    pub via: &'a str,
-    pub outcome: &'a str,
-    pub reason: &'a str,
-    pub generation: u64,
-    pub old_pid: u32,
-    pub new_pid: u32,
-    pub exe: &'a str,
-    pub handoff_us: u64,
-    pub drain_us: u64,
-}
-
-impl<'a> From<&'a NodeRestart> for RestartJson<'a> {
-    fn from(r: &'a NodeRestart) -> Self {
-        RestartJson {
-            at_unix_ms: r.at_unix_ms,
-            at: time(r.at_unix_ms),
-            kind: &r.kind,
-            rollout_id: &r.rollout_id,
-            actor: &r.actor,
-            via: &r.via,
-            outcome: &r.outcome,
-            reason: &r.reason,
-            generation: r.generation,
-            old_pid: r.old_pid,
-            new_pid: r.new_pid,
-            exe: &r.exe,
-            handoff_us: r.handoff_us,
-            drain_us: r.drain_us,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,14 @@
 //! JSON output: serde mirrors of the proto messages, with the proto's field names
-//! (prost types don't derive `Serialize`). Labels are sorted; enums are lowercase words.
+//! (prost types don't derive `Serialize`). Labels are sorted; enums are lowercase words;
+//! every `*_unix_ms` has an `*_rfc3339` beside it; batches count from 1 as in the
+//! tables. Each `From` destructures its message without `..`, so a field added to
+//! the proto fails the build here until the JSON shows it too.
 
 use std::collections::BTreeMap;
 
 use fleet_proto::v1::{
-    CreateTokenResponse, ExeInfo, Node, Outcome, PhaseTimings, RestartResponse, Rollout,
-    RolloutNode, RolloutSpec, TimelineEntry, Token,
+    CreateTokenResponse, ExeInfo, Node, NodeRefusal, NodeRestart, Outcome, PhaseTimings,
+    RestartResponse, Rollout, RolloutNode, RolloutProgress, RolloutSpec, TimelineEntry, Token,
 };
 use serde::Serialize;
 
@@ -34,10 +37,11 @@ pub struct ExeJson<'a> {
 
 impl<'a> From<&'a ExeInfo> for ExeJson<'a> {
     fn from(e: &'a ExeInfo) -> Self {
+        let ExeInfo { path, sha256, size } = e;
         ExeJson {
-            path: &e.path,
-            sha256: &e.sha256,
-            size: e.size,
+            path,
+            sha256,
+            size: *size,
         }
     }
 }
@@ -66,27 +70,42 @@ pub struct NodeJson<'a> {
 
 impl<'a> From<&'a Node> for NodeJson<'a> {
     fn from(n: &'a Node) -> Self {
+        let Node {
+            node_id,
+            labels,
+            state,
+            control_addr,
+            admin_url,
+            exe,
+            generation,
+            supervisor_pid,
+            worker_pid,
+            in_flight,
+            last_heartbeat_unix_ms,
+            started_at_unix_ms,
+            reason,
+            static_node,
+        } = n;
         NodeJson {
-            node_id: &n.node_id,
-            labels: n
-                .labels
+            node_id,
+            labels: labels
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect(),
-            state: &n.state,
-            control_addr: &n.control_addr,
-            admin_url: &n.admin_url,
-            exe: n.exe.as_ref().map(ExeJson::from),
-            generation: n.generation,
-            supervisor_pid: n.supervisor_pid,
-            worker_pid: n.worker_pid,
-            in_flight: n.in_flight,
-            last_heartbeat_unix_ms: n.last_heartbeat_unix_ms,
-            last_heartbeat_rfc3339: rfc3339(n.last_heartbeat_unix_ms),
-            started_at_unix_ms: n.started_at_unix_ms,
-            started_at_rfc3339: rfc3339(n.started_at_unix_ms),
-            reason: &n.reason,
-            static_node: n.static_node,
+            state,
+            control_addr,
+            admin_url,
+            exe: exe.as_ref().map(ExeJson::from),
+            generation: *generation,
+            supervisor_pid: *supervisor_pid,
+            worker_pid: *worker_pid,
+            in_flight: *in_flight,
+            last_heartbeat_unix_ms: *last_heartbeat_unix_ms,
+            last_heartbeat_rfc3339: rfc3339(*last_heartbeat_unix_ms),
+            started_at_unix_ms: *started_at_unix_ms,
+            started_at_rfc3339: rfc3339(*started_at_unix_ms),
+            reason,
+            static_node: *static_node,
         }
     }
 }
@@ -102,6 +121,8 @@ pub struct SpecJson<'a> {
     pub canary: u32,
     pub pause_after_canary: bool,
     pub min_healthy_ms: u64,
+    /// Whether `min_healthy_ms` was asked for (false: the controller's default).
+    pub min_healthy_set: bool,
     pub ready_timeout_ms: u64,
     pub drain_timeout_ms: u64,
     pub health_path: &'a str,
@@ -111,29 +132,75 @@ pub struct SpecJson<'a> {
     pub actor: &'a str,
     pub declared_actor: &'a str,
     pub dry_run: bool,
+    /// Nodes left out by name (`--exclude`).
+    pub exclude: &'a [String],
+    pub skip_unreachable: bool,
+    /// Nodes the selector matched that were left out, and why.
+    pub left_out: Vec<RefusalJson<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RefusalJson<'a> {
+    pub node_id: &'a str,
+    pub reason: &'a str,
+}
+
+impl<'a> From<&'a NodeRefusal> for RefusalJson<'a> {
+    fn from(r: &'a NodeRefusal) -> Self {
+        let NodeRefusal { node_id, reason } = r;
+        RefusalJson { node_id, reason }
+    }
 }
 
 impl<'a> From<&'a RolloutSpec> for SpecJson<'a> {
     fn from(s: &'a RolloutSpec) -> Self {
+        let RolloutSpec {
+            exe,
+            sha256,
+            selector,
+            batches,
+            max_parallel,
+            max_unavailable,
+            canary,
+            pause_after_canary,
+            min_healthy_ms,
+            ready_timeout_ms,
+            drain_timeout_ms,
+            health_path,
+            max_failures,
+            auto_rollback,
+            reason,
+            actor,
+            dry_run,
+            declared_actor,
+            min_healthy_set,
+            exclude,
+            skip_unreachable,
+            left_out,
+        } = s;
         SpecJson {
-            exe: &s.exe,
-            sha256: &s.sha256,
-            selector: &s.selector,
-            batches: &s.batches,
-            max_parallel: s.max_parallel,
-            max_unavailable: &s.max_unavailable,
-            canary: s.canary,
-            pause_after_canary: s.pause_after_canary,
-            min_healthy_ms: s.min_healthy_ms,
-            ready_timeout_ms: s.ready_timeout_ms,
-            drain_timeout_ms: s.drain_timeout_ms,
-            health_path: &s.health_path,
-            max_failures: &s.max_failures,
-            auto_rollback: s.auto_rollback,
-            reason: &s.reason,
-            actor: &s.actor,
-            declared_actor: &s.declared_actor,
-            dry_run: s.dry_run,
+            exe,
+            sha256,
+            selector,
+            batches,
+            max_parallel: *max_parallel,
+            max_unavailable,
+            canary: *canary,
+            pause_after_canary: *pause_after_canary,
+            min_healthy_ms: *min_healthy_ms,
+            min_healthy_set: *min_healthy_set,
+            ready_timeout_ms: *ready_timeout_ms,
+            drain_timeout_ms: *drain_timeout_ms,
+            health_path,
+            max_failures,
+            auto_rollback: *auto_rollback,
+            reason,
+            actor,
+            declared_actor,
+            dry_run: *dry_run,
+            exclude,
+            skip_unreachable: *skip_unreachable,
+            left_out: left_out.iter().map(RefusalJson::from).collect(),
         }
     }
 }
@@ -150,12 +217,18 @@ pub struct TimelineJson<'a> {
 
 impl<'a> From<&'a TimelineEntry> for TimelineJson<'a> {
     fn from(t: &'a TimelineEntry) -> Self {
+        let TimelineEntry {
+            unix_ms,
+            state,
+            message,
+            pid,
+        } = t;
         TimelineJson {
-            unix_ms: t.unix_ms,
-            rfc3339: rfc3339(t.unix_ms),
-            state: &t.state,
-            message: &t.message,
-            pid: t.pid,
+            unix_ms: *unix_ms,
+            rfc3339: rfc3339(*unix_ms),
+            state,
+            message,
+            pid: *pid,
         }
     }
 }
@@ -163,6 +236,7 @@ impl<'a> From<&'a TimelineEntry> for TimelineJson<'a> {
 #[derive(Debug, Serialize)]
 pub struct RolloutNodeJson<'a> {
     pub node_id: &'a str,
+    /// The node's batch, from 1 (as the tables and the dashboard show it).
     pub batch: u32,
     pub state: &'a str,
     pub reason: &'a str,
@@ -177,18 +251,65 @@ pub struct RolloutNodeJson<'a> {
 
 impl<'a> From<&'a RolloutNode> for RolloutNodeJson<'a> {
     fn from(n: &'a RolloutNode) -> Self {
+        let RolloutNode {
+            node_id,
+            batch,
+            state,
+            reason,
+            previous_exe,
+            previous_sha256,
+            old_pid,
+            new_pid,
+            timeline,
+            target_exe,
+            target_sha256,
+        } = n;
         RolloutNodeJson {
-            node_id: &n.node_id,
-            batch: n.batch,
-            state: &n.state,
-            reason: &n.reason,
-            previous_exe: &n.previous_exe,
-            previous_sha256: &n.previous_sha256,
-            old_pid: n.old_pid,
-            new_pid: n.new_pid,
-            timeline: n.timeline.iter().map(TimelineJson::from).collect(),
-            target_exe: &n.target_exe,
-            target_sha256: &n.target_sha256,
+            node_id,
+            batch: batch + 1,
+            state,
+            reason,
+            previous_exe,
+            previous_sha256,
+            old_pid: *old_pid,
+            new_pid: *new_pid,
+            timeline: timeline.iter().map(TimelineJson::from).collect(),
+            target_exe,
+            target_sha256,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProgressJson {
+    pub total: u32,
+    pub healthy: u32,
+    pub failed: u32,
+    pub rolled_back: u32,
+    pub skipped: u32,
+    pub active: u32,
+    pub pending: u32,
+}
+
+impl From<&RolloutProgress> for ProgressJson {
+    fn from(p: &RolloutProgress) -> Self {
+        let RolloutProgress {
+            total,
+            healthy,
+            failed,
+            rolled_back,
+            skipped,
+            active,
+            pending,
+        } = *p;
+        ProgressJson {
+            total,
+            healthy,
+            failed,
+            rolled_back,
+            skipped,
+            active,
+            pending,
         }
     }
 }
@@ -205,27 +326,45 @@ pub struct RolloutJson<'a> {
     pub finished_unix_ms: u64,
     /// The same time in RFC 3339 (UTC, milliseconds); null when unset (0).
     pub finished_rfc3339: Option<String>,
+    /// The number of nodes in batch 1, 2, ….
     pub batch_sizes: &'a [u32],
+    /// The batch being worked on, from 1 (the last one once the rollout ended).
     pub current_batch: u32,
     pub nodes: Vec<RolloutNodeJson<'a>>,
     pub undo_of: &'a str,
+    /// How many nodes stand where; `null` from a controller that predates it.
+    pub progress: Option<ProgressJson>,
 }
 
 impl<'a> From<&'a Rollout> for RolloutJson<'a> {
     fn from(r: &'a Rollout) -> Self {
+        let Rollout {
+            id,
+            spec,
+            state,
+            reason,
+            created_unix_ms,
+            finished_unix_ms,
+            batch_sizes,
+            current_batch,
+            nodes,
+            undo_of,
+            progress,
+        } = r;
         RolloutJson {
-            id: &r.id,
-            spec: r.spec.as_ref().map(SpecJson::from),
-            state: &r.state,
-            reason: &r.reason,
-            created_unix_ms: r.created_unix_ms,
-            created_rfc3339: rfc3339(r.created_unix_ms),
-            finished_unix_ms: r.finished_unix_ms,
-            finished_rfc3339: rfc3339(r.finished_unix_ms),
-            batch_sizes: &r.batch_sizes,
-            current_batch: r.current_batch,
-            nodes: r.nodes.iter().map(RolloutNodeJson::from).collect(),
-            undo_of: &r.undo_of,
+            id,
+            spec: spec.as_ref().map(SpecJson::from),
+            state,
+            reason,
+            created_unix_ms: *created_unix_ms,
+            created_rfc3339: rfc3339(*created_unix_ms),
+            finished_unix_ms: *finished_unix_ms,
+            finished_rfc3339: rfc3339(*finished_unix_ms),
+            batch_sizes,
+            current_batch: current_batch + 1,
+            nodes: nodes.iter().map(RolloutNodeJson::from).collect(),
+            undo_of,
+            progress: progress.as_ref().map(ProgressJson::from),
         }
     }
 }
@@ -239,10 +378,15 @@ pub struct TimingsJson {
 
 impl From<&PhaseTimings> for TimingsJson {
     fn from(t: &PhaseTimings) -> Self {
+        let PhaseTimings {
+            validate_us,
+            spawn_us,
+            ready_us,
+        } = *t;
         TimingsJson {
-            validate_us: t.validate_us,
-            spawn_us: t.spawn_us,
-            ready_us: t.ready_us,
+            validate_us,
+            spawn_us,
+            ready_us,
         }
     }
 }
@@ -264,16 +408,85 @@ pub struct RestartJson<'a> {
 
 impl<'a> RestartJson<'a> {
     pub fn new(node_id: &'a str, r: &'a RestartResponse) -> Self {
+        let RestartResponse {
+            outcome: result,
+            reason,
+            stderr_tail,
+            generation,
+            old_pid,
+            new_pid,
+            exe,
+            timings,
+        } = r;
         RestartJson {
             node_id,
-            outcome: outcome(r.outcome),
-            reason: &r.reason,
-            stderr_tail: &r.stderr_tail,
-            generation: r.generation,
-            old_pid: r.old_pid,
-            new_pid: r.new_pid,
-            exe: r.exe.as_ref().map(ExeJson::from),
-            timings: r.timings.as_ref().map(TimingsJson::from),
+            outcome: outcome(*result),
+            reason,
+            stderr_tail,
+            generation: *generation,
+            old_pid: *old_pid,
+            new_pid: *new_pid,
+            exe: exe.as_ref().map(ExeJson::from),
+            timings: timings.as_ref().map(TimingsJson::from),
+        }
+    }
+}
+
+/// One restart of a node, from its history (`fleetctl node ID`).
+#[derive(Debug, Serialize)]
+pub struct NodeRestartJson<'a> {
+    pub at_unix_ms: u64,
+    /// The same time in RFC 3339 (UTC, milliseconds).
+    pub at_rfc3339: Option<String>,
+    /// "rollout", "restart", "rollback", ….
+    pub kind: &'a str,
+    pub rollout_id: &'a str,
+    pub actor: &'a str,
+    pub via: &'a str,
+    pub outcome: &'a str,
+    pub reason: &'a str,
+    pub generation: u64,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    pub exe: &'a str,
+    /// Trigger → the new worker's READY.
+    pub handoff_us: u64,
+    /// SIGTERM → the old worker's exit.
+    pub drain_us: u64,
+}
+
+impl<'a> From<&'a NodeRestart> for NodeRestartJson<'a> {
+    fn from(r: &'a NodeRestart) -> Self {
+        let NodeRestart {
+            at_unix_ms,
+            kind,
+            rollout_id,
+            actor,
+            outcome,
+            reason,
+            generation,
+            old_pid,
+            new_pid,
+            exe,
+            handoff_us,
+            drain_us,
+            via,
+        } = r;
+        NodeRestartJson {
+            at_unix_ms: *at_unix_ms,
+            at_rfc3339: rfc3339(*at_unix_ms),
+            kind,
+            rollout_id,
+            actor,
+            via,
+            outcome,
+            reason,
+            generation: *generation,
+            old_pid: *old_pid,
+            new_pid: *new_pid,
+            exe,
+            handoff_us: *handoff_us,
+            drain_us: *drain_us,
         }
     }
 }
@@ -303,22 +516,35 @@ pub struct TokenJson<'a> {
 
 impl<'a> From<&'a Token> for TokenJson<'a> {
     fn from(t: &'a Token) -> Self {
+        let Token {
+            id,
+            name,
+            kind,
+            created_unix_ms,
+            created_by,
+            expires_unix_ms,
+            revoked_unix_ms,
+            last_used_unix_ms,
+            node_id_prefix,
+            max_uses,
+            uses,
+        } = t;
         TokenJson {
-            id: &t.id,
-            name: &t.name,
-            kind: &t.kind,
-            created_unix_ms: t.created_unix_ms,
-            created_rfc3339: rfc3339(t.created_unix_ms),
-            created_by: &t.created_by,
-            expires_unix_ms: t.expires_unix_ms,
-            expires_rfc3339: rfc3339(t.expires_unix_ms),
-            revoked_unix_ms: t.revoked_unix_ms,
-            revoked_rfc3339: rfc3339(t.revoked_unix_ms),
-            last_used_unix_ms: t.last_used_unix_ms,
-            last_used_rfc3339: rfc3339(t.last_used_unix_ms),
-            node_id_prefix: &t.node_id_prefix,
-            max_uses: t.max_uses,
-            uses: t.uses,
+            id,
+            name,
+            kind,
+            created_unix_ms: *created_unix_ms,
+            created_rfc3339: rfc3339(*created_unix_ms),
+            created_by,
+            expires_unix_ms: *expires_unix_ms,
+            expires_rfc3339: rfc3339(*expires_unix_ms),
+            revoked_unix_ms: *revoked_unix_ms,
+            revoked_rfc3339: rfc3339(*revoked_unix_ms),
+            last_used_unix_ms: *last_used_unix_ms,
+            last_used_rfc3339: rfc3339(*last_used_unix_ms),
+            node_id_prefix,
+            max_uses: *max_uses,
+            uses: *uses,
         }
     }
 }
@@ -376,6 +602,16 @@ mod tests {
             state: "running".into(),
             spec: Some(RolloutSpec {
                 exe: "/opt/app-v2".into(),
+                exclude: vec!["n2".into()],
+                left_out: vec![NodeRefusal {
+                    node_id: "n3".into(),
+                    reason: "unreachable".into(),
+                }],
+                ..Default::default()
+            }),
+            progress: Some(RolloutProgress {
+                total: 1,
+                healthy: 1,
                 ..Default::default()
             }),
             nodes: vec![RolloutNode {
@@ -397,6 +633,12 @@ mod tests {
         assert_eq!(value["nodes"][0]["node_id"], "n1");
         assert_eq!(value["nodes"][0]["timeline"][0]["pid"], 7);
         assert_eq!(value["undo_of"], "");
+        // Batches count from 1, as the tables do.
+        assert_eq!(value["nodes"][0]["batch"], 1);
+        assert_eq!(value["current_batch"], 1);
+        assert_eq!(value["progress"]["healthy"], 1);
+        assert_eq!(value["spec"]["exclude"][0], "n2");
+        assert_eq!(value["spec"]["left_out"][0]["reason"], "unreachable");
     }
 
     #[test]
