@@ -187,7 +187,7 @@ impl EtcdStore {
             let get = kv.get(prefix.clone(), Some(GetOptions::new().with_count_only()));
             match tokio::time::timeout(left, get).await {
                 Ok(Ok(_)) => break,
-                Ok(Err(e)) => last = e.to_string(),
+                Ok(Err(e)) => last = describe(&e),
                 Err(_) => last = "timed out".into(),
             }
             tokio::time::sleep(Duration::from_millis(100).min(left)).await;
@@ -296,7 +296,7 @@ impl Shared {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }
-                Err(e) => return Err(self.error(format!("{what}: {e}"))),
+                Err(e) => return Err(self.error(format!("{what}: {}", describe(&e)))),
             }
         }
     }
@@ -546,6 +546,26 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+/// The error in a line: a gRPC status's message and its deepest cause
+/// (`tcp connect error: Connection refused (os error 111)`), without the debug dump.
+fn describe(e: &etcd_client::Error) -> String {
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return e.to_string();
+    };
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(status);
+    let mut deepest = None;
+    while let Some(c) = cause {
+        deepest = Some(c);
+        cause = c.source();
+    }
+    match deepest {
+        Some(root) if root.to_string() != status.message() => {
+            format!("{}: {root}", status.message())
+        }
+        _ => status.message().to_string(),
+    }
 }
 
 /// Worth trying again: etcd unreachable, or between leaders.
