@@ -11,7 +11,8 @@ use clap::Parser;
 /// Agents started with `fleet-agent --controller http://ADDR` register and heartbeat;
 /// `fleetctl` drives rollouts through the same port (gRPC ControllerService), and the
 /// HTTP API (/api/nodes, /api/rollouts, /api/events) serves the dashboard. State is kept
-/// in an embedded SQLite file; rollouts in progress resume after a restart.
+/// in an embedded SQLite file (--db), or in etcd (--store etcd://HOST:PORT,...); rollouts
+/// in progress resume after a restart.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "fleet-controller", version, about, long_about)]
 pub struct Cli {
@@ -31,9 +32,35 @@ pub struct Cli {
     )]
     pub log_format: LogFormat,
 
-    /// SQLite database file (created if missing).
+    /// SQLite database file (created if missing), when --store is not given.
     #[arg(long, value_name = "PATH", default_value = "fleet.db")]
     pub db: PathBuf,
+
+    /// Where state is kept: `sqlite:PATH` (as --db PATH), or
+    /// `etcd://HOST:PORT[,HOST:PORT...]`, the client URLs' hosts and ports of an etcd v3
+    /// cluster (port 2379 when left out) [default: sqlite:fleet.db].
+    #[arg(long, value_name = "URL", value_parser = parse_store, conflicts_with = "db")]
+    pub store: Option<StoreUrl>,
+
+    /// With an etcd store: every key the controller writes starts with this (a `/` is
+    /// added at the end if missing). Controllers of different fleets on one etcd need
+    /// different prefixes.
+    #[arg(long, value_name = "PREFIX", default_value = "/fleet/")]
+    pub etcd_prefix: String,
+
+    /// With an etcd store: speak TLS to etcd (https), trusting this CA (PEM) for the
+    /// members' server certificates.
+    #[arg(long, value_name = "PATH")]
+    pub etcd_ca_cert: Option<PathBuf>,
+
+    /// With an etcd store and --etcd-ca-cert: the client certificate (PEM) for an etcd
+    /// started with --client-cert-auth, with --etcd-key.
+    #[arg(long, value_name = "PATH", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "PATH", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
 
     /// File with the bearer token every API call must carry (agents and fleetctl).
     #[arg(long, value_name = "PATH")]
@@ -153,7 +180,136 @@ impl LogFormat {
     }
 }
 
+/// `--store`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Sqlite(PathBuf),
+    /// `HOST:PORT` of each member.
+    Etcd(Vec<String>),
+}
+
+const STORE_FORMS: &str = "write sqlite:PATH, or etcd://HOST:PORT[,HOST:PORT...] for an etcd \
+                           cluster (e.g. etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379)";
+
+fn parse_store(s: &str) -> Result<StoreUrl, String> {
+    if let Some(path) = s.strip_prefix("sqlite:") {
+        if path.is_empty() {
+            return Err(format!("{s:?} names no file: {STORE_FORMS}"));
+        }
+        return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+    }
+    let Some(hosts) = s.strip_prefix("etcd://") else {
+        let hint = if s.starts_with("http://") || s.starts_with("https://") {
+            " (TLS to etcd: etcd://… with --etcd-ca-cert)"
+        } else {
+            ""
+        };
+        return Err(format!("{s:?} is not a store URL: {STORE_FORMS}{hint}"));
+    };
+    if hosts.contains('/') {
+        return Err(format!(
+            "{s:?}: an etcd URL names hosts and ports only; the keys' prefix is \
+             --etcd-prefix (default /fleet/): {STORE_FORMS}"
+        ));
+    }
+    let mut endpoints = Vec::new();
+    for host in hosts.split(',') {
+        let endpoint = endpoint(host).map_err(|why| format!("{s:?}: {why}: {STORE_FORMS}"))?;
+        endpoints.push(endpoint);
+    }
+    Ok(StoreUrl::Etcd(endpoints))
+}
+
+/// `HOST:PORT`, `HOST` (port 2379), `[V6]:PORT`.
+fn endpoint(host: &str) -> Result<String, String> {
+    if host.is_empty() {
+        return Err("an empty host".into());
+    }
+    if host.contains(['@', '?', '#', ' ']) {
+        return Err(format!("{host:?} is not HOST:PORT"));
+    }
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port))
+            if !name.ends_with(':') && (!name.contains(':') || name.ends_with(']')) =>
+        {
+            (name, Some(port))
+        }
+        _ => (host, None),
+    };
+    if name.is_empty() || (name.contains(':') && !name.starts_with('[')) {
+        return Err(format!(
+            "{host:?} is not HOST:PORT (an IPv6 address in brackets: [::1]:2379)"
+        ));
+    }
+    match port {
+        None => Ok(format!("{name}:2379")),
+        Some(port) => match port.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(format!("{name}:{p}")),
+            _ => Err(format!("{port:?} in {host:?} is not a port")),
+        },
+    }
+}
+
 impl Cli {
+    /// The store to open, its TLS flags checked.
+    pub fn store(&self) -> anyhow::Result<StoreUrl> {
+        let store = self
+            .store
+            .clone()
+            .unwrap_or_else(|| StoreUrl::Sqlite(self.db.clone()));
+        let tls_flags = self.etcd_ca_cert.is_some() || self.etcd_cert.is_some();
+        match &store {
+            StoreUrl::Sqlite(_) if tls_flags => anyhow::bail!(
+                "--etcd-ca-cert, --etcd-cert and --etcd-key are for an etcd store: give \
+                 --store etcd://HOST:PORT[,HOST:PORT...] too, or leave them out"
+            ),
+            StoreUrl::Etcd(_) if self.etcd_cert.is_some() && self.etcd_ca_cert.is_none() => {
+                anyhow::bail!(
+                    "--etcd-cert and --etcd-key need --etcd-ca-cert PATH too: the CA that \
+                     signed the etcd members' server certificates (TLS to etcd checks them)"
+                )
+            }
+            _ => {}
+        }
+        if matches!(store, StoreUrl::Etcd(_)) && self.etcd_prefix.trim_matches('/').is_empty() {
+            anyhow::bail!(
+                "--etcd-prefix {:?} would put the controller's keys at the root of etcd: \
+                 give a prefix of its own, e.g. /fleet/",
+                self.etcd_prefix
+            );
+        }
+        Ok(store)
+    }
+
+    /// How to reach etcd at `endpoints` ([`Cli::store`] checked the flags).
+    pub fn etcd_options(&self, endpoints: Vec<String>) -> crate::store::EtcdOptions {
+        let mut prefix = self.etcd_prefix.clone();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        crate::store::EtcdOptions {
+            endpoints,
+            prefix,
+            tls: self
+                .etcd_ca_cert
+                .clone()
+                .map(|ca_cert| crate::store::EtcdTls {
+                    ca_cert,
+                    identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+                }),
+            ..Default::default()
+        }
+    }
+
+    /// The SQLite file, from --store sqlite:PATH or --db (also where --tls-dir is by
+    /// default).
+    pub fn db_path(&self) -> &std::path::Path {
+        match &self.store {
+            Some(StoreUrl::Sqlite(path)) => path,
+            _ => &self.db,
+        }
+    }
+
     /// Whether the API speaks mutual TLS.
     pub fn tls_enabled(&self) -> bool {
         self.tls || self.ca_cert.is_some()
@@ -188,4 +344,98 @@ pub fn read_token(path: &Option<PathBuf>) -> anyhow::Result<Option<String>> {
         );
     }
     Ok(Some(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("fleet-controller").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn store_urls_name_sqlite_or_etcd_members() {
+        assert_eq!(
+            parse_store("sqlite:/var/lib/fleet/fleet.db"),
+            Ok(StoreUrl::Sqlite("/var/lib/fleet/fleet.db".into()))
+        );
+        assert_eq!(
+            parse_store("etcd://10.0.0.1:2379,10.0.0.2,[::1]:2380,etcd-3:12379"),
+            Ok(StoreUrl::Etcd(vec![
+                "10.0.0.1:2379".into(),
+                "10.0.0.2:2379".into(),
+                "[::1]:2380".into(),
+                "etcd-3:12379".into()
+            ]))
+        );
+        for bad in [
+            "postgres://db",
+            "http://127.0.0.1:2379",
+            "etcd://",
+            "etcd://a:2379,,b:2379",
+            "etcd://a:x",
+            "etcd://a:0",
+            "etcd://a:2379/fleet",
+            "etcd://::1:2379",
+            "sqlite:",
+        ] {
+            let e = parse_store(bad).unwrap_err();
+            assert!(
+                e.contains("write sqlite:PATH, or etcd://HOST:PORT"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(
+            parse_store("https://a:2379")
+                .unwrap_err()
+                .contains("--etcd-ca-cert")
+        );
+    }
+
+    #[test]
+    fn the_store_defaults_to_db_and_tls_flags_need_etcd_and_a_ca() {
+        let c = cli(&[]).unwrap();
+        assert_eq!(c.store().unwrap(), StoreUrl::Sqlite("fleet.db".into()));
+        let c = cli(&["--db", "x.db"]).unwrap();
+        assert_eq!(c.store().unwrap(), StoreUrl::Sqlite("x.db".into()));
+        assert!(cli(&["--db", "x.db", "--store", "sqlite:y.db"]).is_err());
+        let c = cli(&["--store", "sqlite:y.db"]).unwrap();
+        assert_eq!(c.db_path(), std::path::Path::new("y.db"));
+
+        let e = cli(&["--etcd-ca-cert", "ca.pem"])
+            .unwrap()
+            .store()
+            .unwrap_err();
+        assert!(e.to_string().contains("are for an etcd store"), "{e}");
+        let e = cli(&["--store", "etcd://a", "--etcd-cert", "c", "--etcd-key", "k"])
+            .unwrap()
+            .store()
+            .unwrap_err();
+        assert!(e.to_string().contains("need --etcd-ca-cert"), "{e}");
+        assert!(cli(&["--store", "etcd://a", "--etcd-cert", "c"]).is_err());
+        let e = cli(&["--store", "etcd://a", "--etcd-prefix", "/"])
+            .unwrap()
+            .store()
+            .unwrap_err();
+        assert!(e.to_string().contains("root of etcd"), "{e}");
+
+        let c = cli(&[
+            "--store",
+            "etcd://a:1,b:2",
+            "--etcd-prefix",
+            "/prod",
+            "--etcd-ca-cert",
+            "ca.pem",
+        ])
+        .unwrap();
+        let StoreUrl::Etcd(endpoints) = c.store().unwrap() else {
+            panic!("etcd")
+        };
+        let options = c.etcd_options(endpoints);
+        assert_eq!(options.endpoints, ["a:1", "b:2"]);
+        assert_eq!(options.prefix, "/prod/");
+        assert!(options.tls.unwrap().identity.is_none());
+        assert!(!options.require_fence);
+    }
 }

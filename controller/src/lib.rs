@@ -34,7 +34,7 @@ pub mod ca;
 pub mod join;
 /// `--tls`: the CA and the controller's own certificate.
 pub mod tls;
-/// Persistence (SQLite).
+/// Persistence (SQLite, or etcd).
 pub mod store;
 /// Prometheus metrics (`/metrics`).
 pub mod metrics;
@@ -131,9 +131,18 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
     if cli.max_nodes == 0 {
         anyhow::bail!("--max-nodes must be at least 1 (default 100000)");
     }
-    let store = store::SqliteStore::open(&cli.db)
-        .with_context(|| format!("cannot open the database {}", cli.db.display()))?;
-    let fleet = Fleet::new(Arc::new(store), cli.heartbeat_ttl, agent_token.as_deref())?;
+    let store: Arc<dyn store::Store> = match cli.store()? {
+        config::StoreUrl::Sqlite(path) => Arc::new(
+            store::SqliteStore::open(&path)
+                .with_context(|| format!("cannot open the database {}", path.display()))?,
+        ),
+        config::StoreUrl::Etcd(endpoints) => Arc::new(
+            store::EtcdStore::connect(cli.etcd_options(endpoints))
+                .await
+                .context("cannot use etcd as the store")?,
+        ),
+    };
+    let fleet = Fleet::new(store, cli.heartbeat_ttl, agent_token.as_deref())?;
     fleet.inventory.set_max_nodes(cli.max_nodes);
     fleet.set_default_min_healthy(cli.default_min_healthy);
     let tls = if cli.tls_enabled() {

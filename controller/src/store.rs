@@ -1,11 +1,14 @@
-//! Persistence: one trait, an embedded SQLite implementation (one file, no server).
+//! Persistence: one trait, two implementations: embedded SQLite (one file, no server,
+//! the default) and etcd v3 (a cluster that several controllers can share).
 //!
 //! Every rollout transition is written before the engine acts on it. Writes go to one
-//! thread that commits whatever has queued up in one transaction (group commit), so
+//! writer that commits whatever has queued up in one transaction (group commit), so
 //! 10,000 nodes changing state at once cost a few transactions, not 10,000.
 
+mod etcd;
 mod sqlite;
 
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls, Fence};
 pub use sqlite::SqliteStore;
 
 use crate::history::RestartRecord;
@@ -13,10 +16,16 @@ use crate::inventory::NodeRecord;
 use crate::rollout::{Rollout, RolloutNode};
 use crate::tokens::TokenRecord;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("database {path}: {message}")]
     Db { path: String, message: String },
+    #[error("etcd at {endpoints}: {message}")]
+    Etcd { endpoints: String, message: String },
+    /// A write refused because this controller does not hold the leadership it was
+    /// given ([`EtcdStore::set_fence`]): another controller may be writing.
+    #[error("{0}")]
+    NotLeader(String),
     #[error("the store has stopped")]
     Stopped,
 }
@@ -50,6 +59,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         node_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<RestartRecord>, StoreError>;
+    /// Resolves `Ok` while this controller may write: with etcd and a required fence,
+    /// once etcd confirmed the fence still holds ([`StoreError::NotLeader`] if not);
+    /// at once for a store only this controller writes. Call it before acting on
+    /// something only the leader may do (calling an agent).
+    fn check_fence(&self) -> WriteAck;
 }
 
 /// Resolves once the write is committed.

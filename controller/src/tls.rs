@@ -30,7 +30,7 @@ pub fn start(cli: &Cli, fleet: &Arc<Fleet>) -> anyhow::Result<Started> {
             let dir = cli
                 .tls_dir
                 .clone()
-                .unwrap_or_else(|| crate::ca::default_dir(&cli.db));
+                .unwrap_or_else(|| crate::ca::default_dir(cli.db_path()));
             FleetCa::load_or_create(&dir)?
         }
     };

@@ -310,6 +310,11 @@ impl Store for SqliteStore {
         )])
     }
 
+    fn check_fence(&self) -> WriteAck {
+        // One file, one controller: nobody else can be writing.
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     fn load_restarts(
         &self,
         node_id: Option<&str>,
