@@ -116,6 +116,27 @@ impl ControllerService for Api {
         Ok(Response::new(node_message(&node)))
     }
 
+    async fn get_controllers(
+        &self,
+        _request: Request<pb::GetControllersRequest>,
+    ) -> Result<Response<pb::ControllersResponse>, Status> {
+        if let Some(ha) = self.fleet.ha() {
+            return Ok(Response::new(ha.controllers().await));
+        }
+        // A store of its own: this controller alone, leading since it started.
+        Ok(Response::new(pb::ControllersResponse {
+            store: self.fleet.store.url(),
+            answered_by: String::new(),
+            controllers: vec![pb::ControllerInfo {
+                leader: true,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                ..Default::default()
+            }],
+            members: Vec::new(),
+            quorum: true,
+        }))
+    }
+
     async fn get_node_history(
         &self,
         request: Request<pb::GetNodeHistoryRequest>,

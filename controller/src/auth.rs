@@ -205,6 +205,12 @@ pub const ROUTES: &[Route] = &[
         VIEWER,
         "GetNodeHistory",
     ),
+    r(
+        "POST",
+        "/fleet.v1.ControllerService/GetControllers",
+        VIEWER,
+        "GetControllers",
+    ),
 ];
 
 fn path_matches(pattern: &str, path: &str) -> bool {

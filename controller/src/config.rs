@@ -138,6 +138,17 @@ pub struct Cli {
     /// HTTP/1 after each response).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
+
+    /// With an etcd store, controllers elect a leader with a lease this long: a
+    /// leader that stops renewing it (dead, stopped, cut off) is replaced within
+    /// about this time. etcd's smallest lease is 2 s.
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+
+    /// The URL other controllers give agents and fleetctl for this one, when it leads
+    /// [default: http:// (https:// with --tls) and the --listen address].
+    #[arg(long, value_name = "URL")]
+    pub advertise_url: Option<String>,
 }
 
 /// `--log-format`.
@@ -311,6 +322,27 @@ impl Cli {
     }
 
     /// Whether the API speaks mutual TLS.
+    /// The URL this controller is reached at (`--advertise-url`, else its listen
+    /// address; a wildcard address cannot be advertised and must be given).
+    pub fn advertise(&self, bound: SocketAddr) -> anyhow::Result<String> {
+        if let Some(url) = &self.advertise_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                anyhow::bail!(
+                    "--advertise-url {url:?} must be an http:// or https:// URL, e.g. https://10.0.0.2:7100"
+                );
+            }
+            return Ok(url.trim_end_matches('/').to_string());
+        }
+        if bound.ip().is_unspecified() {
+            anyhow::bail!(
+                "--listen {bound} is a wildcard address: other controllers cannot send agents \
+                 and fleetctl there; give this controller's reachable URL with --advertise-url"
+            );
+        }
+        let scheme = if self.tls_enabled() { "https" } else { "http" };
+        Ok(format!("{scheme}://{bound}"))
+    }
+
     pub fn tls_enabled(&self) -> bool {
         self.tls || self.ca_cert.is_some()
     }

@@ -78,6 +78,8 @@ pub struct Fleet {
     start_lock: tokio::sync::Mutex<()>,
     /// The soak of a rollout whose request gives none (`--default-min-healthy`).
     default_min_healthy_ms: AtomicU64,
+    /// The election, when several controllers share an etcd store ([`crate::ha`]).
+    ha: std::sync::OnceLock<Arc<crate::ha::Ha>>,
 }
 
 impl Fleet {
@@ -116,7 +118,111 @@ impl Fleet {
             seq: AtomicU64::new(seq),
             start_lock: tokio::sync::Mutex::new(()),
             default_min_healthy_ms: AtomicU64::new(millis(Spec::DEFAULT_MIN_HEALTHY)),
+            ha: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Takes part in an election: until it leads, this controller changes nothing.
+    pub fn set_ha(&self, ha: Arc<crate::ha::Ha>) {
+        self.inventory.set_follower();
+        let _ = self.ha.set(ha);
+    }
+
+    pub fn ha(&self) -> Option<&Arc<crate::ha::Ha>> {
+        self.ha.get()
+    }
+
+    /// Whether this controller may change the fleet now: always with its own store,
+    /// only while it leads (with a fresh lease) when it shares one.
+    pub fn may_act(&self) -> bool {
+        self.ha.get().is_none_or(|ha| ha.is_leader())
+    }
+
+    /// Before an agent is called: this controller still leads, as the store itself
+    /// confirms (a transaction on the leader's election key). Always Ok with a store
+    /// of its own.
+    pub async fn claim(&self) -> Result<(), String> {
+        if let Some(refusal) = self.not_leader() {
+            return Err(refusal.message().to_string());
+        }
+        self.store.check_fence().await.map_err(|e| e.to_string())
+    }
+
+    /// The refusal of a change this controller may not make now.
+    pub fn not_leader(&self) -> Option<tonic::Status> {
+        let ha = self.ha.get()?;
+        (!ha.is_leader()).then(|| ha.not_leader())
+    }
+
+    /// A follower's refresh: the nodes, rollouts and tokens as the store holds them.
+    pub fn reload(&self) -> Result<(), crate::store::StoreError> {
+        self.inventory.reload(false)?;
+        self.tokens.reload()?;
+        let mut loaded = HashMap::new();
+        let mut seq = 0;
+        for header in self.store.load_rollouts()? {
+            let nodes = self.store.load_rollout_nodes(&header.id)?;
+            seq = seq.max(header.seq);
+            let mut view = RolloutView {
+                rollout: header,
+                nodes,
+            };
+            view.nodes.sort_by_key(|n| (n.batch, n.node_id.clone()));
+            loaded.insert(view.rollout.id.clone(), view);
+        }
+        self.seq.fetch_max(seq, Ordering::Relaxed);
+        let mut changed = Vec::new();
+        {
+            let mut rollouts = self.rollouts.lock().expect("rollouts lock");
+            rollouts.retain(|id, _| loaded.contains_key(id));
+            for (id, view) in loaded {
+                match rollouts.get(&id) {
+                    Some(h) if *h.view.lock().expect("view lock") == view => {}
+                    _ => {
+                        rollouts.insert(id.clone(), Arc::new(RolloutHandle::new(view)));
+                        changed.push(id);
+                    }
+                }
+            }
+        }
+        for id in changed {
+            let _ = self.changes.send(Change::Rollout(id));
+        }
+        Ok(())
+    }
+
+    /// Just elected: load what the previous leader left (every node gets one
+    /// heartbeat TTL of grace) and note the takeover in each unfinished rollout's
+    /// timeline; [`Fleet::resume_unfinished`] then starts their engines.
+    pub fn take_over(&self, me: &str) -> Result<(), crate::store::StoreError> {
+        self.reload()?;
+        self.inventory.reload(true)?;
+        for handle in self.rollouts.lock().expect("rollouts lock").values() {
+            let (id, nodes) = {
+                let mut view = handle.view.lock().expect("view lock");
+                if !matches!(
+                    view.rollout.state,
+                    RolloutState::Running | RolloutState::Paused
+                ) {
+                    continue;
+                }
+                let message = format!("leader change: {me} took the rollout over");
+                let mut nodes = Vec::new();
+                for node in view.nodes.iter_mut().filter(|n| !n.state.finished()) {
+                    node.timeline.push(TimelineEntry {
+                        unix_ms: now_ms(),
+                        state: node.state,
+                        message: message.clone(),
+                        pid: 0,
+                    });
+                    nodes.push(node.clone());
+                }
+                (view.rollout.id.clone(), nodes)
+            };
+            tracing::info!("rollout {id}: taken over from the previous leader");
+            drop(self.store.put_rollout_nodes(&id, &nodes));
+        }
+        Ok(())
     }
 
     /// Sets the soak of rollouts whose request gives none (`--default-min-healthy`).
@@ -572,6 +678,11 @@ impl Fleet {
         force: bool,
         actor: &str,
     ) -> Result<(), ManualRefused> {
+        if let Err(why) = self.claim().await {
+            return Err(ManualRefused(format!(
+                "node {node_id} was not asked to {action}: {why}"
+            )));
+        }
         let Some(handle) = self.holding(node_id) else {
             return Ok(());
         };

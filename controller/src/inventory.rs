@@ -169,6 +169,9 @@ pub struct Inventory {
     /// Until when each node's certificate (mutual TLS) is valid, as issued since this
     /// controller started; forgetting a node forgets it.
     certificates: std::sync::Mutex<HashMap<String, std::time::SystemTime>>,
+    /// A follower of an elected leader ([`crate::ha`]): nodes are as the leader last
+    /// stored them (it alone hears their heartbeats), never found stale here.
+    follower: std::sync::atomic::AtomicBool,
 }
 
 /// The default of `--max-nodes`: a fleet of 100,000 agents on one controller.
@@ -217,7 +220,42 @@ impl Inventory {
             store,
             changes,
             certificates: Default::default(),
+            follower: Default::default(),
         })
+    }
+
+    /// Replaces the nodes with the store's. `lead`: this controller leads from now on,
+    /// and every node gets one TTL of grace for its next heartbeat; else it follows,
+    /// showing each node as the leader stored it.
+    pub fn reload(&self, lead: bool) -> Result<(), crate::store::StoreError> {
+        let mut loaded = HashMap::new();
+        for mut node in self.store.load_nodes()? {
+            if lead {
+                node.last_heartbeat_unix_ms = now_ms();
+            }
+            loaded.insert(node.node_id.clone(), node);
+        }
+        self.follower.store(!lead, Ordering::Relaxed);
+        let changed: Vec<String> = {
+            let mut nodes = self.nodes.write().expect("inventory lock");
+            let changed = loaded
+                .iter()
+                .filter(|(id, n)| nodes.get(*id).is_none_or(|old| !old.same_facts(n)))
+                .map(|(id, _)| id.clone())
+                .chain(nodes.keys().filter(|id| !loaded.contains_key(*id)).cloned())
+                .collect();
+            *nodes = loaded;
+            changed
+        };
+        for id in changed {
+            let _ = self.changes.send(Change::Node(id));
+        }
+        Ok(())
+    }
+
+    /// Follows an elected leader until [`Inventory::reload`] says otherwise.
+    pub fn set_follower(&self) {
+        self.follower.store(true, Ordering::Relaxed);
     }
 
     /// Notes that `node_id` was given a certificate valid until `until`.
@@ -411,7 +449,8 @@ impl Inventory {
 
     /// It missed its heartbeats. A node that said it stopped is not expected to beat.
     fn is_stale(&self, node: &NodeRecord) -> bool {
-        node.state != STOPPED
+        !self.follower.load(Ordering::Relaxed)
+            && node.state != STOPPED
             && now_ms().saturating_sub(node.last_heartbeat_unix_ms) > self.ttl.as_millis() as u64
     }
 

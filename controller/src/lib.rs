@@ -34,8 +34,10 @@ pub mod ca;
 pub mod join;
 /// `--tls`: the CA and the controller's own certificate.
 pub mod tls;
-/// Persistence (SQLite, or etcd).
+/// Persistence (SQLite, or etcd shared by several controllers).
 pub mod store;
+/// Several controllers on one etcd store: leader election, fencing, followers.
+pub mod ha;
 /// Prometheus metrics (`/metrics`).
 pub mod metrics;
 /// Audit log lines (`fleet::audit`): every state change and who made it.
@@ -99,9 +101,11 @@ pub fn router_with(
     let grpc = routes.into_axum_router();
     http::router(fleet.clone())
         .merge(grpc)
-        .merge(dashboard::router(fleet, auth.clone()))
+        .merge(dashboard::router(fleet.clone(), auth.clone()))
         .fallback(http::not_found)
         .layer(axum::middleware::from_fn_with_state(auth, auth::authorize))
+        // Before the caller is checked: a follower names the leader to anyone.
+        .layer(axum::middleware::from_fn_with_state(fleet, ha::leader_only))
         .layer(axum::middleware::from_fn(dashboard::security_headers))
         .layer(axum::middleware::from_fn(metrics::time_requests))
 }
@@ -131,16 +135,32 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
     if cli.max_nodes == 0 {
         anyhow::bail!("--max-nodes must be at least 1 (default 100000)");
     }
-    let store: Arc<dyn store::Store> = match cli.store()? {
-        config::StoreUrl::Sqlite(path) => Arc::new(
-            store::SqliteStore::open(&path)
-                .with_context(|| format!("cannot open the database {}", path.display()))?,
+    if cli.lease_ttl < Duration::from_secs(2) {
+        anyhow::bail!(
+            "--lease-ttl {} is below etcd's smallest lease, 2s: give 2s or more",
+            humantime::format_duration(cli.lease_ttl)
+        );
+    }
+    // An etcd store may be shared by several controllers: they elect a leader, and
+    // every write is fenced by that leadership (crate::ha).
+    let (store, etcd): (Arc<dyn store::Store>, Option<Arc<store::EtcdStore>>) = match cli.store()? {
+        config::StoreUrl::Sqlite(path) => (
+            Arc::new(
+                store::SqliteStore::open(&path)
+                    .with_context(|| format!("cannot open the database {}", path.display()))?,
+            ),
+            None,
         ),
-        config::StoreUrl::Etcd(endpoints) => Arc::new(
-            store::EtcdStore::connect(cli.etcd_options(endpoints))
-                .await
-                .context("cannot use etcd as the store")?,
-        ),
+        config::StoreUrl::Etcd(endpoints) => {
+            let mut options = cli.etcd_options(endpoints);
+            options.require_fence = true;
+            let etcd = Arc::new(
+                store::EtcdStore::connect(options)
+                    .await
+                    .context("cannot use etcd as the store")?,
+            );
+            (etcd.clone(), Some(etcd))
+        }
     };
     let fleet = Fleet::new(store, cli.heartbeat_ttl, agent_token.as_deref())?;
     fleet.inventory.set_max_nodes(cli.max_nodes);
@@ -154,6 +174,15 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (use --listen ADDR)", cli.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
+    let ha = match etcd {
+        Some(etcd) => {
+            let ha = ha::Ha::new(etcd, cli.advertise(addr)?, cli.lease_ttl);
+            ha.install();
+            fleet.set_ha(ha.clone());
+            Some(ha)
+        }
+        None => None,
+    };
     tokio::spawn(fleet.inventory.clone().watch_staleness());
     for node in &cli.nodes {
         let (id, addr) = match node.split_once('=') {
@@ -166,7 +195,18 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
         };
         tokio::spawn(poll_static_node(fleet.clone(), id, addr));
     }
-    fleet.resume_unfinished();
+    match ha {
+        // Rollouts are resumed by whichever controller is elected.
+        Some(ha) => {
+            tracing::info!(
+                "following until elected: lease TTL {}, advertised as {}",
+                humantime::format_duration(cli.lease_ttl),
+                ha.advertise()
+            );
+            tokio::spawn(ha::run(ha, fleet.clone()));
+        }
+        None => fleet.resume_unfinished(),
+    }
     if cli.idle_timeout.is_zero() || cli.header_timeout.is_zero() {
         anyhow::bail!(
             "--idle-timeout and --header-timeout must be greater than zero, e.g. 60s and 10s"
@@ -199,6 +239,11 @@ async fn poll_static_node(fleet: Arc<Fleet>, id: Option<String>, addr: String) {
     let interval = (fleet.inventory.ttl() / 3).max(Duration::from_millis(100));
     let mut known: Option<String> = None;
     loop {
+        if !fleet.may_act() {
+            // Only the leader asks (and records what it hears).
+            tokio::time::sleep(interval).await;
+            continue;
+        }
         let asked = id.as_deref().unwrap_or("");
         match fleet
             .agents

@@ -32,6 +32,8 @@ pub enum StoreError {
 
 /// What the controller keeps across restarts.
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Where the state is: `sqlite:PATH` or `etcd://HOST:PORT,…`.
+    fn url(&self) -> String;
     fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
     fn load_rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
     fn load_rollout_nodes(&self, rollout_id: &str) -> Result<Vec<RolloutNode>, StoreError>;

@@ -400,6 +400,19 @@ fn check_text(what: &str, value: &str) -> Result<(), TokenError> {
 }
 
 impl Tokens {
+    /// A follower's refresh: the records as the store holds them now (a token created
+    /// or revoked through the leader works, or stops working, here too).
+    pub fn reload(&self) -> Result<(), StoreError> {
+        let records: HashMap<String, TokenRecord> = self
+            .store
+            .load_tokens()?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        *self.records.write().expect("tokens lock") = records;
+        Ok(())
+    }
+
     /// The tokens the store keeps.
     pub fn load(store: Arc<dyn Store>) -> Result<Tokens, StoreError> {
         let records: HashMap<String, TokenRecord> = store
@@ -498,7 +511,11 @@ impl Tokens {
             let ack = self.store.touch_token(id, now);
             let id = id.to_string();
             runtime.spawn(async move {
-                if let Err(e) = ack.await {
+                // A follower's store refuses every write: the leader records uses
+                // of tokens sent to it; those shown by a follower may lag.
+                if let Err(e) = ack.await
+                    && !matches!(e, StoreError::NotLeader(_))
+                {
                     tracing::warn!("token {id}: its last use was not stored: {e}");
                 }
             });

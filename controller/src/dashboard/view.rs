@@ -74,6 +74,7 @@ pub fn page(
                             }
                         }
                         span #live-status role="status" aria-live="polite" data-state="connecting" { "connecting…" }
+                        (role_badge())
                         @if let (true, Some(s)) = (token_required, session) {
                             span #caller data-role=(s.caller.role) title="Logged in as" { (s.caller.name) " · " (s.caller.role) }
                             form.logout method="post" action="/logout" {
@@ -93,6 +94,33 @@ pub fn page(
                 }
             }
         }
+    }
+}
+
+/// Where this controller stands among several sharing an etcd store: leading, or
+/// following (with a link to the leader, which alone takes changes). Nothing for a
+/// controller with a store of its own.
+fn role_badge() -> Markup {
+    let Some(ha) = crate::ha::current() else {
+        return html! {};
+    };
+    match ha.role() {
+        crate::ha::Role::Leader { since_unix_ms } => html! {
+            span #ha-role data-role="leader" title=(format!("{} leads the controllers", ha.advertise())) {
+                "leader since " (crate::tokens::rfc3339(since_unix_ms))
+            }
+        },
+        crate::ha::Role::Follower { leader: Some(url) } => html! {
+            span #ha-role data-role="follower" title="This controller serves reads; changes are made by the leader" {
+                "follower · leader: "
+                a href=(url) { (url) }
+            }
+        },
+        crate::ha::Role::Follower { leader: None } => html! {
+            span #ha-role data-role="electing" title="No controller leads right now: changes wait for the election" {
+                "no leader elected"
+            }
+        },
     }
 }
 

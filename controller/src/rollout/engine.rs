@@ -83,6 +83,11 @@ fn describe(status: &tonic::Status) -> String {
 pub async fn run(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>) {
     let id = handle.view.lock().expect("view lock").rollout.id.clone();
     let outcome = drive(&fleet, &handle).await;
+    if !fleet.may_act() {
+        // Deposed mid-way: the new leader resumes the rollout from what was stored.
+        tracing::warn!("rollout {id}: no longer the leader; the new leader carries it on");
+        return;
+    }
     let (state, reason) = outcome;
     let header = {
         let mut view = handle.view.lock().expect("view lock");
@@ -124,6 +129,9 @@ async fn drive(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> (RolloutState
         _ => usize::MAX,
     };
     loop {
+        if !fleet.may_act() {
+            return (RolloutState::Running, "no longer the leader".into());
+        }
         // Operator requests are honoured between batches.
         if let Some(end) = honour_requests(fleet, handle).await {
             return end;
@@ -315,6 +323,19 @@ async fn update(
     node_id: &str,
     f: impl FnOnce(&mut RolloutNode),
 ) -> RolloutNode {
+    match update_stored(fleet, handle, node_id, f).await {
+        Ok(node) | Err(node) => node,
+    }
+}
+
+/// [`update`], saying whether the store took it (`Err`: it did not, e.g. because
+/// this controller no longer leads).
+async fn update_stored(
+    fleet: &Fleet,
+    handle: &RolloutHandle,
+    node_id: &str,
+    f: impl FnOnce(&mut RolloutNode),
+) -> Result<RolloutNode, RolloutNode> {
     let (id, node) = {
         let mut view = handle.view.lock().expect("view lock");
         let id = view.rollout.id.clone();
@@ -328,13 +349,18 @@ async fn update(
         .await
     {
         tracing::error!("rollout {id}: cannot persist node {node_id}: {e}");
+        let _ = fleet.changes.send(Change::Rollout(id));
+        return Err(node);
     }
     let _ = fleet.changes.send(Change::Rollout(id));
-    node
+    Ok(node)
 }
 
 /// Moves one node to its target exe; its end state is recorded in the rollout.
 async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: String) {
+    if !fleet.may_act() {
+        return;
+    }
     let node = handle.view.lock().expect("view lock").nodes[handle.position(&node_id)].clone();
     let spec = handle.view.lock().expect("view lock").rollout.spec.clone();
     let Some(record) = fleet.inventory.get(&node_id) else {
@@ -361,6 +387,7 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
         while let Ok(s) = &status
             && !s.in_progress.is_empty()
             && Instant::now() < deadline
+            && fleet.may_act()
         {
             tokio::time::sleep(SOAK_POLL).await;
             status = fleet
@@ -433,7 +460,9 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
         }
         None => {
             let old_pid = record.worker_pid;
-            update(&fleet, &handle, &node_id, |n| {
+            // The claim: the node's restart is stored (by the leader, fenced) before
+            // its agent is called, or the agent is not called at all.
+            let claimed = update_stored(&fleet, &handle, &node_id, |n| {
                 n.previous_generation = record.generation;
                 n.old_pid = old_pid;
                 if n.previous_exe.is_empty() {
@@ -447,6 +476,10 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
                 );
             })
             .await;
+            if claimed.is_err() || !fleet.may_act() {
+                tracing::warn!("node {node_id}: not restarted: its claim was not stored");
+                return;
+            }
             let request = pb::RestartRequest {
                 exe: node.target_exe.clone(),
                 sha256: node.target_sha256.clone(),
@@ -515,6 +548,9 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
     // soak the Restart answer (READY) is the last word, and no status call is made.
     let soak_until = Instant::now() + spec.min_healthy();
     while !spec.min_healthy().is_zero() {
+        if !fleet.may_act() {
+            return;
+        }
         match fleet
             .agents
             .status(&record.node_id, &record.control_addr, CALL_TIMEOUT)
@@ -553,6 +589,9 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
         }
         tokio::time::sleep(SOAK_POLL.min(soak_until.saturating_duration_since(Instant::now())))
             .await;
+    }
+    if !fleet.may_act() {
+        return;
     }
     if !spec.health_path.is_empty()
         && let Err(reason) = health_check(&record, &spec.health_path).await
@@ -633,6 +672,10 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> usize {
             let Some(record) = fleet.inventory.get(&node.node_id) else {
                 return;
             };
+            if let Err(why) = fleet.claim().await {
+                tracing::warn!("node {}: not rolled back: {why}", node.node_id);
+                return;
+            }
             let request = pb::RestartRequest {
                 exe: node.previous_exe.clone(),
                 sha256: String::new(),

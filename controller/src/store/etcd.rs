@@ -96,6 +96,10 @@ struct Shared {
     prefix: String,
     /// The endpoints, for messages.
     endpoints: String,
+    /// `HOST:PORT` of each member, as given, and how they are reached (for the
+    /// members' health, asked one by one).
+    members: Vec<String>,
+    tls: Option<EtcdTls>,
     require_fence: bool,
     fence: Mutex<Option<Fence>>,
     /// Bumped by every [`EtcdStore::set_fence`]: the writer then forgets what it knew.
@@ -163,6 +167,8 @@ impl EtcdStore {
             kv,
             prefix: options.prefix.clone(),
             endpoints: shown.clone(),
+            members: options.endpoints.clone(),
+            tls: options.tls.clone(),
             require_fence: options.require_fence,
             fence: Mutex::new(None),
             fence_epoch: AtomicU64::new(0),
@@ -221,6 +227,64 @@ impl EtcdStore {
     /// The prefix every key starts with.
     pub fn prefix(&self) -> &str {
         &self.shared.prefix
+    }
+
+    /// `etcd://HOST:PORT,…` as given to `--store`.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.shared.endpoints)
+    }
+
+    /// Each member given in `--store`, asked on its own (1 s at most): its name,
+    /// whether it answers, and whether it is etcd's raft leader.
+    pub async fn members(&self) -> Vec<fleet_proto::v1::StoreMember> {
+        let shared = &self.shared;
+        let asks = shared.members.iter().map(|endpoint| async move {
+            let mut member = fleet_proto::v1::StoreMember {
+                endpoint: endpoint.clone(),
+                ..Default::default()
+            };
+            let asked = async {
+                let mut connect = ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_secs(1))
+                    .with_timeout(Duration::from_secs(1));
+                let scheme = match &shared.tls {
+                    Some(tls) => {
+                        connect = connect.with_tls(tls_options(tls)?);
+                        "https"
+                    }
+                    None => "http",
+                };
+                let url = format!("{scheme}://{endpoint}");
+                let mut client = Client::connect([url], Some(connect))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let status = client.status().await.map_err(|e| e.to_string())?;
+                let id = status.header().map(|h| h.member_id()).unwrap_or(0);
+                let name = client
+                    .member_list()
+                    .await
+                    .ok()
+                    .and_then(|l| {
+                        l.members()
+                            .iter()
+                            .find(|m| m.id() == id)
+                            .map(|m| m.name().to_string())
+                    })
+                    .unwrap_or_default();
+                Ok::<_, String>((name, status.leader() == id && id != 0))
+            };
+            match tokio::time::timeout(Duration::from_millis(1500), asked).await {
+                Ok(Ok((name, leader))) => {
+                    member.name = name;
+                    member.healthy = true;
+                    member.leader = leader;
+                }
+                Ok(Err(e)) => member.error = e,
+                Err(_) => member.error = "no answer within 1.5s".into(),
+            }
+            member
+        });
+        futures_util::future::join_all(asks).await
     }
 
     fn submit(&self, writes: Vec<Write>) -> WriteAck {
@@ -628,6 +692,10 @@ fn to_json<T: serde::Serialize>(value: &T) -> String {
 }
 
 impl Store for EtcdStore {
+    fn url(&self) -> String {
+        EtcdStore::url(self)
+    }
+
     fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let s = &self.shared;
         self.block_on(async {

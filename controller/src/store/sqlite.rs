@@ -227,6 +227,10 @@ fn to_json<T: serde::Serialize>(value: &T) -> String {
 }
 
 impl Store for SqliteStore {
+    fn url(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+
     fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         self.query_json("SELECT json FROM nodes ORDER BY id", None)
     }

@@ -1,0 +1,518 @@
+//! High availability on etcd: several controllers share one etcd store; one of them,
+//! the leader, runs the rollout engines, accepts heartbeats and calls agents. The
+//! others follow: they serve reads (refreshed from etcd watches) and answer every state
+//! change with `UNAVAILABLE` naming the leader ([`fleet_proto::ha`]), which `fleetctl`,
+//! agents and the dashboard follow.
+//!
+//! Election: etcd's election service on a key bound to this controller's lease
+//! (`--lease-ttl`, renewed every third of it). Leadership ends when the lease does:
+//!
+//! - **Fencing**: every write of the leader is an etcd transaction conditioned on its
+//!   election key's create revision ([`crate::store::Fence`]); once the lease expired
+//!   (or another controller won), that key is gone or another, so a deposed leader's
+//!   writes are refused by etcd itself, whatever it believes.
+//! - **No agent call after the lease ran out**: [`Ha::is_leader`] is false as soon as
+//!   the last renewal is older than three quarters of the TTL, by the monotonic clock
+//!   (which runs on while the process is stopped), so a leader woken from `SIGSTOP`
+//!   or a long pause knows before it acts; the engine claims each node step in etcd
+//!   before it calls the node's agent.
+//! - **Stepping down**: a controller that lost its leadership re-executes itself
+//!   (same PID, same arguments) and comes back as a follower with a clean state:
+//!   nothing it had in memory as a leader survives to act on.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, EventType, WatchOptions};
+use tokio::sync::watch;
+
+use crate::fleet::Fleet;
+use crate::now_ms;
+use crate::store::{EtcdStore, Fence};
+
+/// What this controller is now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Not leading; the leader's URL when one is known.
+    Follower { leader: Option<String> },
+    /// Leading since this time (unix ms).
+    Leader { since_unix_ms: u64 },
+}
+
+/// This controller's part in the election.
+#[derive(Debug)]
+pub struct Ha {
+    store: Arc<EtcdStore>,
+    /// The URL other controllers, agents and `fleetctl` reach this one at.
+    advertise: String,
+    started_unix_ms: u64,
+    ttl: Duration,
+    role: watch::Sender<Role>,
+    /// When the lease was last renewed while leading.
+    renewed: Mutex<Option<Instant>>,
+    /// Leader changes seen by this controller (metrics).
+    pub leader_changes: std::sync::atomic::AtomicU64,
+    /// Lease renewals that failed (metrics).
+    pub renew_failures: std::sync::atomic::AtomicU64,
+}
+
+/// This process's election, once it takes part in one (for views that have no
+/// [`Fleet`] at hand, like the dashboard's header).
+static CURRENT: std::sync::OnceLock<Arc<Ha>> = std::sync::OnceLock::new();
+
+/// This process's election, if it takes part in one.
+pub fn current() -> Option<&'static Arc<Ha>> {
+    CURRENT.get()
+}
+
+impl Ha {
+    /// Registers this process's election ([`current`]); the first one stays.
+    pub fn install(self: &Arc<Self>) {
+        let _ = CURRENT.set(self.clone());
+    }
+
+    pub fn new(store: Arc<EtcdStore>, advertise: String, ttl: Duration) -> Arc<Ha> {
+        Arc::new(Ha {
+            store,
+            advertise,
+            started_unix_ms: now_ms(),
+            ttl,
+            role: watch::channel(Role::Follower { leader: None }).0,
+            renewed: Mutex::new(None),
+            leader_changes: Default::default(),
+            renew_failures: Default::default(),
+        })
+    }
+
+    pub fn advertise(&self) -> &str {
+        &self.advertise
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    pub fn role(&self) -> Role {
+        self.role.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Role> {
+        self.role.subscribe()
+    }
+
+    /// Leading, with a lease renewed recently enough that etcd still holds it.
+    pub fn is_leader(&self) -> bool {
+        matches!(*self.role.borrow(), Role::Leader { .. })
+            && self
+                .renewed
+                .lock()
+                .expect("renewed lock")
+                .is_some_and(|at| at.elapsed() < self.ttl * 3 / 4)
+    }
+
+    /// The leader's URL, if known (this controller's own when it leads).
+    pub fn leader_url(&self) -> Option<String> {
+        match &*self.role.borrow() {
+            Role::Leader { .. } => Some(self.advertise.clone()),
+            Role::Follower { leader } => leader.clone(),
+        }
+    }
+
+    /// The answer to a state change sent to a controller that does not lead.
+    pub fn not_leader(&self) -> tonic::Status {
+        let leader = match &*self.role.borrow() {
+            Role::Leader { .. } => None, // a leader whose lease ran out: no one to name
+            Role::Follower { leader } => leader.clone(),
+        };
+        let message = match &leader {
+            Some(url) => format!(
+                "this controller ({}) is a follower; the leader is {url}: send changes there \
+                 (fleetctl does, given every controller's URL in --controller)",
+                self.advertise
+            ),
+            None => format!(
+                "this controller ({}) is not the leader and no leader is elected right now \
+                 (an election takes up to the lease TTL, {}): try again shortly",
+                self.advertise,
+                humantime::format_duration(self.ttl)
+            ),
+        };
+        let mut status = tonic::Status::unavailable(message);
+        if let Some(url) = leader
+            && let Ok(value) = url.parse()
+        {
+            status
+                .metadata_mut()
+                .insert(fleet_proto::ha::LEADER_METADATA, value);
+        }
+        status
+    }
+
+    fn set_role(&self, role: Role) {
+        self.role.send_if_modified(|now| {
+            if *now == role {
+                return false;
+            }
+            *now = role;
+            true
+        });
+    }
+}
+
+/// Takes part in the election until this controller loses a leadership it held; then
+/// it re-executes itself (see the module's documentation). Never returns.
+pub async fn run(ha: Arc<Ha>, fleet: Arc<Fleet>) {
+    let store = ha.store.clone();
+    let election = format!("{}leader", store.prefix());
+    let client = store.client();
+    tokio::spawn(observe(ha.clone(), client.clone(), election.clone()));
+    tokio::spawn(follow(
+        ha.clone(),
+        client.clone(),
+        store.clone(),
+        fleet.clone(),
+    ));
+    loop {
+        match lead(&ha, client.clone(), &store, &fleet, &election).await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!("leader election: {e}; trying again");
+                tokio::time::sleep(ha.ttl / 3).await;
+            }
+        }
+    }
+}
+
+/// Campaigns; once elected, leads until the lease is lost, then steps down.
+async fn lead(
+    ha: &Arc<Ha>,
+    mut client: Client,
+    store: &Arc<EtcdStore>,
+    fleet: &Arc<Fleet>,
+    election: &str,
+) -> Result<(), etcd_client::Error> {
+    let ttl_secs = i64::try_from(ha.ttl.as_secs().max(2)).unwrap_or(i64::MAX);
+    let lease = client.lease_grant(ttl_secs, None).await?.id();
+    let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
+    // Listed among the group's controllers for as long as the lease lives.
+    let me = Registered {
+        url: ha.advertise.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_unix_ms: ha.started_unix_ms,
+    };
+    client
+        .put(
+            registry_key(store.prefix(), &ha.advertise),
+            serde_json::to_vec(&me).unwrap_or_default(),
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await?;
+    // Renew the lease from the start: a campaign may wait long for the leader to go.
+    let (lost_tx, mut lost) = tokio::sync::oneshot::channel::<String>();
+    let renewer = {
+        let ha = ha.clone();
+        tokio::spawn(async move {
+            let every = ha.ttl / 3;
+            loop {
+                let renewed = async {
+                    keeper.keep_alive().await?;
+                    answers.message().await
+                };
+                match tokio::time::timeout(every, renewed).await {
+                    Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
+                        let mut at = ha.renewed.lock().expect("renewed lock");
+                        *at = Some(Instant::now());
+                    }
+                    Ok(Ok(_)) => {
+                        let _ = lost_tx.send("the lease expired".to_string());
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        ha.renew_failures
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!("lease renewal failed: {e}");
+                    }
+                    Err(_) => {
+                        ha.renew_failures
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!("lease renewal got no answer within {every:?}");
+                    }
+                }
+                let renewed = *ha.renewed.lock().expect("renewed lock");
+                if renewed.is_none_or(|at| at.elapsed() >= ha.ttl) {
+                    let _ = lost_tx.send(format!(
+                        "the lease was not renewed for {}",
+                        humantime::format_duration(ha.ttl)
+                    ));
+                    return;
+                }
+                tokio::time::sleep(every.saturating_sub(Duration::from_millis(50))).await;
+            }
+        })
+    };
+    *ha.renewed.lock().expect("renewed lock") = Some(Instant::now());
+    let campaign = client.campaign(election, ha.advertise.as_str(), lease);
+    let won = tokio::select! {
+        won = campaign => won?,
+        why = &mut lost => {
+            renewer.abort();
+            tracing::warn!("lease lost while campaigning ({}); campaigning again", why.unwrap_or_default());
+            return Ok(());
+        }
+    };
+    let Some(key) = won.leader() else {
+        renewer.abort();
+        return Ok(());
+    };
+    let fence = Fence {
+        key: String::from_utf8_lossy(key.key()).into_owned(),
+        create_revision: key.rev(),
+    };
+    store.set_fence(Some(fence));
+    ha.leader_changes
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        "elected leader ({}, lease TTL {}): taking over",
+        ha.advertise,
+        humantime::format_duration(ha.ttl)
+    );
+    if let Err(e) = fleet.take_over(&ha.advertise) {
+        tracing::error!("cannot load the fleet's state after the election: {e}; stepping down");
+        step_down(ha, "its state could not be loaded");
+    }
+    ha.set_role(Role::Leader {
+        since_unix_ms: now_ms(),
+    });
+    fleet.resume_unfinished();
+    let why = lost
+        .await
+        .unwrap_or_else(|_| "the lease renewal stopped".into());
+    step_down(ha, &why)
+}
+
+/// Leaves leadership for good: this process re-executes itself as a follower.
+fn step_down(ha: &Ha, why: &str) -> ! {
+    tracing::warn!(
+        "lost the leadership ({why}): restarting as a follower; another controller leads now"
+    );
+    ha.set_role(Role::Follower { leader: None });
+    use std::os::unix::process::CommandExt as _;
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "fleet-controller".into());
+    let error = std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .exec();
+    tracing::error!("cannot re-execute /proc/self/exe: {error}; exiting");
+    std::process::exit(75)
+}
+
+/// Keeps [`Role::Follower`]'s leader URL current.
+async fn observe(ha: Arc<Ha>, mut client: Client, election: String) {
+    loop {
+        let observed = async {
+            let mut stream = client.observe(election.as_str()).await?;
+            while let Some(answer) = stream.message().await? {
+                let url = answer
+                    .kv()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+                if !matches!(ha.role(), Role::Leader { .. }) {
+                    if let Some(url) = &url
+                        && ha.leader_url().as_ref() != Some(url)
+                        && *url != ha.advertise
+                    {
+                        tracing::info!("the leader is {url}");
+                        ha.leader_changes
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    ha.set_role(Role::Follower { leader: url });
+                }
+            }
+            Ok::<(), etcd_client::Error>(())
+        };
+        if let Err(e) = observed.await {
+            tracing::debug!("observing the election: {e}");
+        }
+        if !matches!(ha.role(), Role::Leader { .. }) {
+            ha.set_role(Role::Follower { leader: None });
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// While following: reload the fleet's state whenever etcd says it changed (a burst
+/// of changes is one reload, at most every 100 ms).
+async fn follow(ha: Arc<Ha>, mut client: Client, store: Arc<EtcdStore>, fleet: Arc<Fleet>) {
+    let prefix = store.prefix().to_string();
+    loop {
+        let watched = async {
+            let mut stream = client
+                .watch(prefix.as_str(), Some(WatchOptions::new().with_prefix()))
+                .await?;
+            loop {
+                let Some(answer) = stream.message().await? else {
+                    return Ok(());
+                };
+                let relevant = answer
+                    .events()
+                    .iter()
+                    .any(|e| matches!(e.event_type(), EventType::Put | EventType::Delete));
+                if !relevant || matches!(ha.role(), Role::Leader { .. }) {
+                    continue;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Err(e) = fleet.reload() {
+                    tracing::warn!("cannot reload the fleet's state from etcd: {e}");
+                }
+            }
+        };
+        let result: Result<(), etcd_client::Error> = watched.await;
+        if let Err(e) = result {
+            tracing::debug!("watching etcd: {e}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Whether a request changes the fleet: only the leader takes those.
+fn changes_state(method: &axum::http::Method, path: &str) -> bool {
+    const CHANGES: &[&str] = &[
+        "Heartbeat",
+        "RestartNode",
+        "ShutdownNode",
+        "StartRollout",
+        "PauseRollout",
+        "ResumeRollout",
+        "AbortRollout",
+        "UndoRollout",
+        "ForgetNode",
+        "CreateToken",
+        "RevokeToken",
+        "Join",
+        "Renew",
+    ];
+    // A dashboard action's GET is its confirmation page: a read.
+    *method == axum::http::Method::POST
+        && crate::auth::route(method, path).is_some_and(|r| CHANGES.contains(&r.name))
+}
+
+/// On a controller that does not lead, every state change is answered with where the
+/// leader is: gRPC `UNAVAILABLE` with [`fleet_proto::ha::LEADER_METADATA`], a
+/// dashboard form with a `307` to the same action on the leader (which asks the
+/// browser to log in there, sessions being per controller).
+pub async fn leader_only(
+    axum::extract::State(fleet): axum::extract::State<Arc<Fleet>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Some(refusal) = fleet.not_leader() else {
+        return next.run(request).await;
+    };
+    if !changes_state(request.method(), request.uri().path()) {
+        return next.run(request).await;
+    }
+    let grpc = request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        return refusal.into_http();
+    }
+    let leader = fleet.ha().and_then(|ha| ha.leader_url());
+    match leader {
+        Some(url) => {
+            let target = format!("{}{}", url.trim_end_matches('/'), request.uri());
+            (
+                axum::http::StatusCode::TEMPORARY_REDIRECT,
+                [(axum::http::header::LOCATION, target)],
+                format!("{}\n", refusal.message()),
+            )
+                .into_response()
+        }
+        None => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "2")],
+            format!("{}\n", refusal.message()),
+        )
+            .into_response(),
+    }
+}
+
+/// A controller's entry in the group's registry (`<prefix>controllers/<url>`), bound
+/// to its lease: it disappears with the controller.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Registered {
+    url: String,
+    version: String,
+    started_unix_ms: u64,
+}
+
+fn registry_key(prefix: &str, url: &str) -> String {
+    format!("{prefix}controllers/{url}")
+}
+
+impl Ha {
+    /// The group: every registered controller (the leader marked), the etcd members'
+    /// health, and whether there is a quorum (`fleetctl controllers`).
+    pub async fn controllers(&self) -> fleet_proto::v1::ControllersResponse {
+        use fleet_proto::v1 as pb;
+        let mut client = self.store.client();
+        let prefix = registry_key(self.store.prefix(), "");
+        let listed = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.get(
+                prefix.as_str(),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_serializable(),
+                ),
+            ),
+        )
+        .await;
+        let leader = self.leader_url();
+        let leader_since = match self.role() {
+            Role::Leader { since_unix_ms } => since_unix_ms,
+            Role::Follower { .. } => 0,
+        };
+        let mut controllers: Vec<pb::ControllerInfo> = match listed {
+            Ok(Ok(answer)) => answer
+                .kvs()
+                .iter()
+                .filter_map(|kv| serde_json::from_slice::<Registered>(kv.value()).ok())
+                .map(|r| pb::ControllerInfo {
+                    leader: leader.as_deref() == Some(r.url.as_str()),
+                    leader_since_unix_ms: if r.url == self.advertise {
+                        leader_since
+                    } else {
+                        0
+                    },
+                    url: r.url,
+                    version: r.version,
+                    started_unix_ms: r.started_unix_ms,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        if !controllers.iter().any(|c| c.url == self.advertise) {
+            controllers.push(pb::ControllerInfo {
+                url: self.advertise.clone(),
+                leader: matches!(self.role(), Role::Leader { .. }),
+                leader_since_unix_ms: leader_since,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                started_unix_ms: self.started_unix_ms,
+            });
+        }
+        controllers.sort_by(|a, b| a.url.cmp(&b.url));
+        let members = self.store.members().await;
+        let healthy = members.iter().filter(|m| m.healthy).count();
+        pb::ControllersResponse {
+            store: self.store.url(),
+            answered_by: self.advertise.clone(),
+            controllers,
+            quorum: healthy * 2 > members.len(),
+            members,
+        }
+    }
+}
