@@ -104,7 +104,10 @@ impl Fleet {
                 nodes,
             };
             view.nodes.sort_by_key(|n| (n.batch, n.node_id.clone()));
-            rollouts.insert(view.rollout.id.clone(), Arc::new(RolloutHandle::new(view)));
+            rollouts.insert(
+                view.rollout.id.clone(),
+                Arc::new(RolloutHandle::new(view, 0)),
+            );
         }
         let tokens = Arc::new(Tokens::load(store.clone())?);
         Ok(Arc::new(Self {
@@ -154,8 +157,26 @@ impl Fleet {
         (!ha.is_leader()).then(|| ha.not_leader())
     }
 
+    /// The leadership term this controller acts in (0: it has a store of its own, or
+    /// was never elected).
+    pub fn term(&self) -> u64 {
+        self.ha.get().map_or(0, |ha| ha.term())
+    }
+
+    /// Whether the engine of `handle` may take its next step: this controller may act
+    /// and the rollout was loaded or started in the current term.
+    pub fn may_drive(&self, handle: &RolloutHandle) -> bool {
+        self.may_act() && handle.term == self.term()
+    }
+
     /// A follower's refresh: the nodes, rollouts and tokens as the store holds them.
     pub fn reload(&self) -> Result<(), crate::store::StoreError> {
+        self.reload_rollouts(false)
+    }
+
+    /// `fresh`: every rollout gets a new handle (of the current term), not only those
+    /// that changed.
+    fn reload_rollouts(&self, fresh: bool) -> Result<(), crate::store::StoreError> {
         self.inventory.reload(false)?;
         self.tokens.reload()?;
         let mut loaded = HashMap::new();
@@ -175,11 +196,12 @@ impl Fleet {
         {
             let mut rollouts = self.rollouts.lock().expect("rollouts lock");
             rollouts.retain(|id, _| loaded.contains_key(id));
+            let term = self.term();
             for (id, view) in loaded {
                 match rollouts.get(&id) {
-                    Some(h) if *h.view.lock().expect("view lock") == view => {}
+                    Some(h) if !fresh && *h.view.lock().expect("view lock") == view => {}
                     _ => {
-                        rollouts.insert(id.clone(), Arc::new(RolloutHandle::new(view)));
+                        rollouts.insert(id.clone(), Arc::new(RolloutHandle::new(view, term)));
                         changed.push(id);
                     }
                 }
@@ -195,7 +217,7 @@ impl Fleet {
     /// heartbeat TTL of grace) and note the takeover in each unfinished rollout's
     /// timeline; [`Fleet::resume_unfinished`] then starts their engines.
     pub fn take_over(&self, me: &str) -> Result<(), crate::store::StoreError> {
-        self.reload()?;
+        self.reload_rollouts(true)?;
         self.inventory.reload(true)?;
         for handle in self.rollouts.lock().expect("rollouts lock").values() {
             let (id, nodes) = {
@@ -242,7 +264,8 @@ impl Fleet {
     }
 
     /// Restarts the engines of rollouts that were running (or paused) when the
-    /// controller stopped. Nodes already done are not touched again.
+    /// controller stopped (or the previous leader lost its lease). Nodes already done
+    /// are not touched again.
     pub fn resume_unfinished(self: &Arc<Self>) {
         for handle in self.rollouts.lock().expect("rollouts lock").values() {
             let (id, state) = {
@@ -581,7 +604,7 @@ impl Fleet {
                 fleet_proto::rules::refusal_line(&reason, &ids, 20)
             );
         }
-        let handle = Arc::new(RolloutHandle::new(view.clone()));
+        let handle = Arc::new(RolloutHandle::new(view.clone(), self.term()));
         self.rollouts
             .lock()
             .expect("rollouts lock")

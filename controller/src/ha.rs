@@ -16,9 +16,13 @@
 //!   (which runs on while the process is stopped), so a leader woken from `SIGSTOP`
 //!   or a long pause knows before it acts; the engine claims each node step in etcd
 //!   before it calls the node's agent.
-//! - **Stepping down**: a controller that lost its leadership re-executes itself
-//!   (same PID, same arguments) and comes back as a follower with a clean state:
-//!   nothing it had in memory as a leader survives to act on.
+//! - **Stepping down**: a controller that lost its leadership follows again at once
+//!   and campaigns anew. Each election won starts a new *term*; a rollout's engine
+//!   acts only in the term its rollout was loaded in, so an engine left over from an
+//!   earlier term never acts again, even if this controller is elected anew.
+//! - **No quorum**: while etcd cannot commit (a majority of its members down), no
+//!   controller leads, every change is refused with [`fleet_proto::ha::NO_QUORUM_METADATA`],
+//!   and reads are served from what each controller last loaded.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,6 +54,10 @@ pub struct Ha {
     role: watch::Sender<Role>,
     /// When the lease was last renewed while leading.
     renewed: Mutex<Option<Instant>>,
+    /// Incremented by each election this controller wins.
+    term: std::sync::atomic::AtomicU64,
+    /// Whether etcd answered the last lease or election call (a quorum is there).
+    quorum: std::sync::atomic::AtomicBool,
     /// Leader changes seen by this controller (metrics).
     pub leader_changes: std::sync::atomic::AtomicU64,
     /// Lease renewals that failed (metrics).
@@ -79,6 +87,8 @@ impl Ha {
             ttl,
             role: watch::channel(Role::Follower { leader: None }).0,
             renewed: Mutex::new(None),
+            term: Default::default(),
+            quorum: std::sync::atomic::AtomicBool::new(true),
             leader_changes: Default::default(),
             renew_failures: Default::default(),
         })
@@ -86,6 +96,29 @@ impl Ha {
 
     pub fn advertise(&self) -> &str {
         &self.advertise
+    }
+
+    /// The current leadership term of this controller (see the module's docs).
+    pub fn term(&self) -> u64 {
+        self.term.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether etcd answered this controller's last lease or election call.
+    pub fn quorum(&self) -> bool {
+        self.quorum.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set_quorum(&self, quorum: bool) {
+        let was = self
+            .quorum
+            .swap(quorum, std::sync::atomic::Ordering::Relaxed);
+        if was && !quorum {
+            tracing::warn!(
+                "etcd does not answer (no quorum?): no controller can change the fleet until it does"
+            );
+        } else if !was && quorum {
+            tracing::info!("etcd answers again");
+        }
     }
 
     pub fn ttl(&self) -> Duration {
@@ -120,6 +153,18 @@ impl Ha {
 
     /// The answer to a state change sent to a controller that does not lead.
     pub fn not_leader(&self) -> tonic::Status {
+        if !self.quorum() {
+            let mut status = tonic::Status::unavailable(format!(
+                "the store has no quorum (etcd at {} does not answer): nothing was changed, and no \
+                 controller can change the fleet until a majority of etcd's members is back",
+                self.store.url().trim_start_matches("etcd://")
+            ));
+            status.metadata_mut().insert(
+                fleet_proto::ha::NO_QUORUM_METADATA,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            return status;
+        }
         let leader = match &*self.role.borrow() {
             Role::Leader { .. } => None, // a leader whose lease ran out: no one to name
             Role::Follower { leader } => leader.clone(),
@@ -159,8 +204,7 @@ impl Ha {
     }
 }
 
-/// Takes part in the election until this controller loses a leadership it held; then
-/// it re-executes itself (see the module's documentation). Never returns.
+/// Takes part in the election for as long as the controller runs.
 pub async fn run(ha: Arc<Ha>, fleet: Arc<Fleet>) {
     let store = ha.store.clone();
     let election = format!("{}leader", store.prefix());
@@ -193,6 +237,7 @@ async fn lead(
 ) -> Result<(), etcd_client::Error> {
     let ttl_secs = i64::try_from(ha.ttl.as_secs().max(2)).unwrap_or(i64::MAX);
     let lease = client.lease_grant(ttl_secs, None).await?.id();
+    ha.set_quorum(true);
     let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
     // Listed among the group's controllers for as long as the lease lives.
     let me = Registered {
@@ -269,6 +314,8 @@ async fn lead(
         create_revision: key.rev(),
     };
     store.set_fence(Some(fence));
+    // A new term: engines of earlier terms (if any are left) never act again.
+    ha.term.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     ha.leader_changes
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
@@ -278,7 +325,10 @@ async fn lead(
     );
     if let Err(e) = fleet.take_over(&ha.advertise) {
         tracing::error!("cannot load the fleet's state after the election: {e}; stepping down");
-        step_down(ha, "its state could not be loaded");
+        renewer.abort();
+        let _ = client.lease_revoke(lease).await;
+        step_down(ha, store, fleet, "its state could not be loaded");
+        return Ok(());
     }
     ha.set_role(Role::Leader {
         since_unix_ms: now_ms(),
@@ -287,24 +337,20 @@ async fn lead(
     let why = lost
         .await
         .unwrap_or_else(|_| "the lease renewal stopped".into());
-    step_down(ha, &why)
+    renewer.abort();
+    step_down(ha, store, fleet, &why);
+    Ok(())
 }
 
-/// Leaves leadership for good: this process re-executes itself as a follower.
-fn step_down(ha: &Ha, why: &str) -> ! {
-    tracing::warn!(
-        "lost the leadership ({why}): restarting as a follower; another controller leads now"
-    );
+/// Leaves the leadership: from now on this controller follows (and campaigns again).
+/// Its engines stop at their next step ([`Fleet::may_drive`]); its writes would be
+/// refused by etcd anyway.
+fn step_down(ha: &Ha, store: &EtcdStore, fleet: &Fleet, why: &str) {
+    tracing::warn!("lost the leadership ({why}): following again; the next leader carries on");
     ha.set_role(Role::Follower { leader: None });
-    use std::os::unix::process::CommandExt as _;
-    let mut args = std::env::args_os();
-    let arg0 = args.next().unwrap_or_else(|| "fleet-controller".into());
-    let error = std::process::Command::new("/proc/self/exe")
-        .arg0(arg0)
-        .args(args)
-        .exec();
-    tracing::error!("cannot re-execute /proc/self/exe: {error}; exiting");
-    std::process::exit(75)
+    store.set_fence(None);
+    *ha.renewed.lock().expect("renewed lock") = None;
+    fleet.inventory.set_follower();
 }
 
 /// Keeps [`Role::Follower`]'s leader URL current.
@@ -410,7 +456,15 @@ pub async fn leader_only(
         return next.run(request).await;
     };
     if !changes_state(request.method(), request.uri().path()) {
-        return next.run(request).await;
+        let mut response = next.run(request).await;
+        if fleet.ha().is_some_and(|ha| !ha.quorum()) {
+            // Read from what this controller last loaded: say that it may be stale.
+            response.headers_mut().insert(
+                fleet_proto::ha::NO_QUORUM_METADATA,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        return response;
     }
     let grpc = request
         .headers()

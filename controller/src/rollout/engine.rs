@@ -83,7 +83,7 @@ fn describe(status: &tonic::Status) -> String {
 pub async fn run(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>) {
     let id = handle.view.lock().expect("view lock").rollout.id.clone();
     let outcome = drive(&fleet, &handle).await;
-    if !fleet.may_act() {
+    if !fleet.may_drive(&handle) {
         // Deposed mid-way: the new leader resumes the rollout from what was stored.
         tracing::warn!("rollout {id}: no longer the leader; the new leader carries it on");
         return;
@@ -129,7 +129,7 @@ async fn drive(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> (RolloutState
         _ => usize::MAX,
     };
     loop {
-        if !fleet.may_act() {
+        if !fleet.may_drive(&handle) {
             return (RolloutState::Running, "no longer the leader".into());
         }
         // Operator requests are honoured between batches.
@@ -358,7 +358,7 @@ async fn update_stored(
 
 /// Moves one node to its target exe; its end state is recorded in the rollout.
 async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: String) {
-    if !fleet.may_act() {
+    if !fleet.may_drive(&handle) {
         return;
     }
     let node = handle.view.lock().expect("view lock").nodes[handle.position(&node_id)].clone();
@@ -387,7 +387,7 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
         while let Ok(s) = &status
             && !s.in_progress.is_empty()
             && Instant::now() < deadline
-            && fleet.may_act()
+            && fleet.may_drive(&handle)
         {
             tokio::time::sleep(SOAK_POLL).await;
             status = fleet
@@ -476,7 +476,7 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
                 );
             })
             .await;
-            if claimed.is_err() || !fleet.may_act() {
+            if claimed.is_err() || !fleet.may_drive(&handle) {
                 tracing::warn!("node {node_id}: not restarted: its claim was not stored");
                 return;
             }
@@ -548,7 +548,7 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
     // soak the Restart answer (READY) is the last word, and no status call is made.
     let soak_until = Instant::now() + spec.min_healthy();
     while !spec.min_healthy().is_zero() {
-        if !fleet.may_act() {
+        if !fleet.may_drive(&handle) {
             return;
         }
         match fleet
@@ -590,7 +590,7 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
         tokio::time::sleep(SOAK_POLL.min(soak_until.saturating_duration_since(Instant::now())))
             .await;
     }
-    if !fleet.may_act() {
+    if !fleet.may_drive(&handle) {
         return;
     }
     if !spec.health_path.is_empty()
@@ -672,7 +672,11 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> usize {
             let Some(record) = fleet.inventory.get(&node.node_id) else {
                 return;
             };
-            if let Err(why) = fleet.claim().await {
+            let claimed = match fleet.may_drive(&handle) {
+                true => fleet.claim().await,
+                false => Err("this controller no longer leads".into()),
+            };
+            if let Err(why) = claimed {
                 tracing::warn!("node {}: not rolled back: {why}", node.node_id);
                 return;
             }

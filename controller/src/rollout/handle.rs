@@ -16,10 +16,14 @@ pub struct RolloutHandle {
     pub wake: Notify,
     /// Node id → position in `view.nodes` (fixed once the rollout is planned).
     index: HashMap<String, usize>,
+    /// The leadership term it was made in ([`crate::ha`]; 0 with a store of its own):
+    /// an engine drives it only while that term lasts, so an engine left from an
+    /// earlier term never acts again, even if this controller is elected anew.
+    pub term: u64,
 }
 
 impl RolloutHandle {
-    pub fn new(view: RolloutView) -> Self {
+    pub fn new(view: RolloutView, term: u64) -> Self {
         let index = view
             .nodes
             .iter()
@@ -30,6 +34,7 @@ impl RolloutHandle {
             view: Mutex::new(view),
             wake: Notify::new(),
             index,
+            term,
         }
     }
 
