@@ -2,7 +2,8 @@
 //! the way an operator would.
 //!
 //! [`Controller::start`] spawns the controller on a loopback port with a per-test
-//! SQLite file in a temp dir, echoes its log to the test's stderr, and returns once it
+//! SQLite file in a temp dir (with `FLEET_TEST_STORE=etcd`, a one-member etcd of its
+//! own: [`TestStore`]), echoes its log to the test's stderr, and returns once it
 //! logged the address it listens on. [`Controller::start_nodes`] starts agents that
 //! heartbeat to it and returns once `ListNodes` shows every one of them serving;
 //! [`Controller::fleetctl`] runs the CLI with `FLEET_CONTROLLER` (and `FLEET_TOKEN`)
@@ -24,6 +25,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::etcd::EtcdCluster;
 use crate::harness::{STREAMS_CLOSE, copy_agent_binary, eventually};
 use crate::output::ProcessLog;
 use crate::{Agent, AgentOpts};
@@ -67,6 +69,20 @@ pub fn node_id(i: usize) -> String {
     format!("node-{}", i + 1)
 }
 
+/// Where a test's controller keeps its state.
+#[derive(Debug, Clone, Default)]
+pub enum TestStore {
+    /// SQLite in the controller's temp dir; with `FLEET_TEST_STORE=etcd`, a one-member
+    /// etcd started for this controller instead (unless it runs under a `wrapper`, in
+    /// another network namespace), so that the controller suite runs on either store.
+    #[default]
+    Default,
+    /// SQLite, whatever `FLEET_TEST_STORE` says.
+    Sqlite,
+    /// This cluster, under an `--etcd-prefix` no other controller uses.
+    Etcd(Arc<EtcdCluster>),
+}
+
 /// How to run the controller. `..Default::default()` gives a free port and a 2 s
 /// heartbeat TTL (agents heartbeat every ttl/3).
 #[derive(Debug, Clone)]
@@ -91,6 +107,8 @@ pub struct ControllerOpts {
     /// Run the controller (and `fleetctl`) under this command, e.g.
     /// `ip netns exec NS` ([`crate::netns`]).
     pub wrapper: Vec<OsString>,
+    /// SQLite or etcd.
+    pub store: TestStore,
 }
 
 impl Default for ControllerOpts {
@@ -103,7 +121,37 @@ impl Default for ControllerOpts {
             args: Vec::new(),
             tls: false,
             wrapper: Vec::new(),
+            store: TestStore::Default,
         }
+    }
+}
+
+/// The etcd a controller keeps its state in, and its keys' prefix there.
+#[derive(Debug, Clone)]
+pub struct EtcdStore {
+    pub cluster: Arc<EtcdCluster>,
+    pub prefix: String,
+}
+
+impl EtcdStore {
+    /// For `store`, or `None` for SQLite; starts a one-member etcd for
+    /// [`TestStore::Default`] under `FLEET_TEST_STORE=etcd`.
+    async fn for_test(opts: &ControllerOpts) -> Option<EtcdStore> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let cluster = match &opts.store {
+            TestStore::Sqlite => return None,
+            TestStore::Default if !crate::etcd::test_store_is_etcd() => return None,
+            // A controller in another network namespace cannot reach an etcd on this
+            // one's loopback.
+            TestStore::Default if !opts.wrapper.is_empty() => return None,
+            TestStore::Default => Arc::new(EtcdCluster::start(1).await),
+            TestStore::Etcd(cluster) => cluster.clone(),
+        };
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(EtcdStore {
+            cluster,
+            prefix: format!("/fleet-test-{}-{n}/", std::process::id()),
+        })
     }
 }
 
@@ -180,6 +228,8 @@ pub struct Controller {
     /// Every line the controller printed, over all its runs.
     log: Arc<ProcessLog>,
     opts: ControllerOpts,
+    /// Where its state is, when not in SQLite; the same over restarts.
+    etcd: Option<EtcdStore>,
 }
 
 impl Controller {
@@ -195,13 +245,15 @@ impl Controller {
                 .expect("write the token");
         }
         let log = ProcessLog::new();
-        let child = spawn(dir.path(), &opts, &opts.listen, &log);
+        let etcd = EtcdStore::for_test(&opts).await;
+        let child = spawn(dir.path(), &opts, &opts.listen, &log, etcd.as_ref());
         let mut controller = Controller {
             child: Mutex::new(child),
             dir,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log,
             opts,
+            etcd,
         };
         let line = controller
             .wait_for_log_from(0, LISTENING, START_TIMEOUT)
@@ -248,7 +300,13 @@ impl Controller {
         let started = Instant::now();
         for attempt in 1..=REBIND_ATTEMPTS {
             let mark = self.log.len();
-            let child = spawn(self.dir.path(), &self.opts, &addr.to_string(), &self.log);
+            let child = spawn(
+                self.dir.path(),
+                &self.opts,
+                &addr.to_string(),
+                &self.log,
+                self.etcd.as_ref(),
+            );
             *self.child.lock().unwrap() = child;
             let outcome = self
                 .wait_for_log_or_exit(mark, LISTENING, START_TIMEOUT)
@@ -360,6 +418,35 @@ impl Controller {
     /// `-shm` files), token and CA (`fleet-tls/`).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The etcd the controller keeps its state in (`None`: SQLite, in [`Controller::dir`]).
+    pub fn etcd(&self) -> Option<&EtcdStore> {
+        self.etcd.as_ref()
+    }
+
+    /// What the controller stored, as bytes: its SQLite files (`fleet.db` and its
+    /// journal), or every key and value under its etcd prefix.
+    pub async fn stored_bytes(&self) -> Vec<u8> {
+        let mut stored = Vec::new();
+        match &self.etcd {
+            Some(etcd) => {
+                for (key, value) in etcd.cluster.dump(&etcd.prefix).await {
+                    stored.extend(key.into_bytes());
+                    stored.extend(value);
+                }
+            }
+            None => {
+                for entry in std::fs::read_dir(self.dir()).expect("read the controller's dir") {
+                    let path = entry.expect("a dir entry").path();
+                    let name = path.file_name().unwrap_or_default().to_string_lossy();
+                    if name.starts_with("fleet.db") {
+                        stored.extend(std::fs::read(&path).expect("read the database"));
+                    }
+                }
+            }
+        }
+        stored
     }
 
     /// The controller's token, if it has one.
@@ -663,8 +750,15 @@ impl Drop for Controller {
     }
 }
 
-/// Spawn `fleet-controller` with its database in `dir`, echoing its output into `log`.
-fn spawn(dir: &Path, opts: &ControllerOpts, listen: &str, log: &Arc<ProcessLog>) -> Child {
+/// Spawn `fleet-controller` with its database in `dir` (or in `etcd`), echoing its
+/// output into `log`.
+fn spawn(
+    dir: &Path,
+    opts: &ControllerOpts,
+    listen: &str,
+    log: &Arc<ProcessLog>,
+    etcd: Option<&EtcdStore>,
+) -> Child {
     let program = binary("fleet-controller");
     let mut command = match opts.wrapper.split_first() {
         Some((wrapper, wrapper_args)) => {
@@ -677,11 +771,17 @@ fn spawn(dir: &Path, opts: &ControllerOpts, listen: &str, log: &Arc<ProcessLog>)
     if opts.tls {
         command.arg("--tls");
     }
+    match etcd {
+        Some(etcd) => command
+            .arg("--store")
+            .arg(etcd.cluster.url())
+            .arg("--etcd-prefix")
+            .arg(&etcd.prefix),
+        None => command.arg("--db").arg(dir.join("fleet.db")),
+    };
     command
         .arg("--listen")
         .arg(listen)
-        .arg("--db")
-        .arg(dir.join("fleet.db"))
         .arg("--heartbeat-ttl")
         .arg(&opts.heartbeat_ttl);
     if opts.token.is_some() {

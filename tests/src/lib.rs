@@ -12,6 +12,8 @@ pub mod bench;
 pub mod harness;
 /// Spawn `fleet-controller` with agents that register with it; run `fleetctl`.
 pub mod fleet;
+/// Real etcd clusters on loopback, for the controller's etcd store.
+pub mod etcd;
 /// What a process holds, from /proc: open fds, threads, memory.
 pub mod footprint;
 /// Hollow agents: many simulated agents in one process (a test tool for scale).
