@@ -80,6 +80,10 @@ pub struct Fleet {
     default_min_healthy_ms: AtomicU64,
     /// The election, when several controllers share an etcd store ([`crate::ha`]).
     ha: std::sync::OnceLock<Arc<crate::ha::Ha>>,
+    /// Whether this controller leads (set by [`Fleet::take_over`], cleared by
+    /// [`Fleet::step_down`]); under its lock, a follower's reload never overwrites
+    /// what a new leader just loaded.
+    leading: Mutex<bool>,
 }
 
 impl Fleet {
@@ -122,12 +126,13 @@ impl Fleet {
             start_lock: tokio::sync::Mutex::new(()),
             default_min_healthy_ms: AtomicU64::new(millis(Spec::DEFAULT_MIN_HEALTHY)),
             ha: std::sync::OnceLock::new(),
+            leading: Mutex::new(false),
         }))
     }
 
     /// Takes part in an election: until it leads, this controller changes nothing.
     pub fn set_ha(&self, ha: Arc<crate::ha::Ha>) {
-        self.inventory.set_follower();
+        self.inventory.set_follower(true);
         let _ = self.ha.set(ha);
     }
 
@@ -169,9 +174,20 @@ impl Fleet {
         self.may_act() && handle.term == self.term()
     }
 
-    /// A follower's refresh: the nodes, rollouts and tokens as the store holds them.
+    /// A follower's refresh: the nodes, rollouts and tokens as the store holds them
+    /// (nothing while this controller leads: its memory is the truth then).
     pub fn reload(&self) -> Result<(), crate::store::StoreError> {
+        let leading = self.leading.lock().expect("leading lock");
+        if *leading {
+            return Ok(());
+        }
         self.reload_rollouts(false)
+    }
+
+    /// Just deposed: follow from now on (the engines stop at their next step).
+    pub fn step_down(&self) {
+        *self.leading.lock().expect("leading lock") = false;
+        self.inventory.set_follower(true);
     }
 
     /// `fresh`: every rollout gets a new handle (of the current term), not only those
@@ -217,8 +233,11 @@ impl Fleet {
     /// heartbeat TTL of grace) and note the takeover in each unfinished rollout's
     /// timeline; [`Fleet::resume_unfinished`] then starts their engines.
     pub fn take_over(&self, me: &str) -> Result<(), crate::store::StoreError> {
+        let mut leading = self.leading.lock().expect("leading lock");
         self.reload_rollouts(true)?;
         self.inventory.reload(true)?;
+        self.inventory.set_follower(false);
+        *leading = true;
         for handle in self.rollouts.lock().expect("rollouts lock").values() {
             let (id, nodes) = {
                 let mut view = handle.view.lock().expect("view lock");

@@ -350,7 +350,7 @@ fn step_down(ha: &Ha, store: &EtcdStore, fleet: &Fleet, why: &str) {
     ha.set_role(Role::Follower { leader: None });
     store.set_fence(None);
     *ha.renewed.lock().expect("renewed lock") = None;
-    fleet.inventory.set_follower();
+    fleet.step_down();
 }
 
 /// Keeps [`Role::Follower`]'s leader URL current.

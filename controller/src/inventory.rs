@@ -225,8 +225,8 @@ impl Inventory {
     }
 
     /// Replaces the nodes with the store's. `lead`: this controller leads from now on,
-    /// and every node gets one TTL of grace for its next heartbeat; else it follows,
-    /// showing each node as the leader stored it.
+    /// and every node gets one TTL of grace for its next heartbeat; else each node is
+    /// as the leader stored it.
     pub fn reload(&self, lead: bool) -> Result<(), crate::store::StoreError> {
         let mut loaded = HashMap::new();
         for mut node in self.store.load_nodes()? {
@@ -235,7 +235,6 @@ impl Inventory {
             }
             loaded.insert(node.node_id.clone(), node);
         }
-        self.follower.store(!lead, Ordering::Relaxed);
         let changed: Vec<String> = {
             let mut nodes = self.nodes.write().expect("inventory lock");
             let changed = loaded
@@ -253,9 +252,9 @@ impl Inventory {
         Ok(())
     }
 
-    /// Follows an elected leader until [`Inventory::reload`] says otherwise.
-    pub fn set_follower(&self) {
-        self.follower.store(true, Ordering::Relaxed);
+    /// Follows an elected leader (`true`), or leads (`false`): see `follower`.
+    pub fn set_follower(&self, follower: bool) {
+        self.follower.store(follower, Ordering::Relaxed);
     }
 
     /// Notes that `node_id` was given a certificate valid until `until`.

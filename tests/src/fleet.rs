@@ -39,6 +39,8 @@ pub const FLEETCTL_TIMEOUT: Duration = Duration::from_secs(120);
 pub const FINISHED: [&str; 4] = ["succeeded", "failed", "rolled-back", "aborted"];
 /// What the controller logs, followed by its address, once it listens.
 const LISTENING: &str = "controller listening on ";
+/// What a controller on etcd logs once it leads.
+pub const ELECTED: &str = "elected leader";
 
 /// A binary of this workspace, built next to the running test executable
 /// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
@@ -81,6 +83,9 @@ pub enum TestStore {
     Sqlite,
     /// This cluster, under an `--etcd-prefix` no other controller uses.
     Etcd(Arc<EtcdCluster>),
+    /// This cluster under this prefix: the controllers of one group (high
+    /// availability) share it.
+    Shared(Arc<EtcdCluster>, String),
 }
 
 /// How to run the controller. `..Default::default()` gives a free port and a 2 s
@@ -146,6 +151,12 @@ impl EtcdStore {
             TestStore::Default if !opts.wrapper.is_empty() => return None,
             TestStore::Default => Arc::new(EtcdCluster::start(1).await),
             TestStore::Etcd(cluster) => cluster.clone(),
+            TestStore::Shared(cluster, prefix) => {
+                return Some(EtcdStore {
+                    cluster: cluster.clone(),
+                    prefix: prefix.clone(),
+                });
+            }
         };
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Some(EtcdStore {
@@ -259,7 +270,17 @@ impl Controller {
             .wait_for_log_from(0, LISTENING, START_TIMEOUT)
             .await;
         controller.addr = controller.listening_addr(&line);
+        controller.wait_elected(0).await;
         controller
+    }
+
+    /// A controller alone on its etcd prefix leads: wait for its election (from log
+    /// line `mark` on), so that a test's first change is not sent to a follower. A
+    /// controller of a group ([`TestStore::Shared`]) may follow: not waited for.
+    async fn wait_elected(&self, mark: usize) {
+        if self.etcd.is_some() && !matches!(self.opts.store, TestStore::Shared(..)) {
+            self.wait_for_log_from(mark, ELECTED, START_TIMEOUT).await;
+        }
     }
 
     /// The address in a `controller listening on ADDR` line.
@@ -334,6 +355,7 @@ impl Controller {
             };
             let back_on = self.listening_addr(&line);
             assert_eq!(back_on, addr, "the controller came back on another address");
+            self.wait_elected(mark).await;
             return;
         }
         self.fail(&format!(

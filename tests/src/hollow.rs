@@ -1101,6 +1101,12 @@ mod tests {
         ) -> Unimplemented<pb::NodeHistory> {
             unimplemented()
         }
+        async fn get_controllers(
+            &self,
+            _: Request<pb::GetControllersRequest>,
+        ) -> Unimplemented<pb::ControllersResponse> {
+            unimplemented()
+        }
         async fn restart_node(
             &self,
             _: Request<pb::RestartNodeRequest>,
