@@ -122,6 +122,11 @@ pub enum Command {
     ///
     /// Exits 1 when the controller cannot be reached (its version is then unknown).
     Version,
+    /// The controllers sharing the store (etcd): which leads and since when, and the
+    /// health of each etcd member. A controller with its own SQLite file leads alone.
+    ///
+    /// Exits 1 when the store has no quorum (no controller can change anything then).
+    Controllers,
     /// Print a shell completion script: `fleetctl completion bash > /etc/bash_completion.d/fleetctl`
     /// (zsh: into a directory of $fpath as _fleetctl; fish: ~/.config/fish/completions/fleetctl.fish).
     Completion(CompletionArgs),

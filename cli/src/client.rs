@@ -73,7 +73,7 @@ impl Controller {
             ),
             None => None,
         };
-        let endpoint = Endpoint::from_shared(url.to_string())
+        let endpoint = Endpoint::from_shared(fleet_net::tls::connector_uri(url))
             .map_err(|e| bad_input(format!("controller URL {url}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT);
         let channel = if url.starts_with("https://") {
@@ -120,6 +120,14 @@ impl Controller {
         let response = self
             .api
             .get_version(fleet_proto::v1::GetVersionRequest {})
+            .await;
+        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+    }
+
+    pub async fn get_controllers(&mut self) -> Result<fleet_proto::v1::ControllersResponse> {
+        let response = self
+            .api
+            .get_controllers(fleet_proto::v1::GetControllersRequest {})
             .await;
         Ok(response.map_err(|s| self.error(&s))?.into_inner())
     }

@@ -47,6 +47,7 @@ pub async fn run(cli: Cli) -> Result<Exit> {
     let controller = connected?;
     match command {
         Command::Version => crate::version::run(&url, Ok(controller), format).await,
+        Command::Controllers => controllers(controller, format).await,
         Command::Nodes(args) => nodes(controller, args, format).await,
         Command::Node(args) => node(controller, args, format).await,
         Command::Restart(args) => restart(controller, args, format).await,
@@ -82,6 +83,20 @@ pub async fn run(cli: Cli) -> Result<Exit> {
             TokenAction::Revoke(args) => token_revoke(controller, args.id, format).await,
         },
     }
+}
+
+/// `fleetctl controllers`: the group, its leader and the store's members.
+async fn controllers(mut controller: Controller, format: Format) -> Result<Exit> {
+    let group = controller.get_controllers().await?;
+    match format {
+        Format::Json => emit(&json::to_string(&json::ControllersJson::from(&group)))?,
+        Format::Table => emit(&output::controllers(&group, SystemTime::now()))?,
+    }
+    Ok(if group.quorum {
+        Exit::Success
+    } else {
+        Exit::Failed
+    })
 }
 
 /// `fleetctl token create`: the secret goes to stdout once.

@@ -237,6 +237,42 @@ impl ControllerService for Fake {
         }
     }
 
+    async fn get_controllers(
+        &self,
+        request: Request<fleet_proto::v1::GetControllersRequest>,
+    ) -> Result<Response<fleet_proto::v1::ControllersResponse>, Status> {
+        authorized(&request)?;
+        use fleet_proto::v1::{ControllerInfo, ControllersResponse, StoreMember};
+        let controller = |url: &str, leader: bool| ControllerInfo {
+            url: url.into(),
+            leader,
+            leader_since_unix_ms: if leader { 1_700_000_000_000 } else { 0 },
+            version: "0.1.0".into(),
+            started_unix_ms: 1_690_000_000_000,
+        };
+        let member = |name: &str, port: u16, error: &str| StoreMember {
+            name: name.into(),
+            endpoint: format!("127.0.0.1:{port}"),
+            healthy: error.is_empty(),
+            error: error.into(),
+            leader: name == "e1",
+        };
+        Ok(Response::new(ControllersResponse {
+            store: "etcd://127.0.0.1:2379,127.0.0.1:2479,127.0.0.1:2579".into(),
+            answered_by: "http://c2:7100".into(),
+            controllers: vec![
+                controller("http://c1:7100", true),
+                controller("http://c2:7100", false),
+            ],
+            members: vec![
+                member("e1", 2379, ""),
+                member("", 2479, "connection refused"),
+                member("", 2579, "connection refused"),
+            ],
+            quorum: false,
+        }))
+    }
+
     async fn get_node_history(
         &self,
         request: Request<fleet_proto::v1::GetNodeHistoryRequest>,
@@ -859,4 +895,28 @@ async fn version_shows_both_builds_and_warns_of_another_protocol() {
         "{}",
         stderr(&out)
     );
+}
+
+#[tokio::test]
+async fn controllers_show_the_leader_and_the_members_and_no_quorum_exits_1() {
+    let addr = serve().await;
+    let out = fleetctl(addr, Some(TOKEN), &["controllers"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("NO QUORUM"), "{text}");
+    assert!(text.contains("http://c1:7100"), "{text}");
+    let leader = text
+        .lines()
+        .find(|l| l.starts_with("http://c1:7100"))
+        .unwrap();
+    assert!(leader.contains("leader"), "{leader}");
+    let answered = text.lines().find(|l| l.contains("(answered)")).unwrap();
+    assert!(answered.contains("follower"), "{answered}");
+    assert!(text.contains("unhealthy: connection refused"), "{text}");
+
+    let out = fleetctl(addr, Some(TOKEN), &["controllers", "-o", "json"]).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["quorum"], false);
+    assert_eq!(json["controllers"][0]["leader"], true);
+    assert_eq!(json["members"][1]["healthy"], false);
 }

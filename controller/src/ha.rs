@@ -318,11 +318,6 @@ async fn lead(
     ha.term.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     ha.leader_changes
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(
-        "elected leader ({}, lease TTL {}): taking over",
-        ha.advertise,
-        humantime::format_duration(ha.ttl)
-    );
     if let Err(e) = fleet.take_over(&ha.advertise) {
         tracing::error!("cannot load the fleet's state after the election: {e}; stepping down");
         renewer.abort();
@@ -333,6 +328,12 @@ async fn lead(
     ha.set_role(Role::Leader {
         since_unix_ms: now_ms(),
     });
+    tracing::info!(
+        "elected leader ({}, term {}, lease TTL {}): took over",
+        ha.advertise,
+        ha.term(),
+        humantime::format_duration(ha.ttl)
+    );
     fleet.resume_unfinished();
     let why = lost
         .await

@@ -7,8 +7,9 @@
 use std::collections::BTreeMap;
 
 use fleet_proto::v1::{
-    CreateTokenResponse, ExeInfo, Node, NodeRefusal, NodeRestart, Outcome, PhaseTimings,
-    RestartResponse, Rollout, RolloutNode, RolloutProgress, RolloutSpec, TimelineEntry, Token,
+    ControllerInfo, ControllersResponse, CreateTokenResponse, ExeInfo, Node, NodeRefusal,
+    NodeRestart, Outcome, PhaseTimings, RestartResponse, Rollout, RolloutNode, RolloutProgress,
+    RolloutSpec, StoreMember, TimelineEntry, Token,
 };
 use serde::Serialize;
 
@@ -561,6 +562,95 @@ impl<'a> From<&'a CreateTokenResponse> for CreatedTokenJson<'a> {
         CreatedTokenJson {
             token: r.token.as_ref().map(TokenJson::from),
             secret: &r.secret,
+        }
+    }
+}
+
+/// `fleetctl controllers -o json`.
+#[derive(Debug, Serialize)]
+pub struct ControllersJson<'a> {
+    pub store: &'a str,
+    pub answered_by: &'a str,
+    pub quorum: bool,
+    pub controllers: Vec<ControllerJson<'a>>,
+    pub members: Vec<StoreMemberJson<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ControllerJson<'a> {
+    pub url: &'a str,
+    pub leader: bool,
+    pub leader_since_unix_ms: u64,
+    /// The same time in RFC 3339 (UTC, milliseconds); null when unset (0).
+    pub leader_since_rfc3339: Option<String>,
+    pub version: &'a str,
+    pub started_unix_ms: u64,
+    /// The same time in RFC 3339 (UTC, milliseconds); null when unset (0).
+    pub started_rfc3339: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StoreMemberJson<'a> {
+    pub name: &'a str,
+    pub endpoint: &'a str,
+    pub healthy: bool,
+    pub error: &'a str,
+    pub leader: bool,
+}
+
+impl<'a> From<&'a ControllersResponse> for ControllersJson<'a> {
+    fn from(r: &'a ControllersResponse) -> Self {
+        let ControllersResponse {
+            store,
+            answered_by,
+            controllers,
+            members,
+            quorum,
+        } = r;
+        ControllersJson {
+            store,
+            answered_by,
+            quorum: *quorum,
+            controllers: controllers
+                .iter()
+                .map(|c| {
+                    let ControllerInfo {
+                        url,
+                        leader,
+                        leader_since_unix_ms,
+                        version,
+                        started_unix_ms,
+                    } = c;
+                    ControllerJson {
+                        url,
+                        leader: *leader,
+                        leader_since_unix_ms: *leader_since_unix_ms,
+                        leader_since_rfc3339: rfc3339(*leader_since_unix_ms),
+                        version,
+                        started_unix_ms: *started_unix_ms,
+                        started_rfc3339: rfc3339(*started_unix_ms),
+                    }
+                })
+                .collect(),
+            members: members
+                .iter()
+                .map(|m| {
+                    let StoreMember {
+                        name,
+                        endpoint,
+                        healthy,
+                        error,
+                        leader,
+                    } = m;
+                    StoreMemberJson {
+                        name,
+                        endpoint,
+                        healthy: *healthy,
+                        error,
+                        leader: *leader,
+                    }
+                })
+                .collect(),
         }
     }
 }
