@@ -16,6 +16,7 @@
 //! the write resolves to [`StoreError::NotLeader`] (never retried).
 
 mod batch;
+mod tls;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -139,28 +140,34 @@ impl EtcdStore {
         if options.endpoints.is_empty() {
             return Err(fail("no endpoint given".into()));
         }
-        let mut connect = ConnectOptions::new()
+        let connect = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
             // A member cut off from the others answers at once rather than waiting
             // for a leader it cannot reach.
             .with_require_leader(true);
-        let scheme = match &options.tls {
-            Some(tls) => {
-                connect = connect.with_tls(tls_options(tls).map_err(fail)?);
-                "https"
+        let client = match &options.tls {
+            None => {
+                let urls: Vec<String> = options
+                    .endpoints
+                    .iter()
+                    .map(|e| format!("http://{e}"))
+                    .collect();
+                Client::connect(&urls, Some(connect)).await
             }
-            None => "http",
-        };
-        let urls: Vec<String> = options
-            .endpoints
-            .iter()
-            .map(|e| format!("{scheme}://{e}"))
-            .collect();
-        let client = Client::connect(&urls, Some(connect))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+            Some(tls) => {
+                let config = tls::client_config(tls).map_err(fail)?;
+                // HOST:PORT without a scheme: http to tonic, TLS below it.
+                Client::connect_with_balanced_channel(
+                    &options.endpoints,
+                    Some(connect),
+                    tls::TlsChannel(config),
+                )
+                .await
+            }
+        }
+        .map_err(|e| fail(e.to_string()))?;
         let kv = client.kv_client().max_decoding_message_size(MAX_RESPONSE);
         let shared = Arc::new(Shared {
             client,
@@ -314,21 +321,6 @@ impl EtcdStore {
         };
         tokio::task::block_in_place(|| handle.block_on(f))
     }
-}
-
-fn tls_options(tls: &EtcdTls) -> Result<etcd_client::TlsOptions, String> {
-    let read = |path: &PathBuf, what: &str| {
-        std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
-    };
-    let ca = read(&tls.ca_cert, "the etcd CA certificate (--etcd-ca-cert)")?;
-    let mut options =
-        etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca));
-    if let Some((cert, key)) = &tls.identity {
-        let cert = read(cert, "the etcd client certificate (--etcd-cert)")?;
-        let key = read(key, "the etcd client key (--etcd-key)")?;
-        options = options.identity(etcd_client::Identity::from_pem(cert, key));
-    }
-    Ok(options)
 }
 
 impl Shared {

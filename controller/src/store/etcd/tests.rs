@@ -32,6 +32,44 @@ fn free_port() -> u16 {
 
 /// `None` (NOT RUN printed) where etcd is missing and FLEET_TESTS_SKIP_ETCD=1.
 fn etcd(test: &str) -> Option<Etcd> {
+    etcd_with(test, None)
+}
+
+/// PEM files for TLS to etcd: `ca.crt`, `server.crt`/`server.key` (for 127.0.0.1),
+/// `client.crt`/`client.key`, and `other-ca.crt` (a CA that signed none of them).
+fn tls_files(dir: &std::path::Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        (cert, Issuer::new(params, key))
+    };
+    let (ca_cert, issuer) = ca("etcd test CA");
+    std::fs::write(dir.join("ca.crt"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("other-ca.crt"), ca("another CA").0.pem()).unwrap();
+    for (name, san, usage) in [
+        ("server", "127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth),
+        (
+            "client",
+            "fleet-controller",
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![san.to_string()]).unwrap();
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+/// With `tls` (a dir of [`tls_files`]): https only, client certificates required.
+fn etcd_with(test: &str, tls: Option<&std::path::Path>) -> Option<Etcd> {
     let program = std::env::var_os("FLEET_ETCD").unwrap_or_else(|| "etcd".into());
     if Command::new(&program)
         .arg("--version")
@@ -59,12 +97,28 @@ fn etcd(test: &str) -> Option<Etcd> {
     }
     .expect("a temp dir");
     let (client, peer) = (free_port(), free_port());
-    let child = Command::new(&program)
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut command = Command::new(&program);
+    if let Some(tls) = tls {
+        command
+            .arg("--client-cert-auth")
+            .arg("--trusted-ca-file")
+            .arg(tls.join("ca.crt"))
+            .arg("--cert-file")
+            .arg(tls.join("server.crt"))
+            .arg("--key-file")
+            .arg(tls.join("server.key"));
+    }
+    let child = command
         .args(["--name", "unit", "--logger", "zap", "--log-level", "error"])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
-        .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
-        .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+        .arg(format!(
+            "--listen-client-urls={scheme}://127.0.0.1:{client}"
+        ))
+        .arg(format!(
+            "--advertise-client-urls={scheme}://127.0.0.1:{client}"
+        ))
         .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
         .arg(format!(
             "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
@@ -440,6 +494,55 @@ async fn an_etcd_that_does_not_answer_is_a_clear_error_within_the_timeout() {
     assert!(
         message.contains("no member answered within 800ms"),
         "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_etcd_checks_the_members_certificate_and_presents_the_controllers() {
+    let files = tempfile::tempdir().unwrap();
+    tls_files(files.path());
+    let Some(etcd) = etcd_with("tls_to_etcd", Some(files.path())) else {
+        return;
+    };
+    let options = |ca: &str, identity: bool, wait: u64| EtcdOptions {
+        endpoints: vec![etcd.endpoint.clone()],
+        tls: Some(EtcdTls {
+            ca_cert: files.path().join(ca),
+            identity: identity.then(|| {
+                (
+                    files.path().join("client.crt"),
+                    files.path().join("client.key"),
+                )
+            }),
+        }),
+        connect_timeout: Duration::from_secs(wait),
+        ..Default::default()
+    };
+    let store = EtcdStore::connect(options("ca.crt", true, 20))
+        .await
+        .unwrap();
+    store.put_node(&node("web-1", 4)).await.unwrap();
+    assert_eq!(store.load_nodes().unwrap()[0].generation, 4);
+
+    // etcd asks for a client certificate; a server signed by another CA is refused.
+    for (ca, identity) in [("ca.crt", false), ("other-ca.crt", true)] {
+        let e = EtcdStore::connect(options(ca, identity, 1))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("no member answered within 1s"),
+            "{e}"
+        );
+    }
+    // A CA file that is not one: said at once.
+    std::fs::write(files.path().join("bad.crt"), "not a certificate").unwrap();
+    let e = EtcdStore::connect(options("bad.crt", true, 1))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the etcd CA certificate (--etcd-ca-cert)"),
+        "{e}"
     );
 }
 
