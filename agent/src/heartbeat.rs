@@ -22,7 +22,7 @@ const DIGEST_WAIT: Duration = Duration::from_secs(5);
 type ClientTls = watch::Receiver<Option<Arc<rustls::ClientConfig>>>;
 
 pub async fn run(supervisor: Arc<Supervisor>, url: String, mut tls: Option<ClientTls>) {
-    let endpoint = match Endpoint::from_shared(fleet_net::tls::connector_uri(&url)) {
+    let endpoint = match Endpoint::from_shared(url.clone()) {
         Ok(e) => e
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10)),

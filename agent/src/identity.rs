@@ -257,7 +257,7 @@ fn explain(status: &tonic::Status) -> String {
 
 fn channel(url: &str, config: rustls::ClientConfig) -> Result<tonic::transport::Channel, String> {
     let connector = ftls::Connector::new(Arc::new(config), ftls::CONTROLLER_NAME)?;
-    Ok(Endpoint::from_shared(ftls::connector_uri(url))
+    Ok(Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("controller URL {url:?}: {e}"))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10))

@@ -73,7 +73,7 @@ impl Controller {
             ),
             None => None,
         };
-        let endpoint = Endpoint::from_shared(fleet_net::tls::connector_uri(url))
+        let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| bad_input(format!("controller URL {url}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT);
         let channel = if url.starts_with("https://") {

@@ -280,27 +280,6 @@ impl Connector {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The URI to give tonic's `Endpoint` when a [`Connector`] makes the connection: the
-/// same address with `http://` (and port 443 when an `https://` URL names none).
-/// tonic refuses an `https://` URI unless its own TLS is configured (its TLS feature
-/// is on in this workspace, for etcd-client); the connector ignores the scheme and
-/// speaks TLS itself.
-pub fn connector_uri(url: &str) -> String {
-    let Some(rest) = url.strip_prefix("https://") else {
-        return url.to_string();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let has_port = match authority.rfind(']') {
-        Some(end) => authority[end..].contains(':'),
-        None => authority.contains(':'),
-    };
-    if has_port {
-        format!("http://{authority}{path}")
-    } else {
-        format!("http://{authority}:443{path}")
-    }
-}
-
 impl tower::Service<http::Uri> for Connector {
     type Response = TokioIo<TlsStream<TcpStream>>;
     type Error = BoxError;
@@ -366,24 +345,6 @@ pub fn roots(ca: &[CertificateDer<'static>]) -> Result<RootCertStore, rustls::Er
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connector_uris_keep_the_address_under_a_plain_scheme() {
-        assert_eq!(
-            connector_uri("https://10.0.0.2:7100"),
-            "http://10.0.0.2:7100"
-        );
-        assert_eq!(
-            connector_uri("https://ctl.example"),
-            "http://ctl.example:443"
-        );
-        assert_eq!(connector_uri("https://[::1]:7100/x"), "http://[::1]:7100/x");
-        assert_eq!(connector_uri("https://[::1]"), "http://[::1]:443");
-        assert_eq!(
-            connector_uri("http://127.0.0.1:7100"),
-            "http://127.0.0.1:7100"
-        );
-    }
 
     #[test]
     fn node_names() {

@@ -542,7 +542,7 @@ impl Controller {
         let bearer = token.map(|t| format!("Bearer {t}").parse().expect("an ASCII token"));
         // A lazily connected channel: it connects on the first call (and again after
         // a restart of the controller).
-        let endpoint = Endpoint::from_shared(fleet_net::tls::connector_uri(&self.url()))
+        let endpoint = Endpoint::from_shared(self.url())
             .expect("a valid URL")
             .connect_timeout(Duration::from_secs(5));
         let channel = if self.opts.tls {

@@ -48,7 +48,7 @@ async fn join_token_file(controller: &Controller, args: &[&str]) -> std::path::P
 
 /// A channel to the controller over TLS, presenting `identity` (or no certificate).
 fn channel(controller: &Controller, identity: Option<fleet_net::tls::Identity>) -> Channel {
-    Endpoint::from_shared(fleet_net::tls::connector_uri(&controller.url()))
+    Endpoint::from_shared(controller.url())
         .unwrap()
         .connect_timeout(Duration::from_secs(5))
         .connect_with_connector_lazy(controller.tls_connector(identity))

@@ -147,27 +147,9 @@ impl EtcdStore {
             // A member cut off from the others answers at once rather than waiting
             // for a leader it cannot reach.
             .with_require_leader(true);
-        let client = match &options.tls {
-            None => {
-                let urls: Vec<String> = options
-                    .endpoints
-                    .iter()
-                    .map(|e| format!("http://{e}"))
-                    .collect();
-                Client::connect(&urls, Some(connect)).await
-            }
-            Some(tls) => {
-                let config = tls::client_config(tls).map_err(fail)?;
-                // HOST:PORT without a scheme: http to tonic, TLS below it.
-                Client::connect_with_balanced_channel(
-                    &options.endpoints,
-                    Some(connect),
-                    tls::TlsChannel(config),
-                )
-                .await
-            }
-        }
-        .map_err(|e| fail(e.to_string()))?;
+        let client = connect_client(&options.endpoints, options.tls.as_ref(), connect)
+            .await
+            .map_err(fail)?;
         let kv = client.kv_client().max_decoding_message_size(MAX_RESPONSE);
         let shared = Arc::new(Shared {
             client,
@@ -251,20 +233,12 @@ impl EtcdStore {
                 ..Default::default()
             };
             let asked = async {
-                let mut connect = ConnectOptions::new()
+                let connect = ConnectOptions::new()
                     .with_connect_timeout(Duration::from_secs(1))
                     .with_timeout(Duration::from_secs(1));
-                let scheme = match &shared.tls {
-                    Some(tls) => {
-                        connect = connect.with_tls(tls_options(tls)?);
-                        "https"
-                    }
-                    None => "http",
-                };
-                let url = format!("{scheme}://{endpoint}");
-                let mut client = Client::connect([url], Some(connect))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let mut client =
+                    connect_client(std::slice::from_ref(endpoint), shared.tls.as_ref(), connect)
+                        .await?;
                 let status = client.status().await.map_err(|e| e.to_string())?;
                 let id = status.header().map(|h| h.member_id()).unwrap_or(0);
                 let name = client
@@ -321,6 +295,27 @@ impl EtcdStore {
         };
         tokio::task::block_in_place(|| handle.block_on(f))
     }
+}
+
+/// A client of `endpoints` (`HOST:PORT`): plain http, or TLS below tonic.
+async fn connect_client(
+    endpoints: &[String],
+    tls: Option<&EtcdTls>,
+    connect: ConnectOptions,
+) -> Result<Client, String> {
+    match tls {
+        None => {
+            let urls: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
+            Client::connect(&urls, Some(connect)).await
+        }
+        Some(tls) => {
+            let config = tls::client_config(tls)?;
+            // HOST:PORT without a scheme: http to tonic, TLS below it.
+            Client::connect_with_balanced_channel(endpoints, Some(connect), tls::TlsChannel(config))
+                .await
+        }
+    }
+    .map_err(|e| e.to_string())
 }
 
 impl Shared {

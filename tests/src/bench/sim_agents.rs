@@ -107,7 +107,7 @@ pub async fn register(
     tls: Option<(&str, Csr)>,
 ) -> anyhow::Result<(SimAgent, Registration)> {
     let start = Instant::now();
-    let endpoint = Endpoint::from_shared(fleet_net::tls::connector_uri(&controller.url))?
+    let endpoint = Endpoint::from_shared(controller.url.clone())?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
         .tcp_nodelay(true);

@@ -157,7 +157,7 @@ impl BenchController {
     /// An operator's client, the way fleetctl reaches this controller: over TLS
     /// trusting the fleet CA (no client certificate) with `--tls`, in clear otherwise.
     pub async fn operator(&self) -> anyhow::Result<ControllerServiceClient<Channel>> {
-        let endpoint = Endpoint::from_shared(fleet_net::tls::connector_uri(&self.url()))?
+        let endpoint = Endpoint::from_shared(self.url())?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
         let channel = match &self.ca {
