@@ -26,6 +26,16 @@ macro_rules! build_version {
 /// The rules of a rollout spec's amounts (batches, budgets), shared by fleetctl and
 /// the controller.
 pub mod rules;
+
+/// Several controllers on one store: how a follower points clients at the leader.
+pub mod ha {
+    /// Response metadata on a follower's `UNAVAILABLE`: the leader's URL (absent
+    /// while no leader is elected). Clients send the change there.
+    pub const LEADER_METADATA: &str = "fleet-leader";
+    /// Response metadata on an `UNAVAILABLE` from a controller whose store has no
+    /// quorum: nothing was changed, and no other controller can change anything now.
+    pub const NO_QUORUM_METADATA: &str = "fleet-no-quorum";
+}
 /// The bounds on what an agent may report about itself, shared by the agent (checked at
 /// start) and the controller (checked on every heartbeat).
 pub mod limits;
