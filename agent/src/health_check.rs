@@ -43,7 +43,10 @@ pub fn run(control: Result<SocketAddr, ConfigError>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Ok((status, body))) => {
-            println!("unhealthy: {addr} /healthz answered {status} {}", body.trim());
+            println!(
+                "unhealthy: {addr} /healthz answered {status} {}",
+                body.trim()
+            );
             ExitCode::FAILURE
         }
         Ok(Err(e)) => {

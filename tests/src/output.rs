@@ -143,7 +143,10 @@ mod tests {
     #[tokio::test]
     async fn the_last_lines_of_a_process_that_exited_are_all_in_once_its_streams_closed() {
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "for i in 1 2 3 4 5; do echo out $i; echo err $i >&2; done"])
+            .args([
+                "-c",
+                "for i in 1 2 3 4 5; do echo out $i; echo err $i >&2; done",
+            ])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
