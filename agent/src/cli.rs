@@ -45,8 +45,10 @@ pub struct Cli {
     #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
     pub label: Vec<(String, String)>,
 
-    /// The fleet controller to register with, e.g. http://127.0.0.1:7100.
-    #[arg(long, value_name = "URL")]
+    /// The fleet controller to register with, e.g. http://127.0.0.1:7100; several
+    /// controllers sharing one store: their URLs separated by commas (heartbeats go to
+    /// one at a time, and follow the leader among them).
+    #[arg(long, value_name = "URL[,URL...]")]
     pub controller: Option<String>,
 
     /// Where the node keeps its key and certificate for an https:// controller.
@@ -208,8 +210,8 @@ impl Cli {
             config.node_id = id.clone();
         }
         config.labels.extend(self.label.iter().cloned());
-        if let Some(url) = &self.controller {
-            config.controller = Some(url.clone());
+        if let Some(urls) = &self.controller {
+            config.controller = crate::config::split_urls([urls.as_str()]);
         }
         if let Some(path) = &self.token_file {
             config.control.token_file = Some(path.clone());

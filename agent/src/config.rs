@@ -25,9 +25,16 @@ pub struct Config {
     pub restart: RestartConfig,
     /// The HTTP(S) servers the workers serve, each with one or more ports.
     pub servers: Vec<ServerConfig>,
-    /// The controller to register with and heartbeat to (`http://127.0.0.1:7100`);
-    /// `https://…` speaks mutual TLS with the node's certificate (see [`JoinConfig`]).
-    pub controller: Option<String>,
+    /// The controllers to register with and heartbeat to, in order of preference:
+    /// one URL (`"http://127.0.0.1:7100"`), several separated by commas, or a list.
+    /// Heartbeats go to one at a time and move on when it fails (see
+    /// `heartbeat`); `https://…` speaks mutual TLS with the node's certificate (see
+    /// [`JoinConfig`]). Empty: the node registers nowhere.
+    #[serde(
+        deserialize_with = "controller_urls",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub controller: Vec<String>,
     /// How this node gets and keeps its certificate for an `https://` controller.
     pub join: JoinConfig,
     /// Supervise this program instead of this binary's own app (socket activation + sd_notify).
@@ -85,11 +92,10 @@ pub struct AdminConfig {
 }
 
 impl Config {
-    /// Whether the node speaks mutual TLS with its controller (an `https://` URL).
+    /// Whether the node speaks mutual TLS with its controllers (`https://` URLs;
+    /// [`Config::validate`] refuses a mix).
     pub fn mtls(&self) -> bool {
-        self.controller
-            .as_deref()
-            .is_some_and(|u| u.starts_with("https://"))
+        self.controller.iter().any(|u| u.starts_with("https://"))
     }
 
     /// Whether the workers serve the admin routes on the app ports.
@@ -167,7 +173,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             restart: RestartConfig::default(),
             servers: vec![ServerConfig::default()],
-            controller: None,
+            controller: Vec::new(),
             join: JoinConfig::default(),
             exec: None,
             log_format: crate::logging::LogFormat::Text,
@@ -221,6 +227,49 @@ impl Default for ServerConfig {
 }
 
 /// Whether an `http://` URL names a loopback host (`127.x`, `[::1]`, `localhost`).
+/// The `controller` key: one URL, several separated by commas, or a list (whose
+/// entries may hold commas too). Spaces around each URL and a trailing `/` are dropped.
+fn controller_urls<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Urls {
+        One(String),
+        Many(Vec<String>),
+    }
+    let given = match Urls::deserialize(d)? {
+        Urls::One(s) => vec![s],
+        Urls::Many(v) => v,
+    };
+    Ok(split_urls(given.iter().map(String::as_str)))
+}
+
+/// Each of `given`, split at commas, trimmed, without a trailing `/`; empty ones dropped.
+pub fn split_urls<'a>(given: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    given
+        .into_iter()
+        .flat_map(|s| s.split(','))
+        .map(|u| u.trim().trim_end_matches('/'))
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether two controller URLs name the same controller: the same scheme and
+/// authority (host names compared without case).
+pub fn same_controller(a: &str, b: &str) -> bool {
+    let parts = |u: &str| {
+        let uri = u.trim().trim_end_matches('/').parse::<http::Uri>().ok()?;
+        Some((
+            uri.scheme_str()?.to_ascii_lowercase(),
+            uri.authority()?.clone(),
+        ))
+    };
+    match (parts(a), parts(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
 fn loopback_url(url: &str) -> bool {
     let Ok(uri) = url.parse::<http::Uri>() else {
         return false;
@@ -442,22 +491,31 @@ impl Config {
                 ));
             }
         }
-        if let Some(url) = &self.controller
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            return bad(format!(
-                "controller URL {url:?} must start with http:// or https://"
-            ));
+        for (i, url) in self.controller.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.parse::<http::Uri>().is_err()
+            {
+                return bad(format!(
+                    "controller URL {url:?} is not a URL: write http://HOST:PORT or https://HOST:PORT"
+                ));
+            }
+            if self.controller[..i].iter().any(|u| same_controller(u, url)) {
+                return bad(format!("controller URL {url} is listed twice"));
+            }
+            if url.starts_with("http://") && !self.control.insecure && !loopback_url(url) {
+                return bad(format!(
+                    "refusing to speak to the controller {url} in clear beyond loopback: the heartbeat \
+                     and the token would cross the network readable and forgeable; use https:// with \
+                     --identity-dir, --join-token-file and --ca-hash, or pass --insecure-control"
+                ));
+            }
         }
-        if let Some(url) = &self.controller
-            && url.starts_with("http://")
-            && !self.control.insecure
-            && !loopback_url(url)
+        if self.mtls()
+            && let Some(url) = self.controller.iter().find(|u| u.starts_with("http://"))
         {
             return bad(format!(
-                "refusing to speak to the controller {url} in clear beyond loopback: the heartbeat \
-                 and the token would cross the network readable and forgeable; use https:// with \
-                 --identity-dir, --join-token-file and --ca-hash, or pass --insecure-control"
+                "controller URL {url} is http:// beside https:// ones: the controllers of one fleet \
+                 all speak mutual TLS (--tls) or none does"
             ));
         }
         if self.mtls() {
@@ -613,6 +671,63 @@ mod tests {
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("is 300 bytes, over the limit of 256"), "{err}");
         assert!(err.contains("--label"), "{err}");
+    }
+
+    #[test]
+    fn controllers_are_one_url_a_comma_separated_string_or_a_list() {
+        let urls = |toml: &str| toml::from_str::<Config>(toml).unwrap().controller;
+        assert_eq!(
+            urls(r#"controller = "http://127.0.0.1:7100""#),
+            ["http://127.0.0.1:7100"]
+        );
+        assert_eq!(
+            urls(r#"controller = "http://127.0.0.1:7100, http://127.0.0.1:7200/""#),
+            ["http://127.0.0.1:7100", "http://127.0.0.1:7200"]
+        );
+        assert_eq!(
+            urls(r#"controller = ["https://c1:7100", "https://c2:7100"]"#),
+            ["https://c1:7100", "https://c2:7100"]
+        );
+        assert!(urls("").is_empty());
+        // Printed (`--print-config`) as a list, and read back the same.
+        let config = Config {
+            controller: vec![
+                "http://127.0.0.1:7100".into(),
+                "http://127.0.0.1:7200".into(),
+            ],
+            ..Default::default()
+        };
+        let printed = toml::to_string(&config).unwrap();
+        assert_eq!(
+            toml::from_str::<Config>(&printed).unwrap().controller,
+            config.controller
+        );
+        assert!(
+            !toml::to_string(&Config::default())
+                .unwrap()
+                .contains("controller")
+        );
+    }
+
+    #[test]
+    fn controller_lists_are_checked_url_by_url() {
+        let check = |urls: &[&str]| {
+            Config {
+                controller: urls.iter().map(|u| u.to_string()).collect(),
+                ..Default::default()
+            }
+            .validate()
+            .map_err(|e| e.to_string())
+        };
+        check(&["http://127.0.0.1:7100", "http://localhost:7200"]).unwrap();
+        let err = check(&["http://127.0.0.1:7100", "http://10.0.0.2:7100"]).unwrap_err();
+        assert!(err.contains("in clear beyond loopback"), "{err}");
+        let err = check(&["http://localhost:7100", "http://LOCALHOST:7100/"]).unwrap_err();
+        assert!(err.contains("listed twice"), "{err}");
+        let err = check(&["ftp://127.0.0.1:7100"]).unwrap_err();
+        assert!(err.contains("is not a URL"), "{err}");
+        let err = check(&["https://10.0.0.1:7100", "http://127.0.0.1:7100"]).unwrap_err();
+        assert!(err.contains("all speak mutual TLS"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,11 @@
-//! Registration with a fleet controller: the supervisor sends its status as a
+//! Registration with the fleet's controllers: the supervisor sends its status as a
 //! heartbeat at the interval the controller asks for (the first at once). A controller
 //! that is down is retried quietly; the node keeps serving either way.
+//!
+//! With several controllers (one store, one leader) heartbeats go to one at a time and
+//! move on as [`crate::controllers`] says: to the leader a follower names, if it is
+//! one of the configured controllers, else to the next; once every controller has
+//! failed, after a backoff. Each switch is logged once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,8 +13,10 @@ use std::time::Duration;
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
 use tokio::sync::watch;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::controllers::{Controllers, Next, backoff, leader_hint};
 use crate::phase::Phase;
 use crate::supervisor::{NodeState, Supervisor};
 
@@ -17,51 +24,35 @@ use crate::supervisor::{NodeState, Supervisor};
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the first beat may wait for the executable's digest.
 const DIGEST_WAIT: Duration = Duration::from_secs(5);
+/// The longest wait between rounds when no controller takes heartbeats (unless the
+/// controller asked for a longer interval): a controller that comes back hears from
+/// every node within it, well inside the grace it gives known nodes (one heartbeat
+/// TTL, 10 s by default).
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The client config of an `https://` controller, swapped when the certificate renews.
 type ClientTls = watch::Receiver<Option<Arc<rustls::ClientConfig>>>;
 
-pub async fn run(supervisor: Arc<Supervisor>, url: String, mut tls: Option<ClientTls>) {
-    let endpoint = match Endpoint::from_shared(url.clone()) {
-        Ok(e) => e
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10)),
+type Client = ControllerServiceClient<Channel>;
+
+pub async fn run(supervisor: Arc<Supervisor>, urls: Vec<String>, mut tls: Option<ClientTls>) {
+    let auth = supervisor
+        .token()
+        .and_then(|t| format!("Bearer {t}").parse().ok());
+    let mut beater = match Beater::new(urls, auth) {
+        Ok(b) => b,
         Err(e) => {
-            tracing::error!("controller URL {url:?} is not valid: {e}");
+            tracing::error!("{e}");
             return;
         }
     };
-    let auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = supervisor
-        .token()
-        .and_then(|t| format!("Bearer {t}").parse().ok());
-    // Over mutual TLS: not before the node has its certificate, and on a new channel
-    // after each renewal (the controller reads the node id from the certificate).
-    let connect = |tls: &Option<ClientTls>| -> Option<ControllerServiceClient<Channel>> {
-        match tls {
-            None => Some(ControllerServiceClient::new(endpoint.connect_lazy())),
-            Some(rx) => {
-                let config = rx.borrow().clone()?;
-                match fleet_net::tls::Connector::new(config, fleet_net::tls::CONTROLLER_NAME) {
-                    Ok(c) => Some(ControllerServiceClient::new(
-                        endpoint.connect_with_connector_lazy(c),
-                    )),
-                    Err(e) => {
-                        tracing::error!("{e}");
-                        None
-                    }
-                }
-            }
-        }
-    };
+    // Over mutual TLS: not before the node has its certificate.
     if let Some(rx) = tls.as_mut() {
         if rx.wait_for(Option::is_some).await.is_err() {
             return;
         }
         rx.mark_unchanged();
     }
-    let Some(mut client) = connect(&tls) else {
-        return;
-    };
     let mut events = supervisor.subscribe();
     // A node registers once its first worker serves (or it has failed to start).
     while supervisor.status().state == NodeState::Starting {
@@ -75,68 +66,48 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String, mut tls: Option<Clien
     while supervisor.status().exe.sha256.is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let mut interval = DEFAULT_INTERVAL;
-    let mut failing = false;
     loop {
-        if let Some(rx) = &tls
+        // New channels after each renewal (the controller reads the node id from the
+        // certificate).
+        if let Some(rx) = tls.as_mut()
             && rx.has_changed().unwrap_or(false)
-            && let Some(new) = connect(&tls)
         {
-            client = new;
-            if let Some(rx) = tls.as_mut() {
-                rx.mark_unchanged();
-            }
+            beater.clients.fill(None);
+            rx.mark_unchanged();
         }
         let report = supervisor.status();
         let stopped = report.state == NodeState::Stopped;
         let in_flight = report.in_flight();
         let status = crate::control::status_message(report);
-        let mut request = tonic::Request::new(pb::HeartbeatRequest {
+        let request = pb::HeartbeatRequest {
             status: Some(status),
             in_flight,
-        });
-        if let Some(value) = &auth {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        match client.heartbeat(request).await {
-            Ok(response) => {
-                if failing {
-                    tracing::info!("controller {url} reachable again");
-                    failing = false;
-                }
-                let asked = response.into_inner().interval_ms;
-                if asked > 0 {
-                    interval = Duration::from_millis(asked);
-                }
-            }
-            Err(status) => {
-                if !failing {
-                    tracing::warn!(
-                        "heartbeat to the controller {url} failed: {}; retrying every {}",
-                        status.message(),
-                        humantime::format_duration(interval)
-                    );
-                    failing = true;
-                }
-            }
-        }
-        // The last beat says the node stopped on purpose, so the controller shows it
-        // as stopped rather than unreachable. While it drains it keeps beating.
-        if stopped {
+        };
+        let Some(beat) = beater.beat(request, &tls).await else {
             return;
-        }
-        // Next beat at the interval, or at once when the node changes (a restart
-        // ended, a worker died), so the controller's view is fresh.
-        let sleep = tokio::time::sleep(interval);
+        };
+        let (wait, wake): (Duration, fn(&Phase) -> bool) = match beat {
+            // The last beat says the node stopped on purpose, so the controller shows
+            // it as stopped rather than unreachable (another controller is tried at
+            // once if this one failed). While it drains it keeps beating.
+            Beat::Taken if stopped => return,
+            // At the interval, or at once when the node changes (a restart ended, a
+            // worker died), so the controller's view is fresh.
+            Beat::Taken => (beater.interval, changed),
+            Beat::Failed(Next::Now, _) => continue,
+            Beat::Failed(..) if stopped => return,
+            // A failed beat waits its whole backoff but for the node stopping: other
+            // changes do not cut it short, or a flapping worker would hammer the
+            // controllers.
+            Beat::Failed(_, wait) => (wait, stopping),
+        };
+        let sleep = tokio::time::sleep(wait);
         tokio::pin!(sleep);
         loop {
             tokio::select! {
                 _ = &mut sleep => break,
                 event = events.recv() => match event {
-                    Ok(e) if matches!(e.phase, Phase::Ready | Phase::Failed | Phase::Reverting
-                        | Phase::WorkerExited | Phase::ShuttingDown | Phase::Stopped) => break,
+                    Ok(e) if wake(&e.phase) => break,
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
@@ -148,3 +119,177 @@ pub async fn run(supervisor: Arc<Supervisor>, url: String, mut tls: Option<Clien
         }
     }
 }
+
+/// The changes that are worth a heartbeat at once.
+fn changed(phase: &Phase) -> bool {
+    matches!(
+        phase,
+        Phase::Ready
+            | Phase::Failed
+            | Phase::Reverting
+            | Phase::WorkerExited
+            | Phase::ShuttingDown
+            | Phase::Stopped
+    )
+}
+
+fn stopping(phase: &Phase) -> bool {
+    matches!(phase, Phase::ShuttingDown | Phase::Stopped)
+}
+
+/// What one beat came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Beat {
+    /// A controller took it.
+    Taken,
+    /// It failed: where the next goes, and after how long (nothing for [`Next::Now`]).
+    Failed(Next, Duration),
+}
+
+/// Sends each beat to the controller [`Controllers`] points at, and logs what a
+/// person would want to know: a failure once per streak, each switch once.
+#[derive(Debug)]
+struct Beater {
+    controllers: Controllers,
+    endpoints: Vec<Endpoint>,
+    /// One lazily connected client per controller, made when first needed (dropped
+    /// when the node's certificate renews).
+    clients: Vec<Option<Client>>,
+    auth: Option<MetadataValue<Ascii>>,
+    /// As the controller asks.
+    interval: Duration,
+    /// The controller that took the last beat.
+    serving: Option<usize>,
+    /// A failure was logged since the last beat a controller took.
+    failing: bool,
+    /// "No controller takes heartbeats" was logged in this streak.
+    all_failing: bool,
+}
+
+impl Beater {
+    fn new(urls: Vec<String>, auth: Option<MetadataValue<Ascii>>) -> Result<Beater, String> {
+        let endpoints = urls
+            .iter()
+            .map(|url| {
+                Endpoint::from_shared(url.clone())
+                    .map(|e| {
+                        e.connect_timeout(Duration::from_secs(3))
+                            .timeout(Duration::from_secs(10))
+                    })
+                    .map_err(|e| format!("controller URL {url:?} is not valid: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Beater {
+            clients: vec![None; urls.len()],
+            controllers: Controllers::new(urls),
+            endpoints,
+            auth,
+            interval: DEFAULT_INTERVAL,
+            serving: None,
+            failing: false,
+            all_failing: false,
+        })
+    }
+
+    /// The client of controller `i`. Over mutual TLS every controller is checked
+    /// against the same fleet CA and must hold the controller certificate, whatever
+    /// its address. None: the TLS config cannot be used (logged).
+    fn client(&mut self, i: usize, tls: &Option<ClientTls>) -> Option<Client> {
+        if let Some(client) = &self.clients[i] {
+            return Some(client.clone());
+        }
+        let endpoint = &self.endpoints[i];
+        let client = match tls {
+            None => Client::new(endpoint.connect_lazy()),
+            Some(rx) => {
+                let config = rx.borrow().clone()?;
+                match fleet_net::tls::Connector::new(config, fleet_net::tls::CONTROLLER_NAME) {
+                    Ok(c) => Client::new(endpoint.connect_with_connector_lazy(c)),
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        return None;
+                    }
+                }
+            }
+        };
+        self.clients[i] = Some(client.clone());
+        Some(client)
+    }
+
+    /// Sends one beat to the current controller. None: heartbeats cannot go on.
+    async fn beat(&mut self, beat: pb::HeartbeatRequest, tls: &Option<ClientTls>) -> Option<Beat> {
+        let at = self.controllers.index();
+        let mut client = self.client(at, tls)?;
+        let mut request = tonic::Request::new(beat);
+        if let Some(value) = &self.auth {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        let url = self.controllers.current().to_string();
+        match client.heartbeat(request).await {
+            Ok(response) => {
+                self.controllers.succeeded();
+                if self.serving != Some(at) && (self.serving.is_some() || self.several()) {
+                    let leader = if self.controllers.is_leader() {
+                        " (the leader)"
+                    } else {
+                        ""
+                    };
+                    tracing::info!("heartbeats now go to {url}{leader}");
+                } else if self.failing {
+                    tracing::info!("controller {url} reachable again");
+                }
+                self.serving = Some(at);
+                self.failing = false;
+                self.all_failing = false;
+                let asked = response.into_inner().interval_ms;
+                if asked > 0 {
+                    self.interval = Duration::from_millis(asked);
+                }
+                Some(Beat::Taken)
+            }
+            Err(status) => {
+                let next = self.controllers.failed(&status);
+                let wait = match next {
+                    Next::Now => Duration::ZERO,
+                    Next::Stay => self.interval,
+                    Next::RoundOver { rounds } => backoff(self.interval, rounds, MAX_BACKOFF),
+                };
+                // A follower pointing at the leader is no failure worth a warning: the
+                // switch is logged when the leader takes the beat.
+                if !self.failing && leader_hint(&status).is_none() {
+                    let then = match next {
+                        Next::Now => format!("trying {}", self.controllers.current()),
+                        _ => format!(
+                            "retrying every {}",
+                            humantime::format_duration(self.interval)
+                        ),
+                    };
+                    tracing::warn!(
+                        "heartbeat to the controller {url} failed: {}; {then}",
+                        status.message()
+                    );
+                    self.failing = true;
+                }
+                if matches!(next, Next::RoundOver { .. }) && self.several() && !self.all_failing {
+                    tracing::warn!(
+                        "no controller takes heartbeats ({}): retrying, backing off up to {}",
+                        self.controllers.urls().join(", "),
+                        humantime::format_duration(MAX_BACKOFF.max(self.interval))
+                    );
+                    self.all_failing = true;
+                    self.failing = true;
+                }
+                Some(Beat::Failed(next, wait))
+            }
+        }
+    }
+
+    fn several(&self) -> bool {
+        self.controllers.urls().len() > 1
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -9,6 +9,11 @@
 //! with the current one. The control endpoint serves with it (so the controller can
 //! check it reached this node) and the heartbeat presents it (so the controller knows
 //! who speaks).
+//!
+//! With several controllers, a join or renewal goes to one at a time, as heartbeats do
+//! ([`crate::controllers`]): a follower sends it to the leader (one of the configured
+//! controllers), a controller that fails to the next. The CA pin is the same for all:
+//! they are one fleet with one CA.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -24,6 +29,7 @@ use tokio::sync::watch;
 use tonic::transport::Endpoint;
 
 use crate::config::JoinConfig;
+use crate::controllers::{Controllers, Next};
 
 /// Retries of a failed join or renewal start here and double up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -72,17 +78,43 @@ impl Files {
 }
 
 /// Starts keeping the node's certificate; the receivers fill in once it has one.
-pub fn start(url: String, node_id: String, join: JoinConfig) -> Tls {
+pub fn start(urls: Vec<String>, node_id: String, join: JoinConfig) -> Tls {
     let (server_tx, server) = watch::channel(None);
     let (client_tx, client) = watch::channel(None);
     tokio::spawn(async move {
-        keep(url, node_id, join, server_tx, client_tx).await;
+        keep(urls, node_id, join, server_tx, client_tx).await;
     });
     Tls { server, client }
 }
 
+/// Why a join or renewal failed: the line to log, and the controller's status when a
+/// controller failed it (which may send the next try to another controller).
+#[derive(Debug)]
+struct StepError {
+    message: String,
+    status: Option<tonic::Status>,
+}
+
+impl From<String> for StepError {
+    fn from(message: String) -> StepError {
+        StepError {
+            message,
+            status: None,
+        }
+    }
+}
+
+impl StepError {
+    fn from_controller(what: String, status: tonic::Status) -> StepError {
+        StepError {
+            message: format!("{what}: {}", explain(&status)),
+            status: Some(status),
+        }
+    }
+}
+
 async fn keep(
-    url: String,
+    urls: Vec<String>,
     node_id: String,
     join: JoinConfig,
     server_tx: watch::Sender<Option<Arc<rustls::ServerConfig>>>,
@@ -96,13 +128,16 @@ async fn keep(
     let mut held = None;
     let mut retry = FIRST_RETRY;
     let mut last_error = String::new();
+    let mut controllers = Controllers::new(urls);
     loop {
+        let url = controllers.current().to_string();
         let step = match &held {
             None => obtain(&url, &node_id, &join, &files).await,
             Some(h) => renew(&url, &node_id, h, &files).await,
         };
         match step {
             Ok(new) => {
+                controllers.succeeded();
                 match configs(&new) {
                     Ok((server, client)) => {
                         let _ = server_tx.send(Some(server));
@@ -123,13 +158,25 @@ async fn keep(
                 last_error.clear();
                 tokio::time::sleep(wait).await;
             }
-            Err(e) => {
-                if e != last_error {
+            Err(StepError { message, status }) => {
+                let next = status.as_ref().map(|s| controllers.failed(s));
+                let follower = status
+                    .as_ref()
+                    .is_some_and(|s| crate::controllers::leader_hint(s).is_some());
+                if next == Some(Next::Now) {
+                    // Another controller at once; a follower pointing at the leader is
+                    // no failure worth a line.
+                    if !follower {
+                        tracing::warn!("{message}; trying {}", controllers.current());
+                    }
+                    continue;
+                }
+                if message != last_error {
                     tracing::error!(
-                        "{e}; retrying (every {} at most)",
+                        "{message}; retrying (every {} at most)",
                         humantime::format_duration(MAX_RETRY)
                     );
-                    last_error = e;
+                    last_error = message;
                 }
                 if let Some(h) = &held
                     && h.not_after <= SystemTime::now()
@@ -154,7 +201,7 @@ async fn obtain(
     node_id: &str,
     join: &JoinConfig,
     files: &Files,
-) -> Result<Held, String> {
+) -> Result<Held, StepError> {
     match load(files, node_id) {
         Ok(Some(held)) if held.not_after > SystemTime::now() => return Ok(held),
         Ok(Some(held)) => tracing::warn!(
@@ -163,15 +210,15 @@ async fn obtain(
             humantime::format_rfc3339_seconds(held.not_after)
         ),
         Ok(None) => {}
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     }
     let (Some(token_file), Some(pin)) = (&join.join_token_file, &join.ca_hash) else {
-        return Err(format!(
+        return Err(StepError::from(format!(
             "no node certificate in {} and nothing to join with: create a join token \
              (`fleetctl token create --join`) and start the agent with --join-token-file FILE \
              --ca-hash sha256:… (the controller logs its CA fingerprint)",
             files.cert.display()
-        ));
+        )));
     };
     let pin = ftls::parse_fingerprint(pin)?;
     let token = std::fs::read_to_string(token_file)
@@ -193,16 +240,16 @@ async fn obtain(
             csr_pem: csr,
         })
         .await
-        .map_err(|s| format!("joining the fleet at {url} failed: {}", explain(&s)))?
+        .map_err(|s| StepError::from_controller(format!("joining the fleet at {url} failed"), s))?
         .into_inner();
     let ca = ftls::read_certs(response.ca_pem.as_bytes())
         .map_err(|e| format!("the controller sent a CA that is {e}"))?
         .remove(0);
     if sha256(&ca) != pin {
-        return Err(format!(
+        return Err(StepError::from(format!(
             "the controller sent CA {} but --ca-hash pins another: refusing to trust it",
             ftls::fingerprint(&ca)
-        ));
+        )));
     }
     let held = store(
         files,
@@ -220,7 +267,7 @@ fn sha256(cert: &CertificateDer<'_>) -> [u8; 32] {
     sha2::Sha256::digest(cert.as_ref()).into()
 }
 
-async fn renew(url: &str, node_id: &str, held: &Held, files: &Files) -> Result<Held, String> {
+async fn renew(url: &str, node_id: &str, held: &Held, files: &Files) -> Result<Held, StepError> {
     let (key_pem, csr) = request(node_id)?;
     let roots = ftls::roots(std::slice::from_ref(&held.ca)).map_err(|e| e.to_string())?;
     let config =
@@ -233,13 +280,16 @@ async fn renew(url: &str, node_id: &str, held: &Held, files: &Files) -> Result<H
         })
         .await
         .map_err(|s| {
-            format!(
-                "renewing the node certificate at {url} failed: {}",
-                explain(&s)
-            )
+            StepError::from_controller(format!("renewing the node certificate at {url} failed"), s)
         })?
         .into_inner();
-    store(files, node_id, &key_pem, &response.cert_pem, &held.ca_pem)
+    Ok(store(
+        files,
+        node_id,
+        &key_pem,
+        &response.cert_pem,
+        &held.ca_pem,
+    )?)
 }
 
 /// A tonic status as one line, with the transport's cause where there is one.

@@ -49,7 +49,9 @@ mod serve;
 mod tls;
 /// Prometheus metrics.
 mod metrics;
-/// Heartbeats to a fleet controller.
+/// The controllers a node talks to, and which one now (several on one store).
+mod controllers;
+/// Heartbeats to the fleet's controllers.
 mod heartbeat;
 /// `--health-check`: probe a running agent's `/healthz`.
 mod health_check;
@@ -173,14 +175,13 @@ fn supervise(config: Config) -> ExitCode {
             }
         };
         let config = supervisor.config();
-        let tls = match &config.controller {
-            Some(url) if config.mtls() => Some(identity::start(
-                url.clone(),
+        let tls = config.mtls().then(|| {
+            identity::start(
+                config.controller.clone(),
                 config.node_id.clone(),
                 config.join.clone(),
-            )),
-            _ => None,
-        };
+            )
+        });
         let control = match &tls {
             Some(tls) => control.with_tls(tls.server.clone()),
             None => control,
@@ -189,9 +190,10 @@ fn supervise(config: Config) -> ExitCode {
             tracing::info!("control endpoint listening on {addr}");
         }
         tokio::spawn(control.serve());
-        let heartbeat = (supervisor.config().controller.clone()).map(|url| {
+        let urls = supervisor.config().controller.clone();
+        let heartbeat = (!urls.is_empty()).then(|| {
             let tls = tls.as_ref().map(|t| t.client.clone());
-            tokio::spawn(heartbeat::run(supervisor.clone(), url, tls))
+            tokio::spawn(heartbeat::run(supervisor.clone(), urls, tls))
         });
         if let Err(e) = supervisor.run().await {
             tracing::error!("{e}");

@@ -31,16 +31,19 @@ use crate::exit::EXIT_CODES_HELP;
     after_long_help = EXIT_CODES_HELP
 )]
 pub struct Cli {
-    /// URL of the controller's gRPC API; "host:port" means http://host:port.
+    /// URL of the controller's gRPC API; "host:port" means http://host:port. Several
+    /// controllers sharing one store: their URLs separated by commas. A command goes to
+    /// the first that answers; a change a follower refuses goes to the leader it names.
     #[arg(
         long,
         global = true,
-        value_name = "URL",
+        value_name = "URL[,URL...]",
         env = "FLEET_CONTROLLER",
         default_value = "http://127.0.0.1:7100",
+        value_delimiter = ',',
         value_parser = parse_controller_url
     )]
-    pub controller: String,
+    pub controller: Vec<String>,
 
     /// Bearer token for a controller that requires one. Prefer the FLEET_TOKEN variable:
     /// a command-line argument is visible to other users of the machine.
@@ -591,6 +594,23 @@ mod tests {
         }
         assert!(parse(&["rollout", "abort", "r3", "--reason", "bad build"]).is_ok());
         assert!(parse(&["-o", "json", "rollout", "history", "--limit", "5"]).is_ok());
+    }
+
+    #[test]
+    fn several_controllers_are_separated_by_commas() {
+        let cli = parse(&["--controller", "c1:7100,https://c2:7100/", "nodes"]).unwrap();
+        assert_eq!(cli.controller, ["http://c1:7100", "https://c2:7100"]);
+        let cli = parse(&[
+            "nodes",
+            "--controller",
+            "c1:7100",
+            "--controller",
+            "c2:7100",
+        ])
+        .unwrap();
+        assert_eq!(cli.controller, ["http://c1:7100", "http://c2:7100"]);
+        let err = error(&["--controller", "c1:7100,ftp://c2", "nodes"]);
+        assert!(err.contains("--controller") && err.contains("ftp"), "{err}");
     }
 
     #[test]

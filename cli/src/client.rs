@@ -1,30 +1,30 @@
-//! The connection to the controller: a tonic `ControllerServiceClient` that adds the
-//! bearer token to every call, and the mapping of gRPC errors to messages and exit codes.
+//! The connection to the controllers: a tonic `ControllerServiceClient` that adds the
+//! bearer token to every call, the choice among several controllers (`failover`), and
+//! the mapping of gRPC errors to messages and exit codes.
+
+/// How to connect to one controller.
+mod dial;
+/// Several controllers: which one a call goes to, and when it may go to another.
+mod failover;
 
 use std::fmt;
-use std::time::Duration;
+use std::future::Future;
 
 use anyhow::Result;
-use fleet_proto::v1::controller_service_client::ControllerServiceClient;
 use fleet_proto::v1::{
     CreateTokenRequest, CreateTokenResponse, ForgetNodeRequest, GetNodeRequest, GetRolloutRequest,
     ListNodesRequest, ListRolloutsRequest, ListTokensRequest, Node, RestartNodeRequest,
     RestartResponse, RevokeTokenRequest, Rollout, RolloutActionRequest, RolloutSpec,
     ShutdownNodeRequest, Token,
 };
-use std::sync::Arc;
 use tonic::codec::Streaming;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
-use crate::exit::{Exit, Failure, bad_input};
-
-/// How long to wait for the TCP connection to the controller.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+use self::dial::{Api, Dial};
+pub use self::failover::{CallError, Delivery, Kind, delivery};
+use crate::exit::{Exit, Failure};
 
 /// Adds `authorization: Bearer TOKEN` to every call, when there is a token.
 #[derive(Clone)]
@@ -51,95 +51,102 @@ impl Interceptor for Bearer {
     }
 }
 
-/// A connected controller client.
-#[derive(Debug, Clone)]
+/// The controllers fleetctl was given, and the one it talks to now: each call goes
+/// where the last one was answered, and on to the others only when that is safe
+/// (see `failover`).
+#[derive(Debug)]
 pub struct Controller {
-    url: String,
-    api: ControllerServiceClient<InterceptedService<Channel, Bearer>>,
+    /// `--controller`, in order (already checked by the argument parser).
+    urls: Vec<String>,
+    dial: Dial,
+    /// The controller calls go to, connected: the last that answered, or a leader a
+    /// follower named (which need not be in `urls`).
+    current: Option<(String, Api)>,
+    /// Where in `urls` the next call starts when there is no `current`.
+    next: usize,
+    /// Whether the "may be stale" warning of a store without quorum was printed.
+    warned_stale: bool,
 }
 
 impl Controller {
-    /// Connects to the controller at `url` (already checked by the argument parser).
-    pub async fn connect(
-        url: &str,
+    /// The controllers at `urls`. Nothing is connected yet; a token that cannot be
+    /// sent or an `https://` URL without a readable `--ca-cert` is bad input.
+    pub fn new(
+        urls: Vec<String>,
         token: Option<&str>,
         ca_cert: Option<&std::path::Path>,
     ) -> Result<Controller> {
-        let bearer = match token {
-            Some(token) => Some(
-                format!("Bearer {token}")
-                    .parse::<MetadataValue<Ascii>>()
-                    .map_err(|_| bad_input("the token is not valid in a gRPC header"))?,
-            ),
-            None => None,
-        };
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| bad_input(format!("controller URL {url}: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT);
-        let channel = if url.starts_with("https://") {
-            let Some(path) = ca_cert else {
-                return Err(bad_input(format!(
-                    "{url} speaks TLS with the fleet's own CA: give its certificate with --ca-cert \
-                     PATH or FLEET_CA_CERT (ca.crt in the controller's TLS directory)"
-                )));
-            };
-            let pem = std::fs::read(path)
-                .map_err(|e| bad_input(format!("cannot read --ca-cert {}: {e}", path.display())))?;
-            let ca = fleet_net::tls::read_certs(&pem)
-                .map_err(|e| bad_input(format!("--ca-cert {}: {e}", path.display())))?;
-            let config = fleet_net::tls::roots(&ca)
-                .and_then(|roots| fleet_net::tls::client_config(roots, None))
-                .map_err(|e| bad_input(format!("--ca-cert {}: {e}", path.display())))?;
-            let connector =
-                fleet_net::tls::Connector::new(Arc::new(config), fleet_net::tls::CONTROLLER_NAME)
-                    .map_err(bad_input)?;
-            endpoint.connect_with_connector(connector).await
-        } else {
-            endpoint.connect().await
-        }
-        .map_err(|e| unreachable_error(url, &chain(&e)))?;
+        assert!(!urls.is_empty(), "clap gives at least the default URL");
+        let dial = Dial::new(&urls, token, ca_cert)?;
         Ok(Controller {
-            url: url.to_string(),
-            // The controller answers up to 256 MiB (a ListNodes of 100,000 nodes is
-            // ~25 MB); tonic's default 4 MiB would fail past ~16,000 nodes.
-            api: ControllerServiceClient::with_interceptor(channel, Bearer(bearer))
-                .max_decoding_message_size(256 * 1024 * 1024),
+            urls,
+            dial,
+            current: None,
+            next: 0,
+            warned_stale: false,
         })
     }
 
+    /// The controller calls go to now (the first URL before any call).
     pub fn url(&self) -> &str {
-        &self.url
+        match &self.current {
+            Some((url, _)) => url,
+            None => &self.urls[self.next],
+        }
     }
 
-    /// The failure a gRPC error from this controller ends fleetctl with.
+    /// The failure a gRPC error from the current controller ends fleetctl with.
     pub fn error(&self, status: &Status) -> anyhow::Error {
-        status_failure(&self.url, status).into()
+        status_failure(self.url(), status).into()
+    }
+
+    /// Sends `request` with `call`, to whichever controller takes it (see `failover`).
+    async fn send<Req, T, F, Fut>(
+        &mut self,
+        kind: Kind,
+        request: Req,
+        call: F,
+    ) -> Result<T, CallError>
+    where
+        Req: Clone,
+        F: Fn(Api, Req) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call(&kind, |api| call(api, request.clone()))
+            .await
+            .map(tonic::Response::into_inner)
     }
 
     pub async fn get_version(&mut self) -> Result<fleet_proto::v1::VersionResponse> {
-        let response = self
-            .api
-            .get_version(fleet_proto::v1::GetVersionRequest {})
-            .await;
-        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+        let request = fleet_proto::v1::GetVersionRequest {};
+        let response = self.send(Kind::Read, request, |mut api, r| async move {
+            api.get_version(r).await
+        });
+        Ok(response.await?)
     }
 
     pub async fn get_controllers(&mut self) -> Result<fleet_proto::v1::ControllersResponse> {
-        let response = self
-            .api
-            .get_controllers(fleet_proto::v1::GetControllersRequest {})
-            .await;
-        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+        let request = fleet_proto::v1::GetControllersRequest {};
+        let response = self.send(Kind::Read, request, |mut api, r| async move {
+            api.get_controllers(r).await
+        });
+        Ok(response.await?)
     }
 
     pub async fn list_nodes(&mut self, selector: String) -> Result<Vec<Node>> {
-        let response = self.api.list_nodes(ListNodesRequest { selector }).await;
-        Ok(response.map_err(|s| self.error(&s))?.into_inner().nodes)
+        let request = ListNodesRequest { selector };
+        let response = self.send(Kind::Read, request, |mut api, r| async move {
+            api.list_nodes(r).await
+        });
+        Ok(response.await?.nodes)
     }
 
     pub async fn get_node(&mut self, node_id: String) -> Result<Node> {
-        let response = self.api.get_node(GetNodeRequest { node_id }).await;
-        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+        let request = GetNodeRequest { node_id };
+        let response = self.send(Kind::Read, request, |mut api, r| async move {
+            api.get_node(r).await
+        });
+        Ok(response.await?)
     }
 
     /// The node with its restart history; None from a controller too old to keep one.
@@ -148,57 +155,87 @@ impl Controller {
         node_id: String,
     ) -> Result<Option<fleet_proto::v1::NodeHistory>> {
         let request = fleet_proto::v1::GetNodeHistoryRequest { node_id, limit: 0 };
-        match self.api.get_node_history(request).await {
-            Ok(r) => Ok(Some(r.into_inner())),
-            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
-            Err(s) => Err(self.error(&s)),
+        let response = self.send(Kind::Read, request, |mut api, r| async move {
+            api.get_node_history(r).await
+        });
+        match response.await {
+            Ok(history) => Ok(Some(history)),
+            Err(CallError::Answered { status, .. }) if status.code() == Code::Unimplemented => {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
     pub async fn restart_node(&mut self, request: RestartNodeRequest) -> Result<RestartResponse> {
-        let response = self.api.restart_node(request).await;
-        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+        let check = Kind::change(format!("fleetctl node {}", request.node_id));
+        let response = self.send(check, request, |mut api, r| async move {
+            api.restart_node(r).await
+        });
+        Ok(response.await?)
     }
 
     pub async fn forget_node(&mut self, node_id: String) -> Result<Node> {
-        let response = self.api.forget_node(ForgetNodeRequest { node_id }).await;
-        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+        let check = Kind::change("fleetctl nodes");
+        let request = ForgetNodeRequest { node_id };
+        let response = self.send(check, request, |mut api, r| async move {
+            api.forget_node(r).await
+        });
+        Ok(response.await?)
     }
 
     pub async fn shutdown_node(&mut self, request: ShutdownNodeRequest) -> Result<()> {
-        let response = self.api.shutdown_node(request).await;
-        response.map_err(|s| self.error(&s))?;
+        let check = Kind::change(format!("fleetctl node {}", request.node_id));
+        let response = self.send(check, request, |mut api, r| async move {
+            api.shutdown_node(r).await
+        });
+        response.await?;
         Ok(())
     }
 
     /// Starts a rollout (or plans it, with `dry_run`). A preflight refusal lists each
     /// refusing node on a line of its own.
     pub async fn start_rollout(&mut self, spec: RolloutSpec) -> Result<Rollout> {
-        let response = self.api.start_rollout(spec).await;
-        let response = response.map_err(|s| match s.code() {
-            Code::FailedPrecondition => Failure::new(Exit::BadInput, refusal(&s)).into(),
-            _ => self.error(&s),
-        })?;
-        Ok(response.into_inner())
+        // A dry run changes nothing: it may be asked again anywhere.
+        let kind = if spec.dry_run {
+            Kind::Read
+        } else {
+            Kind::change("fleetctl rollout history")
+        };
+        let response = self.send(kind, spec, |mut api, r| async move {
+            api.start_rollout(r).await
+        });
+        response.await.map_err(|e| match e {
+            CallError::Answered { status, .. } if status.code() == Code::FailedPrecondition => {
+                Failure::new(Exit::BadInput, refusal(&status)).into()
+            }
+            e => e.into(),
+        })
     }
 
     pub async fn get_rollout(&mut self, id: String) -> Result<Rollout> {
-        let response = self.api.get_rollout(GetRolloutRequest { id }).await;
-        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+        let request = GetRolloutRequest { id };
+        let response = self.send(Kind::Read, request, |mut api, r| async move {
+            api.get_rollout(r).await
+        });
+        Ok(response.await?)
     }
 
     pub async fn list_rollouts(&mut self, limit: u32) -> Result<Vec<Rollout>> {
-        let response = self.api.list_rollouts(ListRolloutsRequest { limit }).await;
-        Ok(response.map_err(|s| self.error(&s))?.into_inner().rollouts)
+        let request = ListRolloutsRequest { limit };
+        let response = self.send(Kind::Read, request, |mut api, r| async move {
+            api.list_rollouts(r).await
+        });
+        Ok(response.await?.rollouts)
     }
 
     /// The raw stream, so the watcher can tell a lost connection from a refusal.
-    pub async fn watch_rollout(&mut self, id: String) -> Result<Streaming<Rollout>, Status> {
-        Ok(self
-            .api
-            .watch_rollout(GetRolloutRequest { id })
-            .await?
-            .into_inner())
+    pub async fn watch_rollout(&mut self, id: String) -> Result<Streaming<Rollout>, CallError> {
+        let request = GetRolloutRequest { id };
+        let response = self.send(Kind::Read, request, |mut api, r| async move {
+            api.watch_rollout(r).await
+        });
+        response.await
     }
 
     pub async fn rollout_action(
@@ -206,31 +243,46 @@ impl Controller {
         action: Action,
         request: RolloutActionRequest,
     ) -> Result<Rollout> {
-        let response = match action {
-            Action::Pause => self.api.pause_rollout(request).await,
-            Action::Resume => self.api.resume_rollout(request).await,
-            Action::Abort => self.api.abort_rollout(request).await,
-            Action::Undo => self.api.undo_rollout(request).await,
-        };
-        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+        let check = Kind::change(match action {
+            Action::Undo => "fleetctl rollout history".to_string(),
+            _ => format!("fleetctl rollout status {}", request.id),
+        });
+        let response = self.send(check, request, |mut api, r| async move {
+            match action {
+                Action::Pause => api.pause_rollout(r).await,
+                Action::Resume => api.resume_rollout(r).await,
+                Action::Abort => api.abort_rollout(r).await,
+                Action::Undo => api.undo_rollout(r).await,
+            }
+        });
+        Ok(response.await?)
     }
 
     pub async fn create_token(
         &mut self,
         request: CreateTokenRequest,
     ) -> Result<CreateTokenResponse> {
-        let response = self.api.create_token(request).await;
-        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+        let check = Kind::change("fleetctl token list");
+        let response = self.send(check, request, |mut api, r| async move {
+            api.create_token(r).await
+        });
+        Ok(response.await?)
     }
 
     pub async fn list_tokens(&mut self) -> Result<Vec<Token>> {
-        let response = self.api.list_tokens(ListTokensRequest {}).await;
-        Ok(response.map_err(|s| self.error(&s))?.into_inner().tokens)
+        let response = self.send(Kind::Read, ListTokensRequest {}, |mut api, r| async move {
+            api.list_tokens(r).await
+        });
+        Ok(response.await?.tokens)
     }
 
     pub async fn revoke_token(&mut self, id: String) -> Result<Token> {
-        let response = self.api.revoke_token(RevokeTokenRequest { id }).await;
-        Ok(response.map_err(|s| self.error(&s))?.into_inner())
+        let check = Kind::change("fleetctl token list");
+        let request = RevokeTokenRequest { id };
+        let response = self.send(check, request, |mut api, r| async move {
+            api.revoke_token(r).await
+        });
+        Ok(response.await?)
     }
 }
 
@@ -296,24 +348,9 @@ pub enum Action {
 }
 
 /// Whether a status says the connection to the controller failed (as opposed to an
-/// answer from the controller). A status the controller sends is parsed from headers and
-/// has no source; tonic attaches the transport error as the source of the statuses it
-/// makes up on this side.
+/// answer from the controller).
 pub fn is_unreachable(status: &Status) -> bool {
-    use std::error::Error;
-    status.source().is_some()
-        || (status.code() == Code::Unknown && status.message().starts_with("Service was not ready"))
-        || (status.code() == Code::Internal && status.message().starts_with("Unexpected EOF"))
-}
-
-fn unreachable_error(url: &str, detail: &str) -> anyhow::Error {
-    Failure::new(
-        Exit::Failed,
-        format!(
-            "cannot reach the controller at {url}: {detail} (set --controller or FLEET_CONTROLLER)"
-        ),
-    )
-    .into()
+    delivery(status) != Delivery::Answered
 }
 
 /// The message and exit code for a gRPC error.

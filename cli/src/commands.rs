@@ -21,7 +21,7 @@ use crate::watch;
 /// Runs the command the arguments name.
 pub async fn run(cli: Cli) -> Result<Exit> {
     let Cli {
-        controller: url,
+        controller: urls,
         token,
         token_file,
         ca_cert,
@@ -39,14 +39,14 @@ pub async fn run(cli: Cli) -> Result<Exit> {
         None => token,
     };
     // Every argument was checked while parsing; only now is the controller called.
-    let connected = Controller::connect(&url, token.as_deref(), ca_cert.as_deref()).await;
+    let controller = Controller::new(urls, token.as_deref(), ca_cert.as_deref());
     if matches!(command, Command::Version) {
         // The client's version is printed even if the controller cannot be reached.
-        return crate::version::run(&url, connected, format).await;
+        return crate::version::run(controller, format).await;
     }
-    let controller = connected?;
+    let controller = controller?;
     match command {
-        Command::Version => crate::version::run(&url, Ok(controller), format).await,
+        Command::Version => crate::version::run(Ok(controller), format).await,
         Command::Controllers => controllers(controller, format).await,
         Command::Nodes(args) => nodes(controller, args, format).await,
         Command::Node(args) => node(controller, args, format).await,

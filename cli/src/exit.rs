@@ -12,7 +12,8 @@ use std::process::ExitCode;
 pub enum Exit {
     /// The command did what was asked; a rollout or restart succeeded.
     Success,
-    /// A rollout failed or was aborted, a restart failed, or the controller is unreachable.
+    /// A rollout failed or was aborted, a restart failed, no controller is reachable,
+    /// the store has no quorum, or a change's outcome is unknown.
     Failed,
     /// Bad input: invalid arguments, preflight refused, unknown node or rollout,
     /// missing, wrong, revoked or expired token, or a token without the role needed.
@@ -47,7 +48,9 @@ Exit codes:
   0  success: the command did what was asked (a rollout or restart succeeded;
      `rollout status` of a rollout that succeeded or is still running or paused)
   1  failed: a rollout failed or was aborted (also `rollout status` of one), a restart
-     failed, or the controller is unreachable
+     failed, no controller is reachable, the controllers' store has no quorum (nothing
+     was changed), or the connection broke after a change was sent (its outcome is
+     unknown: the message says how to check)
   2  bad input: invalid arguments, preflight refused the rollout (no node was touched),
      unknown node, rollout or token, missing, wrong, revoked or expired token, or a
      token whose role may not make the call

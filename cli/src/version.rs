@@ -12,10 +12,16 @@ use crate::exit::Exit;
 /// Prints both versions. The client's is printed even when the controller cannot be
 /// reached or refuses the call; then the reason is said on stderr and fleetctl exits
 /// as that failure does (1 unreachable, 2 a token problem).
-pub async fn run(url: &str, connected: Result<Controller>, format: Format) -> Result<Exit> {
+pub async fn run(controller: Result<Controller>, format: Format) -> Result<Exit> {
     let client = fleet_proto::build_version!();
-    let controller = match connected {
-        Ok(mut c) => c.get_version().await,
+    // The controller that answered, of those given.
+    let mut url = String::new();
+    let controller = match controller {
+        Ok(mut c) => {
+            let version = c.get_version().await;
+            url = c.url().to_string();
+            version
+        }
         Err(e) => Err(e),
     };
     match format {

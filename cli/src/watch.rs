@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use fleet_proto::v1::{Rollout, RolloutNode};
 
-use crate::client::{Controller, is_unreachable};
+use crate::client::{CallError, Controller, is_unreachable};
 use crate::exit::{Exit, Failure};
 use crate::output::{self, batches, duration, nodes_count, pids, started};
 
@@ -176,6 +176,10 @@ pub fn summary(r: &Rollout) -> String {
 
 /// Follows rollout `id` until it ends, printing progress (to stderr when stdout is
 /// for JSON). Returns the exit code of its final state and the rollout as it ended.
+///
+/// A stream that breaks is opened again, on the next controller first (any controller
+/// serves a watch): for up to [`RECONNECT_FOR`], the first time at once and then every
+/// [`RECONNECT_EVERY`]. A refusal ends the watch.
 pub async fn follow(
     controller: &mut Controller,
     id: &str,
@@ -192,7 +196,8 @@ pub async fn follow(
     let mut progress = Progress::default();
     let mut id = id.to_string();
     let mut last: Option<Rollout> = None;
-    let mut lost: Option<(Instant, String)> = None;
+    // Since when the watch is lost.
+    let mut lost: Option<Instant> = None;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
 
@@ -201,7 +206,8 @@ pub async fn follow(
             opened = controller.watch_rollout(id.clone()) => opened,
             _ = &mut ctrl_c => return interrupted(&id),
         };
-        let failed = match opened {
+        // Why the watch is lost this time, once the rollout is known to exist.
+        let why = match opened {
             Ok(mut stream) => loop {
                 let message = tokio::select! {
                     message = stream.message() => message,
@@ -247,36 +253,37 @@ pub async fn follow(
                             .into()),
                         };
                     }
-                    Err(status) => break status,
+                    Err(status) if is_unreachable(&status) && last.is_some() => {
+                        let why = format!(
+                            "lost the controller at {} ({})",
+                            controller.url(),
+                            status.message()
+                        );
+                        controller.lost();
+                        break why;
+                    }
+                    Err(status) => return Err(controller.error(&status)),
                 }
             },
-            Err(status) => status,
+            Err(CallError::Unreachable(e)) if last.is_some() => format!("{e:#}"),
+            Err(e) => return Err(e.into()),
         };
-        // A refusal ends the watch; a lost connection is retried for a while, once the
-        // rollout is known to exist.
-        if !is_unreachable(&failed) || last.is_none() {
-            return Err(controller.error(&failed));
-        }
         // The first retry is at once (the connection may just have been idle-closed),
         // later ones a second apart.
         let first_retry = lost.is_none();
-        let (since, _) = lost.get_or_insert_with(|| {
+        let since = *lost.get_or_insert_with(|| {
             eprintln!(
-                "lost the controller at {} ({}); reconnecting for up to {}",
-                controller.url(),
-                failed.message(),
+                "{why}; reconnecting for up to {}",
                 humantime::format_duration(RECONNECT_FOR)
             );
-            (Instant::now(), failed.message().to_string())
+            Instant::now()
         });
         if since.elapsed() >= RECONNECT_FOR {
             return Err(Failure::new(
                 Exit::Failed,
                 format!(
-                    "lost the controller at {} while watching rollout {id}: {}. The rollout \
-                     goes on without this watch: follow it with `fleetctl rollout status {id} --watch`",
-                    controller.url(),
-                    failed.message()
+                    "stopped watching rollout {id}: {why}. The rollout goes on without this \
+                     watch: follow it with `fleetctl rollout status {id} --watch`"
                 ),
             )
             .into());

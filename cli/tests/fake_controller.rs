@@ -515,10 +515,16 @@ impl Proxy {
 
 /// Runs fleetctl against `addr` with the token in FLEET_TOKEN (unless `token` is None).
 async fn fleetctl(addr: SocketAddr, token: Option<&str>, args: &[&str]) -> Output {
+    fleetctl_at(&format!("http://{addr}"), token, args).await
+}
+
+/// Runs fleetctl with FLEET_CONTROLLER set to `urls` (one URL, or several separated
+/// by commas).
+async fn fleetctl_at(urls: &str, token: Option<&str>, args: &[&str]) -> Output {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"));
     command
         .args(args)
-        .env("FLEET_CONTROLLER", format!("http://{addr}"))
+        .env("FLEET_CONTROLLER", urls)
         .env_remove("FLEET_TOKEN")
         .env("USER", "alice");
     if let Some(token) = token {
@@ -851,6 +857,98 @@ async fn a_watch_survives_a_lost_connection_to_the_controller() {
     assert!(err.contains("lost the controller at http://"), "{err}");
     assert!(err.contains("reconnected to the controller"), "{err}");
     // Each change is printed once, across the two streams.
+    assert_eq!(
+        seen.iter().filter(|l| l.contains("n1  restarting")).count(),
+        1,
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.last().unwrap(),
+        "rollout r1 succeeded after 41s (3 healthy)"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_controller_in_the_list_is_passed_over_silently() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let addr = serve().await;
+    let urls = format!("http://{dead},http://{addr}");
+    let out = fleetctl_at(&urls, Some(TOKEN), &["nodes"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("n2    serving"), "{}", stdout(&out));
+    assert_eq!(stderr(&out), "");
+    // The flag as well as the variable; `version` says which controller answered.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .args(["--controller", &urls, "version"])
+        .env("FLEET_TOKEN", TOKEN)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        stdout(&out).contains(&format!("at http://{addr}\n")),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[tokio::test]
+async fn a_watch_whose_controller_dies_goes_on_with_the_next_one() {
+    let first = serve_fake(Fake {
+        hang_first_watch: true,
+        ..Default::default()
+    })
+    .await;
+    let proxy = Proxy::start(first).await;
+    // The other controller of the same store: its watch starts where the rollout stands.
+    let second = serve_fake(Fake {
+        hang_first_watch: true,
+        watches: AtomicUsize::new(1),
+    })
+    .await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .args(["rollout", "status", "r1", "--watch"])
+        .env(
+            "FLEET_CONTROLLER",
+            format!("http://{},http://{second}", proxy.addr),
+        )
+        .env("FLEET_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        let restarting = line.contains("n1  restarting");
+        seen.push(line);
+        if restarting {
+            break;
+        }
+    }
+    // The first controller's connections are cut; it would accept new ones, but the
+    // watch goes to the next controller first.
+    proxy.cut();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        seen.push(line);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("fleetctl reconnects within 30s")
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{seen:?}\n{err}");
+    assert!(
+        err.contains(&format!("lost the controller at http://{}", proxy.addr)),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("reconnected to the controller at http://{second}")),
+        "{err}"
+    );
     assert_eq!(
         seen.iter().filter(|l| l.contains("n1  restarting")).count(),
         1,

@@ -1,0 +1,224 @@
+//! The heartbeat's choice of controller against tiny in-process controllers: a
+//! leader, a follower naming a leader (configured or not), one that refuses the token,
+//! and URLs where nothing listens.
+
+use std::sync::Mutex;
+
+use fleet_proto::v1::controller_service_server::{ControllerService, ControllerServiceServer};
+use tokio::net::TcpListener;
+use tonic::codegen::tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+use super::*;
+
+/// How a fake controller answers a heartbeat.
+#[derive(Debug, Clone)]
+enum Role {
+    /// Takes it, asking for beats every 250 ms.
+    Leader,
+    /// `UNAVAILABLE` with `fleet-leader: <this>`.
+    Follower(String),
+    /// `UNAUTHENTICATED`: another controller would say the same.
+    WrongToken,
+}
+
+#[derive(Debug)]
+struct Fake {
+    role: Role,
+    /// The node ids of the beats it received.
+    beats: Mutex<Vec<String>>,
+}
+
+impl Fake {
+    fn beats(&self) -> usize {
+        self.beats.lock().unwrap().len()
+    }
+}
+
+/// The service: only `Heartbeat` is written out; the rest answer `UNIMPLEMENTED`. (A
+/// macro around the whole impl, so `async_trait` sees every method.)
+macro_rules! service {
+    ($($method:ident($request:ty) -> $response:ty;)* { $($written:tt)* }) => {
+        #[tonic::async_trait]
+        impl ControllerService for Fake {
+            $(
+                async fn $method(
+                    &self,
+                    _: Request<$request>,
+                ) -> Result<Response<$response>, Status> {
+                    Err(Status::unimplemented("not in this fake"))
+                }
+            )*
+            $($written)*
+        }
+    };
+}
+
+service! {
+    list_nodes(pb::ListNodesRequest) -> pb::ListNodesResponse;
+    get_node(pb::GetNodeRequest) -> pb::Node;
+    restart_node(pb::RestartNodeRequest) -> pb::RestartResponse;
+    shutdown_node(pb::ShutdownNodeRequest) -> pb::ShutdownResponse;
+    forget_node(pb::ForgetNodeRequest) -> pb::Node;
+    start_rollout(pb::RolloutSpec) -> pb::Rollout;
+    get_rollout(pb::GetRolloutRequest) -> pb::Rollout;
+    list_rollouts(pb::ListRolloutsRequest) -> pb::ListRolloutsResponse;
+    pause_rollout(pb::RolloutActionRequest) -> pb::Rollout;
+    resume_rollout(pb::RolloutActionRequest) -> pb::Rollout;
+    abort_rollout(pb::RolloutActionRequest) -> pb::Rollout;
+    undo_rollout(pb::RolloutActionRequest) -> pb::Rollout;
+    create_token(pb::CreateTokenRequest) -> pb::CreateTokenResponse;
+    list_tokens(pb::ListTokensRequest) -> pb::ListTokensResponse;
+    revoke_token(pb::RevokeTokenRequest) -> pb::Token;
+    get_version(pb::GetVersionRequest) -> pb::VersionResponse;
+    get_node_history(pb::GetNodeHistoryRequest) -> pb::NodeHistory;
+    get_controllers(pb::GetControllersRequest) -> pb::ControllersResponse;
+    {
+        type WatchRolloutStream = tonic::codegen::tokio_stream::Empty<Result<pb::Rollout, Status>>;
+
+        async fn watch_rollout(
+            &self,
+            _: Request<pb::GetRolloutRequest>,
+        ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+            Err(Status::unimplemented("not in this fake"))
+        }
+
+        async fn heartbeat(
+            &self,
+            request: Request<pb::HeartbeatRequest>,
+        ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+            match &self.role {
+                Role::Leader => {
+                    let node = request.into_inner().status.unwrap_or_default().node_id;
+                    self.beats.lock().unwrap().push(node);
+                    Ok(Response::new(pb::HeartbeatResponse { interval_ms: 250 }))
+                }
+                Role::Follower(leader) => {
+                    let mut status = Status::unavailable(format!(
+                        "this controller is a follower; the leader is {leader}"
+                    ));
+                    status
+                        .metadata_mut()
+                        .insert(fleet_proto::ha::LEADER_METADATA, leader.parse().unwrap());
+                    Err(status)
+                }
+                Role::WrongToken => Err(Status::unauthenticated("missing or wrong token")),
+            }
+        }
+    }
+}
+
+/// Serves a fake with `role` on a free loopback port: it and its URL.
+async fn serve(role: Role) -> (Arc<Fake>, String) {
+    let fake = Arc::new(Fake {
+        role,
+        beats: Mutex::default(),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ControllerServiceServer::from_arc(fake.clone()))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    (fake, url)
+}
+
+/// A URL where nothing listens: a port that was free a moment ago.
+fn dead() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", listener.local_addr().unwrap())
+}
+
+fn beater(urls: &[&str]) -> Beater {
+    Beater::new(urls.iter().map(|u| u.to_string()).collect(), None).unwrap()
+}
+
+fn beat() -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        status: Some(pb::StatusResponse {
+            node_id: "web-1".into(),
+            ..Default::default()
+        }),
+        in_flight: 0,
+    }
+}
+
+#[tokio::test]
+async fn a_follower_sends_the_beats_to_the_leader_it_names() {
+    let (leader, leader_url) = serve(Role::Leader).await;
+    let (follower, follower_url) = serve(Role::Follower(leader_url.clone())).await;
+    let mut b = beater(&[&follower_url, &dead(), &leader_url]);
+    // The follower refuses: the next beat goes at once to the leader it named, not to
+    // the next URL.
+    assert_eq!(
+        b.beat(beat(), &None).await,
+        Some(Beat::Failed(Next::Now, Duration::ZERO))
+    );
+    assert_eq!(b.controllers.current(), leader_url);
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    assert!(b.controllers.is_leader());
+    // It stays there, at the interval the leader asked for.
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    assert_eq!(b.interval, Duration::from_millis(250));
+    assert_eq!(*leader.beats.lock().unwrap(), ["web-1", "web-1"]);
+    assert_eq!(follower.beats(), 0);
+}
+
+#[tokio::test]
+async fn a_leader_hint_naming_an_unconfigured_address_is_not_followed() {
+    let (stranger, stranger_url) = serve(Role::Leader).await;
+    let (_, follower_url) = serve(Role::Follower(stranger_url)).await;
+    let (other, other_url) = serve(Role::Leader).await;
+    let mut b = beater(&[&follower_url, &other_url]);
+    assert_eq!(
+        b.beat(beat(), &None).await,
+        Some(Beat::Failed(Next::Now, Duration::ZERO))
+    );
+    // The next configured controller instead.
+    assert_eq!(b.controllers.current(), other_url);
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    assert!(!b.controllers.is_leader());
+    assert_eq!(other.beats(), 1);
+    assert_eq!(stranger.beats(), 0);
+}
+
+#[tokio::test]
+async fn dead_controllers_are_passed_over_and_a_failed_round_backs_off() {
+    let (leader, leader_url) = serve(Role::Leader).await;
+    let mut b = beater(&[&dead(), &leader_url]);
+    assert_eq!(
+        b.beat(beat(), &None).await,
+        Some(Beat::Failed(Next::Now, Duration::ZERO))
+    );
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    assert_eq!(leader.beats(), 1);
+
+    let mut b = beater(&[&dead(), &dead()]);
+    assert_eq!(
+        b.beat(beat(), &None).await,
+        Some(Beat::Failed(Next::Now, Duration::ZERO))
+    );
+    let Some(Beat::Failed(Next::RoundOver { rounds: 1 }, wait)) = b.beat(beat(), &None).await
+    else {
+        panic!("every controller failed: a round is over");
+    };
+    // The first wait is about the interval, never nothing: no tight loop.
+    assert!(
+        wait >= DEFAULT_INTERVAL / 2 && wait <= DEFAULT_INTERVAL,
+        "{wait:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_every_controller_would_give_stays_at_the_interval() {
+    let (_, refusing) = serve(Role::WrongToken).await;
+    let (other, other_url) = serve(Role::Leader).await;
+    let mut b = beater(&[&refusing, &other_url]);
+    assert_eq!(
+        b.beat(beat(), &None).await,
+        Some(Beat::Failed(Next::Stay, DEFAULT_INTERVAL))
+    );
+    assert_eq!(b.controllers.index(), 0);
+    assert_eq!(other.beats(), 0);
+}
