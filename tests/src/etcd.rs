@@ -24,6 +24,8 @@ pub const SKIP_ETCD: &str = "FLEET_TESTS_SKIP_ETCD";
 pub const TEST_STORE: &str = "FLEET_TEST_STORE";
 /// How long a cluster may take to elect a leader and answer.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// util-linux's `setpriv`, to tie each etcd's life to the test's.
+const SETPRIV: &str = "/usr/bin/setpriv";
 /// How many times [`EtcdCluster::start`] tries fresh ports when a member could not
 /// bind the ones it was given (another process took them between probe and bind).
 const PORT_ATTEMPTS: u32 = 4;
@@ -170,7 +172,18 @@ impl EtcdCluster {
             .expect("open the etcd log");
         let client = format!("http://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new(program())
+        // Under `setpriv --pdeathsig KILL` where there is one (util-linux): a test
+        // process killed outright (a runner's timeout) takes its etcd with it, which
+        // the drop below cannot do. The signal follows the spawning thread: a runtime
+        // worker or the test's own thread, both alive until the test has ended.
+        let mut command = if Path::new(SETPRIV).is_file() {
+            let mut c = Command::new(SETPRIV);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(program());
+            c
+        } else {
+            Command::new(program())
+        };
+        let child = command
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")

@@ -98,7 +98,15 @@ fn etcd_with(test: &str, tls: Option<&std::path::Path>) -> Option<Etcd> {
     .expect("a temp dir");
     let (client, peer) = (free_port(), free_port());
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut command = Command::new(&program);
+    // Dies with this test process even if it is killed outright (util-linux).
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    let mut command = if setpriv.is_file() {
+        let mut c = Command::new(setpriv);
+        c.args(["--pdeathsig", "KILL", "--"]).arg(&program);
+        c
+    } else {
+        Command::new(&program)
+    };
     if let Some(tls) = tls {
         command
             .arg("--client-cert-auth")
