@@ -12,4 +12,5 @@ cargo nextest run --workspace "$@"
 # Left out: fleet_hosts (its controller is in another network namespace, so it stays on
 # SQLite) and etcd_store (on etcd already, in the run above).
 controller_tests='binary_id(/^fleet-tests::(controller_.*|dashboard.*|guard_rails|impostor|in_flight|node_page|rollout_progress|conn_limits)$/)'
-FLEET_TEST_STORE=etcd cargo nextest run -p fleet-tests -E "$controller_tests" "$@"
+# controller_ha runs its group on a shared etcd cluster in the first run already.
+FLEET_TEST_STORE=etcd cargo nextest run -p fleet-tests -E "$controller_tests - binary_id(fleet-tests::controller_ha)" "$@"

@@ -227,7 +227,20 @@ impl Beater {
                 .insert("authorization", value.clone());
         }
         let url = self.controllers.current().to_string();
-        match client.heartbeat(request).await {
+        // A controller that takes the connection but does not answer (stopped, hung,
+        // cut off mid-way) costs one interval (1 s to 10 s), not the channel's 10 s:
+        // the node's heartbeats must reach another controller within the TTL.
+        let wait = self
+            .interval
+            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+        let answer = match tokio::time::timeout(wait, client.heartbeat(request)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {}",
+                humantime::format_duration(wait)
+            ))),
+        };
+        match answer {
             Ok(response) => {
                 self.controllers.succeeded();
                 if self.serving != Some(at) && (self.serving.is_some() || self.several()) {

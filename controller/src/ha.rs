@@ -54,6 +54,8 @@ pub struct Ha {
     role: watch::Sender<Role>,
     /// When the lease was last renewed while leading.
     renewed: Mutex<Option<Instant>>,
+    /// The leader the election named last (this controller's own URL included).
+    observed: Mutex<Option<String>>,
     /// Incremented by each election this controller wins.
     term: std::sync::atomic::AtomicU64,
     /// Whether etcd answered the last lease or election call (a quorum is there).
@@ -87,6 +89,7 @@ impl Ha {
             ttl,
             role: watch::channel(Role::Follower { leader: None }).0,
             renewed: Mutex::new(None),
+            observed: Mutex::new(None),
             term: Default::default(),
             quorum: std::sync::atomic::AtomicBool::new(true),
             leader_changes: Default::default(),
@@ -348,7 +351,18 @@ async fn lead(
 /// refused by etcd anyway.
 fn step_down(ha: &Ha, store: &EtcdStore, fleet: &Fleet, why: &str) {
     tracing::warn!("lost the leadership ({why}): following again; the next leader carries on");
-    ha.set_role(Role::Follower { leader: None });
+    // Whoever the election named meanwhile (seen while this controller still thought
+    // it led), unless that is this controller's own, now stale, key.
+    let leader = ha
+        .observed
+        .lock()
+        .expect("observed lock")
+        .clone()
+        .filter(|url| *url != ha.advertise);
+    if let Some(url) = &leader {
+        tracing::info!("the leader is {url}");
+    }
+    ha.set_role(Role::Follower { leader });
     store.set_fence(None);
     *ha.renewed.lock().expect("renewed lock") = None;
     fleet.step_down();
@@ -363,6 +377,7 @@ async fn observe(ha: Arc<Ha>, mut client: Client, election: String) {
                 let url = answer
                     .kv()
                     .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+                url.clone_into(&mut ha.observed.lock().expect("observed lock"));
                 if !matches!(ha.role(), Role::Leader { .. }) {
                     if let Some(url) = &url
                         && ha.leader_url().as_ref() != Some(url)

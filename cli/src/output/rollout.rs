@@ -320,6 +320,14 @@ pub fn rollout_details(r: &Rollout, timeline: bool) -> String {
         ),
     };
     table.row(["Finished:", &finished]);
+    for (at, message) in takeovers(r) {
+        let when = format!(
+            "{} (+{})",
+            time(at),
+            duration(at.saturating_sub(r.created_unix_ms))
+        );
+        table.row(["Takeover:".to_string(), format!("{when}: {message}")]);
+    }
     table.row(["Progress:", &progress_line(r)]);
     table.row(["Nodes:", &state_counts(r)]);
     let mut text = table.render();
@@ -380,6 +388,24 @@ pub fn rollout_details(r: &Rollout, timeline: bool) -> String {
         }
     }
     text
+}
+
+/// Each time a new leader took the rollout over (several controllers on etcd): when,
+/// and the note it wrote into the timeline of the nodes it found unfinished (one line
+/// per takeover, not per node).
+fn takeovers(r: &Rollout) -> Vec<(u64, String)> {
+    let mut seen: Vec<(u64, String)> = Vec::new();
+    for t in r.nodes.iter().flat_map(|n| &n.timeline) {
+        if !t.message.starts_with("leader change:") {
+            continue;
+        }
+        match seen.iter_mut().find(|(_, m)| *m == t.message) {
+            Some((at, _)) => *at = (*at).min(t.unix_ms),
+            None => seen.push((t.unix_ms, t.message.clone())),
+        }
+    }
+    seen.sort();
+    seen
 }
 
 /// Whether a node in this rollout state has been touched (its batch has started).
