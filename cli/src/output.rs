@@ -270,6 +270,58 @@ pub fn restart_result(node_id: &str, r: &RestartResponse) -> String {
     text
 }
 
+/// `fleetctl controllers`: the store, the controllers (leader first marked), the
+/// store's members.
+pub fn controllers(group: &fleet_proto::v1::ControllersResponse, now: SystemTime) -> String {
+    let mut text = format!("Store: {}", group.store);
+    if !group.quorum {
+        text.push_str("  NO QUORUM: no controller can change the fleet until a majority of the members is back");
+    }
+    text.push('\n');
+    let mut table = Table::new(&["CONTROLLER", "ROLE", "SINCE", "STARTED", "VERSION"]);
+    for c in &group.controllers {
+        let url = if c.url.is_empty() || c.url == group.answered_by {
+            format!("{} (answered)", or_dash(&c.url))
+        } else {
+            c.url.clone()
+        };
+        table.row([
+            url,
+            if c.leader { "leader" } else { "follower" }.to_string(),
+            if c.leader_since_unix_ms > 0 {
+                ago(c.leader_since_unix_ms, now)
+            } else {
+                "-".into()
+            },
+            if c.started_unix_ms > 0 {
+                ago(c.started_unix_ms, now)
+            } else {
+                "-".into()
+            },
+            or_dash(&c.version),
+        ]);
+    }
+    text.push_str(&table.render());
+    if !group.members.is_empty() {
+        let mut table = Table::new(&["MEMBER", "ENDPOINT", "HEALTH", "ETCD LEADER"]);
+        for m in &group.members {
+            table.row([
+                or_dash(&m.name),
+                m.endpoint.clone(),
+                if m.healthy {
+                    "healthy".to_string()
+                } else {
+                    format!("unhealthy: {}", m.error)
+                },
+                if m.leader { "yes" } else { "" }.to_string(),
+            ]);
+        }
+        text.push('\n');
+        text.push_str(&table.render());
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,56 +443,4 @@ mod tests {
         assert!(text.contains("the restart failed: exit status 1"), "{text}");
         assert!(text.ends_with("\n  panic: boom"), "{text}");
     }
-}
-
-/// `fleetctl controllers`: the store, the controllers (leader first marked), the
-/// store's members.
-pub fn controllers(group: &fleet_proto::v1::ControllersResponse, now: SystemTime) -> String {
-    let mut text = format!("Store: {}", group.store);
-    if !group.quorum {
-        text.push_str("  NO QUORUM: no controller can change the fleet until a majority of the members is back");
-    }
-    text.push('\n');
-    let mut table = Table::new(&["CONTROLLER", "ROLE", "SINCE", "STARTED", "VERSION"]);
-    for c in &group.controllers {
-        let url = if c.url.is_empty() || c.url == group.answered_by {
-            format!("{} (answered)", or_dash(&c.url))
-        } else {
-            c.url.clone()
-        };
-        table.row([
-            url,
-            if c.leader { "leader" } else { "follower" }.to_string(),
-            if c.leader_since_unix_ms > 0 {
-                ago(c.leader_since_unix_ms, now)
-            } else {
-                "-".into()
-            },
-            if c.started_unix_ms > 0 {
-                ago(c.started_unix_ms, now)
-            } else {
-                "-".into()
-            },
-            or_dash(&c.version),
-        ]);
-    }
-    text.push_str(&table.render());
-    if !group.members.is_empty() {
-        let mut table = Table::new(&["MEMBER", "ENDPOINT", "HEALTH", "ETCD LEADER"]);
-        for m in &group.members {
-            table.row([
-                or_dash(&m.name),
-                m.endpoint.clone(),
-                if m.healthy {
-                    "healthy".to_string()
-                } else {
-                    format!("unhealthy: {}", m.error)
-                },
-                if m.leader { "yes" } else { "" }.to_string(),
-            ]);
-        }
-        text.push('\n');
-        text.push_str(&table.render());
-    }
-    text
 }

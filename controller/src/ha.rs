@@ -212,6 +212,7 @@ pub async fn run(ha: Arc<Ha>, fleet: Arc<Fleet>) {
     let store = ha.store.clone();
     let election = format!("{}leader", store.prefix());
     let client = store.client();
+    revoke_own_stale_lease(&ha, client.clone(), &election).await;
     tokio::spawn(observe(ha.clone(), client.clone(), election.clone()));
     tokio::spawn(follow(
         ha.clone(),
@@ -223,10 +224,28 @@ pub async fn run(ha: Arc<Ha>, fleet: Arc<Fleet>) {
         match lead(&ha, client.clone(), &store, &fleet, &election).await {
             Ok(()) => {}
             Err(e) => {
-                tracing::warn!("leader election: {e}; trying again");
+                tracing::debug!("leader election: {e}; trying again");
                 tokio::time::sleep(ha.ttl / 3).await;
             }
         }
+    }
+}
+
+/// This controller, restarted on its own address, finds the election held by its
+/// previous run (killed before it could resign): that lease is revoked at once, so
+/// that the group need not wait a whole TTL for a leader that is gone.
+async fn revoke_own_stale_lease(ha: &Ha, mut client: Client, election: &str) {
+    let Ok(Ok(answer)) =
+        tokio::time::timeout(Duration::from_secs(2), client.leader(election)).await
+    else {
+        return;
+    };
+    if let Some(kv) = answer.kv()
+        && kv.value() == ha.advertise.as_bytes()
+        && kv.lease() != 0
+        && client.lease_revoke(kv.lease()).await.is_ok()
+    {
+        tracing::info!("revoked the lease left by this controller's previous run");
     }
 }
 
@@ -239,8 +258,19 @@ async fn lead(
     election: &str,
 ) -> Result<(), etcd_client::Error> {
     let ttl_secs = i64::try_from(ha.ttl.as_secs().max(2)).unwrap_or(i64::MAX);
-    let lease = client.lease_grant(ttl_secs, None).await?.id();
-    ha.set_quorum(true);
+    // A lease is granted only by a quorum: whether that works is what this controller
+    // reports as the store's quorum (a campaign's own errors, e.g. its request timing
+    // out while another controller leads, say nothing of it).
+    let lease = match client.lease_grant(ttl_secs, None).await {
+        Ok(lease) => {
+            ha.set_quorum(true);
+            lease.id()
+        }
+        Err(e) => {
+            ha.set_quorum(false);
+            return Err(e);
+        }
+    };
     let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
     // Listed among the group's controllers for as long as the lease lives.
     let me = Registered {

@@ -400,3 +400,112 @@ async fn fleetctl_works_against_a_follower_and_falls_over_when_the_leader_is_dow
     listed.expect_code(0);
     assert!(listed.stderr.is_empty(), "{}", listed.stderr);
 }
+
+/// How many nodes of the rollout are healthy, as the controller `c` shows it.
+async fn healthy_on(c: &Controller, id: &str) -> usize {
+    healthy(&c.rollout(id).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_etcd_member_down_the_rollout_goes_on_and_without_a_quorum_nothing_changes() {
+    let etcd = Arc::new(EtcdCluster::start(3).await);
+    let group = Group::start(&etcd, 3).await;
+    let releases = tempfile::tempdir().unwrap();
+    let v2 = agent_release(releases.path(), "fleet-agent-v2");
+    let agents = group.start_nodes(4, releases.path()).await;
+    let before = statuses(&agents).await;
+    let id = start_rollout(&group, &v2, "1s").await;
+    let leader = group.leader().await;
+    let reader = (leader + 1) % 3;
+
+    // One member of three gone: a quorum is left, the rollout goes on.
+    let first = group.controllers[reader]
+        .wait_rollout(&id, "one node healthy", Duration::from_secs(30), |r| {
+            healthy(r) >= 1
+        })
+        .await;
+    let (a, b) = match etcd.leader().await {
+        // Kill the others first: the leader last (a harder case would be fine too).
+        0 => (1, 2),
+        1 => (0, 2),
+        _ => (0, 1),
+    };
+    etcd.kill(a);
+    eprintln!("killed etcd member {a} at: {}", describe(&first));
+    group.controllers[reader]
+        .wait_rollout(&id, "one more node healthy", Duration::from_secs(30), |r| {
+            healthy(r) > healthy(&first)
+        })
+        .await;
+
+    // Two of three gone: no quorum. Every controller says so and changes nothing.
+    let marks = group.marks();
+    etcd.kill(b);
+    eprintln!("killed etcd member {b}: no quorum");
+    for (i, c) in group.controllers.iter().enumerate() {
+        c.wait_for_log_from(marks[i], "etcd does not answer", Duration::from_secs(20))
+            .await;
+    }
+    // The leader gave its leadership up when its lease could not be renewed; no
+    // other can be elected without a quorum: from then on no controller calls an agent.
+    group.controllers[leader]
+        .wait_for_log_from(
+            marks[leader],
+            "lost the leadership",
+            Duration::from_secs(20),
+        )
+        .await;
+    let stopped_at = healthy_on(&group.controllers[reader], &id).await;
+    let generations: Vec<u64> = statuses(&agents)
+        .await
+        .iter()
+        .map(|s| s.generation)
+        .collect();
+    let listed = group
+        .fleetctl(
+            &group.urls(),
+            &["controllers".as_ref(), "-o".as_ref(), "json".as_ref()],
+        )
+        .await;
+    let json = listed.expect_code(1).json();
+    assert_eq!(json["quorum"], false, "{json}");
+    assert!(
+        json["controllers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["leader"] == false),
+        "a leader without a quorum: {json}"
+    );
+    let nodes = group.fleetctl(&group.urls(), &["nodes".as_ref()]).await;
+    nodes.expect_code(0);
+    assert!(nodes.stdout.contains("node-1"), "{}", nodes.stdout);
+    assert!(
+        nodes.stderr.contains("quorum"),
+        "the read says it may be stale: {}",
+        nodes.stderr
+    );
+    let refused = group
+        .fleetctl(&group.urls(), &["restart".as_ref(), "node-1".as_ref()])
+        .await;
+    refused.expect_code(1);
+    assert!(refused.stderr.contains("quorum"), "{}", refused.stderr);
+    let still: Vec<u64> = statuses(&agents)
+        .await
+        .iter()
+        .map(|s| s.generation)
+        .collect();
+    assert_eq!(generations, still, "a node was restarted without a quorum");
+
+    // With one member down the rollout went on; no node was restarted twice.
+    assert!(stopped_at >= 2, "{stopped_at} node(s) healthy");
+    for (i, (now, then)) in still.iter().zip(&before).enumerate() {
+        assert!(
+            *now <= then.generation + 1,
+            "{} restarted twice",
+            node_id(i)
+        );
+    }
+    // Not shown here: that the rollout resumes once a member is back. Tried, no new
+    // leader was elected within 60 s of the member's return (left open: issue 16).
+}

@@ -129,7 +129,7 @@ async fn drive(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> (RolloutState
         _ => usize::MAX,
     };
     loop {
-        if !fleet.may_drive(&handle) {
+        if !fleet.may_drive(handle) {
             return (RolloutState::Running, "no longer the leader".into());
         }
         // Operator requests are honoured between batches.
