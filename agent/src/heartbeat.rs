@@ -267,7 +267,9 @@ impl Beater {
                 let wait = match next {
                     Next::Now => Duration::ZERO,
                     Next::Stay => self.interval,
-                    Next::RoundOver { rounds } => backoff(self.interval, rounds, MAX_BACKOFF),
+                    Next::RoundOver { rounds } => {
+                        backoff(self.interval, rounds, self.max_backoff())
+                    }
                 };
                 // A follower pointing at the leader is no failure worth a warning: the
                 // switch is logged when the leader takes the beat.
@@ -289,7 +291,7 @@ impl Beater {
                     tracing::warn!(
                         "no controller takes heartbeats ({}): retrying, backing off up to {}",
                         self.controllers.urls().join(", "),
-                        humantime::format_duration(MAX_BACKOFF.max(self.interval))
+                        humantime::format_duration(self.max_backoff().max(self.interval))
                     );
                     self.all_failing = true;
                     self.failing = true;
@@ -297,6 +299,14 @@ impl Beater {
                 Some(Beat::Failed(next, wait))
             }
         }
+    }
+
+    /// The longest wait between rounds: [`MAX_BACKOFF`], but no more than one and a
+    /// half intervals (half the controller's heartbeat TTL; 500 ms at least), so that
+    /// a node whose controllers are between leaders reaches the new one within the
+    /// one TTL of grace it gives every node.
+    fn max_backoff(&self) -> Duration {
+        MAX_BACKOFF.min(self.interval * 3 / 2).max(Duration::from_millis(500))
     }
 
     fn several(&self) -> bool {

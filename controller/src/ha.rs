@@ -58,6 +58,8 @@ pub struct Ha {
     observed: Mutex<Option<String>>,
     /// Incremented by each election this controller wins.
     term: std::sync::atomic::AtomicU64,
+    /// Since when lease grants fail, without one granted since.
+    grant_failing_since: Mutex<Option<Instant>>,
     /// Whether etcd answered the last lease or election call (a quorum is there).
     quorum: std::sync::atomic::AtomicBool,
     /// Leader changes seen by this controller (metrics).
@@ -90,6 +92,7 @@ impl Ha {
             role: watch::channel(Role::Follower { leader: None }).0,
             renewed: Mutex::new(None),
             observed: Mutex::new(None),
+            grant_failing_since: Mutex::new(None),
             term: Default::default(),
             quorum: std::sync::atomic::AtomicBool::new(true),
             leader_changes: Default::default(),
@@ -267,11 +270,21 @@ async fn lead(
             lease.id()
         }
         Err(e) => {
-            ha.set_quorum(false);
+            // One member dying fails a call or two (on its connection) before the
+            // client moves on: only a TTL of failures in a row means no quorum.
+            let since = *ha
+                .grant_failing_since
+                .lock()
+                .expect("grant lock")
+                .get_or_insert_with(Instant::now);
+            if since.elapsed() >= ha.ttl {
+                ha.set_quorum(false);
+            }
             return Err(e);
         }
     };
-    let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
+    *ha.grant_failing_since.lock().expect("grant lock") = None;
+    let (keeper, answers) = client.lease_keep_alive(lease).await?;
     // Listed among the group's controllers for as long as the lease lives.
     let me = Registered {
         url: ha.advertise.clone(),
@@ -289,32 +302,54 @@ async fn lead(
     let (lost_tx, mut lost) = tokio::sync::oneshot::channel::<String>();
     let renewer = {
         let ha = ha.clone();
+        let mut client = client.clone();
         tokio::spawn(async move {
             let every = ha.ttl / 3;
+            // The keep-alive stream runs over one connection to one etcd member: when
+            // that member dies the stream breaks, and a new one (to a member that
+            // answers) is opened at the next attempt.
+            let mut stream = Some((keeper, answers));
             loop {
                 let renewed = async {
+                    if stream.is_none() {
+                        stream = Some(client.lease_keep_alive(lease).await?);
+                    }
+                    let (keeper, answers) = stream.as_mut().expect("opened above");
                     keeper.keep_alive().await?;
                     answers.message().await
                 };
-                match tokio::time::timeout(every, renewed).await {
+                let outcome = tokio::time::timeout(every, renewed).await;
+                let failed = match outcome {
                     Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
                         let mut at = ha.renewed.lock().expect("renewed lock");
                         *at = Some(Instant::now());
+                        false
                     }
-                    Ok(Ok(_)) => {
+                    Ok(Ok(Some(_))) => {
                         let _ = lost_tx.send("the lease expired".to_string());
                         return;
                     }
+                    Ok(Ok(None)) => {
+                        tracing::warn!("lease renewal: the keep-alive stream ended; reopening it");
+                        true
+                    }
                     Ok(Err(e)) => {
-                        ha.renew_failures
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!("lease renewal failed: {e}");
+                        tracing::warn!(
+                            "lease renewal failed: {e}; reopening the keep-alive stream"
+                        );
+                        true
                     }
                     Err(_) => {
-                        ha.renew_failures
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!("lease renewal got no answer within {every:?}");
+                        tracing::warn!(
+                            "lease renewal got no answer within {every:?}; reopening the keep-alive stream"
+                        );
+                        true
                     }
+                };
+                if failed {
+                    ha.renew_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    stream = None;
                 }
                 let renewed = *ha.renewed.lock().expect("renewed lock");
                 if renewed.is_none_or(|at| at.elapsed() >= ha.ttl) {
@@ -324,7 +359,12 @@ async fn lead(
                     ));
                     return;
                 }
-                tokio::time::sleep(every.saturating_sub(Duration::from_millis(50))).await;
+                let pause = if failed {
+                    Duration::from_millis(100)
+                } else {
+                    every.saturating_sub(Duration::from_millis(50))
+                };
+                tokio::time::sleep(pause).await;
             }
         })
     };

@@ -46,10 +46,13 @@ pub const ELECTED: &str = "elected leader";
 /// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
+    // A test lives in target/<profile>/deps, a benchmark program beside the binaries.
+    let dir = exe.parent().expect("an executable lives in a directory");
+    let profile_dir = if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>")
+    } else {
+        dir
+    };
     let binary = profile_dir.join(name);
     assert!(
         binary.is_file(),
