@@ -292,14 +292,18 @@ async fn renew(url: &str, node_id: &str, held: &Held, files: &Files) -> Result<H
     )?)
 }
 
-/// A tonic status as one line, with the transport's cause where there is one.
+/// A tonic status as one line, with the transport's cause where there is one (each
+/// cause once: tonic's message often repeats its source's).
 fn explain(status: &tonic::Status) -> String {
     use std::error::Error as _;
     let mut text = status.message().to_string();
     let mut source = status.source();
     while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
+        let cause = e.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
         source = e.source();
     }
     text
