@@ -42,25 +42,7 @@ const LISTENING: &str = "controller listening on ";
 /// What a controller on etcd logs once it leads.
 pub const ELECTED: &str = "elected leader";
 
-/// A binary of this workspace, built next to the running test executable
-/// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
-pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // A test lives in target/<profile>/deps, a benchmark program beside the binaries.
-    let dir = exe.parent().expect("an executable lives in a directory");
-    let profile_dir = if dir.file_name().is_some_and(|n| n == "deps") {
-        dir.parent().expect("target/<profile>")
-    } else {
-        dir
-    };
-    let binary = profile_dir.join(name);
-    assert!(
-        binary.is_file(),
-        "{} does not exist: run `cargo build --workspace --bins` first",
-        binary.display()
-    );
-    binary
-}
+pub use crate::harness::binary;
 
 /// How long [`Controller::restart`] keeps trying to listen on its old address again
 /// while something else holds it.

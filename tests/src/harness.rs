@@ -33,7 +33,8 @@ use crate::output::ProcessLog;
 pub use back_to_back::BackToBack;
 pub use events::Events;
 pub use files::{
-    TlsFiles, agent_binary, chmod, copy_agent_binary, fixture_path, install_fixture, sha256_hex,
+    TlsFiles, agent_binary, binary, chmod, copy_agent_binary, fixture_path, install_fixture,
+    sha256_hex,
 };
 pub use http::{Finished, HttpResponse, InFlight, http_get, http_request, http_send, https_h2_get};
 pub use opt_out::{SKIP_H2LOAD, SKIP_PIDNS, SKIP_PODMAN, SKIP_ROOT, cannot_run};

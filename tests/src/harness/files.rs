@@ -9,12 +9,21 @@ use sha2::{Digest, Sha256};
 /// The `fleet-agent` binary built next to the running test executable
 /// (`target/<profile>/deps/<test>` → `target/<profile>/fleet-agent`).
 pub fn agent_binary() -> PathBuf {
+    binary("fleet-agent")
+}
+
+/// A binary of the workspace, built into the same `target/<profile>` as the running
+/// executable: a test (in `target/<profile>/deps`) or a benchmark program (beside the
+/// binaries). Panics saying how to build it when it is not there.
+pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
-    let binary = profile_dir.join("fleet-agent");
+    let dir = exe.parent().expect("an executable lives in a directory");
+    let profile_dir = if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>")
+    } else {
+        dir
+    };
+    let binary = profile_dir.join(name);
     assert!(
         binary.is_file(),
         "{} does not exist: run `cargo build --workspace --bins` first",
