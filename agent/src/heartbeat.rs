@@ -306,7 +306,9 @@ impl Beater {
     /// a node whose controllers are between leaders reaches the new one within the
     /// one TTL of grace it gives every node.
     fn max_backoff(&self) -> Duration {
-        MAX_BACKOFF.min(self.interval * 3 / 2).max(Duration::from_millis(500))
+        MAX_BACKOFF
+            .min(self.interval * 3 / 2)
+            .max(Duration::from_millis(500))
     }
 
     fn several(&self) -> bool {
