@@ -81,9 +81,15 @@ pub struct Fleet {
     /// The election, when several controllers share an etcd store ([`crate::ha`]).
     ha: std::sync::OnceLock<Arc<crate::ha::Ha>>,
     /// Whether this controller leads (set by [`Fleet::take_over`], cleared by
-    /// [`Fleet::step_down`]); under its lock, a follower's reload never overwrites
-    /// what a new leader just loaded.
-    leading: Mutex<bool>,
+    /// [`Fleet::step_down`]).
+    leading: std::sync::atomic::AtomicBool,
+    /// Held by a reload and by a take-over, so that a follower's reload never
+    /// overwrites what a new leader just loaded. Never waited for on a runtime
+    /// thread: a reload that finds it taken skips (the take-over loads anyway), and a
+    /// take-over waits for it in `block_in_place` (a worker blocked on it while the
+    /// reload waits on etcd stalled the runtime: the I/O the reload waited for could
+    /// not be driven).
+    reloading: Mutex<()>,
 }
 
 impl Fleet {
@@ -126,7 +132,8 @@ impl Fleet {
             start_lock: tokio::sync::Mutex::new(()),
             default_min_healthy_ms: AtomicU64::new(millis(Spec::DEFAULT_MIN_HEALTHY)),
             ha: std::sync::OnceLock::new(),
-            leading: Mutex::new(false),
+            leading: Default::default(),
+            reloading: Mutex::new(()),
         }))
     }
 
@@ -177,16 +184,18 @@ impl Fleet {
     /// A follower's refresh: the nodes, rollouts and tokens as the store holds them
     /// (nothing while this controller leads: its memory is the truth then).
     pub fn reload(&self) -> Result<(), crate::store::StoreError> {
-        let leading = self.leading.lock().expect("leading lock");
-        if *leading {
+        let Ok(_reloading) = self.reloading.try_lock() else {
+            return Ok(());
+        };
+        if self.leading.load(Ordering::SeqCst) {
             return Ok(());
         }
-        self.reload_rollouts(false)
+        tokio::task::block_in_place(|| self.reload_rollouts(false))
     }
 
     /// Just deposed: follow from now on (the engines stop at their next step).
     pub fn step_down(&self) {
-        *self.leading.lock().expect("leading lock") = false;
+        self.leading.store(false, Ordering::SeqCst);
         self.inventory.set_follower(true);
     }
 
@@ -233,11 +242,14 @@ impl Fleet {
     /// heartbeat TTL of grace) and note the takeover in each unfinished rollout's
     /// timeline; [`Fleet::resume_unfinished`] then starts their engines.
     pub fn take_over(&self, me: &str) -> Result<(), crate::store::StoreError> {
-        let mut leading = self.leading.lock().expect("leading lock");
-        self.reload_rollouts(true)?;
-        self.inventory.reload(true)?;
-        self.inventory.set_follower(false);
-        *leading = true;
+        tokio::task::block_in_place(|| {
+            let _reloading = self.reloading.lock().expect("reloading lock");
+            self.reload_rollouts(true)?;
+            self.inventory.reload(true)?;
+            self.inventory.set_follower(false);
+            self.leading.store(true, Ordering::SeqCst);
+            Ok::<(), crate::store::StoreError>(())
+        })?;
         for handle in self.rollouts.lock().expect("rollouts lock").values() {
             let (id, nodes) = {
                 let mut view = handle.view.lock().expect("view lock");
