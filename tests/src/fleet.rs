@@ -859,6 +859,27 @@ pub async fn agent_status(agent: &Agent) -> pb::StatusResponse {
         .into_inner()
 }
 
+/// Each agent runs `exe`, one generation and one successful restart further than
+/// `before` (its status then): restarted exactly once, whatever happened meanwhile.
+pub async fn restarted_exactly_once(agents: &[Agent], before: &[pb::StatusResponse], exe: &Path) {
+    for (i, agent) in agents.iter().enumerate() {
+        let status = agent_status(agent).await;
+        assert_eq!(exe_path(&status), exe.to_str().unwrap(), "{}", node_id(i));
+        assert_eq!(
+            status.generation,
+            before[i].generation + 1,
+            "{} was restarted exactly once: {status:?}",
+            node_id(i)
+        );
+        assert_eq!(
+            status.restarts_succeeded,
+            before[i].restarts_succeeded + 1,
+            "{}: {status:?}",
+            node_id(i)
+        );
+    }
+}
+
 /// The path of the executable the agent's serving generation runs.
 pub fn exe_path(status: &pb::StatusResponse) -> String {
     status

@@ -10,7 +10,7 @@ use std::time::Duration;
 use fleet_proto::v1::{Rollout, StatusResponse};
 use fleet_tests::fleet::{
     Controller, ControllerOpts, agent_release, agent_status, describe, exe_path, node_id,
-    rollout_node,
+    restarted_exactly_once, rollout_node,
 };
 use fleet_tests::harness::kill_tree;
 
@@ -99,22 +99,7 @@ async fn controller_killed_mid_rollout_resumes_from_its_database_without_restart
         "healthy"
     ));
 
-    for (i, agent) in agents.iter().enumerate() {
-        let status = agent_status(agent).await;
-        assert_eq!(exe_path(&status), v2.to_str().unwrap(), "{}", node_id(i));
-        assert_eq!(
-            status.generation,
-            before[i].generation + 1,
-            "{} was restarted exactly once: {status:?}",
-            node_id(i)
-        );
-        assert_eq!(
-            status.restarts_succeeded,
-            before[i].restarts_succeeded + 1,
-            "{}: {status:?}",
-            node_id(i)
-        );
-    }
+    restarted_exactly_once(&agents, &before, &v2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use fleet_proto::v1::StatusResponse;
 use fleet_tests::etcd::EtcdCluster;
 use fleet_tests::fleet::{
-    Controller, ControllerOpts, Ctl, TestStore, agent_release, agent_status, describe, exe_path,
-    node_id, rollout_node,
+    Controller, ControllerOpts, Ctl, TestStore, agent_release, agent_status, describe, node_id,
+    restarted_exactly_once, rollout_node,
 };
 use fleet_tests::harness::send_signal;
 use fleet_tests::{Agent, AgentOpts, Load, LoadOptions, LoadSpec, ZeroLoss};
@@ -125,26 +125,6 @@ async fn statuses(agents: &[Agent]) -> Vec<StatusResponse> {
         out.push(agent_status(agent).await);
     }
     out
-}
-
-/// Each agent runs `exe`, one generation and one successful restart further.
-async fn restarted_exactly_once(agents: &[Agent], before: &[StatusResponse], exe: &Path) {
-    for (i, agent) in agents.iter().enumerate() {
-        let status = agent_status(agent).await;
-        assert_eq!(exe_path(&status), exe.to_str().unwrap(), "{}", node_id(i));
-        assert_eq!(
-            status.generation,
-            before[i].generation + 1,
-            "{} was restarted exactly once: {status:?}",
-            node_id(i)
-        );
-        assert_eq!(
-            status.restarts_succeeded,
-            before[i].restarts_succeeded + 1,
-            "{}: {status:?}",
-            node_id(i)
-        );
-    }
 }
 
 async fn start_rollout(group: &Group, exe: &Path, soak: &str) -> String {
