@@ -190,7 +190,10 @@ impl Fleet {
         if self.leading.load(Ordering::SeqCst) {
             return Ok(());
         }
-        tokio::task::block_in_place(|| self.reload_rollouts(false))
+        tokio::task::block_in_place(|| {
+            self.inventory.reload(false)?;
+            self.reload_rollouts(false)
+        })
     }
 
     /// Just deposed: follow from now on (the engines stop at their next step).
@@ -199,10 +202,9 @@ impl Fleet {
         self.inventory.set_follower(true);
     }
 
-    /// `fresh`: every rollout gets a new handle (of the current term), not only those
+    /// The tokens and rollouts as the store holds them. `fresh`: every rollout gets a new handle (of the current term), not only those
     /// that changed.
     fn reload_rollouts(&self, fresh: bool) -> Result<(), crate::store::StoreError> {
-        self.inventory.reload(false)?;
         self.tokens.reload()?;
         let mut loaded = HashMap::new();
         let mut seq = 0;
@@ -244,8 +246,8 @@ impl Fleet {
     pub fn take_over(&self, me: &str) -> Result<(), crate::store::StoreError> {
         tokio::task::block_in_place(|| {
             let _reloading = self.reloading.lock().expect("reloading lock");
-            self.reload_rollouts(true)?;
             self.inventory.reload(true)?;
+            self.reload_rollouts(true)?;
             self.inventory.set_follower(false);
             self.leading.store(true, Ordering::SeqCst);
             Ok::<(), crate::store::StoreError>(())

@@ -62,10 +62,6 @@ pub struct Ha {
     grant_failing_since: Mutex<Option<Instant>>,
     /// Whether etcd answered the last lease or election call (a quorum is there).
     quorum: std::sync::atomic::AtomicBool,
-    /// Leader changes seen by this controller (metrics).
-    pub leader_changes: std::sync::atomic::AtomicU64,
-    /// Lease renewals that failed (metrics).
-    pub renew_failures: std::sync::atomic::AtomicU64,
 }
 
 /// This process's election, once it takes part in one (for views that have no
@@ -95,8 +91,6 @@ impl Ha {
             grant_failing_since: Mutex::new(None),
             term: Default::default(),
             quorum: std::sync::atomic::AtomicBool::new(true),
-            leader_changes: Default::default(),
-            renew_failures: Default::default(),
         })
     }
 
@@ -347,8 +341,7 @@ async fn lead(
                     }
                 };
                 if failed {
-                    ha.renew_failures
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    crate::metrics::global().lease_renew_failed();
                     stream = None;
                 }
                 let renewed = *ha.renewed.lock().expect("renewed lock");
@@ -389,8 +382,7 @@ async fn lead(
     store.set_fence(Some(fence));
     // A new term: engines of earlier terms (if any are left) never act again.
     ha.term.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    ha.leader_changes
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    crate::metrics::global().leader_changed();
     if let Err(e) = fleet.take_over(&ha.advertise) {
         tracing::error!("cannot load the fleet's state after the election: {e}; stepping down");
         renewer.abort();
@@ -454,8 +446,7 @@ async fn observe(ha: Arc<Ha>, mut client: Client, election: String) {
                         && *url != ha.advertise
                     {
                         tracing::info!("the leader is {url}");
-                        ha.leader_changes
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        crate::metrics::global().leader_changed();
                     }
                     ha.set_role(Role::Follower { leader: url });
                 }

@@ -100,6 +100,8 @@ pub struct Metrics {
     api: HistogramFamily<RouteLabels>,
     store_writes: Histogram,
     sse_clients: Gauge,
+    leader_changes: Counter,
+    lease_renew_failures: Counter,
 }
 
 fn api_histogram() -> Histogram {
@@ -117,6 +119,8 @@ impl Default for Metrics {
         // 50 µs .. ~3.3 s: one group commit of the store's writer thread.
         let store_writes = Histogram::new(exponential_buckets(0.00005, 2.0, 17));
         let sse_clients = Gauge::default();
+        let leader_changes = Counter::default();
+        let lease_renew_failures = Counter::default();
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -166,6 +170,16 @@ impl Default for Metrics {
             "Clients connected to the event stream (/api/events)",
             sse_clients.clone(),
         );
+        registry.register(
+            "leader_changes",
+            "Leaders this controller saw elected, itself included (several controllers on etcd)",
+            leader_changes.clone(),
+        );
+        registry.register(
+            "lease_renew_failures",
+            "Failed renewals of this controller's election lease (several controllers on etcd)",
+            lease_renew_failures.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             nodes,
@@ -175,6 +189,8 @@ impl Default for Metrics {
             api,
             store_writes,
             sse_clients,
+            leader_changes,
+            lease_renew_failures,
         }
     }
 }
@@ -195,6 +211,16 @@ pub fn global() -> &'static Metrics {
 }
 
 impl Metrics {
+    /// A leader was elected (this controller or another, as the election showed it).
+    pub fn leader_changed(&self) {
+        self.leader_changes.inc();
+    }
+
+    /// A renewal of this controller's election lease failed.
+    pub fn lease_renew_failed(&self) {
+        self.lease_renew_failures.inc();
+    }
+
     /// A node went from one state to another (`from` is `new` for its first heartbeat).
     pub fn transition(&self, from: &str, to: &str) {
         if from == to {
