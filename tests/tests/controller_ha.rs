@@ -368,6 +368,26 @@ async fn fleetctl_works_against_a_follower_and_falls_over_when_the_leader_is_dow
     let status = agent_status(&agents[0]).await;
     assert_eq!(status.generation, before[0].generation + 1, "{status:?}");
 
+    // A dashboard form posted to the follower (here by a page with no session at all)
+    // changes nothing there: it is sent on to the same action on the leader, which
+    // checks the caller and its CSRF token itself.
+    let form = fleet_tests::harness::http_send(
+        group.controllers[follower].addr(),
+        http::Method::POST,
+        "/nodes/node-1/restart",
+        &[("content-type", "application/x-www-form-urlencoded".into())],
+        "csrf=forged",
+    )
+    .await
+    .expect("the follower answers");
+    assert_eq!(form.status, 307, "{}", form.text());
+    assert_eq!(
+        form.headers["location"].to_str().unwrap(),
+        format!("{}/nodes/node-1/restart", group.controllers[leader].url())
+    );
+    let unchanged = agent_status(&agents[0]).await;
+    assert_eq!(unchanged.generation, status.generation, "{unchanged:?}");
+
     // The leader down: the first URL is dead, the next ones answer; no error.
     let leader_url = group.controllers[leader].url();
     group.controllers[leader].kill();
