@@ -484,6 +484,12 @@ async fn follow(ha: Arc<Ha>, mut client: Client, store: Arc<EtcdStore>, fleet: A
                     continue;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                // What arrived meanwhile is covered by the one reload below.
+                while let Ok(more) = tokio::time::timeout(Duration::ZERO, stream.message()).await {
+                    if more?.is_none() {
+                        return Ok(());
+                    }
+                }
                 if let Err(e) = fleet.reload() {
                     tracing::warn!("cannot reload the fleet's state from etcd: {e}");
                 }
