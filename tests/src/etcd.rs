@@ -404,6 +404,16 @@ impl EtcdCluster {
         self.fail("no member names a leader")
     }
 
+    /// The process ids of the members running now.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m.child.as_ref().map(Child::id))
+            .collect()
+    }
+
     /// Kill member `i` (SIGKILL) and reap it.
     pub fn kill(&self, i: usize) {
         let mut members = self.members.lock().unwrap();

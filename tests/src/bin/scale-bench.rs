@@ -30,6 +30,19 @@
 //! 4. Controller process (from /proc/PID): CPU seconds and peak RSS, VmHWM (target
 //!    < 300 MB).
 //!
+//! 5. Store: the controller's store commits and their mean time (from its
+//!    `/metrics`) over registration, the heartbeat window and the rollout.
+//!
+//! `--stores sqlite,etcd` does all of it twice, each time with a fresh controller and
+//! fresh agents: on SQLite, then on a `--etcd-members` etcd cluster started on
+//! loopback (`fleet-controller --store etcd://…`, the default lease TTL). The etcd run
+//! also counts what etcd applied during the rollout, read back from its history with
+//! a watch: write transactions (revisions), puts by kind of key, bytes, per node and
+//! per node transition (a write of a rollout node's state), and the members' CPU.
+//! Then each figure of both runs side by side with etcd ÷ SQLite; the target (issue
+//! 16) is an overhead per node on etcd within 2× of SQLite's. etcd's members count
+//! as "other load" in the context line.
+//!
 //! The controller's figures come from /proc/<controller pid> alone; the CPU of the
 //! hollow agents (and this process) and other load on the machine are printed beside
 //! them (the agents and the controller share the CPUs).
@@ -50,7 +63,8 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
-use fleet_tests::bench::controller::{Controller, start_controller};
+use fleet_tests::bench::controller::{Controller, start_controller, start_controller_with};
+use fleet_tests::etcd::EtcdCluster;
 use fleet_tests::hollow::{HollowStats, RestartLine, fake_sha256, nofile_needed, raise_nofile};
 use nix::sys::signal::{Signal, kill, killpg};
 use serde_json::{Value, json};
@@ -129,12 +143,43 @@ struct Args {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
+    /// The controller's store, run one after the other with the same agents' settings:
+    /// `sqlite` (a file in a temporary directory), `etcd` (a cluster of
+    /// `--etcd-members` started on loopback; Debian's etcd-server, or `FLEET_ETCD`), or
+    /// both (`sqlite,etcd`: the second run's figures are also printed as ratios to the
+    /// first's).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "sqlite")]
+    stores: Vec<StoreKind>,
+    /// Members of the etcd cluster for `--stores etcd`.
+    #[arg(long, default_value_t = 3)]
+    etcd_members: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StoreKind {
+    Sqlite,
+    Etcd,
+}
+
+impl StoreKind {
+    fn name(self) -> &'static str {
+        match self {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Etcd => "etcd",
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.agents == 0 || args.window.is_zero() || args.poll.is_zero() {
         eprintln!("scale-bench: --agents, --window and --poll must be > 0");
+        return ExitCode::from(2);
+    }
+    if args.stores.is_empty() || args.etcd_members == 0 {
+        eprintln!(
+            "scale-bench: --stores needs sqlite, etcd or both, and --etcd-members at least 1"
+        );
         return ExitCode::from(2);
     }
     if !(0.0..=1.0).contains(&args.failure_rate) {
@@ -572,16 +617,111 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             args.agents
         ));
     }
+    if args.stores.contains(&StoreKind::Etcd) && !etcd_runs() {
+        bail!(
+            "--stores etcd: {} --version does not run; install etcd (apt-get install etcd-server) or set FLEET_ETCD",
+            fleet_tests::etcd::program().display()
+        );
+    }
+    let mut runs: Vec<(StoreKind, bool, Value)> = Vec::new();
+    for &store in &args.stores {
+        say(format!("--- store {} ---", store.name()));
+        let (pass, report) =
+            run_store(&args, &controller_exe, &hollow_exe, per_process, store).await?;
+        runs.push((store, pass, report));
+    }
+    let comparison = compare(&runs);
+    let pass = runs.iter().all(|(_, pass, _)| *pass)
+        && (comparison.is_null() || comparison["etcd_overhead_ratio_met"] == true);
+    match args.output {
+        OutputFormat::Json if runs.len() == 1 => {
+            println!("{}", serde_json::to_string_pretty(&runs[0].2)?);
+        }
+        OutputFormat::Json => {
+            let by_store: serde_json::Map<String, Value> = runs
+                .iter()
+                .map(|(store, _, report)| (store.name().to_string(), report.clone()))
+                .collect();
+            let report = json!({ "runs": by_store, "comparison": comparison, "pass": pass });
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        OutputFormat::Text => {
+            if let Some(lines) = comparison_lines(&runs) {
+                println!();
+                for line in lines {
+                    println!("{line}");
+                }
+            }
+        }
+    }
+    Ok(pass)
+}
+
+/// Whether the etcd program runs (`etcd --version`).
+fn etcd_runs() -> bool {
+    Command::new(fleet_tests::etcd::program())
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// One whole run (registration, heartbeats, rollout) against a fresh controller on
+/// `store`; prints its text report (with `-o text`) and returns whether its targets
+/// were met and its JSON report.
+async fn run_store(
+    args: &Args,
+    controller_exe: &Path,
+    hollow_exe: &Path,
+    per_process: usize,
+    store: StoreKind,
+) -> anyhow::Result<(bool, Value)> {
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let db = dir.path().join("fleet.db");
-    let mut controller = start_controller(&controller_exe, &db, args.heartbeat_ttl).await?;
+    let etcd = match store {
+        StoreKind::Sqlite => None,
+        StoreKind::Etcd => {
+            let cluster = EtcdCluster::start(args.etcd_members).await;
+            say(format!(
+                "etcd: {} member(s) at {} (pids {:?})",
+                args.etcd_members,
+                cluster.url(),
+                cluster.pids()
+            ));
+            Some(cluster)
+        }
+    };
+    let mut controller = match &etcd {
+        None => {
+            start_controller(
+                controller_exe,
+                &dir.path().join("fleet.db"),
+                args.heartbeat_ttl,
+            )
+            .await?
+        }
+        Some(cluster) => {
+            let ttl = format!("{}ms", args.heartbeat_ttl.as_millis());
+            let controller_args: Vec<std::ffi::OsString> = vec![
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--store".into(),
+                cluster.url().into(),
+                "--heartbeat-ttl".into(),
+                ttl.into(),
+            ];
+            start_controller_with(controller_exe, &controller_args).await?
+        }
+    };
     let cpid = controller.pid();
     say(format!(
-        "fleet-controller pid {cpid} listening on {}",
-        controller.addr
+        "fleet-controller pid {cpid} listening on {} (store {})",
+        controller.addr,
+        store.name()
     ));
     let mut api = client(controller.addr)?;
     let idle_rss = status_bytes(cpid, "VmRSS:");
+    let store_start = StoreMark::now(controller.addr, etcd.as_ref()).await;
 
     // 1. Registration.
     let processes = args.agents.div_ceil(per_process);
@@ -593,8 +733,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         // Even shares: 10,000 over 2 processes is 5,000 + 5,000.
         let count = (args.agents - first) / (processes - k);
         hollows.push(spawn_hollow(
-            &hollow_exe,
-            &args,
+            hollow_exe,
+            args,
             controller.addr,
             first,
             count,
@@ -670,6 +810,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     let rss_registered = status_bytes(cpid, "VmRSS:");
     let mark_registered = CpuMark::now(cpid, &hollow_pids);
+    let store_registered = StoreMark::now(controller.addr, etcd.as_ref()).await;
     let reg_cpu = CpuSpan::between(&mark_start, &mark_registered);
     say(format!(
         "registration: all {} nodes serving in ListNodes after {:.2}s (controller CPU {})",
@@ -681,9 +822,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     // 2. Heartbeat load.
     let hb_before = stats_of(&mut hollows).await?;
     let mark_hb0 = CpuMark::now(cpid, &hollow_pids);
+    let store_hb0 = StoreMark::now(controller.addr, etcd.as_ref()).await;
     tokio::time::sleep(args.window).await;
     let hb_after = stats_of(&mut hollows).await?;
     let mark_hb1 = CpuMark::now(cpid, &hollow_pids);
+    let store_hb1 = StoreMark::now(controller.addr, etcd.as_ref()).await;
     let rss_heartbeats = status_bytes(cpid, "VmRSS:");
     let hb_cpu = CpuSpan::between(&mark_hb0, &mark_hb1);
     let hb_ok = hb_after.heartbeats_ok - hb_before.heartbeats_ok;
@@ -710,6 +853,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         actor: "scale-bench".into(),
         ..Default::default()
     };
+    let store_r0 = StoreMark::now(controller.addr, etcd.as_ref()).await;
     let mark_r0 = CpuMark::now(cpid, &hollow_pids);
     let t0 = Instant::now();
     let t0_unix_ms = unix_ms_now();
@@ -730,9 +874,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         started.nodes.len()
     ));
     let deadline = t0 + args.timeout;
-    let finished = follow(&args, &mut api, &mut controller, &id, deadline).await?;
+    let finished = follow(args, &mut api, &mut controller, &id, deadline).await?;
     let observed = t0.elapsed();
     let mark_r1 = CpuMark::now(cpid, &hollow_pids);
+    let store_r1 = StoreMark::now(controller.addr, etcd.as_ref()).await;
     let rollout_cpu = CpuSpan::between(&mark_r0, &mark_r1);
     let wall = if finished.finished_unix_ms >= t0_unix_ms {
         Duration::from_millis(finished.finished_unix_ms - t0_unix_ms)
@@ -787,6 +932,42 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .iter()
         .find(|n| n.state == "failed")
         .map(|n| format!("{}: {}", n.node_id, n.reason));
+
+    // What the store wrote.
+    let etcd_writes = match &etcd {
+        Some(cluster) => match (store_r0.revision, store_r1.revision) {
+            (Some(r0), Some(r1)) => Some(
+                etcd_writes_between(cluster, r0, r1)
+                    .await
+                    .map_err(|e| format!("{e:#}")),
+            ),
+            _ => None,
+        },
+        None => None,
+    };
+    if let Some(Err(e)) = &etcd_writes {
+        say(format!("cannot count etcd's writes: {e}"));
+    }
+    let etcd_writes = etcd_writes.and_then(Result::ok);
+    let rollout_node_writes = etcd_writes
+        .as_ref()
+        .and_then(|w| w.puts_by_kind.get("rollout_nodes").copied());
+    let store_json = json!({
+        "store": store.name(),
+        "etcd_members": etcd.as_ref().map(|_| args.etcd_members),
+        "registration": StoreMark::span_json(&store_start, &store_registered),
+        "heartbeat_window": StoreMark::span_json(&store_hb0, &store_hb1),
+        "rollout": StoreMark::span_json(&store_r0, &store_r1),
+        "rollout_etcd_writes": etcd_writes.as_ref().map(|w| w.json(nodes_total)),
+        "rollout_etcd_transactions_per_node_transition": match (&etcd_writes, rollout_node_writes) {
+            (Some(w), Some(t)) if t > 0 => opt3(Some(w.transactions as f64 / t as f64)),
+            _ => Value::Null,
+        },
+        "rollout_etcd_key_writes_per_node_transition": match (&etcd_writes, rollout_node_writes) {
+            (Some(w), Some(t)) if t > 0 => opt3(Some(w.puts as f64 / t as f64)),
+            _ => Value::Null,
+        },
+    });
 
     // 4. Controller process.
     let peak_rss = status_bytes(cpid, "VmHWM:");
@@ -863,6 +1044,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             "cpu_s_total": opt3(total_cpu.controller_s),
             "cpu_s_rollout": opt3(rollout_cpu.controller_s),
         },
+        "store": store_json,
         "bench_process_cpu_s_total": opt3(total_cpu.bench_s),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "targets": {
@@ -875,12 +1057,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         "pass": pass,
     });
 
-    match args.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        OutputFormat::Text => {
+    if args.output == OutputFormat::Text {
+        {
             let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
             println!(
-                "scale-bench: {} hollow agents, restart latency {:?} ± {:?}, failure rate {}, {} CPUs",
+                "scale-bench: store {}, {} hollow agents, restart latency {:?} ± {:?}, failure rate {}, {} CPUs",
+                store.name(),
                 args.agents,
                 args.restart_latency,
                 args.restart_jitter,
@@ -971,6 +1153,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     "GetRollout polls"
                 }
             );
+            for line in store_lines(&store_json) {
+                println!("{line}");
+            }
             if twice > 0 {
                 println!("FAIL: {twice} nodes were restarted more than once");
             }
@@ -994,7 +1179,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         h.wait_exit(Duration::from_secs(5)).await;
     }
     controller.terminate(Duration::from_secs(5)).await;
-    Ok(pass)
+    drop(etcd);
+    Ok((pass, report))
 }
 
 fn is_final(state: &str) -> bool {
@@ -1123,4 +1309,312 @@ async fn follow(
             .into_inner());
     }
     Ok(r)
+}
+
+// ---------------------------------------------------------------------------
+// What the store did
+
+/// The store at one moment: the controller's store commits so far (its `/metrics`
+/// histogram `fleet_controller_store_write_duration_seconds`, one observation per
+/// transaction of its writer) and, on etcd, the cluster's revision (one per write
+/// transaction), database size and the members' CPU.
+#[derive(Debug, Clone, Copy, Default)]
+struct StoreMark {
+    commits: Option<f64>,
+    commit_seconds: Option<f64>,
+    revision: Option<i64>,
+    etcd_db_bytes: Option<i64>,
+    etcd_cpu_s: Option<f64>,
+}
+
+impl StoreMark {
+    async fn now(controller: SocketAddr, etcd: Option<&EtcdCluster>) -> StoreMark {
+        let mut mark = StoreMark::default();
+        if let Ok(response) = fleet_tests::harness::http_get(controller, "/metrics").await {
+            let text = response.text();
+            let value = |name: &str| {
+                text.lines().find_map(|line| {
+                    line.strip_prefix(name)?
+                        .strip_prefix(' ')?
+                        .trim()
+                        .parse()
+                        .ok()
+                })
+            };
+            mark.commits = value("fleet_controller_store_write_duration_seconds_count");
+            mark.commit_seconds = value("fleet_controller_store_write_duration_seconds_sum");
+        }
+        if let Some(cluster) = etcd {
+            if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(10), async {
+                cluster.client().await.status().await
+            })
+            .await
+            {
+                mark.revision = status.header().map(|h| h.revision());
+                mark.etcd_db_bytes = Some(status.db_size());
+            }
+            mark.etcd_cpu_s = cluster
+                .pids()
+                .into_iter()
+                .map(cpu_seconds)
+                .sum::<Option<f64>>();
+        }
+        mark
+    }
+
+    /// What happened between `a` and `b`.
+    fn span_json(a: &StoreMark, b: &StoreMark) -> Value {
+        let diff = |x: Option<f64>, y: Option<f64>| Some(y? - x?);
+        let commits = diff(a.commits, b.commits);
+        let commit_s = diff(a.commit_seconds, b.commit_seconds);
+        json!({
+            // Counts, from a float in the text format.
+            "commits": commits.map(|n| n.round() as u64),
+            "mean_commit_ms": match (commits, commit_s) {
+                (Some(n), Some(s)) if n > 0.0 => opt3(Some(s / n * 1e3)),
+                _ => Value::Null,
+            },
+            "etcd_revisions": match (a.revision, b.revision) {
+                (Some(x), Some(y)) => json!(y - x),
+                _ => Value::Null,
+            },
+            "etcd_db_bytes_end": b.etcd_db_bytes,
+            "etcd_members_cpu_s": opt3(diff(a.etcd_cpu_s, b.etcd_cpu_s)),
+        })
+    }
+}
+
+/// Every write etcd applied between two revisions, read back from its history with
+/// a watch (nothing here compacts it).
+#[derive(Debug, Default)]
+struct EtcdWrites {
+    /// Distinct revisions: write transactions.
+    transactions: u64,
+    puts: u64,
+    deletes: u64,
+    value_bytes: u64,
+    /// Puts by the key's first segment under `/fleet/` (`nodes`, `rollout_nodes`, …;
+    /// `other` outside it: the election).
+    puts_by_kind: BTreeMap<String, u64>,
+}
+
+impl EtcdWrites {
+    fn json(&self, nodes: usize) -> Value {
+        let per_node = |n: u64| round3(n as f64 / nodes.max(1) as f64);
+        json!({
+            "transactions": self.transactions,
+            "puts": self.puts,
+            "deletes": self.deletes,
+            "value_bytes": self.value_bytes,
+            "puts_by_kind": self.puts_by_kind,
+            "transactions_per_node": per_node(self.transactions),
+            "puts_per_node": per_node(self.puts),
+            "value_bytes_per_node": per_node(self.value_bytes),
+        })
+    }
+}
+
+async fn etcd_writes_between(
+    cluster: &EtcdCluster,
+    from: i64,
+    to: i64,
+) -> anyhow::Result<EtcdWrites> {
+    let mut writes = EtcdWrites::default();
+    if to <= from {
+        return Ok(writes);
+    }
+    // One response may carry a whole group commit's events (35 MB with 10,000 nodes).
+    let mut client = cluster
+        .client()
+        .await
+        .watch_client()
+        .max_decoding_message_size(MAX_MESSAGE);
+    let options = etcd_client::WatchOptions::new()
+        .with_all_keys()
+        .with_start_revision(from + 1);
+    let read = async {
+        let mut stream = client.watch(vec![0u8], Some(options)).await?;
+        let mut last = from;
+        while last < to {
+            let Some(response) = stream.message().await? else {
+                break;
+            };
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                let revision = kv.mod_revision();
+                if revision > to {
+                    continue;
+                }
+                if revision != last {
+                    writes.transactions += 1;
+                    last = revision;
+                }
+                match event.event_type() {
+                    etcd_client::EventType::Put => {
+                        writes.puts += 1;
+                        writes.value_bytes += kv.value().len() as u64;
+                        let key = String::from_utf8_lossy(kv.key());
+                        let kind = key
+                            .strip_prefix("/fleet/")
+                            .and_then(|k| k.split('/').next())
+                            .unwrap_or("other");
+                        *writes.puts_by_kind.entry(kind.to_string()).or_default() += 1;
+                    }
+                    etcd_client::EventType::Delete => writes.deletes += 1,
+                }
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .context("reading etcd's history took over 60 s")?
+        .context("reading etcd's history")?;
+    Ok(writes)
+}
+
+/// The text lines of a run's store figures.
+fn store_lines(store: &Value) -> Vec<String> {
+    let span = |name: &str| {
+        let s = &store[name];
+        let mut line = format!("{} store commits", s["commits"]);
+        if !s["mean_commit_ms"].is_null() {
+            line.push_str(&format!(", mean {} ms each", s["mean_commit_ms"]));
+        }
+        if !s["etcd_revisions"].is_null() {
+            line.push_str(&format!(
+                "; etcd: {} write transactions, members' CPU {} s",
+                s["etcd_revisions"], s["etcd_members_cpu_s"]
+            ));
+        }
+        line
+    };
+    let mut lines = vec![
+        format!(
+            "store {:<13} registration: {}",
+            store["store"].as_str().unwrap_or("?"),
+            span("registration")
+        ),
+        format!("  heartbeat window  {}", span("heartbeat_window")),
+        format!("  rollout           {}", span("rollout")),
+    ];
+    let w = &store["rollout_etcd_writes"];
+    if !w.is_null() {
+        lines.push(format!(
+            "  etcd writes       {} transactions, {} puts ({}), {} deletes, {} value bytes: {} transactions and {} puts per node; {} transactions and {} puts per node transition (one write of a rollout node's state)",
+            w["transactions"],
+            w["puts"],
+            w["puts_by_kind"]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default(),
+            w["deletes"],
+            w["value_bytes"],
+            w["transactions_per_node"],
+            w["puts_per_node"],
+            store["rollout_etcd_transactions_per_node_transition"],
+            store["rollout_etcd_key_writes_per_node_transition"],
+        ));
+    }
+    lines
+}
+
+/// Target of issue 16: the per-node overhead on etcd within 2× of SQLite's.
+const TARGET_ETCD_OVERHEAD_RATIO: f64 = 2.0;
+
+/// The figures compared between the first SQLite run and the first etcd run.
+const COMPARED: &[(&str, &[&str])] = &[
+    (
+        "registration_s",
+        &["registration", "all_serving_in_list_nodes_s"],
+    ),
+    (
+        "registration_controller_cpu_s",
+        &["registration", "controller_cpu_s"],
+    ),
+    (
+        "heartbeat_controller_cpu_percent",
+        &["heartbeats", "controller_cpu_percent_of_one_core"],
+    ),
+    ("start_rollout_call_s", &["rollout", "start_rollout_call_s"]),
+    ("rollout_wall_s", &["rollout", "wall_s"]),
+    (
+        "controller_overhead_per_node_ms",
+        &["rollout", "controller_overhead_per_node_ms"],
+    ),
+    ("rollout_controller_cpu_s", &["rollout", "controller_cpu_s"]),
+    (
+        "controller_peak_rss_bytes",
+        &["controller", "peak_rss_bytes"],
+    ),
+    ("rollout_store_commits", &["store", "rollout", "commits"]),
+    (
+        "rollout_mean_commit_ms",
+        &["store", "rollout", "mean_commit_ms"],
+    ),
+];
+
+fn figure<'a>(report: &'a Value, path: &[&str]) -> &'a Value {
+    path.iter().fold(report, |v, k| &v[*k])
+}
+
+/// etcd against SQLite, when both ran: each figure of both and etcd ÷ SQLite.
+fn compare(runs: &[(StoreKind, bool, Value)]) -> Value {
+    let find = |kind| runs.iter().find(|(k, _, _)| *k == kind).map(|(_, _, r)| r);
+    let (Some(sqlite), Some(etcd)) = (find(StoreKind::Sqlite), find(StoreKind::Etcd)) else {
+        return Value::Null;
+    };
+    let mut figures = serde_json::Map::new();
+    for (name, path) in COMPARED {
+        let (a, b) = (figure(sqlite, path), figure(etcd, path));
+        let ratio = match (a.as_f64(), b.as_f64()) {
+            (Some(a), Some(b)) if a > 0.0 => opt3(Some(b / a)),
+            _ => Value::Null,
+        };
+        figures.insert(
+            (*name).to_string(),
+            json!({ "sqlite": a, "etcd": b, "etcd_over_sqlite": ratio }),
+        );
+    }
+    let overhead_ratio = figures["controller_overhead_per_node_ms"]["etcd_over_sqlite"].as_f64();
+    json!({
+        "figures": figures,
+        "etcd_overhead_ratio_below": TARGET_ETCD_OVERHEAD_RATIO,
+        "etcd_overhead_ratio_met": overhead_ratio.is_some_and(|r| r <= TARGET_ETCD_OVERHEAD_RATIO),
+        "etcd_transactions_per_node_transition": etcd["store"]["rollout_etcd_transactions_per_node_transition"],
+        "etcd_key_writes_per_node_transition": etcd["store"]["rollout_etcd_key_writes_per_node_transition"],
+    })
+}
+
+fn comparison_lines(runs: &[(StoreKind, bool, Value)]) -> Option<Vec<String>> {
+    let comparison = compare(runs);
+    let figures = comparison["figures"].as_object()?;
+    let mut lines = vec![format!(
+        "{:<36} {:>14} {:>14} {:>12}",
+        "etcd vs SQLite", "sqlite", "etcd", "etcd÷sqlite"
+    )];
+    for (name, _) in COMPARED {
+        let Some(f) = figures.get(*name) else {
+            continue;
+        };
+        lines.push(format!(
+            "{name:<36} {:>14} {:>14} {:>12}",
+            f["sqlite"].to_string(),
+            f["etcd"].to_string(),
+            f["etcd_over_sqlite"].to_string()
+        ));
+    }
+    lines.push(format!(
+        "etcd writes per node transition      {} transactions, {} key writes",
+        comparison["etcd_transactions_per_node_transition"],
+        comparison["etcd_key_writes_per_node_transition"]
+    ));
+    let met = comparison["etcd_overhead_ratio_met"]
+        .as_bool()
+        .unwrap_or(false);
+    lines.push(format!(
+        "etcd overhead per node within {TARGET_ETCD_OVERHEAD_RATIO}× of SQLite's  {}",
+        if met { "PASS" } else { "FAIL" }
+    ));
+    Some(lines)
 }
