@@ -67,6 +67,15 @@ pub struct NodeRecord {
     pub ready_timeout_ms: u64,
     #[serde(default)]
     pub drain_timeout_ms: u64,
+    /// When the leader found it had missed its heartbeats (0: it had not). Written
+    /// once, when the node goes quiet, so that followers, which hear no heartbeats,
+    /// show it unreachable too; the next accepted heartbeat writes the node without it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stale_since_unix_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl NodeRecord {
@@ -113,6 +122,7 @@ impl NodeRecord {
                 .collect(),
             ready_timeout_ms: status.ready_timeout_ms,
             drain_timeout_ms: status.drain_timeout_ms,
+            stale_since_unix_ms: 0,
         }
     }
 
@@ -209,6 +219,7 @@ impl Inventory {
             // Known from before the controller restarted: one ttl of grace for its
             // next heartbeat before it counts as unreachable.
             node.last_heartbeat_unix_ms = now_ms();
+            node.stale_since_unix_ms = 0;
             nodes.insert(node.node_id.clone(), node);
         }
         Ok(Self {
@@ -232,6 +243,7 @@ impl Inventory {
         for mut node in self.store.load_nodes()? {
             if lead {
                 node.last_heartbeat_unix_ms = now_ms();
+                node.stale_since_unix_ms = 0;
             }
             loaded.insert(node.node_id.clone(), node);
         }
@@ -456,7 +468,21 @@ impl Inventory {
     /// The node as seen now: `unreachable` (with since when) if it missed its heartbeats.
     fn effective(&self, node: &NodeRecord) -> NodeRecord {
         let mut node = node.clone();
-        if self.is_stale(&node) {
+        if node.stale_since_unix_ms > 0
+            && node.state != STOPPED
+            && self.follower.load(Ordering::Relaxed)
+        {
+            // As the leader found it and wrote it (a follower hears no heartbeats).
+            node.state = "unreachable".into();
+            if node.reason.is_empty() {
+                node.reason = format!(
+                    "no heartbeat since {} (as the leader found it)",
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_millis(node.last_heartbeat_unix_ms)
+                    )
+                );
+            }
+        } else if self.is_stale(&node) {
             let ago = Duration::from_millis(now_ms().saturating_sub(node.last_heartbeat_unix_ms));
             node.state = "unreachable".into();
             if node.reason.is_empty() {
@@ -501,6 +527,27 @@ impl Inventory {
                     .map(|n| (n.node_id.clone(), (n.node_id.clone(), n.state.clone())))
                     .unzip()
             };
+            // Each node that just went quiet is written once, marked, for the
+            // followers (and for the record); its next heartbeat writes it unmarked.
+            let newly: Vec<NodeRecord> = {
+                let mut nodes = self.nodes.write().expect("inventory lock");
+                now_stale
+                    .difference(&stale)
+                    .filter_map(|id| {
+                        let node = nodes.get_mut(id)?;
+                        if node.stale_since_unix_ms > 0 || !self.is_stale(node) {
+                            return None;
+                        }
+                        node.stale_since_unix_ms = now_ms();
+                        Some(node.clone())
+                    })
+                    .collect()
+            };
+            for node in &newly {
+                // Queued now; committed by the writer thread. Refused on a deposed
+                // leader (fencing), which is then a follower.
+                drop(self.store.put_node(node));
+            }
             for id in now_stale.difference(&stale) {
                 // Counted when it is noticed here: a node that went stale and beat
                 // again within one tick (500 ms) is counted as coming back only.
@@ -569,6 +616,73 @@ mod tests {
         );
         assert!(inventory.list(&Selector::default()).is_empty());
         assert!(inventory.store.load_nodes().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_node_gone_quiet_is_written_once_marked_so_followers_show_it_unreachable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::Store> =
+            Arc::new(crate::store::SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
+        let (changes, _) = tokio::sync::broadcast::channel(64);
+        let ttl = Duration::from_millis(100);
+        let leader = Arc::new(Inventory::new(store.clone(), ttl, changes.clone()).unwrap());
+        let follower = Inventory::new(store.clone(), ttl, changes).unwrap();
+        follower.set_follower(true);
+        leader.report(&status("quiet"), false).unwrap();
+        leader.report(&status("beating"), false).unwrap();
+        let watcher = tokio::spawn(leader.clone().watch_staleness());
+        let stored = |id: &str| {
+            store
+                .load_nodes()
+                .unwrap()
+                .into_iter()
+                .find(|n| n.node_id == id)
+        };
+        let marked = |id: &str| stored(id).map(|n| n.stale_since_unix_ms);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while marked("quiet").unwrap_or(0) == 0 {
+            assert!(std::time::Instant::now() < deadline, "never written stale");
+            leader.report(&status("beating"), false).unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(marked("beating"), Some(0));
+        follower.reload(false).unwrap();
+        let shown = |inv: &Inventory| {
+            inv.list(&Selector::default())
+                .into_iter()
+                .map(|n| (n.node_id, n.state))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shown(&follower),
+            [
+                ("beating".to_string(), "serving".to_string()),
+                ("quiet".to_string(), "unreachable".to_string())
+            ]
+        );
+        let quiet = follower.get("quiet").unwrap();
+        assert!(
+            quiet.reason.contains("as the leader found it"),
+            "{}",
+            quiet.reason
+        );
+        // It beats again: written unmarked, and the follower shows it serving.
+        leader.report(&status("quiet"), false).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while marked("quiet") != Some(0) {
+            assert!(std::time::Instant::now() < deadline, "never written back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        follower.reload(false).unwrap();
+        assert_eq!(follower.get("quiet").unwrap().state, "serving");
+        // A new leader gives every node a TTL of grace, marked or not.
+        watcher.abort();
+        let mut quiet = stored("quiet").unwrap();
+        quiet.stale_since_unix_ms = 1;
+        store.put_node(&quiet).await.unwrap();
+        follower.set_follower(false);
+        follower.reload(true).unwrap();
+        assert_eq!(follower.get("quiet").unwrap().state, "serving");
     }
 
     #[test]

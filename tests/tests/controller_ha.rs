@@ -388,6 +388,26 @@ async fn fleetctl_works_against_a_follower_and_falls_over_when_the_leader_is_dow
     let unchanged = agent_status(&agents[0]).await;
     assert_eq!(unchanged.generation, status.generation, "{unchanged:?}");
 
+    // An agent goes quiet: the leader writes it unreachable once, so the follower,
+    // which hears no heartbeats, shows it so too; woken, it is serving on both again.
+    send_signal(agents[1].pid(), Signal::SIGSTOP);
+    group.controllers[follower]
+        .wait_nodes(&[node_id(1)], "unreachable", Duration::from_secs(15))
+        .await;
+    let listed = group.fleetctl(&follower_url, &["nodes".as_ref()]).await;
+    let row = listed
+        .expect_code(0)
+        .stdout
+        .lines()
+        .find(|l| l.contains("node-2"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(row.contains("unreachable"), "{}", listed.stdout);
+    send_signal(agents[1].pid(), Signal::SIGCONT);
+    group.controllers[follower]
+        .wait_nodes(&[node_id(1)], "serving", Duration::from_secs(15))
+        .await;
+
     // The leader down: the first URL is dead, the next ones answer; no error.
     let leader_url = group.controllers[leader].url();
     group.controllers[leader].kill();

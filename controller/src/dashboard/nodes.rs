@@ -312,6 +312,7 @@ mod tests {
             listeners: Vec::new(),
             ready_timeout_ms: 0,
             drain_timeout_ms: 0,
+            stale_since_unix_ms: 0,
         }
     }
 
