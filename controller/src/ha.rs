@@ -529,6 +529,13 @@ fn changes_state(method: &axum::http::Method, path: &str) -> bool {
 /// leader is: gRPC `UNAVAILABLE` with [`fleet_proto::ha::LEADER_METADATA`], a
 /// dashboard form with a `307` to the same action on the leader (which asks the
 /// browser to log in there, sessions being per controller).
+///
+/// A browser never posts a form across: the dashboard's pages are served here, but
+/// an action's confirmation page (the `GET` of a path whose `POST` is a change: a
+/// node's Restart, /rollouts/new, …) is answered with a `307` to the same page on the
+/// leader, so its form posts to the leader from the leader's own page, with the
+/// leader's session and CSRF token (`form-action 'self'` and the same-origin check
+/// would refuse a form posted from here and redirected).
 pub async fn leader_only(
     axum::extract::State(fleet): axum::extract::State<Arc<Fleet>>,
     request: axum::extract::Request,
@@ -538,6 +545,11 @@ pub async fn leader_only(
     let Some(refusal) = fleet.not_leader() else {
         return next.run(request).await;
     };
+    let action_page = request.method() == axum::http::Method::GET
+        && changes_state(&axum::http::Method::POST, request.uri().path());
+    if action_page && let Some(url) = fleet.ha().and_then(|ha| ha.leader_url()) {
+        return to_leader(&url, request.uri(), refusal.message());
+    }
     if !changes_state(request.method(), request.uri().path()) {
         let mut response = next.run(request).await;
         if fleet.ha().is_some_and(|ha| !ha.quorum()) {
@@ -558,15 +570,7 @@ pub async fn leader_only(
     }
     let leader = fleet.ha().and_then(|ha| ha.leader_url());
     match leader {
-        Some(url) => {
-            let target = format!("{}{}", url.trim_end_matches('/'), request.uri());
-            (
-                axum::http::StatusCode::TEMPORARY_REDIRECT,
-                [(axum::http::header::LOCATION, target)],
-                format!("{}\n", refusal.message()),
-            )
-                .into_response()
-        }
+        Some(url) => to_leader(&url, request.uri(), refusal.message()),
         None => (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             [(axum::http::header::RETRY_AFTER, "2")],
@@ -574,6 +578,18 @@ pub async fn leader_only(
         )
             .into_response(),
     }
+}
+
+/// `307` to the same path and query on the leader at `url` (method and body kept).
+fn to_leader(url: &str, uri: &axum::http::Uri, why: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let target = format!("{}{uri}", url.trim_end_matches('/'));
+    (
+        axum::http::StatusCode::TEMPORARY_REDIRECT,
+        [(axum::http::header::LOCATION, target)],
+        format!("{why}\n"),
+    )
+        .into_response()
 }
 
 /// A controller's entry in the group's registry (`<prefix>controllers/<url>`), bound

@@ -2,7 +2,8 @@
 //! processes on loopback), real agents. One controller leads; killing it mid-rollout
 //! hands the rollout to another, which finishes it without restarting any node twice;
 //! a leader stopped (`SIGSTOP`) past its lease is replaced and, woken, changes nothing
-//! and comes back as a follower; `fleetctl` works against any controller.
+//! and comes back as a follower; `fleetctl` works against any controller, and so does
+//! the dashboard in headless Chromium (a follower's action pages are the leader's).
 
 use std::ffi::{OsStr, OsString};
 use std::path::Path;
@@ -419,6 +420,65 @@ async fn fleetctl_works_against_a_follower_and_falls_over_when_the_leader_is_dow
     let listed = group.fleetctl(&urls, &["nodes".as_ref()]).await;
     listed.expect_code(0);
     assert!(listed.stderr.is_empty(), "{}", listed.stderr);
+}
+
+/// A browser on a follower's dashboard: it shows the fleet and its role there; the
+/// Restart link of a node leads to the leader's own confirmation page (a form posted
+/// from the follower's page would cross origins, which the session, the CSRF check
+/// and `form-action 'self'` refuse), and confirming there restarts the node once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_of_a_follower_shows_the_fleet_and_its_actions_are_made_on_the_leader() {
+    const WAIT: Duration = Duration::from_secs(30);
+    let etcd = Arc::new(EtcdCluster::start(3).await);
+    let group = Group::start(&etcd, 2).await;
+    let releases = tempfile::tempdir().unwrap();
+    let agents = group.start_nodes(2, releases.path()).await;
+    let before = agent_status(&agents[0]).await;
+    let leader = group.leader().await;
+    let follower = 1 - leader;
+    let (leader_url, follower_url) = (
+        group.controllers[leader].url(),
+        group.controllers[follower].url(),
+    );
+    group.controllers[follower]
+        .wait_nodes(&[node_id(0), node_id(1)], "serving", WAIT)
+        .await;
+
+    let browser = fleet_tests::browser::Browser::start(1280, 900).await;
+    browser.goto(&format!("{follower_url}/")).await;
+    browser.wait_for("tr#node-node-1", WAIT).await;
+    let role = browser.text_of("#ha-role").await;
+    assert!(
+        role.contains("follower") && role.contains(&leader_url),
+        "{role}"
+    );
+    browser
+        .click_on("tr#node-node-1 td.actions a[href$='/node-1/restart']", WAIT)
+        .await;
+    browser.wait_for("button#confirm", WAIT).await;
+    let at = browser.url().await;
+    assert!(
+        at.starts_with(&format!("{leader_url}/nodes/node-1/restart")),
+        "the confirmation page is {at}, not the leader's"
+    );
+    browser.click_on("button#confirm", WAIT).await;
+    let outcome = browser.wait_for("h1#outcome", WAIT).await;
+    assert_eq!(
+        browser.attr(&outcome, "data-outcome").await.as_deref(),
+        Some("succeeded"),
+        "{}",
+        browser.text_of("main").await
+    );
+    browser
+        .screenshot("controller-ha-follower-restart.png")
+        .await;
+    let after = agent_status(&agents[0]).await;
+    assert_eq!(after.generation, before.generation + 1, "{after:?}");
+    assert_eq!(
+        agent_status(&agents[1]).await.generation,
+        1,
+        "node-2 was not touched"
+    );
 }
 
 /// How many nodes of the rollout are healthy, as the controller `c` shows it.
