@@ -25,14 +25,21 @@
 //!   URL points at the control port, which answers gRPC only.
 //!
 //! It is built to be lean: one tokio runtime and no thread per agent; two tasks per
-//! agent (its server and its heartbeat loop); the heartbeats of all agents share a few
-//! HTTP/2 connections to the controller ([`HollowConfig::channels`]). The first
-//! heartbeats are spread over [`HollowConfig::heartbeat_jitter`], and whenever the
-//! controller changes the interval each agent picks a random point in the new
-//! interval, so 10,000 agents never heartbeat in one burst.
+//! agent (its server and its heartbeat loop). Like a real agent, each has its own
+//! HTTP/2 connection to the controller, unless [`HollowConfig::channels`] says how
+//! many connections all the agents of the process share (to simulate more agents
+//! than the controller's open-file limit allows connections). The first heartbeats
+//! are spread over [`HollowConfig::heartbeat_jitter`], and whenever the controller
+//! changes the interval each agent picks a random point in the new interval, so
+//! 10,000 agents never heartbeat in one burst; like a real agent, each also
+//! heartbeats at once when a restart ends (READY or FAILED), so a batch's restarts
+//! come back to the controller as a burst.
 //!
-//! Each agent uses a listening socket, plus one per connection the controller keeps
-//! open to it: call [`raise_nofile`] first (the binaries do).
+//! Each agent uses a listening socket, its heartbeat connection, and one per
+//! connection the controller keeps open to it: call [`raise_nofile`] first (the
+//! binaries do). Agents listen on 127.0.0.1, or with more than
+//! [`AGENTS_PER_ADDRESS`] in the fleet, on 127.0.0.2, 127.0.0.3, … by index (a
+//! loopback address has about 28,000 ephemeral ports).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -73,6 +80,10 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 const PERIOD_JITTER: f64 = 0.1;
 /// Events buffered per `Watch` caller; a slower caller misses events.
 const WATCH_BUFFER: usize = 64;
+/// Agents per loopback address (of the ~28,000 ephemeral ports of each): agent
+/// `index` listens on 127.0.0.1 + `index / AGENTS_PER_ADDRESS` when
+/// [`HollowConfig::bind_ip`] is 127.0.0.1.
+pub const AGENTS_PER_ADDRESS: usize = 20_000;
 
 /// What the simulated fleet looks like and how it behaves.
 #[derive(Debug, Clone)]
@@ -107,9 +118,11 @@ pub struct HollowConfig {
     pub labels: Vec<(String, String)>,
     /// Number of `shard` label values.
     pub shards: usize,
-    /// HTTP/2 connections to the controller shared by all heartbeats.
+    /// HTTP/2 connections to the controller shared by all the agents' heartbeats;
+    /// 0: one per agent, as real agents have.
     pub channels: usize,
-    /// Address the agents listen on (port 0 each).
+    /// Address the agents listen on (port 0 each); 127.0.0.1 spreads them over
+    /// 127.0.0.1, .2, … ([`AGENTS_PER_ADDRESS`] each, by index).
     pub bind_ip: IpAddr,
     /// Seed of the latency / failure / jitter random numbers.
     pub seed: u64,
@@ -133,7 +146,7 @@ impl Default for HollowConfig {
             initial_exe: "/opt/app-v1".into(),
             labels: Vec::new(),
             shards: 10,
-            channels: 8,
+            channels: 0,
             bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             seed: 0x5eed_f1ee7,
         }
@@ -318,6 +331,8 @@ struct Agent {
     state: Mutex<AgentState>,
     /// Set once the agent has shut down: its server and heartbeats stop.
     stop: watch::Sender<bool>,
+    /// A restart ended: heartbeat now (a real agent does, after READY or FAILED).
+    beat_now: tokio::sync::Notify,
     shared: Arc<Shared>,
 }
 
@@ -352,10 +367,28 @@ pub fn raise_nofile(want: u64) -> anyhow::Result<u64> {
     Ok(hard.max(soft))
 }
 
-/// File descriptors `count` agents may need: a listener each, one connection each
-/// from the controller, the heartbeat connections and some slack.
-pub fn nofile_needed(count: usize) -> u64 {
-    count as u64 * 2 + 512
+/// Connections the controller keeps open to agents at most (`MAX_CHANNELS` in
+/// `controller/src/agents.rs`: the least recently used is closed first).
+pub const CONTROLLER_AGENT_CONNECTIONS: usize = 2048;
+
+/// File descriptors `count` agents may need: a listener each, a heartbeat
+/// connection each (`channels` 0) or `channels` shared ones, the controller's
+/// connections to them ([`CONTROLLER_AGENT_CONNECTIONS`] at most), and some slack.
+pub fn nofile_needed(count: usize, channels: usize) -> u64 {
+    let heartbeat = if channels == 0 { count } else { channels };
+    (count + heartbeat + count.min(CONTROLLER_AGENT_CONNECTIONS) + 512) as u64
+}
+
+/// Where agent `index` listens: `ip`, or for 127.0.0.1 the loopback address of its
+/// block of [`AGENTS_PER_ADDRESS`].
+pub fn agent_ip(ip: IpAddr, index: usize) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) if v4 == Ipv4Addr::LOCALHOST => {
+            let block = u32::try_from(index / AGENTS_PER_ADDRESS).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(v4) + block.min(0x00ff_fffd)))
+        }
+        other => other,
+    }
 }
 
 /// A listening socket on `addr` *without* `SO_REUSEADDR` (which std and tokio's
@@ -462,16 +495,18 @@ impl HollowFleet {
             ),
             None => None,
         };
-        let channels = match &cfg.controller {
-            Some(url) => {
-                let endpoint = Endpoint::from_shared(url.clone())
+        let endpoint = match &cfg.controller {
+            Some(url) => Some(
+                Endpoint::from_shared(url.clone())
                     .with_context(|| format!("bad controller URL {url:?}"))?
                     .connect_timeout(Duration::from_secs(5))
-                    .tcp_nodelay(true);
-                (0..cfg.channels.max(1))
-                    .map(|_| endpoint.connect_lazy())
-                    .collect()
-            }
+                    .tcp_nodelay(true),
+            ),
+            None => None,
+        };
+        // Shared connections (`channels` > 0); else each agent opens its own.
+        let shared_channels: Vec<Channel> = match &endpoint {
+            Some(endpoint) => (0..cfg.channels).map(|_| endpoint.connect_lazy()).collect(),
             None => Vec::new(),
         };
         let shared = Arc::new(Shared {
@@ -494,13 +529,13 @@ impl HollowFleet {
         let now_ms = unix_ms();
         for n in 0..cfg.count {
             let index = cfg.first_index + n;
-            let listener = bind_listener(SocketAddr::new(cfg.bind_ip, 0)).with_context(|| {
+            let ip = agent_ip(cfg.bind_ip, index);
+            let listener = bind_listener(SocketAddr::new(ip, 0)).with_context(|| {
                 format!(
-                    "cannot bind hollow agent {n} of {} on {}:0 (too many open files? \
+                    "cannot bind hollow agent {n} of {} on {ip}:0 (too many open files? \
                      raise the limit: ulimit -n {})",
                     cfg.count,
-                    cfg.bind_ip,
-                    nofile_needed(cfg.count)
+                    nofile_needed(cfg.count, cfg.channels)
                 )
             })?;
             let addr = listener.local_addr()?;
@@ -528,6 +563,7 @@ impl HollowFleet {
                     watchers: Vec::new(),
                 }),
                 stop,
+                beat_now: tokio::sync::Notify::new(),
                 shared: shared.clone(),
             });
             let service = AgentServiceServer::new(HollowService {
@@ -543,8 +579,11 @@ impl HollowFleet {
                     .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal)
                     .await;
             });
-            if !channels.is_empty() {
-                let channel: Channel = channels[n % channels.len()].clone();
+            if let Some(endpoint) = &endpoint {
+                let channel = match shared_channels.get(n % shared_channels.len().max(1)) {
+                    Some(shared) => shared.clone(),
+                    None => endpoint.connect_lazy(),
+                };
                 tasks.spawn(heartbeat_loop(agent.clone(), channel, stop_rx));
             }
             agents.push(agent);
@@ -773,6 +812,7 @@ async fn heartbeat_loop(agent: Arc<Agent>, channel: Channel, mut stop: watch::Re
     loop {
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
+            () = agent.beat_now.notified() => {}
             _ = stop.changed() => {}
         }
         let stopping = agent.stopped();
@@ -931,6 +971,7 @@ impl AgentService for HollowService {
             } else {
                 shared.restarts_succeeded.fetch_add(1, Ordering::Relaxed);
             }
+            agent.beat_now.notify_one();
             let duration = started.elapsed();
             lock(&shared.restarts).push(RestartRecord {
                 node_id: agent.node_id.clone(),
@@ -1220,6 +1261,72 @@ mod tests {
         AgentServiceClient::connect(format!("http://{addr}"))
             .await
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_restart_is_reported_by_a_heartbeat_at_once_not_at_the_next_interval() {
+        let fake = Arc::new(FakeController {
+            interval_ms: 600_000,
+            ..FakeController::default()
+        });
+        let url = fake_controller(fake.clone()).await;
+        let fleet = HollowFleet::start(HollowConfig {
+            controller: Some(url),
+            ..config(2)
+        })
+        .await
+        .unwrap();
+        fleet
+            .wait_registered(
+                Some(Duration::from_secs(10)),
+                Duration::from_secs(5),
+                |_| {},
+            )
+            .await
+            .unwrap();
+        let (id, addr) = fleet.addrs()[0].clone();
+        let r = agent_client(addr)
+            .await
+            .restart(pb::RestartRequest {
+                exe: "/opt/app-v2".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.outcome, pb::Outcome::Succeeded as i32);
+        // The interval is 10 minutes: only the beat a restart sends can bring it.
+        let t0 = Instant::now();
+        while lock(&fake.nodes)[&id].generation != 2 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "no heartbeat after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(lock(&fake.nodes)["hollow-00001"].generation, 1);
+        fleet.shutdown().await;
+    }
+
+    #[test]
+    fn agents_spread_over_loopback_addresses_by_index() {
+        let local: IpAddr = Ipv4Addr::LOCALHOST.into();
+        assert_eq!(agent_ip(local, 0), local);
+        assert_eq!(
+            agent_ip(local, AGENTS_PER_ADDRESS - 1),
+            local,
+            "a whole block on one address"
+        );
+        assert_eq!(
+            agent_ip(local, AGENTS_PER_ADDRESS),
+            "127.0.0.2".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            agent_ip(local, 5 * AGENTS_PER_ADDRESS + 7),
+            "127.0.0.6".parse::<IpAddr>().unwrap()
+        );
+        let other: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(agent_ip(other, 5 * AGENTS_PER_ADDRESS), other);
     }
 
     #[tokio::test]

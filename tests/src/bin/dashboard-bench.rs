@@ -83,7 +83,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     if args.count == 0 || args.rounds == 0 {
         bail!("--count and --rounds must be at least 1");
     }
-    raise_nofile(nofile_needed(args.count))?;
+    raise_nofile(nofile_needed(args.count, 0))?;
     let db = tempfile::Builder::new()
         .prefix("dashboard-bench")
         .tempdir()?;

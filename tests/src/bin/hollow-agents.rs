@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Each hollow agent serves the real `fleet.v1.AgentService` on its own
-//! `127.0.0.1:0` port and registers and heartbeats like `fleet-agent --controller`,
+//! `127.0.0.1:0` port (127.0.0.2, … past the first 20,000 indexes) and registers and heartbeats like `fleet-agent --controller`,
 //! but nothing runs behind it: restarts sleep `--restart-latency` (± jitter) and fail
 //! with probability `--failure-rate`; PIDs, exe digests and sizes are made up (see
 //! `fleet_tests::hollow`). Node ids are `hollow-00000`, `hollow-00001`, ...; labels
@@ -84,8 +84,9 @@ struct Args {
     /// The executable every agent starts with.
     #[arg(long, default_value = "/opt/app-v1")]
     exe: String,
-    /// HTTP/2 connections to the controller shared by all agents' heartbeats.
-    #[arg(long, default_value_t = 8)]
+    /// HTTP/2 connections to the controller shared by all agents' heartbeats; 0: one
+    /// per agent, as real agents have (the controller then needs a descriptor each).
+    #[arg(long, default_value_t = 0)]
     channels: usize,
     /// Print one `NODE_ID ADDR` line per agent on stdout before the ready line.
     #[arg(long)]
@@ -137,12 +138,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.failure_rate) {
         bail!("--failure-rate must be between 0 and 1");
     }
-    let needed = nofile_needed(args.count);
+    let needed = nofile_needed(args.count, args.channels);
     let limit = raise_nofile(needed)?;
     if limit < needed {
         eprintln!(
             "hollow-agents: warning: open-file limit {limit} < {needed} needed for {} agents \
-             (a listener each plus the controller's connections); raise it (ulimit -Hn) or run fewer",
+             (a listener and a heartbeat connection each, plus the controller's connections); \
+             raise it (ulimit -Hn), share connections (--channels N) or run fewer",
             args.count
         );
     }
@@ -163,7 +165,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .collect::<HashSet<_>>(),
         initial_exe: args.exe,
         labels: args.labels,
-        channels: args.channels.max(1),
+        channels: args.channels,
         seed: args.seed,
         ..HollowConfig::default()
     };

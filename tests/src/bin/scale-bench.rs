@@ -10,11 +10,14 @@
 //! the real AgentService on its own loopback port and heartbeats like a real agent;
 //! restarts only sleep `--restart-latency` ± `--restart-jitter`) in `hollow-agents
 //! --stdin-commands` child processes, both programs found next to its own
-//! executable. Child processes, not this one, because each agent holds two file
-//! descriptors (its listener and the controller's connection to it) and the hard
-//! limit on open files (often 20,000 in containers) can only be raised with
-//! CAP_SYS_RESOURCE: `--agents-per-process` (default: what the limit allows) splits
-//! them. Then:
+//! executable. Like real agents, each hollow agent has its own heartbeat connection to
+//! the controller, as long as the controller's open-file limit has room for them beside
+//! the 2,048 connections it keeps to agents; past that (about 17,000 agents under a
+//! hard limit of 20,000, which only CAP_SYS_RESOURCE can raise) the agents share as
+//! many connections as fit, and the bench says so (`--heartbeat-connections N` sets the
+//! number). Child processes, not this one, hold the agents: each needs a listener, its
+//! heartbeat connection and the controller's connection to it, so
+//! `--agents-per-process` (default: what the limit allows) splits them. Then:
 //!
 //! 1. Registration: time from starting the agents until `ListNodes` shows every one
 //!    of them `serving` (the first heartbeats are spread over 1 s).
@@ -26,7 +29,8 @@
 //!    controller's finish time; the simulated critical path, the sum over batches of
 //!    the longest restart each hollow agent actually took in that batch (plus the
 //!    configured soak per batch); controller overhead per node = (wall − critical
-//!    path) / nodes (target < 1 ms).
+//!    path) / nodes (target < 1 ms). Every node must have been restarted into the
+//!    new exe exactly once (as the agents recorded it), or the run fails.
 //! 4. Controller process (from /proc/PID): CPU seconds and peak RSS, VmHWM (target
 //!    < 300 MB).
 //!
@@ -65,7 +69,10 @@ use fleet_proto::v1 as pb;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
 use fleet_tests::bench::controller::{Controller, start_controller, start_controller_with};
 use fleet_tests::etcd::EtcdCluster;
-use fleet_tests::hollow::{HollowStats, RestartLine, fake_sha256, nofile_needed, raise_nofile};
+use fleet_tests::hollow::{
+    CONTROLLER_AGENT_CONNECTIONS, HollowStats, RestartLine, fake_sha256, nofile_needed,
+    raise_nofile,
+};
 use nix::sys::signal::{Signal, kill, killpg};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -130,8 +137,13 @@ struct Args {
     /// Interval of the GetRollout polls.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     poll: Duration,
+    /// Heartbeat connections from all the agents to the controller (0: one per agent,
+    /// as in a real fleet, when the open-file limit leaves the controller room for
+    /// them; else as many as it does, shared).
+    #[arg(long, default_value_t = 0)]
+    heartbeat_connections: usize,
     /// Hollow agents per hollow-agents process (0: as many as the open-file limit
-    /// allows, two descriptors per agent).
+    /// allows: a listener, a heartbeat connection and a controller's connection each).
     #[arg(long, default_value_t = 0)]
     agents_per_process: usize,
     /// fleet-controller executable (default: next to this executable).
@@ -216,6 +228,7 @@ fn spawn_hollow(
     first_index: usize,
     count: usize,
     k: usize,
+    channels: usize,
 ) -> anyhow::Result<Hollow> {
     let mut child = Command::new(exe)
         .arg("--stdin-commands")
@@ -232,6 +245,7 @@ fn spawn_hollow(
         ])
         .args(["--failure-rate", &args.failure_rate.to_string()])
         .args(["--seed", &(0x5eed_0000 + k as u64).to_string()])
+        .args(["--channels", &channels.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -595,28 +609,71 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             );
         }
     }
-    // Inherited by the controller (a connection to every agent) and the hollow agents.
-    let nofile = raise_nofile(nofile_needed(args.agents) + 1024)?;
+    // Inherited by the controller and the hollow agents. The controller needs a
+    // descriptor per heartbeat connection and per agent connection it keeps.
+    let controller_fixed = (CONTROLLER_AGENT_CONNECTIONS + CONTROLLER_SLACK) as u64;
+    let nofile = raise_nofile(args.agents as u64 + controller_fixed)?;
+    let controller_room = usize::try_from(nofile.saturating_sub(controller_fixed)).unwrap_or(0);
+    let heartbeat_connections = match args.heartbeat_connections {
+        0 => args.agents.min(controller_room).max(1),
+        n => n.min(args.agents),
+    };
+    let one_per_agent = heartbeat_connections >= args.agents;
+    if !one_per_agent {
+        say(format!(
+            "{} agents share {heartbeat_connections} heartbeat connections: a real fleet opens one per agent, \
+             and the controller's open-file limit {nofile} (hard limit; raising it needs CAP_SYS_RESOURCE) \
+             leaves room for {controller_room} beside its {CONTROLLER_AGENT_CONNECTIONS} agent connections",
+            args.agents
+        ));
+    } else if heartbeat_connections > controller_room {
+        say(format!(
+            "warning: open-file limit {nofile} is too low for the controller's {heartbeat_connections} heartbeat \
+             connections and {CONTROLLER_AGENT_CONNECTIONS} agent connections; give --heartbeat-connections N"
+        ));
+    }
     let per_process = if args.agents_per_process > 0 {
         args.agents_per_process
     } else {
-        usize::try_from(nofile.saturating_sub(512) / 2)
-            .unwrap_or(usize::MAX)
-            .max(1)
+        // Largest count whose needs fit the limit (shared connections counted whole).
+        let fits = |count: usize| {
+            let channels = if one_per_agent {
+                0
+            } else {
+                heartbeat_connections
+            };
+            nofile_needed(count, channels) <= nofile
+        };
+        let mut count = args.agents;
+        while count > 1 && !fits(count) {
+            count = count * 9 / 10;
+        }
+        count.max(1)
     };
-    if nofile < nofile_needed(per_process.min(args.agents)) {
+    let processes = args.agents.div_ceil(per_process);
+    let channels_per_process = if one_per_agent {
+        0
+    } else {
+        (heartbeat_connections / processes).max(1)
+    };
+    if nofile < nofile_needed(per_process.min(args.agents), channels_per_process) {
         say(format!(
             "warning: open-file limit {nofile} < {} needed for {} agents per process; lower --agents-per-process",
-            nofile_needed(per_process),
+            nofile_needed(per_process, channels_per_process),
             per_process
         ));
     }
-    if nofile < nofile_needed(args.agents / 2) + 1024 {
-        say(format!(
-            "warning: open-file limit {nofile} may be too low for the controller's connections to {} agents",
+    let layout = Layout {
+        per_process,
+        processes,
+        channels_per_process,
+        heartbeat_connections: if one_per_agent {
             args.agents
-        ));
-    }
+        } else {
+            channels_per_process * processes
+        },
+        nofile,
+    };
     if args.stores.contains(&StoreKind::Etcd) && !etcd_runs() {
         bail!(
             "--stores etcd: {} --version does not run; install etcd (apt-get install etcd-server) or set FLEET_ETCD",
@@ -626,8 +683,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let mut runs: Vec<(StoreKind, bool, Value)> = Vec::new();
     for &store in &args.stores {
         say(format!("--- store {} ---", store.name()));
-        let (pass, report) =
-            run_store(&args, &controller_exe, &hollow_exe, per_process, store).await?;
+        let (pass, report) = run_store(&args, &controller_exe, &hollow_exe, &layout, store).await?;
         runs.push((store, pass, report));
     }
     let comparison = compare(&runs);
@@ -670,11 +726,26 @@ fn etcd_runs() -> bool {
 /// One whole run (registration, heartbeats, rollout) against a fresh controller on
 /// `store`; prints its text report (with `-o text`) and returns whether its targets
 /// were met and its JSON report.
+/// How the agents are spread over hollow-agents processes and connections.
+#[derive(Debug)]
+struct Layout {
+    per_process: usize,
+    processes: usize,
+    /// `--channels` of each process (0: one connection per agent).
+    channels_per_process: usize,
+    /// Heartbeat connections the controller sees in all.
+    heartbeat_connections: usize,
+    nofile: u64,
+}
+
+/// Descriptors the controller needs beside its connections.
+const CONTROLLER_SLACK: usize = 1024;
+
 async fn run_store(
     args: &Args,
     controller_exe: &Path,
     hollow_exe: &Path,
-    per_process: usize,
+    layout: &Layout,
     store: StoreKind,
 ) -> anyhow::Result<(bool, Value)> {
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
@@ -724,7 +795,7 @@ async fn run_store(
     let store_start = StoreMark::now(controller.addr, etcd.as_ref()).await;
 
     // 1. Registration.
-    let processes = args.agents.div_ceil(per_process);
+    let processes = layout.processes;
     let mark_start = CpuMark::now(cpid, &[]);
     let reg_start = Instant::now();
     let mut hollows = Vec::with_capacity(processes);
@@ -739,6 +810,7 @@ async fn run_store(
             first,
             count,
             k,
+            layout.channels_per_process,
         )?);
         first += count;
     }
@@ -917,6 +989,18 @@ async fn run_store(
         b.last_end = Some(b.last_end.map_or(end, |e| e.max(end)));
     }
     let twice = per_node.values().filter(|&&c| c > 1).count();
+    // Every node of the rollout must have been restarted (into the new exe).
+    let restarted_ok: std::collections::HashSet<&str> = restarts
+        .iter()
+        .filter(|r| r.succeeded && r.exe == NEW_EXE)
+        .map(|r| r.node_id.as_str())
+        .collect();
+    let not_restarted: Vec<&str> = finished
+        .nodes
+        .iter()
+        .map(|n| n.node_id.as_str())
+        .filter(|id| !restarted_ok.contains(id))
+        .collect();
     let critical: Duration = batches.values().map(|b| b.max_restart).sum();
     let soak = args.min_healthy * u32::try_from(batches.len()).unwrap_or(u32::MAX);
     let simulated = critical + soak;
@@ -977,7 +1061,8 @@ async fn run_store(
     let overhead_ok = overhead_per_node < TARGET_OVERHEAD_PER_NODE;
     let rss_ok = peak_rss.is_some_and(|r| r < TARGET_PEAK_RSS_BYTES);
     let succeeded = finished.state == "succeeded";
-    let pass = overhead_ok && rss_ok && succeeded && twice == 0;
+    let all_restarted = not_restarted.is_empty() && finished.nodes.len() == args.agents;
+    let pass = overhead_ok && rss_ok && succeeded && twice == 0 && all_restarted;
 
     let batch_rows: Vec<Value> = batches
         .values()
@@ -999,6 +1084,10 @@ async fn run_store(
         "failure_rate": args.failure_rate,
         "heartbeat_ttl_s": args.heartbeat_ttl.as_secs_f64(),
         "hollow_processes": hollows.len(),
+        "agents_per_process": layout.per_process,
+        "heartbeat_connections": layout.heartbeat_connections,
+        "heartbeat_connection_per_agent": layout.channels_per_process == 0,
+        "open_file_limit": layout.nofile,
         "registration": {
             "all_first_heartbeats_accepted_s": opt3(hollow_registered.map(|d| d.as_secs_f64())),
             "all_serving_in_list_nodes_s": round3(registration.as_secs_f64()),
@@ -1022,6 +1111,9 @@ async fn run_store(
             "first_failure": first_failure,
             "restarts": restarts.len(),
             "nodes_restarted_more_than_once": twice,
+            "nodes_in_rollout": finished.nodes.len(),
+            "nodes_not_restarted": not_restarted.len(),
+            "first_not_restarted": not_restarted.first(),
             "start_rollout_call_s": round3(start_call.as_secs_f64()),
             "wall_s": round3(wall.as_secs_f64()),
             "critical_path_restart_s": round3(critical.as_secs_f64()),
@@ -1053,6 +1145,7 @@ async fn run_store(
             "overhead_met": overhead_ok,
             "peak_rss_met": rss_ok,
             "rollout_succeeded": succeeded,
+            "every_node_restarted_once": all_restarted && twice == 0,
         },
         "pass": pass,
     });
@@ -1068,6 +1161,18 @@ async fn run_store(
                 args.restart_jitter,
                 args.failure_rate,
                 report["cpus"]
+            );
+            println!(
+                "agents              {} in {} hollow-agents process(es); {} heartbeat connections{}; open-file limit {}",
+                args.agents,
+                hollows.len(),
+                layout.heartbeat_connections,
+                if layout.channels_per_process == 0 {
+                    " (one per agent, as a real fleet)".to_string()
+                } else {
+                    format!(" shared ({} per process)", layout.channels_per_process)
+                },
+                layout.nofile
             );
             println!(
                 "registration        {:.2} s until ListNodes showed all {} serving (all first heartbeats accepted after {})",
@@ -1158,6 +1263,15 @@ async fn run_store(
             }
             if twice > 0 {
                 println!("FAIL: {twice} nodes were restarted more than once");
+            }
+            if !all_restarted {
+                println!(
+                    "FAIL: {} of the rollout's {} nodes (of {} agents) were not restarted into {NEW_EXE} (first: {})",
+                    not_restarted.len(),
+                    finished.nodes.len(),
+                    args.agents,
+                    not_restarted.first().unwrap_or(&"-")
+                );
             }
             println!(
                 "verdict             {}",
