@@ -38,8 +38,8 @@
 //! Each agent uses a listening socket, its heartbeat connection, and one per
 //! connection the controller keeps open to it: call [`raise_nofile`] first (the
 //! binaries do). Agents listen on 127.0.0.1, or with more than
-//! [`AGENTS_PER_ADDRESS`] in the fleet, on 127.0.0.2, 127.0.0.3, … by index (a
-//! loopback address has about 28,000 ephemeral ports).
+//! [`AGENTS_PER_ADDRESS`] in the fleet, on 127.0.0.2, 127.0.0.3, … by index, and
+//! heartbeat from there (a loopback address has about 28,000 ephemeral ports).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -80,10 +80,11 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 const PERIOD_JITTER: f64 = 0.1;
 /// Events buffered per `Watch` caller; a slower caller misses events.
 const WATCH_BUFFER: usize = 64;
-/// Agents per loopback address (of the ~28,000 ephemeral ports of each): agent
-/// `index` listens on 127.0.0.1 + `index / AGENTS_PER_ADDRESS` when
-/// [`HollowConfig::bind_ip`] is 127.0.0.1.
-pub const AGENTS_PER_ADDRESS: usize = 20_000;
+/// Agents per loopback address: agent `index` listens on 127.0.0.1 + `index /
+/// AGENTS_PER_ADDRESS` when [`HollowConfig::bind_ip`] is 127.0.0.1, and its own
+/// heartbeat connection comes from there too (as from its own host): two of the
+/// ~28,000 ephemeral ports of an address each.
+pub const AGENTS_PER_ADDRESS: usize = 5_000;
 
 /// What the simulated fleet looks like and how it behaves.
 #[derive(Debug, Clone)]
@@ -404,6 +405,65 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(1024)
 }
 
+/// Connects from `self.0` (an agent's own address), as from the agent's own host. The
+/// socket is bound with `IP_BIND_ADDRESS_NO_PORT`, so the port is chosen at connect
+/// time and may be shared with connections to other destinations: binding port 0
+/// first would reserve one of the address's ports for each connection, and the
+/// kernel's search for a free one slows to a crawl as they run out.
+#[derive(Debug, Clone, Copy)]
+struct FromAddress(IpAddr);
+
+impl tonic::codegen::Service<http::Uri> for FromAddress {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let local = self.0;
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_matches(|c| c == '[' || c == ']');
+            let port = uri.port_u16().unwrap_or(80);
+            let target = match host.parse::<IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, port),
+                Err(_) => tokio::net::lookup_host((host, port))
+                    .await?
+                    .find(|a| a.is_ipv4() == local.is_ipv4())
+                    .ok_or_else(|| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            format!("{host} has no address of {local}'s family"),
+                        )
+                    })?,
+            };
+            let socket = if local.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            )?;
+            socket.bind(SocketAddr::new(local, 0))?;
+            let stream = socket.connect(target).await?;
+            stream.set_nodelay(true)?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
+}
+
 /// `sha256` (hex) of the path string: the simulated digest of a simulated exe.
 pub fn fake_sha256(path: &str) -> String {
     let digest = Sha256::digest(path.as_bytes());
@@ -506,7 +566,17 @@ impl HollowFleet {
         };
         // Shared connections (`channels` > 0); else each agent opens its own.
         let shared_channels: Vec<Channel> = match &endpoint {
-            Some(endpoint) => (0..cfg.channels).map(|_| endpoint.connect_lazy()).collect(),
+            // Each from the address of the first agent it carries (spread like them).
+            Some(endpoint) => (0..cfg.channels)
+                .map(|j| {
+                    let ip = agent_ip(cfg.bind_ip, cfg.first_index + j);
+                    if ip.is_unspecified() {
+                        endpoint.connect_lazy()
+                    } else {
+                        endpoint.connect_with_connector_lazy(FromAddress(ip))
+                    }
+                })
+                .collect(),
             None => Vec::new(),
         };
         let shared = Arc::new(Shared {
@@ -582,7 +652,8 @@ impl HollowFleet {
             if let Some(endpoint) = &endpoint {
                 let channel = match shared_channels.get(n % shared_channels.len().max(1)) {
                     Some(shared) => shared.clone(),
-                    None => endpoint.connect_lazy(),
+                    None if ip.is_unspecified() => endpoint.connect_lazy(),
+                    None => endpoint.connect_with_connector_lazy(FromAddress(ip)),
                 };
                 tasks.spawn(heartbeat_loop(agent.clone(), channel, stop_rx));
             }

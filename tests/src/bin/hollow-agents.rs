@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Each hollow agent serves the real `fleet.v1.AgentService` on its own
-//! `127.0.0.1:0` port (127.0.0.2, … past the first 20,000 indexes) and registers and heartbeats like `fleet-agent --controller`,
+//! `127.0.0.1:0` port (127.0.0.2, … past the first 5,000 indexes) and registers and heartbeats like `fleet-agent --controller`,
 //! but nothing runs behind it: restarts sleep `--restart-latency` (± jitter) and fail
 //! with probability `--failure-rate`; PIDs, exe digests and sizes are made up (see
 //! `fleet_tests::hollow`). Node ids are `hollow-00000`, `hollow-00001`, ...; labels

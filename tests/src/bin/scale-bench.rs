@@ -67,7 +67,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
-use fleet_tests::bench::controller::{Controller, start_controller, start_controller_with};
+use fleet_tests::bench::controller::{Controller, start_controller_with};
 use fleet_tests::etcd::EtcdCluster;
 use fleet_tests::hollow::{
     CONTROLLER_AGENT_CONNECTIONS, HollowStats, RestartLine, fake_sha256, nofile_needed,
@@ -635,12 +635,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let per_process = if args.agents_per_process > 0 {
         args.agents_per_process
     } else {
-        // Largest count whose needs fit the limit (shared connections counted whole).
+        // Largest count whose needs fit the limit, with its share of the connections.
         let fits = |count: usize| {
             let channels = if one_per_agent {
                 0
             } else {
-                heartbeat_connections
+                (heartbeat_connections * count).div_ceil(args.agents).max(1)
             };
             nofile_needed(count, channels) <= nofile
         };
@@ -740,6 +740,8 @@ struct Layout {
 
 /// Descriptors the controller needs beside its connections.
 const CONTROLLER_SLACK: usize = 1024;
+/// Client connections beyond the agents' (this bench's, a curl) in `--max-connections`.
+const CONTROLLER_EXTRA_CONNECTIONS: usize = 256;
 
 async fn run_store(
     args: &Args,
@@ -762,28 +764,23 @@ async fn run_store(
             Some(cluster)
         }
     };
-    let mut controller = match &etcd {
-        None => {
-            start_controller(
-                controller_exe,
-                &dir.path().join("fleet.db"),
-                args.heartbeat_ttl,
-            )
-            .await?
-        }
-        Some(cluster) => {
-            let ttl = format!("{}ms", args.heartbeat_ttl.as_millis());
-            let controller_args: Vec<std::ffi::OsString> = vec![
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--store".into(),
-                cluster.url().into(),
-                "--heartbeat-ttl".into(),
-                ttl.into(),
-            ];
-            start_controller_with(controller_exe, &controller_args).await?
-        }
-    };
+    let mut controller_args: Vec<std::ffi::OsString> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--heartbeat-ttl".into(),
+        format!("{}ms", args.heartbeat_ttl.as_millis()).into(),
+        // Room for every heartbeat connection and the bench's own: at the cap each
+        // new connection would close an idle one, and agents would reconnect in turn.
+        "--max-connections".into(),
+        (layout.heartbeat_connections + CONTROLLER_EXTRA_CONNECTIONS)
+            .to_string()
+            .into(),
+    ];
+    match &etcd {
+        None => controller_args.extend(["--db".into(), dir.path().join("fleet.db").into()]),
+        Some(cluster) => controller_args.extend(["--store".into(), cluster.url().into()]),
+    }
+    let mut controller = start_controller_with(controller_exe, &controller_args).await?;
     let cpid = controller.pid();
     say(format!(
         "fleet-controller pid {cpid} listening on {} (store {})",
