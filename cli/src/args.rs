@@ -90,6 +90,11 @@ pub enum Format {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// List the nodes: state, labels, executable, generation, PIDs and admin URL.
+    ///
+    /// A table shows the first 100 nodes (by node id) that match; when more match, the
+    /// counts by state come first and a line on stderr says how many were left out and
+    /// how to see them. -o json prints every matching node unless --limit is given,
+    /// fetched and written a page at a time. --summary prints only the counts.
     Nodes(NodesArgs),
     /// Show everything the controller knows about one node.
     Node(NodeArgs),
@@ -228,11 +233,52 @@ pub struct RevokeTokenArgs {
     pub id: String,
 }
 
+/// The nodes a table shows when neither --limit nor --all is given.
+pub const DEFAULT_NODES_SHOWN: u32 = 100;
+
+/// The most nodes the controller sends in one answer (its own cap).
+pub const MAX_PAGE_SIZE: u32 = 5_000;
+
 #[derive(Debug, Args)]
 pub struct NodesArgs {
     /// Only nodes with these labels, "KEY=VALUE[,KEY=VALUE...]" (repeatable; all must match).
     #[arg(short = 'l', long = "selector", value_name = "SELECTOR", value_parser = parse_selector)]
     pub selector: Vec<String>,
+
+    /// Only nodes in this state, as the controller shows it (unreachable: it missed its
+    /// heartbeats).
+    #[arg(long, value_name = "STATE", value_parser = node_states())]
+    pub state: Option<String>,
+
+    /// Show at most N nodes, in node id order [default: 100 in a table, every node with
+    /// -o json].
+    #[arg(long, value_name = "N", conflicts_with = "all",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: Option<u32>,
+
+    /// Show every matching node, however many (a table of a large fleet is long).
+    #[arg(long)]
+    pub all: bool,
+
+    /// Only the counts: how many nodes match, by state, and the most common labels.
+    #[arg(long, conflicts_with_all = ["limit", "all"])]
+    pub summary: bool,
+
+    /// Nodes asked for in one call (the controller sends at most 5000); tests use a
+    /// small one to exercise paging.
+    #[arg(long, hide = true, value_name = "N", default_value_t = MAX_PAGE_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_PAGE_SIZE)))]
+    pub page_size: u32,
+}
+
+/// `--state`: the states a node is shown in, offered by shell completion too.
+fn node_states() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        fleet_proto::limits::NODE_STATES
+            .iter()
+            .copied()
+            .chain(["unreachable"]),
+    )
 }
 
 #[derive(Debug, Args)]
@@ -579,6 +625,43 @@ mod tests {
         assert_eq!(spec.max_failures, "0");
         assert!(spec.auto_rollback && spec.dry_run);
         assert_eq!(spec.actor, "alice");
+    }
+
+    fn nodes(args: &[&str]) -> NodesArgs {
+        match parse(args).unwrap().command {
+            Command::Nodes(nodes) => nodes,
+            other => panic!("not nodes: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nodes_flags_filter_limit_and_summarize() {
+        let args = nodes(&["nodes"]);
+        assert_eq!(
+            (args.state, args.limit, args.all, args.summary),
+            (None, None, false, false)
+        );
+        assert_eq!(args.page_size, MAX_PAGE_SIZE);
+        let args = nodes(&[
+            "nodes",
+            "--state",
+            "unreachable",
+            "--limit",
+            "7",
+            "-l",
+            "zone=a",
+        ]);
+        assert_eq!(args.state.as_deref(), Some("unreachable"));
+        assert_eq!(args.limit, Some(7));
+        assert!(nodes(&["nodes", "--all", "--state", "shutting-down"]).all);
+        assert!(nodes(&["nodes", "--summary", "-l", "zone=a"]).summary);
+        let err = error(&["nodes", "--state", "down"]);
+        assert!(err.contains("possible values: starting, serving"), "{err}");
+        assert!(err.contains("unreachable"), "{err}");
+        assert!(error(&["nodes", "--limit", "0"]).contains("--limit"));
+        assert!(error(&["nodes", "--limit", "5", "--all"]).contains("cannot be used with"));
+        assert!(error(&["nodes", "--summary", "--all"]).contains("cannot be used with"));
+        assert!(error(&["nodes", "--page-size", "5001"]).contains("--page-size"));
     }
 
     #[test]

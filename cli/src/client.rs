@@ -13,9 +13,9 @@ use std::future::Future;
 use anyhow::Result;
 use fleet_proto::v1::{
     CreateTokenRequest, CreateTokenResponse, ForgetNodeRequest, GetNodeRequest, GetRolloutRequest,
-    ListNodesRequest, ListRolloutsRequest, ListTokensRequest, Node, RestartNodeRequest,
-    RestartResponse, RevokeTokenRequest, Rollout, RolloutActionRequest, RolloutSpec,
-    ShutdownNodeRequest, Token,
+    ListNodesRequest, ListNodesResponse, ListRolloutsRequest, ListTokensRequest, Node,
+    RestartNodeRequest, RestartResponse, RevokeTokenRequest, Rollout, RolloutActionRequest,
+    RolloutSpec, ShutdownNodeRequest, Token,
 };
 use tonic::codec::Streaming;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -133,12 +133,12 @@ impl Controller {
         Ok(response.await?)
     }
 
-    pub async fn list_nodes(&mut self, selector: String) -> Result<Vec<Node>> {
-        let request = ListNodesRequest { selector };
+    /// One page of nodes (or every node, from a controller that does not page).
+    pub async fn list_nodes(&mut self, request: ListNodesRequest) -> Result<ListNodesResponse> {
         let response = self.send(Kind::Read, request, |mut api, r| async move {
             api.list_nodes(r).await
         });
-        Ok(response.await?.nodes)
+        Ok(response.await?)
     }
 
     pub async fn get_node(&mut self, node_id: String) -> Result<Node> {

@@ -1,6 +1,9 @@
 //! One function per subcommand: connect, call the controller, print, and say how
 //! fleetctl should exit.
 
+/// `fleetctl nodes`: a page at a time.
+mod nodes;
+
 use std::time::SystemTime;
 
 use anyhow::Result;
@@ -9,9 +12,8 @@ use fleet_proto::v1::{
 };
 
 use crate::args::{
-    ActionArgs, Cli, Command, CreateTokenArgs, Format, HistoryArgs, NodeArgs, NodesArgs,
-    RestartArgs, RolloutAction, RolloutArgs, ShutdownArgs, StartArgs, StatusArgs, TokenAction,
-    UndoArgs, actor,
+    ActionArgs, Cli, Command, CreateTokenArgs, Format, HistoryArgs, NodeArgs, RestartArgs,
+    RolloutAction, RolloutArgs, ShutdownArgs, StartArgs, StatusArgs, TokenAction, UndoArgs, actor,
 };
 use crate::client::{Action, Controller};
 use crate::exit::Exit;
@@ -48,7 +50,7 @@ pub async fn run(cli: Cli) -> Result<Exit> {
     match command {
         Command::Version => crate::version::run(Ok(controller), format).await,
         Command::Controllers => controllers(controller, format).await,
-        Command::Nodes(args) => nodes(controller, args, format).await,
+        Command::Nodes(args) => nodes::nodes(controller, args, format).await,
         Command::Node(args) => node(controller, args, format).await,
         Command::Restart(args) => restart(controller, args, format).await,
         Command::Shutdown(args) => shutdown(controller, args, format).await,
@@ -149,22 +151,6 @@ async fn token_revoke(mut controller: Controller, id: String, format: Format) ->
     match format {
         Format::Json => emit(&json::to_string(&json::TokenJson::from(&token)))?,
         Format::Table => emit(&output::token_revoked(&token))?,
-    }
-    Ok(Exit::Success)
-}
-
-/// `fleetctl nodes`
-async fn nodes(mut controller: Controller, args: NodesArgs, format: Format) -> Result<Exit> {
-    let nodes = controller.list_nodes(args.selector.join(",")).await?;
-    match format {
-        Format::Json => {
-            let nodes: Vec<_> = nodes.iter().map(json::NodeJson::from).collect();
-            emit(&json::to_string(&nodes))?;
-        }
-        Format::Table if nodes.is_empty() => {
-            eprintln!("no nodes: agents appear once they heartbeat (fleet-agent --controller URL)");
-        }
-        Format::Table => emit(&output::nodes_table(&nodes, SystemTime::now()))?,
     }
     Ok(Exit::Success)
 }

@@ -3,6 +3,7 @@
 //! returns the text, with the current time passed in where ages are shown.
 
 pub mod json;
+pub mod nodes;
 mod rollout;
 mod token;
 pub mod history;
@@ -157,44 +158,6 @@ pub fn nodes_count(n: usize) -> String {
     }
 }
 
-/// `fleetctl nodes`.
-pub fn nodes_table(nodes: &[Node], now: SystemTime) -> String {
-    let with_reason = nodes.iter().any(|n| !n.reason.is_empty());
-    let mut header = vec![
-        "NODE",
-        "STATE",
-        "LABELS",
-        "EXE",
-        "GEN",
-        "PID",
-        "IN-FLIGHT",
-        "HEARTBEAT",
-        "ADMIN",
-    ];
-    if with_reason {
-        header.push("REASON");
-    }
-    let mut table = Table::new(&header);
-    for n in nodes {
-        let mut row = vec![
-            n.node_id.clone(),
-            or_dash(&n.state),
-            or_dash(&labels(&n.labels)),
-            or_dash(n.exe.as_ref().map_or("", |e| e.path.as_str())),
-            n.generation.to_string(),
-            pid(n.worker_pid),
-            n.in_flight.to_string(),
-            ago(n.last_heartbeat_unix_ms, now),
-            or_dash(&n.admin_url),
-        ];
-        if with_reason {
-            row.push(n.reason.clone());
-        }
-        table.row(row);
-    }
-    table.render()
-}
-
 fn pid(pid: u32) -> String {
     if pid == 0 {
         "-".to_string()
@@ -325,7 +288,7 @@ pub fn controllers(group: &fleet_proto::v1::ControllersResponse, now: SystemTime
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet_proto::v1::{ExeInfo, Outcome, PhaseTimings};
+    use fleet_proto::v1::{Outcome, PhaseTimings};
 
     #[test]
     fn columns_are_as_wide_as_the_terminal_shows_them() {
@@ -378,43 +341,6 @@ mod tests {
         assert_eq!(ago(97_000, now), "3.0s ago");
     }
 
-    fn node(id: &str, state: &str) -> Node {
-        let mut node = Node {
-            node_id: id.into(),
-            state: state.into(),
-            exe: Some(ExeInfo {
-                path: "/opt/app".into(),
-                ..Default::default()
-            }),
-            generation: 2,
-            worker_pid: 4321,
-            admin_url: format!("http://{id}.invalid/debug/admin"),
-            ..Default::default()
-        };
-        node.labels.insert("zone".into(), "a".into());
-        node.labels.insert("role".into(), "web".into());
-        node
-    }
-
-    #[test]
-    fn nodes_show_labels_state_exe_generation_and_admin_url() {
-        let now = UNIX_EPOCH + Duration::from_secs(100);
-        let mut nodes = vec![node("n1", "serving"), node("node-22", "serving")];
-        nodes[1].last_heartbeat_unix_ms = 99_000;
-        let text = nodes_table(&nodes, now);
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3);
-        assert!(lines[0].starts_with("NODE     STATE    LABELS"), "{text}");
-        assert!(lines[1].starts_with("n1       serving  role=web,zone=a  /opt/app  2"));
-        assert!(lines[2].contains("1.0s ago"), "{text}");
-        assert!(!text.contains("REASON"));
-
-        nodes[0].state = "unreachable".into();
-        nodes[0].reason = "no heartbeat since 12:00:00".into();
-        let text = nodes_table(&nodes, now);
-        assert!(text.lines().next().unwrap().ends_with("REASON"), "{text}");
-        assert!(text.contains("unreachable"), "{text}");
-    }
     #[test]
     fn restart_failures_show_the_reason_and_stderr() {
         let ok = RestartResponse {

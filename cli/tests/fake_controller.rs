@@ -226,7 +226,11 @@ impl ControllerService for Fake {
                 selector.is_empty() || selector == &format!("zone={}", n.labels["zone"])
             })
             .collect();
-        Ok(Response::new(ListNodesResponse { nodes }))
+        // As a controller from before paging: every node, no counts, no state filter.
+        Ok(Response::new(ListNodesResponse {
+            nodes,
+            ..Default::default()
+        }))
     }
 
     async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
@@ -567,6 +571,51 @@ async fn nodes_as_a_table_and_as_json_and_only_with_the_token() {
         "{}",
         stderr(&out)
     );
+}
+
+#[tokio::test]
+async fn a_controller_from_before_paging_is_counted_filtered_and_cut_by_fleetctl() {
+    let addr = serve().await;
+    let out = fleetctl(addr, Some(TOKEN), &["nodes", "--limit", "1"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("2 nodes: 2 serving\nNODE "), "{text}");
+    assert!(text.contains("\nn1 ") && !text.contains("n2"), "{text}");
+    assert_eq!(
+        stderr(&out),
+        "showing 1 of 2 nodes: --all, --limit N, -l KEY=VALUE or --state STATE to see others\n"
+    );
+
+    let out = fleetctl(addr, Some(TOKEN), &["nodes", "--state", "stopped"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    assert_eq!(
+        stderr(&out),
+        "no nodes: 0 stopped nodes (of 2: 2 serving)\n"
+    );
+
+    let out = fleetctl(addr, Some(TOKEN), &["nodes", "--summary", "-o", "json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        summary,
+        serde_json::json!({
+            "total": 2,
+            "counts_by_state": {"serving": 2},
+            "counts_by_label": {"zone=a": 1, "zone=b": 1},
+        })
+    );
+
+    let out = fleetctl(
+        addr,
+        Some(TOKEN),
+        &["nodes", "-o", "json", "--limit", "1", "--page-size", "1"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
+    assert_eq!(nodes[0]["node_id"], "n1");
 }
 
 #[tokio::test]

@@ -1,5 +1,9 @@
 //! The inventory of agents: what each node last said about itself in a heartbeat (or,
 //! for static nodes, what its `Status` returned), and which nodes have gone quiet.
+//! Listing a page of it, with counts over every node a listing matches, is in `page`.
+
+/// One page of the nodes in id order, with counts over every matching node.
+pub mod page;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -166,7 +170,9 @@ impl Selector {
 
 #[derive(Debug)]
 pub struct Inventory {
-    nodes: RwLock<HashMap<String, NodeRecord>>,
+    /// Keyed (and so ordered) by node id: a page of a listing is a walk in id order
+    /// from where the previous page ended.
+    nodes: RwLock<BTreeMap<String, NodeRecord>>,
     ttl: Duration,
     /// `--max-nodes`: a heartbeat of a node not yet known is refused at this many.
     max_nodes: AtomicUsize,
@@ -214,7 +220,7 @@ impl Inventory {
         ttl: Duration,
         changes: tokio::sync::broadcast::Sender<Change>,
     ) -> Result<Self, crate::store::StoreError> {
-        let mut nodes = HashMap::new();
+        let mut nodes = BTreeMap::new();
         for mut node in store.load_nodes()? {
             // Known from before the controller restarted: one ttl of grace for its
             // next heartbeat before it counts as unreachable.
@@ -239,7 +245,7 @@ impl Inventory {
     /// and every node gets one TTL of grace for its next heartbeat; else each node is
     /// as the leader stored it.
     pub fn reload(&self, lead: bool) -> Result<(), crate::store::StoreError> {
-        let mut loaded = HashMap::new();
+        let mut loaded = BTreeMap::new();
         for mut node in self.store.load_nodes()? {
             if lead {
                 node.last_heartbeat_unix_ms = now_ms();
@@ -460,9 +466,26 @@ impl Inventory {
 
     /// It missed its heartbeats. A node that said it stopped is not expected to beat.
     fn is_stale(&self, node: &NodeRecord) -> bool {
-        !self.follower.load(Ordering::Relaxed)
+        self.is_stale_at(node, now_ms(), self.follower.load(Ordering::Relaxed))
+    }
+
+    /// [`Self::is_stale`] at `now`, on a follower or not: one clock read and one load
+    /// for a whole listing rather than one per node.
+    fn is_stale_at(&self, node: &NodeRecord, now: u64, follower: bool) -> bool {
+        !follower
             && node.state != STOPPED
-            && now_ms().saturating_sub(node.last_heartbeat_unix_ms) > self.ttl.as_millis() as u64
+            && now.saturating_sub(node.last_heartbeat_unix_ms) > self.ttl.as_millis() as u64
+    }
+
+    /// The state [`Self::effective`] shows, without copying the node: `unreachable` if
+    /// it missed its heartbeats (or, on a follower, the leader found it had).
+    fn shown_state<'n>(&self, node: &'n NodeRecord, now: u64, follower: bool) -> &'n str {
+        let quiet = if follower {
+            node.stale_since_unix_ms > 0 && node.state != STOPPED
+        } else {
+            self.is_stale_at(node, now, follower)
+        };
+        if quiet { "unreachable" } else { &node.state }
     }
 
     /// The node as seen now: `unreachable` (with since when) if it missed its heartbeats.
@@ -496,21 +519,28 @@ impl Inventory {
         node
     }
 
+    /// Puts `node` in as it is, without a heartbeat's checks or a store write: tests
+    /// that need many nodes.
+    #[cfg(test)]
+    pub(crate) fn insert(&self, node: NodeRecord) {
+        let mut nodes = self.nodes.write().expect("inventory lock");
+        nodes.insert(node.node_id.clone(), node);
+    }
+
     pub fn get(&self, node_id: &str) -> Option<NodeRecord> {
         let nodes = self.nodes.read().expect("inventory lock");
         nodes.get(node_id).map(|n| self.effective(n))
     }
 
-    /// Matching nodes, sorted by id.
+    /// Every matching node, sorted by id (rollout planning, metrics, `/api/nodes`). A
+    /// listing for people goes a page at a time: [`Self::page`].
     pub fn list(&self, selector: &Selector) -> Vec<NodeRecord> {
         let nodes = self.nodes.read().expect("inventory lock");
-        let mut out: Vec<NodeRecord> = nodes
+        nodes
             .values()
             .filter(|n| selector.matches(&n.labels))
             .map(|n| self.effective(n))
-            .collect();
-        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-        out
+            .collect()
     }
 
     /// Announces nodes that just went quiet, so live views update.

@@ -147,6 +147,7 @@ service! {
                 node_id: self.name.clone(),
                 ..Default::default()
             }],
+            ..Default::default()
         }))
     }
 
@@ -265,7 +266,11 @@ async fn a_read_skips_a_dead_controller_and_sticks_with_the_one_that_answers() {
     );
     let (dead, url_a, url_b) = (dead(), serve(a.clone()).await, serve(b.clone()).await);
     let mut c = controller(&[&dead, &url_a, &url_b]);
-    let nodes = c.list_nodes(String::new()).await.unwrap();
+    let nodes = c
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .nodes;
     assert_eq!(nodes[0].node_id, "a");
     assert_eq!(c.url(), url_a);
     // The next call goes straight there.
@@ -287,7 +292,7 @@ async fn a_change_refused_by_a_follower_goes_to_the_leader_it_names_even_unliste
     assert_eq!(leader.calls(), ["RestartNode"]);
     // It sticks with the leader.
     assert_eq!(c.url(), leader_url);
-    c.list_nodes(String::new()).await.unwrap();
+    c.list_nodes(pb::ListNodesRequest::default()).await.unwrap();
     assert_eq!(follower.calls().len(), 1);
 }
 
@@ -334,7 +339,10 @@ async fn when_every_controller_fails_the_error_names_each_and_why() {
 async fn one_dead_url_keeps_the_single_controller_message() {
     let dead = dead();
     let mut c = controller(&[&dead]);
-    let err = c.list_nodes(String::new()).await.unwrap_err();
+    let err = c
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap_err();
     let text = err.to_string();
     assert!(
         text.starts_with(&format!("cannot reach the controller at {dead}: ")),
