@@ -55,6 +55,12 @@ pub struct Agents {
     /// connection costs tens of KB, and a fleet of 10,000 nodes needs only the ones
     /// in the current batch.
     channels: Mutex<HashMap<String, (Channel, Instant)>>,
+    /// Calls to agents in flight, at most [`MAX_CALLS`]: a closed channel's connection
+    /// lives as long as a call on it, so without a bound a batch of 10,000 nodes (or a
+    /// rollback of 50,000) opened as many connections at once and ran the controller
+    /// out of file descriptors. The channels kept plus the calls in flight stay under
+    /// 2,048 connections.
+    calls: tokio::sync::Semaphore,
 }
 
 /// An agent's restart timeouts until it reports its own (its defaults).
@@ -141,7 +147,9 @@ pub fn down(node: &NodeRecord) -> Option<String> {
 }
 
 /// Most channels kept open at once; the least recently used is closed first.
-const MAX_CHANNELS: usize = 2048;
+const MAX_CHANNELS: usize = 1024;
+/// Most calls to agents in flight at once (the rest wait their turn).
+pub const MAX_CALLS: usize = 1024;
 
 impl Agents {
     pub fn new(token: Option<&str>) -> Self {
@@ -149,6 +157,7 @@ impl Agents {
             token: Bearer::new(token),
             tls: RwLock::new(None),
             channels: Mutex::new(HashMap::new()),
+            calls: tokio::sync::Semaphore::new(MAX_CALLS),
         }
     }
 
@@ -212,6 +221,14 @@ impl Agents {
         ))
     }
 
+    /// A turn to call an agent: waits while [`MAX_CALLS`] calls are in flight.
+    async fn turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.calls
+            .acquire()
+            .await
+            .expect("the calls semaphore is never closed")
+    }
+
     /// Restarts `node`, waiting as long as the node may take: its ready timeout (the
     /// request's, else the one the agent reported, else the agent's default) plus
     /// [`MARGIN`].
@@ -224,6 +241,7 @@ impl Agents {
         let ready =
             first_set(&[request.ready_timeout_ms, node.ready_timeout_ms]).unwrap_or(DEFAULT_READY);
         let limit = ready + MARGIN;
+        let _turn = self.turn().await;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
         bounded(node, "Restart", limit, client.restart(request)).await
     }
@@ -236,6 +254,7 @@ impl Agents {
     ) -> Result<pb::ShutdownResponse, tonic::Status> {
         refuse_if_down(node, "shut down")?;
         let limit = CALL_TIMEOUT;
+        let _turn = self.turn().await;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
         bounded(
             node,
@@ -252,6 +271,7 @@ impl Agents {
         node: &NodeRecord,
         request: pb::PreflightRequest,
     ) -> Result<pb::PreflightResponse, tonic::Status> {
+        let _turn = self.turn().await;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
         bounded(node, "Preflight", CALL_TIMEOUT, client.preflight(request)).await
     }
@@ -262,8 +282,12 @@ impl Agents {
         control_addr: &str,
         timeout: Duration,
     ) -> Result<pb::StatusResponse, tonic::Status> {
-        let mut client = self.client(node_id, control_addr)?;
-        match tokio::time::timeout(timeout, client.status(pb::StatusRequest {})).await {
+        let call = async {
+            let _turn = self.turn().await;
+            let mut client = self.client(node_id, control_addr)?;
+            client.status(pb::StatusRequest {}).await
+        };
+        match tokio::time::timeout(timeout, call).await {
             Ok(r) => r.map(|r| r.into_inner()),
             Err(_) => Err(tonic::Status::deadline_exceeded(format!(
                 "no answer from {control_addr} within {}",
