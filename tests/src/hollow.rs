@@ -105,7 +105,10 @@ pub struct HollowConfig {
     pub restart_latency: Duration,
     /// The latency is drawn uniformly from `restart_latency ± restart_jitter`.
     pub restart_jitter: Duration,
-    /// Probability (0..=1) that a restart ends with `OUTCOME_FAILED`.
+    /// Probability (0..=1) that a restart into an executable other than
+    /// [`initial_exe`](Self::initial_exe) ends with `OUTCOME_FAILED`: a new build
+    /// fails on a share of the nodes; going back to the build they started with
+    /// always works (so a rollback is checked, not simulated away).
     pub failure_rate: f64,
     /// The first heartbeats are spread uniformly over this window.
     pub heartbeat_jitter: Duration,
@@ -368,8 +371,10 @@ pub fn raise_nofile(want: u64) -> anyhow::Result<u64> {
     Ok(hard.max(soft))
 }
 
-/// Connections the controller keeps open to agents at most (`MAX_CHANNELS` in
-/// `controller/src/agents.rs`: the least recently used is closed first).
+/// Connections the controller has open to agents at most: `MAX_CHANNELS` (1,024)
+/// kept, the least recently used closed first, plus `MAX_CALLS` (1,024) calls in
+/// flight, each of which may hold a channel closed meanwhile
+/// (`controller/src/agents.rs`).
 pub const CONTROLLER_AGENT_CONNECTIONS: usize = 2048;
 
 /// File descriptors `count` agents may need: a listener each, a heartbeat
@@ -981,7 +986,7 @@ impl AgentService for HollowService {
             let cfg = &shared.cfg;
             let latency = shared.rng.around(cfg.restart_latency, cfg.restart_jitter);
             tokio::time::sleep(latency).await;
-            let failed = shared.rng.unit() < cfg.failure_rate;
+            let failed = info.path != cfg.initial_exe && shared.rng.unit() < cfg.failure_rate;
             let ready_us = micros(started.elapsed());
             let response = {
                 let mut s = lock(&agent.state);

@@ -8,8 +8,8 @@
 //!
 //! Each hollow agent serves the real `fleet.v1.AgentService` on its own
 //! `127.0.0.1:0` port (127.0.0.2, … past the first 5,000 indexes) and registers and heartbeats like `fleet-agent --controller`,
-//! but nothing runs behind it: restarts sleep `--restart-latency` (± jitter) and fail
-//! with probability `--failure-rate`; PIDs, exe digests and sizes are made up (see
+//! but nothing runs behind it: restarts sleep `--restart-latency` (± jitter) and, when
+//! into another exe than the one it started with, fail with probability `--failure-rate`; PIDs, exe digests and sizes are made up (see
 //! `fleet_tests::hollow`). Node ids are `hollow-00000`, `hollow-00001`, ...; labels
 //! `sim=hollow`, `shard=<index % 10>` and any `--label`.
 //!
@@ -63,7 +63,8 @@ struct Args {
     /// Each restart takes restart-latency ± up to this much (uniform).
     #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
     restart_jitter: Duration,
-    /// Probability (0..1) that a restart fails (OUTCOME_FAILED with a reason).
+    /// Probability (0..1) that a restart into a new exe fails (OUTCOME_FAILED with a
+    /// reason); a restart back into the exe it started with never does.
     #[arg(long, default_value_t = 0.0)]
     failure_rate: f64,
     /// The first heartbeats are spread uniformly over this window.

@@ -78,9 +78,15 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-/// Targets (issue 3, "Scale").
-const TARGET_OVERHEAD_PER_NODE: Duration = Duration::from_millis(1);
-const TARGET_PEAK_RSS_BYTES: u64 = 300_000_000;
+/// Targets (issue 18, "Scale": one controller for 100,000 agents).
+const TARGET_OVERHEAD_PER_NODE: Duration = Duration::from_micros(100);
+const TARGET_PEAK_RSS_BYTES: u64 = 1_000_000_000;
+/// Heartbeats a second the automatic `--heartbeat-ttl` keeps the fleet under: one
+/// controller core absorbed ~8,000 a second over a connection per agent and ~13,000
+/// over shared ones (README, "Scale").
+const AUTO_TTL_BEATS_PER_SECOND: u64 = 5_000;
+/// The shortest automatic `--heartbeat-ttl`, the controller's default.
+const AUTO_TTL_MIN: Duration = Duration::from_secs(30);
 
 /// Bound on a `stats` / `restarts` answer from a hollow-agents process.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -110,9 +116,17 @@ struct Args {
     /// Each simulated restart takes restart-latency ± up to this much.
     #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
     restart_jitter: Duration,
-    /// Probability (0..1) that a simulated restart fails.
+    /// Probability (0..1) that a simulated restart into the new exe fails (a restart
+    /// back into the exe the agents started with never does).
     #[arg(long, default_value_t = 0.0)]
     failure_rate: f64,
+    /// The rollout's failure budget (`max_failures`: a count or a percentage).
+    #[arg(long, default_value = "100%")]
+    max_failures: String,
+    /// Roll the moved nodes back when the rollout stops at its failure budget; the
+    /// verdict then checks that it stopped and that every node ends on its old exe.
+    #[arg(long)]
+    auto_rollback: bool,
     /// Cumulative batch sizes of the rollout.
     #[arg(long, default_value = "10%,20%,30%,40%,50%,60%,70%,80%,90%,100%")]
     batches: String,
@@ -122,8 +136,10 @@ struct Args {
     /// The rollout's min-healthy soak per node (counted as simulated time, not overhead).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     min_healthy: Duration,
-    /// The controller's --heartbeat-ttl (it asks agents to heartbeat every ttl / 3).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    /// The controller's --heartbeat-ttl (it asks agents to heartbeat every ttl / 3);
+    /// 0: 30 s, or longer so that the fleet sends at most 5,000 heartbeats a second
+    /// (100,000 agents: 60 s).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     heartbeat_ttl: Duration,
     /// Length of the heartbeat measurement window.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -183,7 +199,10 @@ impl StoreKind {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.heartbeat_ttl.is_zero() {
+        args.heartbeat_ttl = auto_ttl(args.agents);
+    }
     if args.agents == 0 || args.window.is_zero() || args.poll.is_zero() {
         eprintln!("scale-bench: --agents, --window and --poll must be > 0");
         return ExitCode::from(2);
@@ -199,6 +218,13 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     fleet_tests::bench::main("scale-bench", run(args))
+}
+
+/// The heartbeat TTL that keeps `agents` under [`AUTO_TTL_BEATS_PER_SECOND`]
+/// (agents heartbeat every ttl / 3), [`AUTO_TTL_MIN`] at least.
+fn auto_ttl(agents: usize) -> Duration {
+    let seconds = (agents as u64 * 3).div_ceil(AUTO_TTL_BEATS_PER_SECOND);
+    Duration::from_secs(seconds).max(AUTO_TTL_MIN)
 }
 
 /// Progress goes to stderr; stdout carries only the report.
@@ -849,18 +875,21 @@ async fn run_store(
         if hollow_registered.is_none() && hollows.iter().all(|h| h.ready) {
             hollow_registered = Some(reg_start.elapsed());
         }
-        let nodes = api
+        // The counts only: a whole 100,000-node answer every 100 ms would be most of
+        // what the controller does while the agents register.
+        let summary = api
             .list_nodes(with_timeout(
                 pb::ListNodesRequest {
                     selector: "sim=hollow".into(),
+                    summary_only: true,
+                    ..Default::default()
                 },
                 CALL_TIMEOUT,
             ))
             .await
             .context("ListNodes")?
-            .into_inner()
-            .nodes;
-        let serving = nodes.iter().filter(|n| n.state == "serving").count();
+            .into_inner();
+        let serving = summary.counts_by_state.get("serving").copied().unwrap_or(0) as usize;
         if serving >= args.agents {
             break reg_start.elapsed();
         }
@@ -917,7 +946,8 @@ async fn run_store(
         max_unavailable: args.max_unavailable.clone(),
         min_healthy_ms: u64::try_from(args.min_healthy.as_millis()).unwrap_or(u64::MAX),
         min_healthy_set: true,
-        max_failures: "100%".into(),
+        max_failures: args.max_failures.clone(),
+        auto_rollback: args.auto_rollback,
         reason: "scale-bench".into(),
         actor: "scale-bench".into(),
         ..Default::default()
@@ -985,7 +1015,16 @@ async fn run_store(
         b.first_start = Some(b.first_start.map_or(start, |s| s.min(start)));
         b.last_end = Some(b.last_end.map_or(end, |e| e.max(end)));
     }
-    let twice = per_node.values().filter(|&&c| c > 1).count();
+    // Restarted into the new exe more than once (a rollback's restart back is not).
+    let mut into_new: HashMap<&str, usize> = HashMap::new();
+    for r in restarts.iter().filter(|r| r.exe == NEW_EXE) {
+        *into_new.entry(r.node_id.as_str()).or_default() += 1;
+    }
+    let twice = into_new.values().filter(|&&c| c > 1).count();
+    let budget = fleet_proto::rules::Amount::parse(&args.max_failures)
+        .map(|a| a.of(finished.nodes.len()))
+        .unwrap_or(0);
+    let rollback = RollbackCheck::new(&finished, &restarts, budget);
     // Every node of the rollout must have been restarted (into the new exe).
     let restarted_ok: std::collections::HashSet<&str> = restarts
         .iter()
@@ -1059,7 +1098,13 @@ async fn run_store(
     let rss_ok = peak_rss.is_some_and(|r| r < TARGET_PEAK_RSS_BYTES);
     let succeeded = finished.state == "succeeded";
     let all_restarted = not_restarted.is_empty() && finished.nodes.len() == args.agents;
-    let pass = overhead_ok && rss_ok && succeeded && twice == 0 && all_restarted;
+    // With --auto-rollback the run is about stopping at the budget and rolling back:
+    // the overhead per node is not a figure of it.
+    let pass = if args.auto_rollback {
+        rss_ok && twice == 0 && rollback.ok()
+    } else {
+        overhead_ok && rss_ok && succeeded && twice == 0 && all_restarted
+    };
 
     let batch_rows: Vec<Value> = batches
         .values()
@@ -1143,7 +1188,9 @@ async fn run_store(
             "peak_rss_met": rss_ok,
             "rollout_succeeded": succeeded,
             "every_node_restarted_once": all_restarted && twice == 0,
+            "stopped_at_budget_and_rolled_back": args.auto_rollback.then(|| rollback.ok()),
         },
+        "rollback": args.auto_rollback.then(|| rollback.json()),
         "pass": pass,
     });
 
@@ -1259,9 +1306,13 @@ async fn run_store(
                 println!("{line}");
             }
             if twice > 0 {
-                println!("FAIL: {twice} nodes were restarted more than once");
+                println!("FAIL: {twice} nodes were restarted into {NEW_EXE} more than once");
             }
-            if !all_restarted {
+            if args.auto_rollback {
+                for line in rollback.lines() {
+                    println!("{line}");
+                }
+            } else if !all_restarted {
                 println!(
                     "FAIL: {} of the rollout's {} nodes (of {} agents) were not restarted into {NEW_EXE} (first: {})",
                     not_restarted.len(),
@@ -1274,6 +1325,8 @@ async fn run_store(
                 "verdict             {}",
                 if pass {
                     "PASS"
+                } else if args.auto_rollback {
+                    "FAIL (see the rollback lines)"
                 } else if succeeded {
                     "FAIL (a target was missed)"
                 } else {
@@ -1292,6 +1345,160 @@ async fn run_store(
     controller.terminate(Duration::from_secs(5)).await;
     drop(etcd);
     Ok((pass, report))
+}
+
+/// What a rollout that stopped at its failure budget and rolled back must show:
+/// stopped in the batch where the failures passed the budget, no node of a later
+/// batch touched, and every node on the exe it started with at the end (those moved
+/// were moved back; those that failed never left it).
+struct RollbackCheck {
+    state: String,
+    reason: String,
+    failed: usize,
+    budget: usize,
+    /// The first batch after which more nodes had failed than the budget allows.
+    should_stop_in_batch: Option<u32>,
+    /// The last batch with a restart into the new exe.
+    stopped_in_batch: Option<u32>,
+    /// Nodes moved to the new exe (a successful restart into it).
+    moved: usize,
+    /// Moved nodes whose last successful restart was back to their old exe.
+    moved_back: usize,
+    /// Nodes whose last successful restart left them on the new exe.
+    left_on_new_exe: Vec<String>,
+    /// Nodes of batches after the one it should have stopped in that were restarted.
+    restarted_past_the_stop: usize,
+}
+
+impl RollbackCheck {
+    fn new(rollout: &pb::Rollout, restarts: &[RestartLine], budget: usize) -> Self {
+        let mut failed_by_batch: BTreeMap<u32, usize> = BTreeMap::new();
+        for n in rollout.nodes.iter().filter(|n| n.state == "failed") {
+            *failed_by_batch.entry(n.batch).or_default() += 1;
+        }
+        let mut so_far = 0;
+        let should_stop_in_batch = failed_by_batch.iter().find_map(|(batch, failed)| {
+            so_far += failed;
+            (so_far > budget).then_some(*batch)
+        });
+        let batch_of: HashMap<&str, u32> = rollout
+            .nodes
+            .iter()
+            .map(|n| (n.node_id.as_str(), n.batch))
+            .collect();
+        let mut by_node: HashMap<&str, Vec<&RestartLine>> = HashMap::new();
+        for r in restarts {
+            by_node.entry(r.node_id.as_str()).or_default().push(r);
+        }
+        // The last batch the forward pass reached: the highest with a restart into
+        // the new exe.
+        let stopped_in_batch = restarts
+            .iter()
+            .filter(|r| r.exe == NEW_EXE)
+            .filter_map(|r| batch_of.get(r.node_id.as_str()).copied())
+            .max();
+        let mut moved = 0;
+        let mut moved_back = 0;
+        let mut left_on_new_exe = Vec::new();
+        let mut restarted_past_the_stop = 0;
+        for (id, lines) in &mut by_node {
+            lines.sort_by_key(|r| r.started_unix_us);
+            if lines.iter().any(|r| r.succeeded && r.exe == NEW_EXE) {
+                moved += 1;
+            }
+            match lines.iter().rev().find(|r| r.succeeded) {
+                Some(last) if last.exe == NEW_EXE => left_on_new_exe.push(id.to_string()),
+                Some(_) if lines.iter().any(|r| r.succeeded && r.exe == NEW_EXE) => moved_back += 1,
+                _ => {}
+            }
+            if let (Some(stop), Some(batch)) = (should_stop_in_batch, batch_of.get(id))
+                && *batch > stop
+            {
+                restarted_past_the_stop += 1;
+            }
+        }
+        left_on_new_exe.sort();
+        Self {
+            state: rollout.state.clone(),
+            reason: rollout.reason.clone(),
+            failed: rollout.nodes.iter().filter(|n| n.state == "failed").count(),
+            budget,
+            should_stop_in_batch,
+            stopped_in_batch,
+            moved,
+            moved_back,
+            left_on_new_exe,
+            restarted_past_the_stop,
+        }
+    }
+
+    fn ok(&self) -> bool {
+        self.state == "rolled-back"
+            && self.reason.contains("failure budget")
+            && self.moved > 0
+            && self.moved_back == self.moved
+            && self.left_on_new_exe.is_empty()
+            && self.should_stop_in_batch.is_some()
+            && self.stopped_in_batch == self.should_stop_in_batch
+            && self.restarted_past_the_stop == 0
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "state": self.state,
+            "reason": self.reason,
+            "nodes_failed": self.failed,
+            "failure_budget": self.budget,
+            "should_stop_in_batch": self.should_stop_in_batch.map(|b| b + 1),
+            "stopped_in_batch": self.stopped_in_batch.map(|b| b + 1),
+            "nodes_moved_to_new_exe": self.moved,
+            "nodes_moved_back": self.moved_back,
+            "nodes_left_on_new_exe": self.left_on_new_exe.len(),
+            "first_left_on_new_exe": self.left_on_new_exe.first(),
+            "nodes_of_later_batches_restarted": self.restarted_past_the_stop,
+            "ok": self.ok(),
+        })
+    }
+
+    fn lines(&self) -> Vec<String> {
+        let verdict = |ok: bool| if ok { "ok" } else { "FAIL" };
+        let batch = |b: Option<u32>| b.map_or("-".to_string(), |b| (b + 1).to_string());
+        vec![
+            format!(
+                "rollback            {} ({}): {}",
+                self.state,
+                verdict(self.state == "rolled-back" && self.reason.contains("failure budget")),
+                self.reason
+            ),
+            format!(
+                "  stopped in batch  {} ({}: the failures passed the budget of {} in batch {}), {} node(s) failed; nodes of later batches restarted: {} ({})",
+                batch(self.stopped_in_batch),
+                verdict(
+                    self.should_stop_in_batch.is_some()
+                        && self.stopped_in_batch == self.should_stop_in_batch
+                ),
+                self.budget,
+                batch(self.should_stop_in_batch),
+                self.failed,
+                self.restarted_past_the_stop,
+                verdict(self.restarted_past_the_stop == 0)
+            ),
+            format!(
+                "  moved back        {} of the {} node(s) moved to {NEW_EXE}; left on it: {} ({}{})",
+                self.moved_back,
+                self.moved,
+                self.left_on_new_exe.len(),
+                verdict(
+                    self.moved > 0
+                        && self.moved_back == self.moved
+                        && self.left_on_new_exe.is_empty()
+                ),
+                self.left_on_new_exe
+                    .first()
+                    .map_or(String::new(), |id| format!(", first {id}"))
+            ),
+        ]
+    }
 }
 
 fn is_final(state: &str) -> bool {
@@ -1728,4 +1935,77 @@ fn comparison_lines(runs: &[(StoreKind, bool, Value)]) -> Option<Vec<String>> {
         if met { "PASS" } else { "FAIL" }
     ));
     Some(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_automatic_ttl_keeps_the_fleet_under_its_heartbeat_rate() {
+        assert_eq!(auto_ttl(1), AUTO_TTL_MIN);
+        assert_eq!(auto_ttl(10_000), AUTO_TTL_MIN);
+        assert_eq!(auto_ttl(100_000), Duration::from_secs(60));
+        // 3 beats per ttl each: 300,000 / 60 s = 5,000 a second.
+        assert_eq!(auto_ttl(100_001), Duration::from_secs(61));
+    }
+
+    fn line(node: &str, at: u64, ok: bool, exe: &str) -> RestartLine {
+        RestartLine {
+            node_id: node.into(),
+            started_unix_us: at,
+            duration: Duration::from_millis(50),
+            succeeded: ok,
+            generation: 1,
+            exe: exe.into(),
+        }
+    }
+
+    fn rollout(nodes: &[(&str, u32, &str)], state: &str, reason: &str) -> pb::Rollout {
+        pb::Rollout {
+            state: state.into(),
+            reason: reason.into(),
+            nodes: nodes
+                .iter()
+                .map(|(id, batch, state)| pb::RolloutNode {
+                    node_id: (*id).into(),
+                    batch: *batch,
+                    state: (*state).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_rollback_check_passes_only_when_every_moved_node_went_back_and_later_batches_were_spared()
+    {
+        let r = rollout(
+            &[
+                ("a", 0, "rolled-back"),
+                ("b", 0, "failed"),
+                ("c", 1, "skipped"),
+            ],
+            "rolled-back",
+            "1 node(s) failed, more than the failure budget of 0: stopped after batch 1",
+        );
+        let good = [
+            line("a", 1, true, NEW_EXE),
+            line("b", 2, false, NEW_EXE),
+            line("a", 3, true, "/opt/app-v1"),
+        ];
+        assert!(RollbackCheck::new(&r, &good, 0).ok());
+        // a left on the new exe.
+        assert!(!RollbackCheck::new(&r, &good[..2], 0).ok());
+        // c, of the next batch, restarted after the budget was spent.
+        let mut late = good.to_vec();
+        late.push(line("c", 4, true, NEW_EXE));
+        late.push(line("c", 5, true, "/opt/app-v1"));
+        let check = RollbackCheck::new(&r, &late, 0);
+        assert_eq!(check.restarted_past_the_stop, 1);
+        assert!(!check.ok());
+        // A budget of 1 was not spent by one failure: stopping was wrong.
+        assert!(!RollbackCheck::new(&r, &good, 1).ok());
+    }
 }
