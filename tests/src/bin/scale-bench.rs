@@ -893,7 +893,13 @@ async fn run_store(
         if serving >= args.agents {
             break reg_start.elapsed();
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Each poll counts the whole fleet's states and labels (~20 ms at 100,000).
+        tokio::time::sleep(Duration::from_millis(if args.agents > 20_000 {
+            500
+        } else {
+            100
+        }))
+        .await;
     };
     // Each process says it is ready once the controller accepted all its agents'
     // first heartbeats, which may be told a little after ListNodes shows them.
