@@ -597,15 +597,51 @@ impl Inventory {
     }
 }
 
+/// The unit tests' fixtures, shared by the inventory's, the pages' and the dashboard's.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn inventory(dir: &std::path::Path) -> Inventory {
+impl Inventory {
+    /// An empty inventory on a fresh SQLite store in `dir`, with a TTL of 10 s.
+    pub(crate) fn for_test(dir: &std::path::Path) -> Inventory {
         let store = crate::store::SqliteStore::open(&dir.join("fleet.db")).unwrap();
         let (changes, _) = tokio::sync::broadcast::channel(16);
         Inventory::new(Arc::new(store), Duration::from_secs(10), changes).unwrap()
     }
+}
+
+#[cfg(test)]
+impl NodeRecord {
+    /// A serving node `id` at `generation`, heartbeating now, without labels.
+    pub(crate) fn for_test(id: &str, generation: u64) -> NodeRecord {
+        NodeRecord {
+            node_id: id.into(),
+            labels: Default::default(),
+            state: "serving".into(),
+            control_addr: String::new(),
+            admin_url: String::new(),
+            exe: ExeRecord {
+                path: "/opt/app".into(),
+                sha256: String::new(),
+                size: 0,
+            },
+            generation,
+            supervisor_pid: 1,
+            worker_pid: 2,
+            in_flight: 0,
+            last_heartbeat_unix_ms: now_ms(),
+            started_at_unix_ms: 0,
+            reason: String::new(),
+            static_node: false,
+            listeners: Vec::new(),
+            ready_timeout_ms: 0,
+            drain_timeout_ms: 0,
+            stale_since_unix_ms: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn status(id: &str) -> pb::StatusResponse {
         pb::StatusResponse {
@@ -620,7 +656,7 @@ mod tests {
     #[test]
     fn a_status_over_a_limit_is_refused_and_nothing_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let inventory = inventory(dir.path());
+        let inventory = Inventory::for_test(dir.path());
         let mut big = status("node-1");
         big.labels.insert("big".into(), "x".repeat(16 << 20));
         let e = inventory.report(&big, false).unwrap_err();
@@ -719,7 +755,7 @@ mod tests {
     #[test]
     fn new_nodes_over_the_cap_are_refused_known_ones_keep_beating() {
         let dir = tempfile::tempdir().unwrap();
-        let inventory = inventory(dir.path());
+        let inventory = Inventory::for_test(dir.path());
         inventory.set_max_nodes(2);
         inventory.report(&status("a"), false).unwrap();
         inventory.report(&status("b"), false).unwrap();
@@ -773,21 +809,12 @@ mod staleness_tick_tests {
 
     #[test]
     fn the_fleet_is_looked_over_a_twentieth_of_the_ttl_apart_within_bounds() {
-        assert_eq!(
-            staleness_tick(Duration::from_secs(2)),
-            Duration::from_millis(500)
-        );
-        assert_eq!(
-            staleness_tick(Duration::from_secs(30)),
-            Duration::from_millis(1500)
-        );
-        assert_eq!(
-            staleness_tick(Duration::from_secs(60)),
-            Duration::from_secs(3)
-        );
-        assert_eq!(
-            staleness_tick(Duration::from_secs(600)),
-            Duration::from_secs(5)
-        );
+        for (ttl_s, tick_ms) in [(2, 500), (30, 1500), (60, 3000), (600, 5000)] {
+            assert_eq!(
+                staleness_tick(Duration::from_secs(ttl_s)),
+                Duration::from_millis(tick_ms),
+                "ttl {ttl_s} s"
+            );
+        }
     }
 }

@@ -51,6 +51,34 @@ pub const REBIND_WINDOW: Duration = Duration::from_secs(15);
 /// address within [`REBIND_WINDOW`].
 pub const REBIND_ATTEMPTS: u32 = 20;
 
+/// A status as an agent reports it, every field valid, for heartbeats sent straight to
+/// a controller by a test: zone `a`, serving at generation 1 of `/opt/app-v1`; its PIDs
+/// are above the largest Linux hands out, so they name no process.
+pub fn reported_status(node_id: &str) -> pb::StatusResponse {
+    pb::StatusResponse {
+        node_id: node_id.into(),
+        labels: [("zone".to_string(), "a".to_string())].into(),
+        supervisor_pid: 1 << 23,
+        state: "serving".into(),
+        generation: 1,
+        exe: Some(pb::ExeInfo {
+            path: "/opt/app-v1".into(),
+            sha256: "ab".repeat(32),
+            size: 1,
+        }),
+        workers: vec![pb::Worker {
+            generation: 1,
+            pid: (1 << 23) + 1,
+            state: "serving".into(),
+            ..Default::default()
+        }],
+        control_addr: "127.0.0.1:9".into(),
+        admin_url: "http://127.0.0.1:9/debug/admin".into(),
+        version: "test".into(),
+        ..Default::default()
+    }
+}
+
 /// The id [`Controller::start_nodes`] gives node `i` (0-based): `node-1`, `node-2`, ...
 pub fn node_id(i: usize) -> String {
     format!("node-{}", i + 1)

@@ -10,39 +10,12 @@ use std::time::{Duration, Instant};
 
 use fleet_proto::v1 as pb;
 use fleet_tests::Agent;
-use fleet_tests::fleet::{Controller, ControllerOpts};
+use fleet_tests::fleet::{Controller, ControllerOpts, reported_status};
 use fleet_tests::footprint::mem;
 use fleet_tests::harness::http_get;
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A status as an agent sends it: every field valid.
-fn status(node_id: &str) -> pb::StatusResponse {
-    pb::StatusResponse {
-        node_id: node_id.into(),
-        labels: [("zone".to_string(), "a".to_string())].into(),
-        // Above the largest PID Linux hands out: names no process.
-        supervisor_pid: 1 << 23,
-        state: "serving".into(),
-        generation: 1,
-        exe: Some(pb::ExeInfo {
-            path: "/opt/app-v1".into(),
-            sha256: "ab".repeat(32),
-            size: 1,
-        }),
-        workers: vec![pb::Worker {
-            generation: 1,
-            pid: (1 << 23) + 1,
-            state: "serving".into(),
-            ..Default::default()
-        }],
-        control_addr: "127.0.0.1:9".into(),
-        admin_url: "http://127.0.0.1:9/debug/admin".into(),
-        version: "limits-test".into(),
-        ..Default::default()
-    }
-}
 
 async fn heartbeat(
     controller: &Controller,
@@ -83,10 +56,12 @@ async fn listed(controller: &Controller) -> Vec<String> {
 #[tokio::test]
 async fn each_field_over_its_limit_is_refused_with_its_reason_and_nothing_is_kept() {
     let controller = Controller::start(ControllerOpts::default()).await;
-    heartbeat(&controller, status("known")).await.unwrap();
+    heartbeat(&controller, reported_status("known"))
+        .await
+        .unwrap();
 
     let with = |f: &dyn Fn(&mut pb::StatusResponse)| {
-        let mut s = status("fresh");
+        let mut s = reported_status("fresh");
         f(&mut s);
         s
     };
@@ -209,7 +184,7 @@ async fn each_field_over_its_limit_is_refused_with_its_reason_and_nothing_is_kep
         }
     }
     // Over a limit, a known node is not changed either.
-    let mut big = status("known");
+    let mut big = reported_status("known");
     big.labels.insert("team".into(), "x".repeat(300));
     big.exe.as_mut().unwrap().path = "/opt/app-v2".into();
     heartbeat(&controller, big).await.unwrap_err();
@@ -227,10 +202,12 @@ async fn new_nodes_beyond_max_nodes_are_refused_until_one_is_forgotten() {
         ..Default::default()
     })
     .await;
-    heartbeat(&controller, status("a")).await.unwrap();
-    heartbeat(&controller, status("b")).await.unwrap();
+    heartbeat(&controller, reported_status("a")).await.unwrap();
+    heartbeat(&controller, reported_status("b")).await.unwrap();
 
-    let refused = heartbeat(&controller, status("c")).await.unwrap_err();
+    let refused = heartbeat(&controller, reported_status("c"))
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     for needle in [
         "node c is not registered",
@@ -245,7 +222,7 @@ async fn new_nodes_beyond_max_nodes_are_refused_until_one_is_forgotten() {
         );
     }
     // Known nodes keep heartbeating, their changes recorded.
-    let mut a = status("a");
+    let mut a = reported_status("a");
     a.generation = 2;
     heartbeat(&controller, a).await.unwrap();
     assert_eq!(listed(&controller).await, ["a", "b"]);
@@ -259,7 +236,7 @@ async fn new_nodes_beyond_max_nodes_are_refused_until_one_is_forgotten() {
     assert!(line.contains("--max-nodes 2"), "{line}");
 
     // Node b stops (its last heartbeat says so) and is forgotten: room for the agent.
-    let mut b = status("b");
+    let mut b = reported_status("b");
     b.state = "stopped".into();
     heartbeat(&controller, b).await.unwrap();
     controller
@@ -273,7 +250,9 @@ async fn new_nodes_beyond_max_nodes_are_refused_until_one_is_forgotten() {
         .wait_nodes(&["real-1".to_string()], "serving", WAIT)
         .await;
     assert_eq!(listed(&controller).await, ["a", "real-1"]);
-    let refused = heartbeat(&controller, status("c")).await.unwrap_err();
+    let refused = heartbeat(&controller, reported_status("c"))
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted);
 }
 
@@ -290,7 +269,7 @@ async fn refused_900_kib_heartbeats_leave_the_controllers_memory_as_it_was() {
     let client = controller.grpc();
     let send = |i: usize| {
         let mut client = client.clone();
-        let mut status = status(&format!("flood-{i}"));
+        let mut status = reported_status(&format!("flood-{i}"));
         status.labels.insert("team".into(), "x".repeat(900 << 10));
         async move {
             let refused = client
@@ -384,11 +363,11 @@ async fn the_dashboard_links_only_a_nodes_own_admin_page_and_sends_its_csp() {
     let agents = controller.start_nodes(1, |_, opts| opts).await;
     let own = format!("http://{}/debug/admin", agents[0].control());
     // A valid http URL, but not on the node's own address: kept, shown, not linked.
-    let mut elsewhere = status("elsewhere");
+    let mut elsewhere = reported_status("elsewhere");
     elsewhere.admin_url = "http://evil.example/debug/admin".into();
     heartbeat(&controller, elsewhere).await.unwrap();
     // Another scheme is refused outright (see above); nothing to render.
-    let mut js = status("js");
+    let mut js = reported_status("js");
     js.admin_url = "javascript:alert(1)".into();
     heartbeat(&controller, js).await.unwrap_err();
 

@@ -16,31 +16,14 @@ const NODES: usize = 300;
 /// `node-001`…`node-300`: every third stopped (100), the rest serving; zone a or b.
 fn status(i: usize) -> pb::StatusResponse {
     pb::StatusResponse {
-        node_id: format!("node-{i:03}"),
         labels: [("zone".to_string(), ["a", "b"][i % 2].to_string())].into(),
-        supervisor_pid: 1 << 23,
         state: if i.is_multiple_of(3) {
             "stopped"
         } else {
             "serving"
         }
         .into(),
-        generation: 1,
-        exe: Some(pb::ExeInfo {
-            path: "/opt/app-v1".into(),
-            sha256: "ab".repeat(32),
-            size: 1,
-        }),
-        workers: vec![pb::Worker {
-            generation: 1,
-            pid: (1 << 23) + 1,
-            state: "serving".into(),
-            ..Default::default()
-        }],
-        control_addr: "127.0.0.1:9".into(),
-        admin_url: "http://127.0.0.1:9/debug/admin".into(),
-        version: "paging-test".into(),
-        ..Default::default()
+        ..fleet_tests::fleet::reported_status(&format!("node-{i:03}"))
     }
 }
 

@@ -347,34 +347,6 @@ pub fn admin_link(admin_url: &str, control_addr: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::ExeRecord;
-
-    fn node(id: &str, generation: u64) -> NodeRecord {
-        NodeRecord {
-            node_id: id.into(),
-            labels: Default::default(),
-            state: "serving".into(),
-            control_addr: String::new(),
-            admin_url: String::new(),
-            exe: ExeRecord {
-                path: "/opt/app".into(),
-                sha256: String::new(),
-                size: 0,
-            },
-            generation,
-            supervisor_pid: 1,
-            worker_pid: 2,
-            in_flight: 0,
-            last_heartbeat_unix_ms: 0,
-            started_at_unix_ms: 0,
-            reason: String::new(),
-            static_node: false,
-            listeners: Vec::new(),
-            ready_timeout_ms: 0,
-            drain_timeout_ms: 0,
-            stale_since_unix_ms: 0,
-        }
-    }
 
     #[test]
     fn admin_links_are_http_to_the_nodes_own_address_only() {
@@ -403,7 +375,7 @@ mod tests {
 
     #[test]
     fn an_admin_url_that_is_not_a_link_is_shown_as_escaped_text() {
-        let mut n = node("n", 1);
+        let mut n = NodeRecord::for_test("n", 1);
         n.control_addr = "127.0.0.1:7101".into();
         n.admin_url = "javascript:alert('<b>')".into();
         let session = crate::dashboard::session::Sessions::new(false).create(None);
@@ -426,7 +398,7 @@ mod tests {
         let ttl = std::time::Duration::from_secs(60);
         let fleet = crate::Fleet::new(Arc::new(store), ttl, None).unwrap();
         for i in 0..count {
-            let mut n = node(&format!("node-{i:06}"), (i % 7) as u64);
+            let mut n = NodeRecord::for_test(&format!("node-{i:06}"), (i % 7) as u64);
             n.labels = [
                 ("zone".to_string(), ["a", "b", "c"][i % 3].to_string()),
                 ("host".to_string(), format!("h{i}")),

@@ -188,17 +188,10 @@ fn top_labels(counts: HashMap<(&str, &str), usize>) -> Vec<(String, usize)> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use super::*;
     use crate::inventory::ExeRecord;
-
-    fn inventory(dir: &std::path::Path) -> Inventory {
-        let store = crate::store::SqliteStore::open(&dir.join("fleet.db")).unwrap();
-        let (changes, _) = tokio::sync::broadcast::channel(16);
-        Inventory::new(Arc::new(store), Duration::from_secs(10), changes).unwrap()
-    }
 
     /// Node `i`: zone a/b/c by i % 3, every fifth stopped, every seventh quiet for a
     /// minute (unreachable, unless stopped), heartbeating now otherwise.
@@ -234,17 +227,12 @@ mod tests {
                 now_ms()
             },
             started_at_unix_ms: 1_700_000_000_000 + i as u64,
-            reason: String::new(),
-            static_node: false,
-            listeners: Vec::new(),
-            ready_timeout_ms: 0,
-            drain_timeout_ms: 0,
-            stale_since_unix_ms: 0,
+            ..NodeRecord::for_test("", 0)
         }
     }
 
     fn filled(dir: &std::path::Path, count: usize) -> Inventory {
-        let inventory = inventory(dir);
+        let inventory = Inventory::for_test(dir);
         for i in (0..count).rev() {
             inventory.insert(node(i));
         }
@@ -460,7 +448,7 @@ mod tests {
         );
         // As hollow agents are labelled: two labels, 11 pairs in all.
         let dir = tempfile::tempdir().unwrap();
-        let hollow = inventory(dir.path());
+        let hollow = Inventory::for_test(dir.path());
         for i in 0..100_000 {
             let mut n = node(i);
             n.labels = [

@@ -1007,9 +1007,7 @@ async fn run_store(
         b.batch = n.batch;
         b.nodes += 1;
     }
-    let mut per_node: HashMap<&str, usize> = HashMap::new();
     for r in &restarts {
-        *per_node.entry(r.node_id.as_str()).or_default() += 1;
         let Some(&batch) = batch_of.get(r.node_id.as_str()) else {
             continue;
         };

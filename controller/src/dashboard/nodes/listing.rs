@@ -151,45 +151,13 @@ pub fn listing(view: &View<'_>, order: Order<'_>) -> Listing {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-    use std::time::Duration;
-
     use super::*;
-    use crate::inventory::{ExeRecord, Inventory};
-
-    fn node(id: &str, generation: u64) -> NodeRecord {
-        NodeRecord {
-            node_id: id.into(),
-            labels: Default::default(),
-            state: "serving".into(),
-            control_addr: String::new(),
-            admin_url: String::new(),
-            exe: ExeRecord {
-                path: "/opt/app".into(),
-                sha256: String::new(),
-                size: 0,
-            },
-            generation,
-            supervisor_pid: 1,
-            worker_pid: 2,
-            in_flight: 0,
-            last_heartbeat_unix_ms: crate::now_ms(),
-            started_at_unix_ms: 0,
-            reason: String::new(),
-            static_node: false,
-            listeners: Vec::new(),
-            ready_timeout_ms: 0,
-            drain_timeout_ms: 0,
-            stale_since_unix_ms: 0,
-        }
-    }
+    use crate::inventory::Inventory;
 
     fn inventory(dir: &std::path::Path, nodes: &[(&str, u64)]) -> Inventory {
-        let store = crate::store::SqliteStore::open(&dir.join("fleet.db")).unwrap();
-        let (changes, _) = tokio::sync::broadcast::channel(16);
-        let inventory = Inventory::new(Arc::new(store), Duration::from_secs(10), changes).unwrap();
+        let inventory = Inventory::for_test(dir);
         for (id, generation) in nodes {
-            inventory.insert(node(id, *generation));
+            inventory.insert(NodeRecord::for_test(id, *generation));
         }
         inventory
     }
