@@ -13,4 +13,7 @@ cargo nextest run --workspace "$@"
 # SQLite) and etcd_store (on etcd already, in the run above).
 controller_tests='binary_id(/^fleet-tests::(controller_.*|dashboard.*|guard_rails|impostor|in_flight|node_page|rollout_progress|conn_limits)$/)'
 # controller_ha runs its group on a shared etcd cluster in the first run already.
-FLEET_TEST_STORE=etcd cargo nextest run -p fleet-tests -E "$controller_tests - binary_id(fleet-tests::controller_ha)" "$@"
+# --workspace, not -p fleet-tests: cargo unifies features per selection, and with -p the
+# build dependencies resolve differently, so everything from prost-build up would be
+# built a second time (CI once ran out of disk doing so); the filter picks the tests.
+FLEET_TEST_STORE=etcd cargo nextest run --workspace -E "$controller_tests - binary_id(fleet-tests::controller_ha)" "$@"
