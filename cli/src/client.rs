@@ -214,15 +214,22 @@ impl Controller {
     }
 
     pub async fn get_rollout(&mut self, id: String) -> Result<Rollout> {
-        let request = GetRolloutRequest { id };
+        let request = GetRolloutRequest {
+            id,
+            ..Default::default()
+        };
         let response = self.send(Kind::Read, request, |mut api, r| async move {
             api.get_rollout(r).await
         });
         Ok(response.await?)
     }
 
-    pub async fn list_rollouts(&mut self, limit: u32) -> Result<Vec<Rollout>> {
-        let request = ListRolloutsRequest { limit };
+    /// Newest first; `summary_only`: without their nodes (counts in `progress`).
+    pub async fn list_rollouts(&mut self, limit: u32, summary_only: bool) -> Result<Vec<Rollout>> {
+        let request = ListRolloutsRequest {
+            limit,
+            summary_only,
+        };
         let response = self.send(Kind::Read, request, |mut api, r| async move {
             api.list_rollouts(r).await
         });
@@ -230,8 +237,14 @@ impl Controller {
     }
 
     /// The raw stream, so the watcher can tell a lost connection from a refusal.
+    /// The raw stream: the rollout with every node, then only the nodes that changed
+    /// (`Rollout.nodes_changed_only`; [`crate::watch::Merged`] puts them together).
     pub async fn watch_rollout(&mut self, id: String) -> Result<Streaming<Rollout>, CallError> {
-        let request = GetRolloutRequest { id };
+        let request = GetRolloutRequest {
+            id,
+            changed_nodes_only: true,
+            ..Default::default()
+        };
         let response = self.send(Kind::Read, request, |mut api, r| async move {
             api.watch_rollout(r).await
         });

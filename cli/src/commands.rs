@@ -344,7 +344,11 @@ async fn rollout_history(
     args: HistoryArgs,
     format: Format,
 ) -> Result<Exit> {
-    let rollouts = controller.list_rollouts(args.limit.unwrap_or(0)).await?;
+    // The table shows counts only; JSON keeps every rollout's nodes, as before.
+    let summary_only = !matches!(format, Format::Json);
+    let rollouts = controller
+        .list_rollouts(args.limit.unwrap_or(0), summary_only)
+        .await?;
     match format {
         Format::Json => {
             let rollouts: Vec<_> = rollouts.iter().map(json::RolloutJson::from).collect();

@@ -1,7 +1,7 @@
-//! Following a rollout: the controller's `WatchRollout` stream sends the whole rollout
-//! after every change; `Progress` turns consecutive snapshots into lines (a batch
-//! starts, a node changes phase, the rollout pauses), and the final state gives the
-//! exit code.
+//! Following a rollout: the controller's `WatchRollout` stream sends the whole rollout,
+//! then after every change the rollout with the nodes that changed; `Merged` puts them
+//! together, `Progress` turns consecutive snapshots into lines (a batch starts, a node
+//! changes phase, the rollout pauses), and the final state gives the exit code.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -34,6 +34,49 @@ pub fn exit_for(state: &str) -> Exit {
 
 /// The width of the phase column: the longest node state, "rolled-back".
 const PHASE_WIDTH: usize = 11;
+
+/// The rollout as the watch's messages add up: a message with every node replaces
+/// it, one with `nodes_changed_only` replaces the header and the nodes it carries.
+#[derive(Debug, Default)]
+pub struct Merged {
+    rollout: Rollout,
+    /// Node id -> position in `rollout.nodes`.
+    index: HashMap<String, usize>,
+}
+
+impl Merged {
+    /// Takes the next message; returns the whole rollout as it now stands.
+    pub fn apply(&mut self, mut message: Rollout) -> &Rollout {
+        if !message.nodes_changed_only || message.id != self.rollout.id {
+            self.index = message
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.node_id.clone(), i))
+                .collect();
+            self.rollout = message;
+            return &self.rollout;
+        }
+        let changed = std::mem::take(&mut message.nodes);
+        message.nodes = std::mem::take(&mut self.rollout.nodes);
+        message.nodes_changed_only = false;
+        for node in changed {
+            match self.index.get(&node.node_id) {
+                Some(&i) => message.nodes[i] = node,
+                None => {
+                    self.index.insert(node.node_id.clone(), message.nodes.len());
+                    message.nodes.push(node);
+                }
+            }
+        }
+        self.rollout = message;
+        &self.rollout
+    }
+
+    pub fn into_rollout(self) -> Rollout {
+        self.rollout
+    }
+}
 
 /// What has been printed so far, to print only what changed.
 #[derive(Debug, Default)]
@@ -194,8 +237,10 @@ pub async fn follow(
         }
     };
     let mut progress = Progress::default();
+    let mut merged = Merged::default();
     let mut id = id.to_string();
-    let mut last: Option<Rollout> = None;
+    // Whether a message came: the rollout is known to exist.
+    let mut seen = false;
     // Since when the watch is lost.
     let mut lost: Option<Instant> = None;
     let ctrl_c = tokio::signal::ctrl_c();
@@ -214,18 +259,20 @@ pub async fn follow(
                     _ = &mut ctrl_c => return interrupted(&id),
                 };
                 match message {
-                    Ok(Some(r)) => {
+                    Ok(Some(message)) => {
+                        let r = merged.apply(message);
                         if lost.take().is_some() {
                             eprintln!("reconnected to the controller at {}", controller.url());
                         }
-                        for line in progress.update(&r) {
+                        for line in progress.update(r) {
                             print(&line)?;
                         }
                         // "latest" could name another rollout after a reconnect.
                         id.clone_from(&r.id);
-                        last = Some(r);
+                        seen = true;
                     }
                     Ok(None) => {
+                        let last = seen.then(|| std::mem::take(&mut merged).into_rollout());
                         return match last {
                             Some(r) if finished(&r.state) => {
                                 print(&summary(&r))?;
@@ -253,7 +300,7 @@ pub async fn follow(
                             .into()),
                         };
                     }
-                    Err(status) if is_unreachable(&status) && last.is_some() => {
+                    Err(status) if is_unreachable(&status) && seen => {
                         let why = format!(
                             "lost the controller at {} ({})",
                             controller.url(),
@@ -265,7 +312,7 @@ pub async fn follow(
                     Err(status) => return Err(controller.error(&status)),
                 }
             },
-            Err(CallError::Unreachable(e)) if last.is_some() => format!("{e:#}"),
+            Err(CallError::Unreachable(e)) if seen => format!("{e:#}"),
             Err(e) => return Err(e.into()),
         };
         // The first retry is at once (the connection may just have been idle-closed),
@@ -331,6 +378,44 @@ mod tests {
             nodes,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn partial_messages_merge_into_the_whole_rollout() {
+        let mut merged = Merged::default();
+        let first = rollout(
+            "running",
+            vec![node("n1", 0, "pending"), node("n2", 1, "pending")],
+        );
+        assert_eq!(merged.apply(first.clone()), &first);
+
+        // Only n2 moved; the header comes with every message.
+        let partial = Rollout {
+            nodes_changed_only: true,
+            current_batch: 1,
+            ..rollout("running", vec![node("n2", 1, "restarting")])
+        };
+        let now = merged.apply(partial);
+        let states: Vec<(&str, &str)> = now
+            .nodes
+            .iter()
+            .map(|n| (n.node_id.as_str(), n.state.as_str()))
+            .collect();
+        assert_eq!(states, [("n1", "pending"), ("n2", "restarting")]);
+        assert_eq!(now.current_batch, 1);
+        assert!(!now.nodes_changed_only, "what comes out is whole");
+
+        // A whole message (after a reconnect) replaces everything.
+        let whole = rollout("succeeded", vec![node("n1", 0, "healthy")]);
+        assert_eq!(merged.apply(whole.clone()), &whole);
+        // A partial message about another rollout ("latest" moved on) is not merged
+        // into this one.
+        let other = Rollout {
+            id: "r4".into(),
+            nodes_changed_only: true,
+            ..rollout("running", vec![node("n9", 0, "pending")])
+        };
+        assert_eq!(merged.apply(other).nodes.len(), 1);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::auth::grpc_caller;
 use crate::fleet::{Fleet, RolloutError};
 use crate::history::{RestartRecord, Via};
 use crate::inventory::{ForgetError, NodeRecord, Selector, page};
-use crate::rollout::{RolloutNode, RolloutState, RolloutView, Spec};
+use crate::rollout::{NodeVersion, RolloutNode, RolloutState, RolloutView, Spec};
 use crate::tokens::{Caller, Kind, NewToken, Role, TokenError, TokenRecord, actor_label};
 
 #[derive(Debug)]
@@ -339,23 +339,35 @@ impl ControllerService for Api {
         &self,
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        let view = self
-            .fleet
-            .rollout(&request.into_inner().id)
-            .map_err(rollout_status)?;
-        Ok(Response::new(rollout_message(&view)))
+        let request = request.into_inner();
+        let handle = self.fleet.handle(&request.id).map_err(rollout_status)?;
+        // Made from the view under its lock, not from a copy of it: the message is the
+        // one copy of 100,000 nodes, and none with summary_only.
+        let view = handle.view.lock().expect("view lock");
+        Ok(Response::new(if request.summary_only {
+            rollout_message_with(&view, Vec::new())
+        } else {
+            rollout_message(&view)
+        }))
     }
 
     async fn list_rollouts(
         &self,
         request: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
-        let limit = request.into_inner().limit as usize;
+        let request = request.into_inner();
         let rollouts = self
             .fleet
-            .rollouts(limit)
+            .rollout_handles(request.limit as usize)
             .iter()
-            .map(rollout_message)
+            .map(|h| {
+                let view = h.view.lock().expect("view lock");
+                if request.summary_only {
+                    rollout_message_with(&view, Vec::new())
+                } else {
+                    rollout_message(&view)
+                }
+            })
             .collect();
         Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
     }
@@ -366,18 +378,31 @@ impl ControllerService for Api {
         &self,
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
-        let handle = self
-            .fleet
-            .handle(&request.into_inner().id)
-            .map_err(rollout_status)?;
+        let request = request.into_inner();
+        let handle = self.fleet.handle(&request.id).map_err(rollout_status)?;
         let id = handle.view.lock().expect("view lock").rollout.id.clone();
         let mut changes = self.fleet.changes.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
+            // With changed_nodes_only: each node's version as last sent (empty: the
+            // next message carries every node).
+            let mut sent: Vec<NodeVersion> = Vec::new();
             loop {
-                let view = handle.view.lock().expect("view lock").clone();
-                let done = view.rollout.state.finished();
-                if tx.send(Ok(rollout_message(&view))).await.is_err() || done {
+                let (message, done) = {
+                    let view = handle.view.lock().expect("view lock");
+                    let message = if request.summary_only {
+                        rollout_message_with(&view, Vec::new())
+                    } else if request.changed_nodes_only && sent.len() == view.nodes.len() {
+                        changed_nodes_message(&view, &mut sent)
+                    } else {
+                        if request.changed_nodes_only {
+                            sent = view.nodes.iter().map(RolloutNode::version).collect();
+                        }
+                        rollout_message(&view)
+                    };
+                    (message, view.rollout.state.finished())
+                };
+                if tx.send(Ok(message)).await.is_err() || done {
                     return;
                 }
                 // Wait for a change to this rollout, then let more arrive for a moment:
@@ -621,7 +646,34 @@ fn node_progress(n: &RolloutNode) -> pb::RolloutNode {
     }
 }
 
+/// The rollout with every node.
 pub fn rollout_message(v: &RolloutView) -> pb::Rollout {
+    rollout_message_with(v, v.nodes.iter().map(node_progress).collect())
+}
+
+/// The rollout with only the nodes whose version differs from `sent` (one per node,
+/// in the view's order), which it brings up to date.
+fn changed_nodes_message(v: &RolloutView, sent: &mut [NodeVersion]) -> pb::Rollout {
+    let nodes = v
+        .nodes
+        .iter()
+        .zip(sent.iter_mut())
+        .filter_map(|(node, sent)| {
+            let now = node.version();
+            (now != *sent).then(|| {
+                *sent = now;
+                node_progress(node)
+            })
+        })
+        .collect();
+    pb::Rollout {
+        nodes_changed_only: true,
+        ..rollout_message_with(v, nodes)
+    }
+}
+
+/// The rollout's header, spec and progress, with `nodes` (all, some or none).
+fn rollout_message_with(v: &RolloutView, nodes: Vec<pb::RolloutNode>) -> pb::Rollout {
     let r = &v.rollout;
     let s = &r.spec;
     pb::Rollout {
@@ -663,9 +715,10 @@ pub fn rollout_message(v: &RolloutView) -> pb::Rollout {
         finished_unix_ms: r.finished_unix_ms,
         batch_sizes: r.batch_sizes.clone(),
         current_batch: r.current_batch,
-        nodes: v.nodes.iter().map(node_progress).collect(),
+        nodes,
         undo_of: r.undo_of.clone(),
         progress: Some(progress_message(v.progress())),
+        nodes_changed_only: false,
     }
 }
 
@@ -685,6 +738,7 @@ fn progress_message(p: crate::rollout::Progress) -> pb::RolloutProgress {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rollout::NodeState;
 
     fn api(nodes: usize) -> (tempfile::TempDir, Api) {
         let dir = tempfile::tempdir().unwrap();
@@ -714,6 +768,36 @@ mod tests {
 
     fn ids(r: &pb::ListNodesResponse) -> Vec<&str> {
         r.nodes.iter().map(|n| n.node_id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_watch_sends_every_node_once_then_only_those_that_moved() {
+        let mut view = RolloutView::for_test(&["n1", "n2", "n3"]);
+        let mut sent: Vec<NodeVersion> = view.nodes.iter().map(RolloutNode::version).collect();
+        let quiet = changed_nodes_message(&view, &mut sent);
+        assert!(quiet.nodes.is_empty() && quiet.nodes_changed_only);
+        assert_eq!(
+            quiet.progress.unwrap().total,
+            3,
+            "the counts cover every node"
+        );
+
+        view.nodes[1].set(NodeState::Restarting, "restart asked", 0);
+        view.nodes[2].new_pid = 4242;
+        let moved = changed_nodes_message(&view, &mut sent);
+        let ids: Vec<&str> = moved.nodes.iter().map(|n| n.node_id.as_str()).collect();
+        assert_eq!(ids, ["n2", "n3"]);
+        assert_eq!(moved.nodes[0].state, "restarting");
+        assert_eq!(moved.progress.unwrap().active, 1);
+        // The same step again (same state, a new timeline entry) is a change too.
+        view.nodes[1].set(NodeState::Restarting, "still restarting", 0);
+        let again = changed_nodes_message(&view, &mut sent);
+        assert_eq!(again.nodes.len(), 1);
+        assert!(changed_nodes_message(&view, &mut sent).nodes.is_empty());
+
+        let full = rollout_message(&view);
+        assert!(!full.nodes_changed_only);
+        assert_eq!(full.nodes.len(), 3);
     }
 
     #[tokio::test]

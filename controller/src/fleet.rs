@@ -11,8 +11,8 @@ use tokio::sync::broadcast;
 use crate::agents::Agents;
 use crate::inventory::{Inventory, NodeRecord, STOPPED, Selector};
 use crate::rollout::{
-    self, NodeState, Rollout, RolloutHandle, RolloutNode, RolloutState, RolloutView, Spec,
-    TimelineEntry,
+    self, NodeState, Rollout, RolloutHandle, RolloutNode, RolloutState, RolloutSummary,
+    RolloutView, Spec, TimelineEntry,
 };
 use crate::store::Store;
 use crate::tokens::Tokens;
@@ -326,24 +326,50 @@ impl Fleet {
             .ok_or_else(|| RolloutError::NotFound(id.to_string()))
     }
 
+    /// A copy of the rollout with every node: for one rollout at a time. To read a
+    /// part of it, lock [`Fleet::handle`]'s view instead of copying 100,000 nodes.
     pub fn rollout(&self, id: &str) -> Result<RolloutView, RolloutError> {
         Ok(self.handle(id)?.view.lock().expect("view lock").clone())
     }
 
-    /// Newest first.
-    pub fn rollouts(&self, limit: usize) -> Vec<RolloutView> {
-        let mut all: Vec<RolloutView> = self
+    /// Newest first, `limit` of them (0: all), each shared, not copied.
+    pub fn rollout_handles(&self, limit: usize) -> Vec<Arc<RolloutHandle>> {
+        let mut all: Vec<(u64, Arc<RolloutHandle>)> = self
             .rollouts
             .lock()
             .expect("rollouts lock")
             .values()
-            .map(|h| h.view.lock().expect("view lock").clone())
+            .map(|h| (h.view.lock().expect("view lock").rollout.seq, h.clone()))
             .collect();
-        all.sort_by_key(|v| std::cmp::Reverse(v.rollout.seq));
+        all.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
         if limit > 0 {
             all.truncate(limit);
         }
-        all
+        all.into_iter().map(|(_, h)| h).collect()
+    }
+
+    /// Newest first: copies of every node of each rollout. Listings use
+    /// [`Fleet::rollout_summaries`]: the history of a fleet of 100,000 nodes is
+    /// 100,000 nodes a rollout.
+    pub fn rollouts(&self, limit: usize) -> Vec<RolloutView> {
+        self.rollout_handles(limit)
+            .iter()
+            .map(|h| h.view.lock().expect("view lock").clone())
+            .collect()
+    }
+
+    /// Newest first: each rollout's header and node counts, without its nodes.
+    pub fn rollout_summaries(&self, limit: usize) -> Vec<RolloutSummary> {
+        self.rollout_handles(limit)
+            .iter()
+            .map(|h| {
+                let view = h.view.lock().expect("view lock");
+                RolloutSummary {
+                    rollout: view.rollout.clone(),
+                    progress: view.progress(),
+                }
+            })
+            .collect()
     }
 
     /// The rollout running or paused now, if any.

@@ -286,9 +286,10 @@ impl Metrics {
                 .get_or_create(&state_label(state.as_str()))
                 .set(0);
         }
-        for view in fleet.rollouts(0) {
+        for handle in fleet.rollout_handles(0) {
+            let state = handle.view.lock().expect("view lock").rollout.state;
             self.rollouts
-                .get_or_create(&state_label(view.rollout.state.as_str()))
+                .get_or_create(&state_label(state.as_str()))
                 .inc();
         }
         let mut out = String::new();

@@ -259,7 +259,17 @@ pub struct RolloutNode {
     pub timeline: Vec<TimelineEntry>,
 }
 
+/// What changes when a rollout node moves ([`RolloutNode::version`]).
+pub type NodeVersion = (NodeState, usize, u32, u32);
+
 impl RolloutNode {
+    /// Changes with every step of the node: a step goes through [`RolloutNode::set`]
+    /// (one more timeline entry, with the reason) or sets a pid. A watch compares it
+    /// to send only the nodes that moved.
+    pub fn version(&self) -> NodeVersion {
+        (self.state, self.timeline.len(), self.old_pid, self.new_pid)
+    }
+
     pub fn set(&mut self, state: NodeState, message: impl Into<String>, pid: u32) {
         let message = message.into();
         self.state = state;
@@ -294,6 +304,13 @@ pub struct Rollout {
     /// Set when the operator asked to pause, resume or abort, for the engine to act on
     /// at the next step.
     pub requested: Option<RolloutState>,
+}
+
+/// A rollout's header and node counts without its nodes: what a listing shows.
+#[derive(Debug, Clone)]
+pub struct RolloutSummary {
+    pub rollout: Rollout,
+    pub progress: Progress,
 }
 
 /// A rollout with its nodes, as the API returns it.
@@ -404,6 +421,55 @@ impl RolloutView {
     }
 }
 
+/// Fixtures for the tests of the rollout's users (the API's messages, the views).
+#[cfg(test)]
+impl RolloutNode {
+    /// A pending node of batch 0 with nothing else set.
+    pub(crate) fn for_test(node_id: &str) -> RolloutNode {
+        RolloutNode {
+            node_id: node_id.into(),
+            batch: 0,
+            state: NodeState::Pending,
+            reason: String::new(),
+            target_exe: String::new(),
+            target_sha256: String::new(),
+            previous_exe: String::new(),
+            previous_sha256: String::new(),
+            previous_generation: 0,
+            old_pid: 0,
+            new_pid: 0,
+            new_generation: 0,
+            timeline: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl RolloutView {
+    /// Rollout `r1`, running, one batch of these pending nodes.
+    pub(crate) fn for_test(node_ids: &[&str]) -> RolloutView {
+        RolloutView {
+            rollout: Rollout {
+                id: "r1".into(),
+                seq: 1,
+                spec: tests::spec("", 0, 0),
+                state: RolloutState::Running,
+                reason: String::new(),
+                created_unix_ms: 1,
+                finished_unix_ms: 0,
+                batch_sizes: vec![node_ids.len() as u32],
+                current_batch: 0,
+                undo_of: String::new(),
+                requested: None,
+            },
+            nodes: node_ids
+                .iter()
+                .map(|id| RolloutNode::for_test(id))
+                .collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,7 +487,7 @@ mod tests {
         assert!(s.check().is_err(), "whole percentages only, as fleetctl");
     }
 
-    fn spec(batches: &str, canary: u32, max_parallel: u32) -> Spec {
+    pub(crate) fn spec(batches: &str, canary: u32, max_parallel: u32) -> Spec {
         Spec {
             exe: "/opt/app/v2".into(),
             sha256: String::new(),
@@ -449,19 +515,8 @@ mod tests {
     #[test]
     fn only_healthy_nodes_count_as_done() {
         let node = |state| RolloutNode {
-            node_id: "n".into(),
-            batch: 0,
             state,
-            reason: String::new(),
-            target_exe: String::new(),
-            target_sha256: String::new(),
-            previous_exe: String::new(),
-            previous_sha256: String::new(),
-            previous_generation: 0,
-            old_pid: 0,
-            new_pid: 0,
-            new_generation: 0,
-            timeline: Vec::new(),
+            ..RolloutNode::for_test("n")
         };
         use NodeState::*;
         let nodes: Vec<RolloutNode> = [Healthy, Failed, Skipped, Skipped, Soaking, Preflight]

@@ -592,7 +592,10 @@ impl Controller {
     /// `GetRollout`.
     pub async fn rollout(&self, id: &str) -> pb::Rollout {
         self.grpc()
-            .get_rollout(pb::GetRolloutRequest { id: id.into() })
+            .get_rollout(pb::GetRolloutRequest {
+                id: id.into(),
+                ..Default::default()
+            })
             .await
             .unwrap_or_else(|s| self.fail(&format!("GetRollout {id}: {s}")))
             .into_inner()
@@ -620,7 +623,10 @@ impl Controller {
         let mut client = self.grpc();
         eventually(timeout, &format!("rollout {id}: {what}"), async || {
             let rollout = client
-                .get_rollout(pb::GetRolloutRequest { id: id.into() })
+                .get_rollout(pb::GetRolloutRequest {
+                    id: id.into(),
+                    ..Default::default()
+                })
                 .await
                 .map_err(|s| format!("GetRollout: {s}"))?
                 .into_inner();

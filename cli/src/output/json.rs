@@ -351,6 +351,8 @@ impl<'a> From<&'a Rollout> for RolloutJson<'a> {
             nodes,
             undo_of,
             progress,
+            // Always false here: a watch's partial messages are merged before output.
+            nodes_changed_only: _,
         } = r;
         RolloutJson {
             id,

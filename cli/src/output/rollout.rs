@@ -420,7 +420,14 @@ pub fn history_table(rollouts: &[Rollout]) -> String {
     ]);
     for r in rollouts {
         let spec = r.spec.clone().unwrap_or_default();
-        let healthy = r.nodes.iter().filter(|n| n.state == "healthy").count();
+        // The counts, when the listing left the nodes out (fleetctl asks it to).
+        let (healthy, total) = match &r.progress {
+            Some(p) if r.nodes.is_empty() => (p.healthy as usize, p.total as usize),
+            _ => (
+                r.nodes.iter().filter(|n| n.state == "healthy").count(),
+                r.nodes.len(),
+            ),
+        };
         let took = match r.finished_unix_ms {
             0 => "-".to_string(),
             ms => duration(ms.saturating_sub(r.created_unix_ms)),
@@ -431,7 +438,7 @@ pub fn history_table(rollouts: &[Rollout]) -> String {
             time(r.created_unix_ms),
             took,
             or_dash(&super::actor(&spec.actor, &spec.declared_actor)),
-            format!("{healthy}/{}", r.nodes.len()),
+            format!("{healthy}/{total}"),
             target(r),
             spec.reason,
         ]);
@@ -598,5 +605,15 @@ mod tests {
         let text = history_table(&[rollout(&[("n1", 0, "healthy")]), undo]);
         assert_eq!(text.lines().count(), 3);
         assert!(text.contains("previous executables (undo of r3)"), "{text}");
+
+        // A listing without the nodes (what fleetctl asks for) counts from `progress`.
+        let mut summary = rollout(&[]);
+        summary.progress = Some(fleet_proto::v1::RolloutProgress {
+            total: 100_000,
+            healthy: 99_998,
+            ..Default::default()
+        });
+        let text = history_table(&[summary]);
+        assert!(text.contains("99998/100000"), "{text}");
     }
 }

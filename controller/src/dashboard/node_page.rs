@@ -226,11 +226,11 @@ fn content(d: &Dashboard, n: &NodeRecord, history: &[RestartRecord]) -> Markup {
 /// The node's latest steps in rollouts, newest first.
 fn events(d: &Dashboard, node_id: &str) -> Markup {
     let mut steps = Vec::new();
-    for v in d.fleet.rollouts(ROLLOUTS_SEARCHED) {
-        if let Some(n) = v.nodes.iter().find(|n| n.node_id == node_id) {
-            for t in &n.timeline {
-                steps.push((v.rollout.id.clone(), t.clone()));
-            }
+    for h in d.fleet.rollout_handles(ROLLOUTS_SEARCHED) {
+        let Some(i) = h.find(node_id) else { continue };
+        let v = h.view.lock().expect("view lock");
+        for t in &v.nodes[i].timeline {
+            steps.push((v.rollout.id.clone(), t.clone()));
         }
     }
     steps.sort_by_key(|(_, t)| std::cmp::Reverse(t.unix_ms));

@@ -112,7 +112,7 @@ async fn list(
     Extension(session): Extension<Session>,
     Query(q): Query<PageQuery>,
 ) -> Response {
-    let rollouts = d.fleet.rollouts(0);
+    let rollouts = d.fleet.rollout_summaries(0);
     let now = now_ms();
     let content = html! {
         div.scroll {
@@ -128,7 +128,7 @@ async fn list(
                             th scope="row" { a href={ "/rollouts/" (r.rollout.id) } { (r.rollout.id) } }
                             td.exe data-label="Executable" { span.path { (r.rollout.spec.exe) } }
                             td data-label="State" { (view::state(r.rollout.state.as_str())) }
-                            td data-label="Progress" { (progress_bar(r.progress(), &format!("progress-{}", r.rollout.id))) }
+                            td data-label="Progress" { (progress_bar(r.progress, &format!("progress-{}", r.rollout.id))) }
                             td data-label="Started" { (view::since(r.rollout.created_unix_ms, now)) }
                             td data-label="Actor" { (actor_label(&r.rollout.spec.actor, &r.rollout.spec.declared_actor)) }
                             td data-label="Reason" { (r.rollout.spec.reason) }

@@ -42,4 +42,9 @@ impl RolloutHandle {
     pub fn position(&self, node_id: &str) -> usize {
         self.index[node_id]
     }
+
+    /// Where a node sits in `view.nodes`, if it is in this rollout.
+    pub fn find(&self, node_id: &str) -> Option<usize> {
+        self.index.get(node_id).copied()
+    }
 }

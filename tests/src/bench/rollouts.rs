@@ -185,6 +185,7 @@ pub async fn roll(
     let mut stream = client
         .watch_rollout(controller.authed(pb::GetRolloutRequest {
             id: started.id.clone(),
+            ..Default::default()
         }))
         .await
         .context("WatchRollout")?

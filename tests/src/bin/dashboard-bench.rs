@@ -256,6 +256,7 @@ async fn roll_out(addr: std::net::SocketAddr, count: usize) -> anyhow::Result<St
     let mut stream = api
         .watch_rollout(pb::GetRolloutRequest {
             id: started.id.clone(),
+            ..Default::default()
         })
         .await
         .context("WatchRollout")?

@@ -1509,11 +1509,17 @@ fn is_final(state: &str) -> bool {
     matches!(state, "succeeded" | "failed" | "rolled-back" | "aborted")
 }
 
+/// One line of where the rollout stands, from its counts (the polls leave the nodes out).
 fn progress_line(r: &pb::Rollout) -> String {
-    let mut states: BTreeMap<&str, usize> = BTreeMap::new();
-    for n in &r.nodes {
-        *states.entry(n.state.as_str()).or_default() += 1;
-    }
+    let p = r.progress.unwrap_or_default();
+    let states = [
+        (p.healthy, "healthy"),
+        (p.active, "restarting or soaking"),
+        (p.pending, "pending"),
+        (p.failed, "failed"),
+        (p.rolled_back, "rolled back"),
+        (p.skipped, "skipped"),
+    ];
     format!(
         "rollout {} {} batch {}/{}: {}",
         r.id,
@@ -1522,7 +1528,8 @@ fn progress_line(r: &pb::Rollout) -> String {
         r.batch_sizes.len(),
         states
             .iter()
-            .map(|(s, n)| format!("{n} {s}"))
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, s)| format!("{n} {s}"))
             .collect::<Vec<_>>()
             .join(", ")
     )
@@ -1549,7 +1556,11 @@ async fn follow(
         let remaining = deadline.saturating_duration_since(Instant::now());
         let mut stream = api
             .watch_rollout(with_timeout(
-                pb::GetRolloutRequest { id: id.into() },
+                pb::GetRolloutRequest {
+                    id: id.into(),
+                    summary_only: true,
+                    ..Default::default()
+                },
                 remaining,
             ))
             .await
@@ -1600,7 +1611,11 @@ async fn follow(
             }
             let r = api
                 .get_rollout(with_timeout(
-                    pb::GetRolloutRequest { id: id.into() },
+                    pb::GetRolloutRequest {
+                        id: id.into(),
+                        summary_only: true,
+                        ..Default::default()
+                    },
                     CALL_TIMEOUT,
                 ))
                 .await
@@ -1618,19 +1633,20 @@ async fn follow(
             tokio::time::sleep(args.poll).await;
         }
     }
-    let r = last.context("no rollout seen")?;
-    if r.finished_unix_ms == 0 {
-        // Fetch the final record for its finish time.
-        return Ok(api
-            .get_rollout(with_timeout(
-                pb::GetRolloutRequest { id: id.into() },
-                CALL_TIMEOUT,
-            ))
-            .await
-            .context("GetRollout")?
-            .into_inner());
-    }
-    Ok(r)
+    last.context("no rollout seen")?;
+    // The polls and the watch carried counts only: the final record with every node
+    // (and its finish time) for the checks.
+    Ok(api
+        .get_rollout(with_timeout(
+            pb::GetRolloutRequest {
+                id: id.into(),
+                ..Default::default()
+            },
+            CALL_TIMEOUT,
+        ))
+        .await
+        .context("GetRollout")?
+        .into_inner())
 }
 
 // ---------------------------------------------------------------------------
