@@ -170,6 +170,17 @@ pub struct History {
     drains: Mutex<HashMap<String, Vec<(u32, u64)>>>,
 }
 
+/// `map[key] = value`, copying the key only the first time (once per node, not once
+/// per heartbeat).
+fn put<V>(map: &mut HashMap<String, V>, key: &str, value: V) {
+    match map.get_mut(key) {
+        Some(slot) => *slot = value,
+        None => {
+            map.insert(key.to_string(), value);
+        }
+    }
+}
+
 impl History {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
@@ -216,12 +227,15 @@ impl History {
     /// Takes what a node's accepted status says of its workers and of the drain times
     /// of its recent restarts.
     pub fn heard(&self, status: &pb::StatusResponse) {
-        self.workers
-            .lock()
-            .expect("history lock")
-            .insert(status.node_id.clone(), status.workers.clone());
-        self.drains.lock().expect("history lock").insert(
-            status.node_id.clone(),
+        let id = status.node_id.as_str();
+        put(
+            &mut self.workers.lock().expect("history lock"),
+            id,
+            status.workers.clone(),
+        );
+        put(
+            &mut self.drains.lock().expect("history lock"),
+            id,
             status
                 .recent_restarts
                 .iter()
@@ -231,7 +245,10 @@ impl History {
         );
         let fresh: Vec<(u32, u64)> = {
             let mut forwarded = self.forwarded.lock().expect("history lock");
-            let seen = forwarded.entry(status.node_id.clone()).or_default();
+            if !forwarded.contains_key(id) {
+                forwarded.insert(id.to_string(), VecDeque::new());
+            }
+            let seen = forwarded.get_mut(id).expect("inserted above");
             let mut fresh = Vec::new();
             for r in &status.recent_restarts {
                 if r.drain_us == 0 || r.old_pid == 0 || seen.contains(&r.old_pid) {

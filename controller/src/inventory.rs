@@ -131,13 +131,45 @@ impl NodeRecord {
     }
 
     /// Same node facts apart from the heartbeat time and load (not worth a write).
+    /// Field by field, every field named (a new one must be placed on one side or the
+    /// other), without copying either node: it runs on every heartbeat.
     fn same_facts(&self, other: &NodeRecord) -> bool {
-        let strip = |n: &NodeRecord| NodeRecord {
-            last_heartbeat_unix_ms: 0,
-            in_flight: 0,
-            ..n.clone()
-        };
-        strip(self) == strip(other)
+        let NodeRecord {
+            node_id,
+            labels,
+            state,
+            control_addr,
+            admin_url,
+            exe,
+            generation,
+            supervisor_pid,
+            worker_pid,
+            in_flight: _,
+            last_heartbeat_unix_ms: _,
+            started_at_unix_ms,
+            reason,
+            static_node,
+            listeners,
+            ready_timeout_ms,
+            drain_timeout_ms,
+            stale_since_unix_ms,
+        } = self;
+        *node_id == other.node_id
+            && *state == other.state
+            && *generation == other.generation
+            && *worker_pid == other.worker_pid
+            && *supervisor_pid == other.supervisor_pid
+            && *started_at_unix_ms == other.started_at_unix_ms
+            && *static_node == other.static_node
+            && *ready_timeout_ms == other.ready_timeout_ms
+            && *drain_timeout_ms == other.drain_timeout_ms
+            && *stale_since_unix_ms == other.stale_since_unix_ms
+            && *control_addr == other.control_addr
+            && *admin_url == other.admin_url
+            && *reason == other.reason
+            && *exe == other.exe
+            && *labels == other.labels
+            && *listeners == other.listeners
     }
 }
 
@@ -347,11 +379,16 @@ impl Inventory {
 
     fn record(&self, status: &pb::StatusResponse, static_node: bool) -> Result<(), HeartbeatError> {
         let record = NodeRecord::from_status(status, static_node);
-        let (changed, was) = {
+        // Most heartbeats change nothing but the time and load: the record moves into
+        // the inventory, and only a new or changed one is copied, for the store. `was`:
+        // the state it leaves as the API showed it (`unreachable` once stale), when it
+        // differs from the new one; None for a node heard for the first time.
+        let changed: Option<(NodeRecord, Option<String>)> = {
             let mut nodes = self.nodes.write().expect("inventory lock");
-            let max = self.max_nodes();
-            let changed = match nodes.get(&record.node_id) {
-                None if nodes.len() >= max => {
+            let full = nodes.len() >= self.max_nodes();
+            match nodes.get_mut(&record.node_id) {
+                None if full => {
+                    let max = self.max_nodes();
                     return Err(HeartbeatError::Full(format!(
                         "node {} is not registered: the controller already holds {} nodes, its limit \
                          (--max-nodes {max}); forget stopped or unreachable nodes (fleetctl forget NODE) \
@@ -360,32 +397,39 @@ impl Inventory {
                         nodes.len()
                     )));
                 }
-                None => true,
-                Some(old) => !old.same_facts(&record) || self.is_stale(old),
-            };
-            // The state it leaves, as the API showed it: `unreachable` once stale.
-            let was = nodes
-                .get(&record.node_id)
-                .map(|old| self.effective(old).state);
-            nodes.insert(record.node_id.clone(), record.clone());
-            (changed, was)
+                None => {
+                    nodes.insert(record.node_id.clone(), record.clone());
+                    Some((record, None))
+                }
+                Some(old) => {
+                    // A new state is a changed fact, and a stale node always changes.
+                    let changed = !old.same_facts(&record) || self.is_stale(old);
+                    let out = changed.then(|| {
+                        let follower = self.follower.load(Ordering::Relaxed);
+                        let shown = self.shown_state(old, now_ms(), follower);
+                        (record.clone(), Some(shown.to_string()))
+                    });
+                    *old = record;
+                    out
+                }
+            }
         };
         let metrics = crate::metrics::global();
         metrics.heartbeat_accepted();
-        match was.as_deref() {
-            None => {
-                metrics.transition("new", &record.state);
-                crate::audit::node_joined(&record.node_id, &record.state, &record.control_addr);
-            }
-            Some(was) if was != record.state => {
-                metrics.transition(was, &record.state);
-                if was == "unreachable" {
-                    crate::audit::node_back(&record.node_id, &record.state);
+        if let Some((record, was)) = changed {
+            match was.as_deref() {
+                None => {
+                    metrics.transition("new", &record.state);
+                    crate::audit::node_joined(&record.node_id, &record.state, &record.control_addr);
                 }
+                Some(was) if was != record.state => {
+                    metrics.transition(was, &record.state);
+                    if was == "unreachable" {
+                        crate::audit::node_back(&record.node_id, &record.state);
+                    }
+                }
+                Some(_) => {}
             }
-            Some(_) => {}
-        }
-        if changed {
             // Queued now; committed by the writer thread.
             drop(self.store.put_node(&record));
             let _ = self.changes.send(Change::Node(record.node_id));

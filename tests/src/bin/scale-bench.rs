@@ -959,6 +959,7 @@ async fn run_store(
         ..Default::default()
     };
     let store_r0 = StoreMark::now(controller.addr, etcd.as_ref()).await;
+    let hb_r0 = stats_of(&mut hollows).await?;
     let mark_r0 = CpuMark::now(cpid, &hollow_pids);
     let t0 = Instant::now();
     let t0_unix_ms = unix_ms_now();
@@ -982,8 +983,19 @@ async fn run_store(
     let finished = follow(args, &mut api, &mut controller, &id, deadline).await?;
     let observed = t0.elapsed();
     let mark_r1 = CpuMark::now(cpid, &hollow_pids);
+    let hb_r1 = stats_of(&mut hollows).await?;
     let store_r1 = StoreMark::now(controller.addr, etcd.as_ref()).await;
     let rollout_cpu = CpuSpan::between(&mark_r0, &mark_r1);
+    // The fleet keeps heartbeating while the rollout runs, and a longer rollout of a
+    // bigger fleet absorbs more beats per node: their share of the controller's CPU,
+    // at the cost per beat of the heartbeat window, is told apart from the rollout's.
+    let rollout_beats = hb_r1.heartbeats_ok.saturating_sub(hb_r0.heartbeats_ok);
+    let cpu_per_beat = hb_cpu.controller_s.map(|c| c / hb_ok.max(1) as f64);
+    let rollout_beats_cpu = cpu_per_beat.map(|c| c * rollout_beats as f64);
+    let rollout_cpu_net = rollout_cpu
+        .controller_s
+        .zip(rollout_beats_cpu)
+        .map(|(all, beats)| (all - beats).max(0.0));
     let wall = if finished.finished_unix_ms >= t0_unix_ms {
         Duration::from_millis(finished.finished_unix_ms - t0_unix_ms)
     } else {
@@ -1168,6 +1180,10 @@ async fn run_store(
             "controller_overhead_per_node_ms": round3(overhead_per_node.as_secs_f64() * 1e3),
             "followed_with": if args.watch { "WatchRollout" } else { "GetRollout polls" },
             "controller_cpu_s": opt3(rollout_cpu.controller_s),
+            "heartbeats_accepted": rollout_beats,
+            "controller_cpu_s_heartbeats_estimate": opt3(rollout_beats_cpu),
+            "controller_cpu_s_net_of_heartbeats": opt3(rollout_cpu_net),
+            "controller_cpu_per_node_net_of_heartbeats_ms": opt3(rollout_cpu_net.map(|c| c * 1e3 / finished.nodes.len().max(1) as f64)),
             "bench_cpu_s": opt3(rollout_cpu.bench_s),
             "other_load_share_of_all_cpus": opt3(rollout_cpu.foreign),
         },
@@ -1281,6 +1297,15 @@ async fn run_store(
                 fmt_opt(total_cpu.controller_s, " s"),
                 fmt_opt(rollout_cpu.controller_s, " s"),
                 fmt_opt(reg_cpu.controller_s, " s")
+            );
+            println!(
+                "  in the rollout    {rollout_beats} heartbeats accepted meanwhile, ~{} of it at the heartbeat window's cost per beat; the rest {} = {} per node",
+                fmt_opt(rollout_beats_cpu, " s"),
+                fmt_opt(rollout_cpu_net, " s"),
+                fmt_opt(
+                    rollout_cpu_net.map(|c| c * 1e3 / finished.nodes.len().max(1) as f64),
+                    " ms"
+                )
             );
             println!(
                 "controller memory   peak RSS (VmHWM) {} (target < {} MB)  {}",
