@@ -114,6 +114,10 @@ pub struct Run {
     pub foreign_cpu: Option<f64>,
     /// Other processes took more than FOREIGN_CPU_WARN: left out of the best-of.
     pub skewed: bool,
+    /// CPU time (user + system) of the server's processes during the run: its root
+    /// processes and their children, from /proc (ticks of 10 ms); `None` when no root
+    /// was given or one exited.
+    pub server_cpu: Option<Duration>,
 }
 
 /// Every throughput run, in the order they ran.
@@ -147,6 +151,23 @@ impl Throughput {
         }
     }
 
+    /// The server's CPU seconds per million answered requests, the median over the
+    /// counted runs of `target` that measured it: comparable between servers even where
+    /// the load generator, not the server, limits the req/s.
+    pub fn cpu_per_million(&self, target: &str) -> Option<f64> {
+        let mut v: Vec<f64> = self
+            .counted(target)
+            .filter(|r| r.ok > 0)
+            .filter_map(|r| Some(r.server_cpu?.as_secs_f64() * 1e6 / r.ok as f64))
+            .collect();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(v[n / 2]),
+            n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        }
+    }
+
     /// Every run of `target` was skewed by other processes.
     pub fn all_skewed(&self, target: &str) -> bool {
         self.runs
@@ -169,20 +190,40 @@ impl Throughput {
     }
 }
 
+/// The processes of a server: `roots` and their children, as they are now.
+fn server_processes(roots: &[u32]) -> Vec<u32> {
+    roots
+        .iter()
+        .flat_map(|&root| std::iter::once(root).chain(super::child::children(root)))
+        .collect()
+}
+
+/// user + system clock ticks of `pids` together; `None` when one is gone or none given.
+fn ticks_of(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| super::proc_cpu::ticks(p)).sum()
+}
+
+/// One server to measure: its name, its address, and its root processes (whose CPU,
+/// with their children's, is measured; empty: not measured).
+pub type ThroughputTarget = (&'static str, SocketAddr, Vec<u32>);
+
 /// Throughput without restarts: `targets` in turn, `rounds` times, after an unmeasured
 /// warm-up of each. A run during which other processes took more than
 /// FOREIGN_CPU_WARN of the CPUs is marked skewed and repeated, at most `rounds` extra
 /// runs in all.
 pub async fn throughput(
     shape: &LoadShape,
-    targets: &[(&'static str, SocketAddr)],
+    targets: &[ThroughputTarget],
     rounds: u32,
     duration: Duration,
     warmup: Duration,
 ) -> anyhow::Result<Throughput> {
     let me = program_name();
     if !warmup.is_zero() {
-        for (name, addr) in targets {
+        for (name, addr, _) in targets {
             eprintln!("{me}: warm-up {name} ({warmup:?}, not measured)");
             run_load(shape, *addr, warmup).await?;
         }
@@ -190,12 +231,18 @@ pub async fn throughput(
     let mut tp = Throughput::default();
     let mut repeats_left = rounds;
     for round in 1..=rounds {
-        for (name, addr) in targets {
+        for (name, addr, roots) in targets {
             loop {
                 eprintln!("{me}: throughput round {round}/{rounds} {name} ({duration:?})");
+                let servers = server_processes(roots);
+                let server_before = ticks_of(&servers);
                 let cpu_before = cpu_sample();
                 let r = run_load(shape, *addr, duration).await?;
                 let foreign_cpu = foreign_cpu(cpu_before, cpu_sample());
+                let tick = Duration::from_secs(1) / super::proc_cpu::clk_tck() as u32;
+                let server_cpu = server_before
+                    .zip(ticks_of(&servers))
+                    .map(|(before, after)| tick * after.saturating_sub(before) as u32);
                 let skewed = foreign_cpu.is_some_and(|f| f > FOREIGN_CPU_WARN);
                 tp.runs.push(Run {
                     target: name,
@@ -206,6 +253,7 @@ pub async fn throughput(
                     rps: ok_rps(&r),
                     foreign_cpu,
                     skewed,
+                    server_cpu,
                 });
                 if skewed && repeats_left > 0 {
                     repeats_left -= 1;
@@ -220,4 +268,43 @@ pub async fn throughput(
         }
     }
     Ok(tp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(target: &'static str, ok: u64, cpu_ms: Option<u64>, skewed: bool) -> Run {
+        Run {
+            target,
+            round: 1,
+            requests: ok,
+            ok,
+            failed: 0,
+            rps: ok as f64,
+            foreign_cpu: None,
+            skewed,
+            server_cpu: cpu_ms.map(Duration::from_millis),
+        }
+    }
+
+    #[test]
+    fn server_cpu_per_million_is_the_median_of_the_counted_runs() {
+        let tp = Throughput {
+            runs: vec![
+                // 1 s for 100,000 requests: 10 s a million; 2 s: 20; 3 s: 30.
+                run("fleet", 100_000, Some(1_000), false),
+                run("fleet", 100_000, Some(3_000), false),
+                run("fleet", 100_000, Some(2_000), false),
+                // A skewed run does not count while clean ones exist.
+                run("fleet", 100_000, Some(90_000), true),
+                run("nginx", 200_000, Some(1_000), false),
+                run("hello-peer", 100_000, None, false),
+            ],
+        };
+        assert_eq!(tp.cpu_per_million("fleet"), Some(20.0));
+        assert_eq!(tp.cpu_per_million("nginx"), Some(5.0));
+        assert_eq!(tp.cpu_per_million("hello-peer"), None, "not measured");
+        assert_eq!(tp.cpu_per_million("haproxy"), None, "did not run");
+    }
 }

@@ -142,7 +142,7 @@ struct Throughput {
 async fn throughput(args: &Args, demo: SocketAddr, peer: SocketAddr) -> anyhow::Result<Throughput> {
     let tp = load::throughput(
         &shape(args),
-        &[("demo", demo), ("peer", peer)],
+        &[("demo", demo, Vec::new()), ("peer", peer, Vec::new())],
         args.rounds,
         args.duration,
         args.warmup,

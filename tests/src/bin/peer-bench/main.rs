@@ -429,13 +429,21 @@ async fn throughput_part(
             .ok(),
         None => None,
     };
-    let mut targets: Vec<(&'static str, SocketAddr)> =
-        vec![("fleet", agent.http), ("hello-peer", hello_addr)];
+    // Each server's CPU is read from its root processes and their children: the
+    // supervisor and its worker, nginx's master and workers, HAProxy's master and worker.
+    let mut targets: Vec<load::ThroughputTarget> = vec![
+        ("fleet", agent.http, vec![agent.proc.pid()]),
+        ("hello-peer", hello_addr, vec![hello_proc.pid()]),
+    ];
     if let Some(n) = &nginx {
-        targets.push(("nginx", n.addr));
+        targets.push(("nginx", n.addr, n.processes().into_iter().take(1).collect()));
     }
     if let Some(h) = &haproxy {
-        targets.push(("haproxy", h.addr));
+        targets.push((
+            "haproxy",
+            h.addr,
+            h.processes().into_iter().take(1).collect(),
+        ));
     }
     let tp = load::throughput(
         &shape,

@@ -239,6 +239,20 @@ impl Report<'_> {
                     tp.tp.median("fleet") / tp.tp.median(t)
                 ));
             }
+            line("  server CPU (user + system, every process of the server) per million requests, median of the runs:".to_string());
+            for t in &ran {
+                let cpu = tp.tp.cpu_per_million(t);
+                let ratio = match (tp.tp.cpu_per_million("fleet"), cpu) {
+                    (Some(f), Some(c)) if *t != "fleet" && c > 0.0 => {
+                        format!("  (fleet / {t}: {:.3})", f / c)
+                    }
+                    _ => String::new(),
+                };
+                line(format!(
+                    "    {t:<11} {}{ratio}",
+                    cpu.map_or("n/a".to_string(), |c| format!("{c:.1} s"))
+                ));
+            }
             line("  resident memory after the load:".to_string());
             for (what, pid, m) in &tp.memory {
                 line(format!(
@@ -337,8 +351,10 @@ impl Report<'_> {
                 "runs": tp.tp.runs.iter().map(|r| json!({
                     "target": r.target, "round": r.round, "requests": r.requests, "ok": r.ok,
                     "failed": r.failed, "rps": r.rps.round(), "foreign_cpu": r.foreign_cpu, "skewed": r.skewed,
+                    "server_cpu_s": r.server_cpu.map(|d| d.as_secs_f64()),
                 })).collect::<Vec<_>>(),
                 "best_rps": TP_TARGETS.iter().map(|t| (t.to_string(), json!(tp.tp.best(t).round()))).collect::<serde_json::Map<_, _>>(),
+                "server_cpu_s_per_million_requests": TP_TARGETS.iter().map(|t| (t.to_string(), json!(tp.tp.cpu_per_million(t)))).collect::<serde_json::Map<_, _>>(),
                 "memory": tp.memory.iter().map(|(what, pid, m)| json!({
                     "process": what, "pid": pid, "rss_bytes": m.map(|m| m.rss),
                     "anon_bytes": m.map(|m| m.anon), "pss_bytes": m.and_then(|m| m.pss),
