@@ -106,6 +106,11 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
 
+    /// Threads of each worker's runtime, for the agent's own app; 0 is one per CPU
+    /// [default: 0].
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
+
     /// A new generation dying this soon after READY is rolled back [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub probation: Option<Duration>,
@@ -234,6 +239,7 @@ impl Cli {
             .restart
             .allowed_exe_dirs
             .extend(self.allowed_exe_dir.iter().cloned());
+        config.worker_threads = self.worker_threads.unwrap_or(config.worker_threads);
         let r = &mut config.restart;
         r.ready_timeout = self.ready_timeout.unwrap_or(r.ready_timeout);
         r.drain_timeout = self.drain_timeout.unwrap_or(r.drain_timeout);
@@ -276,6 +282,8 @@ mod tests {
             "zone=a",
             "--max-exe-size",
             "2048",
+            "--worker-threads",
+            "1",
             "--exec",
             "/bin/app",
             "--",
@@ -286,6 +294,7 @@ mod tests {
         assert_eq!(config.restart.drain_timeout, Duration::from_secs(2));
         assert_eq!(config.labels["zone"], "a");
         assert_eq!(config.restart.max_exe_size, 2048);
+        assert_eq!(config.worker_threads, 1);
         assert_eq!(config.exec.unwrap().args, vec!["-v".to_string()]);
     }
 

@@ -41,7 +41,15 @@ pub struct Config {
     pub exec: Option<ExecConfig>,
     /// `text` (the default) or `json`: one JSON object per log line.
     pub log_format: crate::logging::LogFormat,
+    /// Threads of each worker generation's runtime when the agent runs its own app
+    /// (not with `exec`, whose program runs as it likes): 0, the default, is one per
+    /// CPU. Fewer can serve more where the worker shares few cores with other busy
+    /// processes (README, "Worker threads").
+    pub worker_threads: usize,
 }
+
+/// The most `worker_threads` a worker may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -177,6 +185,7 @@ impl Default for Config {
             join: JoinConfig::default(),
             exec: None,
             log_format: crate::logging::LogFormat::Text,
+            worker_threads: 0,
         }
     }
 }
@@ -379,6 +388,13 @@ impl Config {
         }
         if self.servers.is_empty() {
             return bad("no servers configured: add a [[servers]] table or --listen ADDR".into());
+        }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return bad(format!(
+                "worker_threads {} is more than {MAX_WORKER_THREADS}: give the threads each \
+                 worker runs (0: one per CPU)",
+                self.worker_threads
+            ));
         }
         let mut names = std::collections::BTreeSet::new();
         for server in &self.servers {
@@ -652,6 +668,20 @@ mod tests {
         assert!(config.app_admin());
         config.admin.on_app_ports = Some(false);
         assert!(!config.app_admin());
+    }
+
+    #[test]
+    fn worker_threads_are_one_per_cpu_unless_given_and_bounded() {
+        assert_eq!(Config::default().worker_threads, 0, "0: one per CPU");
+        let config: Config = toml::from_str("worker_threads = 2").unwrap();
+        assert_eq!(config.worker_threads, 2);
+        config.validate().unwrap();
+        let config: Config = toml::from_str("worker_threads = 5000").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("worker_threads 5000 is more than 1024"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -48,7 +48,12 @@ pub fn main<F>(name: &str, bench: F) -> ExitCode
 where
     F: Future<Output = anyhow::Result<bool>>,
 {
+    // One thread per CPU, said explicitly: tokio would take TOKIO_WORKER_THREADS from
+    // the environment, which a run may set for the servers it starts (fleet-agent's
+    // workers, hello-peer), not for the load generator.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
     {
