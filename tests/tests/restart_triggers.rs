@@ -143,3 +143,29 @@ fn assert_restarted(agent: &Agent, response: &fleet_tests::HttpResponse, old: u3
     assert_eq!(body["old_pid"].as_u64(), Some(u64::from(old)), "{body}");
     assert_ne!(body["new_pid"].as_u64(), Some(u64::from(old)), "{body}");
 }
+
+/// The tokio worker threads of `pid` (tokio names them `tokio-rt-worker`).
+fn runtime_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the worker's threads")
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|name| name.trim() == "tokio-rt-worker")
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn every_generation_runs_the_worker_threads_asked_for() {
+    let agent = Agent::start(AgentOpts {
+        args: vec!["--worker-threads".into(), "3".into()],
+        ..Default::default()
+    })
+    .await;
+    let old = agent.worker_pid().await;
+    assert_eq!(runtime_threads(old), 3, "--worker-threads 3");
+    send_signal(agent.pid(), Signal::SIGUSR1);
+    let new = agent.wait_worker_change(old, Duration::from_secs(20)).await;
+    assert_eq!(runtime_threads(new), 3, "the new generation too");
+}
