@@ -146,9 +146,14 @@ fn span(n: &RolloutNode, from: NodeState) -> Option<(u64, u64)> {
     Some((n.timeline[start].unix_ms, end.unwrap_or(0)))
 }
 
+/// The most nodes the timeline draws (one row of 18 px each) unless all are asked for:
+/// a rollout of 100,000 nodes would be a picture 1.8 million pixels high.
+pub const TIMELINE_ROWS: usize = 1_000;
+
 /// A rollout's timeline: one row per node, in batch order (then by start), a bar for
-/// its restart (trigger → READY) and one for its soak, on one time axis.
-pub fn rollout_timeline(v: &RolloutView, now_ms: u64) -> Markup {
+/// its restart (trigger → READY) and one for its soak, on one time axis; the first
+/// [`TIMELINE_ROWS`] rows unless `all`.
+pub fn rollout_timeline(v: &RolloutView, now_ms: u64, all: bool) -> Markup {
     let start = v.rollout.created_unix_ms;
     let end = if v.rollout.finished_unix_ms > 0 {
         v.rollout.finished_unix_ms
@@ -174,6 +179,10 @@ pub fn rollout_timeline(v: &RolloutView, now_ms: u64) -> Markup {
             n.node_id.clone(),
         )
     });
+    let nodes = rows.len();
+    if !all {
+        rows.truncate(TIMELINE_ROWS);
+    }
     let total = end.saturating_sub(start).max(1);
     let (left, right, row_h, top) = (130u64, 10u64, 18u64, 8u64);
     let plot_w = WIDTH - left - right;
@@ -185,6 +194,10 @@ pub fn rollout_timeline(v: &RolloutView, now_ms: u64) -> Markup {
                 strong { "Timeline" } " — each node's restart "
                 span.key.key-restart { "■" } " and soak " span.key.key-soak { "■" }
                 " over " (view::millis(total)) ", batch by batch"
+                @if rows.len() < nodes {
+                    " — the first " (rows.len()) " of " (nodes) " nodes ("
+                    a href="?all=1#timeline" { "show all" } ")"
+                }
             }
             @if rows.is_empty() {
                 p { "No node in this rollout." }

@@ -32,6 +32,30 @@ pub struct PageQuery {
     /// What the action that led here did (a fixed word, see [`done_message`]).
     #[serde(default)]
     done: String,
+    /// `?all=1`: every node of every batch and of the timeline, however many.
+    #[serde(default)]
+    all: Option<String>,
+}
+
+/// The most nodes a batch's table lists unless all are asked for: failed and moving
+/// ones first, so that what needs looking at is there at 100,000 nodes too.
+const ROWS_PER_BATCH: usize = 200;
+
+/// The nodes of a batch to list: all of them if `all` or few enough, else
+/// [`ROWS_PER_BATCH`] of them, the failed, rolled back, skipped, restarting and soaking
+/// ones first (each group in the batch's order), then the others.
+fn rows_shown<'a>(batch: &[&'a RolloutNode], all: bool) -> Vec<&'a RolloutNode> {
+    if all || batch.len() <= ROWS_PER_BATCH {
+        return batch.to_vec();
+    }
+    let settled = |n: &&RolloutNode| matches!(n.state, NodeState::Pending | NodeState::Healthy);
+    let (quiet, notable): (Vec<&RolloutNode>, Vec<&RolloutNode>) =
+        batch.iter().copied().partition(settled);
+    notable
+        .into_iter()
+        .chain(quiet)
+        .take(ROWS_PER_BATCH)
+        .collect()
 }
 
 /// The message for `?done=WORD` after an action; unknown words show nothing.
@@ -194,13 +218,17 @@ async fn detail(
             );
         }
     };
-    let content = rollout(&view, session.may(Role::Operator));
+    let content = rollout(&view, session.may(Role::Operator), q.all.is_some());
     if q.fragment.is_some() {
         return content.into_response();
     }
     let id = view.rollout.id.clone();
     let live = Live {
-        src: format!("/rollouts/{}?fragment=1", percent_encode(&id)),
+        src: format!(
+            "/rollouts/{}?fragment=1{}",
+            percent_encode(&id),
+            if q.all.is_some() { "&all=1" } else { "" }
+        ),
         events: "rollout",
         rollout: Some(id.clone()),
         every: None,
@@ -221,8 +249,9 @@ async fn detail(
     .into_response()
 }
 
-/// The live part of a rollout's page; with the buttons for changes if `operator`.
-fn rollout(v: &RolloutView, operator: bool) -> Markup {
+/// The live part of a rollout's page; with the buttons for changes if `operator`;
+/// every node listed if `all`, else at most [`ROWS_PER_BATCH`] a batch.
+fn rollout(v: &RolloutView, operator: bool, all: bool) -> Markup {
     let r = &v.rollout;
     let s = &r.spec;
     let now = now_ms();
@@ -262,10 +291,11 @@ fn rollout(v: &RolloutView, operator: bool) -> Markup {
                 @if !r.undo_of.is_empty() { dt { "Undoes" } dd { a href={ "/rollouts/" (r.undo_of) } { (r.undo_of) } } }
             }
         }
-        (super::charts::rollout_timeline(v, now))
+        (super::charts::rollout_timeline(v, now, all))
         @for (b, size) in r.batch_sizes.iter().enumerate() {
             @let nodes: Vec<&RolloutNode> = v.nodes.iter().filter(|n| n.batch as usize == b).collect();
             @let batch_progress = Progress::of(nodes.iter().copied());
+            @let shown = rows_shown(&nodes, all);
             section.batch #{ "batch-" (b + 1) } aria-label={ "Batch " (b + 1) } {
                 h2 {
                     "Batch " (b + 1) " of " (batches)
@@ -280,7 +310,13 @@ fn rollout(v: &RolloutView, operator: bool) -> Markup {
                             th scope="col" { "Node" } th scope="col" { "Phase" } th scope="col" { "Worker PID" }
                             th scope="col" { "Restart" } th scope="col" { "Soak" } th scope="col" { "Reason / timeline" }
                         } }
-                        tbody { @for n in &nodes { (node_row(n)) } }
+                        tbody { @for n in &shown { (node_row(n)) } }
+                    }
+                }
+                @if shown.len() < nodes.len() {
+                    p.note.rows-shown {
+                        "Showing " (shown.len()) " of " (nodes.len()) " nodes of this batch, failed and moving ones first ("
+                        a href={ "?all=1#batch-" (b + 1) } { "show all" } ")."
                     }
                 }
             }
@@ -342,5 +378,52 @@ fn actions(v: &RolloutView) -> Markup {
             }
             @if undoable { a.button href={ "/rollouts/" (id) "/undo" } { "Undo" } }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(nodes: usize) -> RolloutView {
+        let ids: Vec<String> = (0..nodes).map(|i| format!("n{i:05}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        RolloutView::for_test(&ids)
+    }
+
+    #[test]
+    fn a_big_batch_lists_its_failed_and_moving_nodes_first_and_says_how_many_are_left_out() {
+        let mut v = view(1_500);
+        v.nodes[1_400].set(NodeState::Failed, "exited with status 1 before READY", 0);
+        v.nodes[1_450].set(NodeState::Restarting, "restart asked", 0);
+        let page = rollout(&v, false, false).into_string();
+        assert_eq!(page.matches("<tr id=\"rn-").count(), ROWS_PER_BATCH);
+        assert!(
+            page.contains("id=\"rn-n01400\""),
+            "the failed node is listed"
+        );
+        assert!(
+            page.contains("id=\"rn-n01450\""),
+            "the restarting node is listed"
+        );
+        assert!(
+            page.contains("Showing 200 of 1500 nodes of this batch"),
+            "{}",
+            &page[..200]
+        );
+        assert!(
+            page.contains("data-rows=\"1000\""),
+            "the timeline is cut too"
+        );
+        assert!(page.contains("the first 1000 of 1500 nodes"));
+
+        let all = rollout(&v, false, true).into_string();
+        assert_eq!(all.matches("<tr id=\"rn-").count(), 1_500);
+        assert!(all.contains("data-rows=\"1500\""));
+        assert!(!all.contains("nodes of this batch") && !all.contains("show all"));
+
+        let small = rollout(&view(3), false, false).into_string();
+        assert_eq!(small.matches("<tr id=\"rn-").count(), 3);
+        assert!(!small.contains("nodes of this batch") && !small.contains("show all"));
     }
 }
