@@ -340,15 +340,21 @@ impl ControllerService for Api {
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
         let request = request.into_inner();
-        let handle = self.fleet.handle(&request.id).map_err(rollout_status)?;
         // Made from the view under its lock, not from a copy of it: the message is the
-        // one copy of 100,000 nodes, and none with summary_only.
+        // one copy of 100,000 nodes, and none with summary_only (which does not read
+        // an old rollout's nodes back from the store either).
+        if request.summary_only {
+            let handle = self.fleet.find(&request.id).map_err(rollout_status)?;
+            let view = handle.view.lock().expect("view lock");
+            return Ok(Response::new(rollout_message_with(
+                &view,
+                Vec::new(),
+                handle.progress(&view),
+            )));
+        }
+        let handle = self.fleet.handle(&request.id).map_err(rollout_status)?;
         let view = handle.view.lock().expect("view lock");
-        Ok(Response::new(if request.summary_only {
-            rollout_message_with(&view, Vec::new())
-        } else {
-            rollout_message(&view)
-        }))
+        Ok(Response::new(rollout_message(&view)))
     }
 
     async fn list_rollouts(
@@ -356,19 +362,17 @@ impl ControllerService for Api {
         request: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
         let request = request.into_inner();
-        let rollouts = self
-            .fleet
-            .rollout_handles(request.limit as usize)
-            .iter()
-            .map(|h| {
+        let mut rollouts = Vec::new();
+        for h in self.fleet.rollout_handles(request.limit as usize) {
+            rollouts.push(if request.summary_only {
                 let view = h.view.lock().expect("view lock");
-                if request.summary_only {
-                    rollout_message_with(&view, Vec::new())
-                } else {
-                    rollout_message(&view)
-                }
-            })
-            .collect();
+                rollout_message_with(&view, Vec::new(), h.progress(&view))
+            } else {
+                let h = self.fleet.full(&h).map_err(rollout_status)?;
+                let view = h.view.lock().expect("view lock");
+                rollout_message(&view)
+            });
+        }
         Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
     }
 
@@ -391,7 +395,7 @@ impl ControllerService for Api {
                 let (message, done) = {
                     let view = handle.view.lock().expect("view lock");
                     let message = if request.summary_only {
-                        rollout_message_with(&view, Vec::new())
+                        rollout_message_with(&view, Vec::new(), view.progress())
                     } else if request.changed_nodes_only && sent.len() == view.nodes.len() {
                         changed_nodes_message(&view, &mut sent)
                     } else {
@@ -648,7 +652,7 @@ fn node_progress(n: &RolloutNode) -> pb::RolloutNode {
 
 /// The rollout with every node.
 pub fn rollout_message(v: &RolloutView) -> pb::Rollout {
-    rollout_message_with(v, v.nodes.iter().map(node_progress).collect())
+    rollout_message_with(v, v.nodes.iter().map(node_progress).collect(), v.progress())
 }
 
 /// The rollout with only the nodes whose version differs from `sent` (one per node,
@@ -668,12 +672,16 @@ fn changed_nodes_message(v: &RolloutView, sent: &mut [NodeVersion]) -> pb::Rollo
         .collect();
     pb::Rollout {
         nodes_changed_only: true,
-        ..rollout_message_with(v, nodes)
+        ..rollout_message_with(v, nodes, v.progress())
     }
 }
 
-/// The rollout's header, spec and progress, with `nodes` (all, some or none).
-fn rollout_message_with(v: &RolloutView, nodes: Vec<pb::RolloutNode>) -> pb::Rollout {
+/// The rollout's header, spec and `progress`, with `nodes` (all, some or none).
+fn rollout_message_with(
+    v: &RolloutView,
+    nodes: Vec<pb::RolloutNode>,
+    progress: crate::rollout::Progress,
+) -> pb::Rollout {
     let r = &v.rollout;
     let s = &r.spec;
     pb::Rollout {
@@ -717,7 +725,7 @@ fn rollout_message_with(v: &RolloutView, nodes: Vec<pb::RolloutNode>) -> pb::Rol
         current_batch: r.current_batch,
         nodes,
         undo_of: r.undo_of.clone(),
-        progress: Some(progress_message(v.progress())),
+        progress: Some(progress_message(progress)),
         nodes_changed_only: false,
     }
 }

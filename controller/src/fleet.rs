@@ -11,12 +11,62 @@ use tokio::sync::broadcast;
 use crate::agents::Agents;
 use crate::inventory::{Inventory, NodeRecord, STOPPED, Selector};
 use crate::rollout::{
-    self, NodeState, Rollout, RolloutHandle, RolloutNode, RolloutState, RolloutSummary,
+    self, NodeState, Progress, Rollout, RolloutHandle, RolloutNode, RolloutState, RolloutSummary,
     RolloutView, Spec, TimelineEntry,
 };
 use crate::store::Store;
 use crate::tokens::Tokens;
 use crate::{Change, now_ms};
+
+/// Finished rollouts kept whole in memory, the newest; older ones keep their header and
+/// node counts, their nodes are read from the store when asked for.
+pub const FINISHED_KEPT: usize = 5;
+
+/// Every rollout in the store, each with its nodes in batch order, except finished ones
+/// older than the newest [`FINISHED_KEPT`]: those come without nodes, with their counts.
+/// One rollout's nodes are in memory at a time while they are counted.
+fn load_rollouts(
+    store: &dyn Store,
+) -> Result<Vec<(RolloutView, Option<Progress>)>, crate::store::StoreError> {
+    let mut headers = store.load_rollouts()?;
+    headers.sort_by_key(|h| std::cmp::Reverse(h.seq));
+    let mut finished = 0;
+    let mut out = Vec::with_capacity(headers.len());
+    for header in headers {
+        let mut nodes = store.load_rollout_nodes(&header.id)?;
+        if header.state.finished() {
+            finished += 1;
+            if finished > FINISHED_KEPT {
+                let progress = Progress::of(&nodes);
+                let view = RolloutView {
+                    rollout: header,
+                    nodes: Vec::new(),
+                };
+                out.push((view, Some(progress)));
+                continue;
+            }
+        }
+        nodes.sort_by_key(|n| (n.batch, n.node_id.clone()));
+        out.push((
+            RolloutView {
+                rollout: header,
+                nodes,
+            },
+            None,
+        ));
+    }
+    Ok(out)
+}
+
+/// Runs `f`, a blocking store read, off the async worker where the runtime allows it.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -106,18 +156,14 @@ impl Fleet {
         )?);
         let mut rollouts = HashMap::new();
         let mut seq = 0;
-        for header in store.load_rollouts()? {
-            let nodes = store.load_rollout_nodes(&header.id)?;
-            seq = seq.max(header.seq);
-            let mut view = RolloutView {
-                rollout: header,
-                nodes,
+        for (view, stored) in load_rollouts(store.as_ref())? {
+            seq = seq.max(view.rollout.seq);
+            let handle = match stored {
+                Some(progress) => RolloutHandle::stored(view.rollout, progress, 0),
+                None => RolloutHandle::new(view, 0),
             };
-            view.nodes.sort_by_key(|n| (n.batch, n.node_id.clone()));
-            rollouts.insert(
-                view.rollout.id.clone(),
-                Arc::new(RolloutHandle::new(view, 0)),
-            );
+            let id = handle.view.lock().expect("view lock").rollout.id.clone();
+            rollouts.insert(id, Arc::new(handle));
         }
         let tokens = Arc::new(Tokens::load(store.clone())?);
         Ok(Arc::new(Self {
@@ -208,15 +254,9 @@ impl Fleet {
         self.tokens.reload()?;
         let mut loaded = HashMap::new();
         let mut seq = 0;
-        for header in self.store.load_rollouts()? {
-            let nodes = self.store.load_rollout_nodes(&header.id)?;
-            seq = seq.max(header.seq);
-            let mut view = RolloutView {
-                rollout: header,
-                nodes,
-            };
-            view.nodes.sort_by_key(|n| (n.batch, n.node_id.clone()));
-            loaded.insert(view.rollout.id.clone(), view);
+        for (view, stored) in load_rollouts(self.store.as_ref())? {
+            seq = seq.max(view.rollout.seq);
+            loaded.insert(view.rollout.id.clone(), (view, stored));
         }
         self.seq.fetch_max(seq, Ordering::Relaxed);
         let mut changed = Vec::new();
@@ -224,11 +264,18 @@ impl Fleet {
             let mut rollouts = self.rollouts.lock().expect("rollouts lock");
             rollouts.retain(|id, _| loaded.contains_key(id));
             let term = self.term();
-            for (id, view) in loaded {
+            for (id, (view, stored)) in loaded {
                 match rollouts.get(&id) {
-                    Some(h) if !fresh && *h.view.lock().expect("view lock") == view => {}
+                    Some(h)
+                        if !fresh
+                            && h.stored == stored
+                            && *h.view.lock().expect("view lock") == view => {}
                     _ => {
-                        rollouts.insert(id.clone(), Arc::new(RolloutHandle::new(view, term)));
+                        let handle = match stored {
+                            Some(progress) => RolloutHandle::stored(view.rollout, progress, term),
+                            None => RolloutHandle::new(view, term),
+                        };
+                        rollouts.insert(id.clone(), Arc::new(handle));
                         changed.push(id);
                     }
                 }
@@ -312,7 +359,15 @@ impl Fleet {
         }
     }
 
+    /// The rollout `id` (or "latest") with its nodes, read back from the store if they
+    /// were left there ([`Fleet::full`]).
     pub fn handle(&self, id: &str) -> Result<Arc<RolloutHandle>, RolloutError> {
+        self.full(&self.find(id)?)
+    }
+
+    /// The rollout `id` (or "latest") as held in memory: without its nodes if it is an
+    /// old finished one ([`RolloutHandle::stored`]).
+    pub fn find(&self, id: &str) -> Result<Arc<RolloutHandle>, RolloutError> {
         let rollouts = self.rollouts.lock().expect("rollouts lock");
         let found = if id == "latest" || id.is_empty() {
             rollouts
@@ -324,6 +379,50 @@ impl Fleet {
         found
             .cloned()
             .ok_or_else(|| RolloutError::NotFound(id.to_string()))
+    }
+
+    /// The handle with its nodes: `handle` itself, or for a rollout whose nodes were
+    /// left in the store ([`RolloutHandle::stored`]) a handle read back from it, for
+    /// this caller only (the next old rollout asked for is read again, not kept).
+    pub fn full(&self, handle: &Arc<RolloutHandle>) -> Result<Arc<RolloutHandle>, RolloutError> {
+        if handle.stored.is_none() {
+            return Ok(handle.clone());
+        }
+        let rollout = handle.view.lock().expect("view lock").rollout.clone();
+        let nodes = blocking(|| self.store.load_rollout_nodes(&rollout.id))?;
+        let mut view = RolloutView { rollout, nodes };
+        view.nodes.sort_by_key(|n| (n.batch, n.node_id.clone()));
+        Ok(Arc::new(RolloutHandle::new(view, handle.term)))
+    }
+
+    /// Leaves the nodes of finished rollouts older than the newest [`FINISHED_KEPT`] in
+    /// the store, keeping their headers and counts: a rollout of 100,000 nodes is
+    /// ~150 MB in memory, and the history grows by one with every rollout.
+    fn keep_newest_finished(&self) {
+        let handles = self.rollout_handles(0);
+        let old = handles
+            .iter()
+            .filter(|h| h.view.lock().expect("view lock").rollout.state.finished())
+            .skip(FINISHED_KEPT)
+            .filter(|h| h.stored.is_none());
+        let mut trimmed = Vec::new();
+        for h in old {
+            let view = h.view.lock().expect("view lock");
+            trimmed.push(RolloutHandle::stored(
+                view.rollout.clone(),
+                view.progress(),
+                h.term,
+            ));
+        }
+        if trimmed.is_empty() {
+            return;
+        }
+        let mut rollouts = self.rollouts.lock().expect("rollouts lock");
+        for h in trimmed {
+            let id = h.view.lock().expect("view lock").rollout.id.clone();
+            tracing::debug!("rollout {id}: its nodes are left in the store");
+            rollouts.insert(id, Arc::new(h));
+        }
     }
 
     /// A copy of the rollout with every node: for one rollout at a time. To read a
@@ -351,10 +450,10 @@ impl Fleet {
     /// Newest first: copies of every node of each rollout. Listings use
     /// [`Fleet::rollout_summaries`]: the history of a fleet of 100,000 nodes is
     /// 100,000 nodes a rollout.
-    pub fn rollouts(&self, limit: usize) -> Vec<RolloutView> {
+    pub fn rollouts(&self, limit: usize) -> Result<Vec<RolloutView>, RolloutError> {
         self.rollout_handles(limit)
             .iter()
-            .map(|h| h.view.lock().expect("view lock").clone())
+            .map(|h| Ok(self.full(h)?.view.lock().expect("view lock").clone()))
             .collect()
     }
 
@@ -366,7 +465,7 @@ impl Fleet {
                 let view = h.view.lock().expect("view lock");
                 RolloutSummary {
                     rollout: view.rollout.clone(),
-                    progress: view.progress(),
+                    progress: h.progress(&view),
                 }
             })
             .collect()
@@ -668,6 +767,9 @@ impl Fleet {
             .lock()
             .expect("rollouts lock")
             .insert(view.rollout.id.clone(), handle.clone());
+        // One more rollout in memory: the oldest whole finished one, if any beyond
+        // FINISHED_KEPT, keeps only its counts.
+        self.keep_newest_finished();
         let _ = self.changes.send(Change::Rollout(view.rollout.id.clone()));
         tokio::spawn(rollout::engine::run(self.clone(), handle));
         Ok(view)
@@ -813,3 +915,89 @@ impl Fleet {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ManualRefused(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rollout `r{seq}`, succeeded, its `nodes` healthy.
+    fn finished(seq: u64, nodes: usize) -> RolloutView {
+        let ids: Vec<String> = (0..nodes).map(|i| format!("n{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut v = RolloutView::for_test(&ids);
+        v.rollout.id = format!("r{seq}");
+        v.rollout.seq = seq;
+        v.rollout.state = RolloutState::Succeeded;
+        for n in &mut v.nodes {
+            n.set(NodeState::Healthy, "healthy", 0);
+        }
+        v
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_newest_finished_rollouts_keep_their_nodes_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(crate::store::SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
+        let count = FINISHED_KEPT as u64 + 3;
+        for seq in 1..=count {
+            let v = finished(seq, 4);
+            store
+                .put_rollout_nodes(&v.rollout.id, &v.nodes)
+                .await
+                .unwrap();
+            store.put_rollout(&v.rollout).await.unwrap();
+        }
+        let fleet = Fleet::new(store, Duration::from_secs(10), None).unwrap();
+
+        // r1..r3 are older than the newest FINISHED_KEPT: counts only in memory.
+        for seq in 1..=count {
+            let held = fleet.find(&format!("r{seq}")).unwrap();
+            let kept = seq > count - FINISHED_KEPT as u64;
+            assert_eq!(held.stored.is_none(), kept, "r{seq}");
+            let nodes = held.view.lock().unwrap().nodes.len();
+            assert_eq!(nodes, if kept { 4 } else { 0 }, "r{seq}");
+        }
+        // Every way to read one gives its nodes or its counts all the same.
+        let old = fleet.rollout("r1").unwrap();
+        assert_eq!(old.nodes.len(), 4, "read back from the store");
+        assert_eq!(old.progress().healthy, 4);
+        let summaries = fleet.rollout_summaries(0);
+        assert_eq!(summaries.len(), count as usize);
+        assert!(
+            summaries
+                .iter()
+                .all(|s| s.progress.healthy == 4 && s.progress.total == 4)
+        );
+        assert_eq!(
+            fleet
+                .rollouts(0)
+                .unwrap()
+                .iter()
+                .map(|v| v.nodes.len())
+                .sum::<usize>(),
+            4 * count as usize
+        );
+
+        // One more finished in memory (as a rollout that ran here ends): the oldest
+        // whole one keeps only its counts once the next rollout starts.
+        let newest = finished(count + 1, 2);
+        fleet.rollouts.lock().unwrap().insert(
+            newest.rollout.id.clone(),
+            Arc::new(RolloutHandle::new(newest, 0)),
+        );
+        let oldest_kept = format!("r{}", count - FINISHED_KEPT as u64 + 1);
+        assert!(fleet.find(&oldest_kept).unwrap().stored.is_none());
+        fleet.keep_newest_finished();
+        let trimmed = fleet.find(&oldest_kept).unwrap();
+        assert_eq!(trimmed.stored.map(|p| p.healthy), Some(4));
+        assert!(trimmed.view.lock().unwrap().nodes.is_empty());
+        assert!(
+            fleet
+                .find(&format!("r{}", count + 1))
+                .unwrap()
+                .stored
+                .is_none()
+        );
+    }
+}

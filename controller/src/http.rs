@@ -55,7 +55,10 @@ async fn node(State(fleet): State<Arc<Fleet>>, Path(id): Path<String>) -> Respon
 }
 
 async fn rollouts(State(fleet): State<Arc<Fleet>>) -> Response {
-    let rollouts = fleet.rollouts(0);
+    let rollouts = match fleet.rollouts(0) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
     let reports: Vec<_> = rollouts.iter().map(RolloutView::report).collect();
     Json(reports).into_response()
 }

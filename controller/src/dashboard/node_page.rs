@@ -226,10 +226,14 @@ fn content(d: &Dashboard, n: &NodeRecord, history: &[RestartRecord]) -> Markup {
 /// The node's latest steps in rollouts, newest first.
 fn events(d: &Dashboard, node_id: &str) -> Markup {
     let mut steps = Vec::new();
+    // Old finished rollouts whose nodes are left in the store have none here: the
+    // events are those of the rollouts held whole (the newest finished ones and any
+    // running).
     for h in d.fleet.rollout_handles(ROLLOUTS_SEARCHED) {
         let Some(i) = h.find(node_id) else { continue };
         let v = h.view.lock().expect("view lock");
-        for t in &v.nodes[i].timeline {
+        let Some(n) = v.nodes.get(i) else { continue };
+        for t in &n.timeline {
             steps.push((v.rollout.id.clone(), t.clone()));
         }
     }

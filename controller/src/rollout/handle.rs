@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-use super::RolloutView;
+use super::{Progress, Rollout, RolloutView};
 
 /// One rollout in memory; the engine mutates it and persists every transition.
 #[derive(Debug)]
@@ -20,6 +20,10 @@ pub struct RolloutHandle {
     /// an engine drives it only while that term lasts, so an engine left from an
     /// earlier term never acts again, even if this controller is elected anew.
     pub term: u64,
+    /// Set for a finished rollout whose nodes are left in the store (older than the
+    /// newest few, [`crate::fleet::FINISHED_KEPT`]): their counts; `view.nodes` is empty.
+    /// [`crate::fleet::Fleet::full`] reads the nodes back when they are asked for.
+    pub stored: Option<Progress>,
 }
 
 impl RolloutHandle {
@@ -35,7 +39,27 @@ impl RolloutHandle {
             wake: Notify::new(),
             index,
             term,
+            stored: None,
         }
+    }
+
+    /// A finished rollout kept as its header and node counts only.
+    pub fn stored(rollout: Rollout, progress: Progress, term: u64) -> Self {
+        Self {
+            view: Mutex::new(RolloutView {
+                rollout,
+                nodes: Vec::new(),
+            }),
+            wake: Notify::new(),
+            index: HashMap::new(),
+            term,
+            stored: Some(progress),
+        }
+    }
+
+    /// The node counts: kept, or counted from `view` (this handle's, locked).
+    pub fn progress(&self, view: &RolloutView) -> Progress {
+        self.stored.unwrap_or_else(|| view.progress())
     }
 
     /// Where a node of this rollout sits in `view.nodes`.
