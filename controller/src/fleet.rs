@@ -23,21 +23,25 @@ use crate::{Change, now_ms};
 pub const FINISHED_KEPT: usize = 5;
 
 /// Every rollout in the store, each with its nodes in batch order, except finished ones
-/// older than the newest [`FINISHED_KEPT`]: those come without nodes, with their counts.
-/// One rollout's nodes are in memory at a time while they are counted.
+/// older than the newest [`FINISHED_KEPT`]: those come without nodes, with their counts —
+/// taken from `counted` (rollouts already held that way: a finished rollout does not
+/// change) or counted from their nodes, one rollout's nodes in memory at a time.
 fn load_rollouts(
     store: &dyn Store,
+    counted: &HashMap<String, (Rollout, Progress)>,
 ) -> Result<Vec<(RolloutView, Option<Progress>)>, crate::store::StoreError> {
     let mut headers = store.load_rollouts()?;
     headers.sort_by_key(|h| std::cmp::Reverse(h.seq));
     let mut finished = 0;
     let mut out = Vec::with_capacity(headers.len());
     for header in headers {
-        let mut nodes = store.load_rollout_nodes(&header.id)?;
         if header.state.finished() {
             finished += 1;
             if finished > FINISHED_KEPT {
-                let progress = Progress::of(&nodes);
+                let progress = match counted.get(&header.id) {
+                    Some((held, progress)) if *held == header => *progress,
+                    _ => Progress::of(&store.load_rollout_nodes(&header.id)?),
+                };
                 let view = RolloutView {
                     rollout: header,
                     nodes: Vec::new(),
@@ -46,6 +50,7 @@ fn load_rollouts(
                 continue;
             }
         }
+        let mut nodes = store.load_rollout_nodes(&header.id)?;
         nodes.sort_by_key(|n| (n.batch, n.node_id.clone()));
         out.push((
             RolloutView {
@@ -156,7 +161,7 @@ impl Fleet {
         )?);
         let mut rollouts = HashMap::new();
         let mut seq = 0;
-        for (view, stored) in load_rollouts(store.as_ref())? {
+        for (view, stored) in load_rollouts(store.as_ref(), &HashMap::new())? {
             seq = seq.max(view.rollout.seq);
             let handle = match stored {
                 Some(progress) => RolloutHandle::stored(view.rollout, progress, 0),
@@ -254,7 +259,20 @@ impl Fleet {
         self.tokens.reload()?;
         let mut loaded = HashMap::new();
         let mut seq = 0;
-        for (view, stored) in load_rollouts(self.store.as_ref())? {
+        // Old finished rollouts held as counts are not read again (a follower reloads
+        // after every change in etcd).
+        let counted: HashMap<String, (Rollout, Progress)> = self
+            .rollouts
+            .lock()
+            .expect("rollouts lock")
+            .iter()
+            .filter_map(|(id, h)| {
+                let progress = h.stored?;
+                let header = h.view.lock().expect("view lock").rollout.clone();
+                Some((id.clone(), (header, progress)))
+            })
+            .collect();
+        for (view, stored) in load_rollouts(self.store.as_ref(), &counted)? {
             seq = seq.max(view.rollout.seq);
             loaded.insert(view.rollout.id.clone(), (view, stored));
         }
@@ -998,6 +1016,35 @@ mod tests {
                 .unwrap()
                 .stored
                 .is_none()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_leaves_the_rollouts_held_as_counts_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(crate::store::SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
+        for seq in 1..=FINISHED_KEPT as u64 + 2 {
+            let v = finished(seq, 4);
+            store
+                .put_rollout_nodes(&v.rollout.id, &v.nodes)
+                .await
+                .unwrap();
+            store.put_rollout(&v.rollout).await.unwrap();
+        }
+        let fleet = Fleet::new(store, Duration::from_secs(10), None).unwrap();
+        let before = fleet.find("r1").unwrap();
+        assert!(before.stored.is_some());
+        let mut changes = fleet.changes.subscribe();
+        // What a follower does after any change in etcd.
+        fleet.reload_rollouts(false).unwrap();
+        assert!(
+            Arc::ptr_eq(&before, &fleet.find("r1").unwrap()),
+            "the same handle"
+        );
+        assert!(
+            changes.try_recv().is_err(),
+            "no rollout announced as changed"
         );
     }
 }
