@@ -15,7 +15,7 @@ use crate::auth::grpc_caller;
 use crate::fleet::{Fleet, RolloutError};
 use crate::history::{RestartRecord, Via};
 use crate::inventory::{ForgetError, NodeRecord, Selector, page};
-use crate::rollout::{NodeVersion, RolloutNode, RolloutState, RolloutView, Spec};
+use crate::rollout::{NodeVersion, RolloutHandle, RolloutNode, RolloutState, RolloutView, Spec};
 use crate::tokens::{Caller, Kind, NewToken, Role, TokenError, TokenRecord, actor_label};
 
 #[derive(Debug)]
@@ -346,11 +346,7 @@ impl ControllerService for Api {
         if request.summary_only {
             let handle = self.fleet.find(&request.id).map_err(rollout_status)?;
             let view = handle.view.lock().expect("view lock");
-            return Ok(Response::new(rollout_message_with(
-                &view,
-                Vec::new(),
-                handle.progress(&view),
-            )));
+            return Ok(Response::new(summary_message(&handle, &view)));
         }
         let handle = self.fleet.handle(&request.id).map_err(rollout_status)?;
         let view = handle.view.lock().expect("view lock");
@@ -365,8 +361,7 @@ impl ControllerService for Api {
         let mut rollouts = Vec::new();
         for h in self.fleet.rollout_handles(request.limit as usize) {
             rollouts.push(if request.summary_only {
-                let view = h.view.lock().expect("view lock");
-                rollout_message_with(&view, Vec::new(), h.progress(&view))
+                summary_message(&h, &h.view.lock().expect("view lock"))
             } else {
                 let h = self.fleet.full(&h).map_err(rollout_status)?;
                 let view = h.view.lock().expect("view lock");
@@ -383,7 +378,13 @@ impl ControllerService for Api {
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
         let request = request.into_inner();
-        let handle = self.fleet.handle(&request.id).map_err(rollout_status)?;
+        // A summary needs no nodes: an old rollout's are not read back for it.
+        let handle = if request.summary_only {
+            self.fleet.find(&request.id)
+        } else {
+            self.fleet.handle(&request.id)
+        }
+        .map_err(rollout_status)?;
         let id = handle.view.lock().expect("view lock").rollout.id.clone();
         let mut changes = self.fleet.changes.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -395,7 +396,7 @@ impl ControllerService for Api {
                 let (message, done) = {
                     let view = handle.view.lock().expect("view lock");
                     let message = if request.summary_only {
-                        rollout_message_with(&view, Vec::new(), view.progress())
+                        summary_message(&handle, &view)
                     } else if request.changed_nodes_only && sent.len() == view.nodes.len() {
                         changed_nodes_message(&view, &mut sent)
                     } else {
@@ -674,6 +675,12 @@ fn changed_nodes_message(v: &RolloutView, sent: &mut [NodeVersion]) -> pb::Rollo
         nodes_changed_only: true,
         ..rollout_message_with(v, nodes, v.progress())
     }
+}
+
+/// The rollout without its nodes: header, spec and counts (kept by `handle` for an old
+/// rollout whose nodes are in the store). `view` is `handle`'s, locked.
+fn summary_message(handle: &RolloutHandle, view: &RolloutView) -> pb::Rollout {
+    rollout_message_with(view, Vec::new(), handle.progress(view))
 }
 
 /// The rollout's header, spec and `progress`, with `nodes` (all, some or none).

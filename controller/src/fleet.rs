@@ -952,12 +952,11 @@ mod tests {
         v
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn only_the_newest_finished_rollouts_keep_their_nodes_in_memory() {
+    /// A fleet on a store holding rollouts r1..r`count`, finished, 4 nodes each.
+    async fn with_finished(count: u64) -> (tempfile::TempDir, Arc<Fleet>) {
         let dir = tempfile::tempdir().unwrap();
         let store =
             Arc::new(crate::store::SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
-        let count = FINISHED_KEPT as u64 + 3;
         for seq in 1..=count {
             let v = finished(seq, 4);
             store
@@ -966,7 +965,16 @@ mod tests {
                 .unwrap();
             store.put_rollout(&v.rollout).await.unwrap();
         }
-        let fleet = Fleet::new(store, Duration::from_secs(10), None).unwrap();
+        (
+            dir,
+            Fleet::new(store, Duration::from_secs(10), None).unwrap(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_newest_finished_rollouts_keep_their_nodes_in_memory() {
+        let count = FINISHED_KEPT as u64 + 3;
+        let (_dir, fleet) = with_finished(count).await;
 
         // r1..r3 are older than the newest FINISHED_KEPT: counts only in memory.
         for seq in 1..=count {
@@ -1021,18 +1029,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reload_leaves_the_rollouts_held_as_counts_as_they_are() {
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            Arc::new(crate::store::SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
-        for seq in 1..=FINISHED_KEPT as u64 + 2 {
-            let v = finished(seq, 4);
-            store
-                .put_rollout_nodes(&v.rollout.id, &v.nodes)
-                .await
-                .unwrap();
-            store.put_rollout(&v.rollout).await.unwrap();
-        }
-        let fleet = Fleet::new(store, Duration::from_secs(10), None).unwrap();
+        let (_dir, fleet) = with_finished(FINISHED_KEPT as u64 + 2).await;
         let before = fleet.find("r1").unwrap();
         assert!(before.stored.is_some());
         let mut changes = fleet.changes.subscribe();

@@ -61,11 +61,16 @@ fn ids(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
 }
 
 /// How many ListNodes calls the controller has answered, from its `/metrics`.
-async fn list_calls(controller: &Controller) -> u64 {
-    let metrics = http_get(controller.addr(), "/metrics")
+/// The body of `GET path` from the controller.
+async fn get(controller: &Controller, path: &str) -> String {
+    http_get(controller.addr(), path)
         .await
-        .expect("GET /metrics")
-        .text();
+        .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
+        .text()
+}
+
+async fn list_calls(controller: &Controller) -> u64 {
+    let metrics = get(controller, "/metrics").await;
     metrics
         .lines()
         .filter(|l| {
@@ -233,10 +238,7 @@ async fn fleetctl_nodes_shows_the_counts_and_a_first_page_and_pages_through_ever
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_counts_by_state_and_200_nodes_a_page() {
     let controller = fleet().await;
-    let page = http_get(controller.addr(), "/nodes")
-        .await
-        .expect("GET /nodes")
-        .text();
+    let page = get(&controller, "/nodes").await;
     assert_eq!(page.matches("data-node=\"").count(), 200);
     assert!(page.contains("Showing 1–200 of 300"), "{page}");
     assert!(page.contains("&amp;after=node-200\""), "{page}");
@@ -244,16 +246,10 @@ async fn the_dashboard_shows_the_counts_by_state_and_200_nodes_a_page() {
         page.contains("href=\"/nodes?label=&amp;state=stopped&amp;sort=id&amp;dir=asc\""),
         "the stopped count filters by it: {page}"
     );
-    let next = http_get(controller.addr(), "/nodes?after=node-200")
-        .await
-        .expect("GET /nodes?after=node-200")
-        .text();
+    let next = get(&controller, "/nodes?after=node-200").await;
     assert_eq!(next.matches("data-node=\"").count(), 100);
     assert!(next.contains("data-node=\"node-201\""), "{next}");
-    let stopped = http_get(controller.addr(), "/nodes?state=stopped")
-        .await
-        .expect("GET /nodes?state=stopped")
-        .text();
+    let stopped = get(&controller, "/nodes?state=stopped").await;
     let rows: Vec<&str> = stopped
         .split("<tr id=\"node-")
         .skip(1)

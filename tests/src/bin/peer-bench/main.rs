@@ -436,14 +436,10 @@ async fn throughput_part(
         ("hello-peer", hello_addr, vec![hello_proc.pid()]),
     ];
     if let Some(n) = &nginx {
-        targets.push(("nginx", n.addr, n.processes().into_iter().take(1).collect()));
+        targets.push(("nginx", n.addr, n.master().into_iter().collect()));
     }
     if let Some(h) = &haproxy {
-        targets.push((
-            "haproxy",
-            h.addr,
-            h.processes().into_iter().take(1).collect(),
-        ));
+        targets.push(("haproxy", h.addr, vec![h.master()]));
     }
     let tp = load::throughput(
         &shape,
