@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use fleet_proto::v1::{Outcome, RestartRequest};
-use fleet_tests::harness::{is_running, parent_of, proc_state, send_signal, wait_gone};
+use fleet_tests::harness::{eventually, is_running, parent_of, proc_state, send_signal, wait_gone};
 use fleet_tests::{Agent, AgentOpts};
 use nix::sys::signal::Signal;
 
@@ -156,6 +156,20 @@ fn runtime_threads(pid: u32) -> usize {
         .count()
 }
 
+/// Wait until `pid` runs exactly `want` tokio worker threads. A new thread names itself once it
+/// runs, so right after READY one may still carry its parent's name (seen on a loaded CI machine).
+async fn expect_runtime_threads(pid: u32, want: usize, what: &str) {
+    eventually(
+        Duration::from_secs(10),
+        what,
+        async || match runtime_threads(pid) {
+            n if n == want => Ok(()),
+            n => Err(format!("{n} tokio-rt-worker threads, want {want}")),
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn every_generation_runs_the_worker_threads_asked_for() {
     let agent = Agent::start(AgentOpts {
@@ -164,8 +178,8 @@ async fn every_generation_runs_the_worker_threads_asked_for() {
     })
     .await;
     let old = agent.worker_pid().await;
-    assert_eq!(runtime_threads(old), 3, "--worker-threads 3");
+    expect_runtime_threads(old, 3, "--worker-threads 3").await;
     send_signal(agent.pid(), Signal::SIGUSR1);
     let new = agent.wait_worker_change(old, Duration::from_secs(20)).await;
-    assert_eq!(runtime_threads(new), 3, "the new generation too");
+    expect_runtime_threads(new, 3, "the new generation to run 3 too").await;
 }
