@@ -38,9 +38,10 @@ fn load_rollouts(
         if header.state.finished() {
             finished += 1;
             if finished > FINISHED_KEPT {
-                let progress = match counted.get(&header.id) {
-                    Some((held, progress)) if *held == header => *progress,
-                    _ => Progress::of(&store.load_rollout_nodes(&header.id)?),
+                let progress = match (header.final_counts, counted.get(&header.id)) {
+                    (Some(progress), _) => progress,
+                    (None, Some((held, progress))) if *held == header => *progress,
+                    (None, _) => Progress::of(&store.load_rollout_nodes(&header.id)?),
                 };
                 let view = RolloutView {
                     rollout: header,
@@ -755,6 +756,7 @@ impl Fleet {
             current_batch: 0,
             undo_of,
             requested: None,
+            final_counts: None,
         };
         let view = RolloutView { rollout, nodes };
         if dry_run {
@@ -1025,6 +1027,36 @@ mod tests {
                 .stored
                 .is_none()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_takes_an_old_rollouts_counts_from_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(crate::store::SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
+        let counts = Progress {
+            total: 4,
+            healthy: 3,
+            failed: 1,
+            ..Progress::default()
+        };
+        for seq in 1..=FINISHED_KEPT as u64 + 2 {
+            let mut v = finished(seq, 4);
+            // r1 says what it ended with and has no nodes stored (were they read, it
+            // would count 0); r2 was stored by a controller that kept no counts.
+            if seq == 1 {
+                v.rollout.final_counts = Some(counts);
+            } else {
+                store
+                    .put_rollout_nodes(&v.rollout.id, &v.nodes)
+                    .await
+                    .unwrap();
+            }
+            store.put_rollout(&v.rollout).await.unwrap();
+        }
+        let fleet = Fleet::new(store, Duration::from_secs(10), None).unwrap();
+        assert_eq!(fleet.find("r1").unwrap().stored, Some(counts));
+        assert_eq!(fleet.find("r2").unwrap().stored.map(|p| p.healthy), Some(4));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

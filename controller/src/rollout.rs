@@ -304,6 +304,11 @@ pub struct Rollout {
     /// Set when the operator asked to pause, resume or abort, for the engine to act on
     /// at the next step.
     pub requested: Option<RolloutState>,
+    /// Its nodes by outcome, stored with the header once it has finished, so that a
+    /// controller start counts an old rollout without reading its nodes back (absent
+    /// while it runs, and in rollouts stored by an older controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_counts: Option<Progress>,
 }
 
 /// A rollout's header and node counts without its nodes: what a listing shows.
@@ -323,7 +328,7 @@ pub struct RolloutView {
 
 /// A rollout's nodes by outcome; only `healthy` counts as done. The dashboard's bar,
 /// the API's `RolloutProgress` and the log all read it from here.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
     pub total: usize,
     pub healthy: usize,
@@ -461,6 +466,7 @@ impl RolloutView {
                 current_batch: 0,
                 undo_of: String::new(),
                 requested: None,
+                final_counts: None,
             },
             nodes: node_ids
                 .iter()

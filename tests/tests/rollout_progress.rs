@@ -114,6 +114,8 @@ async fn rollout_status_exits_as_the_watch_does_and_only_healthy_nodes_count_as_
             "skipped": 1, "active": 0, "pending": 0}),
         "{api:#}"
     );
+    // Stored with the header at its end, so a controller start needn't count its nodes.
+    assert_eq!(api["final_counts"], api["progress"], "{api:#}");
     for (text, ms) in [
         (&api["created"], failed.created_unix_ms),
         (&api["finished"], failed.finished_unix_ms),

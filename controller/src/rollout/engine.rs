@@ -97,6 +97,7 @@ pub async fn run(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>) {
         }
         view.rollout.finished_unix_ms = now_ms();
         view.rollout.requested = None;
+        view.rollout.final_counts = Some(view.progress());
         view.rollout.clone()
     };
     if let Err(e) = fleet.store.put_rollout(&header).await {
@@ -434,12 +435,22 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
         already = Some((record.generation, record.worker_pid));
         found = "already runs the target (restarted outside the rollout since it was planned): not restarted again";
     }
+    // Without a soak or a health check the node is healthy as soon as it is soaking:
+    // both states go to the store in one write (a restart interrupted before it is
+    // found done from the claim, as above).
+    let at_once = spec.min_healthy().is_zero() && spec.health_path.is_empty();
+    let soaking = |n: &mut RolloutNode, message: String, generation: u64, pid: u32| {
+        n.new_generation = generation;
+        n.new_pid = pid;
+        n.set(NodeState::Soaking, message, pid);
+        if at_once {
+            n.set(NodeState::Healthy, "healthy", pid);
+        }
+    };
     let (generation, new_pid) = match already {
         Some(done) => {
             update(&fleet, &handle, &node_id, |n| {
-                n.new_generation = done.0;
-                n.new_pid = done.1;
-                n.set(NodeState::Soaking, found, done.1);
+                soaking(n, found.to_string(), done.0, done.1)
             })
             .await;
             done
@@ -525,17 +536,12 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
                 }
                 Ok(r) => {
                     let ready_ms = r.timings.map(|t| t.ready_us / 1000).unwrap_or(0);
+                    let message = format!(
+                        "gen {} pid {} ready in {ready_ms} ms",
+                        r.generation, r.new_pid
+                    );
                     update(&fleet, &handle, &node_id, |n| {
-                        n.new_generation = r.generation;
-                        n.new_pid = r.new_pid;
-                        n.set(
-                            NodeState::Soaking,
-                            format!(
-                                "gen {} pid {} ready in {ready_ms} ms",
-                                r.generation, r.new_pid
-                            ),
-                            r.new_pid,
-                        );
+                        soaking(n, message, r.generation, r.new_pid)
                     })
                     .await;
                     (r.generation, r.new_pid)
@@ -543,6 +549,9 @@ async fn move_node(fleet: Arc<Fleet>, handle: Arc<RolloutHandle>, node_id: Strin
             }
         }
     };
+    if at_once {
+        return;
+    }
 
     // Soak: the new generation must stay the serving one for min_healthy. Without a
     // soak the Restart answer (READY) is the last word, and no status call is made.

@@ -550,30 +550,46 @@ impl Shared {
         }
         let txns = plan.into_txns(MAX_TXN_OPS, MAX_TXN_BYTES);
         let of = txns.len();
-        for (done, ops) in txns.into_iter().enumerate() {
+        let compare: Vec<Compare> = fence
+            .iter()
+            .map(|f| Compare::create_revision(f.key.clone(), CompareOp::Equal, f.create_revision))
+            .collect();
+        // The plan puts each key in one transaction only, so they may go at once: a
+        // commit waits for one quorum round, not one per transaction (a batch of 1,000
+        // node claims is 8 of them).
+        let sent = txns.into_iter().map(|ops| {
             let ops: Vec<TxnOp> = ops.into_iter().map(|op| self.txn_op(op)).collect();
-            let compare: Vec<Compare> = fence
-                .iter()
-                .map(|f| {
-                    Compare::create_revision(f.key.clone(), CompareOp::Equal, f.create_revision)
-                })
-                .collect();
-            let resp = self
-                .retry("write", |mut kv| {
+            let compare = &compare;
+            async move {
+                self.retry("write", |mut kv| {
                     let txn = Txn::new().when(compare.clone()).and_then(ops.clone());
                     async move { kv.txn(txn).await }
                 })
-                .await?;
-            if !resp.succeeded() {
-                let fence = fence.as_ref().expect("only the fence is compared");
-                let then = match done {
-                    0 => ", so nothing was written".to_string(),
-                    // Rare: leadership lost between two transactions of one commit.
-                    n => format!(
-                        ", so this write was not (only the first {n} of its {of} etcd transactions were)"
-                    ),
-                };
-                return Err(self.not_leader(fence, &then));
+                .await
+                .map(|resp| resp.succeeded())
+            }
+        });
+        let results = futures_util::future::join_all(sent).await;
+        let written = results.iter().filter(|r| matches!(r, Ok(true))).count();
+        let partly = match written {
+            0 => ", so nothing was written".to_string(),
+            // Rare: leadership or etcd lost while the transactions of one commit were out.
+            n => format!(", so this write was not (only {n} of its {of} etcd transactions were)"),
+        };
+        for result in results {
+            match result {
+                Ok(true) => {}
+                Ok(false) => {
+                    let fence = fence.as_ref().expect("only the fence is compared");
+                    return Err(self.not_leader(fence, &partly));
+                }
+                Err(StoreError::Etcd { endpoints, message }) if written > 0 => {
+                    return Err(StoreError::Etcd {
+                        endpoints,
+                        message: message + &partly,
+                    });
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(())
