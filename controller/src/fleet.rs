@@ -1,7 +1,7 @@
 //! The controller's shared state: inventory, store, agent clients and rollouts, and the
 //! operations the API offers on them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -234,18 +234,121 @@ impl Fleet {
     }
 
     /// A follower's refresh: the nodes, rollouts and tokens as the store holds them
-    /// (nothing while this controller leads: its memory is the truth then).
-    pub fn reload(&self) -> Result<(), crate::store::StoreError> {
+    /// (nothing while this controller leads: its memory is the truth then). `Ok(false)`:
+    /// not done (leading, or a take-over holds the state).
+    pub fn reload(&self) -> Result<bool, crate::store::StoreError> {
         let Ok(_reloading) = self.reloading.try_lock() else {
-            return Ok(());
+            return Ok(false);
         };
         if self.leading.load(Ordering::SeqCst) {
-            return Ok(());
+            return Ok(false);
         }
         tokio::task::block_in_place(|| {
             self.inventory.reload(false)?;
             self.reload_rollouts(false)
-        })
+        })?;
+        Ok(true)
+    }
+
+    /// While following: what a burst of etcd events changed, applied key by key
+    /// ([`crate::follow`]). `Ok(false)`: not applied (a take-over holds the state, or
+    /// this controller leads), so the next burst must read everything again.
+    pub fn follow(&self, burst: crate::follow::Burst) -> Result<bool, crate::store::StoreError> {
+        let Ok(_reloading) = self.reloading.try_lock() else {
+            return Ok(false);
+        };
+        if self.leading.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        if let Some(why) = &burst.unreadable {
+            tracing::warn!("reading the whole state again: {why}");
+            tokio::task::block_in_place(|| {
+                self.inventory.reload(false)?;
+                self.reload_rollouts(false)
+            })?;
+            return Ok(true);
+        }
+        if burst.tokens {
+            tokio::task::block_in_place(|| self.tokens.reload())?;
+        }
+        self.inventory.follow(burst.nodes);
+
+        let mut changed = BTreeSet::new();
+        // Rollouts not held whole (new ones, or nodes deleted) are read from the store.
+        let mut reread: BTreeSet<String> = burst.rollouts_reread;
+        {
+            let mut rollouts = self.rollouts.lock().expect("rollouts lock");
+            for (id, header) in &burst.rollouts {
+                match (header, rollouts.get(id)) {
+                    (None, Some(_)) => {
+                        rollouts.remove(id);
+                        changed.insert(id.clone());
+                    }
+                    (None, None) => {}
+                    (Some(header), Some(h)) if h.stored.is_none() => {
+                        h.view.lock().expect("view lock").rollout = header.clone();
+                        self.seq.fetch_max(header.seq, Ordering::Relaxed);
+                        changed.insert(id.clone());
+                    }
+                    (Some(_), _) => {
+                        reread.insert(id.clone());
+                    }
+                }
+            }
+            for (id, nodes) in burst.rollout_nodes {
+                let Some(h) = rollouts.get(&id).filter(|h| h.stored.is_none()) else {
+                    // Not held whole: a new rollout's header follows its nodes, and an
+                    // old finished one is read from the store when asked for.
+                    if burst.rollouts.contains_key(&id) {
+                        reread.insert(id);
+                    }
+                    continue;
+                };
+                let mut view = h.view.lock().expect("view lock");
+                for (node_id, node) in nodes {
+                    match h.find(&node_id) {
+                        Some(i) => view.nodes[i] = node,
+                        // A node the plan did not have: read the rollout whole.
+                        None => {
+                            reread.insert(id.clone());
+                        }
+                    }
+                }
+                changed.insert(id);
+            }
+        }
+        for id in reread {
+            let header = match burst.rollouts.get(&id) {
+                Some(Some(header)) => header.clone(),
+                _ => match tokio::task::block_in_place(|| self.store.load_rollouts())
+                    .map(|all| all.into_iter().find(|r| r.id == id))
+                {
+                    Ok(Some(header)) => header,
+                    Ok(None) => continue,
+                    Err(e) => return Err(e),
+                },
+            };
+            let mut nodes = tokio::task::block_in_place(|| self.store.load_rollout_nodes(&id))?;
+            nodes.sort_by_key(|n| (n.batch, n.node_id.clone()));
+            self.seq.fetch_max(header.seq, Ordering::Relaxed);
+            let handle = RolloutHandle::new(
+                RolloutView {
+                    rollout: header,
+                    nodes,
+                },
+                self.term(),
+            );
+            self.rollouts
+                .lock()
+                .expect("rollouts lock")
+                .insert(id.clone(), Arc::new(handle));
+            changed.insert(id);
+        }
+        self.keep_newest_finished();
+        for id in changed {
+            let _ = self.changes.send(Change::Rollout(id));
+        }
+        Ok(true)
     }
 
     /// Just deposed: follow from now on (the engines stop at their next step).
@@ -1057,6 +1160,85 @@ mod tests {
         let fleet = Fleet::new(store, Duration::from_secs(10), None).unwrap();
         assert_eq!(fleet.find("r1").unwrap().stored, Some(counts));
         assert_eq!(fleet.find("r2").unwrap().stored.map(|p| p.healthy), Some(4));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_applies_what_etcd_says_changed_key_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(crate::store::SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
+        let running = RolloutView::for_test(&["n0", "n1"]);
+        store.put_rollout_nodes("r1", &running.nodes).await.unwrap();
+        store.put_rollout(&running.rollout).await.unwrap();
+        store
+            .put_node(&crate::inventory::NodeRecord::for_test("gone", 1))
+            .await
+            .unwrap();
+        let fleet = Fleet::new(store.clone(), Duration::from_secs(10), None).unwrap();
+        let before = fleet.find("r1").unwrap();
+        let mut changes = fleet.changes.subscribe();
+
+        // What the leader wrote meanwhile: r1's n0 healthy and its next batch, a new
+        // rollout r2 (its nodes in the store, as the leader writes them before the
+        // header), a node that heartbeat for the first time, one forgotten.
+        let mut healthy = running.nodes[0].clone();
+        healthy.set(NodeState::Healthy, "healthy", 7);
+        let mut header = running.rollout.clone();
+        header.current_batch = 1;
+        let mut new = finished(2, 3);
+        new.rollout.state = RolloutState::Running;
+        store.put_rollout_nodes("r2", &new.nodes).await.unwrap();
+        let mut burst = crate::follow::Burst::default();
+        burst.add("rollout_nodes/r1/n0", Some(&json(&healthy)));
+        burst.add("rollouts/r1", Some(&json(&header)));
+        burst.add("rollout_nodes/r2/n0", Some(&json(&new.nodes[0])));
+        burst.add("rollouts/r2", Some(&json(&new.rollout)));
+        burst.add(
+            "nodes/web-1",
+            Some(&json(&crate::inventory::NodeRecord::for_test("web-1", 3))),
+        );
+        burst.add("nodes/gone", None);
+        assert!(fleet.follow(burst).unwrap());
+
+        let after = fleet.find("r1").unwrap();
+        assert!(Arc::ptr_eq(&before, &after), "r1 changed in place");
+        {
+            let view = after.view.lock().unwrap();
+            assert_eq!(view.nodes[0].state, NodeState::Healthy);
+            assert_eq!(view.nodes[1].state, running.nodes[1].state);
+            assert_eq!(view.rollout.current_batch, 1);
+        }
+        let r2 = fleet.rollout("r2").unwrap();
+        assert_eq!(r2.nodes.len(), 3, "read whole from the store");
+        assert_eq!(fleet.inventory.get("web-1").map(|n| n.generation), Some(3));
+        assert!(fleet.inventory.get("gone").is_none());
+        let mut announced = BTreeSet::new();
+        while let Ok(change) = changes.try_recv() {
+            announced.insert(format!("{change:?}"));
+        }
+        for expected in [
+            r#"Rollout("r1")"#,
+            r#"Rollout("r2")"#,
+            r#"Node("web-1")"#,
+            r#"Node("gone")"#,
+        ] {
+            assert!(announced.contains(expected), "{expected} in {announced:?}");
+        }
+
+        // A leader's memory is the truth: it applies nothing.
+        fleet.leading.store(true, Ordering::SeqCst);
+        let mut burst = crate::follow::Burst::default();
+        burst.add(
+            "nodes/gone",
+            Some(&json(&crate::inventory::NodeRecord::for_test("gone", 1))),
+        );
+        assert!(!fleet.follow(burst).unwrap());
+        assert!(fleet.inventory.get("gone").is_none());
+    }
+
+    /// A record as the store writes it.
+    fn json<T: serde::Serialize>(record: &T) -> Vec<u8> {
+        serde_json::to_vec(record).unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,7 @@ use etcd_client::{Client, EventType, WatchOptions};
 use tokio::sync::watch;
 
 use crate::fleet::Fleet;
+use crate::follow::Burst;
 use crate::now_ms;
 use crate::store::{EtcdStore, Fence};
 
@@ -463,8 +464,10 @@ async fn observe(ha: Arc<Ha>, mut client: Client, election: String) {
     }
 }
 
-/// While following: reload the fleet's state whenever etcd says it changed (a burst
-/// of changes is one reload, at most every 100 ms).
+/// While following: the fleet's state kept current from etcd's watch. Read whole once
+/// the watch is open (what was written before it comes in no event) and whenever a
+/// burst could not be applied; otherwise each burst of events (what arrives within
+/// 100 ms of the first) is applied key by key ([`crate::follow`]).
 async fn follow(ha: Arc<Ha>, mut client: Client, store: Arc<EtcdStore>, fleet: Arc<Fleet>) {
     let prefix = store.prefix().to_string();
     loop {
@@ -472,26 +475,44 @@ async fn follow(ha: Arc<Ha>, mut client: Client, store: Arc<EtcdStore>, fleet: A
             let mut stream = client
                 .watch(prefix.as_str(), Some(WatchOptions::new().with_prefix()))
                 .await?;
+            let mut whole = true;
             loop {
+                let leading = matches!(ha.role(), Role::Leader { .. });
+                if whole && !leading {
+                    match fleet.reload() {
+                        Ok(done) => whole = !done,
+                        Err(e) => tracing::warn!("cannot read the fleet's state from etcd: {e}"),
+                    }
+                }
                 let Some(answer) = stream.message().await? else {
                     return Ok(());
                 };
-                let relevant = answer
-                    .events()
-                    .iter()
-                    .any(|e| matches!(e.event_type(), EventType::Put | EventType::Delete));
-                if !relevant || matches!(ha.role(), Role::Leader { .. }) {
+                if matches!(ha.role(), Role::Leader { .. }) {
+                    // Its memory is the truth; should it follow again, it reads whole.
+                    whole = true;
+                    continue;
+                }
+                let mut burst = Burst::default();
+                add_events(&mut burst, &answer, &prefix);
+                if burst.is_empty() {
                     continue;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                // What arrived meanwhile is covered by the one reload below.
                 while let Ok(more) = tokio::time::timeout(Duration::ZERO, stream.message()).await {
-                    if more?.is_none() {
-                        return Ok(());
+                    match more? {
+                        Some(answer) => add_events(&mut burst, &answer, &prefix),
+                        None => return Ok(()),
                     }
                 }
-                if let Err(e) = fleet.reload() {
-                    tracing::warn!("cannot reload the fleet's state from etcd: {e}");
+                if whole {
+                    continue;
+                }
+                match fleet.follow(burst) {
+                    Ok(applied) => whole = !applied,
+                    Err(e) => {
+                        tracing::warn!("cannot follow the fleet's state in etcd: {e}");
+                        whole = true;
+                    }
                 }
             }
         };
@@ -500,6 +521,21 @@ async fn follow(ha: Arc<Ha>, mut client: Client, store: Arc<EtcdStore>, fleet: A
             tracing::debug!("watching etcd: {e}");
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The puts and deletes of one watch answer, keys made relative to `prefix`.
+fn add_events(burst: &mut Burst, answer: &etcd_client::WatchResponse, prefix: &str) {
+    for event in answer.events() {
+        let Some(kv) = event.kv() else { continue };
+        let key = String::from_utf8_lossy(kv.key());
+        let Some(key) = key.strip_prefix(prefix) else {
+            continue;
+        };
+        match event.event_type() {
+            EventType::Put => burst.add(key, Some(kv.value())),
+            EventType::Delete => burst.add(key, None),
+        }
     }
 }
 

@@ -302,6 +302,36 @@ impl Inventory {
         Ok(())
     }
 
+    /// While following: the nodes a burst of etcd events wrote (`None`: deleted), as the
+    /// leader stored them; each one whose facts changed is announced.
+    pub fn follow(&self, written: BTreeMap<String, Option<NodeRecord>>) {
+        let mut changed = Vec::new();
+        {
+            let mut nodes = self.nodes.write().expect("inventory lock");
+            for (id, node) in written {
+                let differs = match (&node, nodes.get(&id)) {
+                    (Some(new), Some(old)) => !old.same_facts(new),
+                    (None, None) => false,
+                    _ => true,
+                };
+                match node {
+                    Some(node) => {
+                        nodes.insert(id.clone(), node);
+                    }
+                    None => {
+                        nodes.remove(&id);
+                    }
+                }
+                if differs {
+                    changed.push(id);
+                }
+            }
+        }
+        for id in changed {
+            let _ = self.changes.send(Change::Node(id));
+        }
+    }
+
     /// Follows an elected leader (`true`), or leads (`false`): see `follower`.
     pub fn set_follower(&self, follower: bool) {
         self.follower.store(follower, Ordering::Relaxed);

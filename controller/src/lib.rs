@@ -38,6 +38,8 @@ pub mod tls;
 pub mod store;
 /// Several controllers on one etcd store: leader election, fencing, followers.
 pub mod ha;
+/// A follower's state kept current from etcd's watch, key by key.
+pub mod follow;
 /// Prometheus metrics (`/metrics`).
 pub mod metrics;
 /// Audit log lines (`fleet::audit`): every state change and who made it.

@@ -5,7 +5,7 @@
 //! writer that commits whatever has queued up in one transaction (group commit), so
 //! 10,000 nodes changing state at once cost a few transactions, not 10,000.
 
-mod etcd;
+pub mod etcd;
 mod sqlite;
 
 pub use etcd::{EtcdOptions, EtcdStore, EtcdTls, Fence};

@@ -254,6 +254,27 @@ async fn a_leader_killed_mid_rollout_is_replaced_and_the_rollout_finishes_restar
     );
     let node = rollout_node(&done, &node_id(4));
     assert_eq!(node.state, "healthy", "{node:?}");
+
+    // The third controller followed all of it from etcd's events, key by key: it shows
+    // every node as the leader does.
+    let third = (0..3)
+        .find(|&i| i != leader && i != successor)
+        .expect("a third controller");
+    let states = |r: &fleet_proto::v1::Rollout| {
+        r.nodes
+            .iter()
+            .map(|n| (n.node_id.clone(), n.state.clone(), n.timeline.len()))
+            .collect::<Vec<_>>()
+    };
+    let leaders = states(&done);
+    group.controllers[third]
+        .wait_rollout(
+            &id,
+            "every node as the leader has it",
+            Duration::from_secs(10),
+            |r| r.state == "succeeded" && states(r) == leaders,
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,8 @@ use etcd_client::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use self::batch::{Known, MAX_TXN_BYTES, MAX_TXN_OPS, Op, RECENT_KEEP, Write, key};
+pub use self::batch::key;
+use self::batch::{Known, MAX_TXN_BYTES, MAX_TXN_OPS, Op, RECENT_KEEP, Write};
 use super::{Store, StoreError, WriteAck};
 use crate::history::RestartRecord;
 use crate::inventory::NodeRecord;

@@ -76,6 +76,7 @@ pub mod key {
     }
     pub const NODES: &str = "nodes/";
     pub const ROLLOUTS: &str = "rollouts/";
+    pub const ROLLOUT_NODES: &str = "rollout_nodes/";
     pub const TOKENS: &str = "tokens/";
     pub const TOKENS_LAST_USED: &str = "token_last_used/";
 
