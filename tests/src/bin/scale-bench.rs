@@ -184,6 +184,11 @@ struct Args {
     /// Members of the etcd cluster for `--stores etcd`.
     #[arg(long, default_value_t = 3)]
     etcd_members: usize,
+    /// With etcd: controllers started beside the leader on the same etcd once it is
+    /// elected. They follow it from etcd's watch; their CPU during registration and the
+    /// rollout is reported, and each must show the rollout's end as the leader does.
+    #[arg(long, default_value_t = 0)]
+    followers: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -470,6 +475,73 @@ fn clk_tck() -> f64 {
         .ok()
         .flatten()
         .map_or(100.0, |t| t as f64)
+}
+
+/// Until the controller at `addr` says it leads (a lone controller on etcd is elected
+/// within a lease TTL or so).
+async fn wait_elected(addr: SocketAddr) -> anyhow::Result<()> {
+    let mut api = client(addr)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = api
+            .get_controllers(pb::GetControllersRequest::default())
+            .await
+        {
+            let r = r.into_inner();
+            if r.controllers
+                .iter()
+                .any(|c| c.leader && c.url == r.answered_by)
+            {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("the controller at {addr} was not elected leader within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Until the follower at `addr` shows rollout `id` ended as `leader_has` it, node by
+/// node (state and timeline length); fails after 10 s.
+async fn follower_saw(addr: SocketAddr, id: &str, leader_has: &pb::Rollout) -> anyhow::Result<()> {
+    let states = |r: &pb::Rollout| {
+        r.nodes
+            .iter()
+            .map(|n| (n.node_id.clone(), (n.state.clone(), n.timeline.len())))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let want = states(leader_has);
+    let mut api = client(addr)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = api
+            .get_rollout(pb::GetRolloutRequest {
+                id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner());
+        if let Ok(r) = &seen
+            && r.state == leader_has.state
+            && states(r) == want
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let seen = seen.map_or_else(
+                |e| format!("GetRollout: {e}"),
+                |r| {
+                    format!("state {}, {} nodes differ", r.state, {
+                        let s = states(&r);
+                        want.iter().filter(|(k, v)| s.get(*k) != Some(*v)).count()
+                    })
+                },
+            );
+            bail!("the follower at {addr} does not show rollout {id} as the leader has it: {seen}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn cpu_seconds(pid: u32) -> Option<f64> {
@@ -816,6 +888,27 @@ async fn run_store(
         controller.addr,
         store.name()
     ));
+    let mut followers = Vec::new();
+    if etcd.is_some() && args.followers > 0 {
+        wait_elected(controller.addr).await?;
+        for _ in 0..args.followers {
+            let follower = start_controller_with(controller_exe, &controller_args).await?;
+            say(format!(
+                "follower fleet-controller pid {} listening on {}",
+                follower.pid(),
+                follower.addr
+            ));
+            followers.push(follower);
+        }
+    }
+    let follower_pids: Vec<u32> = followers.iter().map(Controller::pid).collect();
+    let followers_cpu = || {
+        follower_pids
+            .iter()
+            .map(|&p| cpu_seconds(p))
+            .sum::<Option<f64>>()
+    };
+    let followers_reg0 = followers_cpu();
     let mut api = client(controller.addr)?;
     let idle_rss = status_bytes(cpid, "VmRSS:");
     let store_start = StoreMark::now(controller.addr, etcd.as_ref()).await;
@@ -917,6 +1010,7 @@ async fn run_store(
     }
     let rss_registered = status_bytes(cpid, "VmRSS:");
     let mark_registered = CpuMark::now(cpid, &hollow_pids);
+    let followers_reg1 = followers_cpu();
     let store_registered = StoreMark::now(controller.addr, etcd.as_ref()).await;
     let reg_cpu = CpuSpan::between(&mark_start, &mark_registered);
     say(format!(
@@ -964,6 +1058,7 @@ async fn run_store(
     let store_r0 = StoreMark::now(controller.addr, etcd.as_ref()).await;
     let hb_r0 = stats_of(&mut hollows).await?;
     let mark_r0 = CpuMark::now(cpid, &hollow_pids);
+    let followers_r0 = followers_cpu();
     let t0 = Instant::now();
     let t0_unix_ms = unix_ms_now();
     let t0_unix_us = t0_unix_ms * 1000;
@@ -986,7 +1081,13 @@ async fn run_store(
     let finished = follow(args, &mut api, &mut controller, &id, deadline).await?;
     let observed = t0.elapsed();
     let mark_r1 = CpuMark::now(cpid, &hollow_pids);
+    let followers_r1 = followers_cpu();
     let hb_r1 = stats_of(&mut hollows).await?;
+    // Each follower must have seen the end as the leader has it (bounded wait: a
+    // follower applies what etcd tells it within ~100 ms of a burst).
+    for follower in &followers {
+        follower_saw(follower.addr, &id, &finished).await?;
+    }
     let store_r1 = StoreMark::now(controller.addr, etcd.as_ref()).await;
     let rollout_cpu = CpuSpan::between(&mark_r0, &mark_r1);
     // The fleet keeps heartbeating while the rollout runs, and a longer rollout of a
@@ -1108,6 +1209,23 @@ async fn run_store(
         },
     });
 
+    let followers_json = (!followers.is_empty()).then(|| {
+        let diff = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| b - a);
+        let rollout = diff(followers_r0, followers_r1);
+        json!({
+            "count": followers.len(),
+            "cpu_s_registration": opt3(diff(followers_reg0, followers_reg1)),
+            "cpu_s_rollout": opt3(rollout),
+            "cpu_ms_per_node_rollout_each": opt3(
+                rollout.map(|c| c * 1e3 / (nodes_total.max(1) * followers.len()) as f64)
+            ),
+            "peak_rss_bytes": follower_pids
+                .iter()
+                .map(|&p| status_bytes(p, "VmHWM:"))
+                .collect::<Vec<_>>(),
+        })
+    });
+
     // 4. Controller process.
     let peak_rss = status_bytes(cpid, "VmHWM:");
     let end_rss = status_bytes(cpid, "VmRSS:");
@@ -1202,6 +1320,7 @@ async fn run_store(
             "cpu_s_rollout": opt3(rollout_cpu.controller_s),
         },
         "store": store_json,
+        "followers": followers_json,
         "bench_process_cpu_s_total": opt3(total_cpu.bench_s),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "targets": {
@@ -1324,6 +1443,20 @@ async fn run_store(
                 mb(rss_started),
                 mb(end_rss)
             );
+            if let Some(f) = &followers_json {
+                println!(
+                    "followers           {} on the same etcd, each saw the rollout end as the leader has it; CPU {} s during registration, {} s during the rollout ({} ms per node each); peak RSS {}",
+                    f["count"],
+                    f["cpu_s_registration"],
+                    f["cpu_s_rollout"],
+                    f["cpu_ms_per_node_rollout_each"],
+                    follower_pids
+                        .iter()
+                        .map(|&p| mb(status_bytes(p, "VmHWM:")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
             println!(
                 "context             bench process (hollow agents) CPU {} during the rollout; other load {} of all CPUs; followed with {}",
                 fmt_opt(rollout_cpu.bench_s, " s"),
