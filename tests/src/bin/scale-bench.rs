@@ -48,7 +48,9 @@
 //! per node transition (a write of a rollout node's state), and the members' CPU.
 //! Then each figure of both runs side by side with etcd ÷ SQLite; the target (issue
 //! 16) is an overhead per node on etcd within 2× of SQLite's. etcd's members count
-//! as "other load" in the context line.
+//! as "other load" in the context line. `--followers N` starts N more controllers on
+//! the etcd once the first is elected: their CPU is reported, and each must show the
+//! rollout's end node by node as the leader has it.
 //!
 //! The controller's figures come from /proc/<controller pid> alone; the CPU of the
 //! hollow agents (and this process) and other load on the machine are printed beside
