@@ -28,43 +28,48 @@ impl Burst {
     /// Keys nothing in memory mirrors (restart history, the election) are left alone.
     pub fn add(&mut self, key: &str, value: Option<&[u8]>) {
         if let Some(id) = key.strip_prefix(key::NODES) {
-            match value.map(serde_json::from_slice::<NodeRecord>) {
-                None => {
-                    self.nodes.insert(id.to_string(), None);
-                }
-                Some(Ok(node)) => {
-                    self.nodes.insert(id.to_string(), Some(node));
-                }
-                Some(Err(e)) => self.unreadable(key, e),
+            if let Some(node) = self.read(key, value) {
+                self.nodes.insert(id.to_string(), node);
             }
         } else if let Some(id) = key.strip_prefix(key::ROLLOUTS) {
-            match value.map(serde_json::from_slice::<Rollout>) {
-                None => {
-                    self.rollouts.insert(id.to_string(), None);
-                }
-                Some(Ok(rollout)) => {
-                    self.rollouts.insert(id.to_string(), Some(rollout));
-                }
-                Some(Err(e)) => self.unreadable(key, e),
+            if let Some(header) = self.read(key, value) {
+                self.rollouts.insert(id.to_string(), header);
             }
         } else if let Some(rest) = key.strip_prefix(key::ROLLOUT_NODES) {
             let Some((rollout, node)) = rest.split_once('/') else {
                 return;
             };
-            match value.map(serde_json::from_slice::<RolloutNode>) {
-                None => {
-                    self.rollouts_reread.insert(rollout.to_string());
-                }
-                Some(Ok(state)) => {
+            match self.read::<RolloutNode>(key, value) {
+                Some(Some(state)) => {
                     self.rollout_nodes
                         .entry(rollout.to_string())
                         .or_default()
                         .insert(node.to_string(), state);
                 }
-                Some(Err(e)) => self.unreadable(key, e),
+                Some(None) => {
+                    self.rollouts_reread.insert(rollout.to_string());
+                }
+                None => {}
             }
         } else if key.starts_with(key::TOKENS) || key.starts_with(key::TOKENS_LAST_USED) {
             self.tokens = true;
+        }
+    }
+
+    /// A put's record (`Some(Some)`) or a delete (`Some(None)`); `None` when the value
+    /// is no such record (noted in [`Burst::unreadable`]).
+    fn read<T: serde::de::DeserializeOwned>(
+        &mut self,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Option<Option<T>> {
+        match value.map(serde_json::from_slice::<T>) {
+            None => Some(None),
+            Some(Ok(record)) => Some(Some(record)),
+            Some(Err(e)) => {
+                self.unreadable(key, e);
+                None
+            }
         }
     }
 
