@@ -17,7 +17,7 @@ use tokio_stream::StreamExt;
 use crate::Change;
 use crate::fleet::{Fleet, RolloutError};
 use crate::inventory::Selector;
-use crate::rollout::RolloutView;
+use crate::rollout::{RolloutSummary, RolloutView};
 
 pub fn router(fleet: Arc<Fleet>) -> Router {
     Router::new()
@@ -54,8 +54,59 @@ async fn node(State(fleet): State<Arc<Fleet>>, Path(id): Path<String>) -> Respon
     }
 }
 
-async fn rollouts(State(fleet): State<Arc<Fleet>>) -> Response {
-    let rollouts = match fleet.rollouts(0) {
+/// Rollouts listed when `limit` is not given.
+const ROLLOUTS_LISTED: usize = 100;
+/// The most `limit` may ask for (a rollout with its nodes can be 100,000 of them).
+const ROLLOUTS_LISTED_MAX: usize = 1000;
+
+#[derive(Debug, Deserialize)]
+struct RolloutsQuery {
+    limit: Option<String>,
+    nodes: Option<String>,
+}
+
+impl RolloutsQuery {
+    /// (how many, with their nodes), or what is wrong with the query.
+    fn parse(&self) -> Result<(usize, bool), String> {
+        let limit = match self.limit.as_deref() {
+            None => ROLLOUTS_LISTED,
+            Some(text) => match text.parse::<usize>() {
+                Ok(n) if (1..=ROLLOUTS_LISTED_MAX).contains(&n) => n,
+                _ => {
+                    return Err(format!(
+                        "limit={text:?}: give a number of rollouts from 1 to {ROLLOUTS_LISTED_MAX} \
+                         (default {ROLLOUTS_LISTED}, newest first)"
+                    ));
+                }
+            },
+        };
+        let nodes = match self.nodes.as_deref() {
+            None | Some("0" | "false") => false,
+            Some("1" | "true") => true,
+            Some(other) => {
+                return Err(format!(
+                    "nodes={other:?}: give nodes=1 to list each rollout's nodes too, or leave it out"
+                ));
+            }
+        };
+        Ok((limit, nodes))
+    }
+}
+
+/// Newest first: each rollout's header and counts, and its nodes only when asked
+/// (`?nodes=1`), so that a listing does not read 100,000 nodes of every old rollout
+/// back from the store.
+async fn rollouts(State(fleet): State<Arc<Fleet>>, Query(q): Query<RolloutsQuery>) -> Response {
+    let (limit, with_nodes) = match q.parse() {
+        Ok(parsed) => parsed,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if !with_nodes {
+        let summaries = fleet.rollout_summaries(limit);
+        let reports: Vec<_> = summaries.iter().map(RolloutSummary::report).collect();
+        return Json(reports).into_response();
+    }
+    let rollouts = match fleet.rollouts(limit) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };

@@ -397,6 +397,28 @@ pub struct RolloutReport<'a> {
     pub finished: Option<String>,
 }
 
+/// A rollout as `/api/rollouts` lists it without `?nodes=1`: the header and counts.
+#[derive(Debug, Serialize)]
+pub struct RolloutSummaryReport<'a> {
+    #[serde(flatten)]
+    pub rollout: &'a Rollout,
+    pub progress: Progress,
+    pub created: String,
+    pub finished: Option<String>,
+}
+
+impl RolloutSummary {
+    pub fn report(&self) -> RolloutSummaryReport<'_> {
+        let r = &self.rollout;
+        RolloutSummaryReport {
+            rollout: r,
+            progress: self.progress,
+            created: rfc3339(r.created_unix_ms),
+            finished: (r.finished_unix_ms > 0).then(|| rfc3339(r.finished_unix_ms)),
+        }
+    }
+}
+
 fn rfc3339(unix_ms: u64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(unix_ms))
         .to_string()

@@ -116,6 +116,33 @@ async fn rollout_status_exits_as_the_watch_does_and_only_healthy_nodes_count_as_
     );
     // Stored with the header at its end, so a controller start needn't count its nodes.
     assert_eq!(api["final_counts"], api["progress"], "{api:#}");
+    // The list: newest first, counts without nodes unless asked; a bad query says why.
+    let get = async |path: &str| {
+        let r = http_get(controller.addr(), path).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        (r.status, body)
+    };
+    let (code, list) = get("/api/rollouts").await;
+    assert_eq!(code, 200, "{list:#}");
+    assert_eq!(list[0]["id"], failed.id.as_str(), "{list:#}");
+    assert_eq!(list[1]["id"], ok.id.as_str(), "{list:#}");
+    assert_eq!(list[0]["progress"], api["progress"], "{list:#}");
+    assert!(list[0].get("nodes").is_none(), "{list:#}");
+    let (code, whole) = get("/api/rollouts?nodes=1&limit=1").await;
+    assert_eq!(code, 200, "{whole:#}");
+    assert_eq!(whole.as_array().map(Vec::len), Some(1), "{whole:#}");
+    assert_eq!(
+        whole[0]["nodes"].as_array().map(Vec::len),
+        Some(3),
+        "{whole:#}"
+    );
+    for bad in ["limit=0", "limit=1001", "limit=all", "nodes=yes"] {
+        let (code, body) = get(&format!("/api/rollouts?{bad}")).await;
+        assert_eq!(code, 400, "{bad}: {body:#}");
+        let key = bad.split('=').next().unwrap();
+        let msg = body["error"].as_str().unwrap_or_default();
+        assert!(msg.starts_with(key), "{bad}: {body:#}");
+    }
     for (text, ms) in [
         (&api["created"], failed.created_unix_ms),
         (&api["finished"], failed.finished_unix_ms),
