@@ -26,16 +26,18 @@ pub fn router() -> Router {
         .route("/sleep", get(sleep))
 }
 
-fn generation() -> String {
-    std::env::var("FLEET_GENERATION").unwrap_or_else(|_| "-".into())
-}
-
-async fn hello() -> String {
+/// The greeting, the same for every request of a worker: made once, not with a
+/// `getpid` and an environment lookup per request.
+static GREETING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let generation = std::env::var("FLEET_GENERATION").unwrap_or_else(|_| "-".into());
     format!(
-        "Hello from fleet-agent: worker pid {}, generation {}\n",
-        std::process::id(),
-        generation()
+        "Hello from fleet-agent: worker pid {}, generation {generation}\n",
+        std::process::id()
     )
+});
+
+async fn hello() -> &'static str {
+    GREETING.as_str()
 }
 
 async fn pid() -> String {
