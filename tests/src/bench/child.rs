@@ -132,9 +132,32 @@ pub fn spawn(name: &'static str, mut command: Command) -> anyhow::Result<(Proc, 
     ))
 }
 
-/// `Command::new(exe).args(args)` with stdin from /dev/null.
+/// The CPUs the servers a benchmark starts are pinned to (`taskset -c` list), if any.
+static SERVER_CPUS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Pins every server started from now on to `cpus` (a `taskset -c` list, checked by
+/// the caller): `command` and `server_command` start them under `taskset`, so the
+/// processes they spawn (workers, a new nginx master) inherit it.
+pub fn pin_servers(cpus: &str) {
+    let _ = SERVER_CPUS.set(cpus.to_string());
+}
+
+/// `Command::new(exe)`, under `taskset -c CPUS` when servers are pinned.
+pub fn server_command(exe: &Path) -> Command {
+    match SERVER_CPUS.get() {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    }
+}
+
+/// `Command::new(exe).args(args)` with stdin from /dev/null (pinned as
+/// [`server_command`] says).
 pub fn command(exe: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(exe);
+    let mut c = server_command(exe);
     c.args(args).stdin(Stdio::null());
     c
 }

@@ -27,7 +27,12 @@ impl Machine {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "?".into());
         Machine {
-            cpus: std::thread::available_parallelism().map_or(0, std::num::NonZeroUsize::get),
+            // The machine's, not this process's (peer-bench may pin itself to some).
+            cpus: nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+                .ok()
+                .flatten()
+                .and_then(|n| usize::try_from(n).ok())
+                .unwrap_or(0),
             cpu_model,
             kernel,
         }

@@ -217,7 +217,7 @@ impl Nginx {
                 // The shell starts nginx in the background and waits until its stdin
                 // closes: nginx records the shell as its parent, which must be alive
                 // until then and gone before the first USR2.
-                let mut c = std::process::Command::new("/bin/sh");
+                let mut c = super::child::server_command(Path::new("/bin/sh"));
                 c.arg("-c")
                     .arg(r#""$0" "$@" </dev/null & read _"#)
                     .arg(exe)

@@ -125,6 +125,71 @@ struct Args {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
+    /// CPUs the servers run on (a `taskset -c` list: `1`, `2-15`, `0,2`), with
+    /// `--client-cpus`: the load generator and the servers each get their own CPUs
+    /// instead of sharing all of them. Needs util-linux's `taskset`.
+    #[arg(long, requires = "client_cpus")]
+    server_cpus: Option<String>,
+    /// CPUs the load generator (this process) runs on; see `--server-cpus`.
+    #[arg(long, requires = "server_cpus")]
+    client_cpus: Option<String>,
+}
+
+/// A `taskset -c` style list (`0`, `1-3`, `0,2-3`) as CPU numbers, each below `cpus`.
+fn parse_cpu_list(list: &str, cpus: usize) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in list.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (lo.trim(), hi.trim()),
+            None => (part.trim(), part.trim()),
+        };
+        let (Ok(lo), Ok(hi)) = (lo.parse::<usize>(), hi.parse::<usize>()) else {
+            return Err(format!("{list:?}: give CPU numbers like 1, 2-15 or 0,2"));
+        };
+        if lo > hi || hi >= cpus {
+            return Err(format!(
+                "{list:?}: this machine's CPUs are 0 to {}",
+                cpus.saturating_sub(1)
+            ));
+        }
+        out.extend(lo..=hi);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Pins this process (the load generator: every thread started from now on) to
+/// `client` and the servers it will start to `server`.
+fn pin(server: &str, client: &str) -> Result<String, String> {
+    let cpus = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(1);
+    let servers = parse_cpu_list(server, cpus).map_err(|e| format!("--server-cpus {e}"))?;
+    let clients = parse_cpu_list(client, cpus).map_err(|e| format!("--client-cpus {e}"))?;
+    if let Some(both) = servers.iter().find(|c| clients.contains(c)) {
+        return Err(format!(
+            "CPU {both} is in both --server-cpus and --client-cpus: give each its own"
+        ));
+    }
+    if !fleet_tests::bench::peers::find_program("taskset").is_some_and(|p| p.is_file()) {
+        return Err("--server-cpus needs taskset (apt-get install util-linux)".into());
+    }
+    let mut set = nix::sched::CpuSet::new();
+    for &c in &clients {
+        set.set(c)
+            .map_err(|e| format!("--client-cpus: CPU {c}: {e}"))?;
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .map_err(|e| format!("cannot pin the load generator to CPUs {client}: {e}"))?;
+    fleet_tests::bench::child::pin_servers(server);
+    Ok(format!(
+        "servers pinned to CPUs {server} ({} of them), the load generator to CPUs {client} ({}) with taskset",
+        servers.len(),
+        clients.len()
+    ))
 }
 
 mod report;
@@ -150,6 +215,13 @@ fn main() -> ExitCode {
         return bad(&format!(
             "unknown target {t:?}: use fleet, nginx-reload, nginx-upgrade, haproxy"
         ));
+    }
+    if let (Some(server), Some(client)) = (&args.server_cpus, &args.client_cpus) {
+        // Before the runtime starts, so that each of its threads inherits it.
+        match pin(server, client) {
+            Ok(said) => eprintln!("peer-bench: {said}"),
+            Err(e) => return bad(&e),
+        }
     }
     fleet_tests::bench::main("peer-bench", run(args))
 }
@@ -584,7 +656,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         Some(p) => p.clone(),
         None => sibling_exe("hello-peer")?,
     };
-    let peers = find_peers(&args);
+    let mut peers = find_peers(&args);
+    if let (Some(server), Some(client)) = (&args.server_cpus, &args.client_cpus) {
+        peers.notes.push(format!(
+            "servers pinned to CPUs {server}, the load generator to CPUs {client} (taskset)"
+        ));
+    }
     for note in &peers.notes {
         eprintln!("peer-bench: {note}");
     }
@@ -795,4 +872,19 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         );
     }
     Ok(all_pass)
+}
+
+#[cfg(test)]
+mod pin_tests {
+    use super::parse_cpu_list;
+
+    #[test]
+    fn cpu_lists_read_as_taskset_reads_them() {
+        assert_eq!(parse_cpu_list("1", 2), Ok(vec![1]));
+        assert_eq!(parse_cpu_list("0,2-3,2", 16), Ok(vec![0, 2, 3]));
+        for bad in ["2", "1-0", "x", "", "0-"] {
+            let e = parse_cpu_list(bad, 2).unwrap_err();
+            assert!(e.starts_with(&format!("{bad:?}")), "{bad}: {e}");
+        }
+    }
 }
