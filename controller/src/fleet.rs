@@ -317,16 +317,21 @@ impl Fleet {
                 changed.insert(id);
             }
         }
+        // Headers the burst did not carry are read from the store, all in one read.
+        let mut stored: Option<HashMap<String, Rollout>> = None;
         for id in reread {
             let header = match burst.rollouts.get(&id) {
                 Some(Some(header)) => header.clone(),
-                _ => match tokio::task::block_in_place(|| self.store.load_rollouts())
-                    .map(|all| all.into_iter().find(|r| r.id == id))
-                {
-                    Ok(Some(header)) => header,
-                    Ok(None) => continue,
-                    Err(e) => return Err(e),
-                },
+                _ => {
+                    if stored.is_none() {
+                        let all = tokio::task::block_in_place(|| self.store.load_rollouts())?;
+                        stored = Some(all.into_iter().map(|r| (r.id.clone(), r)).collect());
+                    }
+                    match stored.as_mut().and_then(|all| all.remove(&id)) {
+                        Some(header) => header,
+                        None => continue,
+                    }
+                }
             };
             let mut nodes = tokio::task::block_in_place(|| self.store.load_rollout_nodes(&id))?;
             nodes.sort_by_key(|n| (n.batch, n.node_id.clone()));

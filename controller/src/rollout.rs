@@ -385,37 +385,36 @@ impl Progress {
     }
 }
 
-/// A rollout as the HTTP API (`/api/rollouts`) gives it: the stored view, its
-/// progress, and its times in RFC 3339 beside the `unix_ms` ones.
+/// A rollout as the HTTP API (`/api/rollouts`) gives it: the stored header, its nodes
+/// (left out of a listing without `?nodes=1`), its progress, and its times in RFC 3339
+/// beside the `unix_ms` ones.
 #[derive(Debug, Serialize)]
 pub struct RolloutReport<'a> {
     #[serde(flatten)]
-    pub view: &'a RolloutView,
+    pub rollout: &'a Rollout,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<&'a [RolloutNode]>,
     pub progress: Progress,
     pub created: String,
     /// `None` while it runs.
     pub finished: Option<String>,
 }
 
-/// A rollout as `/api/rollouts` lists it without `?nodes=1`: the header and counts.
-#[derive(Debug, Serialize)]
-pub struct RolloutSummaryReport<'a> {
-    #[serde(flatten)]
-    pub rollout: &'a Rollout,
-    pub progress: Progress,
-    pub created: String,
-    pub finished: Option<String>,
+impl<'a> RolloutReport<'a> {
+    fn new(rollout: &'a Rollout, nodes: Option<&'a [RolloutNode]>, progress: Progress) -> Self {
+        RolloutReport {
+            rollout,
+            nodes,
+            progress,
+            created: rfc3339(rollout.created_unix_ms),
+            finished: (rollout.finished_unix_ms > 0).then(|| rfc3339(rollout.finished_unix_ms)),
+        }
+    }
 }
 
 impl RolloutSummary {
-    pub fn report(&self) -> RolloutSummaryReport<'_> {
-        let r = &self.rollout;
-        RolloutSummaryReport {
-            rollout: r,
-            progress: self.progress,
-            created: rfc3339(r.created_unix_ms),
-            finished: (r.finished_unix_ms > 0).then(|| rfc3339(r.finished_unix_ms)),
-        }
+    pub fn report(&self) -> RolloutReport<'_> {
+        RolloutReport::new(&self.rollout, None, self.progress)
     }
 }
 
@@ -430,13 +429,7 @@ impl RolloutView {
     }
 
     pub fn report(&self) -> RolloutReport<'_> {
-        let r = &self.rollout;
-        RolloutReport {
-            view: self,
-            progress: self.progress(),
-            created: rfc3339(r.created_unix_ms),
-            finished: (r.finished_unix_ms > 0).then(|| rfc3339(r.finished_unix_ms)),
-        }
+        RolloutReport::new(&self.rollout, Some(&self.nodes), self.progress())
     }
 
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
