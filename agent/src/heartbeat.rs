@@ -6,13 +6,20 @@
 //! move on as [`crate::controllers`] says: to the leader a follower names, if it is
 //! one of the configured controllers, else to the next; once every controller has
 //! failed, after a backoff. Each switch is logged once.
+//!
+//! The beats to a controller go on one long-lived `HeartbeatStream` call (a message
+//! each, answered in order), opened again after any failure; a controller that does
+//! not know that call (UNIMPLEMENTED: older than this agent) gets a `Heartbeat` call
+//! per beat.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
+use tokio::sync::mpsc;
 use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
@@ -72,7 +79,7 @@ pub async fn run(supervisor: Arc<Supervisor>, urls: Vec<String>, mut tls: Option
         if let Some(rx) = tls.as_mut()
             && rx.has_changed().unwrap_or(false)
         {
-            beater.clients.fill(None);
+            beater.disconnect();
             rx.mark_unchanged();
         }
         let report = supervisor.status();
@@ -146,6 +153,23 @@ enum Beat {
     Failed(Next, Duration),
 }
 
+/// An open `HeartbeatStream` call: beats go in, answers come back in order.
+#[derive(Debug)]
+struct BeatStream {
+    beats: mpsc::Sender<pb::HeartbeatRequest>,
+    answers: tonic::Streaming<pb::HeartbeatResponse>,
+}
+
+/// How beats reach one controller.
+#[derive(Debug)]
+enum Call {
+    /// Not known yet: a stream is tried.
+    Untried,
+    Stream(Box<BeatStream>),
+    /// The controller does not know `HeartbeatStream`: a `Heartbeat` per beat.
+    Unary,
+}
+
 /// Sends each beat to the controller [`Controllers`] points at, and logs what a
 /// person would want to know: a failure once per streak, each switch once.
 #[derive(Debug)]
@@ -155,6 +179,9 @@ struct Beater {
     /// One lazily connected client per controller, made when first needed (dropped
     /// when the node's certificate renews).
     clients: Vec<Option<Client>>,
+    /// How the beats reach each controller (a stream is opened again after any
+    /// failure).
+    calls: Vec<Call>,
     auth: Option<MetadataValue<Ascii>>,
     /// As the controller asks.
     interval: Duration,
@@ -181,6 +208,7 @@ impl Beater {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Beater {
             clients: vec![None; urls.len()],
+            calls: urls.iter().map(|_| Call::Untried).collect(),
             controllers: Controllers::new(urls),
             endpoints,
             auth,
@@ -189,6 +217,17 @@ impl Beater {
             failing: false,
             all_failing: false,
         })
+    }
+
+    /// Forgets every connection (and every open stream): the next beats connect anew,
+    /// with the node's renewed certificate.
+    fn disconnect(&mut self) {
+        self.clients.fill(None);
+        for call in &mut self.calls {
+            if matches!(call, Call::Stream(_)) {
+                *call = Call::Untried;
+            }
+        }
     }
 
     /// The client of controller `i`. Over mutual TLS every controller is checked
@@ -219,13 +258,7 @@ impl Beater {
     /// Sends one beat to the current controller. None: heartbeats cannot go on.
     async fn beat(&mut self, beat: pb::HeartbeatRequest, tls: &Option<ClientTls>) -> Option<Beat> {
         let at = self.controllers.index();
-        let mut client = self.client(at, tls)?;
-        let mut request = tonic::Request::new(beat);
-        if let Some(value) = &self.auth {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
+        let client = self.client(at, tls)?;
         let url = self.controllers.current().to_string();
         // A controller that takes the connection but does not answer (stopped, hung,
         // cut off mid-way) costs one interval (1 s to 10 s), not the channel's 10 s:
@@ -233,12 +266,16 @@ impl Beater {
         let wait = self
             .interval
             .clamp(Duration::from_secs(1), Duration::from_secs(10));
-        let answer = match tokio::time::timeout(wait, client.heartbeat(request)).await {
+        let answer = match tokio::time::timeout(wait, self.send(at, client, beat)).await {
             Ok(answer) => answer,
-            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-                "no answer within {}",
-                humantime::format_duration(wait)
-            ))),
+            Err(_) => {
+                // The stream may still owe the answer to this beat: a new one.
+                self.calls[at] = Call::Untried;
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {}",
+                    humantime::format_duration(wait)
+                )))
+            }
         };
         match answer {
             Ok(response) => {
@@ -256,7 +293,7 @@ impl Beater {
                 self.serving = Some(at);
                 self.failing = false;
                 self.all_failing = false;
-                let asked = response.into_inner().interval_ms;
+                let asked = response.interval_ms;
                 if asked > 0 {
                     self.interval = Duration::from_millis(asked);
                 }
@@ -299,6 +336,70 @@ impl Beater {
                 Some(Beat::Failed(next, wait))
             }
         }
+    }
+
+    /// Sends `beat` to controller `at` on its stream (opened first if need be), or as
+    /// a `Heartbeat` call to a controller without streams. A failed stream is
+    /// forgotten, to be opened again by the next beat.
+    async fn send(
+        &mut self,
+        at: usize,
+        mut client: Client,
+        beat: pb::HeartbeatRequest,
+    ) -> Result<pb::HeartbeatResponse, tonic::Status> {
+        if let Call::Untried = self.calls[at] {
+            let (beats, queue) = mpsc::channel(1);
+            match client
+                .heartbeat_stream(self.request(ReceiverStream::new(queue)))
+                .await
+            {
+                Ok(answers) => {
+                    self.calls[at] = Call::Stream(Box::new(BeatStream {
+                        beats,
+                        answers: answers.into_inner(),
+                    }))
+                }
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::info!(
+                        "controller {} takes no heartbeat stream (it is older than this agent): \
+                         sending a call per beat",
+                        self.controllers.urls()[at]
+                    );
+                    self.calls[at] = Call::Unary;
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        let Call::Stream(stream) = &mut self.calls[at] else {
+            return client
+                .heartbeat(self.request(beat))
+                .await
+                .map(tonic::Response::into_inner);
+        };
+        // A send fails only once the call is over; its status says why.
+        let _ = stream.beats.send(beat).await;
+        let answer = match stream.answers.message().await {
+            Ok(Some(answer)) => Ok(answer),
+            Ok(None) => Err(tonic::Status::unavailable(
+                "the controller ended the heartbeat stream",
+            )),
+            Err(status) => Err(status),
+        };
+        if answer.is_err() {
+            self.calls[at] = Call::Untried;
+        }
+        answer
+    }
+
+    /// A request with the node's credential.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(value) = &self.auth {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        request
     }
 
     /// The longest wait between rounds: [`MAX_BACKOFF`], but no more than one and a

@@ -214,6 +214,16 @@ impl ControllerService for Fake {
         Err(Status::unimplemented("not in this fake"))
     }
 
+    type HeartbeatStreamStream =
+        Pin<Box<dyn Stream<Item = Result<HeartbeatResponse, Status>> + Send>>;
+
+    async fn heartbeat_stream(
+        &self,
+        _: Request<tonic::Streaming<HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatStreamStream>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
     async fn list_nodes(
         &self,
         request: Request<ListNodesRequest>,

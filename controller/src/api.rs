@@ -53,6 +53,79 @@ fn rollout_status(e: RolloutError) -> Status {
     }
 }
 
+/// One heartbeat, from either call: the inventory and the history take it, and the
+/// answer says when to send the next.
+fn take_beat(fleet: &Fleet, beat: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Status> {
+    let Some(status) = beat.status else {
+        crate::metrics::global().heartbeat_refused("invalid");
+        return Err(Status::invalid_argument("heartbeat without a status"));
+    };
+    fleet
+        .inventory
+        .report(&status, false)
+        .map_err(|e| e.status())?;
+    fleet.history.heard(&status);
+    Ok(pb::HeartbeatResponse {
+        interval_ms: (fleet.inventory.ttl().as_millis() / 3).max(100) as u64,
+    })
+}
+
+/// The beats of one `HeartbeatStream` call. What a unary `Heartbeat` has checked
+/// once per call (by the layers in front of the handler, and by the handler) is
+/// checked here for every beat: this controller still leads, the beat speaks for
+/// the node the call began with, and (with --tls) the connection's certificate
+/// names that node and has not expired.
+struct Beats {
+    fleet: Arc<Fleet>,
+    /// The client certificate the connection presented.
+    cert: Option<fleet_net::tls::PeerCertificate>,
+    /// The node of the first beat.
+    node: Option<String>,
+    /// None once the call has ended.
+    incoming: Option<tonic::Streaming<pb::HeartbeatRequest>>,
+}
+
+impl Beats {
+    /// The answer to the next beat; None once the agent has closed its side (or the
+    /// call has ended).
+    async fn next(&mut self) -> Option<Result<pb::HeartbeatResponse, Status>> {
+        let beat = match self.incoming.as_mut()?.message().await {
+            Ok(Some(beat)) => beat,
+            Ok(None) => return None,
+            // The agent's side broke (reset, a message over the size bound): the
+            // status says so to whoever still listens.
+            Err(status) => return Some(Err(status)),
+        };
+        Some(self.take(beat))
+    }
+
+    fn take(&mut self, beat: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Status> {
+        if let Some(refusal) = self.fleet.not_leader() {
+            return Err(refusal);
+        }
+        let id = beat.status.as_ref().map_or("", |s| s.node_id.as_str());
+        if let Some(node) = &self.node
+            && node != id
+        {
+            crate::metrics::global().heartbeat_refused("invalid");
+            return Err(Status::invalid_argument(format!(
+                "this heartbeat stream speaks for node {node:?}, not {id:?}: send each node's \
+                 beats on a call of its own"
+            )));
+        }
+        if self.fleet.agents.tls()
+            && let Err(refusal) = crate::join::check_cert(self.cert.as_ref(), id)
+        {
+            crate::metrics::global().heartbeat_refused("certificate");
+            return Err(refusal);
+        }
+        if self.node.is_none() {
+            self.node = Some(id.to_string());
+        }
+        take_beat(&self.fleet, beat)
+    }
+}
+
 #[tonic::async_trait]
 impl ControllerService for Api {
     async fn heartbeat(
@@ -69,19 +142,36 @@ impl ControllerService for Api {
                 .unwrap_or_default();
             crate::join::check_node_cert(&request, &id)?;
         }
-        let r = request.into_inner();
-        let Some(status) = r.status else {
-            crate::metrics::global().heartbeat_refused("invalid");
-            return Err(Status::invalid_argument("heartbeat without a status"));
+        take_beat(&self.fleet, request.into_inner()).map(Response::new)
+    }
+
+    type HeartbeatStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send>>;
+
+    async fn heartbeat_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatStreamStream>, Status> {
+        let beats = Beats {
+            fleet: self.fleet.clone(),
+            cert: request
+                .extensions()
+                .get::<fleet_net::tls::PeerCertificate>()
+                .cloned(),
+            node: None,
+            incoming: Some(request.into_inner()),
         };
-        self.fleet
-            .inventory
-            .report(&status, false)
-            .map_err(|e| e.status())?;
-        self.fleet.history.heard(&status);
-        Ok(Response::new(pb::HeartbeatResponse {
-            interval_ms: (self.fleet.inventory.ttl().as_millis() / 3).max(100) as u64,
-        }))
+        // One beat read, taken and answered at a time: an agent that does not read
+        // its answers stops being read (HTTP/2 flow control), and nothing queues.
+        let answers = futures_util::stream::unfold(beats, |mut beats| async move {
+            let answer = beats.next().await?;
+            if answer.is_err() {
+                // The call ends with this status: nothing more is read.
+                beats.incoming = None;
+            }
+            Some((answer, beats))
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn get_version(

@@ -69,6 +69,12 @@ pub const ROUTES: &[Route] = &[
     ),
     r(
         "POST",
+        "/fleet.v1.ControllerService/HeartbeatStream",
+        Need::Agent,
+        "HeartbeatStream",
+    ),
+    r(
+        "POST",
         "/fleet.v1.ControllerService/ListNodes",
         VIEWER,
         "ListNodes",

@@ -543,6 +543,7 @@ fn add_events(burst: &mut Burst, answer: &etcd_client::WatchResponse, prefix: &s
 fn changes_state(method: &axum::http::Method, path: &str) -> bool {
     const CHANGES: &[&str] = &[
         "Heartbeat",
+        "HeartbeatStream",
         "RestartNode",
         "ShutdownNode",
         "StartRollout",

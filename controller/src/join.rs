@@ -69,20 +69,27 @@ fn response(issued: Issued, ca: &FleetCa) -> pb::JoinResponse {
 }
 
 /// Whether `request` goes to a route that checks its caller itself: `Join` (the join
-/// token), and `Renew` or `Heartbeat` on a connection with a client certificate
-/// (the handler checks that it names the node).
+/// token), and `Renew`, `Heartbeat` or `HeartbeatStream` on a connection with a
+/// client certificate (the handler checks that it names the node).
 pub fn authenticates_itself<B>(request: &http::Request<B>) -> bool {
     let path = request.uri().path();
     path == JOIN_PATH
         || (request.extensions().get::<PeerCertificate>().is_some()
-            && (path == RENEW_PATH || path == HEARTBEAT_PATH))
+            && (path == RENEW_PATH || path == HEARTBEAT_PATH || path == HEARTBEAT_STREAM_PATH))
 }
 
 pub const HEARTBEAT_PATH: &str = "/fleet.v1.ControllerService/Heartbeat";
+pub const HEARTBEAT_STREAM_PATH: &str = "/fleet.v1.ControllerService/HeartbeatStream";
 
 /// Checks that the request's client certificate names `node_id` and is current.
 pub fn check_node_cert<T>(request: &Request<T>, node_id: &str) -> Result<(), Status> {
-    let Some(cert) = request.extensions().get::<PeerCertificate>() else {
+    check_cert(request.extensions().get::<PeerCertificate>(), node_id)
+}
+
+/// [`check_node_cert`] with the certificate the connection presented, kept by a
+/// long-lived call that checks every message.
+pub fn check_cert(cert: Option<&PeerCertificate>, node_id: &str) -> Result<(), Status> {
+    let Some(cert) = cert else {
         return Err(Status::unauthenticated(format!(
             "no node certificate: node {node_id:?} must call with the certificate it got by \
              joining (fleet-agent --join-token-file … --ca-hash …)"

@@ -336,7 +336,7 @@ pub async fn time_requests(
         Some(code) => format!("{:?}", tonic::Code::from(code)),
         None => format!("{}xx", response.status().as_u16() / 100),
     };
-    if route == "Heartbeat" {
+    if route == "Heartbeat" || route == "HeartbeatStream" {
         // Refused before the handler (no or a wrong credential, or another node's
         // certificate); the inventory counts the ones it refuses itself.
         match code.as_str() {

@@ -23,6 +23,9 @@ macro_rules! build_version {
     };
 }
 
+/// The codec of every service: small first buffers for long-lived calls.
+pub mod codec;
+
 /// The rules of a rollout spec's amounts (batches, budgets), shared by fleetctl and
 /// the controller.
 pub mod rules;

@@ -4,8 +4,9 @@
 //!
 //! Each hollow agent serves the real `fleet.v1.AgentService` (a tonic server) on its
 //! own loopback port, and registers and heartbeats to the controller exactly like a
-//! `fleet-agent` started with `--controller` would: `Heartbeat` with a full
-//! `StatusResponse` (node id, labels, control address, admin URL, exe path + sha256,
+//! `fleet-agent` started with `--controller` would: a beat on its `HeartbeatStream`
+//! call (or a `Heartbeat` call per beat, [`HollowConfig::unary_heartbeats`]) with a
+//! full `StatusResponse` (node id, labels, control address, admin URL, exe path + sha256,
 //! generation, PIDs, state), at the interval the controller returns. Nothing behind
 //! it is real:
 //!
@@ -125,6 +126,9 @@ pub struct HollowConfig {
     /// HTTP/2 connections to the controller shared by all the agents' heartbeats;
     /// 0: one per agent, as real agents have.
     pub channels: usize,
+    /// A `Heartbeat` call per beat, as agents before `HeartbeatStream` (and agents
+    /// of a controller without it) send them; else one stream per agent.
+    pub unary_heartbeats: bool,
     /// Address the agents listen on (port 0 each); 127.0.0.1 spreads them over
     /// 127.0.0.1, .2, … ([`AGENTS_PER_ADDRESS`] each, by index).
     pub bind_ip: IpAddr,
@@ -151,6 +155,7 @@ impl Default for HollowConfig {
             labels: Vec::new(),
             shards: 10,
             channels: 0,
+            unary_heartbeats: false,
             bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             seed: 0x5eed_f1ee7,
         }
@@ -882,6 +887,7 @@ async fn heartbeat_loop(agent: Arc<Agent>, channel: Channel, mut stop: watch::Re
     let mut client = ControllerServiceClient::new(channel)
         .max_decoding_message_size(1 << 20)
         .max_encoding_message_size(1 << 20);
+    let mut stream = None;
     let mut interval = cfg.initial_interval.max(MIN_INTERVAL);
     let mut delay = shared.rng.below(cfg.heartbeat_jitter);
     let mut registered = false;
@@ -892,22 +898,33 @@ async fn heartbeat_loop(agent: Arc<Agent>, channel: Channel, mut stop: watch::Re
             _ = stop.changed() => {}
         }
         let stopping = agent.stopped();
-        let mut request = Request::new(pb::HeartbeatRequest {
+        let beat = pb::HeartbeatRequest {
             status: Some(agent.status()),
             in_flight: 0,
-        });
-        request.set_timeout(HEARTBEAT_TIMEOUT);
-        if let Some(auth) = &shared.auth {
-            request.metadata_mut().insert("authorization", auth.clone());
+        };
+        let answer = if cfg.unary_heartbeats {
+            let mut request = shared.request(beat);
+            request.set_timeout(HEARTBEAT_TIMEOUT);
+            client.heartbeat(request).await.map(Response::into_inner)
+        } else {
+            let sent = send_on_stream(&shared, &mut client, &mut stream, beat);
+            match tokio::time::timeout(HEARTBEAT_TIMEOUT, sent).await {
+                Ok(answer) => answer,
+                Err(_) => Err(Status::deadline_exceeded("no answer to the beat")),
+            }
+        };
+        if answer.is_err() {
+            // Opened again by the next beat.
+            stream = None;
         }
-        match client.heartbeat(request).await {
-            Ok(response) => {
+        match answer {
+            Ok(answer) => {
                 shared.heartbeats_ok.fetch_add(1, Ordering::Relaxed);
                 if !registered {
                     registered = true;
                     shared.registered.fetch_add(1, Ordering::Relaxed);
                 }
-                let ms = response.into_inner().interval_ms;
+                let ms = answer.interval_ms;
                 delay = interval.mul_f64(1.0 + PERIOD_JITTER * (2.0 * shared.rng.unit() - 1.0));
                 if ms > 0 {
                     shared.interval_ms.store(ms, Ordering::Relaxed);
@@ -935,6 +952,49 @@ async fn heartbeat_loop(agent: Arc<Agent>, channel: Channel, mut stop: watch::Re
         if stopping {
             return;
         }
+    }
+}
+
+/// An agent's open `HeartbeatStream` call: beats in, answers out in order.
+type BeatStream = (
+    mpsc::Sender<pb::HeartbeatRequest>,
+    tonic::Streaming<pb::HeartbeatResponse>,
+);
+
+/// Sends `beat` on the agent's stream, opening it first if need be.
+async fn send_on_stream(
+    shared: &Shared,
+    client: &mut ControllerServiceClient<Channel>,
+    stream: &mut Option<BeatStream>,
+    beat: pb::HeartbeatRequest,
+) -> Result<pb::HeartbeatResponse, Status> {
+    if stream.is_none() {
+        let (beats, queue) = mpsc::channel(1);
+        let request = shared.request(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(
+            queue,
+        ));
+        let answers = client.heartbeat_stream(request).await?.into_inner();
+        *stream = Some((beats, answers));
+    }
+    let Some((beats, answers)) = stream else {
+        unreachable!("opened above");
+    };
+    // A send fails only once the call is over; its status says why.
+    let _ = beats.send(beat).await;
+    answers
+        .message()
+        .await?
+        .ok_or_else(|| Status::unavailable("the controller ended the heartbeat stream"))
+}
+
+impl Shared {
+    /// A request with the fleet's token.
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(auth) = &self.auth {
+            request.metadata_mut().insert("authorization", auth.clone());
+        }
+        request
     }
 }
 
@@ -1163,12 +1223,13 @@ mod tests {
     use tonic::codegen::tokio_stream::StreamExt as _;
 
     /// A controller that only takes heartbeats and keeps the last status per node.
-    #[derive(Debug, Default)]
+    /// (Cloned, it shares what it heard.)
+    #[derive(Debug, Default, Clone)]
     struct FakeController {
         token: Option<String>,
         interval_ms: u64,
-        nodes: Mutex<HashMap<String, pb::StatusResponse>>,
-        heartbeats: AtomicU64,
+        nodes: Arc<Mutex<HashMap<String, pb::StatusResponse>>>,
+        heartbeats: Arc<AtomicU64>,
     }
 
     type Unimplemented<T> = Result<Response<T>, Status>;
@@ -1202,6 +1263,29 @@ mod tests {
             Ok(Response::new(pb::HeartbeatResponse {
                 interval_ms: self.interval_ms,
             }))
+        }
+        type HeartbeatStreamStream =
+            Pin<Box<dyn Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send>>;
+        /// Each beat as `heartbeat` takes it (the token checked once, at the start).
+        async fn heartbeat_stream(
+            &self,
+            request: Request<tonic::Streaming<pb::HeartbeatRequest>>,
+        ) -> Unimplemented<Self::HeartbeatStreamStream> {
+            let metadata = request.metadata().clone();
+            let mut incoming = request.into_inner();
+            let (answers, queue) = mpsc::channel(1);
+            let me = self.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(beat)) = incoming.message().await {
+                    let mut request = Request::new(beat);
+                    *request.metadata_mut() = metadata.clone();
+                    let answer = me.heartbeat(request).await.map(Response::into_inner);
+                    if answers.send(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(ReceiverStream::new(queue))))
         }
         async fn list_nodes(
             &self,

@@ -14,7 +14,9 @@ use fleet_tests::harness::eventually;
 use fleet_tests::{Agent, fleet};
 
 const WAIT: Duration = Duration::from_secs(30);
-const HEARTBEAT: &str = "/fleet.v1.ControllerService/Heartbeat";
+/// Where agents send their beats: a follower refuses the call, so each beat to it
+/// opens one.
+const HEARTBEAT: &str = "/fleet.v1.ControllerService/HeartbeatStream";
 
 /// A fake follower: every gRPC call is answered as a follower answers a change:
 /// `UNAVAILABLE` and `fleet-leader: LEADER` (a trailers-only response, as tonic sends
@@ -32,12 +34,14 @@ impl Follower {
         let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
             let (recorded, leader) = (recorded.clone(), leader.clone());
             async move {
-                recorded
-                    .lock()
-                    .unwrap()
-                    .push(request.uri().path().to_string());
-                // Read the request whole before answering, as a real server would.
-                let _ = axum::body::to_bytes(request.into_body(), 1 << 20).await;
+                let path = request.uri().path().to_string();
+                recorded.lock().unwrap().push(path.clone());
+                // Read a unary request whole before answering, as a real server would;
+                // a stream's request does not end, and the real controller refuses it
+                // from its headers.
+                if path != HEARTBEAT {
+                    let _ = axum::body::to_bytes(request.into_body(), 1 << 20).await;
+                }
                 (
                     [
                         ("content-type", "application/grpc".to_string()),

@@ -113,6 +113,37 @@ fn forged(node_id: &str, control_addr: &str) -> tonic::Request<pb::HeartbeatRequ
     request
 }
 
+/// Sends `beats` (node id, control address) on one `HeartbeatStream` call with the
+/// bootstrap token, one at a time: each answer, up to the first refusal (which ends
+/// the call).
+async fn stream_beats(
+    client: &mut ControllerServiceClient<Channel>,
+    beats: &[(&str, &str)],
+) -> Vec<Result<pb::HeartbeatResponse, tonic::Status>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut request = tonic::Request::new(
+        tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
+    );
+    *request.metadata_mut() = forged("", "").metadata().clone();
+    let mut answers = match client.heartbeat_stream(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return vec![Err(status)],
+    };
+    let mut got = Vec::new();
+    for (node, addr) in beats {
+        tx.send(forged(node, addr).into_inner()).await.unwrap();
+        match answers.message().await {
+            Ok(Some(answer)) => got.push(Ok(answer)),
+            Ok(None) => panic!("the call ended without a status after {got:?}"),
+            Err(status) => {
+                got.push(Err(status));
+                break;
+            }
+        }
+    }
+    got
+}
+
 async fn control_addr_of(controller: &Controller, id: &str) -> String {
     controller
         .grpc()
@@ -196,6 +227,37 @@ async fn no_one_but_web_1_speaks_for_web_1() {
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
     assert!(
         refused.message().contains("does not name node"),
+        "{refused}"
+    );
+
+    // The same on a HeartbeatStream, where each beat is checked, not the call: no
+    // certificate…
+    let answers = stream_beats(&mut no_cert, &[("web-1", &elsewhere)]).await;
+    let refused = answers[0].as_ref().unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+    assert!(
+        refused.message().contains("no node certificate"),
+        "{refused}"
+    );
+    // …another node's certificate…
+    let answers = stream_beats(&mut as_web2, &[("web-1", &elsewhere)]).await;
+    let refused = answers[0].as_ref().unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(
+        refused.message().contains("does not name node"),
+        "{refused}"
+    );
+    // …and a stream that began as web-2 (its own name) and goes on as web-1.
+    let answers = stream_beats(
+        &mut as_web2,
+        &[("web-2", &elsewhere), ("web-1", &elsewhere)],
+    )
+    .await;
+    assert!(answers[0].is_ok(), "{answers:?}");
+    let refused = answers[1].as_ref().unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    assert!(
+        refused.message().contains("speaks for node \"web-2\""),
         "{refused}"
     );
 

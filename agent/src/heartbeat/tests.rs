@@ -24,14 +24,52 @@ enum Role {
 
 #[derive(Debug)]
 struct Fake {
-    role: Role,
-    /// The node ids of the beats it received.
-    beats: Mutex<Vec<String>>,
+    role: Arc<Mutex<Role>>,
+    /// Whether it takes `HeartbeatStream` (else UNIMPLEMENTED, as an older controller).
+    streams: bool,
+    /// The node ids of the beats it received, on either call.
+    beats: Arc<Mutex<Vec<String>>>,
+    /// The calls it was sent (a stream counts once).
+    calls: std::sync::atomic::AtomicUsize,
 }
 
 impl Fake {
     fn beats(&self) -> usize {
         self.beats.lock().unwrap().len()
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn set_role(&self, role: Role) {
+        *self.role.lock().unwrap() = role;
+    }
+}
+
+/// What a controller in `role` answers to `beat`.
+fn answer(
+    role: &Mutex<Role>,
+    beats: &Mutex<Vec<String>>,
+    beat: pb::HeartbeatRequest,
+) -> Result<pb::HeartbeatResponse, Status> {
+    let role = role.lock().unwrap().clone();
+    match role {
+        Role::Leader => {
+            let node = beat.status.unwrap_or_default().node_id;
+            beats.lock().unwrap().push(node);
+            Ok(pb::HeartbeatResponse { interval_ms: 250 })
+        }
+        Role::Follower(leader) => {
+            let mut status = Status::unavailable(format!(
+                "this controller is a follower; the leader is {leader}"
+            ));
+            status
+                .metadata_mut()
+                .insert(fleet_proto::ha::LEADER_METADATA, leader.parse().unwrap());
+            Err(status)
+        }
+        Role::WrongToken => Err(Status::unauthenticated("missing or wrong token")),
     }
 }
 
@@ -87,32 +125,55 @@ service! {
             &self,
             request: Request<pb::HeartbeatRequest>,
         ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-            match &self.role {
-                Role::Leader => {
-                    let node = request.into_inner().status.unwrap_or_default().node_id;
-                    self.beats.lock().unwrap().push(node);
-                    Ok(Response::new(pb::HeartbeatResponse { interval_ms: 250 }))
-                }
-                Role::Follower(leader) => {
-                    let mut status = Status::unavailable(format!(
-                        "this controller is a follower; the leader is {leader}"
-                    ));
-                    status
-                        .metadata_mut()
-                        .insert(fleet_proto::ha::LEADER_METADATA, leader.parse().unwrap());
-                    Err(status)
-                }
-                Role::WrongToken => Err(Status::unauthenticated("missing or wrong token")),
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            answer(&self.role, &self.beats, request.into_inner()).map(Response::new)
+        }
+
+        type HeartbeatStreamStream = std::pin::Pin<Box<
+            dyn tokio_stream::Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send,
+        >>;
+
+        async fn heartbeat_stream(
+            &self,
+            request: Request<tonic::Streaming<pb::HeartbeatRequest>>,
+        ) -> Result<Response<Self::HeartbeatStreamStream>, Status> {
+            if !self.streams {
+                return Err(Status::unimplemented("not in this fake"));
             }
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (role, beats) = (self.role.clone(), self.beats.clone());
+            // Each beat answered as a Heartbeat would be; the call ends at the first
+            // refusal, as the controller's does.
+            let answers = futures_util::stream::unfold(
+                Some(request.into_inner()),
+                move |incoming: Option<tonic::Streaming<pb::HeartbeatRequest>>| {
+                    let (role, beats) = (role.clone(), beats.clone());
+                    async move {
+                        let mut incoming = incoming?;
+                        let beat = incoming.message().await.ok()??;
+                        let answer = answer(&role, &beats, beat);
+                        let next = answer.is_ok().then_some(incoming);
+                        Some((answer, next))
+                    }
+                },
+            );
+            Ok(Response::new(Box::pin(answers)))
         }
     }
 }
 
 /// Serves a fake with `role` on a free loopback port: it and its URL.
 async fn serve(role: Role) -> (Arc<Fake>, String) {
+    serve_calls(role, true).await
+}
+
+/// [`serve`], with or without `HeartbeatStream` (`streams`).
+async fn serve_calls(role: Role, streams: bool) -> (Arc<Fake>, String) {
     let fake = Arc::new(Fake {
-        role,
-        beats: Mutex::default(),
+        role: Arc::new(Mutex::new(role)),
+        streams,
+        beats: Arc::default(),
+        calls: Default::default(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -221,4 +282,78 @@ async fn a_refusal_every_controller_would_give_stays_at_the_interval() {
     );
     assert_eq!(b.controllers.index(), 0);
     assert_eq!(other.beats(), 0);
+}
+
+#[tokio::test]
+async fn the_beats_to_a_controller_go_on_one_call() {
+    let (leader, url) = serve(Role::Leader).await;
+    let mut b = beater(&[&url]);
+    for _ in 0..5 {
+        assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    }
+    assert_eq!(leader.beats(), 5);
+    assert_eq!(leader.calls(), 1, "one HeartbeatStream call for every beat");
+}
+
+#[tokio::test]
+async fn a_controller_without_streams_gets_a_call_per_beat() {
+    let (old, url) = serve_calls(Role::Leader, false).await;
+    let mut b = beater(&[&url]);
+    for _ in 0..3 {
+        assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    }
+    assert_eq!(old.beats(), 3);
+    // The stream was asked for once (refused before the count), then Heartbeat each time.
+    assert_eq!(old.calls(), 3);
+    assert!(matches!(b.calls[0], Call::Unary));
+}
+
+#[tokio::test]
+async fn a_stream_ended_by_a_leader_that_stepped_down_moves_to_the_new_leader() {
+    let (first, first_url) = serve(Role::Leader).await;
+    let (second, second_url) = serve(Role::Follower(first_url.clone())).await;
+    let mut b = beater(&[&first_url, &second_url]);
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    // Leadership moves while the stream is open: the old leader ends the call naming
+    // the new one, and the next beat opens a stream there.
+    first.set_role(Role::Follower(second_url.clone()));
+    second.set_role(Role::Leader);
+    assert_eq!(
+        b.beat(beat(), &None).await,
+        Some(Beat::Failed(Next::Now, Duration::ZERO))
+    );
+    assert_eq!(b.controllers.current(), second_url);
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    assert!(b.controllers.is_leader());
+    assert_eq!((first.beats(), second.beats()), (1, 2));
+    assert_eq!((first.calls(), second.calls()), (1, 1));
+}
+
+#[tokio::test]
+async fn a_controller_that_stops_answering_costs_one_wait_and_a_new_stream() {
+    // A listener that accepts and never speaks HTTP/2: the stream's opening hangs.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung = format!("http://{}", listener.local_addr().unwrap());
+    let _keep = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            open.push(conn);
+        }
+    });
+    let (leader, leader_url) = serve(Role::Leader).await;
+    let mut b = beater(&[&hung, &leader_url]);
+    let started = std::time::Instant::now();
+    let Some(Beat::Failed(..)) = b.beat(beat(), &None).await else {
+        panic!("a controller that never answers fails the beat");
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(b.calls[0], Call::Untried));
+    assert_eq!(b.controllers.current(), leader_url);
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    assert_eq!(leader.beats(), 1);
 }

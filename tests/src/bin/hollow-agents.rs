@@ -89,6 +89,10 @@ struct Args {
     /// per agent, as real agents have (the controller then needs a descriptor each).
     #[arg(long, default_value_t = 0)]
     channels: usize,
+    /// A `Heartbeat` call per beat, as agents from before `HeartbeatStream` send them
+    /// (default: one long-lived `HeartbeatStream` call per agent).
+    #[arg(long)]
+    unary_heartbeats: bool,
     /// Print one `NODE_ID ADDR` line per agent on stdout before the ready line.
     #[arg(long)]
     print_addrs: bool,
@@ -167,6 +171,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         initial_exe: args.exe,
         labels: args.labels,
         channels: args.channels,
+        unary_heartbeats: args.unary_heartbeats,
         seed: args.seed,
         ..HollowConfig::default()
     };

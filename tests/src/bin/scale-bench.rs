@@ -163,6 +163,10 @@ struct Args {
     /// them; else as many as it does, shared).
     #[arg(long, default_value_t = 0)]
     heartbeat_connections: usize,
+    /// The agents send a `Heartbeat` call per beat (as agents from before
+    /// `HeartbeatStream`) instead of one long-lived `HeartbeatStream` call each.
+    #[arg(long)]
+    unary_heartbeats: bool,
     /// Hollow agents per hollow-agents process (0: as many as the open-file limit
     /// allows: a listener, a heartbeat connection and a controller's connection each).
     #[arg(long, default_value_t = 0)]
@@ -282,6 +286,7 @@ fn spawn_hollow(
         .args(["--failure-rate", &args.failure_rate.to_string()])
         .args(["--seed", &(0x5eed_0000 + k as u64).to_string()])
         .args(["--channels", &channels.to_string()])
+        .args(args.unary_heartbeats.then_some("--unary-heartbeats"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1268,6 +1273,7 @@ async fn run_store(
         "agents_per_process": layout.per_process,
         "heartbeat_connections": layout.heartbeat_connections,
         "heartbeat_connection_per_agent": layout.channels_per_process == 0,
+        "heartbeat_calls": if args.unary_heartbeats { "unary" } else { "stream" },
         "open_file_limit": layout.nofile,
         "registration": {
             "all_first_heartbeats_accepted_s": opt3(hollow_registered.map(|d| d.as_secs_f64())),
@@ -1351,7 +1357,7 @@ async fn run_store(
                 report["cpus"]
             );
             println!(
-                "agents              {} in {} hollow-agents process(es); {} heartbeat connections{}; open-file limit {}",
+                "agents              {} in {} hollow-agents process(es); {} heartbeat connections{}, {}; open-file limit {}",
                 args.agents,
                 hollows.len(),
                 layout.heartbeat_connections,
@@ -1359,6 +1365,11 @@ async fn run_store(
                     " (one per agent, as a real fleet)".to_string()
                 } else {
                     format!(" shared ({} per process)", layout.channels_per_process)
+                },
+                if args.unary_heartbeats {
+                    "a Heartbeat call per beat"
+                } else {
+                    "a HeartbeatStream call per agent"
                 },
                 layout.nofile
             );

@@ -179,6 +179,16 @@ service! {
         Ok(Response::new(self.rollout("running")))
     }
 
+    type HeartbeatStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send>>;
+
+    async fn heartbeat_stream(
+        &self,
+        _: Request<tonic::Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatStreamStream>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
     type WatchRolloutStream = Pin<Box<dyn Stream<Item = Result<pb::Rollout, Status>> + Send>>;
 
     async fn watch_rollout(
