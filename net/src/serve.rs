@@ -306,13 +306,16 @@ async fn connection<I>(
         let router = shared.router.clone();
         let conn_state = conn_state.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
-            call(
+            // Boxed: hyper keeps a request's task, sized for this future, for as long
+            // as its response streams, and a long-lived call (an agent's heartbeat
+            // stream) would hold the router's whole future inline for its life.
+            Box::pin(call(
                 router.clone(),
                 conn_state.clone(),
                 peer,
                 cert.clone(),
                 request,
-            )
+            ))
         })
     };
     let conn = shared.builder.serve_connection(io, service);
