@@ -16,7 +16,7 @@ use tokio_stream::StreamExt;
 
 use crate::Change;
 use crate::fleet::{Fleet, RolloutError};
-use crate::inventory::Selector;
+use crate::inventory::{Selector, page};
 use crate::rollout::{RolloutSummary, RolloutView};
 
 pub fn router(fleet: Arc<Fleet>) -> Router {
@@ -34,17 +34,84 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
 #[derive(Debug, Deserialize)]
 struct NodesQuery {
     selector: Option<String>,
+    /// Only nodes shown in this state.
+    state: Option<String>,
+    /// A page: the nodes after this id…
+    after: Option<String>,
+    /// …at most this many (1 to `page::MAX_PAGE`).
+    limit: Option<String>,
+}
+
+impl NodesQuery {
+    /// The listing asked for: every matching node when none of `state`, `after` and
+    /// `limit` is given (as before paging), else a page of at most `limit` (default
+    /// and most [`page::MAX_PAGE`]).
+    fn parse(&self) -> Result<page::Query, String> {
+        let limit = match self.limit.as_deref() {
+            None => None,
+            Some(text) => match text.parse::<usize>() {
+                Ok(n) if (1..=page::MAX_PAGE).contains(&n) => Some(n),
+                _ => {
+                    return Err(format!(
+                        "limit={text:?}: give a number of nodes from 1 to {} (the next page \
+                         starts after=the last id of this one)",
+                        page::MAX_PAGE
+                    ));
+                }
+            },
+        };
+        let paged = limit.is_some() || self.after.is_some() || self.state.is_some();
+        Ok(page::Query {
+            selector: Selector::parse(self.selector.as_deref().unwrap_or(""))?,
+            state: page::parse_state(self.state.as_deref().unwrap_or(""))?,
+            after: self.after.clone().filter(|a| !a.is_empty()),
+            limit: match (paged, limit) {
+                (false, _) => None,
+                (true, None) => Some(page::MAX_PAGE),
+                (true, limit) => limit,
+            },
+            count_labels: false,
+        })
+    }
 }
 
 fn error(status: StatusCode, msg: String) -> Response {
     (status, Json(json!({ "error": msg }))).into_response()
 }
 
-async fn nodes(State(fleet): State<Arc<Fleet>>, Query(q): Query<NodesQuery>) -> Response {
-    match Selector::parse(q.selector.as_deref().unwrap_or("")) {
-        Ok(selector) => Json(fleet.inventory.list(&selector)).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
+/// `/api/nodes`: a JSON array of nodes in id order. A page (`?limit=`, `?after=` or
+/// `?state=` given) says in `X-Total-Count` how many nodes the listing matches and,
+/// when more follow, where the next page is in `Link: <…>; rel="next"` (RFC 8288).
+async fn nodes(
+    State(fleet): State<Arc<Fleet>>,
+    Query(q): Query<NodesQuery>,
+    uri: axum::http::Uri,
+) -> Response {
+    let query = match q.parse() {
+        Ok(query) => query,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if query.limit.is_none() {
+        return Json(fleet.inventory.list(&query.selector)).into_response();
     }
+    let page = fleet.inventory.page(&query);
+    let mut response = Json(&page.nodes).into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-total-count", page.total.into());
+    if let Some(last) = &page.next {
+        let mut next = form_urlencoded::Serializer::new(String::new());
+        for (key, value) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+            if key != "after" {
+                next.append_pair(&key, &value);
+            }
+        }
+        next.append_pair("after", last);
+        let link = format!("<{}?{}>; rel=\"next\"", uri.path(), next.finish());
+        if let Ok(value) = axum::http::HeaderValue::from_str(&link) {
+            headers.insert(axum::http::header::LINK, value);
+        }
+    }
+    response
 }
 
 async fn node(State(fleet): State<Arc<Fleet>>, Path(id): Path<String>) -> Response {

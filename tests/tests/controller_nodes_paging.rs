@@ -4,6 +4,8 @@
 //! `--state` only those in that state; `-o json` prints every node as one JSON array,
 //! fetched a page at a time (ListNodes is called once per page); `--summary` prints
 //! the counts only. The dashboard's nodes page shows 200 rows and a link to the next.
+//! `/api/nodes` gives every node, or a page with `?limit=`, `?after=` or `?state=` and
+//! the next page's link in its `Link` header.
 
 use std::collections::BTreeSet;
 
@@ -60,7 +62,6 @@ fn ids(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
     range.map(|i| format!("node-{i:03}")).collect()
 }
 
-/// How many ListNodes calls the controller has answered, from its `/metrics`.
 /// The body of `GET path` from the controller.
 async fn get(controller: &Controller, path: &str) -> String {
     http_get(controller.addr(), path)
@@ -69,6 +70,7 @@ async fn get(controller: &Controller, path: &str) -> String {
         .text()
 }
 
+/// How many ListNodes calls the controller has answered, from its `/metrics`.
 async fn list_calls(controller: &Controller) -> u64 {
     let metrics = get(controller, "/metrics").await;
     metrics
@@ -260,4 +262,62 @@ async fn the_dashboard_shows_the_counts_by_state_and_200_nodes_a_page() {
         rows.iter().all(|r| r.ends_with("data-state=\"stopped\"")),
         "{rows:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_nodes_pages_when_asked_and_links_the_next_page() {
+    let controller = fleet().await;
+    let listed = |body: &serde_json::Value| -> Vec<String> {
+        body.as_array()
+            .expect("an array")
+            .iter()
+            .map(|n| n["node_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Unasked, every node (as before paging).
+    let all = http_get(controller.addr(), "/api/nodes").await.unwrap();
+    assert_eq!(listed(&all.json()), ids(1..=NODES));
+    assert!(all.headers.get("link").is_none());
+
+    // Serving nodes of zone a, 70 a page, following each page's link to the end.
+    let mut path = "/api/nodes?selector=zone%3Da&state=serving&limit=70".to_string();
+    let (mut seen, mut pages) = (Vec::new(), 0);
+    loop {
+        let page = http_get(controller.addr(), &path).await.unwrap();
+        assert_eq!(page.status, 200, "{path}: {}", page.text());
+        // zone a is the even nodes, a third of them stopped: 100 serving.
+        assert_eq!(page.headers["x-total-count"], "100", "{path}");
+        let got = listed(&page.json());
+        assert!(got.len() <= 70, "{path}: {}", got.len());
+        seen.extend(got);
+        pages += 1;
+        let Some(link) = page.headers.get("link") else {
+            break;
+        };
+        let link = link.to_str().unwrap();
+        assert!(link.ends_with(">; rel=\"next\""), "{link}");
+        path = link
+            .trim_start_matches('<')
+            .trim_end_matches(">; rel=\"next\"")
+            .to_string();
+        assert!(
+            path.contains("limit=70") && path.contains("state=serving"),
+            "{path}"
+        );
+    }
+    let want: Vec<String> = (1..=NODES)
+        .filter(|i| i % 2 == 0 && !i.is_multiple_of(3))
+        .map(|i| format!("node-{i:03}"))
+        .collect();
+    assert_eq!(seen, want);
+    assert_eq!(pages, 2);
+
+    // Bad values are refused with what to give.
+    for bad in ["limit=0", "limit=5001", "limit=ten", "state=sleeping"] {
+        let refused = http_get(controller.addr(), &format!("/api/nodes?{bad}"))
+            .await
+            .unwrap();
+        assert_eq!(refused.status, 400, "{bad}");
+        assert!(refused.text().contains("give"), "{bad}: {}", refused.text());
+    }
 }
