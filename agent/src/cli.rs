@@ -111,6 +111,11 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
 
+    /// Listening sockets per address in one SO_REUSEPORT group, each with its own
+    /// accept loop; 0 is one per CPU [default: 1].
+    #[arg(long, value_name = "N")]
+    pub sockets_per_port: Option<usize>,
+
     /// A new generation dying this soon after READY is rolled back [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub probation: Option<Duration>,
@@ -240,6 +245,7 @@ impl Cli {
             .allowed_exe_dirs
             .extend(self.allowed_exe_dir.iter().cloned());
         config.worker_threads = self.worker_threads.unwrap_or(config.worker_threads);
+        config.sockets_per_port = self.sockets_per_port.unwrap_or(config.sockets_per_port);
         let r = &mut config.restart;
         r.ready_timeout = self.ready_timeout.unwrap_or(r.ready_timeout);
         r.drain_timeout = self.drain_timeout.unwrap_or(r.drain_timeout);

@@ -46,10 +46,19 @@ pub struct Config {
     /// CPU. Fewer can serve more where the worker shares few cores with other busy
     /// processes (README, "Worker threads").
     pub worker_threads: usize,
+    /// Listening sockets per address, in one `SO_REUSEPORT` group: the kernel spreads
+    /// new connections over them and each has its own accept loop in the worker, so
+    /// accepting is not one thread's work. 1, the default, is one plain socket; 0 is
+    /// one per CPU. Every socket is handed to every generation and kept open by the
+    /// supervisor, so none of the group's accept queues is lost in a restart. With
+    /// `exec`, the program must accept on every fd it is given.
+    pub sockets_per_port: usize,
 }
 
 /// The most `worker_threads` a worker may ask for.
 pub const MAX_WORKER_THREADS: usize = 1024;
+/// The most `sockets_per_port` a node may ask for.
+pub const MAX_SOCKETS_PER_PORT: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -186,6 +195,7 @@ impl Default for Config {
             exec: None,
             log_format: crate::logging::LogFormat::Text,
             worker_threads: 0,
+            sockets_per_port: 1,
         }
     }
 }
@@ -396,6 +406,13 @@ impl Config {
                 self.worker_threads
             ));
         }
+        if self.sockets_per_port > MAX_SOCKETS_PER_PORT {
+            return bad(format!(
+                "sockets_per_port {} is more than {MAX_SOCKETS_PER_PORT}: give the listening \
+                 sockets each address gets (1: one, 0: one per CPU)",
+                self.sockets_per_port
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for server in &self.servers {
             if server.name.is_empty()
@@ -580,6 +597,16 @@ impl Config {
         Ok(Some(token))
     }
 
+    /// The listening sockets each address gets (`sockets_per_port`, 0 resolved to the
+    /// CPUs this process may run on).
+    pub fn sockets_per_port(&self) -> usize {
+        match self.sockets_per_port {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+        .min(MAX_SOCKETS_PER_PORT)
+    }
+
     pub fn server(&self, name: &str) -> Option<&ServerConfig> {
         self.servers.iter().find(|s| s.name == name)
     }
@@ -680,6 +707,23 @@ mod tests {
         let err = config.validate().unwrap_err().to_string();
         assert!(
             err.contains("worker_threads 5000 is more than 1024"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sockets_per_port_is_one_unless_given_zero_is_per_cpu_and_bounded() {
+        assert_eq!(Config::default().sockets_per_port(), 1);
+        let config: Config = toml::from_str("sockets_per_port = 0").unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.sockets_per_port(),
+            std::thread::available_parallelism().unwrap().get()
+        );
+        let config: Config = toml::from_str("sockets_per_port = 300").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("sockets_per_port 300 is more than 256"),
             "{err}"
         );
     }

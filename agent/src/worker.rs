@@ -100,12 +100,16 @@ async fn serve(
     mut signals: mpsc::UnboundedReceiver<Action>,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let mut listeners = Vec::with_capacity(inherited.len());
+    let mut listeners: Vec<Listener> = Vec::with_capacity(inherited.len());
     for (name, socket) in inherited {
         let server = config.server(&name).with_context(|| {
             format!("the supervisor passed a listener for server '{name}', which this build's configuration does not have")
         })?;
-        let tls = server.tls.as_ref().map(tls::acceptor).transpose()?;
+        // One certificate load per server, however many sockets it listens on.
+        let tls = match listeners.iter().find(|l| l.server == name) {
+            Some(sibling) => sibling.tls.clone(),
+            None => server.tls.as_ref().map(tls::acceptor).transpose()?,
+        };
         let socket = tokio::net::TcpListener::from_std(socket)?;
         listeners.push(Listener {
             server: name,
@@ -114,7 +118,14 @@ async fn serve(
             tls,
         });
     }
-    let addrs: Vec<String> = listeners.iter().map(|l| l.addr.to_string()).collect();
+    let mut addrs: Vec<String> = Vec::new();
+    for l in &listeners {
+        // An address once, however many sockets (`sockets_per_port`) listen on it.
+        let addr = l.addr.to_string();
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
     let app = match (config.app_admin(), std::env::var_os("FLEET_CONTROL_SOCKET")) {
         (true, Some(socket)) => app.merge(admin_proxy(&config.admin.path, socket.into())),
         _ => app,

@@ -3,10 +3,11 @@
 //! the node while it restarts 100 times back to back; every request must get a
 //! 2xx and its whole body — no refused connection, no reset, no request written on
 //! a kept-alive connection and answered by EOF — no request may take a second, and
-//! requests must keep completing inside every restart. A second test proves those
-//! checks catch a new generation that says READY and then stalls for 3 s.
+//! requests must keep completing inside every restart. The same holds with four
+//! listening sockets per port in an `SO_REUSEPORT` group (`--sockets-per-port 4`),
+//! where the kernel spreads the new connections over four accept queues. A third test
+//! proves those checks catch a new generation that says READY and then stalls for 3 s.
 
-use std::ffi::OsString;
 use std::time::Duration;
 
 use fleet_tests::harness::BackToBack;
@@ -31,7 +32,7 @@ const STALL_VAR: &str = "FLEET_TEST_ACCEPT_STALL_MS";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_back_to_back_restarts_under_load_lose_no_request() {
-    let run = restarts_under_load(RESTARTS, Vec::new()).await;
+    let run = restarts_under_load(RESTARTS, AgentOpts::default()).await;
     // Sized to the load that ran: at least 1 request per millisecond of restarts.
     let min_requests = (run.took.as_millis() as u64).max(500);
     run.report.assert_zero_loss(&run.rules(min_requests));
@@ -44,8 +45,37 @@ async fn a_hundred_back_to_back_restarts_under_load_lose_no_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_with_a_reuseport_group_of_four_sockets_lose_no_request() {
+    let run = restarts_under_load(
+        30,
+        AgentOpts {
+            args: vec!["--sockets-per-port".into(), "4".into()],
+            ..AgentOpts::default()
+        },
+    )
+    .await;
+    let min_requests = (run.took.as_millis() as u64).max(500);
+    run.report.assert_zero_loss(&run.rules(min_requests));
+    // Four sockets, one address: the node shows it once.
+    let status = fleet_tests::fleet::agent_status(&run.agent).await;
+    assert_eq!(status.listeners.len(), 1, "{:?}", status.listeners);
+    assert_eq!(
+        run.agent
+            .count_log("http server 'default' reloaded listening on"),
+        30
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_zero_loss_checks_catch_a_new_generation_that_stalls_after_ready() {
-    let run = restarts_under_load(3, vec![(STALL_VAR.into(), "3000".into())]).await;
+    let run = restarts_under_load(
+        3,
+        AgentOpts {
+            env: vec![(STALL_VAR.into(), "3000".into())],
+            ..AgentOpts::default()
+        },
+    )
+    .await;
     assert_eq!(
         run.agent
             .count_log(&format!("{STALL_VAR}: READY=1 sent, not accepting for 3s")),
@@ -87,12 +117,8 @@ impl Run {
     }
 }
 
-async fn restarts_under_load(restarts: u64, env: Vec<(OsString, OsString)>) -> Run {
-    let agent = Agent::start(AgentOpts {
-        env,
-        ..AgentOpts::default()
-    })
-    .await;
+async fn restarts_under_load(restarts: u64, opts: AgentOpts) -> Run {
+    let agent = Agent::start(opts).await;
     let load = Load::start_with(
         LoadSpec {
             target: agent.app(),

@@ -164,9 +164,7 @@ impl Supervisor {
                     in_flight: g.in_flight(),
                 })
                 .collect(),
-            listeners: self
-                .listeners
-                .iter()
+            listeners: crate::listeners::distinct(&self.listeners)
                 .map(|l| ListenerReport {
                     server: l.server.clone(),
                     addr: l.addr.to_string(),
