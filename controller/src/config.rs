@@ -125,7 +125,8 @@ pub struct Cli {
 
     /// Most client connections open at once (agents' heartbeats, fleetctl, browsers);
     /// fewer where the descriptor limit (RLIMIT_NOFILE, minus 128 kept free) is lower.
-    /// At the cap, a new connection closes the one idle the longest.
+    /// At the cap, a new connection closes the one idle the longest, else the oldest
+    /// holding only agents' heartbeat streams (they reconnect at their next beat).
     #[arg(long, value_name = "N", default_value_t = 16384)]
     pub max_connections: usize,
 
@@ -353,6 +354,8 @@ impl Cli {
             max_connections: self.max_connections,
             idle_timeout: self.idle_timeout,
             header_timeout: self.header_timeout,
+            // An agent whose stream is cut opens it again at its next beat.
+            held_paths: &[crate::join::HEARTBEAT_STREAM_PATH],
             ..fleet_net::Limits::default()
         }
     }

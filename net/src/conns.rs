@@ -15,6 +15,8 @@ pub(crate) struct Conn {
     epoch: Instant,
     /// Requests whose response body has not ended yet.
     in_flight: AtomicUsize,
+    /// Of them, calls on a `Limits::held_paths` path.
+    held: AtomicUsize,
     /// Nanoseconds after `epoch` of the last response's end (or of the accept).
     idle_since: AtomicU64,
     /// Whether any request has started on this connection.
@@ -27,12 +29,19 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn request_started(&self) {
+    /// `held`: a call on a `Limits::held_paths` path.
+    pub(crate) fn request_started(&self, held: bool) {
+        if held {
+            self.held.fetch_add(1, Ordering::AcqRel);
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.first_request.store(true, Ordering::Release);
     }
 
-    pub(crate) fn request_ended(&self) {
+    pub(crate) fn request_ended(&self, held: bool) {
+        if held {
+            self.held.fetch_sub(1, Ordering::AcqRel);
+        }
         // Stamp first: whoever sees `in_flight == 0` then also sees a fresh stamp, so
         // a connection is never taken for long idle the moment its response ends.
         self.idle_since
@@ -44,6 +53,13 @@ impl Conn {
 
     pub(crate) fn busy(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// Busy with held calls only (`Limits::held_paths`): closing it loses no answer
+    /// its client waits for.
+    pub(crate) fn only_held(&self) -> bool {
+        let held = self.held.load(Ordering::Acquire);
+        held > 0 && self.in_flight.load(Ordering::Acquire) == held
     }
 
     pub(crate) fn has_had_a_request(&self) -> bool {
@@ -185,12 +201,16 @@ impl Connections {
     fn evict_oldest_idle(table: &mut Table) -> bool {
         // One pass without a clock read per connection: this runs for each new
         // connection at the cap, over every open one.
+        // The idle one idle the longest, else the oldest holding held calls only.
         let victim = table
             .conns
             .values()
             .filter(|c| !c.evicted.load(Ordering::Relaxed))
-            .filter_map(|c| c.idle_since().map(|since| (since, c)))
-            .min_by_key(|(since, _)| *since)
+            .filter_map(|c| match c.idle_since() {
+                Some(since) => Some(((0, since), c)),
+                None => c.only_held().then_some(((1, c.epoch), c)),
+            })
+            .min_by_key(|(key, _)| *key)
             .map(|(_, c)| c.clone());
         let Some(conn) = victim else { return false };
         conn.evicted.store(true, Ordering::Release);
@@ -208,6 +228,7 @@ impl Connections {
             id: table.next_id,
             epoch: Instant::now(),
             in_flight: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             first_request: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
@@ -260,7 +281,7 @@ mod tests {
         let conns = Connections::new();
         let old = conns.register();
         let busy = conns.register();
-        busy.conn.request_started();
+        busy.conn.request_started(false);
         let young = conns.register();
         assert_eq!(conns.admit(4), Admission::Room);
         assert_eq!(conns.admit(3), Admission::Evicted);
@@ -276,5 +297,38 @@ mod tests {
         assert_eq!(conns.admit(2), Admission::Room);
         let stats = conns.stats();
         assert_eq!((stats.evicted, stats.refused), (2, 1));
+    }
+
+    #[test]
+    fn held_calls_keep_a_connection_from_the_idle_timeout_not_from_eviction() {
+        let conns = Connections::new();
+        let streams_old = conns.register();
+        streams_old.conn.request_started(true);
+        let streams_young = conns.register();
+        streams_young.conn.request_started(true);
+        let mixed = conns.register();
+        mixed.conn.request_started(true);
+        mixed.conn.request_started(false);
+        let idle = conns.register();
+        for c in [&streams_old, &streams_young, &mixed] {
+            assert!(
+                c.conn.busy() && c.conn.idle_for().is_none(),
+                "no idle clock"
+            );
+        }
+        assert!(streams_old.conn.only_held() && !mixed.conn.only_held());
+        // At the cap: the idle one first, then the oldest with held calls only; never
+        // one with another request in progress.
+        assert_eq!(conns.admit(4), Admission::Evicted);
+        assert!(idle.conn.evicted.load(Ordering::Relaxed));
+        assert_eq!(conns.admit(3), Admission::Evicted);
+        assert!(streams_old.conn.evicted.load(Ordering::Relaxed));
+        assert_eq!(conns.admit(2), Admission::Evicted);
+        assert!(streams_young.conn.evicted.load(Ordering::Relaxed));
+        assert_eq!(conns.admit(1), Admission::Full);
+        assert!(!mixed.conn.evicted.load(Ordering::Relaxed));
+        // Its other request ends: held calls only now.
+        mixed.conn.request_ended(false);
+        assert!(mixed.conn.only_held() && mixed.conn.busy());
     }
 }

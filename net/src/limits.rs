@@ -26,6 +26,12 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Descriptors kept free below the soft `RLIMIT_NOFILE`.
     pub reserved_fds: u64,
+    /// Paths of calls that stay open for as long as their client is there (an agent's
+    /// heartbeat stream). Such a call keeps its connection from the idle timeout, but
+    /// not from being closed to let a new connection in at `max_connections`: a
+    /// connection holding nothing else is evicted after the idle ones (its client
+    /// connects again), so that a server full of them still lets an operator in.
+    pub held_paths: &'static [&'static str],
 }
 
 impl Default for Limits {
@@ -35,6 +41,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             header_timeout: Duration::from_secs(10),
             reserved_fds: DEFAULT_RESERVED_FDS,
+            held_paths: &[],
         }
     }
 }

@@ -302,6 +302,7 @@ async fn connection<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn_state = registered.conn.clone();
+    let held_paths = shared.limits.held_paths;
     let service = {
         let router = shared.router.clone();
         let conn_state = conn_state.clone();
@@ -314,6 +315,7 @@ async fn connection<I>(
                 conn_state.clone(),
                 peer,
                 cert.clone(),
+                held_paths,
                 request,
             ))
         })
@@ -330,8 +332,9 @@ async fn connection<I>(
         tokio::select! {
             _ = conn.as_mut() => return,
             _ = conn_state.evict.notified() => {
-                if !conn_state.busy() {
-                    // Idle: nothing is lost, and the descriptor is needed now.
+                if !conn_state.busy() || conn_state.only_held() {
+                    // Idle, or holding calls its client opens again (a heartbeat
+                    // stream): no answer is lost, and the descriptor is needed now.
                     return;
                 }
                 // A request started the moment it was chosen: let it finish.
@@ -395,10 +398,12 @@ async fn call(
     conn: Arc<Conn>,
     peer: SocketAddr,
     cert: Option<PeerCertificate>,
+    held_paths: &'static [&'static str],
     mut request: Request<Incoming>,
 ) -> Result<Response<Guarded<InProgress>>, Infallible> {
-    conn.request_started();
-    let guard = InProgress(conn);
+    let held = held_paths.contains(&request.uri().path());
+    conn.request_started(held);
+    let guard = InProgress { conn, held };
     request.extensions_mut().insert(ConnectInfo(peer));
     if let Some(cert) = cert {
         request.extensions_mut().insert(cert);
@@ -410,11 +415,15 @@ async fn call(
 /// A request in progress until dropped (with its response body, or with the handler
 /// future when the client goes away first).
 #[derive(Debug)]
-pub(crate) struct InProgress(Arc<Conn>);
+pub(crate) struct InProgress {
+    conn: Arc<Conn>,
+    /// On a `Limits::held_paths` path.
+    held: bool,
+}
 
 impl Drop for InProgress {
     fn drop(&mut self) {
-        self.0.request_ended();
+        self.conn.request_ended(self.held);
     }
 }
 

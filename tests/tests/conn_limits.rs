@@ -205,3 +205,99 @@ async fn the_controller_answers_with_many_idle_connections_open_and_closes_them(
         other => controller.fail(&format!("the event stream was cut: {other:?}")),
     }
 }
+
+/// An agent's heartbeat stream on a connection of its own: the sender of its beats and
+/// its answers.
+struct Beating {
+    beats: tokio::sync::mpsc::Sender<fleet_proto::v1::HeartbeatRequest>,
+    answers: tonic::Streaming<fleet_proto::v1::HeartbeatResponse>,
+    node: String,
+}
+
+impl Beating {
+    async fn open(controller: &Controller, node: &str) -> Beating {
+        let channel = tonic::transport::Endpoint::from_shared(controller.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let (beats, queue) = tokio::sync::mpsc::channel(1);
+        let mut client =
+            fleet_proto::v1::controller_service_client::ControllerServiceClient::new(channel);
+        let answers = client
+            .heartbeat_stream(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(
+                queue,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut beating = Beating {
+            beats,
+            answers,
+            node: node.to_string(),
+        };
+        beating.beat().await.expect("the first beat is taken");
+        beating
+    }
+
+    /// One beat and its answer.
+    async fn beat(&mut self) -> Result<(), String> {
+        let beat = fleet_proto::v1::HeartbeatRequest {
+            status: Some(fleet_tests::fleet::reported_status(&self.node)),
+            in_flight: 0,
+        };
+        // A send fails only once the call is over; the answer says why.
+        let _ = self.beats.send(beat).await;
+        match tokio::time::timeout(PROMPT, self.answers.message()).await {
+            Ok(Ok(Some(_))) => Ok(()),
+            Ok(Ok(None)) => Err("the call ended".into()),
+            Ok(Err(status)) => Err(status.to_string()),
+            Err(_) => Err(format!("no answer within {PROMPT:?}")),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_streams_outlive_the_idle_timeout_but_yield_to_an_operator_at_the_cap() {
+    // The smallest cap the controller takes.
+    const CAP: usize = 16;
+    let controller = Controller::start(ControllerOpts {
+        args: vec![
+            "--idle-timeout".into(),
+            "1s".into(),
+            "--max-connections".into(),
+            CAP.to_string().into(),
+        ],
+        ..ControllerOpts::default()
+    })
+    .await;
+    let mut streams = Vec::new();
+    for i in 0..CAP {
+        streams.push(Beating::open(&controller, &format!("s-{i}")).await);
+    }
+    // Past the idle timeout (a wait for time itself: what is shown is that nothing
+    // closes): every stream still takes beats.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for s in &mut streams {
+        s.beat()
+            .await
+            .unwrap_or_else(|e| panic!("{} after the idle timeout: {e}", s.node));
+    }
+    // The controller is at its cap with streams only: an operator still gets in, and
+    // the oldest stream is the one closed for it.
+    let nodes = tokio::time::timeout(
+        PROMPT,
+        controller.grpc().list_nodes(ListNodesRequest::default()),
+    )
+    .await
+    .unwrap_or_else(|_| controller.fail("ListNodes not answered within 2 s at the cap"))
+    .unwrap_or_else(|s| controller.fail(&format!("ListNodes: {s}")));
+    assert_eq!(nodes.into_inner().nodes.len(), CAP);
+    let cut = streams[0].beat().await;
+    assert!(cut.is_err(), "the oldest stream was closed: {cut:?}");
+    for s in &mut streams[1..] {
+        s.beat()
+            .await
+            .unwrap_or_else(|e| panic!("{}: only the oldest was closed: {e}", s.node));
+    }
+}
