@@ -21,6 +21,15 @@ use super::drain_lines;
 /// How long a server may take to report its addresses.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Flags every `fleet-agent` a benchmark starts gets besides its own (set once, before
+/// the first starts: `peer-bench --agent-arg`).
+static AGENT_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Sets the flags of [`AGENT_ARGS`]; a second call changes nothing.
+pub fn add_agent_args(args: Vec<String>) {
+    let _ = AGENT_ARGS.set(args);
+}
+
 /// A running `fleet-agent` (demo app): the supervisor, its control endpoint and
 /// the app's address.
 #[derive(Debug)]
@@ -44,6 +53,7 @@ pub async fn start_agent(
     env: &[(&str, OsString)],
 ) -> anyhow::Result<FleetAgent> {
     let mut cmd = command(exe, &["--listen", listen, "--control", "127.0.0.1:0"]);
+    cmd.args(AGENT_ARGS.get().into_iter().flatten());
     cmd.env("NO_COLOR", "1");
     for (k, v) in env {
         cmd.env(k, v);

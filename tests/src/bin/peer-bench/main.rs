@@ -133,6 +133,10 @@ struct Args {
     /// CPUs the load generator (this process) runs on; see `--server-cpus`.
     #[arg(long, requires = "server_cpus")]
     client_cpus: Option<String>,
+    /// A flag for every fleet-agent started (repeatable), e.g.
+    /// `--agent-arg=--sockets-per-port=0` for a listening socket per CPU.
+    #[arg(long = "agent-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
 }
 
 /// A `taskset -c` style list (`0`, `1-3`, `0,2-3`) as CPU numbers, each below `cpus`.
@@ -662,6 +666,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             "servers pinned to CPUs {server}, the load generator to CPUs {client} (taskset)"
         ));
     }
+    if !args.agent_args.is_empty() {
+        peers.notes.push(format!(
+            "fleet-agent ran with {}",
+            args.agent_args.join(" ")
+        ));
+    }
+    fleet_tests::bench::servers::add_agent_args(args.agent_args.clone());
     for note in &peers.notes {
         eprintln!("peer-bench: {note}");
     }
