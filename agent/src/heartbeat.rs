@@ -166,7 +166,8 @@ enum Call {
     /// Not known yet: a stream is tried.
     Untried,
     Stream(Box<BeatStream>),
-    /// The controller does not know `HeartbeatStream`: a `Heartbeat` per beat.
+    /// The controller does not know `HeartbeatStream`: a `Heartbeat` per beat, until
+    /// one fails (it may have been restarted as a newer build: a stream is tried again).
     Unary,
 }
 
@@ -182,6 +183,9 @@ struct Beater {
     /// How the beats reach each controller (a stream is opened again after any
     /// failure).
     calls: Vec<Call>,
+    /// "Takes no heartbeat stream" was logged for the controller (once, not at each
+    /// try after a failed beat).
+    said_unary: Vec<bool>,
     auth: Option<MetadataValue<Ascii>>,
     /// As the controller asks.
     interval: Duration,
@@ -209,6 +213,7 @@ impl Beater {
         Ok(Beater {
             clients: vec![None; urls.len()],
             calls: urls.iter().map(|_| Call::Untried).collect(),
+            said_unary: vec![false; urls.len()],
             controllers: Controllers::new(urls),
             endpoints,
             auth,
@@ -354,27 +359,39 @@ impl Beater {
                 .await
             {
                 Ok(answers) => {
+                    if std::mem::take(&mut self.said_unary[at]) {
+                        tracing::info!(
+                            "controller {} takes heartbeat streams now",
+                            self.controllers.urls()[at]
+                        );
+                    }
                     self.calls[at] = Call::Stream(Box::new(BeatStream {
                         beats,
                         answers: answers.into_inner(),
                     }))
                 }
                 Err(status) if status.code() == tonic::Code::Unimplemented => {
-                    tracing::info!(
-                        "controller {} takes no heartbeat stream (it is older than this agent): \
-                         sending a call per beat",
-                        self.controllers.urls()[at]
-                    );
+                    if !std::mem::replace(&mut self.said_unary[at], true) {
+                        tracing::info!(
+                            "controller {} takes no heartbeat stream (it is older than this \
+                             agent): sending a call per beat",
+                            self.controllers.urls()[at]
+                        );
+                    }
                     self.calls[at] = Call::Unary;
                 }
                 Err(status) => return Err(status),
             }
         }
         let Call::Stream(stream) = &mut self.calls[at] else {
-            return client
+            let answer = client
                 .heartbeat(self.request(beat))
                 .await
                 .map(tonic::Response::into_inner);
+            if answer.is_err() {
+                self.calls[at] = Call::Untried;
+            }
+            return answer;
         };
         // A send fails only once the call is over; its status says why.
         let _ = stream.beats.send(beat).await;

@@ -26,7 +26,7 @@ enum Role {
 struct Fake {
     role: Arc<Mutex<Role>>,
     /// Whether it takes `HeartbeatStream` (else UNIMPLEMENTED, as an older controller).
-    streams: bool,
+    streams: std::sync::atomic::AtomicBool,
     /// The node ids of the beats it received, on either call.
     beats: Arc<Mutex<Vec<String>>>,
     /// The calls it was sent (a stream counts once).
@@ -137,7 +137,7 @@ service! {
             &self,
             request: Request<tonic::Streaming<pb::HeartbeatRequest>>,
         ) -> Result<Response<Self::HeartbeatStreamStream>, Status> {
-            if !self.streams {
+            if !self.streams.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(Status::unimplemented("not in this fake"));
             }
             self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -171,7 +171,7 @@ async fn serve(role: Role) -> (Arc<Fake>, String) {
 async fn serve_calls(role: Role, streams: bool) -> (Arc<Fake>, String) {
     let fake = Arc::new(Fake {
         role: Arc::new(Mutex::new(role)),
-        streams,
+        streams: streams.into(),
         beats: Arc::default(),
         calls: Default::default(),
     });
@@ -306,6 +306,24 @@ async fn a_controller_without_streams_gets_a_call_per_beat() {
     // The stream was asked for once (refused before the count), then Heartbeat each time.
     assert_eq!(old.calls(), 3);
     assert!(matches!(b.calls[0], Call::Unary));
+
+    // Upgraded in place: the next failed call (here a refusal) makes the agent ask for
+    // a stream again, and it takes it.
+    old.streams.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        b.beat(beat(), &None).await,
+        Some(Beat::Taken),
+        "still a call"
+    );
+    old.set_role(Role::WrongToken);
+    assert!(matches!(
+        b.beat(beat(), &None).await,
+        Some(Beat::Failed(..))
+    ));
+    old.set_role(Role::Leader);
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    assert!(matches!(b.calls[0], Call::Stream(_)));
+    assert!(!b.said_unary[0]);
 }
 
 #[tokio::test]
