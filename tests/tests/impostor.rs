@@ -231,35 +231,40 @@ async fn no_one_but_web_1_speaks_for_web_1() {
     );
 
     // The same on a HeartbeatStream, where each beat is checked, not the call: no
-    // certificate…
-    let answers = stream_beats(&mut no_cert, &[("web-1", &elsewhere)]).await;
-    let refused = answers[0].as_ref().unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
-    assert!(
-        refused.message().contains("no node certificate"),
-        "{refused}"
-    );
-    // …another node's certificate…
-    let answers = stream_beats(&mut as_web2, &[("web-1", &elsewhere)]).await;
-    let refused = answers[0].as_ref().unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
-    assert!(
-        refused.message().contains("does not name node"),
-        "{refused}"
-    );
-    // …and a stream that began as web-2 (its own name) and goes on as web-1.
-    let answers = stream_beats(
-        &mut as_web2,
-        &[("web-2", &elsewhere), ("web-1", &elsewhere)],
-    )
-    .await;
-    assert!(answers[0].is_ok(), "{answers:?}");
-    let refused = answers[1].as_ref().unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
-    assert!(
-        refused.message().contains("speaks for node \"web-2\""),
-        "{refused}"
-    );
+    // certificate, another node's certificate, and a stream that began as web-2 (its
+    // own name) and goes on as web-1.
+    let as_web1 = [("web-1", elsewhere.as_str())];
+    let cases: [(_, &[(&str, &str)], _, _); 3] = [
+        (
+            no_cert.clone(),
+            &as_web1,
+            tonic::Code::Unauthenticated,
+            "no node certificate",
+        ),
+        (
+            as_web2.clone(),
+            &as_web1,
+            tonic::Code::PermissionDenied,
+            "does not name node",
+        ),
+        (
+            as_web2.clone(),
+            &[("web-2", &elsewhere), ("web-1", &elsewhere)],
+            tonic::Code::InvalidArgument,
+            "speaks for node \"web-2\"",
+        ),
+    ];
+    for (mut client, beats, code, why) in cases {
+        let answers = stream_beats(&mut client, beats).await;
+        assert_eq!(answers.len(), beats.len(), "{answers:?}");
+        assert!(
+            answers[..beats.len() - 1].iter().all(Result::is_ok),
+            "{answers:?}"
+        );
+        let refused = answers[beats.len() - 1].as_ref().unwrap_err();
+        assert_eq!(refused.code(), code, "{refused}");
+        assert!(refused.message().contains(why), "{refused}");
+    }
 
     assert_eq!(control_addr_of(&controller, "web-1").await, real_addr);
     // fleetctl restart web-1 restarts web-1, and only web-1.
