@@ -80,12 +80,15 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
 }
 
 /// Each address once, in order (several sockets share one with `sockets_per_port`).
+/// [`bind_all`] puts a group's sockets next to each other, so one look back is enough:
+/// this runs for every status the supervisor reports (each heartbeat).
 pub fn distinct(listeners: &[BoundListener]) -> impl Iterator<Item = &BoundListener> {
     listeners.iter().enumerate().filter_map(|(i, l)| {
-        let seen = listeners[..i]
-            .iter()
-            .any(|o| o.addr == l.addr && o.server == l.server);
-        (!seen).then_some(l)
+        let same_group = i > 0 && {
+            let before = &listeners[i - 1];
+            before.addr == l.addr && before.server == l.server
+        };
+        (!same_group).then_some(l)
     })
 }
 

@@ -86,17 +86,20 @@ struct Beats {
 }
 
 impl Beats {
-    /// The answer to the next beat; None once the agent has closed its side (or the
-    /// call has ended).
+    /// The answer to the next beat; None once the agent has closed its side or the
+    /// call has ended. A refusal ends the call: nothing more is read after it.
     async fn next(&mut self) -> Option<Result<pb::HeartbeatResponse, Status>> {
-        let beat = match self.incoming.as_mut()?.message().await {
-            Ok(Some(beat)) => beat,
+        let answer = match self.incoming.as_mut()?.message().await {
+            Ok(Some(beat)) => self.take(beat),
             Ok(None) => return None,
             // The agent's side broke (reset, a message over the size bound): the
             // status says so to whoever still listens.
-            Err(status) => return Some(Err(status)),
+            Err(status) => Err(status),
         };
-        Some(self.take(beat))
+        if answer.is_err() {
+            self.incoming = None;
+        }
+        Some(answer)
     }
 
     fn take(&mut self, beat: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Status> {
@@ -164,12 +167,7 @@ impl ControllerService for Api {
         // One beat read, taken and answered at a time: an agent that does not read
         // its answers stops being read (HTTP/2 flow control), and nothing queues.
         let answers = futures_util::stream::unfold(beats, |mut beats| async move {
-            let answer = beats.next().await?;
-            if answer.is_err() {
-                // The call ends with this status: nothing more is read.
-                beats.incoming = None;
-            }
-            Some((answer, beats))
+            Some((beats.next().await?, beats))
         });
         Ok(Response::new(Box::pin(answers)))
     }
