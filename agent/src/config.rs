@@ -289,7 +289,7 @@ pub fn same_controller(a: &str, b: &str) -> bool {
     }
 }
 
-fn loopback_url(url: &str) -> bool {
+pub(crate) fn loopback_url(url: &str) -> bool {
     let Ok(uri) = url.parse::<http::Uri>() else {
         return false;
     };

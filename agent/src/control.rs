@@ -7,8 +7,8 @@
 
 mod admin;
 mod app;
-mod auth;
-mod grpc;
+pub(crate) mod auth;
+pub(crate) mod grpc;
 mod session;
 
 use std::net::SocketAddr;

@@ -11,6 +11,10 @@
 //! each, answered in order), opened again after any failure; a controller that does
 //! not know that call (UNIMPLEMENTED: older than this agent) gets a `Heartbeat` call
 //! per beat.
+//!
+//! On its stream the controller may also call the node ([`crate::commands`]): a
+//! task per stream reads what comes back, hands commands over and passes the answers to
+//! beats on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,10 +23,11 @@ use fleet_proto::v1 as pb;
 use fleet_proto::v1::controller_service_client::ControllerServiceClient;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::commands::{Commands, Line};
 use crate::controllers::{Controllers, Next, backoff, leader_hint};
 use crate::phase::Phase;
 use crate::supervisor::{NodeState, Supervisor};
@@ -46,7 +51,8 @@ pub async fn run(supervisor: Arc<Supervisor>, urls: Vec<String>, mut tls: Option
     let auth = supervisor
         .token()
         .and_then(|t| format!("Bearer {t}").parse().ok());
-    let mut beater = match Beater::new(urls, auth) {
+    let commands = Commands::new(supervisor.clone());
+    let mut beater = match Beater::new(urls, auth, commands) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!("{e}");
@@ -89,6 +95,7 @@ pub async fn run(supervisor: Arc<Supervisor>, urls: Vec<String>, mut tls: Option
         let request = pb::HeartbeatRequest {
             status: Some(status),
             in_flight,
+            ..Default::default()
         };
         let Some(beat) = beater.beat(request, &tls).await else {
             return;
@@ -153,11 +160,55 @@ enum Beat {
     Failed(Next, Duration),
 }
 
-/// An open `HeartbeatStream` call: beats go in, answers come back in order.
+/// An open `HeartbeatStream` call: beats (and answers to commands) go out on `line`,
+/// the answers to beats come back in order from the task that reads the stream.
 #[derive(Debug)]
 struct BeatStream {
-    beats: mpsc::Sender<pb::HeartbeatRequest>,
-    answers: tonic::Streaming<pb::HeartbeatResponse>,
+    line: Arc<Line>,
+    acks: mpsc::Receiver<Result<pb::HeartbeatResponse, tonic::Status>>,
+    reader: tokio::task::JoinHandle<()>,
+    /// No beat sent yet: the first says whether the node takes commands.
+    fresh: bool,
+    /// Commands are taken on this stream ([`Commands::taken_from`]).
+    allowed: bool,
+}
+
+impl Drop for BeatStream {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.line.close();
+    }
+}
+
+/// Reads a stream's messages: commands go to `commands`, answers to beats to `acks`
+/// (the last one the error that ended the stream).
+async fn read(
+    mut answers: tonic::Streaming<pb::HeartbeatResponse>,
+    acks: mpsc::Sender<Result<pb::HeartbeatResponse, tonic::Status>>,
+    commands: Arc<Commands>,
+    line: Arc<Line>,
+    allowed: bool,
+) {
+    loop {
+        let ack = match answers.message().await {
+            Ok(Some(pb::HeartbeatResponse {
+                command: Some(command),
+                ..
+            })) => {
+                commands.receive(command, line.clone(), allowed);
+                continue;
+            }
+            Ok(Some(answer)) => Ok(answer),
+            Ok(None) => Err(tonic::Status::unavailable(
+                "the controller ended the heartbeat stream",
+            )),
+            Err(status) => Err(status),
+        };
+        let end = ack.is_err();
+        if acks.send(ack).await.is_err() || end {
+            return;
+        }
+    }
 }
 
 /// How beats reach one controller.
@@ -187,6 +238,7 @@ struct Beater {
     /// try after a failed beat).
     said_unary: Vec<bool>,
     auth: Option<MetadataValue<Ascii>>,
+    commands: Arc<Commands>,
     /// As the controller asks.
     interval: Duration,
     /// The controller that took the last beat.
@@ -198,7 +250,11 @@ struct Beater {
 }
 
 impl Beater {
-    fn new(urls: Vec<String>, auth: Option<MetadataValue<Ascii>>) -> Result<Beater, String> {
+    fn new(
+        urls: Vec<String>,
+        auth: Option<MetadataValue<Ascii>>,
+        commands: Arc<Commands>,
+    ) -> Result<Beater, String> {
         let endpoints = urls
             .iter()
             .map(|url| {
@@ -217,6 +273,7 @@ impl Beater {
             controllers: Controllers::new(urls),
             endpoints,
             auth,
+            commands,
             interval: DEFAULT_INTERVAL,
             serving: None,
             failing: false,
@@ -271,7 +328,8 @@ impl Beater {
         let wait = self
             .interval
             .clamp(Duration::from_secs(1), Duration::from_secs(10));
-        let answer = match tokio::time::timeout(wait, self.send(at, client, beat)).await {
+        let tls = tls.is_some();
+        let answer = match tokio::time::timeout(wait, self.send(at, client, beat, tls)).await {
             Ok(answer) => answer,
             Err(_) => {
                 // The stream may still owe the answer to this beat: a new one.
@@ -345,17 +403,19 @@ impl Beater {
 
     /// Sends `beat` to controller `at` on its stream (opened first if need be), or as
     /// a `Heartbeat` call to a controller without streams. A failed stream is
-    /// forgotten, to be opened again by the next beat.
+    /// forgotten, to be opened again by the next beat. `tls`: the controllers are
+    /// `https://` (their certificate is checked).
     async fn send(
         &mut self,
         at: usize,
         mut client: Client,
-        beat: pb::HeartbeatRequest,
+        mut beat: pb::HeartbeatRequest,
+        tls: bool,
     ) -> Result<pb::HeartbeatResponse, tonic::Status> {
         if let Call::Untried = self.calls[at] {
-            let (beats, queue) = mpsc::channel(1);
+            let (out, queue) = mpsc::unbounded_channel();
             match client
-                .heartbeat_stream(self.request(ReceiverStream::new(queue)))
+                .heartbeat_stream(self.request(UnboundedReceiverStream::new(queue)))
                 .await
             {
                 Ok(answers) => {
@@ -365,9 +425,22 @@ impl Beater {
                             self.controllers.urls()[at]
                         );
                     }
+                    let allowed = self.commands.taken_from(&self.controllers.urls()[at], tls);
+                    let line = Arc::new(Line::new(out, self.commands.clone()));
+                    let (acks_tx, acks) = mpsc::channel(1);
+                    let reader = tokio::spawn(read(
+                        answers.into_inner(),
+                        acks_tx,
+                        self.commands.clone(),
+                        line.clone(),
+                        allowed,
+                    ));
                     self.calls[at] = Call::Stream(Box::new(BeatStream {
-                        beats,
-                        answers: answers.into_inner(),
+                        line,
+                        acks,
+                        reader,
+                        fresh: true,
+                        allowed,
                     }))
                 }
                 Err(status) if status.code() == tonic::Code::Unimplemented => {
@@ -393,17 +466,23 @@ impl Beater {
             }
             return answer;
         };
-        // A send fails only once the call is over; its status says why.
-        let _ = stream.beats.send(beat).await;
-        let answer = match stream.answers.message().await {
-            Ok(Some(answer)) => Ok(answer),
-            Ok(None) => Err(tonic::Status::unavailable(
+        let fresh = std::mem::take(&mut stream.fresh);
+        if fresh {
+            beat.takes_commands = stream.allowed;
+            beat.working = self.commands.listed();
+        }
+        let mark = stream.line.send_beat(beat);
+        if fresh && stream.allowed {
+            self.commands.resend(&stream.line);
+        }
+        let answer = stream.acks.recv().await.unwrap_or_else(|| {
+            Err(tonic::Status::unavailable(
                 "the controller ended the heartbeat stream",
-            )),
-            Err(status) => Err(status),
-        };
-        if answer.is_err() {
-            self.calls[at] = Call::Untried;
+            ))
+        });
+        match &answer {
+            Ok(_) => stream.line.confirm(mark),
+            Err(_) => self.calls[at] = Call::Untried,
         }
         answer
     }

@@ -53,6 +53,8 @@ mod metrics;
 mod controllers;
 /// Heartbeats to the fleet's controllers.
 mod heartbeat;
+/// Calls the controller makes on the heartbeat stream.
+mod commands;
 /// `--health-check`: probe a running agent's `/healthz`.
 mod health_check;
 /// The node's certificate for mutual TLS with an `https://` controller.

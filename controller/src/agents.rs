@@ -15,6 +15,12 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::inventory::{NodeRecord, STOPPED};
 
+pub mod lines;
+
+use fleet_proto::v1::command::Call;
+use fleet_proto::v1::command_answer::Answer;
+pub use lines::Lines;
+
 /// The inventory's state of a node that missed its heartbeats (or a static node not polled).
 const UNREACHABLE: &str = "unreachable";
 
@@ -48,6 +54,11 @@ pub type Client =
 #[derive(Debug)]
 pub struct Agents {
     token: Bearer,
+    /// The same, as commands on a heartbeat stream carry it ("" without one).
+    raw_token: String,
+    /// Nodes whose agents take calls on their heartbeat streams: called there, not
+    /// dialled.
+    pub lines: Lines,
     /// The client config with the controller's certificate (`--tls`); swapped when the
     /// controller renews its certificate.
     tls: RwLock<Option<Arc<rustls::ClientConfig>>>,
@@ -155,6 +166,8 @@ impl Agents {
     pub fn new(token: Option<&str>) -> Self {
         Self {
             token: Bearer::new(token),
+            raw_token: token.unwrap_or_default().to_string(),
+            lines: Lines::default(),
             tls: RwLock::new(None),
             channels: Mutex::new(HashMap::new()),
             calls: tokio::sync::Semaphore::new(MAX_CALLS),
@@ -241,9 +254,41 @@ impl Agents {
         let ready =
             first_set(&[request.ready_timeout_ms, node.ready_timeout_ms]).unwrap_or(DEFAULT_READY);
         let limit = ready + MARGIN;
+        let call = Call::Restart(request.clone());
+        if let Some(answer) = self.on_line(node, "Restart", call, limit).await {
+            return answer.and_then(|a| match a {
+                Answer::Restart(r) => Ok(r),
+                other => Err(wrong_answer(node, "Restart", &other)),
+            });
+        }
         let _turn = self.turn().await;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
         bounded(node, "Restart", limit, client.restart(request)).await
+    }
+
+    /// Calls `node` on its heartbeat stream, if it takes calls there. None: dial it.
+    async fn on_line(
+        &self,
+        node: &NodeRecord,
+        what: &'static str,
+        call: Call,
+        limit: Duration,
+    ) -> Option<Result<Answer, tonic::Status>> {
+        let answer = self
+            .lines
+            .call(&node.node_id, &self.raw_token, call, limit)
+            .await;
+        let via = if answer.is_some() { "stream" } else { "dial" };
+        crate::metrics::global().agent_call(what, via);
+        Some(match answer? {
+            Ok(Answer::Error(e)) => Err(tonic::Status::new(e.code.into(), e.message)),
+            Ok(answer) => Ok(answer),
+            Err(lines::Timeout) => Err(tonic::Status::deadline_exceeded(format!(
+                "no answer to {what} from node {} on its heartbeat stream within {}",
+                node.node_id,
+                humantime::format_duration(limit)
+            ))),
+        })
     }
 
     /// Asks `node` to shut down (the agent answers at once and drains on its own).
@@ -254,6 +299,15 @@ impl Agents {
     ) -> Result<pb::ShutdownResponse, tonic::Status> {
         refuse_if_down(node, "shut down")?;
         let limit = CALL_TIMEOUT;
+        let call = Call::Shutdown(pb::ShutdownRequest {
+            reason: reason.clone(),
+        });
+        if let Some(answer) = self.on_line(node, "Shutdown", call, limit).await {
+            return answer.and_then(|a| match a {
+                Answer::Shutdown(r) => Ok(r),
+                other => Err(wrong_answer(node, "Shutdown", &other)),
+            });
+        }
         let _turn = self.turn().await;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
         bounded(
@@ -271,6 +325,13 @@ impl Agents {
         node: &NodeRecord,
         request: pb::PreflightRequest,
     ) -> Result<pb::PreflightResponse, tonic::Status> {
+        let call = Call::Preflight(request.clone());
+        if let Some(answer) = self.on_line(node, "Preflight", call, CALL_TIMEOUT).await {
+            return answer.and_then(|a| match a {
+                Answer::Preflight(r) => Ok(r),
+                other => Err(wrong_answer(node, "Preflight", &other)),
+            });
+        }
         let _turn = self.turn().await;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
         bounded(node, "Preflight", CALL_TIMEOUT, client.preflight(request)).await
@@ -282,6 +343,27 @@ impl Agents {
         control_addr: &str,
         timeout: Duration,
     ) -> Result<pb::StatusResponse, tonic::Status> {
+        let status = Call::Status(pb::StatusRequest {});
+        let answer = self
+            .lines
+            .call(node_id, &self.raw_token, status, timeout)
+            .await;
+        let via = if answer.is_some() { "stream" } else { "dial" };
+        crate::metrics::global().agent_call("Status", via);
+        if let Some(answer) = answer {
+            return match answer {
+                Ok(Answer::Status(r)) => Ok(r),
+                Ok(Answer::Error(e)) => Err(tonic::Status::new(e.code.into(), e.message)),
+                Ok(other) => Err(tonic::Status::internal(format!(
+                    "node {node_id} answered Status with {}",
+                    answer_kind(&other)
+                ))),
+                Err(lines::Timeout) => Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer from node {node_id} on its heartbeat stream within {}",
+                    humantime::format_duration(timeout)
+                ))),
+            };
+        }
         let call = async {
             let _turn = self.turn().await;
             let mut client = self.client(node_id, control_addr)?;
@@ -295,6 +377,26 @@ impl Agents {
             ))),
         }
     }
+}
+
+/// What kind of answer `answer` is, for an error message.
+fn answer_kind(answer: &Answer) -> &'static str {
+    match answer {
+        Answer::Restart(_) => "a Restart answer",
+        Answer::Preflight(_) => "a Preflight answer",
+        Answer::Status(_) => "a Status answer",
+        Answer::Shutdown(_) => "a Shutdown answer",
+        Answer::Error(_) => "an error",
+    }
+}
+
+/// An agent answered a call with another call's answer (a broken agent).
+fn wrong_answer(node: &NodeRecord, what: &str, answer: &Answer) -> tonic::Status {
+    tonic::Status::internal(format!(
+        "node {} answered {what} with {}",
+        node.node_id,
+        answer_kind(answer)
+    ))
 }
 
 #[cfg(test)]

@@ -67,6 +67,7 @@ fn take_beat(fleet: &Fleet, beat: pb::HeartbeatRequest) -> Result<pb::HeartbeatR
     fleet.history.heard(&status);
     Ok(pb::HeartbeatResponse {
         interval_ms: (fleet.inventory.ttl().as_millis() / 3).max(100) as u64,
+        command: None,
     })
 }
 
@@ -75,6 +76,10 @@ fn take_beat(fleet: &Fleet, beat: pb::HeartbeatRequest) -> Result<pb::HeartbeatR
 /// checked here for every beat: this controller still leads, the beat speaks for
 /// the node the call began with, and (with --tls) the connection's certificate
 /// names that node and has not expired.
+///
+/// An agent that says `takes_commands` in its first beat is called on the stream
+/// ([`crate::agents::lines`]): commands go out between the answers to beats, and the
+/// agent's answers to them come in between its beats, checked as beats are.
 struct Beats {
     fleet: Arc<Fleet>,
     /// The client certificate the connection presented.
@@ -83,28 +88,92 @@ struct Beats {
     node: Option<String>,
     /// None once the call has ended.
     incoming: Option<tonic::Streaming<pb::HeartbeatRequest>>,
+    /// The node's line, when its agent takes commands on this stream.
+    line: Option<(
+        Arc<crate::agents::lines::Line>,
+        tokio::sync::mpsc::Receiver<pb::Command>,
+    )>,
+}
+
+impl Drop for Beats {
+    fn drop(&mut self) {
+        self.hang_up();
+    }
 }
 
 impl Beats {
-    /// The answer to the next beat; None once the agent has closed its side or the
-    /// call has ended. A refusal ends the call: nothing more is read after it.
+    /// The next message for the agent: the answer to its next beat, or a command;
+    /// None once the agent has closed its side or the call has ended. A refusal ends
+    /// the call: nothing more is read after it.
     async fn next(&mut self) -> Option<Result<pb::HeartbeatResponse, Status>> {
-        let answer = match self.incoming.as_mut()?.message().await {
-            Ok(Some(beat)) => self.take(beat),
-            Ok(None) => return None,
-            // The agent's side broke (reset, a message over the size bound): the
-            // status says so to whoever still listens.
-            Err(status) => Err(status),
-        };
-        if answer.is_err() {
-            self.incoming = None;
+        loop {
+            let incoming = self.incoming.as_mut()?;
+            let message = match &mut self.line {
+                Some((_, commands)) => tokio::select! {
+                    message = incoming.message() => message,
+                    // None once another stream of the node has become its line: this
+                    // one then only carries beats.
+                    Some(command) = commands.recv() => {
+                        return Some(Ok(pb::HeartbeatResponse {
+                            interval_ms: 0,
+                            command: Some(command),
+                        }));
+                    }
+                },
+                None => incoming.message().await,
+            };
+            let answer = match message {
+                Ok(Some(beat)) => self.take(beat),
+                Ok(None) => return None,
+                // The agent's side broke (reset, a message over the size bound): the
+                // status says so to whoever still listens.
+                Err(status) => Err(status),
+            };
+            match answer {
+                // An answer to a command: nothing to say back.
+                Ok(None) => continue,
+                Ok(Some(response)) => return Some(Ok(response)),
+                Err(status) => {
+                    self.incoming = None;
+                    self.hang_up();
+                    return Some(Err(status));
+                }
+            }
         }
-        Some(answer)
     }
 
-    fn take(&mut self, beat: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Status> {
+    /// No more commands on this stream (the node is dialled until it opens another).
+    fn hang_up(&mut self) {
+        if let Some((line, _)) = self.line.take() {
+            self.fleet.agents.lines.close(&line);
+        }
+    }
+
+    /// Takes a beat (the answer to send) or an answer to a command (nothing to send).
+    fn take(
+        &mut self,
+        beat: pb::HeartbeatRequest,
+    ) -> Result<Option<pb::HeartbeatResponse>, Status> {
         if let Some(refusal) = self.fleet.not_leader() {
             return Err(refusal);
+        }
+        if let Some(answer) = beat.answer {
+            // Only after a first beat has named the node, and checked as a beat is.
+            let Some(node) = self.node.clone() else {
+                crate::metrics::global().heartbeat_refused("invalid");
+                return Err(Status::invalid_argument(
+                    "an answer before the stream's first beat: begin with a beat (its status \
+                     names the node)",
+                ));
+            };
+            if self.fleet.agents.tls()
+                && let Err(refusal) = crate::join::check_cert(self.cert.as_ref(), &node)
+            {
+                crate::metrics::global().heartbeat_refused("certificate");
+                return Err(refusal);
+            }
+            self.fleet.agents.lines.answer(&node, answer);
+            return Ok(None);
         }
         let id = beat.status.as_ref().map_or("", |s| s.node_id.as_str());
         if let Some(node) = &self.node
@@ -122,10 +191,16 @@ impl Beats {
             crate::metrics::global().heartbeat_refused("certificate");
             return Err(refusal);
         }
-        if self.node.is_none() {
+        let first = self.node.is_none();
+        if first {
             self.node = Some(id.to_string());
         }
-        take_beat(&self.fleet, beat)
+        let opens = (first && beat.takes_commands).then(|| (id.to_string(), beat.working.clone()));
+        let response = take_beat(&self.fleet, beat)?;
+        if let Some((id, working)) = opens {
+            self.line = Some(self.fleet.agents.lines.open(&id, &working));
+        }
+        Ok(Some(response))
     }
 }
 
@@ -163,6 +238,7 @@ impl ControllerService for Api {
                 .cloned(),
             node: None,
             incoming: Some(request.into_inner()),
+            line: None,
         };
         // One beat read, taken and answered at a time: an agent that does not read
         // its answers stops being read (HTTP/2 flow control), and nothing queues.

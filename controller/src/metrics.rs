@@ -43,6 +43,15 @@ pub struct HeartbeatLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentCallLabels {
+    /// `Restart`, `Preflight`, `Status`, `Shutdown`.
+    pub call: &'static str,
+    /// `stream`: on the agent's heartbeat stream; `dial`: a connection to its control
+    /// address.
+    pub via: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     /// The route's name in the table of roles (`StartRollout`, `GET /api/nodes`), so
     /// a path with an id in it is one series, and a request for a path the controller
@@ -97,6 +106,7 @@ pub struct Metrics {
     rollouts: Family<StateLabel, Gauge>,
     transitions: Family<TransitionLabels, Counter>,
     heartbeats: Family<HeartbeatLabels, Counter>,
+    agent_calls: Family<AgentCallLabels, Counter>,
     api: HistogramFamily<RouteLabels>,
     store_writes: Histogram,
     sse_clients: Gauge,
@@ -115,6 +125,7 @@ impl Default for Metrics {
         let rollouts = Family::<StateLabel, Gauge>::default();
         let transitions = Family::<TransitionLabels, Counter>::default();
         let heartbeats = Family::<HeartbeatLabels, Counter>::default();
+        let agent_calls = Family::<AgentCallLabels, Counter>::default();
         let api: HistogramFamily<RouteLabels> = Family::new_with_constructor(api_histogram);
         // 50 µs .. ~3.3 s: one group commit of the store's writer thread.
         let store_writes = Histogram::new(exponential_buckets(0.00005, 2.0, 17));
@@ -156,6 +167,11 @@ impl Default for Metrics {
             heartbeats.clone(),
         );
         registry.register(
+            "agent_calls",
+            "Calls to agents (Restart, Preflight, Status, Shutdown) by how they went: on the agent's heartbeat stream, or dialled at its control address",
+            agent_calls.clone(),
+        );
+        registry.register(
             "api_request_duration_seconds",
             "Time to answer a gRPC call or an HTTP request, by route and status (a stream: until its headers)",
             api.clone(),
@@ -186,6 +202,7 @@ impl Default for Metrics {
             rollouts,
             transitions,
             heartbeats,
+            agent_calls,
             api,
             store_writes,
             sse_clients,
@@ -249,6 +266,12 @@ impl Metrics {
                 result: "refused",
                 reason,
             })
+            .inc();
+    }
+
+    pub fn agent_call(&self, call: &'static str, via: &'static str) {
+        self.agent_calls
+            .get_or_create(&AgentCallLabels { call, via })
             .inc();
     }
 

@@ -545,6 +545,7 @@ mod tests {
         let request = pb::HeartbeatRequest {
             status: Some(s),
             in_flight: u64::MAX,
+            ..Default::default()
         };
         let size = request.encoded_len();
         assert!(size < MAX_MESSAGE / 2, "{size} bytes");

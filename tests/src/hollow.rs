@@ -901,6 +901,7 @@ async fn heartbeat_loop(agent: Arc<Agent>, channel: Channel, mut stop: watch::Re
         let beat = pb::HeartbeatRequest {
             status: Some(agent.status()),
             in_flight: 0,
+            ..Default::default()
         };
         let answer = if cfg.unary_heartbeats {
             let mut request = shared.request(beat);
@@ -1262,6 +1263,7 @@ mod tests {
             lock(&self.nodes).insert(status.node_id.clone(), status);
             Ok(Response::new(pb::HeartbeatResponse {
                 interval_ms: self.interval_ms,
+                ..Default::default()
             }))
         }
         type HeartbeatStreamStream =

@@ -244,7 +244,7 @@ impl Beating {
     async fn beat(&mut self) -> Result<(), String> {
         let beat = fleet_proto::v1::HeartbeatRequest {
             status: Some(fleet_tests::fleet::reported_status(&self.node)),
-            in_flight: 0,
+            ..Default::default()
         };
         // A send fails only once the call is over; the answer says why.
         let _ = self.beats.send(beat).await;

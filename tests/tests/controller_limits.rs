@@ -25,7 +25,7 @@ async fn heartbeat(
         .grpc()
         .heartbeat(pb::HeartbeatRequest {
             status: Some(status),
-            in_flight: 0,
+            ..Default::default()
         })
         .await
         .map(|_| ())
@@ -275,7 +275,7 @@ async fn refused_900_kib_heartbeats_leave_the_controllers_memory_as_it_was() {
             let refused = client
                 .heartbeat(pb::HeartbeatRequest {
                     status: Some(status),
-                    in_flight: 0,
+                    ..Default::default()
                 })
                 .await
                 .unwrap_err();

@@ -328,6 +328,24 @@ async fn metrics_after_a_rollout_a_restart_and_refused_heartbeats_count_what_hap
         "{text}"
     );
     assert_eq!(m.value("fleet_controller_sse_clients", &[]), 1.0, "{text}");
+    // Every call to an agent went on its heartbeat stream (agents of this build take
+    // commands there): three preflights and three restarts of the rollout, the manual
+    // restart, the shutdown; no connection to a control address.
+    for (call, count) in [("Preflight", 3.0), ("Restart", 4.0), ("Shutdown", 1.0)] {
+        assert_eq!(
+            m.value(
+                "fleet_controller_agent_calls_total",
+                &[("call", call), ("via", "stream")]
+            ),
+            count,
+            "{call}\n{text}"
+        );
+    }
+    assert_eq!(
+        m.sum("fleet_controller_agent_calls_total", &[("via", "dial")]),
+        0.0,
+        "{text}"
+    );
 
     // The client goes away: the gauge follows.
     drop(events);

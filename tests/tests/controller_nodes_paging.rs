@@ -41,7 +41,7 @@ async fn fleet() -> Controller {
     for i in 1..=NODES {
         grpc.heartbeat(pb::HeartbeatRequest {
             status: Some(status(i)),
-            in_flight: 0,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| controller.fail(&format!("heartbeat of node {i}: {s}")));

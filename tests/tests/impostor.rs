@@ -106,6 +106,7 @@ fn forged(node_id: &str, control_addr: &str) -> tonic::Request<pb::HeartbeatRequ
             ..Default::default()
         }),
         in_flight: 0,
+        ..Default::default()
     });
     request
         .metadata_mut()

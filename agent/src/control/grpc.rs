@@ -36,6 +36,13 @@ pub struct AgentGrpc {
     supervisor: Arc<Supervisor>,
 }
 
+impl AgentGrpc {
+    /// The service, to call without a connection (commands on the heartbeat stream).
+    pub fn new(supervisor: Arc<Supervisor>) -> Self {
+        Self { supervisor }
+    }
+}
+
 fn non_empty(s: String) -> Option<String> {
     let s = s.trim().to_string();
     (!s.is_empty()).then_some(s)

@@ -22,6 +22,9 @@ enum Role {
     WrongToken,
 }
 
+/// `takes_commands` and `working` of each beat a fake received on a stream.
+type Offers = Arc<Mutex<Vec<(bool, Vec<u64>)>>>;
+
 #[derive(Debug)]
 struct Fake {
     role: Arc<Mutex<Role>>,
@@ -31,6 +34,12 @@ struct Fake {
     beats: Arc<Mutex<Vec<String>>>,
     /// The calls it was sent (a stream counts once).
     calls: std::sync::atomic::AtomicUsize,
+    /// Commands to send on the next stream, after the answer to its next beat.
+    commands: Arc<Mutex<Vec<pb::Command>>>,
+    /// The answers to commands it received, and a wake-up for each.
+    answers: Arc<(Mutex<Vec<pb::CommandAnswer>>, tokio::sync::Notify)>,
+    /// `takes_commands` and `working` of each beat on a stream.
+    offers: Offers,
 }
 
 impl Fake {
@@ -45,6 +54,22 @@ impl Fake {
     fn set_role(&self, role: Role) {
         *self.role.lock().unwrap() = role;
     }
+
+    /// The answer to command `id`, once it has come (within 10 s).
+    async fn answer_to(&self, id: u64) -> pb::command_answer::Answer {
+        let (answers, arrived) = &*self.answers;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let wake = arrived.notified();
+                if let Some(a) = answers.lock().unwrap().iter().find(|a| a.id == id) {
+                    return a.answer.clone().expect("an answer");
+                }
+                wake.await;
+            }
+        })
+        .await
+        .expect("the agent answers within 10 s")
+    }
 }
 
 /// What a controller in `role` answers to `beat`.
@@ -58,7 +83,10 @@ fn answer(
         Role::Leader => {
             let node = beat.status.unwrap_or_default().node_id;
             beats.lock().unwrap().push(node);
-            Ok(pb::HeartbeatResponse { interval_ms: 250 })
+            Ok(pb::HeartbeatResponse {
+                interval_ms: 250,
+                ..Default::default()
+            })
         }
         Role::Follower(leader) => {
             let mut status = Status::unavailable(format!(
@@ -142,18 +170,46 @@ service! {
             }
             self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let (role, beats) = (self.role.clone(), self.beats.clone());
-            // Each beat answered as a Heartbeat would be; the call ends at the first
-            // refusal, as the controller's does.
+            let (commands, answers, offers) =
+                (self.commands.clone(), self.answers.clone(), self.offers.clone());
+            // Each beat answered as a Heartbeat would be, then the commands queued; the
+            // call ends at the first refusal, as the controller's does.
+            type State = (
+                Option<tonic::Streaming<pb::HeartbeatRequest>>,
+                std::collections::VecDeque<pb::HeartbeatResponse>,
+            );
             let answers = futures_util::stream::unfold(
-                Some(request.into_inner()),
-                move |incoming: Option<tonic::Streaming<pb::HeartbeatRequest>>| {
+                (Some(request.into_inner()), Default::default()),
+                move |(incoming, mut queue): State| {
                     let (role, beats) = (role.clone(), beats.clone());
+                    let (commands, answers, offers) =
+                        (commands.clone(), answers.clone(), offers.clone());
                     async move {
+                        if let Some(next) = queue.pop_front() {
+                            return Some((Ok(next), (incoming, queue)));
+                        }
                         let mut incoming = incoming?;
-                        let beat = incoming.message().await.ok()??;
-                        let answer = answer(&role, &beats, beat);
-                        let next = answer.is_ok().then_some(incoming);
-                        Some((answer, next))
+                        loop {
+                            let beat = incoming.message().await.ok()??;
+                            if let Some(a) = beat.answer {
+                                answers.0.lock().unwrap().push(a);
+                                answers.1.notify_waiters();
+                                continue;
+                            }
+                            offers
+                                .lock()
+                                .unwrap()
+                                .push((beat.takes_commands, beat.working.clone()));
+                            let answer = answer(&role, &beats, beat);
+                            let next = answer.is_ok().then_some(incoming);
+                            queue.extend(commands.lock().unwrap().drain(..).map(|c| {
+                                pb::HeartbeatResponse {
+                                    command: Some(c),
+                                    ..Default::default()
+                                }
+                            }));
+                            return Some((answer, (next, queue)));
+                        }
                     }
                 },
             );
@@ -174,6 +230,9 @@ async fn serve_calls(role: Role, streams: bool) -> (Arc<Fake>, String) {
         streams: streams.into(),
         beats: Arc::default(),
         calls: Default::default(),
+        commands: Arc::default(),
+        answers: Arc::default(),
+        offers: Arc::default(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -192,7 +251,40 @@ fn dead() -> String {
 }
 
 fn beater(urls: &[&str]) -> Beater {
-    Beater::new(urls.iter().map(|u| u.to_string()).collect(), None).unwrap()
+    let (commands, _dir) = commands(None);
+    Beater::new(urls.iter().map(|u| u.to_string()).collect(), None, commands).unwrap()
+}
+
+/// The commands of a node with no worker, with `token` or none (the directory holds
+/// the token file until dropped: the token is read at once).
+fn commands(token: Option<&str>) -> (Arc<Commands>, tempfile::TempDir) {
+    use crate::config::{Config, ControlConfig, ServerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = token.map(|t| {
+        let path = dir.path().join("token");
+        std::fs::write(&path, t).unwrap();
+        path
+    });
+    let config = Config {
+        node_id: "web-1".into(),
+        servers: vec![ServerConfig {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            ..Default::default()
+        }],
+        control: ControlConfig {
+            token_file,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let supervisor = Supervisor::new(
+        config,
+        "/bin/sh".into(),
+        Vec::new(),
+        crate::supervisor::WorkerKind::Exec,
+    )
+    .unwrap();
+    (Commands::new(supervisor), dir)
 }
 
 fn beat() -> pb::HeartbeatRequest {
@@ -202,6 +294,7 @@ fn beat() -> pb::HeartbeatRequest {
             ..Default::default()
         }),
         in_flight: 0,
+        ..Default::default()
     }
 }
 
@@ -374,4 +467,115 @@ async fn a_controller_that_stops_answering_costs_one_wait_and_a_new_stream() {
     assert_eq!(b.controllers.current(), leader_url);
     assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
     assert_eq!(leader.beats(), 1);
+}
+
+fn status_command(id: u64, token: &str) -> pb::Command {
+    pb::Command {
+        id,
+        token: token.into(),
+        call: Some(pb::command::Call::Status(pb::StatusRequest {})),
+    }
+}
+
+#[tokio::test]
+async fn a_command_on_the_stream_is_answered_on_it_when_it_carries_the_token() {
+    let (fake, url) = serve(Role::Leader).await;
+    let (commands, _dir) = commands(Some("s3cret"));
+    let mut b = Beater::new(vec![url], None, commands).unwrap();
+    fake.commands
+        .lock()
+        .unwrap()
+        .extend([status_command(7, "s3cret"), status_command(8, "guess")]);
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    // The first beat of the stream offered commands (a token), listing none at work.
+    assert_eq!(fake.offers.lock().unwrap()[0], (true, Vec::new()));
+    match fake.answer_to(7).await {
+        pb::command_answer::Answer::Status(s) => assert_eq!(s.node_id, "web-1"),
+        other => panic!("{other:?}"),
+    }
+    // The wrong token changes nothing and is told so.
+    match fake.answer_to(8).await {
+        pb::command_answer::Answer::Error(e) => {
+            assert_eq!(e.code, tonic::Code::Unauthenticated as i32, "{e:?}");
+            assert!(e.message.contains("token"), "{e:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Later beats on the same stream offer nothing again.
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    assert_eq!(fake.offers.lock().unwrap()[1], (false, Vec::new()));
+}
+
+#[test]
+fn commands_are_taken_only_where_the_control_endpoint_would_take_the_call() {
+    let (open, _dir) = commands(None);
+    assert!(open.taken_from("http://127.0.0.1:7100", false));
+    assert!(open.taken_from("http://localhost:7100", false));
+    assert!(open.taken_from("http://[::1]:7100", false));
+    // Without a token, a controller elsewhere is taken only over mutual TLS.
+    assert!(!open.taken_from("http://10.1.2.3:7100", false));
+    assert!(!open.taken_from("http://controller.example:7100", false));
+    assert!(open.taken_from("https://controller.example:7100", true));
+    let (guarded, _dir) = commands(Some("s3cret"));
+    assert!(guarded.taken_from("http://10.1.2.3:7100", false));
+}
+
+#[tokio::test]
+async fn a_command_on_a_stream_that_takes_none_is_refused() {
+    let (commands, _dir) = commands(None);
+    let (out, mut sent) = mpsc::unbounded_channel();
+    let line = Arc::new(Line::new(out, commands.clone()));
+    commands.receive(status_command(3, ""), line, false);
+    let answer = sent.recv().await.unwrap().answer.unwrap();
+    match answer.answer.unwrap() {
+        pb::command_answer::Answer::Error(e) => {
+            assert_eq!(e.code, tonic::Code::PermissionDenied as i32, "{e:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_answer_not_known_to_be_read_goes_out_again_on_the_next_stream() {
+    let (commands, _dir) = commands(None);
+    let (out, mut first) = mpsc::unbounded_channel();
+    let line = Arc::new(Line::new(out, commands.clone()));
+    commands.receive(status_command(1, ""), line.clone(), true);
+    assert_eq!(first.recv().await.unwrap().answer.unwrap().id, 1);
+    // A beat after it goes out, but the stream ends before the beat is answered.
+    let _mark = line.send_beat(beat());
+    line.close();
+    assert_eq!(
+        commands.listed(),
+        vec![1],
+        "listed in the next stream's first beat"
+    );
+    // Sent again on the next stream, and known read once a later beat is answered.
+    let (out, mut second) = mpsc::unbounded_channel();
+    let next = Arc::new(Line::new(out, commands.clone()));
+    let mark = next.send_beat(beat());
+    commands.resend(&next);
+    assert!(second.recv().await.unwrap().status.is_some());
+    assert_eq!(second.recv().await.unwrap().answer.unwrap().id, 1);
+    assert!(commands.listed().is_empty());
+    next.confirm(mark);
+    let mark = next.send_beat(beat());
+    next.confirm(mark);
+    next.close();
+    assert!(commands.listed().is_empty(), "read: not sent a third time");
+    // A command received again while its answer waits is not run twice.
+    let (out, _third) = mpsc::unbounded_channel();
+    let closed = Arc::new(Line::new(out, commands.clone()));
+    closed.close();
+    commands.receive(status_command(2, ""), closed.clone(), true);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while commands.listed() != vec![2] || commands.working.lock().unwrap().contains(&2) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("answered into the outbox");
+    commands.receive(status_command(2, ""), closed, true);
+    assert_eq!(commands.listed(), vec![2]);
+    assert!(commands.working.lock().unwrap().is_empty());
 }

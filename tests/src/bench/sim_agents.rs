@@ -161,6 +161,7 @@ pub async fn register(
         beat: pb::HeartbeatRequest {
             status: Some(status(node_id, control_addr)),
             in_flight: 0,
+            ..Default::default()
         },
         bearer,
     };

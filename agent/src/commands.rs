@@ -1,0 +1,229 @@
+//! Calls the controller makes on the node's heartbeat stream instead of dialling its
+//! control address (`Command` in, `CommandAnswer` out; see `HeartbeatStream` in
+//! controller.proto): no connection per call, and a node the controller cannot reach
+//! (NAT, a firewall) is driven all the same.
+//!
+//! A command is taken only where the control endpoint would take the same call: on a
+//! stream to an `https://` controller (its certificate was checked against the fleet
+//! CA), with the node's token in the command when the node has one, or, with neither,
+//! from a controller on loopback. Anything else is answered `PERMISSION_DENIED` and
+//! changes nothing.
+//!
+//! No answer is lost with its stream: an answer stays with the stream it was sent on
+//! until a beat sent after it is answered (the controller reads a stream in order), and
+//! otherwise goes out again on the next stream. A stream's first beat lists the
+//! commands still being worked on or answered, so the controller sends again only what
+//! never arrived, and a command that arrives twice runs once.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::agent_service_server::AgentService;
+use fleet_proto::v1::command::Call;
+use fleet_proto::v1::command_answer::Answer;
+use tokio::sync::mpsc;
+
+use crate::control::grpc::AgentGrpc;
+use crate::supervisor::Supervisor;
+
+/// The commands of every stream of this node.
+#[derive(Debug)]
+pub struct Commands {
+    grpc: AgentGrpc,
+    token: Option<String>,
+    /// Received and not answered yet.
+    pub(crate) working: Mutex<HashSet<u64>>,
+    /// Answers whose stream ended before a later beat on it was answered: sent again
+    /// on the next stream.
+    outbox: Mutex<Vec<pb::CommandAnswer>>,
+}
+
+impl Commands {
+    pub fn new(supervisor: Arc<Supervisor>) -> Arc<Self> {
+        Arc::new(Self {
+            token: supervisor.token().map(str::to_string),
+            grpc: AgentGrpc::new(supervisor),
+            working: Mutex::default(),
+            outbox: Mutex::default(),
+        })
+    }
+
+    /// Whether commands are taken on a stream to the controller at `url`, `tls` when
+    /// its certificate is checked against the fleet CA.
+    pub fn taken_from(&self, url: &str, tls: bool) -> bool {
+        tls || self.token.is_some() || crate::config::loopback_url(url)
+    }
+
+    /// The commands a new stream's first beat lists: being worked on, or answered on a
+    /// stream that ended before the answer was known to be read.
+    pub fn listed(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .working
+            .lock()
+            .expect("working")
+            .iter()
+            .copied()
+            .collect();
+        ids.extend(self.outbox.lock().expect("outbox").iter().map(|a| a.id));
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Sends the answers of ended streams on `line` (a new stream, after its first
+    /// beat).
+    pub fn resend(&self, line: &Line) {
+        let answers = std::mem::take(&mut *self.outbox.lock().expect("outbox"));
+        for answer in answers {
+            line.send_answer(answer);
+        }
+    }
+
+    /// Runs `command`, received on `line` (a stream to a controller that `allowed`
+    /// commands, see [`Commands::taken_from`]), and answers it on that line or, if it
+    /// has ended by then, on the next. A command already received runs once.
+    pub fn receive(self: &Arc<Self>, command: pb::Command, line: Arc<Line>, allowed: bool) {
+        let id = command.id;
+        let known = self
+            .outbox
+            .lock()
+            .expect("outbox")
+            .iter()
+            .any(|a| a.id == id)
+            || !self.working.lock().expect("working").insert(id);
+        if known {
+            tracing::debug!("command {id} received again: it runs once");
+            return;
+        }
+        let commands = self.clone();
+        tokio::spawn(async move {
+            let answer = pb::CommandAnswer {
+                id,
+                answer: Some(commands.answer(command, allowed).await),
+            };
+            commands.working.lock().expect("working").remove(&id);
+            line.send_answer(answer);
+        });
+    }
+
+    async fn answer(&self, command: pb::Command, allowed: bool) -> Answer {
+        if !allowed {
+            return refusal(
+                tonic::Code::PermissionDenied,
+                "this node takes no commands on a heartbeat stream to this controller: it is \
+                 neither https:// nor on loopback, and the node has no token; call its \
+                 control address",
+            );
+        }
+        if let Some(token) = &self.token
+            && !crate::control::auth::same(&command.token, token)
+        {
+            return refusal(
+                tonic::Code::Unauthenticated,
+                "the command does not carry this node's token: give the controller the \
+                 fleet's token (--token-file)",
+            );
+        }
+        let result = match command.call {
+            Some(Call::Restart(r)) => self
+                .grpc
+                .restart(tonic::Request::new(r))
+                .await
+                .map(|r| Answer::Restart(r.into_inner())),
+            Some(Call::Preflight(r)) => self
+                .grpc
+                .preflight(tonic::Request::new(r))
+                .await
+                .map(|r| Answer::Preflight(r.into_inner())),
+            Some(Call::Status(r)) => self
+                .grpc
+                .status(tonic::Request::new(r))
+                .await
+                .map(|r| Answer::Status(r.into_inner())),
+            Some(Call::Shutdown(r)) => self
+                .grpc
+                .shutdown(tonic::Request::new(r))
+                .await
+                .map(|r| Answer::Shutdown(r.into_inner())),
+            None => Err(tonic::Status::unimplemented(
+                "a command this agent does not know (the controller is newer): call its \
+                 control address",
+            )),
+        };
+        result.unwrap_or_else(|status| refusal(status.code(), status.message()))
+    }
+}
+
+fn refusal(code: tonic::Code, message: &str) -> Answer {
+    Answer::Error(pb::CommandError {
+        code: code as i32,
+        message: message.to_string(),
+    })
+}
+
+/// The sending side of one open stream: beats and answers go out in order, and the
+/// answers stay here until a beat sent after them is answered.
+#[derive(Debug)]
+pub struct Line {
+    out: mpsc::UnboundedSender<pb::HeartbeatRequest>,
+    sent: Mutex<Sent>,
+    commands: Arc<Commands>,
+}
+
+#[derive(Debug, Default)]
+struct Sent {
+    /// The stream has ended: answers go to the outbox.
+    closed: bool,
+    /// Sent, not known to be read.
+    answers: Vec<pb::CommandAnswer>,
+}
+
+impl Line {
+    pub fn new(out: mpsc::UnboundedSender<pb::HeartbeatRequest>, commands: Arc<Commands>) -> Self {
+        Self {
+            out,
+            sent: Mutex::default(),
+            commands,
+        }
+    }
+
+    /// Sends a beat; the mark to [`Line::confirm`] once it is answered.
+    pub fn send_beat(&self, beat: pb::HeartbeatRequest) -> usize {
+        let sent = self.sent.lock().expect("sent");
+        // A send fails only once the call is over: the beat's answer says why.
+        let _ = self.out.send(beat);
+        sent.answers.len()
+    }
+
+    /// The beat sent at `mark` was answered: the answers sent before it were read.
+    pub fn confirm(&self, mark: usize) {
+        let mut sent = self.sent.lock().expect("sent");
+        let read = mark.min(sent.answers.len());
+        sent.answers.drain(..read);
+    }
+
+    /// Sends an answer, or keeps it for the next stream when this one has ended.
+    pub fn send_answer(&self, answer: pb::CommandAnswer) {
+        let mut sent = self.sent.lock().expect("sent");
+        let message = pb::HeartbeatRequest {
+            answer: Some(answer.clone()),
+            ..Default::default()
+        };
+        if !sent.closed && self.out.send(message).is_ok() {
+            sent.answers.push(answer);
+        } else {
+            self.commands.outbox.lock().expect("outbox").push(answer);
+        }
+    }
+}
+
+impl Line {
+    /// The stream is over: what it may not have delivered, and every answer still to
+    /// come, goes out on the next one.
+    pub fn close(&self) {
+        let mut sent = self.sent.lock().expect("sent");
+        sent.closed = true;
+        let unread = std::mem::take(&mut sent.answers);
+        self.commands.outbox.lock().expect("outbox").extend(unread);
+    }
+}
