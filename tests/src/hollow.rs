@@ -129,6 +129,10 @@ pub struct HollowConfig {
     /// A `Heartbeat` call per beat, as agents before `HeartbeatStream` (and agents
     /// of a controller without it) send them; else one stream per agent.
     pub unary_heartbeats: bool,
+    /// The agents take no calls on their heartbeat stream (as agents from before
+    /// `Command`): the controller dials each one's control port. Else they say
+    /// `takes_commands` and answer the controller's calls on the stream.
+    pub dialled_calls: bool,
     /// Address the agents listen on (port 0 each); 127.0.0.1 spreads them over
     /// 127.0.0.1, .2, … ([`AGENTS_PER_ADDRESS`] each, by index).
     pub bind_ip: IpAddr,
@@ -156,6 +160,7 @@ impl Default for HollowConfig {
             shards: 10,
             channels: 0,
             unary_heartbeats: false,
+            dialled_calls: false,
             bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             seed: 0x5eed_f1ee7,
         }
@@ -342,6 +347,10 @@ struct Agent {
     stop: watch::Sender<bool>,
     /// A restart ended: heartbeat now (a real agent does, after READY or FAILED).
     beat_now: tokio::sync::Notify,
+    /// Commands received on the heartbeat stream and not answered yet, and answers
+    /// whose stream ended before they were sent (listed in the next stream's first
+    /// beat, sent first on it), as a real agent keeps them.
+    commands: Mutex<(HashSet<u64>, Vec<pb::CommandAnswer>)>,
     shared: Arc<Shared>,
 }
 
@@ -644,6 +653,7 @@ impl HollowFleet {
                 }),
                 stop,
                 beat_now: tokio::sync::Notify::new(),
+                commands: Mutex::default(),
                 shared: shared.clone(),
             });
             let service = AgentServiceServer::new(HollowService {
@@ -908,7 +918,7 @@ async fn heartbeat_loop(agent: Arc<Agent>, channel: Channel, mut stop: watch::Re
             request.set_timeout(HEARTBEAT_TIMEOUT);
             client.heartbeat(request).await.map(Response::into_inner)
         } else {
-            let sent = send_on_stream(&shared, &mut client, &mut stream, beat);
+            let sent = send_on_stream(&agent, &mut client, &mut stream, beat);
             match tokio::time::timeout(HEARTBEAT_TIMEOUT, sent).await {
                 Ok(answer) => answer,
                 Err(_) => Err(Status::deadline_exceeded("no answer to the beat")),
@@ -956,36 +966,173 @@ async fn heartbeat_loop(agent: Arc<Agent>, channel: Channel, mut stop: watch::Re
     }
 }
 
-/// An agent's open `HeartbeatStream` call: beats in, answers out in order.
-type BeatStream = (
-    mpsc::Sender<pb::HeartbeatRequest>,
-    tonic::Streaming<pb::HeartbeatResponse>,
-);
+/// An agent's open `HeartbeatStream` call: beats (and answers to commands) out, the
+/// answers to beats back in order from the task that reads the stream (and hands
+/// commands to [`answer_command`]).
+#[derive(Debug)]
+struct BeatStream {
+    out: mpsc::UnboundedSender<pb::HeartbeatRequest>,
+    acks: mpsc::Receiver<Result<pb::HeartbeatResponse, Status>>,
+    reader: tokio::task::JoinHandle<()>,
+    fresh: bool,
+}
+
+impl Drop for BeatStream {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
 
 /// Sends `beat` on the agent's stream, opening it first if need be.
 async fn send_on_stream(
-    shared: &Shared,
+    agent: &Arc<Agent>,
     client: &mut ControllerServiceClient<Channel>,
     stream: &mut Option<BeatStream>,
-    beat: pb::HeartbeatRequest,
+    mut beat: pb::HeartbeatRequest,
 ) -> Result<pb::HeartbeatResponse, Status> {
     if stream.is_none() {
-        let (beats, queue) = mpsc::channel(1);
-        let request = shared.request(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(
-            queue,
-        ));
-        let answers = client.heartbeat_stream(request).await?.into_inner();
-        *stream = Some((beats, answers));
+        let (out, queue) = mpsc::unbounded_channel();
+        let request = agent
+            .shared
+            .request(tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream::new(queue));
+        let mut answers = client.heartbeat_stream(request).await?.into_inner();
+        let (acks_tx, acks) = mpsc::channel(1);
+        let (reader_agent, reader_out) = (agent.clone(), out.clone());
+        let reader = tokio::spawn(async move {
+            loop {
+                let ack = match answers.message().await {
+                    Ok(Some(pb::HeartbeatResponse {
+                        command: Some(command),
+                        ..
+                    })) => {
+                        tokio::spawn(answer_command(
+                            reader_agent.clone(),
+                            command,
+                            reader_out.clone(),
+                        ));
+                        continue;
+                    }
+                    Ok(Some(answer)) => Ok(answer),
+                    Ok(None) => Err(Status::unavailable(
+                        "the controller ended the heartbeat stream",
+                    )),
+                    Err(status) => Err(status),
+                };
+                let end = ack.is_err();
+                if acks_tx.send(ack).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        *stream = Some(BeatStream {
+            out,
+            acks,
+            reader,
+            fresh: true,
+        });
     }
-    let Some((beats, answers)) = stream else {
+    let Some(open) = stream else {
         unreachable!("opened above");
     };
+    let takes = !agent.shared.cfg.dialled_calls;
+    let fresh = std::mem::take(&mut open.fresh);
+    let outbox = if fresh && takes {
+        beat.takes_commands = true;
+        let mut commands = lock(&agent.commands);
+        beat.working = commands.0.iter().copied().collect();
+        beat.working.extend(commands.1.iter().map(|a| a.id));
+        std::mem::take(&mut commands.1)
+    } else {
+        Vec::new()
+    };
     // A send fails only once the call is over; its status says why.
-    let _ = beats.send(beat).await;
-    answers
-        .message()
-        .await?
-        .ok_or_else(|| Status::unavailable("the controller ended the heartbeat stream"))
+    let _ = open.out.send(beat);
+    for answer in outbox {
+        send_answer(agent, &open.out, answer);
+    }
+    open.acks.recv().await.unwrap_or_else(|| {
+        Err(Status::unavailable(
+            "the controller ended the heartbeat stream",
+        ))
+    })
+}
+
+/// Sends an answer on `out`, or keeps it for the agent's next stream.
+fn send_answer(
+    agent: &Agent,
+    out: &mpsc::UnboundedSender<pb::HeartbeatRequest>,
+    answer: pb::CommandAnswer,
+) {
+    let message = pb::HeartbeatRequest {
+        answer: Some(answer.clone()),
+        ..Default::default()
+    };
+    if out.send(message).is_err() {
+        lock(&agent.commands).1.push(answer);
+    }
+}
+
+/// Carries out a command from the controller as the agent's `AgentService` would
+/// the same call with the command's token, and answers it on the stream.
+async fn answer_command(
+    agent: Arc<Agent>,
+    command: pb::Command,
+    out: mpsc::UnboundedSender<pb::HeartbeatRequest>,
+) {
+    use pb::command::Call;
+    use pb::command_answer::Answer;
+    let id = command.id;
+    if !lock(&agent.commands).0.insert(id) {
+        return;
+    }
+    fn request<T>(message: T, token: &str) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Ok(value) = format!("Bearer {token}").parse() {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    }
+    let service = HollowService {
+        agent: agent.clone(),
+    };
+    let token = command.token.as_str();
+    let result = match command.call.clone() {
+        _ if agent.shared.cfg.dialled_calls => Err(Status::permission_denied(
+            "this hollow agent takes no commands on its stream",
+        )),
+        Some(Call::Restart(r)) => service
+            .restart(request(r, token))
+            .await
+            .map(|r| Answer::Restart(r.into_inner())),
+        Some(Call::Preflight(r)) => service
+            .preflight(request(r, token))
+            .await
+            .map(|r| Answer::Preflight(r.into_inner())),
+        Some(Call::Status(r)) => service
+            .status(request(r, token))
+            .await
+            .map(|r| Answer::Status(r.into_inner())),
+        Some(Call::Shutdown(r)) => service
+            .shutdown(request(r, token))
+            .await
+            .map(|r| Answer::Shutdown(r.into_inner())),
+        None => Err(Status::unimplemented("an unknown command")),
+    };
+    let answer = result.unwrap_or_else(|status| {
+        Answer::Error(pb::CommandError {
+            code: status.code() as i32,
+            message: status.message().to_string(),
+        })
+    });
+    lock(&agent.commands).0.remove(&id);
+    send_answer(
+        &agent,
+        &out,
+        pb::CommandAnswer {
+            id,
+            answer: Some(answer),
+        },
+    );
 }
 
 impl Shared {

@@ -93,6 +93,10 @@ struct Args {
     /// (default: one long-lived `HeartbeatStream` call per agent).
     #[arg(long)]
     unary_heartbeats: bool,
+    /// The agents take no calls on their heartbeat stream: the controller dials each
+    /// one's control port (as agents from before `Command`).
+    #[arg(long)]
+    dialled_calls: bool,
     /// Print one `NODE_ID ADDR` line per agent on stdout before the ready line.
     #[arg(long)]
     print_addrs: bool,
@@ -172,6 +176,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         labels: args.labels,
         channels: args.channels,
         unary_heartbeats: args.unary_heartbeats,
+        dialled_calls: args.dialled_calls,
         seed: args.seed,
         ..HollowConfig::default()
     };

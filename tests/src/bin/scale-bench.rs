@@ -167,6 +167,11 @@ struct Args {
     /// `HeartbeatStream`) instead of one long-lived `HeartbeatStream` call each.
     #[arg(long)]
     unary_heartbeats: bool,
+    /// The agents take no calls on their heartbeat stream, as agents from before
+    /// `Command`: the controller dials each one's control port for Preflight and
+    /// Restart (default: calls on the stream).
+    #[arg(long)]
+    dialled_calls: bool,
     /// Hollow agents per hollow-agents process (0: as many as the open-file limit
     /// allows: a listener, a heartbeat connection and a controller's connection each).
     #[arg(long, default_value_t = 0)]
@@ -287,6 +292,7 @@ fn spawn_hollow(
         .args(["--seed", &(0x5eed_0000 + k as u64).to_string()])
         .args(["--channels", &channels.to_string()])
         .args(args.unary_heartbeats.then_some("--unary-heartbeats"))
+        .args(args.dialled_calls.then_some("--dialled-calls"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1274,6 +1280,7 @@ async fn run_store(
         "heartbeat_connections": layout.heartbeat_connections,
         "heartbeat_connection_per_agent": layout.channels_per_process == 0,
         "heartbeat_calls": if args.unary_heartbeats { "unary" } else { "stream" },
+        "agent_calls": if args.dialled_calls || args.unary_heartbeats { "dial" } else { "stream" },
         "open_file_limit": layout.nofile,
         "registration": {
             "all_first_heartbeats_accepted_s": opt3(hollow_registered.map(|d| d.as_secs_f64())),
@@ -1357,7 +1364,7 @@ async fn run_store(
                 report["cpus"]
             );
             println!(
-                "agents              {} in {} hollow-agents process(es); {} heartbeat connections{}, {}; open-file limit {}",
+                "agents              {} in {} hollow-agents process(es); {} heartbeat connections{}, {}, {}; open-file limit {}",
                 args.agents,
                 hollows.len(),
                 layout.heartbeat_connections,
@@ -1370,6 +1377,11 @@ async fn run_store(
                     "a Heartbeat call per beat"
                 } else {
                     "a HeartbeatStream call per agent"
+                },
+                if args.dialled_calls || args.unary_heartbeats {
+                    "calls to agents dialled"
+                } else {
+                    "calls to agents on their streams"
                 },
                 layout.nofile
             );
