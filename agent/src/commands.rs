@@ -50,9 +50,15 @@ impl Commands {
     }
 
     /// Whether commands are taken on a stream to the controller at `url`, `tls` when
-    /// its certificate is checked against the fleet CA.
-    pub fn taken_from(&self, url: &str, tls: bool) -> bool {
-        tls || self.token.is_some() || crate::config::loopback_url(url)
+    /// its certificate is checked against the fleet CA, and on what grounds.
+    pub fn taken_from(&self, url: &str, tls: bool) -> Trust {
+        if tls {
+            Trust::Certificate
+        } else if self.token.is_some() || crate::config::loopback_url(url) {
+            Trust::Token
+        } else {
+            Trust::None
+        }
     }
 
     /// The commands a new stream's first beat lists: being worked on, or answered on a
@@ -79,10 +85,10 @@ impl Commands {
         }
     }
 
-    /// Runs `command`, received on `line` (a stream to a controller that `allowed`
-    /// commands, see [`Commands::taken_from`]), and answers it on that line or, if it
-    /// has ended by then, on the next. A command already received runs once.
-    pub fn receive(self: &Arc<Self>, command: pb::Command, line: Arc<Line>, allowed: bool) {
+    /// Runs `command`, received on `line` (a stream to a controller trusted as
+    /// `trust` says, see [`Commands::taken_from`]), and answers it on that line or, if
+    /// it has ended by then, on the next. A command already received runs once.
+    pub fn receive(self: &Arc<Self>, command: pb::Command, line: Arc<Line>, trust: Trust) {
         let id = command.id;
         let known = self
             .outbox
@@ -99,15 +105,15 @@ impl Commands {
         tokio::spawn(async move {
             let answer = pb::CommandAnswer {
                 id,
-                answer: Some(commands.answer(command, allowed).await),
+                answer: Some(commands.answer(command, trust).await),
             };
             commands.working.lock().expect("working").remove(&id);
             line.send_answer(answer);
         });
     }
 
-    async fn answer(&self, command: pb::Command, allowed: bool) -> Answer {
-        if !allowed {
+    async fn answer(&self, command: pb::Command, trust: Trust) -> Answer {
+        if trust == Trust::None {
             return refusal(
                 tonic::Code::PermissionDenied,
                 "this node takes no commands on a heartbeat stream to this controller: it is \
@@ -115,7 +121,10 @@ impl Commands {
                  control address",
             );
         }
-        if let Some(token) = &self.token
+        // Over mutual TLS the stream's far end holds the controller's certificate: it
+        // passes as the controller's calls to the control endpoint do, token or not.
+        if trust == Trust::Token
+            && let Some(token) = &self.token
             && !crate::control::auth::same(&command.token, token)
         {
             return refusal(
@@ -152,6 +161,18 @@ impl Commands {
         };
         result.unwrap_or_else(|status| refusal(status.code(), status.message()))
     }
+}
+
+/// Why the commands on a stream are taken, if they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// Not taken: a plain-text controller elsewhere, and no token to check.
+    None,
+    /// The node's token, when it has one, must be in each command (a controller on
+    /// loopback, or one that knows the fleet's token).
+    Token,
+    /// The stream is mutual TLS to a holder of the controller's certificate.
+    Certificate,
 }
 
 fn refusal(code: tonic::Code, message: &str) -> Answer {

@@ -27,7 +27,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::commands::{Commands, Line};
+use crate::commands::{Commands, Line, Trust};
 use crate::controllers::{Controllers, Next, backoff, leader_hint};
 use crate::phase::Phase;
 use crate::supervisor::{NodeState, Supervisor};
@@ -169,8 +169,8 @@ struct BeatStream {
     reader: tokio::task::JoinHandle<()>,
     /// No beat sent yet: the first says whether the node takes commands.
     fresh: bool,
-    /// Commands are taken on this stream ([`Commands::taken_from`]).
-    allowed: bool,
+    /// Whether and why commands are taken on this stream ([`Commands::taken_from`]).
+    trust: Trust,
 }
 
 impl Drop for BeatStream {
@@ -187,7 +187,7 @@ async fn read(
     acks: mpsc::Sender<Result<pb::HeartbeatResponse, tonic::Status>>,
     commands: Arc<Commands>,
     line: Arc<Line>,
-    allowed: bool,
+    trust: Trust,
 ) {
     loop {
         let ack = match answers.message().await {
@@ -195,7 +195,7 @@ async fn read(
                 command: Some(command),
                 ..
             })) => {
-                commands.receive(command, line.clone(), allowed);
+                commands.receive(command, line.clone(), trust);
                 continue;
             }
             Ok(Some(answer)) => Ok(answer),
@@ -425,7 +425,7 @@ impl Beater {
                             self.controllers.urls()[at]
                         );
                     }
-                    let allowed = self.commands.taken_from(&self.controllers.urls()[at], tls);
+                    let trust = self.commands.taken_from(&self.controllers.urls()[at], tls);
                     let line = Arc::new(Line::new(out, self.commands.clone()));
                     let (acks_tx, acks) = mpsc::channel(1);
                     let reader = tokio::spawn(read(
@@ -433,14 +433,14 @@ impl Beater {
                         acks_tx,
                         self.commands.clone(),
                         line.clone(),
-                        allowed,
+                        trust,
                     ));
                     self.calls[at] = Call::Stream(Box::new(BeatStream {
                         line,
                         acks,
                         reader,
                         fresh: true,
-                        allowed,
+                        trust,
                     }))
                 }
                 Err(status) if status.code() == tonic::Code::Unimplemented => {
@@ -468,11 +468,11 @@ impl Beater {
         };
         let fresh = std::mem::take(&mut stream.fresh);
         if fresh {
-            beat.takes_commands = stream.allowed;
+            beat.takes_commands = stream.trust != Trust::None;
             beat.working = self.commands.listed();
         }
         let mark = stream.line.send_beat(beat);
-        if fresh && stream.allowed {
+        if fresh && stream.trust != Trust::None {
             self.commands.resend(&stream.line);
         }
         let answer = stream.acks.recv().await.unwrap_or_else(|| {

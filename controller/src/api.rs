@@ -89,10 +89,7 @@ struct Beats {
     /// None once the call has ended.
     incoming: Option<tonic::Streaming<pb::HeartbeatRequest>>,
     /// The node's line, when its agent takes commands on this stream.
-    line: Option<(
-        Arc<crate::agents::lines::Line>,
-        tokio::sync::mpsc::Receiver<pb::Command>,
-    )>,
+    line: Option<Arc<crate::agents::lines::Line>>,
 }
 
 impl Drop for Beats {
@@ -108,18 +105,19 @@ impl Beats {
     async fn next(&mut self) -> Option<Result<pb::HeartbeatResponse, Status>> {
         loop {
             let incoming = self.incoming.as_mut()?;
-            let message = match &mut self.line {
-                Some((_, commands)) => tokio::select! {
-                    message = incoming.message() => message,
-                    // None once another stream of the node has become its line: this
-                    // one then only carries beats.
-                    Some(command) = commands.recv() => {
+            let message = match &self.line {
+                Some(line) => {
+                    if let Some(command) = line.pop() {
                         return Some(Ok(pb::HeartbeatResponse {
                             interval_ms: 0,
                             command: Some(command),
                         }));
                     }
-                },
+                    tokio::select! {
+                        message = incoming.message() => message,
+                        () = line.ready() => continue,
+                    }
+                }
                 None => incoming.message().await,
             };
             let answer = match message {
@@ -144,7 +142,7 @@ impl Beats {
 
     /// No more commands on this stream (the node is dialled until it opens another).
     fn hang_up(&mut self) {
-        if let Some((line, _)) = self.line.take() {
+        if let Some(line) = self.line.take() {
             self.fleet.agents.lines.close(&line);
         }
     }

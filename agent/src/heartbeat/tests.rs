@@ -10,6 +10,7 @@ use tonic::codegen::tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use super::*;
+use crate::commands::Trust;
 
 /// How a fake controller answers a heartbeat.
 #[derive(Debug, Clone)]
@@ -509,15 +510,34 @@ async fn a_command_on_the_stream_is_answered_on_it_when_it_carries_the_token() {
 #[test]
 fn commands_are_taken_only_where_the_control_endpoint_would_take_the_call() {
     let (open, _dir) = commands(None);
-    assert!(open.taken_from("http://127.0.0.1:7100", false));
-    assert!(open.taken_from("http://localhost:7100", false));
-    assert!(open.taken_from("http://[::1]:7100", false));
+    assert_eq!(
+        open.taken_from("http://127.0.0.1:7100", false),
+        Trust::Token
+    );
+    assert_eq!(
+        open.taken_from("http://localhost:7100", false),
+        Trust::Token
+    );
+    assert_eq!(open.taken_from("http://[::1]:7100", false), Trust::Token);
     // Without a token, a controller elsewhere is taken only over mutual TLS.
-    assert!(!open.taken_from("http://10.1.2.3:7100", false));
-    assert!(!open.taken_from("http://controller.example:7100", false));
-    assert!(open.taken_from("https://controller.example:7100", true));
+    assert_eq!(open.taken_from("http://10.1.2.3:7100", false), Trust::None);
+    assert_eq!(
+        open.taken_from("http://controller.example:7100", false),
+        Trust::None
+    );
+    assert_eq!(
+        open.taken_from("https://controller.example:7100", true),
+        Trust::Certificate
+    );
     let (guarded, _dir) = commands(Some("s3cret"));
-    assert!(guarded.taken_from("http://10.1.2.3:7100", false));
+    assert_eq!(
+        guarded.taken_from("http://10.1.2.3:7100", false),
+        Trust::Token
+    );
+    assert_eq!(
+        guarded.taken_from("https://10.1.2.3:7100", true),
+        Trust::Certificate
+    );
 }
 
 #[tokio::test]
@@ -525,7 +545,7 @@ async fn a_command_on_a_stream_that_takes_none_is_refused() {
     let (commands, _dir) = commands(None);
     let (out, mut sent) = mpsc::unbounded_channel();
     let line = Arc::new(Line::new(out, commands.clone()));
-    commands.receive(status_command(3, ""), line, false);
+    commands.receive(status_command(3, ""), line, Trust::None);
     let answer = sent.recv().await.unwrap().answer.unwrap();
     match answer.answer.unwrap() {
         pb::command_answer::Answer::Error(e) => {
@@ -540,7 +560,7 @@ async fn an_answer_not_known_to_be_read_goes_out_again_on_the_next_stream() {
     let (commands, _dir) = commands(None);
     let (out, mut first) = mpsc::unbounded_channel();
     let line = Arc::new(Line::new(out, commands.clone()));
-    commands.receive(status_command(1, ""), line.clone(), true);
+    commands.receive(status_command(1, ""), line.clone(), Trust::Token);
     assert_eq!(first.recv().await.unwrap().answer.unwrap().id, 1);
     // A beat after it goes out, but the stream ends before the beat is answered.
     let _mark = line.send_beat(beat());
@@ -567,7 +587,7 @@ async fn an_answer_not_known_to_be_read_goes_out_again_on_the_next_stream() {
     let (out, _third) = mpsc::unbounded_channel();
     let closed = Arc::new(Line::new(out, commands.clone()));
     closed.close();
-    commands.receive(status_command(2, ""), closed.clone(), true);
+    commands.receive(status_command(2, ""), closed.clone(), Trust::Token);
     tokio::time::timeout(Duration::from_secs(10), async {
         while commands.listed() != vec![2] || commands.working.lock().unwrap().contains(&2) {
             tokio::task::yield_now().await;
@@ -575,7 +595,21 @@ async fn an_answer_not_known_to_be_read_goes_out_again_on_the_next_stream() {
     })
     .await
     .expect("answered into the outbox");
-    commands.receive(status_command(2, ""), closed, true);
+    commands.receive(status_command(2, ""), closed, Trust::Token);
     assert_eq!(commands.listed(), vec![2]);
     assert!(commands.working.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn over_mutual_tls_the_controllers_certificate_stands_for_the_token() {
+    let (commands, _dir) = commands(Some("s3cret"));
+    let (out, mut sent) = mpsc::unbounded_channel();
+    let line = Arc::new(Line::new(out, commands.clone()));
+    // As the control endpoint takes the controller's certificate without a token.
+    commands.receive(status_command(4, ""), line, Trust::Certificate);
+    let answer = sent.recv().await.unwrap().answer.unwrap();
+    assert!(
+        matches!(answer.answer, Some(pb::command_answer::Answer::Status(_))),
+        "{answer:?}"
+    );
 }

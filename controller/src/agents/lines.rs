@@ -10,7 +10,7 @@
 //! restart is neither lost nor run twice. A caller waits for its answer within its
 //! limit whatever the streams do.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,11 +18,8 @@ use std::time::Duration;
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::command::Call;
 use fleet_proto::v1::command_answer::Answer;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
-
-/// Commands queued on one stream before a caller waits for room.
-const QUEUE: usize = 64;
 
 /// Every open line, and the commands waiting for their answers.
 #[derive(Debug)]
@@ -35,8 +32,42 @@ pub struct Lines {
 
 #[derive(Debug, Default)]
 struct Inner {
-    by_node: HashMap<String, Arc<Line>>,
+    by_node: HashMap<String, Node>,
     pending: HashMap<u64, Pending>,
+}
+
+/// A node's line, and its commands waiting for answers (so that a stream opening
+/// looks at its own node's commands, not at every one in flight).
+#[derive(Debug, Default)]
+struct Node {
+    line: Option<Arc<Line>>,
+    pending: Vec<u64>,
+}
+
+impl Inner {
+    fn line(&self, node: &str) -> Option<Arc<Line>> {
+        self.by_node.get(node)?.line.clone()
+    }
+
+    fn insert(&mut self, id: u64, pending: Pending) {
+        self.by_node
+            .entry(pending.node.clone())
+            .or_default()
+            .pending
+            .push(id);
+        self.pending.insert(id, pending);
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Pending> {
+        let pending = self.pending.remove(&id)?;
+        if let Some(node) = self.by_node.get_mut(&pending.node) {
+            node.pending.retain(|&p| p != id);
+            if node.line.is_none() && node.pending.is_empty() {
+                self.by_node.remove(&pending.node);
+            }
+        }
+        Some(pending)
+    }
 }
 
 #[derive(Debug)]
@@ -54,12 +85,39 @@ enum Outcome {
     NotDelivered,
 }
 
-/// One node's stream, open for commands.
+/// One node's stream, open for commands: a few hundred bytes a node (no channel
+/// with its preallocated slots: most lines carry no command for hours).
 #[derive(Debug)]
 pub struct Line {
     id: u64,
     node: String,
-    commands: mpsc::Sender<pb::Command>,
+    /// Commands to send on the stream (each has a caller waiting for its answer, so
+    /// there are at most as many as callers), and whether the stream has ended.
+    queue: Mutex<(VecDeque<pb::Command>, bool)>,
+    ready: Notify,
+}
+
+impl Line {
+    /// The next command to send, if one is queued.
+    pub fn pop(&self) -> Option<pb::Command> {
+        self.queue.lock().expect("line queue").0.pop_front()
+    }
+
+    /// Until a command may be queued (check [`Line::pop`] first).
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// Queues `command`; false when the stream has ended.
+    fn push(&self, command: pb::Command) -> bool {
+        let mut queue = self.queue.lock().expect("line queue");
+        if queue.1 {
+            return false;
+        }
+        queue.0.push_back(command);
+        self.ready.notify_one();
+        true
+    }
 }
 
 /// Takes a waiting command off the books when its caller stops waiting.
@@ -70,7 +128,7 @@ struct Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.lines.lock().pending.remove(&self.id);
+        self.lines.lock().remove(self.id);
     }
 }
 
@@ -97,40 +155,51 @@ impl Lines {
 
     /// `node`'s new stream takes commands: it is the node's line from now on, and
     /// the commands that went out on its earlier streams and are not in `working`
-    /// are sent again on it. The receiver yields the commands to send on the stream.
-    pub fn open(&self, node: &str, working: &[u64]) -> (Arc<Line>, mpsc::Receiver<pb::Command>) {
-        let (commands, receiver) = mpsc::channel(QUEUE);
+    /// are sent again on it. The stream sends what [`Line::pop`] gives.
+    pub fn open(&self, node: &str, working: &[u64]) -> Arc<Line> {
         let line = Arc::new(Line {
             id: self.id(),
             node: node.to_string(),
-            commands,
+            queue: Mutex::default(),
+            ready: Notify::new(),
         });
         let mut inner = self.lock();
-        inner.by_node.insert(node.to_string(), line.clone());
-        let lost: Vec<u64> = inner
-            .pending
-            .iter()
-            .filter(|(id, p)| p.node == node && p.line != line.id && !working.contains(id))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in lost {
-            if let Some(p) = inner.pending.remove(&id) {
+        let entry = inner.by_node.entry(node.to_string()).or_default();
+        entry.line = Some(line.clone());
+        let waiting = entry.pending.clone();
+        for id in waiting {
+            if !working.contains(&id)
+                && inner.pending.get(&id).is_some_and(|p| p.line != line.id)
+                && let Some(p) = inner.remove(id)
+            {
                 let _ = p.answer.send(Outcome::NotDelivered);
             }
         }
-        (line, receiver)
+        line
     }
 
-    /// `line`'s stream has ended: the node is dialled until it opens another. Its
-    /// commands still wait for their answers (they may come on the next stream).
+    /// `line`'s stream has ended: the node is dialled until it opens another. The
+    /// commands it sent still wait for their answers (they may come on the next
+    /// stream); those it had not sent yet go another way at once.
     pub fn close(&self, line: &Line) {
+        let unsent = {
+            let mut queue = line.queue.lock().expect("line queue");
+            queue.1 = true;
+            std::mem::take(&mut queue.0)
+        };
         let mut inner = self.lock();
-        if inner
-            .by_node
-            .get(&line.node)
-            .is_some_and(|l| l.id == line.id)
+        for command in unsent {
+            if let Some(p) = inner.remove(command.id) {
+                let _ = p.answer.send(Outcome::NotDelivered);
+            }
+        }
+        if let Some(node) = inner.by_node.get_mut(&line.node)
+            && node.line.as_ref().is_some_and(|l| l.id == line.id)
         {
-            inner.by_node.remove(&line.node);
+            node.line = None;
+            if node.pending.is_empty() {
+                inner.by_node.remove(&line.node);
+            }
         }
     }
 
@@ -142,7 +211,7 @@ impl Lines {
             .pending
             .get(&answer.id)
             .is_some_and(|p| p.node == node)
-            && let (Some(p), Some(a)) = (inner.pending.remove(&answer.id), answer.answer)
+            && let (Some(p), Some(a)) = (inner.remove(answer.id), answer.answer)
         {
             let _ = p.answer.send(Outcome::Answered(Box::new(a)));
         }
@@ -150,7 +219,7 @@ impl Lines {
 
     /// Whether `node` has a line now.
     pub fn has(&self, node: &str) -> bool {
-        self.lock().by_node.contains_key(node)
+        self.lock().line(node).is_some()
     }
 
     /// Calls `node` on its line with `call`, waiting at most `limit` for the answer.
@@ -165,10 +234,10 @@ impl Lines {
     ) -> Option<Result<Answer, Timeout>> {
         let deadline = Instant::now() + limit;
         loop {
-            let line = self.lock().by_node.get(node).cloned()?;
+            let line = self.lock().line(node)?;
             let id = self.id();
             let (answer, outcome) = oneshot::channel();
-            self.lock().pending.insert(
+            self.lock().insert(
                 id,
                 Pending {
                     node: node.to_string(),
@@ -182,11 +251,9 @@ impl Lines {
                 token: token.to_string(),
                 call: Some(call.clone()),
             };
-            match tokio::time::timeout_at(deadline, line.commands.send(command)).await {
-                Ok(Ok(())) => {}
+            if !line.push(command) {
                 // The stream has just ended.
-                Ok(Err(_)) => return None,
-                Err(_) => return Some(Err(Timeout)),
+                return None;
             }
             match tokio::time::timeout_at(deadline, outcome).await {
                 Ok(Ok(Outcome::Answered(answer))) => return Some(Ok(*answer)),
@@ -207,6 +274,16 @@ pub struct Timeout;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The next command `line` sends.
+    async fn sent(line: &Line) -> pb::Command {
+        loop {
+            if let Some(command) = line.pop() {
+                return command;
+            }
+            line.ready().await;
+        }
+    }
 
     fn status_call() -> Call {
         Call::Status(pb::StatusRequest {})
@@ -232,11 +309,11 @@ mod tests {
     #[tokio::test]
     async fn a_command_goes_out_on_the_line_and_its_answer_comes_back() {
         let lines = Arc::new(Lines::default());
-        let (line, mut commands) = lines.open("web-1", &[]);
+        let line = lines.open("web-1", &[]);
         let agent = {
-            let lines = lines.clone();
+            let (lines, line) = (lines.clone(), line.clone());
             tokio::spawn(async move {
-                let command = commands.recv().await.unwrap();
+                let command = sent(&line).await;
                 assert_eq!(command.token, "s3cret");
                 // Another node's answer to it is dropped.
                 lines.answer("web-2", answered(command.id));
@@ -254,12 +331,13 @@ mod tests {
         assert!(lines.lock().pending.is_empty());
         lines.close(&line);
         assert!(!lines.has("web-1"));
+        assert!(lines.lock().by_node.is_empty(), "nothing kept for the node");
     }
 
     #[tokio::test]
     async fn no_answer_within_the_limit_is_a_timeout_and_leaves_nothing_waiting() {
         let lines = Lines::default();
-        let (_line, _commands) = lines.open("web-1", &[]);
+        let _line = lines.open("web-1", &[]);
         let call = lines.call("web-1", "", status_call(), Duration::from_millis(50));
         assert_eq!(call.await, Some(Err(Timeout)));
         assert!(lines.lock().pending.is_empty());
@@ -269,7 +347,7 @@ mod tests {
     async fn a_command_the_agent_never_got_goes_out_again_on_its_next_stream_and_one_it_got_does_not()
      {
         let lines = Arc::new(Lines::default());
-        let (old, mut first) = lines.open("web-1", &[]);
+        let old = lines.open("web-1", &[]);
         let call = {
             let lines = lines.clone();
             tokio::spawn(async move {
@@ -278,35 +356,54 @@ mod tests {
                     .await
             })
         };
-        let lost = first.recv().await.unwrap();
+        let lost = sent(&old).await;
         // The stream ends with the command on it; the agent's new stream lists nothing.
         lines.close(&old);
-        drop(first);
-        let (_new, mut second) = lines.open("web-1", &[]);
-        let again = second.recv().await.unwrap();
+        let second = lines.open("web-1", &[]);
+        let again = sent(&second).await;
         assert_ne!(again.id, lost.id);
         assert!(matches!(again.call, Some(Call::Status(_))));
         // This one the agent got: its next stream lists it, and it is not sent again;
         // its answer comes on that stream.
-        let (_third, mut third) = lines.open("web-1", &[again.id]);
+        let third = lines.open("web-1", &[again.id]);
         lines.answer("web-1", answered(again.id));
         let answer = call.await.unwrap().unwrap().unwrap();
         assert!(matches!(answer, Answer::Status(_)));
-        assert!(third.try_recv().is_err());
+        assert!(third.pop().is_none());
     }
 
     #[tokio::test]
     async fn a_caller_that_goes_away_leaves_nothing_waiting() {
         let lines = Lines::default();
-        let (_line, mut commands) = lines.open("web-1", &[]);
+        let line = lines.open("web-1", &[]);
         {
             let call = lines.call("web-1", "", status_call(), Duration::from_secs(5));
             tokio::pin!(call);
             tokio::select! {
                 _ = &mut call => panic!("no answer was sent"),
-                _ = commands.recv() => {}
+                _ = sent(&line) => {}
             }
         }
         assert!(lines.lock().pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_command_still_queued_when_its_stream_ends_is_dialled_at_once() {
+        let lines = Arc::new(Lines::default());
+        let line = lines.open("web-1", &[]);
+        let call = {
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                lines
+                    .call("web-1", "", status_call(), Duration::from_secs(60))
+                    .await
+            })
+        };
+        line.ready().await;
+        lines.close(&line);
+        // None: the caller dials the node, well before its limit.
+        let outcome = tokio::time::timeout(Duration::from_secs(5), call).await;
+        assert!(outcome.unwrap().unwrap().is_none());
+        assert!(lines.lock().by_node.is_empty());
     }
 }
