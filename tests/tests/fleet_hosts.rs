@@ -2,7 +2,9 @@
 //! of their own on one bridge (10.77.0.0/24, built and removed by the test), joined
 //! with a join token over mutual TLS. A rollout under load on every agent loses no
 //! request; a host cut off mid-rollout turns unreachable, counts against the failure
-//! budget, and serves again once its link is back, with no node restarted twice.
+//! budget, and serves again once its link is back, with no node restarted twice. A
+//! host whose control port the controller cannot reach (it listens on the host's own
+//! loopback, as behind NAT) is driven on its heartbeat stream.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -279,4 +281,57 @@ async fn a_host_cut_off_mid_rollout_counts_against_the_budget_and_comes_back() {
         );
     }
     drop(agents);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_the_controller_cannot_dial_is_rolled_out_restarted_and_shut_down_on_its_heartbeat_stream()
+ {
+    let lan = Lan::new(&["ctl", "web-1"]);
+    let releases = tempfile::tempdir().unwrap();
+    let v2 = agent_release(releases.path(), "fleet-agent-v2");
+    let controller = controller(&lan).await;
+    let token = join_token_file(&controller, "web-", controller.dir()).await;
+    // Its control port on its own host's loopback: the address it reports
+    // (127.0.0.1:PORT) is nothing the controller's host can reach it at.
+    let mut opts = controller
+        .join_opts("web-1", &token)
+        .arg("--allowed-exe-dir")
+        .arg(releases.path());
+    opts.listen = vec![format!("{}:0", lan.addr("web-1"))];
+    opts.control = Some("127.0.0.1:0".into());
+    opts.wrapper = lan.wrapper("web-1");
+    let agent = Agent::start(opts).await;
+    let before = wait_state(&controller, &["web-1"], "serving").await;
+    let control = field(&before[0], "control_addr")
+        .as_str()
+        .unwrap_or_default();
+    assert!(control.starts_with("127.0.0.1:"), "{before:#?}");
+
+    controller
+        .fleetctl([
+            "rollout".as_ref(),
+            "--exe".as_ref(),
+            v2.as_os_str(),
+            "--reason".as_ref(),
+            "behind NAT".as_ref(),
+        ])
+        .await
+        .expect_code(0);
+    controller
+        .fleetctl(["restart", "web-1"])
+        .await
+        .expect_code(0);
+    let after = wait_state(&controller, &["web-1"], "serving").await;
+    assert_eq!(
+        generation(&after, "web-1"),
+        generation(&before, "web-1") + 2,
+        "{after:#?}"
+    );
+    let exe = field(&after[0], "exe")["path"].as_str().unwrap_or_default();
+    assert!(exe.ends_with("fleet-agent-v2"), "{after:#?}");
+    controller
+        .fleetctl(["shutdown", "web-1"])
+        .await
+        .expect_code(0);
+    agent.wait_exit(WAIT).await;
 }
