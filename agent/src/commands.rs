@@ -27,6 +27,13 @@ use tokio::sync::mpsc;
 use crate::control::grpc::AgentGrpc;
 use crate::supervisor::Supervisor;
 
+/// Commands worked on at once; more are refused (`RESOURCE_EXHAUSTED`). The controller
+/// sends a node one call at a time per caller: a handful at most.
+const MAX_WORKING: usize = 64;
+/// Answers kept for a next stream; past it the oldest is dropped (its caller has long
+/// given up: the controller waits a call's limit, not streams without end).
+const MAX_OUTBOX: usize = 256;
+
 /// The commands of every stream of this node.
 #[derive(Debug)]
 pub struct Commands {
@@ -76,6 +83,19 @@ impl Commands {
         ids
     }
 
+    /// Keeps an answer for the next stream (the oldest goes past [`MAX_OUTBOX`]).
+    fn keep(&self, answer: pb::CommandAnswer) {
+        let mut outbox = self.outbox.lock().expect("outbox");
+        if outbox.len() >= MAX_OUTBOX {
+            let dropped = outbox.remove(0);
+            tracing::warn!(
+                "the answer to command {} was never read by a controller: dropped",
+                dropped.id
+            );
+        }
+        outbox.push(answer);
+    }
+
     /// Sends the answers of ended streams on `line` (a new stream, after its first
     /// beat).
     pub fn resend(&self, line: &Line) {
@@ -90,16 +110,37 @@ impl Commands {
     /// it has ended by then, on the next. A command already received runs once.
     pub fn receive(self: &Arc<Self>, command: pb::Command, line: Arc<Line>, trust: Trust) {
         let id = command.id;
-        let known = self
+        if self
             .outbox
             .lock()
             .expect("outbox")
             .iter()
             .any(|a| a.id == id)
-            || !self.working.lock().expect("working").insert(id);
-        if known {
+        {
             tracing::debug!("command {id} received again: it runs once");
             return;
+        }
+        {
+            let mut working = self.working.lock().expect("working");
+            if working.contains(&id) {
+                tracing::debug!("command {id} received again: it runs once");
+                return;
+            }
+            if working.len() >= MAX_WORKING {
+                drop(working);
+                line.send_answer(pb::CommandAnswer {
+                    id,
+                    answer: Some(refusal(
+                        tonic::Code::ResourceExhausted,
+                        &format!(
+                            "this node is already working on {MAX_WORKING} commands: try again \
+                             once they are answered"
+                        ),
+                    )),
+                });
+                return;
+            }
+            working.insert(id);
         }
         let commands = self.clone();
         tokio::spawn(async move {
@@ -233,7 +274,7 @@ impl Line {
         if !sent.closed && self.out.send(message).is_ok() {
             sent.answers.push(answer);
         } else {
-            self.commands.outbox.lock().expect("outbox").push(answer);
+            self.commands.keep(answer);
         }
     }
 }
@@ -244,7 +285,8 @@ impl Line {
     pub fn close(&self) {
         let mut sent = self.sent.lock().expect("sent");
         sent.closed = true;
-        let unread = std::mem::take(&mut sent.answers);
-        self.commands.outbox.lock().expect("outbox").extend(unread);
+        for answer in std::mem::take(&mut sent.answers) {
+            self.commands.keep(answer);
+        }
     }
 }

@@ -613,3 +613,20 @@ async fn over_mutual_tls_the_controllers_certificate_stands_for_the_token() {
         "{answer:?}"
     );
 }
+
+#[tokio::test]
+async fn commands_past_the_bound_are_refused_not_queued() {
+    let (commands, _dir) = commands(None);
+    commands.working.lock().unwrap().extend(1000..1064);
+    let (out, mut sent) = mpsc::unbounded_channel();
+    let line = Arc::new(Line::new(out, commands.clone()));
+    commands.receive(status_command(5, ""), line, Trust::Token);
+    let answer = sent.recv().await.unwrap().answer.unwrap();
+    match answer.answer.unwrap() {
+        pb::command_answer::Answer::Error(e) => {
+            assert_eq!(e.code, tonic::Code::ResourceExhausted as i32, "{e:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!commands.working.lock().unwrap().contains(&5));
+}
