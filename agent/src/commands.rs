@@ -18,9 +18,8 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use fleet_proto::commands::refusal;
 use fleet_proto::v1 as pb;
-use fleet_proto::v1::agent_service_server::AgentService;
-use fleet_proto::v1::command::Call;
 use fleet_proto::v1::command_answer::Answer;
 use tokio::sync::mpsc;
 
@@ -174,33 +173,7 @@ impl Commands {
                  fleet's token (--token-file)",
             );
         }
-        let result = match command.call {
-            Some(Call::Restart(r)) => self
-                .grpc
-                .restart(tonic::Request::new(r))
-                .await
-                .map(|r| Answer::Restart(r.into_inner())),
-            Some(Call::Preflight(r)) => self
-                .grpc
-                .preflight(tonic::Request::new(r))
-                .await
-                .map(|r| Answer::Preflight(r.into_inner())),
-            Some(Call::Status(r)) => self
-                .grpc
-                .status(tonic::Request::new(r))
-                .await
-                .map(|r| Answer::Status(r.into_inner())),
-            Some(Call::Shutdown(r)) => self
-                .grpc
-                .shutdown(tonic::Request::new(r))
-                .await
-                .map(|r| Answer::Shutdown(r.into_inner())),
-            None => Err(tonic::Status::unimplemented(
-                "a command this agent does not know (the controller is newer): call its \
-                 control address",
-            )),
-        };
-        result.unwrap_or_else(|status| refusal(status.code(), status.message()))
+        fleet_proto::commands::answer(&self.grpc, command.call, &Default::default()).await
     }
 }
 
@@ -214,13 +187,6 @@ pub enum Trust {
     Token,
     /// The stream is mutual TLS to a holder of the controller's certificate.
     Certificate,
-}
-
-fn refusal(code: tonic::Code, message: &str) -> Answer {
-    Answer::Error(pb::CommandError {
-        code: code as i32,
-        message: message.to_string(),
-    })
 }
 
 /// The sending side of one open stream: beats and answers go out in order, and the

@@ -23,6 +23,9 @@ macro_rules! build_version {
     };
 }
 
+/// Carrying out the controller's calls on a heartbeat stream.
+pub mod commands;
+
 /// The codec of every service: small first buffers for long-lived calls.
 pub mod codec;
 

@@ -1079,51 +1079,25 @@ async fn answer_command(
     command: pb::Command,
     out: mpsc::UnboundedSender<pb::HeartbeatRequest>,
 ) {
-    use pb::command::Call;
-    use pb::command_answer::Answer;
     let id = command.id;
     if !lock(&agent.commands).0.insert(id) {
         return;
     }
-    fn request<T>(message: T, token: &str) -> Request<T> {
-        let mut request = Request::new(message);
-        if let Ok(value) = format!("Bearer {token}").parse() {
-            request.metadata_mut().insert("authorization", value);
-        }
-        request
-    }
-    let service = HollowService {
-        agent: agent.clone(),
-    };
-    let token = command.token.as_str();
-    let result = match command.call.clone() {
-        _ if agent.shared.cfg.dialled_calls => Err(Status::permission_denied(
+    let answer = if agent.shared.cfg.dialled_calls {
+        fleet_proto::commands::refusal(
+            tonic::Code::PermissionDenied,
             "this hollow agent takes no commands on its stream",
-        )),
-        Some(Call::Restart(r)) => service
-            .restart(request(r, token))
-            .await
-            .map(|r| Answer::Restart(r.into_inner())),
-        Some(Call::Preflight(r)) => service
-            .preflight(request(r, token))
-            .await
-            .map(|r| Answer::Preflight(r.into_inner())),
-        Some(Call::Status(r)) => service
-            .status(request(r, token))
-            .await
-            .map(|r| Answer::Status(r.into_inner())),
-        Some(Call::Shutdown(r)) => service
-            .shutdown(request(r, token))
-            .await
-            .map(|r| Answer::Shutdown(r.into_inner())),
-        None => Err(Status::unimplemented("an unknown command")),
+        )
+    } else {
+        let mut metadata = MetadataMap::new();
+        if let Ok(value) = format!("Bearer {}", command.token).parse() {
+            metadata.insert("authorization", value);
+        }
+        let service = HollowService {
+            agent: agent.clone(),
+        };
+        fleet_proto::commands::answer(&service, command.call, &metadata).await
     };
-    let answer = result.unwrap_or_else(|status| {
-        Answer::Error(pb::CommandError {
-            code: status.code() as i32,
-            message: status.message().to_string(),
-        })
-    });
     lock(&agent.commands).0.remove(&id);
     send_answer(
         &agent,
