@@ -1,0 +1,90 @@
+//! The simulator scale-bench measures with calls the controller as a fleet of this
+//! build does: hollow agents take the controller's calls on their heartbeat streams
+//! (no connection to their ports), and with `dialled_calls` they are dialled, as agents
+//! from before `Command`; either way a rollout moves every one of them exactly once.
+
+use std::time::Duration;
+
+use fleet_tests::fleet::{Controller, ControllerOpts};
+use fleet_tests::harness::http_request;
+use fleet_tests::hollow::{HollowConfig, HollowFleet};
+use http::{Method, StatusCode};
+
+const TOKEN: &str = "hollow-calls-token-5d1e";
+const AGENTS: usize = 20;
+
+/// `fleet_controller_agent_calls_total{call,via}` from the controller's `/metrics`.
+async fn calls(controller: &Controller, call: &str, via: &str) -> u64 {
+    let response = http_request(controller.addr(), Method::GET, "/metrics", Some(TOKEN))
+        .await
+        .expect("GET /metrics");
+    assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+    let text = response.text();
+    let series = format!("fleet_controller_agent_calls_total{{call=\"{call}\",via=\"{via}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map_or(0, |v| v.trim().parse().expect("a count"))
+}
+
+async fn roll_out(dialled_calls: bool) {
+    let controller = Controller::start(ControllerOpts {
+        token: Some(TOKEN.into()),
+        ..ControllerOpts::default()
+    })
+    .await;
+    let fleet = HollowFleet::start(HollowConfig {
+        count: AGENTS,
+        controller: Some(controller.url()),
+        token: Some(TOKEN.into()),
+        agent_token: Some(TOKEN.into()),
+        restart_latency: Duration::from_millis(5),
+        restart_jitter: Duration::from_millis(1),
+        dialled_calls,
+        ..HollowConfig::default()
+    })
+    .await
+    .expect("hollow agents");
+    fleet
+        .wait_registered(
+            Some(Duration::from_secs(30)),
+            Duration::from_secs(5),
+            |_| {},
+        )
+        .await
+        .expect("every hollow agent registers");
+    controller
+        .fleetctl(["rollout", "--exe", "/opt/app-v2", "--batches", "50%,100%"])
+        .await
+        .expect_code(0);
+    let restarts = fleet.restarts();
+    assert_eq!(restarts.len(), AGENTS, "one restart each: {restarts:?}");
+    assert!(
+        restarts
+            .iter()
+            .all(|r| r.succeeded && r.exe == "/opt/app-v2")
+    );
+    let (on, off) = if dialled_calls {
+        ("dial", "stream")
+    } else {
+        ("stream", "dial")
+    };
+    for call in ["Preflight", "Restart"] {
+        assert_eq!(
+            calls(&controller, call, on).await,
+            AGENTS as u64,
+            "{call} via {on}"
+        );
+        assert_eq!(calls(&controller, call, off).await, 0, "{call} via {off}");
+    }
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hollow_agents_take_the_controllers_calls_on_their_heartbeat_streams() {
+    roll_out(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hollow_agents_with_dialled_calls_are_dialled() {
+    roll_out(true).await;
+}
