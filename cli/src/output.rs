@@ -184,6 +184,14 @@ pub fn node_details(n: &Node, now: SystemTime) -> String {
     table.row(["Worker pid:", &pid(n.worker_pid)]);
     table.row(["In flight:", &n.in_flight.to_string()]);
     table.row(["Control:", &or_dash(&n.control_addr)]);
+    let calls = if n.calls_on_stream {
+        "on its heartbeat stream".to_string()
+    } else if n.control_addr.is_empty() {
+        "-".to_string()
+    } else {
+        format!("dialled at {}", n.control_addr)
+    };
+    table.row(["Calls:", &calls]);
     table.row(["Admin:", &or_dash(&n.admin_url)]);
     table.row(["Started:", &time(n.started_at_unix_ms)]);
     let heartbeat = match n.last_heartbeat_unix_ms {

@@ -285,7 +285,14 @@ impl ControllerService for Api {
         let page = self.fleet.inventory.page(&query);
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Ok(Response::new(pb::ListNodesResponse {
-            nodes: page.nodes.into_iter().map(node_into_message).collect(),
+            nodes: page
+                .nodes
+                .into_iter()
+                .map(|n| {
+                    let on_stream = self.fleet.agents.lines.has(&n.node_id);
+                    node_into_message(n, on_stream)
+                })
+                .collect(),
             next_page_token: page.next.unwrap_or_default(),
             total: count(page.total),
             counts_by_state: page
@@ -307,7 +314,8 @@ impl ControllerService for Api {
     ) -> Result<Response<pb::Node>, Status> {
         let id = request.into_inner().node_id;
         let node = self.node(&id)?;
-        Ok(Response::new(node_message(&node)))
+        let on_stream = self.fleet.agents.lines.has(&id);
+        Ok(Response::new(node_message(&node, on_stream)))
     }
 
     async fn get_controllers(
@@ -347,7 +355,10 @@ impl ControllerService for Api {
             .of_node(&r.node_id, limit)
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::NodeHistory {
-            node: Some(node_message(&node)),
+            node: Some(node_message(
+                &node,
+                self.fleet.agents.lines.has(&node.node_id),
+            )),
             restarts: restarts.iter().map(|r| r.to_message()).collect(),
             workers: self.fleet.history.workers(&r.node_id),
         }))
@@ -448,7 +459,7 @@ impl ControllerService for Api {
             Ok(node) => {
                 self.fleet.history.forget(&id);
                 crate::audit::node_forgotten(&id, &node.state, &caller);
-                Ok(Response::new(node_message(&node)))
+                Ok(Response::new(node_message(&node, false)))
             }
             Err(e @ ForgetError::NotFound(_)) => Err(Status::not_found(e.to_string())),
             Err(e @ ForgetError::Live(_)) => Err(Status::failed_precondition(e.to_string())),
@@ -760,12 +771,14 @@ impl Api {
     }
 }
 
-pub fn node_message(n: &NodeRecord) -> pb::Node {
-    node_into_message(n.clone())
+/// `n` as the API shows it; `calls_on_stream`: its agent takes calls on its heartbeat
+/// stream now.
+pub fn node_message(n: &NodeRecord, calls_on_stream: bool) -> pb::Node {
+    node_into_message(n.clone(), calls_on_stream)
 }
 
 /// [`node_message`] of a record that is not needed any more (a page's copies).
-fn node_into_message(n: NodeRecord) -> pb::Node {
+fn node_into_message(n: NodeRecord, calls_on_stream: bool) -> pb::Node {
     pb::Node {
         node_id: n.node_id,
         labels: n.labels.into_iter().collect(),
@@ -785,6 +798,7 @@ fn node_into_message(n: NodeRecord) -> pb::Node {
         started_at_unix_ms: n.started_at_unix_ms,
         reason: n.reason,
         static_node: n.static_node,
+        calls_on_stream,
     }
 }
 

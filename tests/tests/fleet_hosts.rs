@@ -306,6 +306,14 @@ async fn a_host_the_controller_cannot_dial_is_rolled_out_restarted_and_shut_down
         .as_str()
         .unwrap_or_default();
     assert!(control.starts_with("127.0.0.1:"), "{before:#?}");
+    assert_eq!(field(&before[0], "calls_on_stream"), true, "{before:#?}");
+    let shown = controller.fleetctl(["node", "web-1"]).await;
+    shown.expect_code(0);
+    assert!(
+        shown.stdout.contains("Calls:") && shown.stdout.contains("on its heartbeat stream"),
+        "{}",
+        shown.stdout
+    );
 
     controller
         .fleetctl([

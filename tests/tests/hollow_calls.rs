@@ -52,6 +52,16 @@ async fn roll_out(dialled_calls: bool) {
         )
         .await
         .expect("every hollow agent registers");
+    let node = controller
+        .fleetctl(["node", "hollow-00000", "-o", "json"])
+        .await;
+    node.expect_code(0);
+    assert_eq!(
+        node.json()["calls_on_stream"],
+        !dialled_calls,
+        "{}",
+        node.stdout
+    );
     controller
         .fleetctl(["rollout", "--exe", "/opt/app-v2", "--batches", "50%,100%"])
         .await

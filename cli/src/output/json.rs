@@ -67,6 +67,8 @@ pub struct NodeJson<'a> {
     pub started_at_rfc3339: Option<String>,
     pub reason: &'a str,
     pub static_node: bool,
+    /// Its agent takes the controller's calls on its heartbeat stream now.
+    pub calls_on_stream: bool,
 }
 
 impl<'a> From<&'a Node> for NodeJson<'a> {
@@ -86,6 +88,7 @@ impl<'a> From<&'a Node> for NodeJson<'a> {
             started_at_unix_ms,
             reason,
             static_node,
+            calls_on_stream,
         } = n;
         NodeJson {
             node_id,
@@ -107,6 +110,7 @@ impl<'a> From<&'a Node> for NodeJson<'a> {
             started_at_rfc3339: rfc3339(*started_at_unix_ms),
             reason,
             static_node: *static_node,
+            calls_on_stream: *calls_on_stream,
         }
     }
 }
