@@ -462,8 +462,25 @@ fn element(v: &Value) -> Element {
     )
 }
 
-/// Run `chromedriver --port=0` in a new process group and read back its port.
+/// Run `chromedriver --port=0` in a new process group and read back its port. With
+/// `--port=0` chromedriver picks a port on one address family and then binds the same
+/// number on the other, which another process may hold by then ("IPv4 port not
+/// available. Exiting..."): a driver that exits before saying its port is started
+/// again, three times at most.
 fn spawn_driver() -> (Child, u16) {
+    const TRIES: usize = 3;
+    for _ in 1..TRIES {
+        if let Some(started) = try_spawn_driver(false) {
+            return started;
+        }
+        eprintln!("[chromedriver] exited before it listened; starting it again");
+    }
+    try_spawn_driver(true).expect("the last try panics instead")
+}
+
+/// One start of chromedriver; None when it exited before saying its port (a panic
+/// instead when `last`, or for anything else).
+fn try_spawn_driver(last: bool) -> Option<(Child, u16)> {
     use std::os::unix::process::CommandExt as _;
     let mut child = Command::new(CHROMEDRIVER)
         .arg("--port=0")
@@ -487,7 +504,11 @@ fn spawn_driver() -> (Child, u16) {
         }
     });
     match rx.recv_timeout(START_TIMEOUT) {
-        Ok(Some(port)) => (child, port),
+        Ok(Some(port)) => Some((child, port)),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) if !last => {
+            let _ = child.wait();
+            None
+        }
         other => {
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(child.id() as i32),

@@ -194,6 +194,7 @@ async fn fleetctl_nodes_shows_the_counts_and_a_first_page_and_pages_through_ever
         "started_at_rfc3339",
         "reason",
         "static_node",
+        "calls_on_stream",
     ]
     .into();
     assert_eq!(keys, expected);
