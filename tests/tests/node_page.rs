@@ -156,6 +156,11 @@ async fn node_page_lists_restarts_with_timings_and_the_rollout_has_a_timeline() 
     assert_eq!(charted(&browser, "handoff-chart").await, 2);
     assert_eq!(samples(&browser, "drain-chart").await, 2);
     assert_eq!(charted(&browser, "drain-chart").await, 2);
+    // How the controller reaches it: on its heartbeat stream (this build's agents).
+    assert_eq!(
+        browser.text_of("#node-calls").await.trim(),
+        "on its heartbeat stream"
+    );
     // Its current generation, and its steps in the rollout.
     browser
         .wait_for("table#generations tr[data-generation]", WAIT)

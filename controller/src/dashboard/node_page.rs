@@ -124,6 +124,10 @@ fn content(d: &Dashboard, n: &NodeRecord, history: &[RestartRecord]) -> Markup {
                     @if n.labels.is_empty() { "—" }
                 }
                 dt { "Control" } dd { code { (n.control_addr) } }
+                dt { "Calls" } dd #node-calls {
+                    @if d.fleet.agents.lines.has(&n.node_id) { "on its heartbeat stream" }
+                    @else { "dialled at " code { (n.control_addr) } }
+                }
                 dt { "Admin" } dd {
                     @if n.admin_url.starts_with("http://") || n.admin_url.starts_with("https://") {
                         a href=(n.admin_url) rel="noopener noreferrer" { (n.admin_url) }
