@@ -121,6 +121,18 @@ async fn stream_beats(
     client: &mut ControllerServiceClient<Channel>,
     beats: &[(&str, &str)],
 ) -> Vec<Result<pb::HeartbeatResponse, tonic::Status>> {
+    let messages = beats
+        .iter()
+        .map(|(node, addr)| forged(node, addr).into_inner())
+        .collect();
+    stream_messages(client, messages).await
+}
+
+/// [`stream_beats`] of any messages.
+async fn stream_messages(
+    client: &mut ControllerServiceClient<Channel>,
+    messages: Vec<pb::HeartbeatRequest>,
+) -> Vec<Result<pb::HeartbeatResponse, tonic::Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let mut request = tonic::Request::new(
         tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -131,8 +143,8 @@ async fn stream_beats(
         Err(status) => return vec![Err(status)],
     };
     let mut got = Vec::new();
-    for (node, addr) in beats {
-        tx.send(forged(node, addr).into_inner()).await.unwrap();
+    for message in messages {
+        tx.send(message).await.unwrap();
         match answers.message().await {
             Ok(Some(answer)) => got.push(Ok(answer)),
             Ok(None) => panic!("the call ended without a status after {got:?}"),
@@ -266,6 +278,27 @@ async fn no_one_but_web_1_speaks_for_web_1() {
         assert_eq!(refused.code(), code, "{refused}");
         assert!(refused.message().contains(why), "{refused}");
     }
+
+    // An answer to a command before any beat has named the stream's node counts for
+    // no one: refused, and the call ends.
+    let answer = pb::HeartbeatRequest {
+        answer: Some(pb::CommandAnswer {
+            id: 1,
+            answer: Some(pb::command_answer::Answer::Shutdown(
+                pb::ShutdownResponse {},
+            )),
+        }),
+        ..Default::default()
+    };
+    let answers = stream_messages(&mut as_web2.clone(), vec![answer]).await;
+    let refused = answers[0].as_ref().unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    assert!(
+        refused
+            .message()
+            .contains("an answer before the stream's first beat"),
+        "{refused}"
+    );
 
     assert_eq!(control_addr_of(&controller, "web-1").await, real_addr);
     // fleetctl restart web-1 restarts web-1, and only web-1.
