@@ -470,6 +470,17 @@ async fn a_controller_that_stops_answering_costs_one_wait_and_a_new_stream() {
     assert_eq!(leader.beats(), 1);
 }
 
+/// The error of a refused command, checked to carry `code`.
+fn refused_with(answer: pb::command_answer::Answer, code: tonic::Code) -> pb::CommandError {
+    match answer {
+        pb::command_answer::Answer::Error(e) => {
+            assert_eq!(e.code, code as i32, "{e:?}");
+            e
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
 fn status_command(id: u64, token: &str) -> pb::Command {
     pb::Command {
         id,
@@ -495,13 +506,8 @@ async fn a_command_on_the_stream_is_answered_on_it_when_it_carries_the_token() {
         other => panic!("{other:?}"),
     }
     // The wrong token changes nothing and is told so.
-    match fake.answer_to(8).await {
-        pb::command_answer::Answer::Error(e) => {
-            assert_eq!(e.code, tonic::Code::Unauthenticated as i32, "{e:?}");
-            assert!(e.message.contains("token"), "{e:?}");
-        }
-        other => panic!("{other:?}"),
-    }
+    let refused = refused_with(fake.answer_to(8).await, tonic::Code::Unauthenticated);
+    assert!(refused.message.contains("token"), "{refused:?}");
     // Later beats on the same stream offer nothing again.
     assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
     assert_eq!(fake.offers.lock().unwrap()[1], (false, Vec::new()));
@@ -547,12 +553,7 @@ async fn a_command_on_a_stream_that_takes_none_is_refused() {
     let line = Arc::new(Line::new(out, commands.clone()));
     commands.receive(status_command(3, ""), line, Trust::None);
     let answer = sent.recv().await.unwrap().answer.unwrap();
-    match answer.answer.unwrap() {
-        pb::command_answer::Answer::Error(e) => {
-            assert_eq!(e.code, tonic::Code::PermissionDenied as i32, "{e:?}")
-        }
-        other => panic!("{other:?}"),
-    }
+    refused_with(answer.answer.unwrap(), tonic::Code::PermissionDenied);
 }
 
 #[tokio::test]
@@ -622,11 +623,6 @@ async fn commands_past_the_bound_are_refused_not_queued() {
     let line = Arc::new(Line::new(out, commands.clone()));
     commands.receive(status_command(5, ""), line, Trust::Token);
     let answer = sent.recv().await.unwrap().answer.unwrap();
-    match answer.answer.unwrap() {
-        pb::command_answer::Answer::Error(e) => {
-            assert_eq!(e.code, tonic::Code::ResourceExhausted as i32, "{e:?}")
-        }
-        other => panic!("{other:?}"),
-    }
+    refused_with(answer.answer.unwrap(), tonic::Code::ResourceExhausted);
     assert!(!commands.working.lock().unwrap().contains(&5));
 }
