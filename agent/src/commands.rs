@@ -43,6 +43,10 @@ pub struct Commands {
     /// Answers whose stream ended before a later beat on it was answered: sent again
     /// on the next stream.
     outbox: Mutex<Vec<pb::CommandAnswer>>,
+    /// The stream that takes commands now: an answer whose own stream has ended goes
+    /// out on it (the controller is waiting for it there, having been told the command
+    /// is at work).
+    current: Mutex<std::sync::Weak<Line>>,
 }
 
 impl Commands {
@@ -52,6 +56,7 @@ impl Commands {
             grpc: AgentGrpc::new(supervisor),
             working: Mutex::default(),
             outbox: Mutex::default(),
+            current: Mutex::default(),
         })
     }
 
@@ -95,12 +100,25 @@ impl Commands {
         outbox.push(answer);
     }
 
-    /// Sends the answers of ended streams on `line` (a new stream, after its first
-    /// beat).
-    pub fn resend(&self, line: &Line) {
+    /// `line` (a new stream, its first beat sent) takes commands from now on: the
+    /// answers of ended streams go out on it, and so will any whose stream ends later.
+    pub fn taking(&self, line: &Arc<Line>) {
+        *self.current.lock().expect("current") = Arc::downgrade(line);
         let answers = std::mem::take(&mut *self.outbox.lock().expect("outbox"));
         for answer in answers {
             line.send_answer(answer);
+        }
+    }
+
+    /// An answer whose own stream has ended: on the current stream, else kept.
+    fn deliver(&self, answer: pb::CommandAnswer) {
+        let current = self.current.lock().expect("current").upgrade();
+        let unsent = match current {
+            Some(line) => line.try_send(answer).err(),
+            None => Some(answer),
+        };
+        if let Some(answer) = unsent {
+            self.keep(answer);
         }
     }
 
@@ -230,8 +248,17 @@ impl Line {
         sent.answers.drain(..read);
     }
 
-    /// Sends an answer, or keeps it for the next stream when this one has ended.
+    /// Sends an answer, or, when this stream has ended, on the current one (else it
+    /// is kept for the next).
     pub fn send_answer(&self, answer: pb::CommandAnswer) {
+        if let Err(answer) = self.try_send(answer) {
+            self.commands.deliver(answer);
+        }
+    }
+
+    /// Sends an answer on this stream; gives it back when the stream has ended.
+    #[allow(clippy::result_large_err)]
+    fn try_send(&self, answer: pb::CommandAnswer) -> Result<(), pb::CommandAnswer> {
         let mut sent = self.sent.lock().expect("sent");
         let message = pb::HeartbeatRequest {
             answer: Some(answer.clone()),
@@ -239,8 +266,9 @@ impl Line {
         };
         if !sent.closed && self.out.send(message).is_ok() {
             sent.answers.push(answer);
+            Ok(())
         } else {
-            self.commands.keep(answer);
+            Err(answer)
         }
     }
 }
@@ -249,10 +277,13 @@ impl Line {
     /// The stream is over: what it may not have delivered, and every answer still to
     /// come, goes out on the next one.
     pub fn close(&self) {
-        let mut sent = self.sent.lock().expect("sent");
-        sent.closed = true;
-        for answer in std::mem::take(&mut sent.answers) {
-            self.commands.keep(answer);
+        let unread = {
+            let mut sent = self.sent.lock().expect("sent");
+            sent.closed = true;
+            std::mem::take(&mut sent.answers)
+        };
+        for answer in unread {
+            self.commands.deliver(answer);
         }
     }
 }

@@ -473,7 +473,7 @@ impl Beater {
         }
         let mark = stream.line.send_beat(beat);
         if fresh && stream.trust != Trust::None {
-            self.commands.resend(&stream.line);
+            self.commands.taking(&stream.line);
         }
         let answer = stream.acks.recv().await.unwrap_or_else(|| {
             Err(tonic::Status::unavailable(

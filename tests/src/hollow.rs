@@ -351,6 +351,8 @@ struct Agent {
     /// whose stream ended before they were sent (listed in the next stream's first
     /// beat, sent first on it), as a real agent keeps them.
     commands: Mutex<(HashSet<u64>, Vec<pb::CommandAnswer>)>,
+    /// The stream open now: an answer whose own stream has ended goes out on it.
+    current: Mutex<Option<mpsc::UnboundedSender<pb::HeartbeatRequest>>>,
     shared: Arc<Shared>,
 }
 
@@ -654,6 +656,7 @@ impl HollowFleet {
                 stop,
                 beat_now: tokio::sync::Notify::new(),
                 commands: Mutex::default(),
+                current: Mutex::default(),
                 shared: shared.clone(),
             });
             let service = AgentServiceServer::new(HollowService {
@@ -1047,6 +1050,9 @@ async fn send_on_stream(
     };
     // A send fails only once the call is over; its status says why.
     let _ = open.out.send(beat);
+    if fresh && takes {
+        *lock(&agent.current) = Some(open.out.clone());
+    }
     for answer in outbox {
         send_answer(agent, &open.out, answer);
     }
@@ -1067,7 +1073,12 @@ fn send_answer(
         answer: Some(answer.clone()),
         ..Default::default()
     };
-    if out.send(message).is_err() {
+    // On its own stream, else on the one open now, else kept for the next.
+    let Err(unsent) = out.send(message) else {
+        return;
+    };
+    let current = lock(&agent.current).clone();
+    if current.is_none_or(|now| now.send(unsent.0).is_err()) {
         lock(&agent.commands).1.push(answer);
     }
 }

@@ -575,7 +575,7 @@ async fn an_answer_not_known_to_be_read_goes_out_again_on_the_next_stream() {
     let (out, mut second) = mpsc::unbounded_channel();
     let next = Arc::new(Line::new(out, commands.clone()));
     let mark = next.send_beat(beat());
-    commands.resend(&next);
+    commands.taking(&next);
     assert!(second.recv().await.unwrap().status.is_some());
     assert_eq!(second.recv().await.unwrap().answer.unwrap().id, 1);
     assert!(commands.listed().is_empty());
@@ -625,4 +625,29 @@ async fn commands_past_the_bound_are_refused_not_queued() {
     let answer = sent.recv().await.unwrap().answer.unwrap();
     refused_with(answer.answer.unwrap(), tonic::Code::ResourceExhausted);
     assert!(!commands.working.lock().unwrap().contains(&5));
+}
+
+#[tokio::test]
+async fn an_answer_whose_stream_ended_goes_out_on_the_stream_open_now() {
+    let (commands, _dir) = commands(None);
+    // The command came on a stream that ended while it was worked on...
+    let (out, _first) = mpsc::unbounded_channel();
+    let old = Arc::new(Line::new(out, commands.clone()));
+    old.close();
+    // ...and a new stream has said so (`working`) and takes commands now.
+    let (out, mut second) = mpsc::unbounded_channel();
+    let new = Arc::new(Line::new(out, commands.clone()));
+    let _mark = new.send_beat(beat());
+    commands.taking(&new);
+    assert!(second.recv().await.unwrap().status.is_some());
+    commands.receive(status_command(6, ""), old, Trust::Token);
+    // Its answer goes out on the new stream, not into a box for a stream to come.
+    let answer = tokio::time::timeout(Duration::from_secs(10), second.recv())
+        .await
+        .expect("the answer goes out on the stream open now")
+        .unwrap()
+        .answer
+        .unwrap();
+    assert_eq!(answer.id, 6);
+    assert!(commands.listed().is_empty());
 }
