@@ -300,6 +300,11 @@ impl Load {
     /// Stop, wait for every client, and report.
     pub async fn finish(self) -> LoadReport {
         self.stop();
+        self.collect().await
+    }
+
+    /// Wait for every client to end (stopped, or at its bounds), and report.
+    pub(crate) async fn collect(self) -> LoadReport {
         let mut report = LoadReport {
             pacing: self.shared.options.pacing,
             ..LoadReport::default()
