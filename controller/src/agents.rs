@@ -255,10 +255,10 @@ impl Agents {
             first_set(&[request.ready_timeout_ms, node.ready_timeout_ms]).unwrap_or(DEFAULT_READY);
         let limit = ready + MARGIN;
         let call = Call::Restart(request.clone());
-        if let Some(answer) = self.on_line(node, "Restart", call, limit).await {
+        if let Some(answer) = self.on_line(&node.node_id, "Restart", call, limit).await {
             return answer.and_then(|a| match a {
                 Answer::Restart(r) => Ok(r),
-                other => Err(wrong_answer(node, "Restart", &other)),
+                other => Err(wrong_answer(&node.node_id, "Restart", &other)),
             });
         }
         let _turn = self.turn().await;
@@ -266,26 +266,23 @@ impl Agents {
         bounded(node, "Restart", limit, client.restart(request)).await
     }
 
-    /// Calls `node` on its heartbeat stream, if it takes calls there. None: dial it.
+    /// Calls node `node_id` on its heartbeat stream, if it takes calls there. None:
+    /// dial it.
     async fn on_line(
         &self,
-        node: &NodeRecord,
+        node_id: &str,
         what: &'static str,
         call: Call,
         limit: Duration,
     ) -> Option<Result<Answer, tonic::Status>> {
-        let answer = self
-            .lines
-            .call(&node.node_id, &self.raw_token, call, limit)
-            .await;
+        let answer = self.lines.call(node_id, &self.raw_token, call, limit).await;
         let via = if answer.is_some() { "stream" } else { "dial" };
         crate::metrics::global().agent_call(what, via);
         Some(match answer? {
             Ok(Answer::Error(e)) => Err(tonic::Status::new(e.code.into(), e.message)),
             Ok(answer) => Ok(answer),
             Err(lines::Timeout) => Err(tonic::Status::deadline_exceeded(format!(
-                "no answer to {what} from node {} on its heartbeat stream within {}",
-                node.node_id,
+                "no answer to {what} from node {node_id} on its heartbeat stream within {}",
                 humantime::format_duration(limit)
             ))),
         })
@@ -302,10 +299,10 @@ impl Agents {
         let call = Call::Shutdown(pb::ShutdownRequest {
             reason: reason.clone(),
         });
-        if let Some(answer) = self.on_line(node, "Shutdown", call, limit).await {
+        if let Some(answer) = self.on_line(&node.node_id, "Shutdown", call, limit).await {
             return answer.and_then(|a| match a {
                 Answer::Shutdown(r) => Ok(r),
-                other => Err(wrong_answer(node, "Shutdown", &other)),
+                other => Err(wrong_answer(&node.node_id, "Shutdown", &other)),
             });
         }
         let _turn = self.turn().await;
@@ -326,10 +323,13 @@ impl Agents {
         request: pb::PreflightRequest,
     ) -> Result<pb::PreflightResponse, tonic::Status> {
         let call = Call::Preflight(request.clone());
-        if let Some(answer) = self.on_line(node, "Preflight", call, CALL_TIMEOUT).await {
+        if let Some(answer) = self
+            .on_line(&node.node_id, "Preflight", call, CALL_TIMEOUT)
+            .await
+        {
             return answer.and_then(|a| match a {
                 Answer::Preflight(r) => Ok(r),
-                other => Err(wrong_answer(node, "Preflight", &other)),
+                other => Err(wrong_answer(&node.node_id, "Preflight", &other)),
             });
         }
         let _turn = self.turn().await;
@@ -343,26 +343,12 @@ impl Agents {
         control_addr: &str,
         timeout: Duration,
     ) -> Result<pb::StatusResponse, tonic::Status> {
-        let status = Call::Status(pb::StatusRequest {});
-        let answer = self
-            .lines
-            .call(node_id, &self.raw_token, status, timeout)
-            .await;
-        let via = if answer.is_some() { "stream" } else { "dial" };
-        crate::metrics::global().agent_call("Status", via);
-        if let Some(answer) = answer {
-            return match answer {
-                Ok(Answer::Status(r)) => Ok(r),
-                Ok(Answer::Error(e)) => Err(tonic::Status::new(e.code.into(), e.message)),
-                Ok(other) => Err(tonic::Status::internal(format!(
-                    "node {node_id} answered Status with {}",
-                    answer_kind(&other)
-                ))),
-                Err(lines::Timeout) => Err(tonic::Status::deadline_exceeded(format!(
-                    "no answer from node {node_id} on its heartbeat stream within {}",
-                    humantime::format_duration(timeout)
-                ))),
-            };
+        let call = Call::Status(pb::StatusRequest {});
+        if let Some(answer) = self.on_line(node_id, "Status", call, timeout).await {
+            return answer.and_then(|a| match a {
+                Answer::Status(r) => Ok(r),
+                other => Err(wrong_answer(node_id, "Status", &other)),
+            });
         }
         let call = async {
             let _turn = self.turn().await;
@@ -391,10 +377,9 @@ fn answer_kind(answer: &Answer) -> &'static str {
 }
 
 /// An agent answered a call with another call's answer (a broken agent).
-fn wrong_answer(node: &NodeRecord, what: &str, answer: &Answer) -> tonic::Status {
+fn wrong_answer(node_id: &str, what: &str, answer: &Answer) -> tonic::Status {
     tonic::Status::internal(format!(
-        "node {} answered {what} with {}",
-        node.node_id,
+        "node {node_id} answered {what} with {}",
         answer_kind(answer)
     ))
 }
