@@ -11,7 +11,8 @@
 //!
 //! No answer is lost with its stream: an answer stays with the stream it was sent on
 //! until a beat sent after it is answered (the controller reads a stream in order), and
-//! otherwise goes out again on the next stream. A stream's first beat lists the
+//! otherwise goes out again on the stream open then, or on the next. A stream's first
+//! beat lists the
 //! commands still being worked on or answered, so the controller sends again only what
 //! never arrived, and a command that arrives twice runs once.
 
@@ -124,7 +125,8 @@ impl Commands {
 
     /// Runs `command`, received on `line` (a stream to a controller trusted as
     /// `trust` says, see [`Commands::taken_from`]), and answers it on that line or, if
-    /// it has ended by then, on the next. A command already received runs once.
+    /// it has ended by then, on the one open then (else the next). A command already
+    /// received runs once.
     pub fn receive(self: &Arc<Self>, command: pb::Command, line: Arc<Line>, trust: Trust) {
         let id = command.id;
         if self
