@@ -12,9 +12,8 @@
 //! No answer is lost with its stream: an answer stays with the stream it was sent on
 //! until a beat sent after it is answered (the controller reads a stream in order), and
 //! otherwise goes out again on the stream open then, or on the next. A stream's first
-//! beat lists the
-//! commands still being worked on or answered, so the controller sends again only what
-//! never arrived, and a command that arrives twice runs once.
+//! beat lists the commands still being worked on or answered, so the controller sends
+//! again only what never arrived, and a command that arrives twice runs once.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
