@@ -203,19 +203,40 @@ impl History {
                 record.drain_us = us;
             }
         }
-        tracing::info!(
-            "node {}: {} {} by {} via {}{}",
-            record.node_id,
-            record.kind,
-            record.outcome,
-            record.actor,
-            record.via,
-            if record.rollout_id.is_empty() {
-                String::new()
-            } else {
-                format!(" (rollout {})", record.rollout_id)
-            }
-        );
+        // A rollout's successful restarts are logged at debug: the rollout logs its
+        // batches and end, and a line per node would be 100,000 lines for a large
+        // fleet (each one is in the history all the same). Failures stay at info.
+        if record.rollout_id.is_empty() {
+            tracing::info!(
+                "node {}: {} {} by {} via {}",
+                record.node_id,
+                record.kind,
+                record.outcome,
+                record.actor,
+                record.via,
+            );
+        } else if record.outcome != "succeeded" {
+            tracing::info!(
+                "node {}: {} {} by {} via {} (rollout {}): {}",
+                record.node_id,
+                record.kind,
+                record.outcome,
+                record.actor,
+                record.via,
+                record.rollout_id,
+                record.reason
+            );
+        } else {
+            tracing::debug!(
+                "node {}: {} {} by {} via {} (rollout {})",
+                record.node_id,
+                record.kind,
+                record.outcome,
+                record.actor,
+                record.via,
+                record.rollout_id
+            );
+        }
         if let Err(e) = self.store.put_restart(&record).await {
             tracing::error!(
                 "node {}: the restart history was not written: {e}",
