@@ -55,6 +55,8 @@
 //! The controller's figures come from /proc/<controller pid> alone; the CPU of the
 //! hollow agents (and this process) and other load on the machine are printed beside
 //! them (the agents and the controller share the CPUs).
+//! A run waits first (at most 90 s) for the TIME_WAIT sockets an earlier run left
+//! on loopback to clear: their port pairs would make the agents' connects fail.
 //! Exit status: 0 every target met, 1 a target missed or the rollout did not
 //! succeed, 2 the bench could not run, 130 interrupted. Loopback only; every wait is
 //! bounded; the controller is killed on exit.
@@ -857,6 +859,38 @@ const CONTROLLER_SLACK: usize = 1024;
 /// Client connections beyond the agents' (this bench's, a curl) in `--max-connections`.
 const CONTROLLER_EXTRA_CONNECTIONS: usize = 256;
 
+/// TIME_WAIT sockets on this host (`/proc/net/sockstat`), where it says.
+fn time_wait() -> Option<usize> {
+    let stat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let tcp = stat.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut words = tcp.split_whitespace();
+    words.find(|w| *w == "tw")?;
+    words.next()?.parse().ok()
+}
+
+/// More than this many TIME_WAIT sockets left by an earlier run are waited out.
+const TIME_WAIT_LEFT: usize = 1000;
+
+/// Waits (at most 90 s) for the TIME_WAIT sockets of an earlier run to clear. A run
+/// started at once after another finds the loopback port pairs of its ~17,000
+/// connections still held for 60 s: the hollow agents' connects fail and retry, and
+/// the controller, at its connection cap, closes this bench's own idle connection.
+async fn settle_time_wait() {
+    let Some(first) = time_wait().filter(|&n| n > TIME_WAIT_LEFT) else {
+        return;
+    };
+    say(format!(
+        "waiting for {first} TIME_WAIT sockets (an earlier run's connections) to clear"
+    ));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while time_wait().is_some_and(|n| n > TIME_WAIT_LEFT) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    if let Some(left) = time_wait().filter(|&n| n > TIME_WAIT_LEFT) {
+        say(format!("{left} TIME_WAIT sockets left after 90 s: going on"));
+    }
+}
+
 async fn run_store(
     args: &Args,
     controller_exe: &Path,
@@ -864,6 +898,7 @@ async fn run_store(
     layout: &Layout,
     store: StoreKind,
 ) -> anyhow::Result<(bool, Value)> {
+    settle_time_wait().await;
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let etcd = match store {
         StoreKind::Sqlite => None,
@@ -996,7 +1031,12 @@ async fn run_store(
                 CALL_TIMEOUT,
             ))
             .await
-            .context("ListNodes")?
+            .with_context(|| {
+                format!(
+                    "ListNodes; controller log:\n  {}",
+                    controller.tail(15).join("\n  ")
+                )
+            })?
             .into_inner();
         let serving = summary.counts_by_state.get("serving").copied().unwrap_or(0) as usize;
         if serving >= args.agents {
