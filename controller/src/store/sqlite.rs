@@ -51,13 +51,9 @@ fn db_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
 
 fn open(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(|e| db_err(path, e))?;
-    // A checkpoint every 8,000 pages of WAL (32 MiB) rather than SQLite's 1,000: a
-    // rollout rewrites the same rows (a node's, several times), and a checkpoint copies
-    // a page once however often it was rewritten since the last.
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = NORMAL;
-         PRAGMA wal_autocheckpoint = 8000;
          PRAGMA busy_timeout = 5000;
          CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, json TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, json TEXT NOT NULL);
