@@ -16,13 +16,12 @@
 //! again only what never arrived, and a command that arrives twice runs once.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fleet_proto::commands::refusal;
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::command_answer::Answer;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::control::grpc::AgentGrpc;
 use crate::supervisor::Supervisor;
@@ -37,14 +36,8 @@ const MAX_OUTBOX: usize = 256;
 /// The commands of every stream of this node.
 #[derive(Debug)]
 pub struct Commands {
-    supervisor: Arc<Supervisor>,
     grpc: AgentGrpc,
     token: Option<String>,
-    /// Commands at work whose answer is to carry the node's status
-    /// (`Command.with_status`): the beat a change would call for now comes with it.
-    pub(crate) reporting: AtomicUsize,
-    /// Those commands' ends, for the beats (see [`Reports`]).
-    pub(crate) reports: watch::Sender<Reports>,
     /// Received and not answered yet.
     pub(crate) working: Mutex<HashSet<u64>>,
     /// Answers whose stream ended before a later beat on it was answered: sent again
@@ -60,25 +53,11 @@ impl Commands {
     pub fn new(supervisor: Arc<Supervisor>) -> Arc<Self> {
         Arc::new(Self {
             token: supervisor.token().map(str::to_string),
-            grpc: AgentGrpc::new(supervisor.clone()),
-            supervisor,
-            reporting: AtomicUsize::new(0),
-            reports: watch::Sender::new(Reports::default()),
+            grpc: AgentGrpc::new(supervisor),
             working: Mutex::default(),
             outbox: Mutex::default(),
             current: Mutex::default(),
         })
-    }
-
-    /// Whether an answer now at work will carry the node's status to the controller:
-    /// a change it makes needs no beat of its own.
-    pub fn reporting(&self) -> bool {
-        self.reporting.load(Ordering::SeqCst) > 0
-    }
-
-    /// Follows the ends of the commands whose answers carry the node's status.
-    pub fn reports(&self) -> watch::Receiver<Reports> {
-        self.reports.subscribe()
     }
 
     /// Whether commands are taken on a stream to the controller at `url`, `tls` when
@@ -135,7 +114,7 @@ impl Commands {
     fn deliver(&self, answer: pb::CommandAnswer) {
         let current = self.current.lock().expect("current").upgrade();
         let unsent = match current {
-            Some(line) => line.try_send(answer, false).err(),
+            Some(line) => line.try_send(answer).err(),
             None => Some(answer),
         };
         if let Some(answer) = unsent {
@@ -181,11 +160,6 @@ impl Commands {
             }
             working.insert(id);
         }
-        let with_status = command.with_status;
-        if with_status {
-            // Before the call starts: the changes it makes wait for its answer.
-            self.reporting.fetch_add(1, Ordering::SeqCst);
-        }
         let commands = self.clone();
         tokio::spawn(async move {
             let answer = pb::CommandAnswer {
@@ -193,18 +167,7 @@ impl Commands {
                 answer: Some(commands.answer(command, trust).await),
             };
             commands.working.lock().expect("working").remove(&id);
-            if !with_status {
-                line.send_answer(answer);
-                return;
-            }
-            let reported = line.send_answer_with(answer, true);
-            commands.reporting.fetch_sub(1, Ordering::SeqCst);
-            commands.reports.send_modify(|r| {
-                r.ended += 1;
-                if reported {
-                    r.delivered += 1;
-                }
-            });
+            line.send_answer(answer);
         });
     }
 
@@ -233,16 +196,6 @@ impl Commands {
     }
 }
 
-/// Counts of the commands whose answers were to carry the node's status.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Reports {
-    /// Ended (answered).
-    pub ended: u64,
-    /// Answered with the status on the stream the command came on: the controller has
-    /// the node's status as of then.
-    pub delivered: u64,
-}
-
 /// Why the commands on a stream are taken, if they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trust {
@@ -268,8 +221,6 @@ pub struct Line {
 struct Sent {
     /// The stream has ended: answers go to the outbox.
     closed: bool,
-    /// An answer went out with the node's status since the last beat.
-    reported: bool,
     /// Sent, not known to be read.
     answers: Vec<pb::CommandAnswer>,
 }
@@ -284,15 +235,8 @@ impl Line {
     }
 
     /// Sends a beat; the mark to [`Line::confirm`] once it is answered.
-    pub fn send_beat(&self, mut beat: pb::HeartbeatRequest) -> usize {
-        let mut sent = self.sent.lock().expect("sent");
-        // The beat's status may have been taken before that of an answer sent since:
-        // taken again, so the controller never gets an older status after a newer.
-        if std::mem::take(&mut sent.reported) && beat.status.is_some() {
-            let report = self.commands.supervisor.status();
-            beat.in_flight = report.in_flight();
-            beat.status = Some(crate::control::status_message(report));
-        }
+    pub fn send_beat(&self, beat: pb::HeartbeatRequest) -> usize {
+        let sent = self.sent.lock().expect("sent");
         // A send fails only once the call is over: the beat's answer says why.
         let _ = self.out.send(beat);
         sent.answers.len()
@@ -308,45 +252,20 @@ impl Line {
     /// Sends an answer, or, when this stream has ended, on the current one (else it
     /// is kept for the next).
     pub fn send_answer(&self, answer: pb::CommandAnswer) {
-        self.send_answer_with(answer, false);
-    }
-
-    /// [`Line::send_answer`], `with_status`: with the node's status (taken as it goes)
-    /// when it goes out on this stream; whether it did. Elsewhere it goes without: by
-    /// then a newer status may have gone out, and the controller must not take an
-    /// older one after it.
-    pub fn send_answer_with(&self, answer: pb::CommandAnswer, with_status: bool) -> bool {
-        match self.try_send(answer, with_status) {
-            Ok(()) => with_status,
-            Err(answer) => {
-                self.commands.deliver(answer);
-                false
-            }
+        if let Err(answer) = self.try_send(answer) {
+            self.commands.deliver(answer);
         }
     }
 
     /// Sends an answer on this stream; gives it back when the stream has ended.
     #[allow(clippy::result_large_err)]
-    fn try_send(
-        &self,
-        answer: pb::CommandAnswer,
-        with_status: bool,
-    ) -> Result<(), pb::CommandAnswer> {
+    fn try_send(&self, answer: pb::CommandAnswer) -> Result<(), pb::CommandAnswer> {
         let mut sent = self.sent.lock().expect("sent");
-        if sent.closed {
-            return Err(answer);
-        }
-        // Taken under the lock beats are sent under: statuses go out in the order
-        // they were taken.
-        let status =
-            with_status.then(|| crate::control::status_message(self.commands.supervisor.status()));
         let message = pb::HeartbeatRequest {
             answer: Some(answer.clone()),
-            status,
             ..Default::default()
         };
-        if self.out.send(message).is_ok() {
-            sent.reported |= with_status;
+        if !sent.closed && self.out.send(message).is_ok() {
             sent.answers.push(answer);
             Ok(())
         } else {

@@ -52,7 +52,6 @@ pub async fn run(supervisor: Arc<Supervisor>, urls: Vec<String>, mut tls: Option
         .token()
         .and_then(|t| format!("Bearer {t}").parse().ok());
     let commands = Commands::new(supervisor.clone());
-    let mut reports = commands.reports();
     let mut beater = match Beater::new(urls, auth, commands) {
         Ok(b) => b,
         Err(e) => {
@@ -116,71 +115,18 @@ pub async fn run(supervisor: Arc<Supervisor>, urls: Vec<String>, mut tls: Option
             // controllers.
             Beat::Failed(_, wait) => (wait, stopping),
         };
-        let taken = matches!(beat, Beat::Taken);
-        let commands = beater.commands.clone();
-        let after = Waits {
-            wait,
-            wake,
-            reporting: taken.then_some((&*commands, beater.interval)),
-        };
-        after.until_due(&mut events, &mut reports).await;
-    }
-}
-
-/// What the next beat waits for.
-struct Waits<'a> {
-    /// The longest wait.
-    wait: Duration,
-    /// The events that make it due at once.
-    wake: fn(&Phase) -> bool,
-    /// After a beat that was taken: the commands whose answers carry the node's status
-    /// (`Command.with_status`, a controller's Restart), and the interval.
-    reporting: Option<(&'a Commands, Duration)>,
-}
-
-impl Waits<'_> {
-    /// Returns when the next beat is due. A change made while a command whose answer
-    /// carries the node's status is at work is said by that answer: the beat is owed
-    /// only if the answer does not go out on its stream, and once one has, the next
-    /// beat is a whole interval away, as after a beat.
-    async fn until_due(
-        &self,
-        events: &mut tokio::sync::broadcast::Receiver<crate::phase::Event>,
-        reports: &mut watch::Receiver<crate::commands::Reports>,
-    ) {
-        let sleep = tokio::time::sleep(self.wait);
+        let sleep = tokio::time::sleep(wait);
         tokio::pin!(sleep);
-        let mut owed = false;
-        let mut delivered = reports.borrow_and_update().delivered;
         loop {
             tokio::select! {
-                _ = &mut sleep => return,
-                changed = reports.changed(), if self.reporting.is_some() => {
-                    let Some((commands, interval)) = self.reporting else { return };
-                    if changed.is_err() {
-                        return;
-                    }
-                    let now = *reports.borrow_and_update();
-                    if now.delivered != delivered {
-                        delivered = now.delivered;
-                        owed = false;
-                        sleep.as_mut().reset(tokio::time::Instant::now() + interval);
-                    } else if owed && !commands.reporting() {
-                        return;
-                    }
-                }
+                _ = &mut sleep => break,
                 event = events.recv() => match event {
-                    Ok(e) if (self.wake)(&e.phase) => {
-                        match self.reporting {
-                            Some((commands, _)) if commands.reporting() => owed = true,
-                            _ => return,
-                        }
-                    }
+                    Ok(e) if wake(&e.phase) => break,
                     Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                         (&mut sleep).await;
-                        return;
+                        break;
                     }
                 },
             }

@@ -60,21 +60,15 @@ fn take_beat(fleet: &Fleet, beat: pb::HeartbeatRequest) -> Result<pb::HeartbeatR
         crate::metrics::global().heartbeat_refused("invalid");
         return Err(Status::invalid_argument("heartbeat without a status"));
     };
-    take_status(fleet, &status)?;
+    fleet
+        .inventory
+        .report(&status, false)
+        .map_err(|e| e.status())?;
+    fleet.history.heard(&status);
     Ok(pb::HeartbeatResponse {
         interval_ms: (fleet.inventory.ttl().as_millis() / 3).max(100) as u64,
         command: None,
     })
-}
-
-/// A node's status, from a beat or with an answer to a command.
-fn take_status(fleet: &Fleet, status: &pb::StatusResponse) -> Result<(), Status> {
-    fleet
-        .inventory
-        .report(status, false)
-        .map_err(|e| e.status())?;
-    fleet.history.heard(status);
-    Ok(())
 }
 
 /// The beats of one `HeartbeatStream` call. What a unary `Heartbeat` has checked
@@ -175,19 +169,6 @@ impl Beats {
             {
                 crate::metrics::global().heartbeat_refused("certificate");
                 return Err(refusal);
-            }
-            // The node's status once the call was done (`Command.with_status`): taken
-            // before the caller hears the answer, so it finds the inventory current.
-            if let Some(status) = &beat.status {
-                if status.node_id != node {
-                    crate::metrics::global().heartbeat_refused("invalid");
-                    return Err(Status::invalid_argument(format!(
-                        "this heartbeat stream speaks for node {node:?}, not {:?}: an answer \
-                         carries the status of the node whose stream it is on",
-                        status.node_id
-                    )));
-                }
-                take_status(&self.fleet, status)?;
             }
             self.fleet.agents.lines.answer(&node, answer);
             return Ok(None);

@@ -34,9 +34,7 @@
 //! changes the interval each agent picks a random point in the new interval, so
 //! 10,000 agents never heartbeat in one burst; like a real agent, each also
 //! heartbeats at once when a restart ends (READY or FAILED), so a batch's restarts
-//! come back to the controller as a burst — unless the restart was a command on its
-//! stream that asked for the status in its answer (`Command.with_status`), which
-//! then carries it instead.
+//! come back to the controller as a burst.
 //!
 //! Each agent uses a listening socket, its heartbeat connection, and one per
 //! connection the controller keeps open to it: call [`raise_nofile`] first (the
@@ -349,11 +347,6 @@ struct Agent {
     stop: watch::Sender<bool>,
     /// A restart ended: heartbeat now (a real agent does, after READY or FAILED).
     beat_now: tokio::sync::Notify,
-    /// Commands at work whose answer carries the agent's status (`with_status`): a
-    /// restart among them owes no beat, as with a real agent.
-    reporting: AtomicUsize,
-    /// An answer carried the agent's status: the next beat is an interval away.
-    reported: tokio::sync::Notify,
     /// Commands received on the heartbeat stream and not answered yet, and answers
     /// whose stream ended before they were sent (listed in the next stream's first
     /// beat, sent first on it), as a real agent keeps them.
@@ -662,8 +655,6 @@ impl HollowFleet {
                 }),
                 stop,
                 beat_now: tokio::sync::Notify::new(),
-                reporting: AtomicUsize::new(0),
-                reported: tokio::sync::Notify::new(),
                 commands: Mutex::default(),
                 current: Mutex::default(),
                 shared: shared.clone(),
@@ -917,10 +908,6 @@ async fn heartbeat_loop(agent: Arc<Agent>, channel: Channel, mut stop: watch::Re
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = agent.beat_now.notified() => {}
-            () = agent.reported.notified() => {
-                delay = interval.mul_f64(1.0 + PERIOD_JITTER * (2.0 * shared.rng.unit() - 1.0));
-                continue;
-            }
             _ = stop.changed() => {}
         }
         let stopping = agent.stopped();
@@ -1107,10 +1094,6 @@ async fn answer_command(
     if !lock(&agent.commands).0.insert(id) {
         return;
     }
-    let with_status = command.with_status && !agent.shared.cfg.dialled_calls;
-    if with_status {
-        agent.reporting.fetch_add(1, Ordering::SeqCst);
-    }
     let answer = if agent.shared.cfg.dialled_calls {
         fleet_proto::commands::refusal(
             tonic::Code::PermissionDenied,
@@ -1127,28 +1110,14 @@ async fn answer_command(
         fleet_proto::commands::answer(&service, command.call, &metadata).await
     };
     lock(&agent.commands).0.remove(&id);
-    let answer = pb::CommandAnswer {
-        id,
-        answer: Some(answer),
-    };
-    if !with_status {
-        send_answer(&agent, &out, answer);
-        return;
-    }
-    // With the agent's status on the command's own stream; elsewhere without, and
-    // the beat it stood for goes out instead.
-    let message = pb::HeartbeatRequest {
-        status: Some(agent.status()),
-        answer: Some(answer.clone()),
-        ..Default::default()
-    };
-    agent.reporting.fetch_sub(1, Ordering::SeqCst);
-    if out.send(message).is_ok() {
-        agent.reported.notify_one();
-    } else {
-        send_answer(&agent, &out, answer);
-        agent.beat_now.notify_one();
-    }
+    send_answer(
+        &agent,
+        &out,
+        pb::CommandAnswer {
+            id,
+            answer: Some(answer),
+        },
+    );
 }
 
 impl Shared {
@@ -1271,9 +1240,7 @@ impl AgentService for HollowService {
             } else {
                 shared.restarts_succeeded.fetch_add(1, Ordering::Relaxed);
             }
-            if agent.reporting.load(Ordering::SeqCst) == 0 {
-                agent.beat_now.notify_one();
-            }
+            agent.beat_now.notify_one();
             let duration = started.elapsed();
             lock(&shared.restarts).push(RestartRecord {
                 node_id: agent.node_id.clone(),

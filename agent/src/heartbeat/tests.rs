@@ -10,7 +10,7 @@ use tonic::codegen::tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use super::*;
-use crate::commands::{Reports, Trust};
+use crate::commands::Trust;
 
 /// How a fake controller answers a heartbeat.
 #[derive(Debug, Clone)]
@@ -486,7 +486,6 @@ fn status_command(id: u64, token: &str) -> pb::Command {
         id,
         token: token.into(),
         call: Some(pb::command::Call::Status(pb::StatusRequest {})),
-        with_status: false,
     }
 }
 
@@ -651,149 +650,4 @@ async fn an_answer_whose_stream_ended_goes_out_on_the_stream_open_now() {
         .unwrap();
     assert_eq!(answer.id, 6);
     assert!(commands.listed().is_empty());
-}
-
-#[tokio::test]
-async fn a_command_asking_for_the_status_carries_it_on_its_own_stream_only() {
-    let (commands, _dir) = commands(None);
-    let mut reports = commands.reports();
-    let (out, mut sent) = mpsc::unbounded_channel();
-    let line = Arc::new(Line::new(out, commands.clone()));
-    let asking = |id| pb::Command {
-        with_status: true,
-        ..status_command(id, "")
-    };
-    commands.receive(asking(9), line.clone(), Trust::Token);
-    // Counted as at work from the moment it is received: a change it makes owes no beat.
-    assert!(commands.reporting());
-    let message = sent.recv().await.unwrap();
-    assert_eq!(message.answer.unwrap().id, 9);
-    assert_eq!(
-        message.status.expect("the status with the answer").node_id,
-        "web-1"
-    );
-    reports.changed().await.unwrap();
-    assert_eq!(
-        *reports.borrow_and_update(),
-        Reports {
-            ended: 1,
-            delivered: 1
-        }
-    );
-    assert!(!commands.reporting());
-    // The next beat's status was taken before that answer's, maybe: taken again.
-    let stale = pb::HeartbeatRequest {
-        status: Some(pb::StatusResponse {
-            node_id: "web-1".into(),
-            state: "taken-before-the-answer".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let _mark = line.send_beat(stale.clone());
-    let retaken = sent.recv().await.unwrap();
-    assert_ne!(retaken.status.unwrap().state, "taken-before-the-answer");
-    // Once only: a later beat goes as it was made.
-    let _mark = line.send_beat(stale);
-    assert_eq!(
-        sent.recv().await.unwrap().status.unwrap().state,
-        "taken-before-the-answer"
-    );
-    // An answer that cannot go out on its own stream goes without the status (a newer
-    // one may be out by then), and its beat is owed.
-    let (out, _gone) = mpsc::unbounded_channel();
-    let old = Arc::new(Line::new(out, commands.clone()));
-    old.close();
-    let (out, mut now) = mpsc::unbounded_channel();
-    let current = Arc::new(Line::new(out, commands.clone()));
-    let _mark = current.send_beat(beat());
-    commands.taking(&current);
-    assert!(now.recv().await.unwrap().status.is_some());
-    commands.receive(asking(10), old, Trust::Token);
-    let message = tokio::time::timeout(Duration::from_secs(10), now.recv())
-        .await
-        .expect("the answer goes out on the stream open now")
-        .unwrap();
-    assert_eq!(message.answer.unwrap().id, 10);
-    assert!(message.status.is_none(), "no status on another stream");
-    reports.changed().await.unwrap();
-    assert_eq!(
-        *reports.borrow_and_update(),
-        Reports {
-            ended: 2,
-            delivered: 1
-        }
-    );
-    // A command that does not ask goes without it.
-    commands.receive(status_command(11, ""), current, Trust::Token);
-    let message = now.recv().await.unwrap();
-    assert_eq!(message.answer.unwrap().id, 11);
-    assert!(message.status.is_none());
-}
-
-#[tokio::test]
-async fn a_change_an_answer_says_owes_no_beat_unless_the_answer_goes_out_without_it() {
-    use crate::phase::Event;
-    use std::sync::atomic::Ordering::SeqCst;
-    let (commands, _dir) = commands(None);
-    let (changes, mut events) = tokio::sync::broadcast::channel(16);
-    let mut reports = commands.reports();
-    let long = Duration::from_secs(60);
-    let waits = Waits {
-        wait: long,
-        wake: changed,
-        reporting: Some((&*commands, long)),
-    };
-    let ready = || Event::new(Phase::Ready, 2, 100, "ready");
-    let not_within = Duration::from_millis(300);
-    // With no such command at work, a restart's end makes the beat due at once.
-    changes.send(ready()).unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        waits.until_due(&mut events, &mut reports),
-    )
-    .await
-    .expect("due at once");
-    // With one at work, its answer says the change: no beat for it...
-    commands.reporting.fetch_add(1, SeqCst);
-    changes.send(ready()).unwrap();
-    {
-        let wait = waits.until_due(&mut events, &mut reports);
-        tokio::pin!(wait);
-        assert!(tokio::time::timeout(not_within, &mut wait).await.is_err());
-        // ...nor once the answer went out with the status on its stream.
-        commands.reporting.fetch_sub(1, SeqCst);
-        commands.reports.send_modify(|r| {
-            r.ended += 1;
-            r.delivered += 1;
-        });
-        assert!(tokio::time::timeout(not_within, &mut wait).await.is_err());
-    }
-    // An answer that went out without it (its stream had ended): the beat is due.
-    commands.reporting.fetch_add(1, SeqCst);
-    changes.send(ready()).unwrap();
-    {
-        let wait = waits.until_due(&mut events, &mut reports);
-        tokio::pin!(wait);
-        assert!(tokio::time::timeout(not_within, &mut wait).await.is_err());
-        commands.reporting.fetch_sub(1, SeqCst);
-        commands.reports.send_modify(|r| r.ended += 1);
-        tokio::time::timeout(Duration::from_secs(10), wait)
-            .await
-            .expect("the beat the answer stood for is due at once");
-    }
-    // After a failed beat nothing is reported by answers: a change wakes it as before.
-    commands.reporting.fetch_add(1, SeqCst);
-    let failed = Waits {
-        wait: long,
-        wake: changed,
-        reporting: None,
-    };
-    changes.send(ready()).unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        failed.until_due(&mut events, &mut reports),
-    )
-    .await
-    .expect("due at once");
 }

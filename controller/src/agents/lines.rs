@@ -249,8 +249,6 @@ impl Lines {
             let command = pb::Command {
                 id,
                 token: token.to_string(),
-                // A restart's end comes with the answer rather than in a beat after it.
-                with_status: matches!(call, Call::Restart(_)),
                 call: Some(call.clone()),
             };
             if !line.push(command) {
