@@ -887,7 +887,9 @@ async fn settle_time_wait() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     if let Some(left) = time_wait().filter(|&n| n > TIME_WAIT_LEFT) {
-        say(format!("{left} TIME_WAIT sockets left after 90 s: going on"));
+        say(format!(
+            "{left} TIME_WAIT sockets left after 90 s: going on"
+        ));
     }
 }
 
