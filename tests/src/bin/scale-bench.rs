@@ -35,7 +35,8 @@
 //!    controller's CPU in the rollout is also given net of the heartbeats it accepted
 //!    meanwhile (counted by the hollow agents, at the heartbeat window's CPU per beat).
 //! 4. Controller process (from /proc/PID): CPU seconds and peak RSS, VmHWM (target
-//!    < 1 GB).
+//!    < 1 GB), also as it stood at the end of each phase (the last figure includes
+//!    the bench's own read of the whole rollout).
 //!
 //! 5. Store: the controller's store commits and their mean time (from its
 //!    `/metrics`) over registration, the heartbeat window and the rollout.
@@ -1064,6 +1065,7 @@ async fn run_store(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let rss_registered = status_bytes(cpid, "VmRSS:");
+    let hwm_registered = status_bytes(cpid, "VmHWM:");
     let mark_registered = CpuMark::now(cpid, &hollow_pids);
     let followers_reg1 = followers_cpu();
     let store_registered = StoreMark::now(controller.addr, etcd.as_ref()).await;
@@ -1084,6 +1086,7 @@ async fn run_store(
     let mark_hb1 = CpuMark::now(cpid, &hollow_pids);
     let store_hb1 = StoreMark::now(controller.addr, etcd.as_ref()).await;
     let rss_heartbeats = status_bytes(cpid, "VmRSS:");
+    let hwm_heartbeats = status_bytes(cpid, "VmHWM:");
     let hb_cpu = CpuSpan::between(&mark_hb0, &mark_hb1);
     let hb_ok = hb_after.heartbeats_ok - hb_before.heartbeats_ok;
     let hb_failed = hb_after.heartbeats_failed - hb_before.heartbeats_failed;
@@ -1124,6 +1127,7 @@ async fn run_store(
         .into_inner();
     let start_call = t0.elapsed();
     let rss_started = status_bytes(cpid, "VmRSS:");
+    let hwm_started = status_bytes(cpid, "VmHWM:");
     let id = started.id.clone();
     say(format!(
         "rollout {id} started ({} batches {:?}) after {:.2}s (StartRollout: plan + preflight of {} targets)",
@@ -1133,7 +1137,7 @@ async fn run_store(
         started.nodes.len()
     ));
     let deadline = t0 + args.timeout;
-    let finished = follow(args, &mut api, &mut controller, &id, deadline).await?;
+    let (finished, hwm_rollout) = follow(args, &mut api, &mut controller, &id, deadline).await?;
     let observed = t0.elapsed();
     let mark_r1 = CpuMark::now(cpid, &hollow_pids);
     let followers_r1 = followers_cpu();
@@ -1373,6 +1377,11 @@ async fn run_store(
             "rss_bytes_after_start_rollout": rss_started,
             "rss_bytes_end": end_rss,
             "peak_rss_bytes": peak_rss,
+            // VmHWM at each phase's end: which phase set the peak.
+            "peak_rss_bytes_by_registration": hwm_registered,
+            "peak_rss_bytes_by_heartbeat_window": hwm_heartbeats,
+            "peak_rss_bytes_by_start_rollout": hwm_started,
+            "peak_rss_bytes_by_rollout_end": hwm_rollout,
             "cpu_s_total": opt3(total_cpu.controller_s),
             "cpu_s_rollout": opt3(rollout_cpu.controller_s),
         },
@@ -1509,6 +1518,14 @@ async fn run_store(
                 mb(rss_heartbeats),
                 mb(rss_started),
                 mb(end_rss)
+            );
+            println!(
+                "  peak (VmHWM) by    registration {}, the heartbeat window {}, StartRollout {}, the rollout's end {}, after the bench's read of the whole rollout {}",
+                mb(hwm_registered),
+                mb(hwm_heartbeats),
+                mb(hwm_started),
+                mb(hwm_rollout),
+                mb(peak_rss)
             );
             if let Some(f) = &followers_json {
                 println!(
@@ -1770,7 +1787,7 @@ async fn follow(
     controller: &mut Controller,
     id: &str,
     deadline: Instant,
-) -> anyhow::Result<pb::Rollout> {
+) -> anyhow::Result<(pb::Rollout, Option<u64>)> {
     let timeout_error = |last: Option<&pb::Rollout>| {
         anyhow::anyhow!(
             "the rollout did not finish within --timeout {:?}; last seen: {}",
@@ -1862,9 +1879,11 @@ async fn follow(
         }
     }
     last.context("no rollout seen")?;
+    // The controller's peak so far: the read below is the bench's, not the rollout's.
+    let hwm = status_bytes(controller.pid(), "VmHWM:");
     // The polls and the watch carried counts only: the final record with every node
     // (and its finish time) for the checks.
-    Ok(api
+    let whole = api
         .get_rollout(with_timeout(
             pb::GetRolloutRequest {
                 id: id.into(),
@@ -1874,7 +1893,8 @@ async fn follow(
         ))
         .await
         .context("GetRollout")?
-        .into_inner())
+        .into_inner();
+    Ok((whole, hwm))
 }
 
 // ---------------------------------------------------------------------------
