@@ -89,6 +89,9 @@ fn first_set(ms: &[u64]) -> Option<Duration> {
 }
 
 /// `call` within `limit`, or `DEADLINE_EXCEEDED` naming the node and the call.
+/// (The dialled calls are boxed by their callers: a tonic call's future is several
+/// KB, and inline it would make every caller's future that size, dialled or not — the
+/// rollout holds one per node of a batch, 10,000 at a time, nearly all on the stream.)
 async fn bounded<T>(
     node: &NodeRecord,
     what: &str,
@@ -263,7 +266,7 @@ impl Agents {
         }
         let _turn = self.turn().await;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
-        bounded(node, "Restart", limit, client.restart(request)).await
+        bounded(node, "Restart", limit, Box::pin(client.restart(request))).await
     }
 
     /// Calls node `node_id` on its heartbeat stream, if it takes calls there. None:
@@ -311,7 +314,7 @@ impl Agents {
             node,
             "Shutdown",
             limit,
-            client.shutdown(pb::ShutdownRequest { reason }),
+            Box::pin(client.shutdown(pb::ShutdownRequest { reason })),
         )
         .await
     }
@@ -334,7 +337,13 @@ impl Agents {
         }
         let _turn = self.turn().await;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
-        bounded(node, "Preflight", CALL_TIMEOUT, client.preflight(request)).await
+        bounded(
+            node,
+            "Preflight",
+            CALL_TIMEOUT,
+            Box::pin(client.preflight(request)),
+        )
+        .await
     }
 
     pub async fn status(
@@ -350,11 +359,11 @@ impl Agents {
                 other => Err(wrong_answer(node_id, "Status", &other)),
             });
         }
-        let call = async {
+        let call = Box::pin(async {
             let _turn = self.turn().await;
             let mut client = self.client(node_id, control_addr)?;
             client.status(pb::StatusRequest {}).await
-        };
+        });
         match tokio::time::timeout(timeout, call).await {
             Ok(r) => r.map(|r| r.into_inner()),
             Err(_) => Err(tonic::Status::deadline_exceeded(format!(

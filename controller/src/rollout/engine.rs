@@ -762,3 +762,24 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> usize {
     while running.next().await.is_some() {}
     moved
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size_of_future<F, Fut>(_: F) -> usize
+    where
+        F: Fn(Arc<Fleet>, Arc<RolloutHandle>, String) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// A batch holds a node's future per node at once (10,000 of them in a
+    /// 100,000-node rollout in 10 % batches): with the dialled calls' tonic futures
+    /// inline it was 6,040 bytes, 3,040 with them boxed.
+    #[test]
+    fn a_nodes_future_stays_small() {
+        let size = size_of_future(move_node);
+        assert!(size <= 4096, "move_node's future is {size} bytes");
+    }
+}
