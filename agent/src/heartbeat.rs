@@ -180,37 +180,6 @@ impl Drop for BeatStream {
     }
 }
 
-/// Reads a stream's messages: commands go to `commands`, answers to beats to `acks`
-/// (the last one the error that ended the stream).
-async fn read(
-    mut answers: tonic::Streaming<pb::HeartbeatResponse>,
-    acks: mpsc::Sender<Result<pb::HeartbeatResponse, tonic::Status>>,
-    commands: Arc<Commands>,
-    line: Arc<Line>,
-    trust: Trust,
-) {
-    loop {
-        let ack = match answers.message().await {
-            Ok(Some(pb::HeartbeatResponse {
-                command: Some(command),
-                ..
-            })) => {
-                commands.receive(command, line.clone(), trust);
-                continue;
-            }
-            Ok(Some(answer)) => Ok(answer),
-            Ok(None) => Err(tonic::Status::unavailable(
-                "the controller ended the heartbeat stream",
-            )),
-            Err(status) => Err(status),
-        };
-        let end = ack.is_err();
-        if acks.send(ack).await.is_err() || end {
-            return;
-        }
-    }
-}
-
 /// How beats reach one controller.
 #[derive(Debug)]
 enum Call {
@@ -428,12 +397,11 @@ impl Beater {
                     let trust = self.commands.taken_from(&self.controllers.urls()[at], tls);
                     let line = Arc::new(Line::new(out, self.commands.clone()));
                     let (acks_tx, acks) = mpsc::channel(1);
-                    let reader = tokio::spawn(read(
+                    let (commands, taken_on) = (self.commands.clone(), line.clone());
+                    let reader = tokio::spawn(fleet_proto::commands::read_stream(
                         answers.into_inner(),
                         acks_tx,
-                        self.commands.clone(),
-                        line.clone(),
-                        trust,
+                        move |command| commands.receive(command, taken_on.clone(), trust),
                     ));
                     self.calls[at] = Call::Stream(Box::new(BeatStream {
                         line,
@@ -475,11 +443,11 @@ impl Beater {
         if fresh && stream.trust != Trust::None {
             self.commands.taking(&stream.line);
         }
-        let answer = stream.acks.recv().await.unwrap_or_else(|| {
-            Err(tonic::Status::unavailable(
-                "the controller ended the heartbeat stream",
-            ))
-        });
+        let answer = stream
+            .acks
+            .recv()
+            .await
+            .unwrap_or_else(|| Err(fleet_proto::commands::ended()));
         match &answer {
             Ok(_) => stream.line.confirm(mark),
             Err(_) => self.calls[at] = Call::Untried,

@@ -1,13 +1,14 @@
 //! A controller's `Command` carried out by an `AgentService`: the agent and the
 //! hollow agents answer the calls on their heartbeat streams through the one service
-//! that answers the same calls on their control ports.
+//! that answers the same calls on their control ports, and read those streams the
+//! same way ([`read_stream`]).
 
 use tonic::metadata::MetadataMap;
 
-use crate::v1::CommandError;
 use crate::v1::agent_service_server::AgentService;
 use crate::v1::command::Call;
 use crate::v1::command_answer::Answer;
+use crate::v1::{Command, CommandError, HeartbeatResponse};
 
 /// An error answer: what the call's status would have said.
 pub fn refusal(code: tonic::Code, message: &str) -> Answer {
@@ -52,4 +53,38 @@ pub async fn answer<S: AgentService>(
         )),
     };
     result.unwrap_or_else(|status| refusal(status.code(), status.message()))
+}
+
+/// Reads an agent's `HeartbeatStream` from the controller: each command goes to
+/// `on_command`, the answers to beats go to `acks` in order, the last one the error
+/// that ended the stream (`UNAVAILABLE` when the controller just closed it). Returns
+/// then, or once nobody reads `acks`.
+pub async fn read_stream(
+    mut messages: tonic::Streaming<HeartbeatResponse>,
+    acks: tokio::sync::mpsc::Sender<Result<HeartbeatResponse, tonic::Status>>,
+    mut on_command: impl FnMut(Command),
+) {
+    loop {
+        let ack = match messages.message().await {
+            Ok(Some(HeartbeatResponse {
+                command: Some(command),
+                ..
+            })) => {
+                on_command(command);
+                continue;
+            }
+            Ok(Some(answer)) => Ok(answer),
+            Ok(None) => Err(ended()),
+            Err(status) => Err(status),
+        };
+        let end = ack.is_err();
+        if acks.send(ack).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+/// The controller closed the heartbeat stream.
+pub fn ended() -> tonic::Status {
+    tonic::Status::unavailable("the controller ended the heartbeat stream")
 }

@@ -998,35 +998,20 @@ async fn send_on_stream(
         let request = agent
             .shared
             .request(tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream::new(queue));
-        let mut answers = client.heartbeat_stream(request).await?.into_inner();
+        let answers = client.heartbeat_stream(request).await?.into_inner();
         let (acks_tx, acks) = mpsc::channel(1);
         let (reader_agent, reader_out) = (agent.clone(), out.clone());
-        let reader = tokio::spawn(async move {
-            loop {
-                let ack = match answers.message().await {
-                    Ok(Some(pb::HeartbeatResponse {
-                        command: Some(command),
-                        ..
-                    })) => {
-                        tokio::spawn(answer_command(
-                            reader_agent.clone(),
-                            command,
-                            reader_out.clone(),
-                        ));
-                        continue;
-                    }
-                    Ok(Some(answer)) => Ok(answer),
-                    Ok(None) => Err(Status::unavailable(
-                        "the controller ended the heartbeat stream",
-                    )),
-                    Err(status) => Err(status),
-                };
-                let end = ack.is_err();
-                if acks_tx.send(ack).await.is_err() || end {
-                    return;
-                }
-            }
-        });
+        let reader = tokio::spawn(fleet_proto::commands::read_stream(
+            answers,
+            acks_tx,
+            move |command| {
+                tokio::spawn(answer_command(
+                    reader_agent.clone(),
+                    command,
+                    reader_out.clone(),
+                ));
+            },
+        ));
         *stream = Some(BeatStream {
             out,
             acks,
@@ -1056,11 +1041,10 @@ async fn send_on_stream(
     for answer in outbox {
         send_answer(agent, &open.out, answer);
     }
-    open.acks.recv().await.unwrap_or_else(|| {
-        Err(Status::unavailable(
-            "the controller ended the heartbeat stream",
-        ))
-    })
+    open.acks
+        .recv()
+        .await
+        .unwrap_or_else(|| Err(fleet_proto::commands::ended()))
 }
 
 /// Sends an answer on `out`, or keeps it for the agent's next stream.
