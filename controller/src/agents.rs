@@ -258,32 +258,37 @@ impl Agents {
             first_set(&[request.ready_timeout_ms, node.ready_timeout_ms]).unwrap_or(DEFAULT_READY);
         let limit = ready + MARGIN;
         let call = Call::Restart(request.clone());
-        if let Some(answer) = self.on_line(&node.node_id, "Restart", call, limit).await {
-            return answer.and_then(|a| match a {
-                Answer::Restart(r) => Ok(r),
-                other => Err(wrong_answer(&node.node_id, "Restart", &other)),
-            });
+        let on_line = self.on_line(&node.node_id, "Restart", call, limit, |a| match a {
+            Answer::Restart(r) => Ok(r),
+            other => Err(answer_kind(&other)),
+        });
+        if let Some(answer) = on_line.await {
+            return answer;
         }
         let _turn = self.turn().await;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
         bounded(node, "Restart", limit, Box::pin(client.restart(request))).await
     }
 
-    /// Calls node `node_id` on its heartbeat stream, if it takes calls there. None:
-    /// dial it.
-    async fn on_line(
+    /// Calls node `node_id` on its heartbeat stream, if it takes calls there: the
+    /// answer `pick` takes (it names any other kind), or the call's error. None: dial
+    /// it.
+    async fn on_line<T>(
         &self,
         node_id: &str,
         what: &'static str,
         call: Call,
         limit: Duration,
-    ) -> Option<Result<Answer, tonic::Status>> {
+        pick: impl FnOnce(Answer) -> Result<T, &'static str>,
+    ) -> Option<Result<T, tonic::Status>> {
         let answer = self.lines.call(node_id, &self.raw_token, call, limit).await;
         let via = if answer.is_some() { "stream" } else { "dial" };
         crate::metrics::global().agent_call(what, via);
         Some(match answer? {
             Ok(Answer::Error(e)) => Err(tonic::Status::new(e.code.into(), e.message)),
-            Ok(answer) => Ok(answer),
+            Ok(answer) => pick(answer).map_err(|kind| {
+                tonic::Status::internal(format!("node {node_id} answered {what} with {kind}"))
+            }),
             Err(lines::Timeout) => Err(tonic::Status::deadline_exceeded(format!(
                 "no answer to {what} from node {node_id} on its heartbeat stream within {}",
                 humantime::format_duration(limit)
@@ -302,11 +307,12 @@ impl Agents {
         let call = Call::Shutdown(pb::ShutdownRequest {
             reason: reason.clone(),
         });
-        if let Some(answer) = self.on_line(&node.node_id, "Shutdown", call, limit).await {
-            return answer.and_then(|a| match a {
-                Answer::Shutdown(r) => Ok(r),
-                other => Err(wrong_answer(&node.node_id, "Shutdown", &other)),
-            });
+        let on_line = self.on_line(&node.node_id, "Shutdown", call, limit, |a| match a {
+            Answer::Shutdown(r) => Ok(r),
+            other => Err(answer_kind(&other)),
+        });
+        if let Some(answer) = on_line.await {
+            return answer;
         }
         let _turn = self.turn().await;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
@@ -326,14 +332,18 @@ impl Agents {
         request: pb::PreflightRequest,
     ) -> Result<pb::PreflightResponse, tonic::Status> {
         let call = Call::Preflight(request.clone());
-        if let Some(answer) = self
-            .on_line(&node.node_id, "Preflight", call, CALL_TIMEOUT)
-            .await
-        {
-            return answer.and_then(|a| match a {
+        let on_line = self.on_line(
+            &node.node_id,
+            "Preflight",
+            call,
+            CALL_TIMEOUT,
+            |a| match a {
                 Answer::Preflight(r) => Ok(r),
-                other => Err(wrong_answer(&node.node_id, "Preflight", &other)),
-            });
+                other => Err(answer_kind(&other)),
+            },
+        );
+        if let Some(answer) = on_line.await {
+            return answer;
         }
         let _turn = self.turn().await;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
@@ -353,11 +363,12 @@ impl Agents {
         timeout: Duration,
     ) -> Result<pb::StatusResponse, tonic::Status> {
         let call = Call::Status(pb::StatusRequest {});
-        if let Some(answer) = self.on_line(node_id, "Status", call, timeout).await {
-            return answer.and_then(|a| match a {
-                Answer::Status(r) => Ok(r),
-                other => Err(wrong_answer(node_id, "Status", &other)),
-            });
+        let on_line = self.on_line(node_id, "Status", call, timeout, |a| match a {
+            Answer::Status(r) => Ok(r),
+            other => Err(answer_kind(&other)),
+        });
+        if let Some(answer) = on_line.await {
+            return answer;
         }
         let call = Box::pin(async {
             let _turn = self.turn().await;
@@ -374,7 +385,8 @@ impl Agents {
     }
 }
 
-/// What kind of answer `answer` is, for an error message.
+/// What kind of answer `answer` is, for the error when an agent answered a call with
+/// another call's answer (a broken agent).
 fn answer_kind(answer: &Answer) -> &'static str {
     match answer {
         Answer::Restart(_) => "a Restart answer",
@@ -383,14 +395,6 @@ fn answer_kind(answer: &Answer) -> &'static str {
         Answer::Shutdown(_) => "a Shutdown answer",
         Answer::Error(_) => "an error",
     }
-}
-
-/// An agent answered a call with another call's answer (a broken agent).
-fn wrong_answer(node_id: &str, what: &str, answer: &Answer) -> tonic::Status {
-    tonic::Status::internal(format!(
-        "node {node_id} answered {what} with {}",
-        answer_kind(answer)
-    ))
 }
 
 #[cfg(test)]
