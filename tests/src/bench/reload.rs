@@ -133,6 +133,57 @@ pub struct ReloadRun {
     /// Earlier runs of the same setting that were repeated because other processes
     /// took the CPUs: their failures still count.
     pub discarded: Vec<Discarded>,
+    /// The slowest successful requests inside reload windows, slowest first, each
+    /// placed in its reload (see [`Slow`]).
+    pub slowest: Vec<Slow>,
+}
+
+/// How many of the slowest requests in reload windows a run reports.
+const SLOWEST: usize = 5;
+
+/// One slow request inside a reload window, placed in its reload: was it slow while
+/// the new workers were starting, at the handoff, or while the old ones drained?
+#[derive(Debug, Clone, Copy)]
+pub struct Slow {
+    pub latency: Duration,
+    /// Its start after the reload's trigger.
+    pub after_trigger: Duration,
+    /// The reload's new workers up (fleet: READY), after its trigger.
+    pub up: Option<Duration>,
+    /// The reload complete (the replaced processes gone), after its trigger.
+    pub complete: Option<Duration>,
+}
+
+/// The [`SLOWEST`] slowest successful requests that started inside a reload window
+/// (after `ramped`), slowest first; a request in overlapping windows is placed in
+/// the latest reload triggered before it started.
+fn slowest_in_windows(
+    records: &[crate::loadgen::RequestRecord],
+    reloads: &[Reload],
+    windows: &Windows,
+    ramped: Instant,
+) -> Vec<Slow> {
+    let mut slow: Vec<_> = records
+        .iter()
+        .filter(|r| r.ok && r.start >= ramped && windows.contains(r.start))
+        .collect();
+    slow.sort_unstable_by_key(|r| std::cmp::Reverse(r.latency));
+    slow.iter()
+        .take(SLOWEST)
+        .filter_map(|r| {
+            let reload = reloads
+                .iter()
+                .filter(|x| x.trigger <= r.start)
+                .max_by_key(|x| x.trigger)?;
+            let since = |t: Option<Instant>| t.map(|t| t.saturating_duration_since(reload.trigger));
+            Some(Slow {
+                latency: r.latency,
+                after_trigger: r.start - reload.trigger,
+                up: since(reload.ready),
+                complete: since(reload.done),
+            })
+        })
+        .collect()
 }
 
 /// A run left out of the figures (the machine was busy), kept for its failures.
@@ -241,6 +292,7 @@ pub async fn run(target: Target, exes: &Exes, plan: &Plan) -> anyhow::Result<Rel
             .collect(),
     );
     let split = Split::of(&report, &windows, start + RAMP_UP);
+    let slowest = slowest_in_windows(&report.records, &reloads, &windows, start + RAMP_UP);
     let mut examples: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
     for f in &report.failures {
         let e = examples.entry(f.kind).or_default();
@@ -263,6 +315,7 @@ pub async fn run(target: Target, exes: &Exes, plan: &Plan) -> anyhow::Result<Rel
         lead,
         span,
         discarded: Vec::new(),
+        slowest,
     };
     report.records = Vec::new();
     Ok(run)
@@ -479,5 +532,62 @@ impl FleetDriver {
                 r
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loadgen::RequestRecord;
+
+    fn record(start: Instant, latency_ms: u64, ok: bool) -> RequestRecord {
+        RequestRecord {
+            start,
+            latency: Duration::from_millis(latency_ms),
+            ok,
+            failure: (!ok).then_some("reset"),
+            attempts: 1,
+        }
+    }
+
+    #[test]
+    fn the_slowest_requests_in_windows_are_placed_in_their_reload() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let reloads = [
+            Reload {
+                trigger: at(100),
+                ready: Some(at(105)),
+                done: Some(at(110)),
+                error: None,
+            },
+            Reload {
+                trigger: at(150),
+                ready: None,
+                done: None,
+                error: Some("no READY".into()),
+            },
+        ];
+        let windows = Windows(vec![(at(100), at(210)), (at(150), at(1150))]);
+        let mut records = vec![
+            record(at(10), 50, true),   // before the ramp-up ends
+            record(at(60), 40, true),   // steady state
+            record(at(102), 9, true),   // first reload, before its new worker was up
+            record(at(120), 30, false), // failed: not a latency
+            record(at(140), 3, true),
+            record(at(160), 7, true), // in both windows: the later reload's
+        ];
+        for i in 0..10 {
+            records.push(record(at(300 + i), 1, true));
+        }
+        let slow = slowest_in_windows(&records, &reloads, &windows, at(50));
+        assert_eq!(slow.len(), SLOWEST);
+        let latencies: Vec<u64> = slow.iter().map(|s| s.latency.as_millis() as u64).collect();
+        assert_eq!(latencies, [9, 7, 3, 1, 1]);
+        assert_eq!(slow[0].after_trigger, Duration::from_millis(2));
+        assert_eq!(slow[0].up, Some(Duration::from_millis(5)));
+        assert_eq!(slow[0].complete, Some(Duration::from_millis(10)));
+        assert_eq!(slow[1].after_trigger, Duration::from_millis(10));
+        assert_eq!((slow[1].up, slow[1].complete), (None, None));
     }
 }

@@ -129,6 +129,14 @@ impl Report<'_> {
                     run.split.window_time.as_secs_f64()
                 ));
             }
+            line(
+                "  slowest in reload windows: latency @ its start after the trigger (new workers up, reload complete), ms"
+                    .to_string(),
+            );
+            for run in &r.runs {
+                let slow: Vec<String> = run.slowest.iter().map(fmt_slow).collect();
+                line(format!("  {:<14} {}", run.target.name(), slow.join("  ")));
+            }
             line(format!(
                 "  {:<14} {:>28} | {:>28} | {}",
                 "reload (ms)",
@@ -309,6 +317,12 @@ impl Report<'_> {
                 "steady": stats_json(&run.split.steady),
                 "window": stats_json(&run.split.window),
                 "window_time_ms": run.split.window_time.as_millis() as u64,
+                "slowest_in_windows": run.slowest.iter().map(|x| json!({
+                    "latency_ms": ms(x.latency),
+                    "start_after_trigger_ms": ms(x.after_trigger),
+                    "up_after_trigger_ms": x.up.map(ms),
+                    "complete_after_trigger_ms": x.complete.map(ms),
+                })).collect::<Vec<_>>(),
                 "trigger_to_up_ms": {"p50": json_ms(u.0), "p90": json_ms(u.1), "max": json_ms(u.2)},
                 "trigger_to_complete_ms": {"p50": json_ms(c.0), "p90": json_ms(c.1), "max": json_ms(c.2)},
                 "foreign_cpu": run.foreign_cpu,
@@ -435,4 +449,17 @@ pub fn ratio_rows() -> Vec<RatioRow> {
             Cell::Ratio(ratio(Some(f.rps), Some(p.rps)))
         }),
     ]
+}
+
+/// `10.86 @ +3.1 (6.6, 13.8)`: a slow request's latency, its start after its reload's
+/// trigger, and when that reload's new workers were up and it was complete.
+fn fmt_slow(x: &fleet_tests::bench::reload::Slow) -> String {
+    let f = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.1}", ms(d)));
+    format!(
+        "{:.2} @ +{:.1} ({}, {})",
+        ms(x.latency),
+        ms(x.after_trigger),
+        f(x.up),
+        f(x.complete)
+    )
 }
