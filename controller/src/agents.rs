@@ -88,7 +88,9 @@ fn first_set(ms: &[u64]) -> Option<Duration> {
         .map(|&m| Duration::from_millis(m))
 }
 
-/// `call` within `limit`, or `DEADLINE_EXCEEDED` naming the node and the call.
+/// `call` within `limit`, or `DEADLINE_EXCEEDED` naming the node and the call; a
+/// node that cannot be reached at its control address is `UNAVAILABLE` with the node,
+/// the address, the cause and what to do, not a bare "tcp connect error".
 /// (The dialled calls are boxed by their callers: a tonic call's future is several
 /// KB, and inline it would make every caller's future that size, dialled or not — the
 /// rollout holds one per node of a batch, 10,000 at a time, nearly all on the stream.)
@@ -99,6 +101,16 @@ async fn bounded<T>(
     call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, tonic::Status> {
     match tokio::time::timeout(limit, call).await {
+        Ok(Err(status)) if unreached(&status) => Err(tonic::Status::unavailable(format!(
+            "cannot reach node {} at its control address {} to call {what} ({}): it takes no \
+             calls on its heartbeat stream, so the controller dials that address. Check that its \
+             agent runs and that this controller's host reaches that address; or let the node \
+             take calls on its stream (an agent without a token that talks to the controller \
+             in clear beyond loopback takes none: give the fleet a token, or use --tls)",
+            node.node_id,
+            node.control_addr,
+            with_cause(&status)
+        ))),
         Ok(result) => result.map(tonic::Response::into_inner),
         Err(_) => Err(tonic::Status::deadline_exceeded(format!(
             "no answer to {what} from node {} at {} within {}",
@@ -106,6 +118,29 @@ async fn bounded<T>(
             node.control_addr,
             humantime::format_duration(limit)
         ))),
+    }
+}
+
+/// A dialled call that never reached the agent: no connection (a status made from a
+/// transport error carries it as its source; an agent's own refusal has none).
+fn unreached(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable && std::error::Error::source(status).is_some()
+}
+
+/// A status's message and its deepest cause (`tcp connect error: Connection refused
+/// (os error 111)`), without the debug dump.
+pub fn with_cause(status: &tonic::Status) -> String {
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(status);
+    let mut deepest = None;
+    while let Some(c) = cause {
+        deepest = Some(c);
+        cause = c.source();
+    }
+    match deepest {
+        Some(root) if root.to_string() != status.message() => {
+            format!("{}: {root}", status.message())
+        }
+        _ => status.message().to_string(),
     }
 }
 
@@ -400,6 +435,45 @@ fn answer_kind(answer: &Answer) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dialled call that found no agent is told apart from an agent's own
+    /// `UNAVAILABLE` (a draining node says so itself), and is explained with its cause.
+    #[tokio::test]
+    async fn an_agent_not_reached_is_named_with_its_address_and_cause() {
+        let refused =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let mut transport = tonic::Status::unavailable("tcp connect error");
+        transport.set_source(Arc::new(refused));
+        assert!(unreached(&transport));
+        assert_eq!(
+            with_cause(&transport),
+            "tcp connect error: Connection refused"
+        );
+        let own = tonic::Status::unavailable("draining");
+        assert!(!unreached(&own));
+        assert_eq!(with_cause(&own), "draining");
+
+        let node = node("serving", "");
+        let call = async { Err::<tonic::Response<()>, _>(transport) };
+        let e = bounded(&node, "Restart", Duration::from_secs(1), call)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        for part in [
+            "web-3",
+            "127.0.0.1:7102",
+            "Restart",
+            "Connection refused",
+            "--tls",
+        ] {
+            assert!(e.message().contains(part), "{part}: {}", e.message());
+        }
+        let call = async { Err::<tonic::Response<()>, _>(tonic::Status::unavailable("draining")) };
+        let e = bounded(&node, "Restart", Duration::from_secs(1), call)
+            .await
+            .unwrap_err();
+        assert_eq!(e.message(), "draining");
+    }
 
     fn node(state: &str, reason: &str) -> NodeRecord {
         NodeRecord {

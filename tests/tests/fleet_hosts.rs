@@ -4,14 +4,20 @@
 //! request; a host cut off mid-rollout turns unreachable, counts against the failure
 //! budget, and serves again once its link is back, with no node restarted twice. A
 //! host whose control port the controller cannot reach (it listens on the host's own
-//! loopback, as behind NAT) is driven on its heartbeat stream.
+//! loopback, as behind NAT) is driven on its heartbeat stream. Agents without a token
+//! that talk to a controller in clear beyond loopback take no command on their
+//! streams, from the real controller or from a forger.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use fleet_proto::v1 as pb;
+use fleet_proto::v1::controller_service_server::{ControllerService, ControllerServiceServer};
 use fleet_tests::fleet::{Controller, ControllerOpts, agent_release};
 use fleet_tests::netns::Lan;
 use fleet_tests::{Agent, Load, LoadOptions, LoadSpec};
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
 
 const ADMIN: &str = "admin-token-for-the-hosts-test";
 const NODES: [&str; 3] = ["web-1", "web-2", "web-3"];
@@ -342,4 +348,275 @@ async fn a_host_the_controller_cannot_dial_is_rolled_out_restarted_and_shut_down
         .await
         .expect_code(0);
     agent.wait_exit(WAIT).await;
+}
+
+/// A careless set-up: a controller in clear on the LAN (`--insecure`, no token) and
+/// agents without a token that were told `--insecure-control`. Anyone on the path could
+/// forge what such a controller sends, so the agents take no command on their
+/// heartbeat streams; the controller dials a node's control port instead, and a node
+/// whose control port it cannot reach is refused with its name and address, not
+/// restarted over the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokenless_agent_talking_in_clear_beyond_loopback_takes_no_command_on_its_stream() {
+    let lan = Lan::new(&["ctl", "web-1", "web-2"]);
+    let controller = Controller::start(ControllerOpts {
+        listen: format!("{}:0", lan.addr("ctl")),
+        args: vec!["--insecure".into()],
+        wrapper: lan.wrapper("ctl"),
+        ..Default::default()
+    })
+    .await;
+    assert!(
+        controller.url().starts_with("http://10."),
+        "{}",
+        controller.url()
+    );
+    let mut agents = Vec::new();
+    for (id, control) in [
+        ("web-1", format!("{}:0", lan.addr("web-1"))),
+        // On its own host's loopback: nothing the controller's host reaches.
+        ("web-2", "127.0.0.1:0".to_string()),
+    ] {
+        let mut opts = controller.agent_opts(id).arg("--insecure-control");
+        assert_eq!(opts.token, None);
+        opts.listen = vec![format!("{}:0", lan.addr(id))];
+        opts.control = Some(control);
+        opts.wrapper = lan.wrapper(id);
+        agents.push(Agent::start(opts).await);
+    }
+    let before = wait_state(&controller, &["web-1", "web-2"], "serving").await;
+    for node in &before {
+        assert_eq!(field(node, "calls_on_stream"), false, "{before:#?}");
+    }
+
+    // Reachable: dialled, and restarted.
+    controller
+        .fleetctl(["restart", "web-1"])
+        .await
+        .expect_code(0);
+    // Not reachable: refused, naming the node and where it was looked for.
+    let refused = controller.fleetctl(["restart", "web-2"]).await;
+    assert!(
+        matches!(refused.code, Some(c) if c != 0),
+        "{}",
+        refused.output()
+    );
+    let control_2 = before
+        .iter()
+        .find(|n| field(n, "node_id") == "web-2")
+        .map(|n| {
+            field(n, "control_addr")
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .unwrap_or_default();
+    assert!(control_2.starts_with("127.0.0.1:"), "{before:#?}");
+    assert!(
+        refused.output().contains("cannot reach node web-2")
+            && refused.output().contains(&control_2)
+            && refused.output().contains("Connection refused"),
+        "{}",
+        refused.output()
+    );
+
+    let after = wait_state(&controller, &["web-1", "web-2"], "serving").await;
+    assert_eq!(
+        generation(&after, "web-1"),
+        generation(&before, "web-1") + 1
+    );
+    assert_eq!(generation(&after, "web-2"), generation(&before, "web-2"));
+    drop(agents);
+}
+
+/// A controller as anyone on the path of a clear-text stream could play it: it answers
+/// beats, forges a `Restart` on each new stream (with a made-up token), and hands every
+/// message it reads to the test.
+#[derive(Clone)]
+struct Forger {
+    seen: tokio::sync::mpsc::UnboundedSender<pb::HeartbeatRequest>,
+}
+
+/// The command the forger sends.
+const FORGED: u64 = 4242;
+
+/// The forger's service: only `HeartbeatStream` is written out, the rest answer
+/// `UNIMPLEMENTED` (a macro around the whole impl, so `async_trait` sees each method).
+macro_rules! forger {
+    ($($method:ident($request:ty) -> $response:ty;)* { $($written:tt)* }) => {
+        #[tonic::async_trait]
+        impl ControllerService for Forger {
+            $(
+                async fn $method(&self, _: Request<$request>) -> Result<Response<$response>, Status> {
+                    Err(Status::unimplemented("a forger"))
+                }
+            )*
+            $($written)*
+        }
+    };
+}
+
+forger! {
+    heartbeat(pb::HeartbeatRequest) -> pb::HeartbeatResponse;
+    list_nodes(pb::ListNodesRequest) -> pb::ListNodesResponse;
+    get_node(pb::GetNodeRequest) -> pb::Node;
+    restart_node(pb::RestartNodeRequest) -> pb::RestartResponse;
+    shutdown_node(pb::ShutdownNodeRequest) -> pb::ShutdownResponse;
+    forget_node(pb::ForgetNodeRequest) -> pb::Node;
+    start_rollout(pb::RolloutSpec) -> pb::Rollout;
+    get_rollout(pb::GetRolloutRequest) -> pb::Rollout;
+    list_rollouts(pb::ListRolloutsRequest) -> pb::ListRolloutsResponse;
+    pause_rollout(pb::RolloutActionRequest) -> pb::Rollout;
+    resume_rollout(pb::RolloutActionRequest) -> pb::Rollout;
+    abort_rollout(pb::RolloutActionRequest) -> pb::Rollout;
+    undo_rollout(pb::RolloutActionRequest) -> pb::Rollout;
+    create_token(pb::CreateTokenRequest) -> pb::CreateTokenResponse;
+    list_tokens(pb::ListTokensRequest) -> pb::ListTokensResponse;
+    revoke_token(pb::RevokeTokenRequest) -> pb::Token;
+    get_version(pb::GetVersionRequest) -> pb::VersionResponse;
+    get_node_history(pb::GetNodeHistoryRequest) -> pb::NodeHistory;
+    get_controllers(pb::GetControllersRequest) -> pb::ControllersResponse;
+    {
+        type WatchRolloutStream = ReceiverStream<Result<pb::Rollout, Status>>;
+
+        async fn watch_rollout(
+            &self,
+            _: Request<pb::GetRolloutRequest>,
+        ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+            Err(Status::unimplemented("a forger"))
+        }
+
+        type HeartbeatStreamStream = ReceiverStream<Result<pb::HeartbeatResponse, Status>>;
+
+        async fn heartbeat_stream(
+            &self,
+            request: Request<tonic::Streaming<pb::HeartbeatRequest>>,
+        ) -> Result<Response<Self::HeartbeatStreamStream>, Status> {
+            let mut incoming = request.into_inner();
+            let (out, queue) = tokio::sync::mpsc::channel(4);
+            let seen = self.seen.clone();
+            tokio::spawn(async move {
+                let mut forged = false;
+                while let Ok(Some(message)) = incoming.message().await {
+                    // An answer to a command gets no reply; a beat gets its ack, and
+                    // the first one the forged command after it.
+                    let beat = message.answer.is_none();
+                    let _ = seen.send(message);
+                    if !beat {
+                        continue;
+                    }
+                    let ack = pb::HeartbeatResponse { interval_ms: 200, command: None };
+                    if out.send(Ok(ack)).await.is_err() {
+                        return;
+                    }
+                    if !std::mem::replace(&mut forged, true) {
+                        let command = pb::Command {
+                            id: FORGED,
+                            token: "a-token-the-forger-made-up".into(),
+                            call: Some(pb::command::Call::Restart(pb::RestartRequest {
+                                reason: "forged".into(),
+                                ..Default::default()
+                            })),
+                        };
+                        let forged = pb::HeartbeatResponse { interval_ms: 0, command: Some(command) };
+                        if out.send(Ok(forged)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            Ok(Response::new(ReceiverStream::new(queue)))
+        }
+    }
+}
+
+/// The next message the forger read from the agent.
+async fn next_message(
+    seen: &mut tokio::sync::mpsc::UnboundedReceiver<pb::HeartbeatRequest>,
+) -> pb::HeartbeatRequest {
+    tokio::time::timeout(WAIT, seen.recv())
+        .await
+        .expect("a message from the agent in time")
+        .expect("the forger runs")
+}
+
+/// The hostile case of the test above: a forged command on a tokenless agent's
+/// clear-text stream is answered PERMISSION_DENIED with what to do, and the node does
+/// not restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_forged_on_a_clear_text_stream_beyond_loopback_is_refused() {
+    let lan = Lan::new(&["ctl", "web-1"]);
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let ctl = lan.addr("ctl");
+    let forger = lan.spawn_in("ctl", move || async move {
+        let listener = tokio::net::TcpListener::bind((ctl, 0)).await.unwrap();
+        addr_tx.send(listener.local_addr().unwrap()).unwrap();
+        tonic::transport::Server::builder()
+            .add_service(ControllerServiceServer::new(Forger { seen: seen_tx }))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+            .unwrap();
+    });
+    let addr = addr_rx.await.unwrap();
+    let mut opts = fleet_tests::AgentOpts::default()
+        .arg("--controller")
+        .arg(format!("http://{addr}"))
+        .arg("--node-id")
+        .arg("web-1")
+        .arg("--insecure-control");
+    opts.listen = vec![format!("{}:0", lan.addr("web-1"))];
+    opts.control = Some(format!("{}:0", lan.addr("web-1")));
+    opts.wrapper = lan.wrapper("web-1");
+    let agent = Agent::start(opts).await;
+
+    let first = next_message(&mut seen).await;
+    assert!(!first.takes_commands, "{first:#?}");
+    let generation = first
+        .status
+        .as_ref()
+        .map(|s| s.generation)
+        .unwrap_or_default();
+    assert!(generation >= 1, "{first:#?}");
+    let answer = loop {
+        let message = next_message(&mut seen).await;
+        if let Some(answer) = message.answer {
+            break answer;
+        }
+    };
+    assert_eq!(answer.id, FORGED);
+    let Some(pb::command_answer::Answer::Error(error)) = &answer.answer else {
+        panic!("the forged restart was not refused: {answer:#?}");
+    };
+    assert_eq!(
+        error.code,
+        tonic::Code::PermissionDenied as i32,
+        "{error:#?}"
+    );
+    assert!(error.message.contains("takes no commands"), "{error:#?}");
+    // Beats go on, and the node is where it was (two more, so the forged command had
+    // its time).
+    for _ in 0..2 {
+        let beat = loop {
+            let message = next_message(&mut seen).await;
+            if message.answer.is_none() {
+                break message;
+            }
+        };
+        let status = beat.status.unwrap_or_default();
+        assert_eq!(status.generation, generation, "{status:#?}");
+        assert_eq!(status.state, "serving", "{status:#?}");
+    }
+    drop(agent);
+    let _ = stop_tx.send(());
+    tokio::task::spawn_blocking(move || forger.join())
+        .await
+        .unwrap()
+        .expect("the forger thread");
 }

@@ -619,20 +619,9 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 /// The error in a line: a gRPC status's message and its deepest cause
 /// (`tcp connect error: Connection refused (os error 111)`), without the debug dump.
 fn describe(e: &etcd_client::Error) -> String {
-    let etcd_client::Error::GRpcStatus(status) = e else {
-        return e.to_string();
-    };
-    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(status);
-    let mut deepest = None;
-    while let Some(c) = cause {
-        deepest = Some(c);
-        cause = c.source();
-    }
-    match deepest {
-        Some(root) if root.to_string() != status.message() => {
-            format!("{}: {root}", status.message())
-        }
-        _ => status.message().to_string(),
+    match e {
+        etcd_client::Error::GRpcStatus(status) => crate::agents::with_cause(status),
+        e => e.to_string(),
     }
 }
 

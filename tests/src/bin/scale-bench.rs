@@ -1296,11 +1296,30 @@ async fn run_store(
     let all_restarted = not_restarted.is_empty() && finished.nodes.len() == args.agents;
     // With --auto-rollback the run is about stopping at the budget and rolling back:
     // the overhead per node is not a figure of it.
-    let pass = if args.auto_rollback {
-        rss_ok && twice == 0 && rollback.ok()
+    // What a FAIL names: each requirement of the run that was not met.
+    let mut missed = Vec::new();
+    if args.auto_rollback {
+        if !rollback.ok() {
+            missed.push("the rollback: see its lines");
+        }
     } else {
-        overhead_ok && rss_ok && succeeded && twice == 0 && all_restarted
-    };
+        if !succeeded {
+            missed.push("the rollout did not succeed");
+        }
+        if !all_restarted {
+            missed.push("not every node was restarted");
+        }
+        if !overhead_ok {
+            missed.push("overhead per node");
+        }
+    }
+    if !rss_ok {
+        missed.push("peak RSS");
+    }
+    if twice > 0 {
+        missed.push("nodes restarted twice");
+    }
+    let pass = missed.is_empty();
 
     let batch_rows: Vec<Value> = batches
         .values()
@@ -1400,6 +1419,7 @@ async fn run_store(
         },
         "rollback": args.auto_rollback.then(|| rollback.json()),
         "pass": pass,
+        "missed": missed,
     });
 
     if args.output == OutputFormat::Text {
@@ -1573,13 +1593,9 @@ async fn run_store(
             println!(
                 "verdict             {}",
                 if pass {
-                    "PASS"
-                } else if args.auto_rollback {
-                    "FAIL (see the rollback lines)"
-                } else if succeeded {
-                    "FAIL (a target was missed)"
+                    "PASS".to_string()
                 } else {
-                    "FAIL (the rollout did not succeed)"
+                    format!("FAIL (missed: {})", missed.join(", "))
                 }
             );
         }
