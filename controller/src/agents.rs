@@ -109,7 +109,7 @@ async fn bounded<T>(
              in clear beyond loopback takes none: give the fleet a token, or use --tls)",
             node.node_id,
             node.control_addr,
-            with_cause(&status)
+            crate::with_cause(&status)
         ))),
         Ok(result) => result.map(tonic::Response::into_inner),
         Err(_) => Err(tonic::Status::deadline_exceeded(format!(
@@ -125,23 +125,6 @@ async fn bounded<T>(
 /// transport error carries it as its source; an agent's own refusal has none).
 fn unreached(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Unavailable && std::error::Error::source(status).is_some()
-}
-
-/// A status's message and its deepest cause (`tcp connect error: Connection refused
-/// (os error 111)`), without the debug dump.
-pub fn with_cause(status: &tonic::Status) -> String {
-    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(status);
-    let mut deepest = None;
-    while let Some(c) = cause {
-        deepest = Some(c);
-        cause = c.source();
-    }
-    match deepest {
-        Some(root) if root.to_string() != status.message() => {
-            format!("{}: {root}", status.message())
-        }
-        _ => status.message().to_string(),
-    }
 }
 
 /// Refuses to `action` ("restart", "shut down") a node whose agent is known not to
@@ -446,12 +429,12 @@ mod tests {
         transport.set_source(Arc::new(refused));
         assert!(unreached(&transport));
         assert_eq!(
-            with_cause(&transport),
+            crate::with_cause(&transport),
             "tcp connect error: Connection refused"
         );
         let own = tonic::Status::unavailable("draining");
         assert!(!unreached(&own));
-        assert_eq!(with_cause(&own), "draining");
+        assert_eq!(crate::with_cause(&own), "draining");
 
         let node = node("serving", "");
         let call = async { Err::<tonic::Response<()>, _>(transport) };

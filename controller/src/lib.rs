@@ -62,6 +62,23 @@ pub enum Change {
     Rollout(String),
 }
 
+/// A status's message and its deepest cause (`tcp connect error: Connection refused
+/// (os error 111)`), without the debug dump.
+pub fn with_cause(status: &tonic::Status) -> String {
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(status);
+    let mut deepest = None;
+    while let Some(c) = cause {
+        deepest = Some(c);
+        cause = c.source();
+    }
+    match deepest {
+        Some(root) if root.to_string() != status.message() => {
+            format!("{}: {root}", status.message())
+        }
+        _ => status.message().to_string(),
+    }
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -620,7 +620,7 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 /// (`tcp connect error: Connection refused (os error 111)`), without the debug dump.
 fn describe(e: &etcd_client::Error) -> String {
     match e {
-        etcd_client::Error::GRpcStatus(status) => crate::agents::with_cause(status),
+        etcd_client::Error::GRpcStatus(status) => crate::with_cause(status),
         e => e.to_string(),
     }
 }

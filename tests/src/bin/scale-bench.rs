@@ -1294,9 +1294,9 @@ async fn run_store(
     let rss_ok = peak_rss.is_some_and(|r| r < TARGET_PEAK_RSS_BYTES);
     let succeeded = finished.state == "succeeded";
     let all_restarted = not_restarted.is_empty() && finished.nodes.len() == args.agents;
-    // With --auto-rollback the run is about stopping at the budget and rolling back:
-    // the overhead per node is not a figure of it.
-    // What a FAIL names: each requirement of the run that was not met.
+    // Each requirement the run did not meet, as a FAIL names it. With --auto-rollback
+    // the run is about stopping at the budget and rolling back: the overhead per node
+    // and every node restarted are not figures of it.
     let mut missed = Vec::new();
     if args.auto_rollback {
         if !rollback.ok() {
