@@ -242,9 +242,25 @@ async fn accepted(
     registered: Registered,
     conns: Connections,
 ) {
-    let Some(tls) = tls else {
-        return connection(TokioIo::new(stream), peer, None, shared, registered, conns).await;
-    };
+    match tls {
+        None => connection(TokioIo::new(stream), peer, None, shared, registered, conns).await,
+        // Boxed: the handshake's and rustls's state make a TLS connection's future
+        // several KB larger than a plain one's, and inline they would size the task of
+        // every connection (a controller holds one per agent) as a TLS one's.
+        Some(tls) => Box::pin(tls_accepted(stream, peer, tls, shared, registered, conns)).await,
+    }
+}
+
+/// A new connection to a server with TLS: the handshake (or, from loopback, plain
+/// HTTP), then [`connection`].
+async fn tls_accepted(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: TlsConfig,
+    shared: Arc<Shared>,
+    registered: Registered,
+    conns: Connections,
+) {
     let timeout = shared.limits.header_timeout;
     let mut first = [0u8; 1];
     match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
@@ -461,5 +477,31 @@ impl<G: Unpin> http_body::Body for Guarded<G> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A controller keeps a connection's task for each agent: a plain connection's
+    /// must not be sized for the TLS path it does not take.
+    #[tokio::test]
+    async fn a_plain_connections_task_is_not_sized_for_tls() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let shared = Arc::new(Shared {
+            router: Router::new(),
+            limits: Limits::default(),
+            builder: auto::Builder::new(TokioExecutor::new()),
+        });
+        let conns = Connections::new();
+        let task = accepted(stream, peer, None, shared, conns.register(), conns.clone());
+        let size = std::mem::size_of_val(&task);
+        eprintln!("a plain connection's future: {size} bytes");
+        assert!(size <= 3 * 1024, "{size} bytes");
     }
 }
