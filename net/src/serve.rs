@@ -501,7 +501,6 @@ mod tests {
         let conns = Connections::new();
         let task = accepted(stream, peer, None, shared, conns.register(), conns.clone());
         let size = std::mem::size_of_val(&task);
-        eprintln!("a plain connection's future: {size} bytes");
         assert!(size <= 3 * 1024, "{size} bytes");
     }
 }
