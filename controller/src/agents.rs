@@ -95,7 +95,7 @@ fn first_set(ms: &[u64]) -> Option<Duration> {
 /// KB, and inline it would make every caller's future that size, dialled or not — the
 /// rollout holds one per node of a batch, 10,000 at a time, nearly all on the stream.)
 async fn bounded<T>(
-    node: &NodeRecord,
+    (node_id, control_addr): (&str, &str),
     what: &str,
     limit: Duration,
     call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -107,15 +107,13 @@ async fn bounded<T>(
              agent runs and that this controller's host reaches that address; or let the node \
              take calls on its stream (an agent without a token that talks to the controller \
              in clear beyond loopback takes none: give the fleet a token, or use --tls)",
-            node.node_id,
-            node.control_addr,
+            node_id,
+            control_addr,
             crate::with_cause(&status)
         ))),
         Ok(result) => result.map(tonic::Response::into_inner),
         Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-            "no answer to {what} from node {} at {} within {}",
-            node.node_id,
-            node.control_addr,
+            "no answer to {what} from node {node_id} at {control_addr} within {}",
             humantime::format_duration(limit)
         ))),
     }
@@ -285,7 +283,8 @@ impl Agents {
         }
         let _turn = self.turn().await;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
-        bounded(node, "Restart", limit, Box::pin(client.restart(request))).await
+        let to = (node.node_id.as_str(), node.control_addr.as_str());
+        bounded(to, "Restart", limit, Box::pin(client.restart(request))).await
     }
 
     /// Calls node `node_id` on its heartbeat stream, if it takes calls there: the
@@ -335,7 +334,7 @@ impl Agents {
         let _turn = self.turn().await;
         let mut client = self.client(&node.node_id, &node.control_addr)?;
         bounded(
-            node,
+            (&node.node_id, &node.control_addr),
             "Shutdown",
             limit,
             Box::pin(client.shutdown(pb::ShutdownRequest { reason })),
@@ -343,30 +342,26 @@ impl Agents {
         .await
     }
 
-    /// Asks `node` whether it could restart into `request`'s executable.
+    /// Asks node `node_id` (at `control_addr` if it takes no calls on its heartbeat
+    /// stream) whether it could restart into `request`'s executable.
     pub async fn preflight(
         &self,
-        node: &NodeRecord,
+        node_id: &str,
+        control_addr: &str,
         request: pb::PreflightRequest,
     ) -> Result<pb::PreflightResponse, tonic::Status> {
         let call = Call::Preflight(request.clone());
-        let on_line = self.on_line(
-            &node.node_id,
-            "Preflight",
-            call,
-            CALL_TIMEOUT,
-            |a| match a {
-                Answer::Preflight(r) => Ok(r),
-                other => Err(answer_kind(&other)),
-            },
-        );
+        let on_line = self.on_line(node_id, "Preflight", call, CALL_TIMEOUT, |a| match a {
+            Answer::Preflight(r) => Ok(r),
+            other => Err(answer_kind(&other)),
+        });
         if let Some(answer) = on_line.await {
             return answer;
         }
         let _turn = self.turn().await;
-        let mut client = self.client(&node.node_id, &node.control_addr)?;
+        let mut client = self.client(node_id, control_addr)?;
         bounded(
-            node,
+            (node_id, control_addr),
             "Preflight",
             CALL_TIMEOUT,
             Box::pin(client.preflight(request)),
@@ -438,9 +433,14 @@ mod tests {
 
         let node = node("serving", "");
         let call = async { Err::<tonic::Response<()>, _>(transport) };
-        let e = bounded(&node, "Restart", Duration::from_secs(1), call)
-            .await
-            .unwrap_err();
+        let e = bounded(
+            (&node.node_id, &node.control_addr),
+            "Restart",
+            Duration::from_secs(1),
+            call,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable);
         for part in [
             "web-3",
@@ -452,9 +452,14 @@ mod tests {
             assert!(e.message().contains(part), "{part}: {}", e.message());
         }
         let call = async { Err::<tonic::Response<()>, _>(tonic::Status::unavailable("draining")) };
-        let e = bounded(&node, "Restart", Duration::from_secs(1), call)
-            .await
-            .unwrap_err();
+        let e = bounded(
+            (&node.node_id, &node.control_addr),
+            "Restart",
+            Duration::from_secs(1),
+            call,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.message(), "draining");
     }
 

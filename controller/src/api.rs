@@ -505,7 +505,7 @@ impl ControllerService for Api {
             .start_rollout(spec, dry_run)
             .await
             .map_err(rollout_status)?;
-        Ok(Response::new(rollout_message(&view)))
+        Ok(Response::new(view.with_view(rollout_message)))
     }
 
     async fn get_rollout(
@@ -636,7 +636,7 @@ impl ControllerService for Api {
             .undo(&r.id, &caller.name, &declared(&r.actor, &caller))
             .await
             .map_err(rollout_status)?;
-        Ok(Response::new(rollout_message(&view)))
+        Ok(Response::new(view.with_view(rollout_message)))
     }
 
     async fn create_token(

@@ -9,10 +9,10 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use crate::agents::Agents;
-use crate::inventory::{Inventory, NodeRecord, STOPPED, Selector};
+use crate::inventory::{Inventory, STOPPED, Selector};
 use crate::rollout::{
     self, NodeState, Progress, Rollout, RolloutHandle, RolloutNode, RolloutState, RolloutSummary,
-    RolloutView, Spec, TimelineEntry,
+    RolloutView, Spec, Target, TimelineEntry,
 };
 use crate::store::Store;
 use crate::tokens::Tokens;
@@ -630,7 +630,7 @@ impl Fleet {
         self: &Arc<Self>,
         spec: Spec,
         dry_run: bool,
-    ) -> Result<RolloutView, RolloutError> {
+    ) -> Result<Started, RolloutError> {
         spec.check().map_err(|e| RolloutError::InvalidSpec(e.0))?;
         let selector = Selector::parse(&spec.selector).map_err(RolloutError::InvalidSpec)?;
         // An excluded id that names no node is a typo: the node meant to be spared
@@ -645,18 +645,28 @@ impl Fleet {
             )));
         }
         let mut spec = spec;
-        let matched = self.inventory.list(&selector);
-        let matched_count = matched.len();
-        let mut targets = Vec::with_capacity(matched.len());
+        // The targets keep a few fields of each matched record, taken in one walk
+        // under the inventory's read lock (no copy of every record), into a vector
+        // sized by a first walk (a doubling one would hold two copies at its last
+        // growth).
+        let mut matched_count = 0;
+        self.inventory
+            .each_matching(&selector, |_| matched_count += 1);
+        let mut targets = Vec::with_capacity(matched_count);
         let mut left_out = Vec::new();
-        for n in matched {
+        matched_count = 0;
+        self.inventory.each_matching(&selector, |n| {
+            matched_count += 1;
             if spec.exclude.contains(&n.node_id) {
-                left_out.push((n.node_id, "excluded by request (--exclude)".to_string()));
+                left_out.push((
+                    n.node_id.clone(),
+                    "excluded by request (--exclude)".to_string(),
+                ));
             } else if n.state == STOPPED || (spec.skip_unreachable && n.state == "unreachable") {
                 // Nodes shut down on purpose are not restarted (nor counted as failures).
-                let why = crate::agents::down(&n).unwrap_or_else(|| n.state.clone());
+                let why = crate::agents::down(n).unwrap_or_else(|| n.state.clone());
                 left_out.push((
-                    n.node_id,
+                    n.node_id.clone(),
                     if n.state == STOPPED && !spec.skip_unreachable {
                         why
                     } else {
@@ -664,9 +674,9 @@ impl Fleet {
                     },
                 ));
             } else {
-                targets.push(n);
+                targets.push(Target::new(n, spec.exe.clone(), spec.sha256.clone()));
             }
-        }
+        });
         left_out.sort();
         spec.left_out = left_out;
         if targets.is_empty() {
@@ -690,11 +700,7 @@ impl Fleet {
                 msg
             }));
         }
-        let nodes: Vec<(NodeRecord, String, String)> = targets
-            .into_iter()
-            .map(|n| (n, spec.exe.clone(), spec.sha256.clone()))
-            .collect();
-        self.begin(spec, nodes, dry_run, String::new()).await
+        self.begin(spec, targets, dry_run, String::new()).await
     }
 
     /// Undo: a new rollout that moves every node the given rollout moved back to its
@@ -704,7 +710,7 @@ impl Fleet {
         id: &str,
         actor: &str,
         declared: &str,
-    ) -> Result<RolloutView, RolloutError> {
+    ) -> Result<Started, RolloutError> {
         let view = self.rollout(id)?;
         if !view.rollout.state.finished() {
             return Err(RolloutError::WrongState(format!(
@@ -722,7 +728,11 @@ impl Fleet {
             let record = self.inventory.get(&n.node_id).ok_or_else(|| {
                 RolloutError::Refused(format!("node {} is no longer known", n.node_id))
             })?;
-            nodes.push((record, n.previous_exe.clone(), n.previous_sha256.clone()));
+            nodes.push(Target::new(
+                &record,
+                n.previous_exe.clone(),
+                n.previous_sha256.clone(),
+            ));
         }
         if nodes.is_empty() {
             return Err(RolloutError::WrongState(format!(
@@ -754,10 +764,10 @@ impl Fleet {
     async fn begin(
         self: &Arc<Self>,
         mut spec: Spec,
-        mut targets: Vec<(NodeRecord, String, String)>,
+        mut targets: Vec<Target>,
         dry_run: bool,
         undo_of: String,
-    ) -> Result<RolloutView, RolloutError> {
+    ) -> Result<Started, RolloutError> {
         let _one_at_a_time = self.start_lock.lock().await;
         if !dry_run && let Some(active) = self.active() {
             return Err(RolloutError::WrongState(format!(
@@ -772,7 +782,7 @@ impl Fleet {
                 .into_iter()
                 .partition(|(_, reason)| reason.starts_with("unreachable"));
             refusals = rest;
-            targets.retain(|(n, _, _)| !unreachable.iter().any(|(id, _)| *id == n.node_id));
+            targets.retain(|n| !unreachable.iter().any(|(id, _)| *id == n.node_id));
             spec.left_out
                 .extend(unreachable.into_iter().map(|(id, reason)| {
                     (
@@ -807,7 +817,7 @@ impl Fleet {
         let mut nodes = Vec::with_capacity(targets.len());
         let mut batch = 0u32;
         let mut left_in_batch = sizes.first().copied().unwrap_or(0);
-        for (node, exe, sha) in targets {
+        for node in targets {
             while left_in_batch == 0 {
                 batch += 1;
                 left_in_batch = sizes[batch as usize];
@@ -815,16 +825,15 @@ impl Fleet {
             left_in_batch -= 1;
             let refusal = refused.get(node.node_id.as_str()).copied();
             nodes.push(RolloutNode {
-                node_id: node.node_id.clone(),
                 batch,
                 state: NodeState::Pending,
                 reason: refusal
                     .map(|r| format!("{}{r}", fleet_proto::rules::PREFLIGHT_WOULD_REFUSE))
                     .unwrap_or_default(),
-                target_exe: exe,
-                target_sha256: sha,
-                previous_exe: node.exe.path.clone(),
-                previous_sha256: node.exe.sha256.clone(),
+                target_exe: node.target_exe,
+                target_sha256: node.target_sha256,
+                previous_exe: node.exe,
+                previous_sha256: node.sha256,
                 previous_generation: node.generation,
                 old_pid: node.worker_pid,
                 new_pid: 0,
@@ -838,6 +847,7 @@ impl Fleet {
                     },
                     pid: node.worker_pid,
                 }],
+                node_id: node.node_id,
             });
         }
         let rollout = Rollout {
@@ -868,7 +878,7 @@ impl Fleet {
         };
         let view = RolloutView { rollout, nodes };
         if dry_run {
-            return Ok(view);
+            return Ok(Started::Plan(Box::new(view)));
         }
         self.seq.store(seq, Ordering::SeqCst);
         // Durable before the first node is touched.
@@ -890,19 +900,47 @@ impl Fleet {
                 fleet_proto::rules::refusal_line(&reason, &ids, 20)
             );
         }
-        let handle = Arc::new(RolloutHandle::new(view.clone(), self.term()));
+        let id = view.rollout.id.clone();
+        let handle = Arc::new(RolloutHandle::new(view, self.term()));
         self.rollouts
             .lock()
             .expect("rollouts lock")
-            .insert(view.rollout.id.clone(), handle.clone());
+            .insert(id.clone(), handle.clone());
         // One more rollout in memory: the oldest whole finished one, if any beyond
         // FINISHED_KEPT, keeps only its counts.
         self.keep_newest_finished();
-        let _ = self.changes.send(Change::Rollout(view.rollout.id.clone()));
-        tokio::spawn(rollout::engine::run(self.clone(), handle));
-        Ok(view)
+        let _ = self.changes.send(Change::Rollout(id));
+        tokio::spawn(rollout::engine::run(self.clone(), handle.clone()));
+        Ok(Started::Running(handle))
+    }
+}
+
+/// What starting a rollout gives: a dry run's plan, or the rollout now running.
+#[derive(Debug)]
+pub enum Started {
+    /// The plan of a dry run, kept nowhere.
+    Plan(Box<RolloutView>),
+    /// The rollout in memory, its engine started: its view is the handle's, not a copy
+    /// of it (100,000 nodes are ~50 MB).
+    Running(Arc<RolloutHandle>),
+}
+
+impl Started {
+    /// Looks at the plan, or at the running rollout's view under its lock: its first
+    /// batch may have moved on since it started.
+    pub fn with_view<R>(&self, f: impl FnOnce(&RolloutView) -> R) -> R {
+        match self {
+            Started::Plan(view) => f(view),
+            Started::Running(handle) => f(&handle.view.lock().expect("view lock")),
+        }
     }
 
+    pub fn id(&self) -> String {
+        self.with_view(|v| v.rollout.id.clone())
+    }
+}
+
+impl Fleet {
     /// Records an operator's pause, resume or abort for the engine to act on; `actor`
     /// goes into the rollout's reason as given (see [`crate::tokens::actor_label`]).
     pub async fn request(

@@ -634,13 +634,16 @@ impl Inventory {
         if quiet { "unreachable" } else { &node.state }
     }
 
+    /// Whether [`Self::effective`] shows `node` otherwise than its record says: a
+    /// follower shows a node the leader found quiet as unreachable.
+    fn shown_otherwise(node: &NodeRecord, follower: bool) -> bool {
+        follower && node.stale_since_unix_ms > 0 && node.state != STOPPED
+    }
+
     /// The node as seen now: `unreachable` (with since when) if it missed its heartbeats.
     fn effective(&self, node: &NodeRecord) -> NodeRecord {
         let mut node = node.clone();
-        if node.stale_since_unix_ms > 0
-            && node.state != STOPPED
-            && self.follower.load(Ordering::Relaxed)
-        {
+        if Self::shown_otherwise(&node, self.follower.load(Ordering::Relaxed)) {
             // As the leader found it and wrote it (a follower hears no heartbeats).
             node.state = "unreachable".into();
             if node.reason.is_empty() {
@@ -687,6 +690,21 @@ impl Inventory {
             .filter(|n| selector.matches(&n.labels))
             .map(|n| self.effective(n))
             .collect()
+    }
+
+    /// Hands each node `selector` matches, in id order and as [`Self::get`] shows it, to
+    /// `f`, under the read lock: for a walk that keeps a few fields of each (rollout
+    /// planning) where [`Self::list`] would copy every record.
+    pub fn each_matching(&self, selector: &Selector, mut f: impl FnMut(&NodeRecord)) {
+        let nodes = self.nodes.read().expect("inventory lock");
+        let follower = self.follower.load(Ordering::Relaxed);
+        for node in nodes.values().filter(|n| selector.matches(&n.labels)) {
+            if Self::shown_otherwise(node, follower) {
+                f(&self.effective(node));
+            } else {
+                f(node);
+            }
+        }
     }
 
     /// Announces nodes that just went quiet, so live views update.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::inventory::Selector;
+use crate::inventory::{NodeRecord, Selector};
 
 /// A checked rollout spec.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -285,6 +285,44 @@ impl RolloutNode {
             message,
             pid,
         });
+    }
+}
+
+/// A node a rollout is planned over, with what to restart it into: the few fields of
+/// its record that planning, preflight and its [`RolloutNode`] read, not the whole
+/// record (labels, listeners, admin URL, history). Planning 100,000 nodes from copies
+/// of their records raised the controller's resident set by ~110 MB.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub node_id: String,
+    /// Its state as the inventory shows it, and the reason given with it.
+    pub state: String,
+    pub reason: String,
+    pub control_addr: String,
+    /// The executable it runs now, and its generation and worker.
+    pub exe: String,
+    pub sha256: String,
+    pub generation: u64,
+    pub worker_pid: u32,
+    /// What it is to restart into.
+    pub target_exe: String,
+    pub target_sha256: String,
+}
+
+impl Target {
+    pub fn new(node: &NodeRecord, target_exe: String, target_sha256: String) -> Self {
+        Target {
+            node_id: node.node_id.clone(),
+            state: node.state.clone(),
+            reason: node.reason.clone(),
+            control_addr: node.control_addr.clone(),
+            exe: node.exe.path.clone(),
+            sha256: node.exe.sha256.clone(),
+            generation: node.generation,
+            worker_pid: node.worker_pid,
+            target_exe,
+            target_sha256,
+        }
     }
 }
 

@@ -576,21 +576,36 @@ async fn do_rollout_action(
 ) -> Response {
     let actor = s.caller.name.as_str();
     let result = match action.as_str() {
-        "pause" => d.fleet.request(&id, RolloutState::Paused, actor).await,
-        "resume" => d.fleet.request(&id, RolloutState::Running, actor).await,
-        "abort" => d.fleet.request(&id, RolloutState::Aborted, actor).await,
-        "undo" => d.fleet.undo(&id, actor, "").await,
+        "pause" => d
+            .fleet
+            .request(&id, RolloutState::Paused, actor)
+            .await
+            .map(|v| v.rollout.id),
+        "resume" => d
+            .fleet
+            .request(&id, RolloutState::Running, actor)
+            .await
+            .map(|v| v.rollout.id),
+        "abort" => d
+            .fleet
+            .request(&id, RolloutState::Aborted, actor)
+            .await
+            .map(|v| v.rollout.id),
+        "undo" => d
+            .fleet
+            .undo(&id, actor, "")
+            .await
+            .map(|started| started.id()),
         other => Err(RolloutError::InvalidSpec(format!(
             "{other:?} is not an action on a rollout: pause, resume, abort or undo"
         ))),
     };
     match result {
-        Ok(v) if action == "undo" => Redirect::to(&format!(
-            "/rollouts/{}?done=undo",
-            percent_encode(&v.rollout.id)
-        ))
-        .into_response(),
-        Ok(v) => {
+        Ok(new_id) if action == "undo" => {
+            Redirect::to(&format!("/rollouts/{}?done=undo", percent_encode(&new_id)))
+                .into_response()
+        }
+        Ok(same_id) => {
             let done = match action.as_str() {
                 "pause" => "paused",
                 "resume" => "resumed",
@@ -598,7 +613,7 @@ async fn do_rollout_action(
             };
             Redirect::to(&format!(
                 "/rollouts/{}?done={done}",
-                percent_encode(&v.rollout.id)
+                percent_encode(&same_id)
             ))
             .into_response()
         }

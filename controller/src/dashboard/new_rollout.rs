@@ -294,9 +294,9 @@ async fn submit(
     };
     match f.step.as_str() {
         "start" => match d.fleet.start_rollout(spec, false).await {
-            Ok(v) => Redirect::to(&format!(
+            Ok(started) => Redirect::to(&format!(
                 "/rollouts/{}?done=started",
-                percent_encode(&v.rollout.id)
+                percent_encode(&started.id())
             ))
             .into_response(),
             Err(e) => refused(&d, &s, &f, e),
@@ -308,9 +308,9 @@ async fn submit(
         _ => match d.fleet.start_rollout(spec, true).await {
             // A plan that preflight would refuse is shown as the refusal, with the form
             // to correct (the plan is for fleetctl --dry-run).
-            Ok(plan) => match would_refuse(&plan) {
+            Ok(plan) => match plan.with_view(would_refuse) {
                 Some(e) => refused(&d, &s, &f, e),
-                None => shell(&d, &s, None, preview(&s, &f, &plan)).into_response(),
+                None => shell(&d, &s, None, plan.with_view(|p| preview(&s, &f, p))).into_response(),
             },
             Err(e) => refused(&d, &s, &f, e),
         },

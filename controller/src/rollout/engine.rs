@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 
 use super::RolloutHandle;
-use super::{Amount, NodeState, RolloutNode, RolloutState};
+use super::{Amount, NodeState, RolloutNode, RolloutState, Target};
 use crate::agents::CALL_TIMEOUT;
 use crate::fleet::Fleet;
 use crate::history::{RestartRecord, Via};
@@ -28,16 +28,13 @@ const PREFLIGHT_CONCURRENCY: usize = 512;
 const SOAK_POLL: Duration = Duration::from_millis(250);
 
 /// Asks every target's agent to validate its exe; returns the refusals.
-pub async fn preflight(
-    fleet: &Fleet,
-    targets: &[(NodeRecord, String, String)],
-) -> Vec<(String, String)> {
+pub async fn preflight(fleet: &Fleet, targets: &[Target]) -> Vec<(String, String)> {
     let mut refusals = Vec::new();
     let mut pending = targets.iter();
     let mut running = FuturesUnordered::new();
     loop {
         while running.len() < PREFLIGHT_CONCURRENCY {
-            let Some((node, exe, sha)) = pending.next() else {
+            let Some(node) = pending.next() else {
                 break;
             };
             running.push(async move {
@@ -54,10 +51,14 @@ pub async fn preflight(
                     ));
                 }
                 let request = pb::PreflightRequest {
-                    exe: exe.clone(),
-                    sha256: sha.clone(),
+                    exe: node.target_exe.clone(),
+                    sha256: node.target_sha256.clone(),
                 };
-                match fleet.agents.preflight(node, request).await {
+                let agents = &fleet.agents;
+                match agents
+                    .preflight(&node.node_id, &node.control_addr, request)
+                    .await
+                {
                     Ok(_) => None,
                     Err(status) => Some((node.node_id.clone(), describe(&status))),
                 }
