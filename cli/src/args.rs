@@ -476,6 +476,12 @@ pub struct StatusArgs {
     /// Also print each node's timeline (phase, time, PID, message).
     #[arg(long)]
     pub timeline: bool,
+
+    /// Nodes asked for in one call (the controller sends at most 5000); tests use a
+    /// small one to exercise paging.
+    #[arg(long, hide = true, value_name = "N", default_value_t = MAX_PAGE_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_PAGE_SIZE)))]
+    pub page_size: u32,
 }
 
 #[derive(Debug, Args)]
@@ -537,6 +543,9 @@ impl StartArgs {
             exclude: self.exclude.clone(),
             skip_unreachable: self.skip_unreachable,
             left_out: Vec::new(),
+            // A rollout that is followed is read from its watch: its start need not
+            // carry every node (--detach prints the nodes' batches from it).
+            summary_answer: !self.detach,
         }
     }
 }

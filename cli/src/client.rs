@@ -213,15 +213,40 @@ impl Controller {
         })
     }
 
-    pub async fn get_rollout(&mut self, id: String) -> Result<Rollout> {
-        let request = GetRolloutRequest {
-            id,
-            ..Default::default()
-        };
-        let response = self.send(Kind::Read, request, |mut api, r| async move {
-            api.get_rollout(r).await
-        });
-        Ok(response.await?)
+    /// The rollout with every node, read `page_size` nodes at a time (a 100,000-node
+    /// rollout is then 20 answers of a few MB instead of one of tens of MB; a controller
+    /// from before paging answers them all at once, without a next page).
+    pub async fn get_rollout(&mut self, id: String, page_size: u32) -> Result<Rollout> {
+        let mut whole: Option<Rollout> = None;
+        let mut page_token = String::new();
+        loop {
+            let request = GetRolloutRequest {
+                // The first page names the rollout ("latest" too); the next ones the one
+                // it named, should a newer one start meanwhile.
+                id: whole.as_ref().map_or(id.clone(), |r| r.id.clone()),
+                page_size,
+                page_token,
+                ..Default::default()
+            };
+            let response = self.send(Kind::Read, request, |mut api, r| async move {
+                api.get_rollout(r).await
+            });
+            let mut page = response.await?;
+            page_token = std::mem::take(&mut page.next_page_token);
+            let rollout = match whole.as_mut() {
+                None => whole.insert(page),
+                Some(r) => {
+                    // The header and counts as of the last page.
+                    let mut nodes = std::mem::take(&mut r.nodes);
+                    nodes.append(&mut page.nodes);
+                    *r = Rollout { nodes, ..page };
+                    r
+                }
+            };
+            if page_token.is_empty() {
+                return Ok(std::mem::take(rollout));
+            }
+        }
     }
 
     /// Newest first; `summary_only`: without their nodes (counts in `progress`).

@@ -324,7 +324,7 @@ async fn rollout_status(
     if args.watch {
         return follow(&mut controller, &args.id, format).await;
     }
-    let rollout = controller.get_rollout(args.id).await?;
+    let rollout = controller.get_rollout(args.id, args.page_size).await?;
     match format {
         Format::Json => emit(&json::to_string(&json::RolloutJson::from(&rollout)))?,
         Format::Table => emit(&output::rollout_details(&rollout, args.timeline))?,

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::Change;
 use crate::auth::grpc_caller;
-use crate::fleet::{Fleet, RolloutError};
+use crate::fleet::{Fleet, RolloutError, Started};
 use crate::history::{RestartRecord, Via};
 use crate::inventory::{ForgetError, NodeRecord, Selector, page};
 use crate::rollout::{NodeVersion, RolloutHandle, RolloutNode, RolloutState, RolloutView, Spec};
@@ -474,6 +474,7 @@ impl ControllerService for Api {
         let caller = grpc_caller(&request)?;
         let s = request.into_inner();
         let dry_run = s.dry_run;
+        let summary = s.summary_answer;
         let spec = Spec {
             exe: s.exe.trim().to_string(),
             sha256: s.sha256.trim().to_ascii_lowercase(),
@@ -505,7 +506,12 @@ impl ControllerService for Api {
             .start_rollout(spec, dry_run)
             .await
             .map_err(rollout_status)?;
-        Ok(Response::new(view.with_view(rollout_message)))
+        Ok(Response::new(match &view {
+            Started::Running(handle) if summary => {
+                summary_message(handle, &handle.view.lock().expect("view lock"))
+            }
+            _ => view.with_view(rollout_message),
+        }))
     }
 
     async fn get_rollout(
@@ -523,7 +529,15 @@ impl ControllerService for Api {
         }
         let handle = self.fleet.handle(&request.id).map_err(rollout_status)?;
         let view = handle.view.lock().expect("view lock");
-        Ok(Response::new(rollout_message(&view)))
+        if request.page_size == 0 {
+            return Ok(Response::new(rollout_message(&view)));
+        }
+        Ok(Response::new(rollout_page(
+            &handle,
+            &view,
+            &request.page_token,
+            request.page_size as usize,
+        )?))
     }
 
     async fn list_rollouts(
@@ -853,6 +867,36 @@ fn changed_nodes_message(v: &RolloutView, sent: &mut [NodeVersion]) -> pb::Rollo
     }
 }
 
+/// One page of the rollout's nodes, in its order: at most `size` (at most
+/// [`page::MAX_PAGE`]) after the node `token` names (none: from the first), with the
+/// token of the next page when more follow. `view` is `handle`'s, locked.
+fn rollout_page(
+    handle: &RolloutHandle,
+    view: &RolloutView,
+    token: &str,
+    size: usize,
+) -> Result<pb::Rollout, Status> {
+    let start = match token {
+        "" => 0,
+        token => handle.find(token).map(|i| i + 1).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "page_token {token:?} names no node of rollout {}: send back a page's \
+                 next_page_token as it came, or none for the first page",
+                view.rollout.id
+            ))
+        })?,
+    };
+    let end = start
+        .saturating_add(size.min(page::MAX_PAGE))
+        .min(view.nodes.len());
+    let nodes = view.nodes[start..end].iter().map(node_progress).collect();
+    let mut message = rollout_message_with(view, nodes, handle.progress(view));
+    if end < view.nodes.len() {
+        message.next_page_token = view.nodes[end - 1].node_id.clone();
+    }
+    Ok(message)
+}
+
 /// The rollout without its nodes: header, spec and counts (kept by `handle` for an old
 /// rollout whose nodes are in the store). `view` is `handle`'s, locked.
 fn summary_message(handle: &RolloutHandle, view: &RolloutView) -> pb::Rollout {
@@ -899,6 +943,7 @@ fn rollout_message_with(
                     reason: reason.clone(),
                 })
                 .collect(),
+            summary_answer: false,
         }),
         state: r.state.as_str().into(),
         reason: r.reason.clone(),
@@ -910,6 +955,7 @@ fn rollout_message_with(
         undo_of: r.undo_of.clone(),
         progress: Some(progress_message(progress)),
         nodes_changed_only: false,
+        next_page_token: String::new(),
     }
 }
 

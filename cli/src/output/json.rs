@@ -182,6 +182,8 @@ impl<'a> From<&'a RolloutSpec> for SpecJson<'a> {
             exclude,
             skip_unreachable,
             left_out,
+            // A request's, never set in an answer.
+            summary_answer: _,
         } = s;
         SpecJson {
             exe,
@@ -357,6 +359,8 @@ impl<'a> From<&'a Rollout> for RolloutJson<'a> {
             progress,
             // Always false here: a watch's partial messages are merged before output.
             nodes_changed_only: _,
+            // Pages are merged before output.
+            next_page_token: _,
         } = r;
         RolloutJson {
             id,

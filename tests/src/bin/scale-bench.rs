@@ -24,8 +24,9 @@
 //! 2. Heartbeat load: heartbeats the controller accepted per second over `--window`
 //!    at the interval it asks for (ttl / 3), and its CPU over that window.
 //! 3. Rollout: `StartRollout` (exe /opt/app-v2, batches 10%,20%,...,100%, no failure
-//!    budget limit), followed with summary `GetRollout` polls (or a summary `--watch`)
-//!    to its end, then read whole once for the checks. Wall
+//!    budget limit, a summary answer), followed with summary `GetRollout` polls (or a
+//!    summary `--watch`) to its end, then read once for the checks, 5,000 nodes a
+//!    page. Wall
 //!    time, from the `StartRollout` call (preflight of every target included) to the
 //!    controller's finish time; the simulated critical path, the sum over batches of
 //!    the longest restart each hollow agent actually took in that batch (plus the
@@ -36,7 +37,7 @@
 //!    meanwhile (counted by the hollow agents, at the heartbeat window's CPU per beat).
 //! 4. Controller process (from /proc/PID): CPU seconds and peak RSS, VmHWM (target
 //!    < 1 GB), also as it stood at the end of each phase (the last figure includes
-//!    the bench's own read of the whole rollout).
+//!    the bench's own read of the whole rollout, a page at a time).
 //!
 //! 5. Store: the controller's store commits and their mean time (from its
 //!    `/metrics`) over registration, the heartbeat window and the rollout.
@@ -100,6 +101,9 @@ const AUTO_TTL_MIN: Duration = Duration::from_secs(30);
 const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
 const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(180);
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Nodes per `GetRollout` page when the finished rollout is read for the checks (the
+/// controller's most).
+const ROLLOUT_PAGE: u32 = 5_000;
 const MAX_MESSAGE: usize = 512 << 20;
 const NEW_EXE: &str = "/opt/app-v2";
 
@@ -1111,6 +1115,9 @@ async fn run_store(
         auto_rollback: args.auto_rollback,
         reason: "scale-bench".into(),
         actor: "scale-bench".into(),
+        // The counts only, as fleetctl asks when it follows the rollout: the nodes are
+        // read a page at a time at the end.
+        summary_answer: true,
         ..Default::default()
     };
     let store_r0 = StoreMark::now(controller.addr, etcd.as_ref()).await;
@@ -1134,7 +1141,7 @@ async fn run_store(
         started.batch_sizes.len(),
         started.batch_sizes,
         start_call.as_secs_f64(),
-        started.nodes.len()
+        started.progress.as_ref().map_or(0, |p| p.total)
     ));
     let deadline = t0 + args.timeout;
     let (finished, hwm_rollout) = follow(args, &mut api, &mut controller, &id, deadline).await?;
@@ -1898,19 +1905,33 @@ async fn follow(
     // The controller's peak so far: the read below is the bench's, not the rollout's.
     let hwm = status_bytes(controller.pid(), "VmHWM:");
     // The polls and the watch carried counts only: the final record with every node
-    // (and its finish time) for the checks.
-    let whole = api
-        .get_rollout(with_timeout(
-            pb::GetRolloutRequest {
-                id: id.into(),
-                ..Default::default()
-            },
-            CALL_TIMEOUT,
-        ))
-        .await
-        .context("GetRollout")?
-        .into_inner();
-    Ok((whole, hwm))
+    // (and its finish time) for the checks, a page at a time as fleetctl reads it.
+    let mut whole: Option<pb::Rollout> = None;
+    let mut page_token = String::new();
+    loop {
+        let mut page = api
+            .get_rollout(with_timeout(
+                pb::GetRolloutRequest {
+                    id: id.into(),
+                    page_size: ROLLOUT_PAGE,
+                    page_token,
+                    ..Default::default()
+                },
+                CALL_TIMEOUT,
+            ))
+            .await
+            .context("GetRollout")?
+            .into_inner();
+        page_token = std::mem::take(&mut page.next_page_token);
+        match whole.as_mut() {
+            None => whole = Some(page),
+            Some(w) => w.nodes.append(&mut page.nodes),
+        }
+        if page_token.is_empty() {
+            break;
+        }
+    }
+    Ok((whole.context("no rollout read")?, hwm))
 }
 
 // ---------------------------------------------------------------------------
