@@ -159,35 +159,29 @@ impl RestartRecord {
 #[derive(Debug)]
 pub struct History {
     store: Arc<dyn Store>,
-    /// Old worker pids whose drain time was already written, per node (the last 32),
-    /// so that every heartbeat does not write it again.
-    forwarded: Mutex<HashMap<String, VecDeque<u32>>>,
-    /// Each node's worker generations as its last status reported them (memory
-    /// only: the next heartbeat after a controller restart brings them back).
-    workers: Mutex<HashMap<String, Vec<pb::Worker>>>,
-    /// Drain times (old pid, µs) in each node's last status: a restart whose answer
-    /// arrives after a heartbeat already reported its drain takes it from here.
-    drains: Mutex<HashMap<String, Vec<(u32, u64)>>>,
+    /// What each node's last status said (memory only: the next heartbeat after a
+    /// controller restart brings it back). One entry per node: one copy of its id.
+    heard: Mutex<HashMap<String, Heard>>,
 }
 
-/// `map[key] = value`, copying the key only the first time (once per node, not once
-/// per heartbeat).
-fn put<V>(map: &mut HashMap<String, V>, key: &str, value: V) {
-    match map.get_mut(key) {
-        Some(slot) => *slot = value,
-        None => {
-            map.insert(key.to_string(), value);
-        }
-    }
+/// What [`History`] keeps of one node's last status.
+#[derive(Debug, Default)]
+struct Heard {
+    /// Its worker generations.
+    workers: Vec<pb::Worker>,
+    /// Drain times (old pid, µs): a restart whose answer arrives after a heartbeat
+    /// already reported its drain takes it from here.
+    drains: Vec<(u32, u64)>,
+    /// Old worker pids whose drain time was already written (the last 32), so that
+    /// every heartbeat does not write it again.
+    forwarded: VecDeque<u32>,
 }
 
 impl History {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
             store,
-            forwarded: Mutex::new(HashMap::new()),
-            workers: Mutex::new(HashMap::new()),
-            drains: Mutex::new(HashMap::new()),
+            heard: Mutex::new(HashMap::new()),
         }
     }
 
@@ -195,10 +189,10 @@ impl History {
     /// returned: the restart itself has happened either way.
     pub async fn record(&self, mut record: RestartRecord) {
         if record.old_pid != 0 && record.drain_us == 0 {
-            let drains = self.drains.lock().expect("history lock");
-            if let Some(&(_, us)) = drains
+            let heard = self.heard.lock().expect("history lock");
+            if let Some(&(_, us)) = heard
                 .get(&record.node_id)
-                .and_then(|d| d.iter().find(|(pid, _)| *pid == record.old_pid))
+                .and_then(|h| h.drains.iter().find(|(pid, _)| *pid == record.old_pid))
             {
                 record.drain_us = us;
             }
@@ -249,27 +243,27 @@ impl History {
     /// of its recent restarts.
     pub fn heard(&self, status: &pb::StatusResponse) {
         let id = status.node_id.as_str();
-        put(
-            &mut self.workers.lock().expect("history lock"),
-            id,
-            status.workers.clone(),
-        );
-        put(
-            &mut self.drains.lock().expect("history lock"),
-            id,
-            status
-                .recent_restarts
-                .iter()
-                .filter(|r| r.drain_us > 0 && r.old_pid != 0)
-                .map(|r| (r.old_pid, r.drain_us))
-                .collect(),
-        );
         let fresh: Vec<(u32, u64)> = {
-            let mut forwarded = self.forwarded.lock().expect("history lock");
-            if !forwarded.contains_key(id) {
-                forwarded.insert(id.to_string(), VecDeque::new());
+            let mut heard = self.heard.lock().expect("history lock");
+            // The id is copied once per node, not once per heartbeat.
+            if !heard.contains_key(id) {
+                heard.insert(id.to_string(), Heard::default());
             }
-            let seen = forwarded.get_mut(id).expect("inserted above");
+            let node = heard.get_mut(id).expect("inserted above");
+            // A beat that reports what the last one did (most do) copies nothing. (A
+            // clone, not clone_from: extending an empty vector reserves room for four.)
+            if node.workers != status.workers {
+                node.workers = status.workers.clone();
+            }
+            node.drains.clear();
+            node.drains.extend(
+                status
+                    .recent_restarts
+                    .iter()
+                    .filter(|r| r.drain_us > 0 && r.old_pid != 0)
+                    .map(|r| (r.old_pid, r.drain_us)),
+            );
+            let seen = &mut node.forwarded;
             let mut fresh = Vec::new();
             for r in &status.recent_restarts {
                 if r.drain_us == 0 || r.old_pid == 0 || seen.contains(&r.old_pid) {
@@ -294,19 +288,17 @@ impl History {
 
     /// Forgets what is held in memory for a node (it was forgotten).
     pub fn forget(&self, node_id: &str) {
-        self.forwarded.lock().expect("history lock").remove(node_id);
-        self.workers.lock().expect("history lock").remove(node_id);
-        self.drains.lock().expect("history lock").remove(node_id);
+        self.heard.lock().expect("history lock").remove(node_id);
     }
 
     /// The node's worker generations as it last reported them, oldest first.
     pub fn workers(&self, node_id: &str) -> Vec<pb::Worker> {
         let mut w = self
-            .workers
+            .heard
             .lock()
             .expect("history lock")
             .get(node_id)
-            .cloned()
+            .map(|h| h.workers.clone())
             .unwrap_or_default();
         w.sort_by_key(|w| w.generation);
         w
