@@ -432,15 +432,10 @@ mod tests {
         assert_eq!(crate::with_cause(&own), "draining");
 
         let node = node("serving", "");
+        let to = (node.node_id.as_str(), node.control_addr.as_str());
+        let second = Duration::from_secs(1);
         let call = async { Err::<tonic::Response<()>, _>(transport) };
-        let e = bounded(
-            (&node.node_id, &node.control_addr),
-            "Restart",
-            Duration::from_secs(1),
-            call,
-        )
-        .await
-        .unwrap_err();
+        let e = bounded(to, "Restart", second, call).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable);
         for part in [
             "web-3",
@@ -452,14 +447,7 @@ mod tests {
             assert!(e.message().contains(part), "{part}: {}", e.message());
         }
         let call = async { Err::<tonic::Response<()>, _>(tonic::Status::unavailable("draining")) };
-        let e = bounded(
-            (&node.node_id, &node.control_addr),
-            "Restart",
-            Duration::from_secs(1),
-            call,
-        )
-        .await
-        .unwrap_err();
+        let e = bounded(to, "Restart", second, call).await.unwrap_err();
         assert_eq!(e.message(), "draining");
     }
 

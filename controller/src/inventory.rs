@@ -626,24 +626,30 @@ impl Inventory {
     /// The state [`Self::effective`] shows, without copying the node: `unreachable` if
     /// it missed its heartbeats (or, on a follower, the leader found it had).
     fn shown_state<'n>(&self, node: &'n NodeRecord, now: u64, follower: bool) -> &'n str {
-        let quiet = if follower {
+        if self.quiet(node, now, follower) {
+            "unreachable"
+        } else {
+            &node.state
+        }
+    }
+
+    /// Whether [`Self::effective`] shows `node` as unreachable whatever its record
+    /// says: it missed its heartbeats (or, on a follower, the leader found it had).
+    fn quiet(&self, node: &NodeRecord, now: u64, follower: bool) -> bool {
+        if follower {
             node.stale_since_unix_ms > 0 && node.state != STOPPED
         } else {
             self.is_stale_at(node, now, follower)
-        };
-        if quiet { "unreachable" } else { &node.state }
-    }
-
-    /// Whether [`Self::effective`] shows `node` otherwise than its record says: a
-    /// follower shows a node the leader found quiet as unreachable.
-    fn shown_otherwise(node: &NodeRecord, follower: bool) -> bool {
-        follower && node.stale_since_unix_ms > 0 && node.state != STOPPED
+        }
     }
 
     /// The node as seen now: `unreachable` (with since when) if it missed its heartbeats.
     fn effective(&self, node: &NodeRecord) -> NodeRecord {
         let mut node = node.clone();
-        if Self::shown_otherwise(&node, self.follower.load(Ordering::Relaxed)) {
+        if node.stale_since_unix_ms > 0
+            && node.state != STOPPED
+            && self.follower.load(Ordering::Relaxed)
+        {
             // As the leader found it and wrote it (a follower hears no heartbeats).
             node.state = "unreachable".into();
             if node.reason.is_empty() {
@@ -697,9 +703,9 @@ impl Inventory {
     /// planning) where [`Self::list`] would copy every record.
     pub fn each_matching(&self, selector: &Selector, mut f: impl FnMut(&NodeRecord)) {
         let nodes = self.nodes.read().expect("inventory lock");
-        let follower = self.follower.load(Ordering::Relaxed);
+        let (now, follower) = (now_ms(), self.follower.load(Ordering::Relaxed));
         for node in nodes.values().filter(|n| selector.matches(&n.labels)) {
-            if Self::shown_otherwise(node, follower) {
+            if self.quiet(node, now, follower) {
                 f(&self.effective(node));
             } else {
                 f(node);
@@ -955,6 +961,50 @@ mod tests {
         assert!(inventory.store.load_nodes().unwrap().is_empty());
     }
 
+    /// (id, state, reason) of every node as rollout planning walks them.
+    fn walked(inv: &Inventory) -> Vec<(String, String, String)> {
+        let mut seen = Vec::new();
+        inv.each_matching(&Selector::default(), |n| {
+            seen.push((n.node_id.clone(), n.state.clone(), n.reason.clone()))
+        });
+        seen
+    }
+
+    /// The same as `get` shows each node.
+    fn shown_as_got(inv: &Inventory) -> Vec<(String, String, String)> {
+        inv.list(&Selector::default())
+            .into_iter()
+            .map(|n| (n.node_id, n.state, n.reason))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn planning_walks_a_node_past_its_ttl_as_unreachable_before_it_is_written_so() {
+        // The leader shows a quiet node unreachable as soon as its TTL has passed, not
+        // when its staleness tick writes it (none runs here): planning must see it so
+        // too, or it would ask it for a preflight that cannot be answered.
+        let dir = tempfile::tempdir().unwrap();
+        let inventory = Inventory::new(
+            Arc::new(crate::store::SqliteStore::open(&dir.path().join("fleet.db")).unwrap()),
+            Duration::from_millis(50),
+            tokio::sync::broadcast::channel(8).0,
+        )
+        .unwrap();
+        inventory.report(&status("quiet"), false).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while inventory.get("quiet").unwrap().state != "unreachable" {
+            assert!(std::time::Instant::now() < deadline, "never shown quiet");
+            inventory.report(&status("beating"), false).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        inventory.report(&status("beating"), false).unwrap();
+        let walked = walked(&inventory);
+        assert_eq!(walked, shown_as_got(&inventory));
+        assert_eq!(walked[1].1, "unreachable", "{walked:?}");
+        assert!(walked[1].2.contains("no heartbeat for"), "{walked:?}");
+        assert_eq!(walked[0].1, "serving", "{walked:?}");
+    }
+
     #[tokio::test]
     async fn a_node_gone_quiet_is_written_once_marked_so_followers_show_it_unreachable() {
         let dir = tempfile::tempdir().unwrap();
@@ -1003,6 +1053,7 @@ mod tests {
             "{}",
             quiet.reason
         );
+        assert_eq!(walked(&follower), shown_as_got(&follower));
         // It beats again: written unmarked, and the follower shows it serving.
         leader.report(&status("quiet"), false).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -575,28 +575,20 @@ async fn do_rollout_action(
     Path((id, action)): Path<(String, String)>,
 ) -> Response {
     let actor = s.caller.name.as_str();
-    let result = match action.as_str() {
-        "pause" => d
+    let wanted = match action.as_str() {
+        "pause" => Some(RolloutState::Paused),
+        "resume" => Some(RolloutState::Running),
+        "abort" => Some(RolloutState::Aborted),
+        _ => None,
+    };
+    let result = match (action.as_str(), wanted) {
+        (_, Some(state)) => d
             .fleet
-            .request(&id, RolloutState::Paused, actor)
+            .request(&id, state, actor)
             .await
             .map(|v| v.rollout.id),
-        "resume" => d
-            .fleet
-            .request(&id, RolloutState::Running, actor)
-            .await
-            .map(|v| v.rollout.id),
-        "abort" => d
-            .fleet
-            .request(&id, RolloutState::Aborted, actor)
-            .await
-            .map(|v| v.rollout.id),
-        "undo" => d
-            .fleet
-            .undo(&id, actor, "")
-            .await
-            .map(|started| started.id()),
-        other => Err(RolloutError::InvalidSpec(format!(
+        ("undo", None) => d.fleet.undo(&id, actor, "").await.map(|s| s.id()),
+        (other, None) => Err(RolloutError::InvalidSpec(format!(
             "{other:?} is not an action on a rollout: pause, resume, abort or undo"
         ))),
     };
