@@ -776,11 +776,12 @@ impl Api {
         let caller = grpc_caller(&request)?;
         let r = request.into_inner();
         let actor = actor_label(&caller.name, &declared(&r.actor, &caller));
-        let view = self
+        let handle = self
             .fleet
             .request(&r.id, wanted, &actor)
             .await
             .map_err(rollout_status)?;
+        let view = handle.view.lock().expect("view lock");
         Ok(Response::new(rollout_message(&view)))
     }
 }

@@ -943,12 +943,14 @@ impl Started {
 impl Fleet {
     /// Records an operator's pause, resume or abort for the engine to act on; `actor`
     /// goes into the rollout's reason as given (see [`crate::tokens::actor_label`]).
+    /// Gives the rollout's handle: its view is read under its lock, not copied (100,000
+    /// nodes are tens of MB).
     pub async fn request(
         &self,
         id: &str,
         wanted: RolloutState,
         actor: &str,
-    ) -> Result<RolloutView, RolloutError> {
+    ) -> Result<Arc<RolloutHandle>, RolloutError> {
         let handle = self.handle(id)?;
         let header = {
             let mut view = handle.view.lock().expect("view lock");
@@ -985,7 +987,7 @@ impl Fleet {
         crate::audit::rollout_requested(&header.id, wanted, actor);
         handle.wake.notify_one();
         let _ = self.changes.send(Change::Rollout(header.id.clone()));
-        Ok(handle.view.lock().expect("view lock").clone())
+        Ok(handle)
     }
 
     /// The active (running or paused) rollout that has yet to finish with `node_id`,

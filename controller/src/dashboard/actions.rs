@@ -586,7 +586,7 @@ async fn do_rollout_action(
             .fleet
             .request(&id, state, actor)
             .await
-            .map(|v| v.rollout.id),
+            .map(|h| h.view.lock().expect("view lock").rollout.id.clone()),
         ("undo", None) => d.fleet.undo(&id, actor, "").await.map(|s| s.id()),
         (other, None) => Err(RolloutError::InvalidSpec(format!(
             "{other:?} is not an action on a rollout: pause, resume, abort or undo"
