@@ -225,14 +225,24 @@ impl Controller {
                 // it named, should a newer one start meanwhile.
                 id: whole.as_ref().map_or(id.clone(), |r| r.id.clone()),
                 page_size,
-                page_token,
+                page_token: page_token.clone(),
                 ..Default::default()
             };
             let response = self.send(Kind::Read, request, |mut api, r| async move {
                 api.get_rollout(r).await
             });
             let mut page = response.await?;
-            page_token = std::mem::take(&mut page.next_page_token);
+            let next = std::mem::take(&mut page.next_page_token);
+            // A controller that gives an empty page, or the same token again, would
+            // keep fleetctl asking forever.
+            if !next.is_empty() && (page.nodes.is_empty() || next == page_token) {
+                anyhow::bail!(
+                    "the controller gave page token {next:?} again or with no nodes while \
+                     reading rollout {}: it is not paging; retry, or report it",
+                    page.id
+                );
+            }
+            page_token = next;
             let rollout = match whole.as_mut() {
                 None => whole.insert(page),
                 Some(r) => {

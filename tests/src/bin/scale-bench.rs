@@ -1914,7 +1914,7 @@ async fn follow(
                 pb::GetRolloutRequest {
                     id: id.into(),
                     page_size: ROLLOUT_PAGE,
-                    page_token,
+                    page_token: page_token.clone(),
                     ..Default::default()
                 },
                 CALL_TIMEOUT,
@@ -1922,7 +1922,12 @@ async fn follow(
             .await
             .context("GetRollout")?
             .into_inner();
-        page_token = std::mem::take(&mut page.next_page_token);
+        let next = std::mem::take(&mut page.next_page_token);
+        anyhow::ensure!(
+            next.is_empty() || (!page.nodes.is_empty() && next != page_token),
+            "GetRollout gave page token {next:?} again or with no nodes"
+        );
+        page_token = next;
         match whole.as_mut() {
             None => whole = Some(page),
             Some(w) => w.nodes.append(&mut page.nodes),

@@ -34,6 +34,8 @@ enum Role {
     /// `RestartNode`: `UNAVAILABLE` from the controller itself, as for an agent it
     /// cannot reach: an answer, not a reason to try elsewhere.
     AgentUnreachable,
+    /// `GetRollout`: one node and the same next page token, every time.
+    StuckPaging,
 }
 
 #[derive(Debug)]
@@ -176,7 +178,15 @@ service! {
         _: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
         self.enter("GetRollout")?;
-        Ok(Response::new(self.rollout("running")))
+        let mut rollout = self.rollout("running");
+        if matches!(self.role, Role::StuckPaging) {
+            rollout.nodes = vec![pb::RolloutNode {
+                node_id: "n1".into(),
+                ..Default::default()
+            }];
+            rollout.next_page_token = "n1".into();
+        }
+        Ok(Response::new(rollout))
     }
 
     type HeartbeatStreamStream =
@@ -480,4 +490,13 @@ fn a_leader_is_followed_only_over_the_same_scheme() {
     );
     assert!(leader_url("https://10.0.0.1:7100", "http://10.0.0.2:7100").is_err());
     assert!(leader_url("http://10.0.0.1:7100", "not a url/x").is_err());
+}
+
+#[tokio::test]
+async fn a_controller_that_gives_the_same_page_again_is_not_asked_forever() {
+    let stuck = Arc::new(Fake::new("stuck", Role::StuckPaging));
+    let mut c = controller(&[&serve(stuck.clone()).await]);
+    let e = c.get_rollout("r1".into(), 10).await.unwrap_err();
+    assert!(e.to_string().contains("not paging"), "{e:#}");
+    assert_eq!(stuck.calls(), ["GetRollout", "GetRollout"]);
 }
