@@ -759,6 +759,12 @@ impl HollowFleet {
         }
     }
 
+    /// [`Self::wait_registered`] within `timeout`, without progress reports: what a
+    /// test waits for.
+    pub async fn registered_within(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_registered(Some(timeout), timeout, |_| {}).await
+    }
+
     /// Stops every agent (servers and heartbeats) and waits for their tasks.
     pub async fn shutdown(mut self) {
         for a in &self.agents {
@@ -1555,11 +1561,7 @@ mod tests {
         .await
         .unwrap();
         fleet
-            .wait_registered(
-                Some(Duration::from_secs(10)),
-                Duration::from_secs(5),
-                |_| {},
-            )
+            .registered_within(Duration::from_secs(10))
             .await
             .unwrap();
         let (id, addr) = fleet.addrs()[0].clone();
@@ -1623,11 +1625,7 @@ mod tests {
         .await
         .unwrap();
         fleet
-            .wait_registered(
-                Some(Duration::from_secs(10)),
-                Duration::from_secs(5),
-                |_| {},
-            )
+            .registered_within(Duration::from_secs(10))
             .await
             .unwrap();
         let nodes = lock(&fake.nodes).clone();
@@ -1687,11 +1685,7 @@ mod tests {
         .await
         .unwrap();
         let err = fleet
-            .wait_registered(
-                Some(Duration::from_millis(800)),
-                Duration::from_secs(5),
-                |_| {},
-            )
+            .registered_within(Duration::from_millis(800))
             .await
             .unwrap_err()
             .to_string();
@@ -1851,11 +1845,7 @@ mod tests {
         .await
         .unwrap();
         fleet
-            .wait_registered(
-                Some(Duration::from_secs(10)),
-                Duration::from_secs(5),
-                |_| {},
-            )
+            .registered_within(Duration::from_secs(10))
             .await
             .unwrap();
         let addrs = fleet.addrs();

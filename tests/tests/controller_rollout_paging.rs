@@ -52,11 +52,7 @@ async fn a_rollout_is_started_without_its_nodes_and_read_a_page_at_a_time() {
     .await
     .expect("hollow agents");
     fleet
-        .wait_registered(
-            Some(Duration::from_secs(30)),
-            Duration::from_secs(5),
-            |_| {},
-        )
+        .registered_within(Duration::from_secs(30))
         .await
         .expect("every hollow agent registers");
 

@@ -45,11 +45,7 @@ async fn roll_out(dialled_calls: bool) {
     .await
     .expect("hollow agents");
     fleet
-        .wait_registered(
-            Some(Duration::from_secs(30)),
-            Duration::from_secs(5),
-            |_| {},
-        )
+        .registered_within(Duration::from_secs(30))
         .await
         .expect("every hollow agent registers");
     let node = controller
