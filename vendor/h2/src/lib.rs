@@ -141,6 +141,23 @@ pub use crate::share::{FlowControl, Ping, PingPong, Pong, RecvStream, SendStream
 #[cfg(feature = "unstable")]
 pub use codec::{Codec, SendError, UserError};
 
+/// Fleet: whether connections made from now on free their read and write buffers
+/// (and start their HPACK decoder's empty) whenever they wait for the peer with
+/// nothing buffered, instead of holding them for their whole life. Off by default,
+/// as upstream; a process that holds many mostly idle connections (Fleet's
+/// controller, one per agent) turns it on before it serves. vendor/README.md.
+pub fn release_idle_buffers(on: bool) {
+    RELEASE_IDLE_BUFFERS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+static RELEASE_IDLE_BUFFERS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Fleet: see [`release_idle_buffers`].
+pub(crate) fn releases_idle_buffers() -> bool {
+    RELEASE_IDLE_BUFFERS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};

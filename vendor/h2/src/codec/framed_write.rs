@@ -52,6 +52,9 @@ struct Encoder<B> {
 
     /// Min buffer required to attempt to write a frame
     min_buffer_capacity: usize,
+
+    /// Fleet: free `buf` once flushed (`crate::release_idle_buffers`).
+    release: bool,
 }
 
 #[derive(Debug)]
@@ -93,7 +96,15 @@ where
             final_flush_done: false,
             encoder: Encoder {
                 hpack: hpack::Encoder::default(),
-                buf: Cursor::new(BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY)),
+                // Fleet: with `release_idle_buffers`, allocated when a frame is
+                // buffered and freed once flushed (`Encoder::release`), so that an
+                // idle connection holds none.
+                buf: Cursor::new(if crate::releases_idle_buffers() {
+                    BytesMut::new()
+                } else {
+                    BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY)
+                }),
+                release: crate::releases_idle_buffers(),
                 next: None,
                 last_data_frame: None,
                 max_frame_size: frame::DEFAULT_MAX_FRAME_SIZE,
@@ -169,6 +180,8 @@ where
             }
         }
 
+        self.encoder.release();
+
         tracing::trace!("flushing buffer");
         // Flush the upstream
         ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
@@ -223,6 +236,9 @@ where
     fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
         // Ensure that we have enough capacity to accept the write.
         assert!(self.has_capacity());
+        if self.buf.get_ref().capacity() == 0 {
+            self.buf.get_mut().reserve(DEFAULT_BUFFER_CAPACITY);
+        }
         let span = tracing::trace_span!("FramedWrite::buffer", frame = ?item);
         let _e = span.enter();
 
@@ -307,9 +323,21 @@ where
     }
 
     fn has_capacity(&self) -> bool {
+        // Fleet: a released buffer (capacity 0) is allocated whole by `buffer`.
+        let buf = self.buf.get_ref();
         self.next.is_none()
-            && (self.buf.get_ref().capacity() - self.buf.get_ref().len()
-                >= self.min_buffer_capacity)
+            && (buf.capacity() == 0 || buf.capacity() - buf.len() >= self.min_buffer_capacity)
+    }
+
+    /// Fleet: frees the buffer once everything in it is written, so that a
+    /// connection waiting for its next frame holds no write buffer (16 KiB each,
+    /// tens of thousands of mostly idle connections on a controller); the next
+    /// frame allocates it again.
+    fn release(&mut self) {
+        if self.release && self.next.is_none() && self.buf.get_ref().is_empty() {
+            *self.buf.get_mut() = BytesMut::new();
+            self.buf.set_position(0);
+        }
     }
 
     fn is_empty(&self) -> bool {

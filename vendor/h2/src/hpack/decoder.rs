@@ -158,7 +158,13 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // Fleet: with `release_idle_buffers`, grown by the first Huffman-coded
+            // string instead of 4 KiB up front for each connection.
+            buffer: if crate::releases_idle_buffers() {
+                BytesMut::new()
+            } else {
+                BytesMut::with_capacity(4096)
+            },
         }
     }
 
