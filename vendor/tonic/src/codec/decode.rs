@@ -220,7 +220,11 @@ impl StreamingInner {
                 )));
             }
 
-            self.buf.reserve(len);
+            // Fleet: room for what the message still lacks. `reserve` asks for
+            // room beyond what the buffer holds, so reserving `len` for a message
+            // already in it (two small ones come in one DATA frame) doubled a
+            // long-lived stream's buffer, for good (vendor/README.md).
+            self.buf.reserve(len.saturating_sub(self.buf.len()));
 
             self.state = State::ReadBody {
                 compression: compression_encoding,
