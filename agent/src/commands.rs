@@ -14,14 +14,20 @@
 //! otherwise goes out again on the stream open then, or on the next. A stream's first
 //! beat lists the commands still being worked on or answered, so the controller sends
 //! again only what never arrived, and a command that arrives twice runs once.
+//!
+//! To a controller that says it takes them (`status_with_answers`), an answer carries
+//! the node's status as it stood when the answer was sent: a beat, which the
+//! heartbeat loop then need not send ([`Activity`]).
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fleet_proto::commands::refusal;
 use fleet_proto::v1 as pb;
 use fleet_proto::v1::command_answer::Answer;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::control::grpc::AgentGrpc;
 use crate::supervisor::Supervisor;
@@ -47,17 +53,43 @@ pub struct Commands {
     /// out on it (the controller is waiting for it there, having been told the command
     /// is at work).
     current: Mutex<std::sync::Weak<Line>>,
+    supervisor: Arc<Supervisor>,
+    activity: watch::Sender<Activity>,
+}
+
+/// What the heartbeat loop needs to know of the commands to leave out a beat that an
+/// answer's status makes needless.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Commands taken and not answered yet.
+    pub working: usize,
+    /// When a status last went out with an answer.
+    pub status_sent: Option<Instant>,
 }
 
 impl Commands {
     pub fn new(supervisor: Arc<Supervisor>) -> Arc<Self> {
         Arc::new(Self {
             token: supervisor.token().map(str::to_string),
-            grpc: AgentGrpc::new(supervisor),
+            grpc: AgentGrpc::new(supervisor.clone()),
             working: Mutex::default(),
             outbox: Mutex::default(),
             current: Mutex::default(),
+            supervisor,
+            activity: watch::Sender::new(Activity::default()),
         })
+    }
+
+    /// Follows [`Activity`]: commands at work, statuses sent with answers.
+    pub fn activity(&self) -> watch::Receiver<Activity> {
+        self.activity.subscribe()
+    }
+
+    /// The node's status now, as a beat would carry it.
+    fn status_now(&self) -> (pb::StatusResponse, u64) {
+        let report = self.supervisor.status();
+        let in_flight = report.in_flight();
+        (crate::control::status_message(report), in_flight)
     }
 
     /// Whether commands are taken on a stream to the controller at `url`, `tls` when
@@ -160,6 +192,7 @@ impl Commands {
             }
             working.insert(id);
         }
+        self.activity.send_modify(|a| a.working += 1);
         let commands = self.clone();
         tokio::spawn(async move {
             let answer = pb::CommandAnswer {
@@ -168,6 +201,9 @@ impl Commands {
             };
             commands.working.lock().expect("working").remove(&id);
             line.send_answer(answer);
+            // After the answer (and its status) went out: a beat owed for a change it
+            // reports is not sent.
+            commands.activity.send_modify(|a| a.working -= 1);
         });
     }
 
@@ -215,6 +251,9 @@ pub struct Line {
     out: mpsc::UnboundedSender<pb::HeartbeatRequest>,
     sent: Mutex<Sent>,
     commands: Arc<Commands>,
+    /// The controller takes a status sent with an answer as a beat (it said so in its
+    /// answers to beats).
+    with_status: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -231,7 +270,18 @@ impl Line {
             out,
             sent: Mutex::default(),
             commands,
+            with_status: AtomicBool::new(false),
         }
+    }
+
+    /// What the controller said in its last answer to a beat on this stream.
+    pub fn set_status_with_answers(&self, taken: bool) {
+        self.with_status.store(taken, Ordering::Relaxed);
+    }
+
+    /// Answers on this stream carry the node's status.
+    pub fn status_with_answers(&self) -> bool {
+        self.with_status.load(Ordering::Relaxed)
     }
 
     /// Sends a beat; the mark to [`Line::confirm`] once it is answered.
@@ -260,13 +310,29 @@ impl Line {
     /// Sends an answer on this stream; gives it back when the stream has ended.
     #[allow(clippy::result_large_err)]
     fn try_send(&self, answer: pb::CommandAnswer) -> Result<(), pb::CommandAnswer> {
+        let (status, in_flight) = match self.status_with_answers() {
+            true => {
+                let (status, in_flight) = self.commands.status_now();
+                (Some(status), in_flight)
+            }
+            false => (None, 0),
+        };
+        let with_status = status.is_some();
         let mut sent = self.sent.lock().expect("sent");
         let message = pb::HeartbeatRequest {
             answer: Some(answer.clone()),
+            status,
+            in_flight,
             ..Default::default()
         };
         if !sent.closed && self.out.send(message).is_ok() {
             sent.answers.push(answer);
+            if with_status {
+                let now = Instant::now();
+                self.commands
+                    .activity
+                    .send_modify(|a| a.status_sent = Some(now));
+            }
             Ok(())
         } else {
             Err(answer)

@@ -15,6 +15,14 @@
 //! On its stream the controller may also call the node ([`crate::commands`]): a
 //! task per stream reads what comes back, hands commands over and passes the answers to
 //! beats on.
+//!
+//! A controller that takes the node's status with its answers to commands hears from
+//! the node through them too, so beats it would only repeat are left out
+//! ([`Quiet`]): the beat at once after a change that a command at work will report
+//! (a restart the controller asked for ends with its answer), and a beat due within
+//! half an interval of a status sent with an answer. A rollout's preflight and
+//! restart then cost the node two messages, not four (and the controller no answer to
+//! write for each).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +35,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::commands::{Commands, Line, Trust};
+use crate::commands::{Activity, Commands, Line, Trust};
 use crate::controllers::{Controllers, Next, backoff, leader_hint};
 use crate::phase::Phase;
 use crate::supervisor::{NodeState, Supervisor};
@@ -67,6 +75,7 @@ pub async fn run(supervisor: Arc<Supervisor>, urls: Vec<String>, mut tls: Option
         rx.mark_unchanged();
     }
     let mut events = supervisor.subscribe();
+    let mut activity = beater.commands.activity();
     // A node registers once its first worker serves (or it has failed to start).
     while supervisor.status().state == NodeState::Starting {
         if let Err(tokio::sync::broadcast::error::RecvError::Closed) = events.recv().await {
@@ -100,6 +109,9 @@ pub async fn run(supervisor: Arc<Supervisor>, urls: Vec<String>, mut tls: Option
         let Some(beat) = beater.beat(request, &tls).await else {
             return;
         };
+        // Beats an answer's status makes needless are left out only while the beats
+        // go through, to a controller that takes statuses with answers.
+        let mut quiet = Quiet::new(matches!(beat, Beat::Taken) && beater.status_with_answers());
         let (wait, wake): (Duration, fn(&Phase) -> bool) = match beat {
             // The last beat says the node stopped on purpose, so the controller shows
             // it as stopped rather than unreachable (another controller is tried at
@@ -119,9 +131,21 @@ pub async fn run(supervisor: Arc<Supervisor>, urls: Vec<String>, mut tls: Option
         tokio::pin!(sleep);
         loop {
             tokio::select! {
-                _ = &mut sleep => break,
+                _ = &mut sleep => {
+                    let now = tokio::time::Instant::now();
+                    if quiet.due_is_needless(*activity.borrow(), now, wait) {
+                        sleep.as_mut().reset(now + wait);
+                        continue;
+                    }
+                    break;
+                }
                 event = events.recv() => match event {
-                    Ok(e) if wake(&e.phase) => break,
+                    Ok(e) if wake(&e.phase) => {
+                        let now = tokio::time::Instant::now();
+                        if stopping(&e.phase) || !quiet.owe(*activity.borrow(), now) {
+                            break;
+                        }
+                    }
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
@@ -129,8 +153,76 @@ pub async fn run(supervisor: Arc<Supervisor>, urls: Vec<String>, mut tls: Option
                         break;
                     }
                 },
+                changed = activity.changed(), if quiet.owed() => {
+                    if changed.is_err() || quiet.still_owed(*activity.borrow_and_update()) {
+                        break;
+                    }
+                }
             }
         }
+    }
+}
+
+/// Which beats a status sent with an answer makes needless, between two beats.
+#[derive(Debug, Clone, Copy)]
+struct Quiet {
+    /// The controller takes statuses with answers (else every beat goes out).
+    enabled: bool,
+    /// A change worth a beat at once happened then, while commands were at work: the
+    /// beat waits for their answers, whose status reports it.
+    owed_since: Option<tokio::time::Instant>,
+}
+
+impl Quiet {
+    fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            owed_since: None,
+        }
+    }
+
+    /// A change worth a beat at once, at `now`: true when the beat may wait for the
+    /// answers of the commands at work (it is owed until one of them goes out).
+    fn owe(&mut self, activity: Activity, now: tokio::time::Instant) -> bool {
+        if !self.enabled || activity.working == 0 {
+            return false;
+        }
+        self.owed_since.get_or_insert(now);
+        true
+    }
+
+    fn owed(&self) -> bool {
+        self.owed_since.is_some()
+    }
+
+    /// After `activity` changed: true when the owed beat must go now (the commands
+    /// are all answered, none with a status taken after the change); false when it
+    /// is still owed, or no longer (an answer's status reported the change).
+    fn still_owed(&mut self, activity: Activity) -> bool {
+        let Some(since) = self.owed_since else {
+            return false;
+        };
+        if activity.status_sent.is_some_and(|sent| sent >= since) {
+            self.owed_since = None;
+            return false;
+        }
+        activity.working == 0
+    }
+
+    /// The periodic beat, due at `now`: needless when a status went out with an
+    /// answer less than half an `interval` ago (the controller then hears from the
+    /// node at least every 1.5 intervals, half its TTL) and no beat is owed.
+    fn due_is_needless(
+        &self,
+        activity: Activity,
+        now: tokio::time::Instant,
+        interval: Duration,
+    ) -> bool {
+        self.enabled
+            && self.owed_since.is_none()
+            && activity
+                .status_sent
+                .is_some_and(|sent| now.saturating_duration_since(sent) < interval / 2)
     }
 }
 
@@ -449,10 +541,26 @@ impl Beater {
             .await
             .unwrap_or_else(|| Err(fleet_proto::commands::ended()));
         match &answer {
-            Ok(_) => stream.line.confirm(mark),
+            Ok(response) => {
+                stream.line.confirm(mark);
+                stream
+                    .line
+                    .set_status_with_answers(response.status_with_answers);
+            }
             Err(_) => self.calls[at] = Call::Untried,
         }
         answer
+    }
+
+    /// The controller that took the last beat takes statuses with answers on the
+    /// stream open to it.
+    fn status_with_answers(&self) -> bool {
+        self.serving
+            .and_then(|at| match &self.calls[at] {
+                Call::Stream(stream) => Some(stream.line.status_with_answers()),
+                _ => None,
+            })
+            .unwrap_or(false)
     }
 
     /// A request with the node's credential.

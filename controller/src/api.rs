@@ -68,6 +68,7 @@ fn take_beat(fleet: &Fleet, beat: pb::HeartbeatRequest) -> Result<pb::HeartbeatR
     Ok(pb::HeartbeatResponse {
         interval_ms: (fleet.inventory.ttl().as_millis() / 3).max(100) as u64,
         command: None,
+        status_with_answers: true,
     })
 }
 
@@ -111,6 +112,7 @@ impl Beats {
                         return Some(Ok(pb::HeartbeatResponse {
                             interval_ms: 0,
                             command: Some(command),
+                            status_with_answers: false,
                         }));
                     }
                     tokio::select! {
@@ -147,15 +149,16 @@ impl Beats {
         }
     }
 
-    /// Takes a beat (the answer to send) or an answer to a command (nothing to send).
+    /// Takes a beat (the answer to send) or an answer to a command (nothing to send),
+    /// with the status it may carry (taken as a beat's, unanswered).
     fn take(
         &mut self,
-        beat: pb::HeartbeatRequest,
+        mut beat: pb::HeartbeatRequest,
     ) -> Result<Option<pb::HeartbeatResponse>, Status> {
         if let Some(refusal) = self.fleet.not_leader() {
             return Err(refusal);
         }
-        if let Some(answer) = beat.answer {
+        if let Some(answer) = beat.answer.take() {
             // Only after a first beat has named the node, and checked as a beat is.
             let Some(node) = self.node.clone() else {
                 crate::metrics::global().heartbeat_refused("invalid");
@@ -171,6 +174,19 @@ impl Beats {
                 return Err(refusal);
             }
             self.fleet.agents.lines.answer(&node, answer);
+            // The status the agent had as it answered: a beat, but for the answer.
+            if let Some(status) = &beat.status {
+                if status.node_id != node {
+                    crate::metrics::global().heartbeat_refused("invalid");
+                    return Err(Status::invalid_argument(format!(
+                        "this heartbeat stream speaks for node {node:?}, not {:?}: an answer's \
+                         status must be its own node's",
+                        status.node_id
+                    )));
+                }
+                take_beat(&self.fleet, beat)?;
+                crate::metrics::global().answer_status();
+            }
             return Ok(None);
         }
         let id = beat.status.as_ref().map_or("", |s| s.node_id.as_str());
@@ -218,7 +234,13 @@ impl ControllerService for Api {
                 .unwrap_or_default();
             crate::join::check_node_cert(&request, &id)?;
         }
-        take_beat(&self.fleet, request.into_inner()).map(Response::new)
+        // A status rides with answers on a stream only.
+        take_beat(&self.fleet, request.into_inner()).map(|response| {
+            Response::new(pb::HeartbeatResponse {
+                status_with_answers: false,
+                ..response
+            })
+        })
     }
 
     type HeartbeatStreamStream =

@@ -105,6 +105,7 @@ pub struct Metrics {
     rollouts: Family<StateLabel, Gauge>,
     transitions: Family<TransitionLabels, Counter>,
     heartbeats: Family<HeartbeatLabels, Counter>,
+    answer_statuses: Counter,
     agent_calls: Family<AgentCallLabels, Counter>,
     api: HistogramFamily<RouteLabels>,
     store_writes: Histogram,
@@ -124,6 +125,7 @@ impl Default for Metrics {
         let rollouts = Family::<StateLabel, Gauge>::default();
         let transitions = Family::<TransitionLabels, Counter>::default();
         let heartbeats = Family::<HeartbeatLabels, Counter>::default();
+        let answer_statuses = Counter::default();
         let agent_calls = Family::<AgentCallLabels, Counter>::default();
         let api: HistogramFamily<RouteLabels> = Family::new_with_constructor(api_histogram);
         // 50 µs .. ~3.3 s: one group commit of the store's writer thread.
@@ -166,6 +168,11 @@ impl Default for Metrics {
             heartbeats.clone(),
         );
         registry.register(
+            "answer_statuses",
+            "Statuses agents sent with their answers to commands on heartbeat streams, taken as heartbeats (counted in heartbeats_total too): each stands for a beat the agent left out",
+            answer_statuses.clone(),
+        );
+        registry.register(
             "agent_calls",
             "Calls to agents (Restart, Preflight, Status, Shutdown) by how they went: on the agent's heartbeat stream, or dialled at its control address",
             agent_calls.clone(),
@@ -201,6 +208,7 @@ impl Default for Metrics {
             rollouts,
             transitions,
             heartbeats,
+            answer_statuses,
             agent_calls,
             api,
             store_writes,
@@ -257,6 +265,11 @@ impl Metrics {
                 reason: "",
             })
             .inc();
+    }
+
+    /// A status that came with an answer to a command was taken.
+    pub fn answer_status(&self) {
+        self.answer_statuses.inc();
     }
 
     pub fn heartbeat_refused(&self, reason: &'static str) {

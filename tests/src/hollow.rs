@@ -34,7 +34,10 @@
 //! changes the interval each agent picks a random point in the new interval, so
 //! 10,000 agents never heartbeat in one burst; like a real agent, each also
 //! heartbeats at once when a restart ends (READY or FAILED), so a batch's restarts
-//! come back to the controller as a burst.
+//! come back to the controller as a burst — unless, as a real agent does, it sends
+//! its status with the restart's answer to a controller that takes statuses with
+//! answers (and then also leaves out a periodic beat due within half an interval of
+//! such a status).
 //!
 //! Each agent uses a listening socket, its heartbeat connection, and one per
 //! connection the controller keeps open to it: call [`raise_nofile`] first (the
@@ -46,7 +49,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -133,6 +136,10 @@ pub struct HollowConfig {
     /// `Command`): the controller dials each one's control port. Else they say
     /// `takes_commands` and answer the controller's calls on the stream.
     pub dialled_calls: bool,
+    /// The agents send their answers on the stream without their status and every
+    /// beat (as agents from before `status_with_answers`), whatever the controller
+    /// says.
+    pub answers_without_status: bool,
     /// Address the agents listen on (port 0 each); 127.0.0.1 spreads them over
     /// 127.0.0.1, .2, … ([`AGENTS_PER_ADDRESS`] each, by index).
     pub bind_ip: IpAddr,
@@ -161,6 +168,7 @@ impl Default for HollowConfig {
             channels: 0,
             unary_heartbeats: false,
             dialled_calls: false,
+            answers_without_status: false,
             bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             seed: 0x5eed_f1ee7,
         }
@@ -353,6 +361,10 @@ struct Agent {
     commands: Mutex<(HashSet<u64>, Vec<pb::CommandAnswer>)>,
     /// The stream open now: an answer whose own stream has ended goes out on it.
     current: Mutex<Option<mpsc::UnboundedSender<pb::HeartbeatRequest>>>,
+    /// The controller said it takes a status sent with an answer as a beat.
+    status_with_answers: AtomicBool,
+    /// When (unix ms) a status last went out with an answer.
+    status_sent_ms: AtomicU64,
     shared: Arc<Shared>,
 }
 
@@ -657,6 +669,8 @@ impl HollowFleet {
                 beat_now: tokio::sync::Notify::new(),
                 commands: Mutex::default(),
                 current: Mutex::default(),
+                status_with_answers: AtomicBool::new(false),
+                status_sent_ms: AtomicU64::new(0),
                 shared: shared.clone(),
             });
             let service = AgentServiceServer::new(HollowService {
@@ -911,12 +925,24 @@ async fn heartbeat_loop(agent: Arc<Agent>, channel: Channel, mut stop: watch::Re
     let mut delay = shared.rng.below(cfg.heartbeat_jitter);
     let mut registered = false;
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = agent.beat_now.notified() => {}
-            _ = stop.changed() => {}
-        }
+        let due = tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = agent.beat_now.notified() => false,
+            _ = stop.changed() => false,
+        };
         let stopping = agent.stopped();
+        // A real agent leaves out a periodic beat within half an interval of a status
+        // sent with an answer (to a controller that takes those).
+        let sent = agent.status_sent_ms.load(Ordering::Relaxed);
+        if due
+            && !stopping
+            && stream.is_some()
+            && agent.status_with_answers.load(Ordering::Relaxed)
+            && u128::from(unix_ms().saturating_sub(sent)) < (interval / 2).as_millis()
+        {
+            delay = interval.mul_f64(1.0 + PERIOD_JITTER * (2.0 * shared.rng.unit() - 1.0));
+            continue;
+        }
         let beat = pb::HeartbeatRequest {
             status: Some(agent.status()),
             in_flight: 0,
@@ -940,6 +966,10 @@ async fn heartbeat_loop(agent: Arc<Agent>, channel: Channel, mut stop: watch::Re
         match answer {
             Ok(answer) => {
                 shared.heartbeats_ok.fetch_add(1, Ordering::Relaxed);
+                agent.status_with_answers.store(
+                    answer.status_with_answers && stream.is_some() && !cfg.answers_without_status,
+                    Ordering::Relaxed,
+                );
                 if !registered {
                     registered = true;
                     shared.registered.fetch_add(1, Ordering::Relaxed);
@@ -1059,12 +1089,22 @@ fn send_answer(
     out: &mpsc::UnboundedSender<pb::HeartbeatRequest>,
     answer: pb::CommandAnswer,
 ) {
+    // With the node's status where the controller takes it (as a real agent's).
+    let status = agent
+        .status_with_answers
+        .load(Ordering::Relaxed)
+        .then(|| agent.status());
+    let with_status = status.is_some();
     let message = pb::HeartbeatRequest {
         answer: Some(answer.clone()),
+        status,
         ..Default::default()
     };
     // On its own stream, else on the one open now, else kept for the next.
     let Err(unsent) = out.send(message) else {
+        if with_status {
+            agent.status_sent_ms.store(unix_ms(), Ordering::Relaxed);
+        }
         return;
     };
     let current = lock(&agent.current).clone();
@@ -1230,7 +1270,14 @@ impl AgentService for HollowService {
             } else {
                 shared.restarts_succeeded.fetch_add(1, Ordering::Relaxed);
             }
-            agent.beat_now.notify_one();
+            // As a real agent: while commands on the stream are at work (this restart,
+            // called there), their answers carry the status to a controller that takes
+            // it; else a beat at once.
+            let answered = !lock(&agent.commands).0.is_empty()
+                && agent.status_with_answers.load(Ordering::Relaxed);
+            if !answered {
+                agent.beat_now.notify_one();
+            }
             let duration = started.elapsed();
             lock(&shared.restarts).push(RestartRecord {
                 node_id: agent.node_id.clone(),

@@ -671,3 +671,78 @@ async fn log_format_json_writes_one_object_per_line_on_the_controller_and_the_ag
         .unwrap_or_else(|e| panic!("log_format = \"json\" in the file: not JSON ({e}): {line:?}"));
     assert_eq!(value["process"], "supervisor", "{line}");
 }
+
+/// A restart the controller asks for on a node's heartbeat stream is reported by the
+/// status its answer carries: the node shows its new generation as soon as the restart
+/// returns, though its next beat is minutes away (a 10-minute TTL: a beat every 200
+/// s), and the agent sends no beat of its own for the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_the_stream_is_reported_by_its_answers_status_not_by_a_beat() {
+    let controller = Controller::start(ControllerOpts {
+        token: Some(BOOTSTRAP.into()),
+        heartbeat_ttl: "10m".into(),
+        ..ControllerOpts::default()
+    })
+    .await;
+    let _agents = controller.start_nodes(1, |_, opts| opts).await;
+    let node = |id: &str| {
+        let mut grpc = controller.grpc();
+        let id = id.to_string();
+        async move {
+            grpc.get_node(pb::GetNodeRequest { node_id: id })
+                .await
+                .expect("GetNode")
+                .into_inner()
+        }
+    };
+    eventually(
+        WAIT,
+        "node-1 takes calls on its heartbeat stream",
+        async || {
+            let n = node("node-1").await;
+            if n.calls_on_stream {
+                Ok(())
+            } else {
+                Err(format!("{n:?}"))
+            }
+        },
+    )
+    .await;
+    let generation = node("node-1").await.generation;
+    let accepted = |m: &Metrics| {
+        m.value(
+            "fleet_controller_heartbeats_total",
+            &[("result", "accepted")],
+        )
+    };
+    let with_answers = |m: &Metrics| m.value("fleet_controller_answer_statuses_total", &[]);
+    let before = scrape(&controller, BOOTSTRAP).await;
+
+    controller
+        .fleetctl(["restart", "node-1"])
+        .await
+        .expect_code(0);
+    eventually(
+        Duration::from_secs(5),
+        "the controller shows node-1's new generation",
+        async || {
+            let n = node("node-1").await;
+            if n.generation == generation + 1 {
+                Ok(())
+            } else {
+                Err(format!("{n:?}"))
+            }
+        },
+    )
+    .await;
+
+    let after = scrape(&controller, BOOTSTRAP).await;
+    let statuses = with_answers(&after) - with_answers(&before);
+    assert!(statuses >= 1.0, "{}", after.text);
+    assert_eq!(
+        accepted(&after) - accepted(&before),
+        statuses,
+        "every status the controller took since came with an answer: no beat of its own\n{}",
+        after.text
+    );
+}

@@ -505,7 +505,7 @@ forger! {
                     if !beat {
                         continue;
                     }
-                    let ack = pb::HeartbeatResponse { interval_ms: 200, command: None };
+                    let ack = pb::HeartbeatResponse { interval_ms: 200, ..Default::default() };
                     if out.send(Ok(ack)).await.is_err() {
                         return;
                     }
@@ -518,7 +518,7 @@ forger! {
                                 ..Default::default()
                             })),
                         };
-                        let forged = pb::HeartbeatResponse { interval_ms: 0, command: Some(command) };
+                        let forged = pb::HeartbeatResponse { interval_ms: 0, command: Some(command), ..Default::default() };
                         if out.send(Ok(forged)).await.is_err() {
                             return;
                         }

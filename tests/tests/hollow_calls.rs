@@ -15,14 +15,19 @@ const AGENTS: usize = 20;
 
 /// `fleet_controller_agent_calls_total{call,via}` from the controller's `/metrics`.
 async fn calls(controller: &Controller, call: &str, via: &str) -> u64 {
+    let series = format!("fleet_controller_agent_calls_total{{call=\"{call}\",via=\"{via}\"}} ");
+    counter(controller, &series).await
+}
+
+/// The value of the line of the controller's `/metrics` that begins with `series`.
+async fn counter(controller: &Controller, series: &str) -> u64 {
     let response = http_request(controller.addr(), Method::GET, "/metrics", Some(TOKEN))
         .await
         .expect("GET /metrics");
     assert_eq!(response.status, StatusCode::OK, "{}", response.text());
     let text = response.text();
-    let series = format!("fleet_controller_agent_calls_total{{call=\"{call}\",via=\"{via}\"}} ");
     text.lines()
-        .find_map(|l| l.strip_prefix(series.as_str()))
+        .find_map(|l| l.strip_prefix(series))
         .map_or(0, |v| v.trim().parse().expect("a count"))
 }
 
@@ -81,6 +86,17 @@ async fn roll_out(dialled_calls: bool) {
             "{call} via {on}"
         );
         assert_eq!(calls(&controller, call, off).await, 0, "{call} via {off}");
+    }
+    // On the stream every answer (preflight and restart) carries the agent's status,
+    // as a real agent's does to this controller; a dialled call has no answer there.
+    let statuses = counter(&controller, "fleet_controller_answer_statuses_total ").await;
+    if dialled_calls {
+        assert_eq!(statuses, 0);
+    } else {
+        assert!(
+            statuses >= 2 * AGENTS as u64,
+            "{statuses} statuses with answers"
+        );
     }
     fleet.shutdown().await;
 }

@@ -300,6 +300,27 @@ async fn no_one_but_web_1_speaks_for_web_1() {
         "{refused}"
     );
 
+    // Nor does a status sent with an answer on web-2's stream speak for web-1: the
+    // call ends, and web-1's record keeps its address (checked below).
+    let mut forged_answer = forged("web-1", &elsewhere).into_inner();
+    forged_answer.answer = Some(pb::CommandAnswer {
+        id: 2,
+        answer: Some(pb::command_answer::Answer::Status(
+            pb::StatusResponse::default(),
+        )),
+    });
+    let messages = vec![forged("web-2", &elsewhere).into_inner(), forged_answer];
+    let answers = stream_messages(&mut as_web2.clone(), messages).await;
+    assert!(answers[0].is_ok(), "{answers:?}");
+    let refused = answers[1].as_ref().unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    assert!(
+        refused
+            .message()
+            .contains("an answer's status must be its own node's"),
+        "{refused}"
+    );
+
     assert_eq!(control_addr_of(&controller, "web-1").await, real_addr);
     // fleetctl restart web-1 restarts web-1, and only web-1.
     let (g1, g2) = (

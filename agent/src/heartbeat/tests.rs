@@ -41,6 +41,10 @@ struct Fake {
     answers: Arc<(Mutex<Vec<pb::CommandAnswer>>, tokio::sync::Notify)>,
     /// `takes_commands` and `working` of each beat on a stream.
     offers: Offers,
+    /// Says `status_with_answers` in its answers to beats on a stream.
+    takes_status: Arc<std::sync::atomic::AtomicBool>,
+    /// The node id of the status each answer carried ("" for none), by command id.
+    answer_statuses: Arc<Mutex<Vec<(u64, String)>>>,
 }
 
 impl Fake {
@@ -173,6 +177,8 @@ service! {
             let (role, beats) = (self.role.clone(), self.beats.clone());
             let (commands, answers, offers) =
                 (self.commands.clone(), self.answers.clone(), self.offers.clone());
+            let (takes_status, answer_statuses) =
+                (self.takes_status.clone(), self.answer_statuses.clone());
             // Each beat answered as a Heartbeat would be, then the commands queued; the
             // call ends at the first refusal, as the controller's does.
             type State = (
@@ -185,6 +191,8 @@ service! {
                     let (role, beats) = (role.clone(), beats.clone());
                     let (commands, answers, offers) =
                         (commands.clone(), answers.clone(), offers.clone());
+                    let (takes_status, answer_statuses) =
+                        (takes_status.clone(), answer_statuses.clone());
                     async move {
                         if let Some(next) = queue.pop_front() {
                             return Some((Ok(next), (incoming, queue)));
@@ -193,6 +201,8 @@ service! {
                         loop {
                             let beat = incoming.message().await.ok()??;
                             if let Some(a) = beat.answer {
+                                let node = beat.status.map(|s| s.node_id).unwrap_or_default();
+                                answer_statuses.lock().unwrap().push((a.id, node));
                                 answers.0.lock().unwrap().push(a);
                                 answers.1.notify_waiters();
                                 continue;
@@ -201,7 +211,11 @@ service! {
                                 .lock()
                                 .unwrap()
                                 .push((beat.takes_commands, beat.working.clone()));
-                            let answer = answer(&role, &beats, beat);
+                            let takes = takes_status.load(std::sync::atomic::Ordering::SeqCst);
+                            let answer = answer(&role, &beats, beat).map(|mut r| {
+                                r.status_with_answers = takes;
+                                r
+                            });
                             let next = answer.is_ok().then_some(incoming);
                             queue.extend(commands.lock().unwrap().drain(..).map(|c| {
                                 pb::HeartbeatResponse {
@@ -234,6 +248,8 @@ async fn serve_calls(role: Role, streams: bool) -> (Arc<Fake>, String) {
         commands: Arc::default(),
         answers: Arc::default(),
         offers: Arc::default(),
+        takes_status: Arc::default(),
+        answer_statuses: Arc::default(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -650,4 +666,99 @@ async fn an_answer_whose_stream_ended_goes_out_on_the_stream_open_now() {
         .unwrap();
     assert_eq!(answer.id, 6);
     assert!(commands.listed().is_empty());
+}
+
+#[tokio::test]
+async fn answers_carry_the_status_only_where_the_controller_takes_it() {
+    let (fake, url) = serve(Role::Leader).await;
+    let (commands, _dir) = commands(None);
+    let activity = commands.activity();
+    let mut b = Beater::new(vec![url], None, commands).unwrap();
+    // A controller from before statuses with answers: the answer comes alone.
+    fake.commands.lock().unwrap().push(status_command(1, ""));
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    fake.answer_to(1).await;
+    assert!(!b.status_with_answers());
+    assert_eq!(fake.answer_statuses.lock().unwrap()[0], (1, String::new()));
+    assert_eq!(activity.borrow().status_sent, None);
+    // It says it takes them: the next answer carries the node's own status.
+    fake.takes_status
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    assert!(b.status_with_answers());
+    fake.commands.lock().unwrap().push(status_command(2, ""));
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    fake.answer_to(2).await;
+    assert_eq!(
+        fake.answer_statuses.lock().unwrap()[1],
+        (2, "web-1".to_string())
+    );
+    // Nothing at work once the answer is out, and the status's time is known.
+    let after = *tokio::time::timeout(
+        Duration::from_secs(10),
+        activity.clone().wait_for(|a| a.working == 0),
+    )
+    .await
+    .expect("the command is done within 10 s")
+    .unwrap();
+    assert!(after.status_sent.is_some(), "{after:?}");
+    // And says so no more (a controller rolled back to an older build).
+    fake.takes_status
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(b.beat(beat(), &None).await, Some(Beat::Taken));
+    assert!(!b.status_with_answers());
+}
+
+#[test]
+fn a_beat_is_left_out_only_where_an_answers_status_stands_for_it() {
+    use tokio::time::Instant;
+    let now = Instant::now();
+    let interval = Duration::from_secs(4);
+    let working = |n: usize, sent: Option<Instant>| Activity {
+        working: n,
+        status_sent: sent,
+    };
+    // A controller that does not take statuses with answers gets every beat.
+    let mut off = Quiet::new(false);
+    assert!(!off.owe(working(1, None), now));
+    assert!(!off.due_is_needless(working(0, Some(now)), now, interval));
+
+    // A change with no command at work: the beat goes at once.
+    let mut quiet = Quiet::new(true);
+    assert!(!quiet.owe(working(0, Some(now)), now));
+    // With a command at work, it waits for its answer...
+    assert!(quiet.owe(working(1, None), now));
+    assert!(quiet.owed());
+    assert!(!quiet.still_owed(working(1, None)));
+    // ...which, sent with a status taken after the change, stands for it.
+    let later = now + Duration::from_millis(80);
+    assert!(!quiet.still_owed(working(0, Some(later))));
+    assert!(!quiet.owed());
+
+    // Answered with no status after the change (an older stream's, none at all): the
+    // beat goes once nothing is at work.
+    let mut quiet = Quiet::new(true);
+    let before = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+    assert!(quiet.owe(working(2, Some(before)), now));
+    assert!(!quiet.still_owed(working(1, Some(before))));
+    assert!(quiet.still_owed(working(0, Some(before))));
+
+    // A periodic beat within half an interval of an answer's status is left out;
+    // later than that, or while a beat is owed, it goes.
+    let quiet = Quiet::new(true);
+    let due = now + Duration::from_secs(10);
+    assert!(quiet.due_is_needless(
+        working(0, Some(due - Duration::from_secs(1))),
+        due,
+        interval
+    ));
+    assert!(!quiet.due_is_needless(
+        working(0, Some(due - Duration::from_secs(2))),
+        due,
+        interval
+    ));
+    assert!(!quiet.due_is_needless(working(0, None), due, interval));
+    let mut owing = Quiet::new(true);
+    assert!(owing.owe(working(1, None), due));
+    assert!(!owing.due_is_needless(working(1, Some(due)), due, interval));
 }

@@ -97,6 +97,10 @@ struct Args {
     /// one's control port (as agents from before `Command`).
     #[arg(long)]
     dialled_calls: bool,
+    /// Answers on the stream go without the agent's status, and every beat is sent
+    /// (as agents from before `status_with_answers`).
+    #[arg(long)]
+    answers_without_status: bool,
     /// Print one `NODE_ID ADDR` line per agent on stdout before the ready line.
     #[arg(long)]
     print_addrs: bool,
@@ -177,6 +181,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         channels: args.channels,
         unary_heartbeats: args.unary_heartbeats,
         dialled_calls: args.dialled_calls,
+        answers_without_status: args.answers_without_status,
         seed: args.seed,
         ..HollowConfig::default()
     };

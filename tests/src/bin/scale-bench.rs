@@ -63,6 +63,9 @@
 //! succeed, 2 the bench could not run, 130 interrupted. Loopback only; every wait is
 //! bounded; the controller is killed on exit.
 
+// The report is one `json!` literal, deeper than the macro's default limit.
+#![recursion_limit = "256"]
+
 use fleet_tests::bench::{drain_lines, lock, pid_of};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -179,6 +182,11 @@ struct Args {
     /// Restart (default: calls on the stream).
     #[arg(long)]
     dialled_calls: bool,
+    /// The agents send their answers on the stream without their status, and every
+    /// beat, as agents from before `status_with_answers` (default: a status with each
+    /// answer, and no beat it makes needless).
+    #[arg(long)]
+    answers_without_status: bool,
     /// Hollow agents per hollow-agents process (0: as many as the open-file limit
     /// allows: a listener, a heartbeat connection and a controller's connection each).
     #[arg(long, default_value_t = 0)]
@@ -300,6 +308,10 @@ fn spawn_hollow(
         .args(["--channels", &channels.to_string()])
         .args(args.unary_heartbeats.then_some("--unary-heartbeats"))
         .args(args.dialled_calls.then_some("--dialled-calls"))
+        .args(
+            args.answers_without_status
+                .then_some("--answers-without-status"),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1353,6 +1365,7 @@ async fn run_store(
         "heartbeat_connection_per_agent": layout.channels_per_process == 0,
         "heartbeat_calls": if args.unary_heartbeats { "unary" } else { "stream" },
         "agent_calls": if args.dialled_calls || args.unary_heartbeats { "dial" } else { "stream" },
+        "answers_with_status": !(args.answers_without_status || args.dialled_calls || args.unary_heartbeats),
         "open_file_limit": layout.nofile,
         "registration": {
             "all_first_heartbeats_accepted_s": opt3(hollow_registered.map(|d| d.as_secs_f64())),
@@ -1524,7 +1537,8 @@ async fn run_store(
                 fmt_opt(reg_cpu.controller_s, " s")
             );
             println!(
-                "  in the rollout    {rollout_beats} heartbeats accepted meanwhile, ~{} of it at the heartbeat window's cost per beat; the rest {} = {} per node",
+                "  in the rollout    {rollout_beats} heartbeats accepted meanwhile (and {} statuses with answers), ~{} of it at the heartbeat window's cost per beat; the rest {} = {} per node",
+                diff_count(store_r0.answer_statuses, store_r1.answer_statuses),
                 fmt_opt(rollout_beats_cpu, " s"),
                 fmt_opt(rollout_cpu_net, " s"),
                 fmt_opt(
@@ -1945,11 +1959,13 @@ async fn follow(
 /// The store at one moment: the controller's store commits so far (its `/metrics`
 /// histogram `fleet_controller_store_write_duration_seconds`, one observation per
 /// transaction of its writer) and, on etcd, the cluster's revision (one per write
-/// transaction), database size and the members' CPU.
+/// transaction), database size and the members' CPU. Also the statuses the agents
+/// sent with their answers to commands (each stands for a beat left out).
 #[derive(Debug, Clone, Copy, Default)]
 struct StoreMark {
     commits: Option<f64>,
     commit_seconds: Option<f64>,
+    answer_statuses: Option<f64>,
     revision: Option<i64>,
     etcd_db_bytes: Option<i64>,
     etcd_cpu_s: Option<f64>,
@@ -1971,6 +1987,7 @@ impl StoreMark {
             };
             mark.commits = value("fleet_controller_store_write_duration_seconds_count");
             mark.commit_seconds = value("fleet_controller_store_write_duration_seconds_sum");
+            mark.answer_statuses = value("fleet_controller_answer_statuses_total");
         }
         if let Some(cluster) = etcd {
             if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(10), async {
@@ -1998,6 +2015,7 @@ impl StoreMark {
         json!({
             // Counts, from a float in the text format.
             "commits": commits.map(|n| n.round() as u64),
+            "answer_statuses": diff(a.answer_statuses, b.answer_statuses).map(|n| n.round() as u64),
             "mean_commit_ms": match (commits, commit_s) {
                 (Some(n), Some(s)) if n > 0.0 => opt3(Some(s / n * 1e3)),
                 _ => Value::Null,
@@ -2009,6 +2027,14 @@ impl StoreMark {
             "etcd_db_bytes_end": b.etcd_db_bytes,
             "etcd_members_cpu_s": opt3(diff(a.etcd_cpu_s, b.etcd_cpu_s)),
         })
+    }
+}
+
+/// `b − a` of two counts read from `/metrics`, or "?".
+fn diff_count(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) => format!("{}", (b - a).round() as u64),
+        _ => "?".into(),
     }
 }
 
