@@ -199,8 +199,11 @@ impl Commands {
                 id,
                 answer: Some(commands.answer(command, trust).await),
             };
-            commands.working.lock().expect("working").remove(&id);
+            // Sent (or kept) before it leaves `working`: a stream opening meanwhile
+            // lists it either way, so the controller does not send it again (it would
+            // run twice).
             line.send_answer(answer);
+            commands.working.lock().expect("working").remove(&id);
             // After the answer (and its status) went out: a beat owed for a change it
             // reports is not sent.
             commands.activity.send_modify(|a| a.working -= 1);

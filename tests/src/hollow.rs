@@ -1139,7 +1139,7 @@ async fn answer_command(
         };
         fleet_proto::commands::answer(&service, command.call, &metadata).await
     };
-    lock(&agent.commands).0.remove(&id);
+    // Sent (or kept) before it leaves the working set, as a real agent does.
     send_answer(
         &agent,
         &out,
@@ -1148,6 +1148,7 @@ async fn answer_command(
             answer: Some(answer),
         },
     );
+    lock(&agent.commands).0.remove(&id);
 }
 
 impl Shared {
