@@ -110,3 +110,84 @@ async fn hollow_agents_take_the_controllers_calls_on_their_heartbeat_streams() {
 async fn hollow_agents_with_dialled_calls_are_dialled() {
     roll_out(true).await;
 }
+
+/// A rollout stopped at its failure budget moves its nodes back no more at once than it
+/// moved them (`--max-unavailable 3`), not all of them together: a rollback must not
+/// take down more of the fleet than the rollout did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_moves_no_more_nodes_at_once_than_the_rollout_did() {
+    let controller = Controller::start(ControllerOpts {
+        token: Some(TOKEN.into()),
+        ..ControllerOpts::default()
+    })
+    .await;
+    let fleet = HollowFleet::start(HollowConfig {
+        count: AGENTS,
+        controller: Some(controller.url()),
+        token: Some(TOKEN.into()),
+        agent_token: Some(TOKEN.into()),
+        restart_latency: Duration::from_millis(40),
+        restart_jitter: Duration::from_millis(1),
+        // Half the restarts into the new exe fail: the first batch (10 nodes) passes a
+        // budget of 0 but for a chance of 1 in 1,024.
+        failure_rate: 0.5,
+        ..HollowConfig::default()
+    })
+    .await
+    .expect("hollow agents");
+    fleet
+        .registered_within(Duration::from_secs(30))
+        .await
+        .expect("every hollow agent registers");
+    let initial = HollowConfig::default().initial_exe;
+    let rollout = controller
+        .fleetctl([
+            "rollout",
+            "--exe",
+            "/opt/app-v2",
+            "--batches",
+            "50%,100%",
+            "--max-unavailable",
+            "3",
+            "--max-failures",
+            "0",
+            "--auto-rollback",
+        ])
+        .await;
+    rollout.expect_code(3);
+    let restarts = fleet.restarts();
+    let moved: Vec<_> = restarts
+        .iter()
+        .filter(|r| r.succeeded && r.exe == "/opt/app-v2")
+        .collect();
+    // (A restart that failed is recorded with the exe the node kept.)
+    let back: Vec<_> = restarts
+        .iter()
+        .filter(|r| r.succeeded && r.exe == initial)
+        .collect();
+    assert!(!moved.is_empty(), "{restarts:?}");
+    assert_eq!(
+        back.len(),
+        moved.len(),
+        "every moved node back: {restarts:?}"
+    );
+    // The most restarts back under way at one moment.
+    let at_once = back
+        .iter()
+        .map(|r| {
+            let start = r.started_unix_us;
+            back.iter()
+                .filter(|o| {
+                    o.started_unix_us <= start
+                        && start < o.started_unix_us + o.duration.as_micros() as u64
+                })
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        (1..=3).contains(&at_once),
+        "{at_once} restarts back at once with --max-unavailable 3: {back:?}"
+    );
+    fleet.shutdown().await;
+}

@@ -655,113 +655,135 @@ async fn health_check(node: &NodeRecord, path: &str) -> Result<(), String> {
     }
 }
 
-/// Moves every node this rollout restarted back to its previous executable; returns
-/// how many it tried to move (0: no node had been changed).
+/// Moves every node this rollout restarted back to its previous executable, no more
+/// at once than the rollout restarted (its `max_unavailable`, else its largest
+/// batch): a rollback must not take down more of the fleet than the rollout did.
+/// Returns how many it tried to move (0: no node had been changed).
 async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> usize {
-    let nodes: Vec<RolloutNode> = handle
+    let (nodes, at_once) = {
+        let view = handle.view.lock().expect("view lock");
+        // What each node's move back needs, not a copy of its record and timeline
+        // (at 100,000 nodes half of them may go back).
+        let nodes: Vec<(String, String, String)> = view
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.new_generation > 0
+                    && matches!(
+                        n.state,
+                        NodeState::Healthy | NodeState::Soaking | NodeState::Failed
+                    )
+            })
+            .map(|n| (n.node_id.clone(), n.previous_exe.clone(), n.reason.clone()))
+            .collect();
+        let spec = &view.rollout.spec;
+        let largest = view.rollout.batch_sizes.iter().copied().max().unwrap_or(1) as usize;
+        let at_once = match Amount::parse(&spec.max_unavailable) {
+            Ok(a) if !spec.max_unavailable.is_empty() => a.of(view.nodes.len()),
+            _ => largest,
+        };
+        (nodes, at_once.max(1))
+    };
+    let moved = nodes.len();
+    let mut pending = nodes.into_iter();
+    let mut running = FuturesUnordered::new();
+    loop {
+        while running.len() < at_once {
+            let Some(node) = pending.next() else { break };
+            running.push(move_back(fleet.clone(), handle.clone(), node));
+        }
+        if running.next().await.is_none() {
+            break;
+        }
+    }
+    moved
+}
+
+/// Restarts one node of the rollout (id, previous exe, its reason so far) back into
+/// its previous executable and records how that went.
+async fn move_back(
+    fleet: Arc<Fleet>,
+    handle: Arc<RolloutHandle>,
+    (node_id, previous_exe, was): (String, String, String),
+) {
+    let Some(record) = fleet.inventory.get(&node_id) else {
+        return;
+    };
+    let claimed = match fleet.may_drive(&handle) {
+        true => fleet.claim().await,
+        false => Err("this controller no longer leads".into()),
+    };
+    if let Err(why) = claimed {
+        tracing::warn!("node {}: not rolled back: {why}", node_id);
+        return;
+    }
+    let request = pb::RestartRequest {
+        exe: previous_exe.clone(),
+        sha256: String::new(),
+        reason: format!("rollback of rollout {}", spec_id(&handle)),
+        ..Default::default()
+    };
+    let sent_at = now_ms();
+    let result = fleet.agents.restart(&record, request).await;
+    let actor = handle
         .view
         .lock()
         .expect("view lock")
-        .nodes
-        .iter()
-        .filter(|n| {
-            n.new_generation > 0
-                && matches!(
-                    n.state,
-                    NodeState::Healthy | NodeState::Soaking | NodeState::Failed
+        .rollout
+        .spec
+        .actor
+        .clone();
+    fleet
+        .history
+        .record(RestartRecord::restart(
+            &node_id,
+            Via::Rollback,
+            &actor,
+            &spec_id(&handle),
+            sent_at,
+            &result,
+        ))
+        .await;
+    match result {
+        Ok(r) if r.outcome() == pb::Outcome::Succeeded => {
+            update(&fleet, &handle, &node_id, |n| {
+                let why = if was.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (was: {was})")
+                };
+                n.set(
+                    NodeState::RolledBack,
+                    format!(
+                        "rolled back to {} (gen {} pid {}){why}",
+                        previous_exe, r.generation, r.new_pid
+                    ),
+                    r.new_pid,
                 )
-        })
-        .cloned()
-        .collect();
-    let moved = nodes.len();
-    let mut running = FuturesUnordered::new();
-    for node in nodes {
-        let fleet = fleet.clone();
-        let handle = handle.clone();
-        running.push(async move {
-            let Some(record) = fleet.inventory.get(&node.node_id) else {
-                return;
-            };
-            let claimed = match fleet.may_drive(&handle) {
-                true => fleet.claim().await,
-                false => Err("this controller no longer leads".into()),
-            };
-            if let Err(why) = claimed {
-                tracing::warn!("node {}: not rolled back: {why}", node.node_id);
-                return;
-            }
-            let request = pb::RestartRequest {
-                exe: node.previous_exe.clone(),
-                sha256: String::new(),
-                reason: format!("rollback of rollout {}", spec_id(&handle)),
-                ..Default::default()
-            };
-            let sent_at = now_ms();
-            let result = fleet.agents.restart(&record, request).await;
-            let actor = handle
-                .view
-                .lock()
-                .expect("view lock")
-                .rollout
-                .spec
-                .actor
-                .clone();
-            fleet
-                .history
-                .record(RestartRecord::restart(
-                    &node.node_id,
-                    Via::Rollback,
-                    &actor,
-                    &spec_id(&handle),
-                    sent_at,
-                    &result,
-                ))
-                .await;
-            let was = node.reason.clone();
-            match result {
-                Ok(r) if r.outcome() == pb::Outcome::Succeeded => {
-                    update(&fleet, &handle, &node.node_id, |n| {
-                        let why = if was.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" (was: {was})")
-                        };
-                        n.set(
-                            NodeState::RolledBack,
-                            format!(
-                                "rolled back to {} (gen {} pid {}){why}",
-                                node.previous_exe, r.generation, r.new_pid
-                            ),
-                            r.new_pid,
-                        )
-                    })
-                    .await;
-                }
-                Ok(r) => {
-                    update(&fleet, &handle, &node.node_id, |n| {
-                        n.set(
-                            NodeState::Failed,
-                            format!("rollback failed: {}", r.reason),
-                            0,
-                        )
-                    })
-                    .await;
-                }
-                Err(status) => {
-                    update(&fleet, &handle, &node.node_id, |n| {
-                        n.set(
-                            NodeState::Failed,
-                            format!("rollback failed: {}", describe(&status)),
-                            0,
-                        )
-                    })
-                    .await;
-                }
-            }
-        });
+            })
+            .await;
+        }
+        Ok(r) => {
+            update(&fleet, &handle, &node_id, |n| {
+                n.set(
+                    NodeState::Failed,
+                    format!("rollback failed: {}", r.reason),
+                    0,
+                )
+            })
+            .await;
+        }
+        Err(status) => {
+            update(&fleet, &handle, &node_id, |n| {
+                n.set(
+                    NodeState::Failed,
+                    format!("rollback failed: {}", describe(&status)),
+                    0,
+                )
+            })
+            .await;
+        }
     }
-    while running.next().await.is_some() {}
-    moved
 }
 
 #[cfg(test)]
