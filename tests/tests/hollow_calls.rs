@@ -31,28 +31,34 @@ async fn counter(controller: &Controller, series: &str) -> u64 {
         .map_or(0, |v| v.trim().parse().expect("a count"))
 }
 
-async fn roll_out(dialled_calls: bool) {
+/// A controller with the token, and [`AGENTS`] hollow agents registered with it
+/// (restarts of 5 ms unless `configure` says otherwise).
+async fn start(configure: impl FnOnce(HollowConfig) -> HollowConfig) -> (Controller, HollowFleet) {
     let controller = Controller::start(ControllerOpts {
         token: Some(TOKEN.into()),
         ..ControllerOpts::default()
     })
     .await;
-    let fleet = HollowFleet::start(HollowConfig {
+    let fleet = HollowFleet::start(configure(HollowConfig {
         count: AGENTS,
         controller: Some(controller.url()),
         token: Some(TOKEN.into()),
         agent_token: Some(TOKEN.into()),
         restart_latency: Duration::from_millis(5),
         restart_jitter: Duration::from_millis(1),
-        dialled_calls,
         ..HollowConfig::default()
-    })
+    }))
     .await
     .expect("hollow agents");
     fleet
         .registered_within(Duration::from_secs(30))
         .await
         .expect("every hollow agent registers");
+    (controller, fleet)
+}
+
+async fn roll_out(dialled_calls: bool) {
+    let (controller, fleet) = start(|c| HollowConfig { dialled_calls, ..c }).await;
     let node = controller
         .fleetctl(["node", "hollow-00000", "-o", "json"])
         .await;
@@ -116,29 +122,14 @@ async fn hollow_agents_with_dialled_calls_are_dialled() {
 /// take down more of the fleet than the rollout did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_moves_no_more_nodes_at_once_than_the_rollout_did() {
-    let controller = Controller::start(ControllerOpts {
-        token: Some(TOKEN.into()),
-        ..ControllerOpts::default()
-    })
-    .await;
-    let fleet = HollowFleet::start(HollowConfig {
-        count: AGENTS,
-        controller: Some(controller.url()),
-        token: Some(TOKEN.into()),
-        agent_token: Some(TOKEN.into()),
+    let (controller, fleet) = start(|c| HollowConfig {
         restart_latency: Duration::from_millis(40),
-        restart_jitter: Duration::from_millis(1),
         // Half the restarts into the new exe fail: the first batch (10 nodes) passes a
         // budget of 0 but for a chance of 1 in 1,024.
         failure_rate: 0.5,
-        ..HollowConfig::default()
+        ..c
     })
-    .await
-    .expect("hollow agents");
-    fleet
-        .registered_within(Duration::from_secs(30))
-        .await
-        .expect("every hollow agent registers");
+    .await;
     let initial = HollowConfig::default().initial_exe;
     let rollout = controller
         .fleetctl([

@@ -126,10 +126,7 @@ async fn drive(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> (RolloutState
     let budget = Amount::parse(&spec.max_failures)
         .map(|a| a.of(total))
         .unwrap_or(0);
-    let concurrency = match Amount::parse(&spec.max_unavailable) {
-        Ok(a) if !spec.max_unavailable.is_empty() => a.of(total).max(1),
-        _ => usize::MAX,
-    };
+    let concurrency = max_unavailable(&spec, total).unwrap_or(usize::MAX);
     loop {
         if !fleet.may_drive(handle) {
             return (RolloutState::Running, "no longer the leader".into());
@@ -168,17 +165,10 @@ async fn drive(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> (RolloutState
             sizes.len(),
             ids.len()
         );
-        let mut pending = ids.into_iter();
-        let mut running = FuturesUnordered::new();
-        loop {
-            while running.len() < concurrency {
-                let Some(node_id) = pending.next() else { break };
-                running.push(move_node(fleet.clone(), handle.clone(), node_id));
-            }
-            if running.next().await.is_none() {
-                break;
-            }
-        }
+        at_most(concurrency, ids, |node_id| {
+            move_node(fleet.clone(), handle.clone(), node_id)
+        })
+        .await;
         let failures = count(handle, |n| n.state == NodeState::Failed);
         if failures > budget {
             let reason = format!(
@@ -676,27 +666,44 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> usize {
             })
             .map(|n| (n.node_id.clone(), n.previous_exe.clone(), n.reason.clone()))
             .collect();
-        let spec = &view.rollout.spec;
         let largest = view.rollout.batch_sizes.iter().copied().max().unwrap_or(1) as usize;
-        let at_once = match Amount::parse(&spec.max_unavailable) {
-            Ok(a) if !spec.max_unavailable.is_empty() => a.of(view.nodes.len()),
-            _ => largest,
-        };
-        (nodes, at_once.max(1))
+        let at_once = max_unavailable(&view.rollout.spec, view.nodes.len()).unwrap_or(largest);
+        (nodes, at_once)
     };
     let moved = nodes.len();
-    let mut pending = nodes.into_iter();
+    at_most(at_once, nodes, |node| {
+        move_back(fleet.clone(), handle.clone(), node)
+    })
+    .await;
+    moved
+}
+
+/// The rollout's `max_unavailable` as a number of its `total` nodes (1 at least);
+/// None when it gives none.
+fn max_unavailable(spec: &super::Spec, total: usize) -> Option<usize> {
+    match Amount::parse(&spec.max_unavailable) {
+        Ok(a) if !spec.max_unavailable.is_empty() => Some(a.of(total).max(1)),
+        _ => None,
+    }
+}
+
+/// Runs `work` on every item, no more than `limit` at once (1 at least).
+async fn at_most<T, F: Future<Output = ()>>(
+    limit: usize,
+    items: Vec<T>,
+    mut work: impl FnMut(T) -> F,
+) {
+    let mut pending = items.into_iter();
     let mut running = FuturesUnordered::new();
     loop {
-        while running.len() < at_once {
-            let Some(node) = pending.next() else { break };
-            running.push(move_back(fleet.clone(), handle.clone(), node));
+        while running.len() < limit.max(1) {
+            let Some(item) = pending.next() else { break };
+            running.push(work(item));
         }
         if running.next().await.is_none() {
             break;
         }
     }
-    moved
 }
 
 /// Restarts one node of the rollout (id, previous exe, its reason so far) back into
