@@ -761,6 +761,22 @@ impl Fleet {
             .await
     }
 
+    /// The next rollout's seq: one past the newest rollout's, passing over an id whose
+    /// node rows are stored without a header (a controller that died between a plan's
+    /// two writes, or a header the store refused): a new rollout of that id would
+    /// take those rows as its own at the next load.
+    fn next_seq(&self) -> Result<u64, crate::store::StoreError> {
+        let mut seq = self.seq.load(Ordering::SeqCst) + 1;
+        while !blocking(|| self.store.load_rollout_nodes(&format!("r{seq}")))?.is_empty() {
+            tracing::warn!(
+                "rollout id r{seq} has node rows but no header (a plan whose writing was cut \
+                 short): passed over"
+            );
+            seq += 1;
+        }
+        Ok(seq)
+    }
+
     async fn begin(
         self: &Arc<Self>,
         mut spec: Spec,
@@ -812,7 +828,7 @@ impl Fleet {
             .collect();
         let targets_count = targets.len();
         let sizes = rollout::plan(&spec, targets.len());
-        let seq = self.seq.load(Ordering::SeqCst) + 1;
+        let seq = self.next_seq()?;
         let now = now_ms();
         let mut nodes = Vec::with_capacity(targets.len());
         let mut batch = 0u32;
@@ -1284,6 +1300,28 @@ mod tests {
     /// A record as the store writes it.
     fn json<T: serde::Serialize>(record: &T) -> Vec<u8> {
         serde_json::to_vec(record).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rollout_id_with_node_rows_but_no_header_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(crate::store::SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
+        let fleet = Fleet::new(store.clone(), Duration::from_secs(10), None).unwrap();
+        assert_eq!(fleet.next_seq().unwrap(), 1);
+        // What a controller that died between a plan's two writes leaves: r1's nodes,
+        // no header. A controller started on it must not plan r1 again.
+        let cut_short = RolloutView::for_test(&["n0", "n1"]);
+        store
+            .put_rollout_nodes("r1", &cut_short.nodes)
+            .await
+            .unwrap();
+        let fleet = Fleet::new(store.clone(), Duration::from_secs(10), None).unwrap();
+        assert_eq!(fleet.next_seq().unwrap(), 2);
+        assert!(
+            fleet.find("r1").is_err(),
+            "rows without a header are no rollout"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
