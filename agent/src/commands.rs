@@ -61,7 +61,7 @@ pub struct Commands {
 /// answer's status makes needless.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Activity {
-    /// Commands taken and not answered yet.
+    /// Commands taken and not answered yet (`Commands::working`'s size).
     pub working: usize,
     /// When a status last went out with an answer.
     pub status_sent: Option<Instant>,
@@ -191,8 +191,8 @@ impl Commands {
                 return;
             }
             working.insert(id);
+            self.activity.send_modify(|a| a.working = working.len());
         }
-        self.activity.send_modify(|a| a.working += 1);
         let commands = self.clone();
         tokio::spawn(async move {
             let answer = pb::CommandAnswer {
@@ -203,10 +203,11 @@ impl Commands {
             // lists it either way, so the controller does not send it again (it would
             // run twice).
             line.send_answer(answer);
-            commands.working.lock().expect("working").remove(&id);
             // After the answer (and its status) went out: a beat owed for a change it
             // reports is not sent.
-            commands.activity.send_modify(|a| a.working -= 1);
+            let mut working = commands.working.lock().expect("working");
+            working.remove(&id);
+            commands.activity.send_modify(|a| a.working = working.len());
         });
     }
 

@@ -54,8 +54,13 @@ fn rollout_status(e: RolloutError) -> Status {
 }
 
 /// One heartbeat, from either call: the inventory and the history take it, and the
-/// answer says when to send the next.
-fn take_beat(fleet: &Fleet, beat: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Status> {
+/// answer says when to send the next (and, `on_stream`, that a status may ride with
+/// the answers to commands).
+fn take_beat(
+    fleet: &Fleet,
+    beat: pb::HeartbeatRequest,
+    on_stream: bool,
+) -> Result<pb::HeartbeatResponse, Status> {
     let Some(status) = beat.status else {
         crate::metrics::global().heartbeat_refused("invalid");
         return Err(Status::invalid_argument("heartbeat without a status"));
@@ -68,7 +73,7 @@ fn take_beat(fleet: &Fleet, beat: pb::HeartbeatRequest) -> Result<pb::HeartbeatR
     Ok(pb::HeartbeatResponse {
         interval_ms: (fleet.inventory.ttl().as_millis() / 3).max(100) as u64,
         command: None,
-        status_with_answers: true,
+        status_with_answers: on_stream,
     })
 }
 
@@ -176,28 +181,19 @@ impl Beats {
             self.fleet.agents.lines.answer(&node, answer);
             // The status the agent had as it answered: a beat, but for the answer.
             if let Some(status) = &beat.status {
-                if status.node_id != node {
-                    crate::metrics::global().heartbeat_refused("invalid");
-                    return Err(Status::invalid_argument(format!(
-                        "this heartbeat stream speaks for node {node:?}, not {:?}: an answer's \
-                         status must be its own node's",
-                        status.node_id
-                    )));
-                }
-                take_beat(&self.fleet, beat)?;
+                same_node(
+                    &node,
+                    &status.node_id,
+                    "an answer's status must be its own node's",
+                )?;
+                take_beat(&self.fleet, beat, true)?;
                 crate::metrics::global().answer_status();
             }
             return Ok(None);
         }
         let id = beat.status.as_ref().map_or("", |s| s.node_id.as_str());
-        if let Some(node) = &self.node
-            && node != id
-        {
-            crate::metrics::global().heartbeat_refused("invalid");
-            return Err(Status::invalid_argument(format!(
-                "this heartbeat stream speaks for node {node:?}, not {id:?}: send each node's \
-                 beats on a call of its own"
-            )));
+        if let Some(node) = &self.node {
+            same_node(node, id, "send each node's beats on a call of its own")?;
         }
         if self.fleet.agents.tls()
             && let Err(refusal) = crate::join::check_cert(self.cert.as_ref(), id)
@@ -210,12 +206,24 @@ impl Beats {
             self.node = Some(id.to_string());
         }
         let opens = (first && beat.takes_commands).then(|| (id.to_string(), beat.working.clone()));
-        let response = take_beat(&self.fleet, beat)?;
+        let response = take_beat(&self.fleet, beat, true)?;
         if let Some((id, working)) = opens {
             self.line = Some(self.fleet.agents.lines.open(&id, &working));
         }
         Ok(Some(response))
     }
+}
+
+/// A stream speaks for the node its first beat named (`node`), and only for it: a
+/// status naming another (`id`) ends the call, `what` saying what to do instead.
+fn same_node(node: &str, id: &str, what: &str) -> Result<(), Status> {
+    if node == id {
+        return Ok(());
+    }
+    crate::metrics::global().heartbeat_refused("invalid");
+    Err(Status::invalid_argument(format!(
+        "this heartbeat stream speaks for node {node:?}, not {id:?}: {what}"
+    )))
 }
 
 #[tonic::async_trait]
@@ -234,13 +242,7 @@ impl ControllerService for Api {
                 .unwrap_or_default();
             crate::join::check_node_cert(&request, &id)?;
         }
-        // A status rides with answers on a stream only.
-        take_beat(&self.fleet, request.into_inner()).map(|response| {
-            Response::new(pb::HeartbeatResponse {
-                status_with_answers: false,
-                ..response
-            })
-        })
+        take_beat(&self.fleet, request.into_inner(), false).map(Response::new)
     }
 
     type HeartbeatStreamStream =
