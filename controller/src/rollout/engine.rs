@@ -687,21 +687,27 @@ fn max_unavailable(spec: &super::Spec, total: usize) -> Option<usize> {
     }
 }
 
-/// Runs `work` on every item, no more than `limit` at once (1 at least).
-async fn at_most<T, F: Future<Output = ()>>(
+/// Runs `work` on every item, no more than `limit` at once (1 at least), each as a
+/// task of its own: a batch's nodes progress on every worker thread, and each wakes
+/// only its own task (in one `FuturesUnordered` every wake of 10,000 nodes went
+/// through one shared queue, ~4 % of a 100,000-node rollout's CPU). Dropping the
+/// future (the engine stopped) aborts the tasks, as it dropped the futures before.
+async fn at_most<T, F: Future<Output = ()> + Send + 'static>(
     limit: usize,
     items: Vec<T>,
     mut work: impl FnMut(T) -> F,
 ) {
     let mut pending = items.into_iter();
-    let mut running = FuturesUnordered::new();
+    let mut running = tokio::task::JoinSet::new();
     loop {
         while running.len() < limit.max(1) {
             let Some(item) = pending.next() else { break };
-            running.push(work(item));
+            running.spawn(work(item));
         }
-        if running.next().await.is_none() {
-            break;
+        match running.join_next().await {
+            None => break,
+            Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Some(_) => {}
         }
     }
 }
