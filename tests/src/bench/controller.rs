@@ -18,6 +18,8 @@ use super::{drain_lines, lock, pid_of};
 
 /// How long the controller may take to log the address it listens on.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Warnings and errors kept apart from the tail.
+const WARNINGS_KEPT: usize = 20;
 
 /// The started controller. Dropping it kills it (and its process group) and reaps it.
 #[derive(Debug)]
@@ -25,6 +27,11 @@ pub struct Controller {
     pub addr: SocketAddr,
     child: Child,
     tail: Arc<Mutex<VecDeque<String>>>,
+    /// Its last warnings and errors, apart: at scale they scroll out of the tail
+    /// among thousands of lines of registrations.
+    warnings: Arc<Mutex<VecDeque<String>>>,
+    /// How many lines it logged at WARN or ERROR in all.
+    warned: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Controller {
@@ -35,6 +42,17 @@ impl Controller {
     pub fn tail(&self, n: usize) -> Vec<String> {
         let t = lock(&self.tail);
         t.iter().skip(t.len().saturating_sub(n)).cloned().collect()
+    }
+
+    /// Its last `n` lines logged at WARN or ERROR.
+    pub fn warnings(&self, n: usize) -> Vec<String> {
+        let w = lock(&self.warnings);
+        w.iter().skip(w.len().saturating_sub(n)).cloned().collect()
+    }
+
+    /// How many lines it logged at WARN or ERROR so far.
+    pub fn warned(&self) -> usize {
+        self.warned.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
@@ -100,26 +118,37 @@ pub async fn start_controller_with(exe: &Path, args: &[OsString]) -> anyhow::Res
         .spawn()
         .with_context(|| format!("cannot start {}", exe.display()))?;
     let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let warnings = Arc::new(Mutex::new(VecDeque::new()));
+    let warned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (tx, mut rx) = mpsc::unbounded_channel();
-    if let Some(stdout) = child.stdout.take() {
-        let tx = tx.clone();
-        drain_lines(stdout, tail.clone(), move |line| {
+    let on_line = |tx: mpsc::UnboundedSender<SocketAddr>| {
+        let (warnings, warned) = (warnings.clone(), warned.clone());
+        move |line: &str| {
             if let Some(a) = parse_listening(line) {
                 let _ = tx.send(a);
             }
-        });
+            if line.contains(" WARN ") || line.contains(" ERROR ") {
+                warned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut w = lock(&warnings);
+                if w.len() == WARNINGS_KEPT {
+                    w.pop_front();
+                }
+                w.push_back(line.to_string());
+            }
+        }
+    };
+    if let Some(stdout) = child.stdout.take() {
+        drain_lines(stdout, tail.clone(), on_line(tx.clone()));
     }
     if let Some(stderr) = child.stderr.take() {
-        drain_lines(stderr, tail.clone(), move |line| {
-            if let Some(a) = parse_listening(line) {
-                let _ = tx.send(a);
-            }
-        });
+        drain_lines(stderr, tail.clone(), on_line(tx));
     }
     let mut controller = Controller {
         child,
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         tail,
+        warnings,
+        warned,
     };
     match tokio::time::timeout(STARTUP_TIMEOUT, rx.recv()).await {
         Ok(Some(addr)) => {

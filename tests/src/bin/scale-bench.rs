@@ -702,6 +702,12 @@ fn client(addr: SocketAddr) -> anyhow::Result<ControllerServiceClient<Channel>> 
         .max_encoding_message_size(MAX_MESSAGE))
 }
 
+/// A call that failed in its connection (closed under it), not in the controller.
+fn transport_error(status: &tonic::Status) -> bool {
+    matches!(status.code(), tonic::Code::Unknown | tonic::Code::Unavailable)
+        && status.message().contains("transport error")
+}
+
 fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.set_timeout(timeout);
@@ -1007,6 +1013,7 @@ async fn run_store(
         hollows.len()
     ));
     let mut hollow_registered: Option<Duration> = None;
+    let (mut poll_failures, mut polls_retried) = (0, 0);
     let registration = loop {
         if reg_start.elapsed() > REGISTRATION_TIMEOUT {
             let stats = stats_of(&mut hollows).await.map_or_else(
@@ -1040,23 +1047,33 @@ async fn run_store(
         }
         // The counts only: a whole 100,000-node answer every 100 ms would be most of
         // what the controller does while the agents register.
-        let summary = api
-            .list_nodes(with_timeout(
-                pb::ListNodesRequest {
-                    selector: "sim=hollow".into(),
-                    summary_only: true,
-                    ..Default::default()
-                },
-                CALL_TIMEOUT,
-            ))
-            .await
-            .with_context(|| {
-                format!(
-                    "ListNodes; controller log:\n  {}",
-                    controller.tail(15).join("\n  ")
-                )
-            })?
-            .into_inner();
+        let request = with_timeout(
+            pb::ListNodesRequest {
+                selector: "sim=hollow".into(),
+                summary_only: true,
+                ..Default::default()
+            },
+            CALL_TIMEOUT,
+        );
+        let summary = match api.list_nodes(request).await {
+            Ok(answer) => answer.into_inner(),
+            // This poll's connection sits idle between polls, so a controller at its
+            // connection cap may close it to let an agent in (it logs a warning); the
+            // channel connects again on the next call. Counted, and given up after a
+            // few in a row.
+            Err(status) if transport_error(&status) && poll_failures < 3 => {
+                poll_failures += 1;
+                polls_retried += 1;
+                eprintln!("scale-bench: ListNodes failed ({}): polling again", status.message());
+                continue;
+            }
+            Err(status) => bail!(
+                "ListNodes: {status}; controller log:\n  {}\nits last warnings:\n  {}",
+                controller.tail(15).join("\n  "),
+                controller.warnings(10).join("\n  ")
+            ),
+        };
+        poll_failures = 0;
         let serving = summary.counts_by_state.get("serving").copied().unwrap_or(0) as usize;
         if serving >= args.agents {
             break reg_start.elapsed();
@@ -1371,6 +1388,7 @@ async fn run_store(
             "all_first_heartbeats_accepted_s": opt3(hollow_registered.map(|d| d.as_secs_f64())),
             "all_serving_in_list_nodes_s": round3(registration.as_secs_f64()),
             "controller_cpu_s": opt3(reg_cpu.controller_s),
+            "list_nodes_polls_retried": polls_retried,
         },
         "heartbeats": {
             "window_s": round3(hb_cpu.seconds),
@@ -1407,6 +1425,7 @@ async fn run_store(
             "controller_cpu_per_node_net_of_heartbeats_ms": opt3(rollout_cpu_net.map(|c| c * 1e3 / finished.nodes.len().max(1) as f64)),
             "bench_cpu_s": opt3(rollout_cpu.bench_s),
             "other_load_share_of_all_cpus": opt3(rollout_cpu.foreign),
+            "controller_warnings": controller.warned(),
         },
         "controller": {
             "pid": cpid,
@@ -1477,10 +1496,14 @@ async fn run_store(
                 layout.nofile
             );
             println!(
-                "registration        {:.2} s until ListNodes showed all {} serving (all first heartbeats accepted after {})",
+                "registration        {:.2} s until ListNodes showed all {} serving (all first heartbeats accepted after {}){}",
                 registration.as_secs_f64(),
                 args.agents,
-                fmt_opt(hollow_registered.map(|d| d.as_secs_f64()), " s")
+                fmt_opt(hollow_registered.map(|d| d.as_secs_f64()), " s"),
+                match polls_retried {
+                    0 => String::new(),
+                    n => format!("; {n} ListNodes poll(s) failed in their connection and were retried"),
+                }
             );
             println!(
                 "heartbeat load      {hb_rate:.0} heartbeats/s accepted over {:.1} s ({hb_failed} failed, interval {} ms), controller CPU {} of one core",
@@ -1594,6 +1617,13 @@ async fn run_store(
             );
             for line in store_lines(&store_json) {
                 println!("{line}");
+            }
+            if controller.warned() > 0 {
+                println!(
+                    "controller log      {} line(s) at WARN or ERROR; the last:\n  {}",
+                    controller.warned(),
+                    controller.warnings(3).join("\n  ")
+                );
             }
             if twice > 0 {
                 println!("FAIL: {twice} nodes were restarted into {NEW_EXE} more than once");
