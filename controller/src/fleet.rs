@@ -1,7 +1,7 @@
 //! The controller's shared state: inventory, store, agent clients and rollouts, and the
 //! operations the API offers on them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -655,9 +655,12 @@ impl Fleet {
         let mut targets = Vec::with_capacity(matched_count);
         let mut left_out = Vec::new();
         matched_count = 0;
+        // A set: looked up once per matched node (a list of 10,000 excluded ids
+        // searched for each of 100,000 nodes took ~3 s of StartRollout).
+        let excluded: HashSet<&str> = spec.exclude.iter().map(String::as_str).collect();
         self.inventory.each_matching(&selector, |n| {
             matched_count += 1;
-            if spec.exclude.contains(&n.node_id) {
+            if excluded.contains(n.node_id.as_str()) {
                 left_out.push((
                     n.node_id.clone(),
                     "excluded by request (--exclude)".to_string(),
@@ -677,6 +680,7 @@ impl Fleet {
                 targets.push(Target::new(n, spec.exe.clone(), spec.sha256.clone()));
             }
         });
+        drop(excluded);
         left_out.sort();
         spec.left_out = left_out;
         if targets.is_empty() {
@@ -798,7 +802,9 @@ impl Fleet {
                 .into_iter()
                 .partition(|(_, reason)| reason.starts_with("unreachable"));
             refusals = rest;
-            targets.retain(|n| !unreachable.iter().any(|(id, _)| *id == n.node_id));
+            let gone: HashSet<&str> = unreachable.iter().map(|(id, _)| id.as_str()).collect();
+            targets.retain(|n| !gone.contains(n.node_id.as_str()));
+            drop(gone);
             spec.left_out
                 .extend(unreachable.into_iter().map(|(id, reason)| {
                     (

@@ -148,6 +148,11 @@ struct Args {
     /// The rollout's max_unavailable (empty: the controller's default, a whole batch).
     #[arg(long, default_value = "")]
     max_unavailable: String,
+    /// Leaves the first N agents out of the rollout by name (its `exclude` list, and
+    /// so its `left_out`): what a rollout costs per node must not grow with the
+    /// nodes it leaves out.
+    #[arg(long, default_value_t = 0)]
+    exclude: usize,
     /// The rollout's min-healthy soak per node (counted as simulated time, not overhead).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     min_healthy: Duration,
@@ -704,8 +709,10 @@ fn client(addr: SocketAddr) -> anyhow::Result<ControllerServiceClient<Channel>> 
 
 /// A call that failed in its connection (closed under it), not in the controller.
 fn transport_error(status: &tonic::Status) -> bool {
-    matches!(status.code(), tonic::Code::Unknown | tonic::Code::Unavailable)
-        && status.message().contains("transport error")
+    matches!(
+        status.code(),
+        tonic::Code::Unknown | tonic::Code::Unavailable
+    ) && status.message().contains("transport error")
 }
 
 fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
@@ -1064,7 +1071,10 @@ async fn run_store(
             Err(status) if transport_error(&status) && poll_failures < 3 => {
                 poll_failures += 1;
                 polls_retried += 1;
-                eprintln!("scale-bench: ListNodes failed ({}): polling again", status.message());
+                eprintln!(
+                    "scale-bench: ListNodes failed ({}): polling again",
+                    status.message()
+                );
                 continue;
             }
             Err(status) => bail!(
@@ -1144,6 +1154,9 @@ async fn run_store(
         auto_rollback: args.auto_rollback,
         reason: "scale-bench".into(),
         actor: "scale-bench".into(),
+        exclude: (0..args.exclude.min(args.agents))
+            .map(|i| format!("hollow-{i:05}"))
+            .collect(),
         // The counts only, as fleetctl asks when it follows the rollout: the nodes are
         // read a page at a time at the end.
         summary_answer: true,
@@ -1502,7 +1515,9 @@ async fn run_store(
                 fmt_opt(hollow_registered.map(|d| d.as_secs_f64()), " s"),
                 match polls_retried {
                     0 => String::new(),
-                    n => format!("; {n} ListNodes poll(s) failed in their connection and were retried"),
+                    n => format!(
+                        "; {n} ListNodes poll(s) failed in their connection and were retried"
+                    ),
                 }
             );
             println!(
