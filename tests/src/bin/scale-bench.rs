@@ -1579,9 +1579,10 @@ async fn run_store(
                 diff_count(store_r0.answer_statuses, store_r1.answer_statuses),
                 fmt_opt(rollout_beats_cpu, " s"),
                 fmt_opt(rollout_cpu_net, " s"),
-                fmt_opt(
-                    rollout_cpu_net.map(|c| c * 1e3 / finished.nodes.len().max(1) as f64),
-                    " ms"
+                // Three places: the figure compared from 10,000 to 100,000 nodes.
+                rollout_cpu_net.map_or_else(
+                    || "n/a".into(),
+                    |c| format!("{:.3} ms", c * 1e3 / finished.nodes.len().max(1) as f64)
                 )
             );
             println!(
