@@ -1028,13 +1028,14 @@ impl Fleet {
             .values()
             .find(|h| {
                 let v = h.view.lock().expect("view lock");
+                // By the rollout's index of its nodes, not a walk of them under the
+                // lock the engine takes for every step of every node.
                 matches!(
                     v.rollout.state,
                     RolloutState::Running | RolloutState::Paused
-                ) && v
-                    .nodes
-                    .iter()
-                    .any(|n| n.node_id == node_id && !n.state.finished())
+                ) && h
+                    .find(node_id)
+                    .is_some_and(|i| !v.nodes[i].state.finished())
             })
             .cloned()
     }
