@@ -242,6 +242,7 @@ pub async fn serve(cli: config::Cli) -> anyhow::Result<()> {
     if let Some(config) = tls_config {
         server = server.with_tls(config);
     }
+    crate::metrics::global().watch_connections(server.connections());
     tracing::info!("controller listening on {addr}");
     tracing::info!(
         "connections: {}, idle timeout {}, header timeout {}",

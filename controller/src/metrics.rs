@@ -112,6 +112,10 @@ pub struct Metrics {
     sse_clients: Gauge,
     leader_changes: Counter,
     lease_renew_failures: Counter,
+    connections: Gauge,
+    connections_closed: Family<ClosedLabel, Counter>,
+    /// The API server's connections, once it serves ([`Metrics::watch_connections`]).
+    server: std::sync::OnceLock<fleet_net::Connections>,
 }
 
 fn api_histogram() -> Histogram {
@@ -133,6 +137,8 @@ impl Default for Metrics {
         let sse_clients = Gauge::default();
         let leader_changes = Counter::default();
         let lease_renew_failures = Counter::default();
+        let connections = Gauge::default();
+        let connections_closed = Family::<ClosedLabel, Counter>::default();
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -202,6 +208,18 @@ impl Default for Metrics {
             "Failed renewals of this controller's election lease (several controllers on etcd)",
             lease_renew_failures.clone(),
         );
+        registry.register(
+            "connections",
+            "Connections open to the controller's port now (agents' heartbeat streams included)",
+            connections.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections the controller closed by reason: evicted (idle, to let a new one in at \
+             the connection cap), refused (new, at the cap with none idle), idle (idle timeout), \
+             header_timeout (no request head in time)",
+            connections_closed.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             nodes,
@@ -215,8 +233,17 @@ impl Default for Metrics {
             sse_clients,
             leader_changes,
             lease_renew_failures,
+            connections,
+            connections_closed,
+            server: std::sync::OnceLock::new(),
         }
     }
+}
+
+/// Why the controller closed a connection (`fleet_controller_connections_closed_total`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabel {
+    reason: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -304,6 +331,11 @@ impl Metrics {
     }
 
     /// The text exposition format, with the gauges of nodes and rollouts counted now.
+    /// Reports the API server's connections from now on (the first server only).
+    pub fn watch_connections(&self, conns: fleet_net::Connections) {
+        let _ = self.server.set(conns);
+    }
+
     pub fn render(&self, fleet: &Fleet) -> String {
         let registry = self.registry.lock().expect("metrics lock");
         self.nodes.clear();
@@ -334,6 +366,23 @@ impl Metrics {
             self.rollouts
                 .get_or_create(&state_label(state.as_str()))
                 .inc();
+        }
+        if let Some(conns) = self.server.get() {
+            let stats = conns.stats();
+            self.connections
+                .set(i64::try_from(stats.open).unwrap_or(i64::MAX));
+            for (reason, total) in [
+                ("evicted", stats.evicted),
+                ("refused", stats.refused),
+                ("idle", stats.idle_closed),
+                ("header_timeout", stats.header_timeouts),
+            ] {
+                // The server counts; the counter catches up with it at each scrape.
+                let counter = self
+                    .connections_closed
+                    .get_or_create(&ClosedLabel { reason });
+                counter.inc_by(total.saturating_sub(counter.get()));
+            }
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -746,3 +746,51 @@ async fn a_restart_on_the_stream_is_reported_by_its_answers_status_not_by_a_beat
         after.text
     );
 }
+
+/// At its connection cap the controller closes the connection idle the longest to let a
+/// new one in: `/metrics` counts it by reason beside the connections open, so an
+/// operator sees an undersized `--max-connections` (or descriptor limit) before the
+/// agents' reconnects pile up. Only the scrape's own connection ever sends a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_at_the_cap_are_counted_by_reason() {
+    let controller = Controller::start(ControllerOpts {
+        token: Some(BOOTSTRAP.into()),
+        args: vec!["--max-connections".into(), "16".into()],
+        ..ControllerOpts::default()
+    })
+    .await;
+    let before = scrape(&controller, BOOTSTRAP).await;
+    assert_eq!(
+        before.value(
+            "fleet_controller_connections_closed_total",
+            &[("reason", "evicted")]
+        ),
+        0.0,
+        "{}",
+        before.text
+    );
+    // Twenty connections that never send a request: the cap is 16, so each past it
+    // closes an older one.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(
+            tokio::net::TcpStream::connect(controller.addr())
+                .await
+                .expect("connect"),
+        );
+    }
+    let after = scrape(&controller, BOOTSTRAP).await;
+    let evicted = after.value(
+        "fleet_controller_connections_closed_total",
+        &[("reason", "evicted")],
+    );
+    assert!(evicted >= 5.0, "evicted {evicted}\n{}", after.text);
+    let open = after.value("fleet_controller_connections", &[]);
+    assert!((1.0..=17.0).contains(&open), "open {open}\n{}", after.text);
+    // The first of them was one of those closed: it reads the end of the stream.
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(WAIT, idle[0].read(&mut buf))
+        .await
+        .expect("the oldest idle connection is closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
