@@ -1439,6 +1439,7 @@ async fn run_store(
             "bench_cpu_s": opt3(rollout_cpu.bench_s),
             "other_load_share_of_all_cpus": opt3(rollout_cpu.foreign),
             "controller_warnings": controller.warned(),
+            "connections_evicted_by_the_end": store_r1.evicted,
         },
         "controller": {
             "pid": cpid,
@@ -1633,6 +1634,11 @@ async fn run_store(
             );
             for line in store_lines(&store_json) {
                 println!("{line}");
+            }
+            if let Some(n) = store_r1.evicted.filter(|&n| n > 0.0) {
+                println!(
+                    "connections         {n} idle connection(s) closed at the controller's connection cap by the rollout's end"
+                );
             }
             if controller.warned() > 0 {
                 println!(
@@ -2012,6 +2018,8 @@ struct StoreMark {
     commits: Option<f64>,
     commit_seconds: Option<f64>,
     answer_statuses: Option<f64>,
+    /// Idle connections the controller closed at its connection cap, since it started.
+    evicted: Option<f64>,
     revision: Option<i64>,
     etcd_db_bytes: Option<i64>,
     etcd_cpu_s: Option<f64>,
@@ -2034,6 +2042,7 @@ impl StoreMark {
             mark.commits = value("fleet_controller_store_write_duration_seconds_count");
             mark.commit_seconds = value("fleet_controller_store_write_duration_seconds_sum");
             mark.answer_statuses = value("fleet_controller_answer_statuses_total");
+            mark.evicted = value("fleet_controller_connections_closed_total{reason=\"evicted\"}");
         }
         if let Some(cluster) = etcd {
             if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(10), async {
