@@ -680,7 +680,6 @@ impl Fleet {
                 targets.push(Target::new(n, spec.exe.clone(), spec.sha256.clone()));
             }
         });
-        drop(excluded);
         left_out.sort();
         spec.left_out = left_out;
         if targets.is_empty() {
@@ -804,7 +803,6 @@ impl Fleet {
             refusals = rest;
             let gone: HashSet<&str> = unreachable.iter().map(|(id, _)| id.as_str()).collect();
             targets.retain(|n| !gone.contains(n.node_id.as_str()));
-            drop(gone);
             spec.left_out
                 .extend(unreachable.into_iter().map(|(id, reason)| {
                     (

@@ -185,7 +185,7 @@ async fn drive(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> (RolloutState
             if spec.auto_rollback {
                 // Nodes that failed before their new generation served were never
                 // changed: with nothing moved, "rolled back" (exit 3) would be untrue.
-                let moved = roll_back(fleet, handle).await;
+                let moved = roll_back(fleet, handle, &steps).await;
                 if moved == 0 {
                     return (
                         RolloutState::Failed,
@@ -349,8 +349,8 @@ async fn update_stored(
     Ok(node)
 }
 
-/// What moving a node takes from its rollout's spec, made once per rollout and shared
-/// by its nodes. (Each node took a copy of the whole spec, whose `exclude` and
+/// What moving a node (or moving it back) takes from its rollout's spec, made once per
+/// rollout and shared by its nodes. (Each node took a copy of the whole spec, whose `exclude` and
 /// `left_out` lists grow with the fleet: leaving 10,000 nodes out made every restart
 /// copy 30,000 strings.)
 #[derive(Debug)]
@@ -684,7 +684,7 @@ async fn health_check(node: &NodeRecord, path: &str) -> Result<(), String> {
 /// at once than the rollout restarted (its `max_unavailable`, else its largest
 /// batch): a rollback must not take down more of the fleet than the rollout did.
 /// Returns how many it tried to move (0: no node had been changed).
-async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> usize {
+async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>, steps: &Arc<Steps>) -> usize {
     let (nodes, at_once) = {
         let view = handle.view.lock().expect("view lock");
         // What each node's move back needs, not a copy of its record and timeline
@@ -707,7 +707,7 @@ async fn roll_back(fleet: &Arc<Fleet>, handle: &Arc<RolloutHandle>) -> usize {
     };
     let moved = nodes.len();
     at_most(at_once, nodes, |node| {
-        move_back(fleet.clone(), handle.clone(), node)
+        move_back(fleet.clone(), handle.clone(), steps.clone(), node)
     })
     .await;
     moved
@@ -752,6 +752,7 @@ async fn at_most<T, F: Future<Output = ()> + Send + 'static>(
 async fn move_back(
     fleet: Arc<Fleet>,
     handle: Arc<RolloutHandle>,
+    steps: Arc<Steps>,
     (node_id, previous_exe, was): (String, String, String),
 ) {
     let Some(record) = fleet.inventory.get(&node_id) else {
@@ -768,26 +769,18 @@ async fn move_back(
     let request = pb::RestartRequest {
         exe: previous_exe.clone(),
         sha256: String::new(),
-        reason: format!("rollback of rollout {}", spec_id(&handle)),
+        reason: format!("rollback of rollout {}", steps.rollout_id),
         ..Default::default()
     };
     let sent_at = now_ms();
     let result = fleet.agents.restart(&record, request).await;
-    let actor = handle
-        .view
-        .lock()
-        .expect("view lock")
-        .rollout
-        .spec
-        .actor
-        .clone();
     fleet
         .history
         .record(RestartRecord::restart(
             &node_id,
             Via::Rollback,
-            &actor,
-            &spec_id(&handle),
+            &steps.actor,
+            &steps.rollout_id,
             sent_at,
             &result,
         ))
