@@ -283,7 +283,18 @@ impl StreamingInner {
 
     // Returns Some(()) if data was found or None if the loop in `poll_next` should break
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<()>, Status>> {
-        let frame = match ready!(Pin::new(self.body.get_mut()).poll_frame(cx)) {
+        let polled = Pin::new(self.body.get_mut()).poll_frame(cx);
+        // Fleet: a stream that waits for its peer with nothing buffered frees its
+        // buffer (the next DATA frame allocates what it brings), when the process
+        // asked for it (`release_idle_buffers`, vendor/README.md).
+        if polled.is_pending()
+            && self.buf.is_empty()
+            && self.buf.capacity() > 0
+            && super::releases_idle_buffers()
+        {
+            self.buf = BytesMut::new();
+        }
+        let frame = match ready!(polled) {
             Some(Ok(frame)) => frame,
             Some(Err(status)) => {
                 if self.direction == Direction::Request && status.code() == Code::Cancelled {

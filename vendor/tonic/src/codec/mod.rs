@@ -38,6 +38,23 @@ pub use self::compression::{CompressionEncoding, EnabledCompressionEncodings};
 pub use self::decode::Streaming;
 pub use self::encode::EncodeBody;
 
+/// Fleet: whether streams decoded from now on free their receive buffer whenever they
+/// wait for the peer with no partial message in it, instead of holding it for the
+/// stream's life. Off by default, as upstream; a process that holds many mostly idle
+/// streams (Fleet's controller, a heartbeat stream per agent) turns it on before it
+/// serves. vendor/README.md.
+pub fn release_idle_buffers(on: bool) {
+    RELEASE_IDLE_BUFFERS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+static RELEASE_IDLE_BUFFERS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Fleet: see [`release_idle_buffers`].
+pub(crate) fn releases_idle_buffers() -> bool {
+    RELEASE_IDLE_BUFFERS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 // Doc hidden since this is used in a test in another crate, we can expose this publically later
 // if we need it.
 #[doc(hidden)]
