@@ -38,9 +38,9 @@ pub use self::compression::{CompressionEncoding, EnabledCompressionEncodings};
 pub use self::decode::Streaming;
 pub use self::encode::EncodeBody;
 
-/// Fleet: whether streams decoded from now on free their receive buffer whenever they
-/// wait for the peer with no partial message in it, instead of holding it for the
-/// stream's life. Off by default, as upstream; a process that holds many mostly idle
+/// Fleet: whether streams free their receive buffer whenever they wait for the peer
+/// with no partial message in it, instead of holding it for the stream's life (read
+/// at every wait, so it applies to streams already open). Off by default, as upstream; a process that holds many mostly idle
 /// streams (Fleet's controller, a heartbeat stream per agent) turns it on before it
 /// serves. vendor/README.md.
 pub fn release_idle_buffers(on: bool) {
