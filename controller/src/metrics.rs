@@ -330,12 +330,12 @@ impl Metrics {
         SseClient(self)
     }
 
-    /// The text exposition format, with the gauges of nodes and rollouts counted now.
     /// Reports the API server's connections from now on (the first server only).
     pub fn watch_connections(&self, conns: fleet_net::Connections) {
         let _ = self.server.set(conns);
     }
 
+    /// The text exposition format, with the gauges of nodes and rollouts counted now.
     pub fn render(&self, fleet: &Fleet) -> String {
         let registry = self.registry.lock().expect("metrics lock");
         self.nodes.clear();

@@ -383,7 +383,7 @@ impl Steps {
 async fn move_node(
     fleet: Arc<Fleet>,
     handle: Arc<RolloutHandle>,
-    spec: Arc<Steps>,
+    steps: Arc<Steps>,
     node_id: String,
 ) {
     if !fleet.may_drive(&handle) {
@@ -464,7 +464,7 @@ async fn move_node(
     // Without a soak or a health check the node is healthy as soon as it is soaking:
     // both states go to the store in one write (a restart interrupted before it is
     // found done from the claim, as above).
-    let at_once = spec.min_healthy.is_zero() && spec.health_path.is_empty();
+    let at_once = steps.min_healthy.is_zero() && steps.health_path.is_empty();
     let soaking = |n: &mut RolloutNode, message: String, generation: u64, pid: u32| {
         n.new_generation = generation;
         n.new_pid = pid;
@@ -520,9 +520,9 @@ async fn move_node(
             let request = pb::RestartRequest {
                 exe: node.target_exe.clone(),
                 sha256: node.target_sha256.clone(),
-                reason: spec.reason.clone(),
-                ready_timeout_ms: spec.ready_timeout_ms,
-                drain_timeout_ms: spec.drain_timeout_ms,
+                reason: steps.reason.clone(),
+                ready_timeout_ms: steps.ready_timeout_ms,
+                drain_timeout_ms: steps.drain_timeout_ms,
             };
             let sent_at = now_ms();
             let result = fleet.agents.restart(&record, request).await;
@@ -531,8 +531,8 @@ async fn move_node(
                 .record(RestartRecord::restart(
                     &node_id,
                     Via::Rollout,
-                    &spec.actor,
-                    &spec.rollout_id,
+                    &steps.actor,
+                    &steps.rollout_id,
                     sent_at,
                     &result,
                 ))
@@ -581,8 +581,8 @@ async fn move_node(
 
     // Soak: the new generation must stay the serving one for min_healthy. Without a
     // soak the Restart answer (READY) is the last word, and no status call is made.
-    let soak_until = Instant::now() + spec.min_healthy;
-    while !spec.min_healthy.is_zero() {
+    let soak_until = Instant::now() + steps.min_healthy;
+    while !steps.min_healthy.is_zero() {
         if !fleet.may_drive(&handle) {
             return;
         }
@@ -628,8 +628,8 @@ async fn move_node(
     if !fleet.may_drive(&handle) {
         return;
     }
-    if !spec.health_path.is_empty()
-        && let Err(reason) = health_check(&record, &spec.health_path).await
+    if !steps.health_path.is_empty()
+        && let Err(reason) = health_check(&record, &steps.health_path).await
     {
         update(&fleet, &handle, &node_id, |n| {
             n.set(NodeState::Failed, reason, new_pid)
