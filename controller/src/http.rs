@@ -14,10 +14,11 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio_stream::StreamExt;
 
-use crate::Change;
 use crate::fleet::{Fleet, RolloutError};
 use crate::inventory::{Selector, page};
 use crate::rollout::{RolloutSummary, RolloutView};
+
+mod events;
 
 pub fn router(fleet: Arc<Fleet>) -> Router {
     Router::new()
@@ -231,19 +232,29 @@ async fn metrics(State(fleet): State<Arc<Fleet>>) -> Response {
 
 /// `event: node` / `event: rollout` with the id that changed; `event: resync` when
 /// this client fell behind and should reload everything.
-async fn events(
-    State(fleet): State<Arc<Fleet>>,
-) -> Sse<impl tokio_stream::Stream<Item = Result<Event, Infallible>>> {
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    coalesce_ms: Option<String>,
+}
+
+/// `/api/events` (see [`events`](mod@events)).
+async fn events(State(fleet): State<Arc<Fleet>>, Query(q): Query<EventsQuery>) -> Response {
+    let window = match events::parse_coalesce(q.coalesce_ms.as_deref()) {
+        Ok(window) => window,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
     let changes = tokio_stream::wrappers::BroadcastStream::new(fleet.changes.subscribe());
     // Counted while the stream lives: axum drops it when the client goes away.
     let client = crate::metrics::global().sse_client();
-    let stream = changes.map(move |change| {
+    let stream = events::events(changes, window).map(move |sent| {
         let _counted = &client;
-        Ok(match change {
-            Ok(Change::Node(id)) => Event::default().event("node").data(id),
-            Ok(Change::Rollout(id)) => Event::default().event("rollout").data(id),
-            Err(_) => Event::default().event("resync").data(""),
+        Ok::<_, Infallible>(match sent {
+            events::Sent::Node(id) => Event::default().event("node").data(id),
+            events::Sent::Rollout(id) => Event::default().event("rollout").data(id),
+            events::Sent::Resync => Event::default().event("resync").data(""),
         })
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
