@@ -36,7 +36,9 @@ pub use files::{
     TlsFiles, agent_binary, binary, chmod, copy_agent_binary, fixture_path, install_fixture,
     sha256_hex,
 };
-pub use http::{Finished, HttpResponse, InFlight, http_get, http_request, http_send, https_h2_get};
+pub use http::{
+    Finished, HttpResponse, InFlight, http_get, http_open, http_request, http_send, https_h2_get,
+};
 pub use opt_out::{SKIP_H2LOAD, SKIP_PIDNS, SKIP_PODMAN, SKIP_ROOT, cannot_run};
 pub use parse::{metric, parse_control, parse_pid, parse_server, percent_encode, restart_path};
 pub use procs::{

@@ -779,6 +779,14 @@ impl HollowFleet {
         self.wait_registered(Some(timeout), timeout, |_| {}).await
     }
 
+    /// [`Self::start`], then [`Self::registered_within`] `timeout`: the fleet a test
+    /// starts with.
+    pub async fn start_registered(cfg: HollowConfig, timeout: Duration) -> anyhow::Result<Self> {
+        let fleet = Self::start(cfg).await?;
+        fleet.registered_within(timeout).await?;
+        Ok(fleet)
+    }
+
     /// Stops every agent (servers and heartbeats) and waits for their tasks.
     pub async fn shutdown(mut self) {
         for a in &self.agents {

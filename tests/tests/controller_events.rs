@@ -7,13 +7,11 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use fleet_tests::fleet::{Controller, ControllerOpts};
-use fleet_tests::harness::http_request;
+use fleet_tests::harness::{http_open, http_request};
 use fleet_tests::hollow::{HollowConfig, HollowFleet};
 use http::{Method, StatusCode};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
 const TOKEN: &str = "controller-events-token-81c2";
@@ -22,25 +20,12 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// Opens `path` as an event stream; its events (`event`, `data`) as they come.
 async fn subscribe(addr: SocketAddr, path: &str) -> mpsc::UnboundedReceiver<(String, String)> {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let response = http_open(addr, path, Some(TOKEN))
         .await
-        .unwrap();
-    tokio::spawn(conn);
-    let request = http::Request::get(path)
-        .header("host", addr.to_string())
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let response = tokio::time::timeout(WAIT, sender.send_request(request))
-        .await
-        .expect("a response head")
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK, "{path}");
+        .expect("a response head");
     let (tx, rx) = mpsc::unbounded_channel();
     let mut body = response.into_body();
     tokio::spawn(async move {
-        let _sender = sender;
         let mut text = String::new();
         while let Some(Ok(frame)) = body.frame().await {
             let Ok(data) = frame.into_data() else {
@@ -118,21 +103,18 @@ async fn a_coalesced_event_stream_sends_a_windows_changes_as_one_event_each() {
     let mut each = subscribe(addr, "/api/events").await;
     let mut gathered = subscribe(addr, "/api/events?coalesce_ms=2000").await;
 
-    let fleet = HollowFleet::start(HollowConfig {
-        count: AGENTS,
-        controller: Some(controller.url()),
-        token: Some(TOKEN.into()),
-        agent_token: Some(TOKEN.into()),
-        restart_latency: Duration::from_millis(5),
-        restart_jitter: Duration::from_millis(1),
-        ..HollowConfig::default()
-    })
+    let fleet = HollowFleet::start_registered(
+        HollowConfig {
+            count: AGENTS,
+            controller: Some(controller.url()),
+            token: Some(TOKEN.into()),
+            agent_token: Some(TOKEN.into()),
+            ..HollowConfig::default()
+        },
+        WAIT,
+    )
     .await
-    .expect("hollow agents");
-    fleet
-        .registered_within(WAIT)
-        .await
-        .expect("every hollow agent registers");
+    .expect("hollow agents that register");
     // A rollout after the arrivals: its first event comes after theirs on each stream.
     controller
         .fleetctl(["rollout", "--exe", "/opt/app-v2", "--batches", "100%"])

@@ -18,8 +18,6 @@ use fleet_proto::v1 as pb;
 use fleet_tests::fleet::{Controller, ControllerOpts, agent_release, agent_status, worker_pid};
 use fleet_tests::harness::{eventually, http_send};
 use http::{Method, StatusCode};
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tonic::Code;
 
@@ -114,20 +112,9 @@ async fn post(
 /// The status and content type of a response that does not end (an event stream),
 /// read from its head alone.
 async fn stream_head(addr: SocketAddr, path: &str, token: &str) -> (StatusCode, String) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let response = fleet_tests::harness::http_open(addr, path, Some(token))
         .await
-        .unwrap();
-    tokio::spawn(conn);
-    let request = http::Request::get(path)
-        .header("host", addr.to_string())
-        .header("authorization", format!("Bearer {token}"))
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let response = tokio::time::timeout(WAIT, sender.send_request(request))
-        .await
-        .expect("a response head")
-        .unwrap();
+        .expect("a response head");
     let kind = response
         .headers()
         .get("content-type")

@@ -42,19 +42,18 @@ fn ids(nodes: &[pb::RolloutNode]) -> Vec<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_is_started_without_its_nodes_and_read_a_page_at_a_time() {
     let controller = Controller::start(ControllerOpts::default()).await;
-    let fleet = HollowFleet::start(HollowConfig {
-        count: AGENTS,
-        controller: Some(controller.url()),
-        restart_latency: Duration::from_millis(5),
-        restart_jitter: Duration::from_millis(1),
-        ..HollowConfig::default()
-    })
+    let fleet = HollowFleet::start_registered(
+        HollowConfig {
+            count: AGENTS,
+            controller: Some(controller.url()),
+            restart_latency: Duration::from_millis(5),
+            restart_jitter: Duration::from_millis(1),
+            ..HollowConfig::default()
+        },
+        Duration::from_secs(30),
+    )
     .await
-    .expect("hollow agents");
-    fleet
-        .registered_within(Duration::from_secs(30))
-        .await
-        .expect("every hollow agent registers");
+    .expect("hollow agents that register");
 
     let mut grpc = controller.grpc();
     let started = grpc

@@ -39,21 +39,20 @@ async fn start(configure: impl FnOnce(HollowConfig) -> HollowConfig) -> (Control
         ..ControllerOpts::default()
     })
     .await;
-    let fleet = HollowFleet::start(configure(HollowConfig {
-        count: AGENTS,
-        controller: Some(controller.url()),
-        token: Some(TOKEN.into()),
-        agent_token: Some(TOKEN.into()),
-        restart_latency: Duration::from_millis(5),
-        restart_jitter: Duration::from_millis(1),
-        ..HollowConfig::default()
-    }))
+    let fleet = HollowFleet::start_registered(
+        configure(HollowConfig {
+            count: AGENTS,
+            controller: Some(controller.url()),
+            token: Some(TOKEN.into()),
+            agent_token: Some(TOKEN.into()),
+            restart_latency: Duration::from_millis(5),
+            restart_jitter: Duration::from_millis(1),
+            ..HollowConfig::default()
+        }),
+        Duration::from_secs(30),
+    )
     .await
-    .expect("hollow agents");
-    fleet
-        .registered_within(Duration::from_secs(30))
-        .await
-        .expect("every hollow agent registers");
+    .expect("hollow agents that register");
     (controller, fleet)
 }
 

@@ -144,6 +144,28 @@ async fn connect_http1(
     Ok(sender)
 }
 
+/// `GET path` on a fresh HTTP/1.1 connection (with `Authorization: Bearer TOKEN` when a
+/// token is given), answered with its head only: the body is read as it comes (an
+/// event stream), and the connection lives as long as it.
+pub async fn http_open(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
+    let what = format!("GET http://{addr}{path}");
+    tokio::time::timeout(TIMEOUT, async {
+        let mut sender = connect_http1(addr).await?;
+        let request = build(Method::GET, path.to_string(), addr, token);
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("sending the request: {e}"))
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("no response head within {TIMEOUT:?}")))
+    .map_err(|e| format!("{what}: {e}"))
+}
+
 /// `GET path` over TLS to `addr`, which must negotiate HTTP/2 by ALPN and present a
 /// certificate for "localhost" signed by (or equal to) `ca_der`.
 pub async fn https_h2_get(
