@@ -2,10 +2,10 @@
 //! operator takes on them, without a terminal.
 //!
 //! Pages are rendered on the server (maud, escaped); `dashboard.js` (a few dozen lines,
-//! shipped inside the binary like the stylesheet) listens to `/api/events` and swaps
-//! each page's live region for a fresh fragment of the same URL when something it shows
-//! changes, and again after a lost event stream reconnects, so that it catches up with
-//! what it missed. No front-end build, no external fonts or scripts: it works offline.
+//! shipped inside the binary like the stylesheet) listens to `/api/events` (250 ms of
+//! changes as one event) and swaps each page's live region for a fresh fragment of the
+//! same URL when something it shows changes, and again after a lost event stream
+//! reconnects, so that it catches up with what it missed. No front-end build, no external fonts or scripts: it works offline.
 //!
 //! Modules, in the order a request goes through them:
 
