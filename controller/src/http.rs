@@ -230,14 +230,14 @@ async fn metrics(State(fleet): State<Arc<Fleet>>) -> Response {
         .into_response()
 }
 
-/// `event: node` / `event: rollout` with the id that changed; `event: resync` when
-/// this client fell behind and should reload everything.
 #[derive(Debug, Deserialize)]
 struct EventsQuery {
     coalesce_ms: Option<String>,
 }
 
-/// `/api/events` (see [`events`](mod@events)).
+/// `/api/events`: `event: node` / `event: rollout` with the id that changed, `event:
+/// resync` when this client fell behind and should reload everything; gathered over
+/// `?coalesce_ms=N` where asked (see [`events`](mod@events)).
 async fn events(State(fleet): State<Arc<Fleet>>, Query(q): Query<EventsQuery>) -> Response {
     let window = match events::parse_coalesce(q.coalesce_ms.as_deref()) {
         Ok(window) => window,

@@ -9,7 +9,6 @@
 //! A client too slow to take every change (it lagged behind the channel) is sent
 //! `resync`: it missed something and should read again what it shows.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
@@ -49,9 +48,9 @@ pub fn parse_coalesce(text: Option<&str>) -> Result<Duration, String> {
 struct Pending {
     /// The last node that changed.
     node: Option<String>,
-    /// Each rollout that changed, in the order of their first change.
+    /// Each rollout that changed, in the order of their first change (a handful at
+    /// most: rollouts are started by operators, one at a time).
     rollouts: Vec<String>,
-    seen: BTreeSet<String>,
     resync: bool,
     /// When what is pending goes out.
     due: Option<Instant>,
@@ -62,7 +61,7 @@ impl Pending {
         match change {
             Ok(Change::Node(id)) => self.node = Some(id),
             Ok(Change::Rollout(id)) => {
-                if self.seen.insert(id.clone()) {
+                if !self.rollouts.contains(&id) {
                     self.rollouts.push(id);
                 }
             }
@@ -71,17 +70,16 @@ impl Pending {
         self.due.get_or_insert_with(|| Instant::now() + window);
     }
 
-    /// Everything pending as events, oldest kind first; empties it.
-    fn drain(&mut self) -> Vec<Sent> {
+    /// Everything pending as events, in the order they are sent; empties it.
+    fn drain(&mut self) -> std::vec::IntoIter<Sent> {
         let mut out = Vec::with_capacity(self.rollouts.len() + 2);
         if std::mem::take(&mut self.resync) {
             out.push(Sent::Resync);
         }
         out.extend(self.node.take().map(Sent::Node));
         out.extend(self.rollouts.drain(..).map(Sent::Rollout));
-        self.seen.clear();
         self.due = None;
-        out
+        out.into_iter()
     }
 }
 
@@ -91,30 +89,29 @@ pub fn events<S>(changes: S, window: Duration) -> impl Stream<Item = Sent> + Sen
 where
     S: Stream<Item = Result<Change, BroadcastStreamRecvError>> + Send + Unpin,
 {
-    let state = (changes, Pending::default(), Vec::<Sent>::new());
+    let state = (changes, Pending::default(), Vec::new().into_iter());
     futures_util::stream::unfold(
         state,
         move |(mut changes, mut pending, mut ready)| async move {
             loop {
-                if let Some(sent) = ready.pop() {
+                if let Some(sent) = ready.next() {
                     return Some((sent, (changes, pending, ready)));
                 }
                 let due = pending.due;
                 tokio::select! {
                     change = changes.next() => match change {
-                        None if pending.due.is_none() => return None,
+                        None if due.is_none() => return None,
                         // The last changes still go out before the stream ends.
-                        None => pending.due = Some(Instant::now()),
-                        Some(change) if window.is_zero() => {
+                        None => ready = pending.drain(),
+                        Some(change) => {
                             pending.take(change, window);
-                            ready = pending.drain();
-                            ready.reverse();
+                            if window.is_zero() {
+                                ready = pending.drain();
+                            }
                         }
-                        Some(change) => pending.take(change, window),
                     },
                     () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                         ready = pending.drain();
-                        ready.reverse();
                     }
                 }
             }
